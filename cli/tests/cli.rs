@@ -1,0 +1,199 @@
+//! The `dvm` command as a user meets it: exit codes, files written, and error messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn dvm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dvm"))
+        .args(args)
+        .output()
+        .expect("dvm runs")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dvm-cli-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn help_and_version_exit_zero() {
+    let help = dvm(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("asm") && text.contains("disasm") && text.contains("Exit codes"));
+    let version = dvm(&["--version"]);
+    assert_eq!(version.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("dvm "));
+}
+
+#[test]
+fn usage_errors_exit_one() {
+    assert_eq!(dvm(&["no-such-command"]).status.code(), Some(1));
+    assert_eq!(dvm(&["asm"]).status.code(), Some(1));
+    assert_eq!(
+        dvm(&["asm", "x.dasm", "--format", "coff"]).status.code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn asm_then_disasm_then_asm_is_identical_in_both_formats() {
+    let dir = scratch("roundtrip");
+    for format in ["elf", "flat"] {
+        let first = dir.join(format!("loop.{format}"));
+        let out = dvm(&[
+            "asm",
+            example("loop.dasm").to_str().expect("utf-8"),
+            "-o",
+            first.to_str().expect("utf-8"),
+            "--format",
+            format,
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("instructions"),
+            "asm reports what it wrote"
+        );
+        let listing = dir.join(format!("loop-{format}.dasm"));
+        let out = dvm(&[
+            "disasm",
+            first.to_str().expect("utf-8"),
+            "-o",
+            listing.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let second = dir.join(format!("loop2.{format}"));
+        let out = dvm(&[
+            "asm",
+            listing.to_str().expect("utf-8"),
+            "-o",
+            second.to_str().expect("utf-8"),
+            "--format",
+            format,
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(
+            std::fs::read(&first).expect("first"),
+            std::fs::read(&second).expect("second")
+        );
+    }
+}
+
+#[test]
+fn default_output_name_and_stdout_listing() {
+    let dir = scratch("default");
+    let source = dir.join("tiny.dasm");
+    std::fs::write(&source, "main: exit:c\n").expect("write");
+    let out = dvm(&["asm", source.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let image = dir.join("tiny.disa");
+    assert!(image.exists(), "default output is the input with .disa");
+    let out = dvm(&["disasm", image.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(0));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("main:") && listing.contains("exit:c"),
+        "{listing}"
+    );
+}
+
+#[test]
+fn malformed_source_reports_every_error_with_file_line_column() {
+    let dir = scratch("malformed");
+    let source = dir.join("bad.dasm");
+    std::fs::write(
+        &source,
+        "main:\n    add:se 1, 2\n    mul:qq 1, 2, 3\n    .quad 5\n    br:j,a $nowhere\n",
+    )
+    .expect("write");
+    let out = dvm(&["asm", source.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stderr(&out);
+    let path = source.display().to_string();
+    assert!(text.contains(&format!("{path}:2:12")), "{text}");
+    assert!(text.contains("takes 3 operands, found 2"), "{text}");
+    assert!(text.contains(&format!("{path}:3:9")), "{text}");
+    assert!(text.contains("unknown type `qq`"), "{text}");
+    assert!(text.contains(&format!("{path}:4:5")), "{text}");
+    assert!(text.contains("not allowed in .text"), "{text}");
+    assert!(text.contains("3 errors found"), "{text}");
+    assert!(
+        !dir.join("bad.disa").exists(),
+        "no image is written on error"
+    );
+}
+
+#[test]
+fn flat_format_refuses_data_with_advice() {
+    let dir = scratch("flatdata");
+    let out = dvm(&[
+        "asm",
+        example("hello.dasm").to_str().expect("utf-8"),
+        "-o",
+        dir.join("h.img").to_str().expect("utf-8"),
+        "--format",
+        "flat",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("use the ELF format"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn corrupt_images_are_refused_with_offsets() {
+    let dir = scratch("corrupt");
+    let cases: [(&str, &[u8], &str); 4] = [
+        ("empty.disa", b"", "image is empty"),
+        (
+            "truncated.disa",
+            &[0x10, 0xc0, 0x00, 0x62, 0x49, 0x00],
+            "at byte offset 0x2: truncated instruction",
+        ),
+        (
+            "reserved.disa",
+            &[0x04, 0xe0, 0x00],
+            "reserved and was never defined",
+        ),
+        (
+            "badelf.disa",
+            b"\x7fELF\x02\x01\x01garbage",
+            "malformed ELF image",
+        ),
+    ];
+    for (name, bytes, expected) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).expect("write");
+        let out = dvm(&["disasm", path.to_str().expect("utf-8")]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        assert!(stderr(&out).contains(expected), "{name}: {}", stderr(&out));
+    }
+    let out = dvm(&["disasm", dir.join("missing.disa").to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot read image"));
+}
+
+#[test]
+fn isa_prints_the_table() {
+    let out = dvm(&["isa"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for mnemonic in [
+        "`mov`", "`add`", "`br`", "`newr`", "`spawnx`", "`exit`", "`int`", "`exp`",
+    ] {
+        assert!(text.contains(mnemonic), "{mnemonic}");
+    }
+}

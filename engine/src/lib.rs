@@ -1,0 +1,13 @@
+//! The DVM engine: the DISA instruction set and its toolchain (this crate's `isa`, `codec`,
+//! `asm`, `disasm`, `image`), and the single-node virtual machine built on them.
+//!
+//! Safe Rust only: the engine executes untrusted programs and must fail with an error, never
+//! with undefined behaviour.
+#![forbid(unsafe_code)]
+
+pub mod abi;
+pub mod asm;
+pub mod codec;
+pub mod disasm;
+pub mod image;
+pub mod isa;
