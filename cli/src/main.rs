@@ -5,7 +5,9 @@
 //! Every subcommand returns `Result<(), Failure>` and `main` alone turns that into a code.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use dvm_engine::{asm, disasm, image, isa};
+use dvm_engine::{asm, disasm, image, isa, vm};
+
+mod stats;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -15,8 +17,8 @@ use std::process::ExitCode;
     version,
     about = "DVM: a datacenter-scale virtual machine for DISA programs",
     long_about = "DVM runs DISA programs (a 64-bit memory-to-memory instruction set) as many \
-                  runners over one snapshotted memory.\n\nThis build provides the DISA toolchain: \
-                  assemble text to images, disassemble images back to text, and print the ISA.",
+                  runners over one snapshotted memory.\n\nStart with `dvm run examples/hello.dasm`; \
+                  `dvm asm`/`dvm disasm` convert between text and images.",
     after_help = "Exit codes: 0 success, 1 bad input or a failed program, 2 internal error.\n\
                   Docs: docs/DISA.md (the instruction set), README.md (getting started)."
 )]
@@ -51,8 +53,100 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Run a program: an image, or a .dasm file assembled on the fly.
+    #[command(
+        after_help = "Program output goes to stdout; fault reports, statistics and notes go \
+                            to stderr.\nExit status: 0 when every runner ended by its own choice \
+                            (commit, abort, or a failed commit), 1 when a runner faulted or the \
+                            input is bad, 2 on an internal error.\nLogging: DVM_LOG=info (or debug) \
+                            shows placement and progress notes."
+    )]
+    Run(RunArgs),
+    /// Show the machine as DVM sees it: NUMA nodes, cores, processors, and the worker plan.
+    Topology {
+        /// Show the plan for this many workers [default: one per core].
+        #[arg(long)]
+        workers: Option<usize>,
+    },
     /// Print the instruction set table (the same table the toolchain is generated from).
     Isa,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Program: a flat or ELF image, or a .dasm source file.
+    program: PathBuf,
+    /// Worker threads, one pinned per core by default.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    workers: Option<u64>,
+    /// Print run statistics to stderr: a table, or one JSON line with --stats=json.
+    #[arg(long, num_args = 0..=1, default_missing_value = "table", value_name = "FORMAT", value_parser = ["table", "json"])]
+    stats: Option<String>,
+    /// Map a data file into shared memory before the root runner starts (repeatable).
+    #[arg(long = "load", value_name = "FILE@ADDR")]
+    loads: Vec<String>,
+    /// Keep the persistent range (0x400_0000_0000..0x1000_0000_0000) in DIR between runs.
+    #[arg(long, value_name = "DIR")]
+    persist: Option<PathBuf>,
+    /// Instructions one runner may execute before it faults [default: unlimited].
+    #[arg(long, value_name = "N")]
+    max_instructions: Option<u64>,
+    /// Page memory the whole run may use, e.g. 512M or 4G [default: half the machine's memory].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// Runners that may exist at once (queued, running, or waiting for their parent).
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    max_runners: u64,
+    /// Do not pin workers to processors.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+/// `4096`, `64K`, `512M`, `4G`, `1T` (binary units).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, unit)) if unit.is_ascii_alphabetic() => {
+            let shift = match unit.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                other => return Err(format!("unknown unit `{other}` (use K, M, G or T)")),
+            };
+            (&text[..at], shift)
+        }
+        _ => (text, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (like 4096, 512M, 4G)"))?;
+    value
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+fn parse_load(spec: &str) -> Result<(u64, Vec<u8>, String), Failure> {
+    let (path, addr) = spec.rsplit_once('@').ok_or_else(|| {
+        user(format!(
+            "--load `{spec}`: expected FILE@ADDR, like data.bin@0x10000000000"
+        ))
+    })?;
+    let addr = parse_address(addr)
+        .ok_or_else(|| user(format!("--load `{spec}`: `{addr}` is not an address")))?;
+    let bytes = read_file(Path::new(path), "--load file")?;
+    Ok((addr, bytes, path.to_string()))
+}
+
+fn parse_address(text: &str) -> Option<u64> {
+    let clean: String = text.trim().chars().filter(|c| *c != '_').collect();
+    match clean
+        .strip_prefix("0x")
+        .or_else(|| clean.strip_prefix("0X"))
+    {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => clean.parse().ok(),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -132,17 +226,104 @@ fn cmd_disasm(path: &Path, output: Option<PathBuf>) -> Result<(), Failure> {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
+fn load_program(path: &Path) -> Result<image::LoadedImage, Failure> {
+    let bytes = read_file(path, "program")?;
+    let name = path.display().to_string();
+    if path.extension().is_some_and(|ext| ext == "dasm") {
+        let source =
+            String::from_utf8(bytes).map_err(|_| user(format!("`{name}` is not UTF-8 text")))?;
+        let image = asm::assemble(&name, &source).map_err(|errors| user(errors.to_string()))?;
+        image::validate(image::Format::Elf, image).map_err(|err| user(format!("{name}: {err}")))
+    } else {
+        image::load(&bytes).map_err(|err| user(format!("{name}: {err}")))
+    }
+}
+
+fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
+    let program = load_program(&args.program)?;
+    let loads = args
+        .loads
+        .iter()
+        .map(|spec| parse_load(spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut config = vm::Config {
+        workers: args.workers.map(|n| n as usize),
+        pin_workers: !args.no_pin,
+        max_instructions: args.max_instructions.unwrap_or(u64::MAX),
+        max_runners: args.max_runners,
+        loads,
+        persist_dir: args.persist,
+        ..vm::Config::default()
+    };
+    if let Some(bytes) = args.max_memory {
+        config.max_memory_bytes = bytes;
+    }
+    tracing::info!(program = %args.program.display(), instructions = program.code.len(), "loaded");
+    let report = vm::run(program, config).map_err(|err| user(err.to_string()))?;
+    for note in &report.placement_notes {
+        if note.starts_with("topology:") {
+            tracing::info!("{note}");
+        } else {
+            tracing::warn!("{note}");
+        }
+    }
+    match args.stats.as_deref() {
+        Some("json") => eprintln!("{}", stats::json(&report)),
+        Some(_) => eprint!("{}", stats::table(&report)),
+        None => {}
+    }
+    let code = report.exit_code();
+    if code != 0 {
+        let s = &report.stats;
+        eprintln!(
+            "dvm: {} runner(s) faulted ({} started: {} committed, {} aborted, {} failed to commit){}",
+            s.runners_faulted,
+            s.runners_started,
+            s.runners_committed,
+            s.runners_aborted,
+            s.runners_failed,
+            if report.internal_errors > 0 {
+                "; DVM hit an internal error, please report it"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(code)
+}
+
+fn cmd_topology(workers: Option<usize>) {
+    let topology = dvm_numa::Topology::detect();
+    print!("{}", topology.render());
+    let count = workers.unwrap_or_else(|| topology.cores().len()).max(1);
+    println!(
+        "worker plan ({count} worker{}):",
+        if count == 1 { "" } else { "s" }
+    );
+    for slot in topology.plan_workers(count) {
+        println!(
+            "  worker {:>3} -> core {:>3}, NUMA node {}, processor {}",
+            slot.worker, slot.core, slot.node, slot.pu
+        );
+    }
+}
+
+fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
         Command::Asm {
             input,
             output,
             format,
-        } => cmd_asm(&input, output, format),
-        Command::Disasm { image, output } => cmd_disasm(&image, output),
+        } => cmd_asm(&input, output, format).map(|()| 0),
+        Command::Disasm { image, output } => cmd_disasm(&image, output).map(|()| 0),
+        Command::Run(args) => cmd_run(args),
+        Command::Topology { workers } => {
+            cmd_topology(workers);
+            Ok(0)
+        }
         Command::Isa => {
             print!("{}", isa::markdown_tables());
-            Ok(())
+            Ok(0)
         }
     }
 }
@@ -164,8 +345,16 @@ fn main() -> ExitCode {
             "dvm: internal error: {info}\nThis is a bug in DVM, not in your program; please report it with the command line."
         );
     }));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DVM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     match std::panic::catch_unwind(|| run(cli)) {
-        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Ok(code)) => ExitCode::from(code),
         Ok(Err(Failure::User(message))) => {
             let message = message.trim_end();
             // Assembler diagnostics carry their own `error:` headers.

@@ -3,8 +3,8 @@
 
 use std::io;
 
-/// Why a [`crate::NodeMemory`] could not be allocated or queried, or why a topology could not
-/// be built from a description.
+/// Why a [`crate::NodeMemory`] or a [`crate::PagePool`] page could not be allocated or queried,
+/// or why a topology could not be built from a description.
 #[derive(Debug, thiserror::Error)]
 pub enum NumaError {
     /// The node index is not one of `Topology::nodes()`.
@@ -35,6 +35,19 @@ pub enum NumaError {
     /// A synthetic topology description was rejected by hwloc or describes an unusable machine.
     #[error("synthetic topology {description:?} is unusable: {reason}")]
     Synthetic { description: String, reason: String },
+
+    /// A [`crate::PagePool`]'s chunk size must be a non-zero multiple of
+    /// [`crate::PAGE_BYTES`] and hold fewer than 2^32 pages.
+    #[error("invalid page pool chunk size of {chunk_bytes} bytes for NUMA node {node}: it must be a non-zero multiple of {page_bytes} bytes and hold fewer than 2^32 pages")]
+    InvalidChunkSize {
+        node: usize,
+        chunk_bytes: usize,
+        page_bytes: usize,
+    },
+
+    /// A [`crate::PagePool`] indexes its pages with 32 bits and has used them all up.
+    #[error("the page pool of NUMA node {node} cannot grow: it already reserves {pages} pages, the most one pool can index")]
+    PoolFull { node: usize, pages: u64 },
 }
 
 /// Why [`crate::pin_current_thread`] could not pin the calling thread.

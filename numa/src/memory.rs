@@ -120,6 +120,12 @@ impl NodeMemory {
         self.ptr.as_ptr()
     }
 
+    /// Start of the memory as a non-null pointer, with the provenance of the whole mapping (for
+    /// the page pool, which hands out pages inside it).
+    pub(crate) fn base(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
     /// Length in bytes as requested (the mapping itself is rounded up to whole pages).
     pub fn len_bytes(&self) -> usize {
         self.len_bytes
@@ -147,47 +153,49 @@ impl NodeMemory {
     /// [`NumaError::PlacementUnavailable`] if `topology` cannot bind memory (fallback,
     /// synthetic, or no support), [`NumaError::PlacementQuery`] if hwloc's query fails.
     pub fn placement(&self, topology: &Topology) -> Result<Placement, NumaError> {
-        let hw = topology
-            .binder()
-            .map_err(|reason| NumaError::PlacementUnavailable {
-                reason: reason.to_owned(),
-            })?;
-        let query = || -> Result<Placement, String> {
-            let (bound_set, policy) = hw
-                .area_memory_binding::<[u8], NodeSet>(self.as_slice(), MemoryBindingFlags::empty())
-                .map_err(|error| format!("binding query: {error}"))?;
-            let can_locate = hw
-                .feature_support()
-                .memory_binding()
-                .is_some_and(|support| support.get_area_memory_location());
-            let resident_nodes = if can_locate {
-                let resident_set = hw
-                    .area_memory_location::<[u8], NodeSet>(
-                        self.as_slice(),
-                        MemoryBindingFlags::empty(),
-                    )
-                    .map_err(|error| format!("location query: {error}"))?;
-                Some(dense_nodes(topology, &resident_set))
-            } else {
-                None
-            };
-            Ok(Placement {
-                bound_nodes: dense_nodes(topology, &bound_set),
-                policy: policy.map(|policy| policy.to_string()),
-                resident_nodes,
-            })
+        area_placement(topology, self.as_slice())
+    }
+}
+
+/// How hwloc says `area` is bound and where its pages are (see [`NodeMemory::placement`]).
+pub(crate) fn area_placement(topology: &Topology, area: &[u8]) -> Result<Placement, NumaError> {
+    let hw = topology
+        .binder()
+        .map_err(|reason| NumaError::PlacementUnavailable {
+            reason: reason.to_owned(),
+        })?;
+    let query = || -> Result<Placement, String> {
+        let (bound_set, policy) = hw
+            .area_memory_binding::<[u8], NodeSet>(area, MemoryBindingFlags::empty())
+            .map_err(|error| format!("binding query: {error}"))?;
+        let can_locate = hw
+            .feature_support()
+            .memory_binding()
+            .is_some_and(|support| support.get_area_memory_location());
+        let resident_nodes = if can_locate {
+            let resident_set = hw
+                .area_memory_location::<[u8], NodeSet>(area, MemoryBindingFlags::empty())
+                .map_err(|error| format!("location query: {error}"))?;
+            Some(dense_nodes(topology, &resident_set))
+        } else {
+            None
         };
-        let failure = |reason: String| NumaError::PlacementQuery {
-            len_bytes: self.len_bytes,
-            reason,
-        };
-        match panic::catch_unwind(AssertUnwindSafe(query)) {
-            Ok(result) => result.map_err(failure),
-            Err(payload) => Err(failure(format!(
-                "hwlocality panicked: {}",
-                panic_message(payload.as_ref())
-            ))),
-        }
+        Ok(Placement {
+            bound_nodes: dense_nodes(topology, &bound_set),
+            policy: policy.map(|policy| policy.to_string()),
+            resident_nodes,
+        })
+    };
+    let failure = |reason: String| NumaError::PlacementQuery {
+        len_bytes: area.len(),
+        reason,
+    };
+    match panic::catch_unwind(AssertUnwindSafe(query)) {
+        Ok(result) => result.map_err(failure),
+        Err(payload) => Err(failure(format!(
+            "hwlocality panicked: {}",
+            panic_message(payload.as_ref())
+        ))),
     }
 }
 

@@ -1,0 +1,84 @@
+//! `dvm run --stats`: the run's counters as a table for people and as one JSON line for tools.
+//! The JSON keys are a stable interface (the conformance suite and benchmarks read them).
+
+use dvm_engine::vm::Report;
+use std::fmt::Write as _;
+
+pub fn json(report: &Report) -> String {
+    let s = &report.stats;
+    let pinned = report.workers.iter().filter(|w| w.pinned).count();
+    format!(
+        "{{\"dvm_stats\": {{\"workers\": {}, \"workers_pinned\": {}, \"instructions\": {}, \"runners_started\": {}, \
+         \"runners_committed\": {}, \"runners_aborted\": {}, \"runners_failed\": {}, \"runners_faulted\": {}, \
+         \"conflicts\": {}, \"watcher_activations\": {}, \"pages_allocated\": {}, \"pages_copied\": {}, \
+         \"versions_pruned\": {}, \"peak_memory_bytes\": {}, \"wall_time_ms\": {:.3}}}}}",
+        s.workers,
+        pinned,
+        s.instructions,
+        s.runners_started,
+        s.runners_committed,
+        s.runners_aborted,
+        s.runners_failed,
+        s.runners_faulted,
+        s.conflicts,
+        s.watcher_activations,
+        s.pages_allocated,
+        s.pages_copied,
+        s.versions_pruned,
+        s.peak_memory_bytes,
+        s.wall_time_ms
+    )
+}
+
+pub fn table(report: &Report) -> String {
+    let s = &report.stats;
+    let mut out = String::new();
+    let seconds = s.wall_time_ms / 1000.0;
+    let rate = if seconds > 0.0 {
+        s.instructions as f64 / seconds / 1e6
+    } else {
+        0.0
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("wall time", format!("{:.3} ms", s.wall_time_ms)),
+        (
+            "instructions",
+            format!("{} ({rate:.1} M/s)", s.instructions),
+        ),
+        ("runners started", s.runners_started.to_string()),
+        ("  committed", s.runners_committed.to_string()),
+        ("  aborted", s.runners_aborted.to_string()),
+        ("  failed to commit", s.runners_failed.to_string()),
+        ("  faulted", s.runners_faulted.to_string()),
+        ("conflicts", s.conflicts.to_string()),
+        ("watcher activations", s.watcher_activations.to_string()),
+        ("pages allocated", s.pages_allocated.to_string()),
+        ("pages copied", s.pages_copied.to_string()),
+        ("versions reclaimed", s.versions_pruned.to_string()),
+        (
+            "peak page memory",
+            format!("{:.1} MiB", s.peak_memory_bytes as f64 / (1 << 20) as f64),
+        ),
+    ];
+    let _ = writeln!(out, "dvm run statistics");
+    for (name, value) in rows {
+        let _ = writeln!(out, "  {name:<22} {value}");
+    }
+    let _ = writeln!(out, "  workers ({}):", report.workers.len());
+    for worker in &report.workers {
+        let _ = writeln!(
+            out,
+            "    worker {:>3}: node {}, processor {:>3}, {}, {} runners, {} steals",
+            worker.worker,
+            worker.node,
+            worker.pu,
+            if worker.pinned { "pinned" } else { "unpinned" },
+            worker.tasks,
+            worker.steals
+        );
+    }
+    for note in &report.placement_notes {
+        let _ = writeln!(out, "  note: {note}");
+    }
+    out
+}

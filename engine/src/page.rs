@@ -1,0 +1,260 @@
+//! Pages of simulated memory, and the accounting that enforces `--max-memory`.
+//!
+//! Every 4 KiB page the engine holds — committed versions, copy-on-write copies, private pages —
+//! is a `Page`. Its bytes come from a NUMA-node-local pool (`dvm_numa::PagePool`) chosen by the
+//! worker that allocates it, and it is counted in a `MemoryAccount` for its whole life, so the
+//! memory limit and the peak-memory statistic see exactly what exists.
+//!
+//! Invariant: `MemoryAccount::live_pages` equals the number of `Page` values alive.
+
+use dvm_numa::{PageBox, PagePool};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub const PAGE_BYTES: usize = 4096;
+pub const PAGE_SHIFT: u32 = 12;
+pub const PAGE_OFFSET_MASK: u64 = (PAGE_BYTES as u64) - 1;
+
+/// One bit per byte of a page: which bytes a runner or a commit stored.
+pub type Mask = [u64; PAGE_BYTES / 64];
+
+pub const EMPTY_MASK: Mask = [0; PAGE_BYTES / 64];
+pub const FULL_MASK: Mask = [u64::MAX; PAGE_BYTES / 64];
+
+/// A page of zeros, shared by every read of memory nobody wrote.
+pub static ZERO_PAGE: [u8; PAGE_BYTES] = [0; PAGE_BYTES];
+
+/// Marks bytes `offset .. offset + len` (within one page) in `mask`.
+#[inline]
+pub fn mark(mask: &mut Mask, offset: usize, len: usize) {
+    debug_assert!(offset + len <= PAGE_BYTES);
+    let mut byte = offset;
+    let end = offset + len;
+    while byte < end {
+        let word = byte / 64;
+        let bit = byte % 64;
+        let take = (64 - bit).min(end - byte);
+        let bits = if take == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << take) - 1) << bit
+        };
+        mask[word] |= bits;
+        byte += take;
+    }
+}
+
+/// The first byte offset set in both masks.
+pub fn first_overlap(a: &Mask, b: &Mask) -> Option<usize> {
+    a.iter()
+        .zip(b.iter())
+        .enumerate()
+        .find_map(|(word, (x, y))| {
+            let both = x & y;
+            (both != 0).then(|| word * 64 + both.trailing_zeros() as usize)
+        })
+}
+
+pub fn is_empty(mask: &Mask) -> bool {
+    mask.iter().all(|word| *word == 0)
+}
+
+/// Copies the bytes selected by `mask` from `from` into `to`.
+pub fn merge_masked(to: &mut [u8; PAGE_BYTES], from: &[u8; PAGE_BYTES], mask: &Mask) {
+    for (word_index, word) in mask.iter().enumerate() {
+        if *word == 0 {
+            continue;
+        }
+        let base = word_index * 64;
+        if *word == u64::MAX {
+            to[base..base + 64].copy_from_slice(&from[base..base + 64]);
+            continue;
+        }
+        let mut bits = *word;
+        while bits != 0 {
+            let bit = bits.trailing_zeros() as usize;
+            to[base + bit] = from[base + bit];
+            bits &= bits - 1;
+        }
+    }
+}
+
+/// Counts live pages against the run's memory limit.
+#[derive(Debug)]
+pub struct MemoryAccount {
+    live_pages: AtomicU64,
+    peak_pages: AtomicU64,
+    allocated_total: AtomicU64,
+    copied_total: AtomicU64,
+    limit_pages: u64,
+}
+
+impl MemoryAccount {
+    pub fn new(limit_bytes: u64) -> Arc<MemoryAccount> {
+        Arc::new(MemoryAccount {
+            live_pages: AtomicU64::new(0),
+            peak_pages: AtomicU64::new(0),
+            allocated_total: AtomicU64::new(0),
+            copied_total: AtomicU64::new(0),
+            limit_pages: (limit_bytes / PAGE_BYTES as u64).max(1),
+        })
+    }
+
+    pub fn limit_bytes(&self) -> u64 {
+        self.limit_pages * PAGE_BYTES as u64
+    }
+
+    pub fn live_bytes(&self) -> u64 {
+        self.live_pages.load(Ordering::Relaxed) * PAGE_BYTES as u64
+    }
+
+    pub fn peak_bytes(&self) -> u64 {
+        self.peak_pages.load(Ordering::Relaxed) * PAGE_BYTES as u64
+    }
+
+    pub fn pages_allocated(&self) -> u64 {
+        self.allocated_total.load(Ordering::Relaxed)
+    }
+
+    pub fn pages_copied(&self) -> u64 {
+        self.copied_total.load(Ordering::Relaxed)
+    }
+
+    /// Reserves one page, or says the limit is reached.
+    fn reserve(&self) -> Result<(), MemoryLimit> {
+        // Relaxed is enough: the count is a budget, not a synchronisation point; the limit may
+        // be overshot by at most one page per concurrently allocating worker.
+        let live = self.live_pages.fetch_add(1, Ordering::Relaxed) + 1;
+        if live > self.limit_pages {
+            self.live_pages.fetch_sub(1, Ordering::Relaxed);
+            return Err(MemoryLimit {
+                limit_bytes: self.limit_bytes(),
+            });
+        }
+        self.peak_pages.fetch_max(live, Ordering::Relaxed);
+        self.allocated_total.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The run's page memory is used up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryLimit {
+    pub limit_bytes: u64,
+}
+
+/// Where a worker gets pages: its NUMA node's pool, counted in the run's account.
+#[derive(Clone)]
+pub struct PageSource {
+    pool: Arc<PagePool>,
+    account: Arc<MemoryAccount>,
+}
+
+impl PageSource {
+    pub fn new(pool: Arc<PagePool>, account: Arc<MemoryAccount>) -> PageSource {
+        PageSource { pool, account }
+    }
+
+    pub fn account(&self) -> &Arc<MemoryAccount> {
+        &self.account
+    }
+
+    pub fn zeroed(&self) -> Result<Page, MemoryLimit> {
+        self.account.reserve()?;
+        match self.pool.alloc_zeroed() {
+            Ok(bytes) => Ok(Page {
+                bytes,
+                account: Arc::clone(&self.account),
+            }),
+            Err(_) => {
+                self.account.live_pages.fetch_sub(1, Ordering::Relaxed);
+                Err(MemoryLimit {
+                    limit_bytes: self.account.limit_bytes(),
+                })
+            }
+        }
+    }
+
+    pub fn copy_of(&self, from: &[u8; PAGE_BYTES]) -> Result<Page, MemoryLimit> {
+        self.account.reserve()?;
+        self.account.copied_total.fetch_add(1, Ordering::Relaxed);
+        match self.pool.alloc_copy(from) {
+            Ok(bytes) => Ok(Page {
+                bytes,
+                account: Arc::clone(&self.account),
+            }),
+            Err(_) => {
+                self.account.live_pages.fetch_sub(1, Ordering::Relaxed);
+                Err(MemoryLimit {
+                    limit_bytes: self.account.limit_bytes(),
+                })
+            }
+        }
+    }
+}
+
+/// One page of memory, counted while it lives.
+pub struct Page {
+    bytes: PageBox,
+    account: Arc<MemoryAccount>,
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        self.account.live_pages.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Deref for Page {
+    type Target = [u8; PAGE_BYTES];
+    fn deref(&self) -> &Self::Target {
+        &self.bytes
+    }
+}
+
+impl DerefMut for Page {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.bytes
+    }
+}
+
+impl std::fmt::Debug for Page {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Page")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mark_sets_exact_bits_across_words() {
+        let mut mask = EMPTY_MASK;
+        mark(&mut mask, 60, 8);
+        assert_eq!(mask[0], 0xF << 60);
+        assert_eq!(mask[1], 0xF);
+        mark(&mut mask, 128, 64);
+        assert_eq!(mask[2], u64::MAX);
+        let mut other = EMPTY_MASK;
+        mark(&mut other, 67, 1);
+        assert_eq!(first_overlap(&mask, &other), Some(67));
+        let mut disjoint = EMPTY_MASK;
+        mark(&mut disjoint, 68, 4);
+        assert_eq!(first_overlap(&other, &disjoint), None);
+    }
+
+    #[test]
+    fn merge_copies_only_masked_bytes() {
+        let mut to = [1u8; PAGE_BYTES];
+        let from = [2u8; PAGE_BYTES];
+        let mut mask = EMPTY_MASK;
+        mark(&mut mask, 10, 3);
+        mark(&mut mask, 64, 64);
+        merge_masked(&mut to, &from, &mask);
+        assert_eq!(&to[9..14], &[1, 2, 2, 2, 1]);
+        assert!(to[64..128].iter().all(|b| *b == 2));
+        assert_eq!(to[128], 1);
+    }
+}

@@ -1,0 +1,1014 @@
+//! The virtual machine of one node: loads a program, runs its runners on the workers, and ends
+//! each runner — commit or abort, exit-record publication, children, watchers, output — in one
+//! critical section ordered by the page store's commit lock.
+//!
+//! Why one critical section: the order in which runners end is the order of everything a
+//! program can observe about endings (commit timestamps, exit records, watcher activations,
+//! output). Doing all of it under the commit lock makes that order one total order, which is
+//! what `docs/MEMORY-MODEL.md` promises ("output appears in the order in which runners end").
+//! The work inside is bounded: page installs (already copied), mask scans, channel sends.
+//!
+//! Counting invariants (checked by assertions in debug builds and by the end-of-run report):
+//! - `pending_tasks` = tasks queued + tasks running; the run ends when it reaches 0;
+//! - `existing_runners` = children waiting for their parent's commit + queued/running
+//!   ordinary runners + live watcher templates; `--max-runners` bounds it.
+
+use crate::abi;
+use crate::image::{LoadedImage, SectionKind};
+use crate::interp::{ChildSpec, Ending, Exec, FaultKind, Program, Services};
+use crate::page::{mark, MemoryAccount, PageSource, EMPTY_MASK, PAGE_BYTES, PAGE_SHIFT};
+use crate::sched::{self, WorkerCtx, WorkerInfo};
+use crate::store::{Committed, PageKey, PageStore, PageWrite};
+use crate::view::{canonical, page_key, Access, Range, RangeSet, View};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Runtime stacks: per space, from here, `STACK_BYTES` each.
+pub const STACK_AREA: std::ops::Range<u64> = 0x180_0000_0000..0x200_0000_0000;
+pub const STACK_BYTES: u64 = 256 << 10;
+/// `malloc` heap: per space.
+pub const HEAP_AREA: std::ops::Range<u64> = 0x100_0000_0000..0x180_0000_0000;
+/// Largest single `malloc`.
+pub const MAX_MALLOC_BYTES: u64 = 1 << 36;
+/// Exit-record area end (exclusive).
+const EXIT_RECORD_END: u64 = 0x400_0000_0000;
+
+/// Where the program's console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutputMode {
+    /// The process's stdout and stderr.
+    Inherit,
+    /// Collected and returned in the report (for tests and embedding).
+    Capture,
+}
+
+/// Where console input comes from.
+#[derive(Clone, Debug)]
+pub enum InputMode {
+    Inherit,
+    Bytes(Vec<u8>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `None`: one worker per core.
+    pub workers: Option<usize>,
+    pub pin_workers: bool,
+    pub max_instructions: u64,
+    pub max_memory_bytes: u64,
+    pub max_runners: u64,
+    /// Data mapped into shared memory before the root starts: `(address, bytes, name)`.
+    pub loads: Vec<(u64, Vec<u8>, String)>,
+    pub persist_dir: Option<PathBuf>,
+    pub output: OutputMode,
+    pub input: InputMode,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            workers: None,
+            pin_workers: true,
+            max_instructions: u64::MAX,
+            max_memory_bytes: default_memory_limit(),
+            max_runners: 1_000_000,
+            loads: Vec::new(),
+            persist_dir: None,
+            output: OutputMode::Inherit,
+            input: InputMode::Inherit,
+        }
+    }
+}
+
+/// Half the machine's memory (from /proc/meminfo), or 8 GiB if it cannot be read.
+pub fn default_memory_limit() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("MemTotal:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        });
+    total.map_or(8 << 30, |kib| kib * 1024 / 2)
+}
+
+/// Errors that stop a run before it starts or after it ends (never a program's fault).
+#[derive(Debug)]
+pub enum RunError {
+    BadLoad(String),
+    Persist(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::BadLoad(msg) => write!(f, "--load: {msg}"),
+            RunError::Persist(msg) => write!(f, "--persist: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// Counters of a run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    pub workers: u64,
+    pub instructions: u64,
+    pub runners_started: u64,
+    pub runners_committed: u64,
+    pub runners_aborted: u64,
+    pub runners_failed: u64,
+    pub runners_faulted: u64,
+    pub conflicts: u64,
+    pub watcher_activations: u64,
+    pub pages_allocated: u64,
+    pub pages_copied: u64,
+    pub versions_pruned: u64,
+    pub peak_memory_bytes: u64,
+    pub wall_time_ms: f64,
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct Report {
+    pub stats: Stats,
+    pub workers: Vec<WorkerInfo>,
+    /// Topology source and any note about pinning or memory binding.
+    pub placement_notes: Vec<String>,
+    pub internal_errors: u64,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Report {
+    /// 0 when every runner ended by its own choice, 1 when one faulted, 2 on an internal error.
+    pub fn exit_code(&self) -> u8 {
+        if self.internal_errors > 0 {
+            2
+        } else if self.stats.runners_faulted > 0 {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    instructions: AtomicU64,
+    started: AtomicU64,
+    committed: AtomicU64,
+    aborted: AtomicU64,
+    failed: AtomicU64,
+    faulted: AtomicU64,
+    activations: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// What kind of runner a task starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskKind {
+    Root,
+    Child,
+    /// An instance of the watcher template with this id.
+    Instance(u64),
+}
+
+/// A runner ready to run.
+#[derive(Debug)]
+pub struct Task {
+    pub id: u64,
+    pub kind: TaskKind,
+    pub entry: u64,
+    pub space: u64,
+    pub stack: Range,
+    pub using: Vec<Range>,
+    pub watched: Vec<Range>,
+    /// Registered snapshot; `None` for instances, which take theirs when they start.
+    pub snapshot: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TemplateState {
+    Idle,
+    Queued,
+    Running { pending: bool },
+}
+
+struct Template {
+    spec: ChildSpec,
+    state: TemplateState,
+}
+
+enum ConsoleLine {
+    Out(Vec<u8>),
+    Err(Vec<u8>),
+}
+
+/// Output, in the order runners end, written by one thread so committing never waits on a pipe
+/// for longer than a bounded channel allows.
+struct Console {
+    sender: Mutex<Option<mpsc::SyncSender<ConsoleLine>>>,
+}
+
+const CONSOLE_QUEUE: usize = 4096;
+
+type CaptureHandle = std::thread::JoinHandle<(Vec<u8>, Vec<u8>)>;
+
+impl Console {
+    /// Starts the writer thread; joining it yields what was captured (stdout, stderr).
+    fn start(mode: OutputMode) -> (Console, CaptureHandle) {
+        let (sender, receiver) = mpsc::sync_channel::<ConsoleLine>(CONSOLE_QUEUE);
+        let writer = std::thread::Builder::new()
+            .name("dvm-console".into())
+            .spawn(move || {
+                let (mut out, mut err) = (Vec::new(), Vec::new());
+                let stdout = std::io::stdout();
+                let stderr = std::io::stderr();
+                for line in receiver {
+                    // Write errors (a closed pipe) cannot be reported anywhere better; the run
+                    // goes on so that committed state and persistence are not lost.
+                    match (&mode, line) {
+                        (OutputMode::Capture, ConsoleLine::Out(bytes)) => out.extend(bytes),
+                        (OutputMode::Capture, ConsoleLine::Err(bytes)) => err.extend(bytes),
+                        (OutputMode::Inherit, ConsoleLine::Out(bytes)) => {
+                            let mut lock = stdout.lock();
+                            let _ = lock.write_all(&bytes).and_then(|()| lock.flush());
+                        }
+                        (OutputMode::Inherit, ConsoleLine::Err(bytes)) => {
+                            let _ = stderr.lock().write_all(&bytes);
+                        }
+                    }
+                }
+                (out, err)
+            })
+            .unwrap_or_else(|err| panic!("cannot start the console thread: {err}"));
+        (
+            Console {
+                sender: Mutex::new(Some(sender)),
+            },
+            writer,
+        )
+    }
+
+    fn send(&self, line: ConsoleLine) {
+        if let Some(sender) = lock(&self.sender).as_ref() {
+            let _ = sender.send(line);
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.sender).take();
+    }
+}
+
+struct Input {
+    source: Box<dyn Read + Send>,
+    buffer: Vec<u8>,
+    position: usize,
+    ended: bool,
+}
+
+impl Input {
+    fn next_byte(&mut self) -> Option<u8> {
+        if self.position == self.buffer.len() {
+            if self.ended {
+                return None;
+            }
+            self.buffer.resize(64 << 10, 0);
+            match self.source.read(&mut self.buffer) {
+                Ok(0) | Err(_) => {
+                    self.buffer.clear();
+                    self.position = 0;
+                    self.ended = true;
+                    return None;
+                }
+                Ok(n) => {
+                    self.buffer.truncate(n);
+                    self.position = 0;
+                }
+            }
+        }
+        let byte = self.buffer[self.position];
+        self.position += 1;
+        Some(byte)
+    }
+}
+
+/// State shared by every worker.
+pub struct Shared {
+    pub(crate) store: Arc<PageStore>,
+    program: Program,
+    read_only: Arc<RangeSet>,
+    image_ranges: Vec<Range>,
+    max_instructions: u64,
+    max_runners: u64,
+    next_id: AtomicU64,
+    next_stack: Vec<AtomicU64>,
+    next_heap: Vec<AtomicU64>,
+    existing_runners: AtomicU64,
+    pub(crate) pending_tasks: AtomicU64,
+    pub(crate) done: AtomicBool,
+    pub(crate) sleep: Arc<sched::Sleep>,
+    templates: Mutex<HashMap<u64, Template>>,
+    console: Console,
+    input: Mutex<Input>,
+    counters: Counters,
+    internal_errors: AtomicU64,
+}
+
+impl Services for Shared {
+    fn new_runner_id(&self) -> Result<u64, String> {
+        let existing = self.existing_runners.fetch_add(1, Ordering::Relaxed) + 1;
+        if existing > self.max_runners {
+            self.existing_runners.fetch_sub(1, Ordering::Relaxed);
+            return Err(format!(
+                "more than {} runners would exist at once (--max-runners)",
+                self.max_runners
+            ));
+        }
+        let id = self.next_id.fetch_add(abi::PAGE_BYTES, Ordering::Relaxed);
+        if id >= EXIT_RECORD_END {
+            self.existing_runners.fetch_sub(1, Ordering::Relaxed);
+            return Err("runner ids are exhausted (the exit-record area is full)".into());
+        }
+        Ok(id)
+    }
+
+    fn forget_runner(&self) {
+        self.existing_runners.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn allocate_stack(&self, space: u64) -> Option<Range> {
+        let counter = self.next_stack.get(space as usize)?;
+        let offset = counter.fetch_add(STACK_BYTES, Ordering::Relaxed);
+        let start = STACK_AREA.start.checked_add(offset)?;
+        (start + STACK_BYTES <= STACK_AREA.end)
+            .then(|| Range::new((space << abi::SPACE_SHIFT) + start, STACK_BYTES))?
+    }
+
+    fn allocate_heap(&self, space: u64, len_bytes: u64) -> Option<Range> {
+        if len_bytes == 0 || len_bytes > MAX_MALLOC_BYTES {
+            return None;
+        }
+        let rounded = len_bytes.div_ceil(16) * 16;
+        let counter = self.next_heap.get(space as usize)?;
+        let offset = counter.fetch_add(rounded, Ordering::Relaxed);
+        let start = HEAP_AREA.start.checked_add(offset)?;
+        (start + rounded <= HEAP_AREA.end)
+            .then(|| Range::new((space << abi::SPACE_SHIFT) + start, rounded))?
+    }
+
+    fn console_input(&self) -> Option<u8> {
+        lock(&self.input).next_byte()
+    }
+}
+
+enum Outcome {
+    Committed(Committed),
+    Aborted,
+    Failed(crate::store::Conflict),
+    Faulted(crate::interp::Fault),
+}
+
+impl Outcome {
+    fn status(&self) -> u64 {
+        match self {
+            Outcome::Committed(_) => 1,
+            Outcome::Aborted => 2,
+            Outcome::Failed(_) => 3,
+            Outcome::Faulted(_) => 4,
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn program(&self) -> &Program {
+        &self.program
+    }
+
+    fn access_for(&self, task: &Task) -> Access {
+        if task.kind == TaskKind::Root {
+            return Access::everything();
+        }
+        let mut allowed = RangeSet::default();
+        for range in self
+            .image_ranges
+            .iter()
+            .chain(&task.using)
+            .chain(&task.watched)
+        {
+            allowed.insert(*range);
+        }
+        allowed.insert(task.stack);
+        let exit_id = match task.kind {
+            TaskKind::Instance(template) => template,
+            _ => task.id,
+        };
+        if let Some(page) = Range::new(exit_id, abi::PAGE_BYTES) {
+            allowed.insert(page);
+        }
+        Access {
+            everything: false,
+            allowed,
+        }
+    }
+
+    /// Runs one task to its end and finishes it. Called by workers.
+    pub(crate) fn execute(&self, task: Task, ctx: &mut WorkerCtx) {
+        let snapshot = match (task.kind, task.snapshot) {
+            (TaskKind::Instance(template), _) => {
+                let mut templates = lock(&self.templates);
+                match templates.get_mut(&template) {
+                    Some(entry) => {
+                        entry.state = TemplateState::Running { pending: false };
+                        // Under the templates lock: a commit activating this template either
+                        // happened before (and this snapshot sees it) or sees `Running` and
+                        // leaves a pending activation. No change is missed.
+                        self.store.begin_snapshot()
+                    }
+                    None => {
+                        // The template was deleted while this instance was queued.
+                        drop(templates);
+                        self.task_done();
+                        return;
+                    }
+                }
+            }
+            (_, Some(snapshot)) => snapshot,
+            (_, None) => self.store.begin_snapshot(),
+        };
+        bump(&self.counters.started, 1);
+        if matches!(task.kind, TaskKind::Instance(_)) {
+            bump(&self.counters.activations, 1);
+        }
+        let view = View::new(
+            Arc::clone(&self.store),
+            snapshot,
+            ctx.pages().clone(),
+            self.access_for(&task),
+            Arc::clone(&self.read_only),
+        );
+        let mut exec = Exec::new(view, &self.program, self, task.space, self.max_instructions);
+        // Registers fixed by the ABI; a failure here is a memory-limit fault like any other.
+        let setup = exec
+            .view
+            .store(abi::PR_STACK_BASE, 8, task.stack.start)
+            .and_then(|()| {
+                exec.view
+                    .store(abi::PR_STACK_SIZE, 8, task.stack.end - task.stack.start)
+            })
+            .and_then(|()| {
+                let id = match task.kind {
+                    TaskKind::Instance(template) => template,
+                    _ => task.id,
+                };
+                exec.view.store(abi::PR_RUNNER_ID, 8, id)
+            });
+        let ending = match setup {
+            Err(err) => Ending::Fault(crate::interp::Fault {
+                kind: err.into(),
+                pc: task.entry,
+            }),
+            Ok(()) => {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    exec.run(task.entry)
+                })) {
+                    Ok(ending) => ending,
+                    Err(panic) => {
+                        self.internal_errors.fetch_add(1, Ordering::Relaxed);
+                        let reason = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "a panic".into());
+                        Ending::Fault(crate::interp::Fault {
+                            kind: FaultKind::Internal { reason },
+                            pc: task.entry,
+                        })
+                    }
+                }
+            }
+        };
+        self.finish(&task, snapshot, exec, ending, ctx);
+        self.store.end_snapshot(snapshot);
+        self.task_done();
+    }
+
+    fn task_done(&self) {
+        if self.pending_tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.store(true, Ordering::Release);
+            self.sleep.wake_all();
+        }
+    }
+
+    fn finish(
+        &self,
+        task: &Task,
+        snapshot: u64,
+        exec: Exec<'_>,
+        ending: Ending,
+        ctx: &mut WorkerCtx,
+    ) {
+        let instructions = exec.instructions;
+        let Exec {
+            view,
+            output,
+            children,
+            ..
+        } = exec;
+        bump(&self.counters.instructions, instructions);
+        let ordinary = !matches!(task.kind, TaskKind::Instance(_));
+        let exit_key = ordinary.then(|| page_key(task.id));
+        let (writes, exit_write) = view.into_writes(exit_key);
+        let pages = ctx.pages().clone();
+        let mut new_tasks: Vec<Task> = Vec::new();
+
+        let guard = self.store.lock_commits();
+        let outcome = match &ending {
+            Ending::Exit(mode) if mode.commits() => match self
+                .store
+                .check(snapshot, &writes, &guard)
+            {
+                Some(conflict) => Outcome::Failed(conflict),
+                None => Outcome::Committed(self.store.install(snapshot, writes, &pages, &guard)),
+            },
+            Ending::Exit(_) => Outcome::Aborted,
+            Ending::Fault(fault) => Outcome::Faulted(fault.clone()),
+        };
+        let mut changes: Vec<(PageKey, Box<crate::page::Mask>)> = Vec::new();
+        let mut new_templates: Vec<ChildSpec> = Vec::new();
+        match &outcome {
+            Outcome::Committed(committed) => {
+                changes.extend(
+                    committed
+                        .changes
+                        .iter()
+                        .map(|(key, mask)| (*key, mask.clone())),
+                );
+                for child in children {
+                    if child.watched.is_empty() {
+                        self.store.register_snapshot(committed.ts, &guard);
+                        new_tasks.push(Task {
+                            id: child.id,
+                            kind: TaskKind::Child,
+                            entry: child.entry,
+                            space: child.space,
+                            stack: child.stack,
+                            using: child.using,
+                            watched: Vec::new(),
+                            snapshot: Some(committed.ts),
+                        });
+                    } else {
+                        new_templates.push(child);
+                    }
+                }
+            }
+            _ => {
+                // The children never exist.
+                self.existing_runners
+                    .fetch_sub(children.len() as u64, Ordering::Relaxed);
+            }
+        }
+
+        // Exit records: an ordinary runner's own page; an instance's template when it goes.
+        let status = outcome.status();
+        if ordinary {
+            let committed = self.publish_exit_record(
+                task.id,
+                exit_write.map(|w| (w, snapshot)),
+                status,
+                &pages,
+                &guard,
+            );
+            changes.extend(committed.changes);
+        } else if let TaskKind::Instance(template) = task.kind {
+            let ends_template = match &ending {
+                Ending::Exit(mode) => {
+                    mode.deletes_template() && !matches!(outcome, Outcome::Failed(_))
+                }
+                Ending::Fault(_) => true,
+            };
+            let mut templates = lock(&self.templates);
+            if ends_template {
+                if templates.remove(&template).is_some() {
+                    self.existing_runners.fetch_sub(1, Ordering::Relaxed);
+                }
+                drop(templates);
+                let committed = self.publish_exit_record(template, None, status, &pages, &guard);
+                changes.extend(committed.changes);
+            } else if let Some(entry) = templates.get_mut(&template) {
+                let again = matches!(outcome, Outcome::Failed(_))
+                    || entry.state == TemplateState::Running { pending: true };
+                if again {
+                    entry.state = TemplateState::Queued;
+                    new_tasks.push(instance_task(template, &entry.spec));
+                } else {
+                    entry.state = TemplateState::Idle;
+                }
+            }
+        }
+
+        // Watchers see every change this ending made; templates created by it start watching
+        // only after it.
+        if !changes.is_empty() {
+            self.activate_watchers(&changes, &mut new_tasks);
+        }
+        if !new_templates.is_empty() {
+            let mut templates = lock(&self.templates);
+            for spec in new_templates {
+                templates.insert(
+                    spec.id,
+                    Template {
+                        spec,
+                        state: TemplateState::Idle,
+                    },
+                );
+            }
+        }
+
+        self.report_ending(task, &ending, &outcome, output);
+        drop(guard);
+
+        match &outcome {
+            Outcome::Committed(_) => bump(&self.counters.committed, 1),
+            Outcome::Aborted => bump(&self.counters.aborted, 1),
+            Outcome::Failed(_) => bump(&self.counters.failed, 1),
+            Outcome::Faulted(_) => bump(&self.counters.faulted, 1),
+        }
+        if ordinary {
+            self.existing_runners.fetch_sub(1, Ordering::Relaxed);
+        }
+        for task in new_tasks {
+            ctx.push(task, &self.pending_tasks);
+        }
+    }
+
+    /// Publishes an exit record: the runner's own writes to its page (if any), plus the status
+    /// word. No conflict check: only the runtime and the runner itself write there.
+    fn publish_exit_record(
+        &self,
+        id: u64,
+        own_writes: Option<(PageWrite, u64)>,
+        status: u64,
+        pages: &PageSource,
+        guard: &crate::store::CommitGuard<'_>,
+    ) -> Committed {
+        let key = page_key(id);
+        let (mut write, base_ts) = match own_writes {
+            Some(pair) => pair,
+            None => {
+                let newest_ts = self.store.committed_ts();
+                // The newest contents are the base: nothing else commits while we hold the lock.
+                let data = match self.store.read(key, newest_ts) {
+                    Some(page) => pages.copy_of(&page),
+                    None => pages.zeroed(),
+                };
+                let data = match data {
+                    Ok(data) => data,
+                    // Out of memory for the status page: nobody can be told; the run goes on.
+                    Err(_) => {
+                        return Committed {
+                            ts: newest_ts,
+                            changes: Vec::new(),
+                        }
+                    }
+                };
+                (
+                    PageWrite {
+                        key,
+                        data,
+                        stored: Box::new(EMPTY_MASK),
+                    },
+                    newest_ts,
+                )
+            }
+        };
+        let offset = abi::EXIT_STATUS_OFFSET as usize;
+        write.data[offset..offset + 8].copy_from_slice(&status.to_le_bytes());
+        mark(&mut write.stored, offset, 8);
+        self.store.install(base_ts, vec![write], pages, guard)
+    }
+
+    fn activate_watchers(
+        &self,
+        changes: &[(PageKey, Box<crate::page::Mask>)],
+        new_tasks: &mut Vec<Task>,
+    ) {
+        let mut templates = lock(&self.templates);
+        for (id, template) in templates.iter_mut() {
+            if template.state == TemplateState::Queued
+                || template.state == (TemplateState::Running { pending: true })
+            {
+                continue;
+            }
+            let fired = changes.iter().any(|(key, mask)| {
+                template
+                    .spec
+                    .watched
+                    .iter()
+                    .any(|range| watched_bytes_stored(range, *key, mask))
+            });
+            if !fired {
+                continue;
+            }
+            template.state = match template.state {
+                TemplateState::Idle => {
+                    new_tasks.push(instance_task(*id, &template.spec));
+                    TemplateState::Queued
+                }
+                _ => TemplateState::Running { pending: true },
+            };
+        }
+    }
+
+    fn report_ending(&self, task: &Task, ending: &Ending, outcome: &Outcome, output: Vec<u8>) {
+        let id = match task.kind {
+            TaskKind::Instance(template) => format!("{template:#x} (watcher instance)"),
+            _ => format!("{:#x}", task.id),
+        };
+        match outcome {
+            Outcome::Committed(_) | Outcome::Aborted => {
+                if !output.is_empty() {
+                    self.console.send(ConsoleLine::Out(output));
+                }
+            }
+            Outcome::Failed(conflict) => {
+                if !output.is_empty() {
+                    let mut text = format!(
+                        "dvm: runner {id} failed to commit: another runner's commit (ts {}) stored to {:#x} too; its output follows:\n",
+                        conflict.other_ts,
+                        (conflict.key << PAGE_SHIFT) + conflict.offset as u64
+                    )
+                    .into_bytes();
+                    text.extend(output);
+                    self.console.send(ConsoleLine::Err(text));
+                }
+            }
+            Outcome::Faulted(fault) => {
+                let Ending::Fault(_) = ending else { return };
+                let mut text = format!("dvm: runner {id} faulted: {}\n", fault.kind);
+                let instr = self
+                    .program
+                    .disassemble_at(fault.pc)
+                    .unwrap_or_else(|| "(no instruction here)".into());
+                text.push_str(&format!(
+                    "  at {}: {}\n",
+                    self.program.describe_pc(fault.pc),
+                    instr
+                ));
+                if let Some(addr) = fault.kind.address() {
+                    text.push_str(&format!("  address: {addr:#x}\n"));
+                }
+                if matches!(fault.kind, FaultKind::NotAllowed { .. }) {
+                    let ranges: Vec<String> = task.using.iter().map(|r| r.to_string()).collect();
+                    let watched: Vec<String> = task.watched.iter().map(|r| r.to_string()).collect();
+                    text.push_str(&format!(
+                        "  runner may use: the image, stack {}, exit record {:#x}, using [{}], watched [{}], its children's stacks and its malloc memory\n",
+                        task.stack,
+                        task.id,
+                        ranges.join(", "),
+                        watched.join(", ")
+                    ));
+                }
+                let mut bytes = text.into_bytes();
+                if !output.is_empty() {
+                    bytes.extend(
+                        format!("  its pending output ({} bytes) follows:\n", output.len())
+                            .into_bytes(),
+                    );
+                    bytes.extend(output);
+                    if bytes.last() != Some(&b'\n') {
+                        bytes.push(b'\n');
+                    }
+                }
+                self.console.send(ConsoleLine::Err(bytes));
+            }
+        }
+    }
+}
+
+fn instance_task(template: u64, spec: &ChildSpec) -> Task {
+    Task {
+        id: template,
+        kind: TaskKind::Instance(template),
+        entry: spec.entry,
+        space: spec.space,
+        stack: spec.stack,
+        using: spec.using.clone(),
+        watched: spec.watched.clone(),
+        snapshot: None,
+    }
+}
+
+/// Did a commit that stored `mask` on page `key` store a byte inside `range`?
+fn watched_bytes_stored(range: &Range, key: PageKey, mask: &crate::page::Mask) -> bool {
+    let start = canonical(range.start);
+    let end = start + (range.end - range.start);
+    let page_start = key << PAGE_SHIFT;
+    let page_end = page_start + PAGE_BYTES as u64;
+    if end <= page_start || start >= page_end {
+        return false;
+    }
+    let from = (start.max(page_start) - page_start) as usize;
+    let to = (end.min(page_end) - page_start) as usize;
+    let mut window = EMPTY_MASK;
+    mark(&mut window, from, to - from);
+    crate::page::first_overlap(&window, mask).is_some()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Builds the initial memory (persistent store, image, `--load` files) as page contents.
+fn initial_pages(
+    image: &LoadedImage,
+    config: &Config,
+    persisted: Vec<(PageKey, Box<[u8; PAGE_BYTES]>)>,
+) -> Result<HashMap<PageKey, Box<[u8; PAGE_BYTES]>>, RunError> {
+    let mut pages: HashMap<PageKey, Box<[u8; PAGE_BYTES]>> = persisted.into_iter().collect();
+    let mut place = |addr: u64, bytes: &[u8]| {
+        for (index, byte) in bytes.iter().enumerate() {
+            let at = addr + index as u64;
+            let page = pages
+                .entry(page_key(at))
+                .or_insert_with(|| Box::new([0u8; PAGE_BYTES]));
+            page[(at & (PAGE_BYTES as u64 - 1)) as usize] = *byte;
+        }
+    };
+    for section in &image.image.sections {
+        if section.kind != SectionKind::Bss {
+            place(section.addr, &section.bytes);
+        }
+    }
+    for (addr, bytes, name) in &config.loads {
+        let end = addr.checked_add(bytes.len() as u64);
+        let inside = crate::view::region_of(*addr) == crate::view::Region::Shared
+            && end.is_some_and(|end| {
+                bytes.is_empty() || crate::view::region_of(end - 1) == crate::view::Region::Shared
+            });
+        if !inside {
+            return Err(RunError::BadLoad(format!(
+                "{name} ({} bytes) at {addr:#x} does not fit inside the shared region",
+                bytes.len()
+            )));
+        }
+        let image_overlap = image.image.sections.iter().any(|section| {
+            section.len_bytes > 0 && *addr < section.end() && section.addr < end.unwrap_or(u64::MAX)
+        });
+        if image_overlap {
+            return Err(RunError::BadLoad(format!(
+                "{name} at {addr:#x} overlaps the program image"
+            )));
+        }
+        place(*addr, bytes);
+    }
+    Ok(pages)
+}
+
+/// Runs a program to completion.
+pub fn run(image: LoadedImage, config: Config) -> Result<Report, RunError> {
+    let started = Instant::now();
+    let persisted = match &config.persist_dir {
+        Some(dir) => crate::persist::load(dir).map_err(RunError::Persist)?,
+        None => Vec::new(),
+    };
+    let initial = initial_pages(&image, &config, persisted)?;
+
+    let topology = dvm_numa::Topology::detect();
+    let workers = config
+        .workers
+        .unwrap_or_else(|| topology.cores().len())
+        .max(1);
+    let slots = topology.plan_workers(workers);
+    let mut notes = vec![format!("topology: {}", topology.source())];
+    if let Some(note) = topology.memory_binding_note() {
+        notes.push(format!("page memory is not bound to NUMA nodes: {note}"));
+    }
+    let account = MemoryAccount::new(config.max_memory_bytes);
+    let pools = sched::node_pools(&topology, &account)?;
+
+    let store = Arc::new(PageStore::new());
+    let Some(first_pool) = pools.first() else {
+        return Err(RunError::BadLoad("no page pool could be created".into()));
+    };
+    let loader_pages = first_pool.clone();
+    for (key, bytes) in initial {
+        let mut page = loader_pages.zeroed().map_err(|limit| {
+            RunError::BadLoad(format!(
+                "the initial memory does not fit in --max-memory ({} bytes)",
+                limit.limit_bytes
+            ))
+        })?;
+        page.copy_from_slice(&bytes[..]);
+        store.install_initial(key, page);
+    }
+
+    let mut read_only = RangeSet::default();
+    let mut image_ranges = Vec::new();
+    for section in &image.image.sections {
+        if let Some(range) = Range::new(section.addr, section.len_bytes) {
+            image_ranges.push(range);
+            if !section.kind.writable() {
+                read_only.insert(range);
+            }
+        }
+    }
+
+    let (console, console_thread) = Console::start(config.output.clone());
+    let input: Box<dyn Read + Send> = match &config.input {
+        InputMode::Inherit => Box::new(std::io::stdin()),
+        InputMode::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes.clone())),
+    };
+    let first_id = abi::EXIT_RECORD_BASE + abi::EXIT_RECORD_RESERVED * abi::PAGE_BYTES;
+    let shared = Arc::new(Shared {
+        store: Arc::clone(&store),
+        program: Program::new(image),
+        read_only: Arc::new(read_only),
+        image_ranges,
+        max_instructions: config.max_instructions,
+        max_runners: config.max_runners.max(1),
+        next_id: AtomicU64::new(first_id + abi::PAGE_BYTES),
+        next_stack: (0..abi::SPACE_COUNT).map(|_| AtomicU64::new(0)).collect(),
+        next_heap: (0..abi::SPACE_COUNT).map(|_| AtomicU64::new(0)).collect(),
+        existing_runners: AtomicU64::new(1),
+        pending_tasks: AtomicU64::new(1),
+        done: AtomicBool::new(false),
+        sleep: Arc::new(sched::Sleep::default()),
+        templates: Mutex::new(HashMap::new()),
+        console,
+        input: Mutex::new(Input {
+            source: input,
+            buffer: Vec::new(),
+            position: 0,
+            ended: false,
+        }),
+        counters: Counters::default(),
+        internal_errors: AtomicU64::new(0),
+    });
+    let root_stack = shared
+        .allocate_stack(0)
+        .ok_or_else(|| RunError::BadLoad("no stack for the root runner".into()))?;
+    let root = Task {
+        id: first_id,
+        kind: TaskKind::Root,
+        entry: shared.program().image.image.entry,
+        space: 0,
+        stack: root_stack,
+        using: Vec::new(),
+        watched: Vec::new(),
+        snapshot: Some(store.begin_snapshot()),
+    };
+    let (worker_infos, pin_notes) =
+        sched::run_workers(&shared, &slots, &pools, config.pin_workers, root);
+    notes.extend(pin_notes);
+
+    // Every task is done: dropped templates were never runners that ran.
+    shared.console.close();
+    let (stdout, stderr) = console_thread.join().unwrap_or_default();
+    if let Some(dir) = &config.persist_dir {
+        crate::persist::save(dir, &store).map_err(RunError::Persist)?;
+    }
+    let counters = &shared.counters;
+    let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    let stats = Stats {
+        workers: worker_infos.len() as u64,
+        instructions: get(&counters.instructions),
+        runners_started: get(&counters.started),
+        runners_committed: get(&counters.committed),
+        runners_aborted: get(&counters.aborted),
+        runners_failed: get(&counters.failed),
+        runners_faulted: get(&counters.faulted),
+        conflicts: get(&counters.failed),
+        watcher_activations: get(&counters.activations),
+        pages_allocated: account.pages_allocated(),
+        pages_copied: account.pages_copied(),
+        versions_pruned: store.versions_pruned(),
+        peak_memory_bytes: account.peak_bytes(),
+        wall_time_ms: started.elapsed().as_secs_f64() * 1000.0,
+    };
+    Ok(Report {
+        stats,
+        workers: worker_infos,
+        placement_notes: notes,
+        internal_errors: shared.internal_errors.load(Ordering::Relaxed),
+        stdout,
+        stderr,
+    })
+}
+
+/// Idle-wait granularity of workers.
+pub(crate) const IDLE_WAIT: Duration = Duration::from_millis(1);
