@@ -508,10 +508,6 @@ def show(ty, bits):
     return str(from_bits(ty, bits))
 
 
-def fbits(ty, x):
-    return float_bits(ty, x)
-
-
 # ---------------------------------------------------------------------------------------------
 # Arithmetic programs
 # ---------------------------------------------------------------------------------------------
@@ -559,8 +555,8 @@ def int_cases(op, ty):
 
 
 def float_values(ty):
-    f = lambda x: fbits(ty, x)  # noqa: E731
-    return f
+    """x -> the bits of x as a float of type ty (f32: rounded to nearest)."""
+    return lambda x: float_bits(ty, x)
 
 
 def float_cases(op, ty):
@@ -710,7 +706,7 @@ def conv_program(name, title, description, pairs, narrow_section=False):
         base = 0x1122334455667788
         stores = [("ub", "ub", 0x99, 3, "dir"), ("sb", "sb", 0x80, 1, "bd"),
                   ("ud", "ud", 0xCAFEBABE, 2, "dir"), ("sd", "sd", 0x7FFFFFFF, 4, "bd"),
-                  ("se", "sb", 0x0123456789ABCDEF, 5, "dir"), ("fd", "fs", fbits("fd", -2.5), 2,
+                  ("se", "sb", 0x0123456789ABCDEF, 5, "dir"), ("fd", "fs", float_bits("fd", -2.5), 2,
                                                               "bd"),
                   ("ue", "ud", 0xFFFFFFFF00000001, 0, "ind"), ("sb", "se", 0xFE, 0, "ind")]
         for src, dst, bits, offset, mode in stores:
@@ -873,6 +869,132 @@ def branch_misc_program(name, title, description):
     p.line("nop")
     p.report(case, "se", tag, 7)
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# newr / spawnx operands in every mode, exit:c / exit:a, int 0x80
+# ---------------------------------------------------------------------------------------------
+
+SPAWN_LINKS = [
+    # (text printed by the link, creator's spawn instruction, prints its stack's space)
+    ("link 1: created by newr with immediate operands",
+     "newr $auto_stack, $no_ranges, $no_ranges, $e1", None),
+    ("link 2: created by newr with direct operands",
+     "newr p_stack, p_ranges, p_ranges, p_e2", None),
+    ("link 3: created by newr with indirect operands",
+     "newr (pp_stack), (pp_ranges), (pp_ranges), (pp_e3)", None),
+    ("link 4: created by newr with base+displacement operands",
+     "newr 8(q_stack), 8(q_ranges), 8(q_ranges), 8(q_e4)", None),
+    ("link 5: created by spawnx with immediate operands, stack in space ",
+     "spawnx $auto_stack, $no_ranges, $no_ranges, $e5, $space2", 2),
+    ("link 6: created by spawnx with direct operands, stack in space ",
+     "spawnx p_stack, p_ranges, p_ranges, p_e6, p_space63", 63),
+    ("link 7: created by spawnx with indirect operands, stack in space ",
+     "spawnx (pp_stack), (pp_ranges), (pp_ranges), (pp_e7), (pp_space0)", 0),
+    ("link 8: created by spawnx with base+displacement operands, stack in space ",
+     "spawnx 8(q_stack), 8(q_ranges), 8(q_ranges), 8(q_e8), 8(q_space1)", 1),
+    ("link 9: created by newr with operands immediate, direct, indirect, base+displacement",
+     "newr $auto_stack, p_ranges, (pp_ranges), 8(q_e9)", None),
+    ("link 10: created by newr with operands direct, immediate, base+displacement, indirect; "
+     "ends with exit:a, and this line is printed",
+     "newr p_stack, $no_ranges, 8(q_ranges), (pp_e10)", None),
+]
+
+SPAWN_DESCRIPTORS = """\
+.rodata
+auto_stack: .quad 0, 0                  # (0, 0): the runtime allocates the stack
+no_ranges:  .quad 0                     # n = 0: no using ranges / not a watcher
+space2:     .quad 0x800000000000        # 2 << 46
+space63:    .quad 0xFC00000000000       # 63 << 46
+space0:     .quad 0
+space1:     .quad 0x400000000000        # 1 << 46
+%(entries)s
+# direct operands: words holding descriptor addresses
+p_stack:    .quad auto_stack
+p_ranges:   .quad no_ranges
+p_e2:       .quad e2
+p_e6:       .quad e6
+p_space63:  .quad space63
+# indirect operands: words holding the address of such a word
+pp_stack:   .quad p_stack
+pp_ranges:  .quad p_ranges
+pp_e3:      .quad p_e3
+pp_e7:      .quad p_e7
+pp_e10:     .quad p_e10
+pp_space0:  .quad p_space0
+p_e3:       .quad e3
+p_e7:       .quad e7
+p_e10:      .quad e10
+p_space0:   .quad space0
+# base+displacement operands 8(q_x): words holding (the address of such a word) - 8
+q_stack:    .quad p_stack-8
+q_ranges:   .quad p_ranges-8
+q_e4:       .quad p_e4-8
+q_e8:       .quad p_e8-8
+q_e9:       .quad p_e9-8
+q_space1:   .quad p_space1-8
+p_e4:       .quad e4
+p_e8:       .quad e8
+p_e9:       .quad e9
+p_space1:   .quad space1
+%(texts)s"""
+
+
+def spawn_program():
+    name = "isa_spawn"
+    lines = [GENERATED, "#", "# isa_spawn: newr and spawnx with their operands in every addressing mode, exit:c and",
+             "# exit:a, int 0x80 (DISA.md §2, MEMORY-MODEL §2, §7).", "#"]
+    lines += ["# " + t if t else "#" for t in """\
+Each operand's VALUE is the address of a descriptor (s: stack, u: using ranges, w: watched
+ranges, f: a word holding the entry address, x: a word holding the space base i << 46), so:
+  immediate      $desc            the value is the descriptor's address
+  direct         p_desc           a word holding the descriptor's address
+  indirect       (pp_desc)        a word holding the address of such a word
+  base+disp      8(q_desc)        a word holding (address of such a word) - 8
+A chain of runners, each created by the previous one, so the output order is causal (a child
+starts only after its parent commits; output appears in the order runners end):
+  root -newr imm-> 1 -newr direct-> 2 -newr indirect-> 3 -newr base+disp-> 4
+  -spawnx imm, space 2-> 5 -spawnx direct, space 63-> 6 -spawnx indirect, space 0-> 7
+  -spawnx base+disp, space 1-> 8 -newr mixed modes-> 9 -newr mixed modes-> 10
+Each link prints its number; links created by spawnx also print the space of their stack
+((0, 0) stack descriptors: the runtime allocates the stack in the child's space). The space of
+a newr child is not printed (the spec does not say which space newr uses). Links 1-9 commit
+(exit:c); link 10 ends with exit:a, and output of exit:a is printed.""".split("\n")]
+    lines += ["# expect-stat: runners_started=11", "# expect-stat: runners_committed=10",
+              "# expect-stat: runners_aborted=1", "# expect-stat: runners_faulted=0", ""]
+    lines += [".equ OUT, 0x100000208", ".equ STACK_BASE, 0x100000100", ".equ SYSNO, 0x100000420",
+              ".equ ARG0, 0x100001000", ".equ ARG1, 0x100001008", ".equ SYS_WRITE, 100",
+              ".equ SYS_PRINT_I64, 101", "", "main:", "    " + SPAWN_LINKS[0][1], "    exit:c", ""]
+    expected = []
+    for k, (text, _, space) in enumerate(SPAWN_LINKS, start=1):
+        lines.append("link%d:" % k)
+        lines.append("    mov $t%d:ue, ARG0:ue" % k)
+        lines.append("    mov $t%d_end-t%d:ue, ARG1:ue" % (k, k))
+        lines.append("    mov $SYS_WRITE:ue, SYSNO:ue")
+        lines.append("    int 0x80")
+        if space is not None:
+            lines.append("    shr:ue STACK_BASE, $46, ARG0")
+            lines.append("    mov $SYS_PRINT_I64:ue, SYSNO:ue")
+            lines.append("    int 0x80")
+        lines.append("    mov $10:ub, OUT:ub")
+        if k < len(SPAWN_LINKS):
+            lines.append("    " + SPAWN_LINKS[k][1])
+            lines.append("    exit:c")
+        else:
+            lines.append("    exit:a")
+        lines.append("")
+        expected.append(text + ("" if space is None else str(space)))
+    entries = "\n".join("e%d:%s.quad link%d" % (k, " " * (10 - len(str(k))), k)
+                        for k in range(1, len(SPAWN_LINKS) + 1))
+    texts = "".join('t%d: .ascii "%s"\nt%d_end:\n' % (k, text, k)
+                    for k, (text, _, _) in enumerate(SPAWN_LINKS, start=1))
+    lines.append(SPAWN_DESCRIPTORS % {"entries": entries, "texts": texts})
+    text = "\n".join(lines)
+    with open(os.path.join(OUT_DIR, name + ".dasm"), "w") as f:
+        f.write(text)
+    with open(os.path.join(OUT_DIR, name + ".out"), "w") as f:
+        f.write("\n".join(expected) + "\n")
+    return name, text.count("\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1051,6 +1173,9 @@ mode; loops closed by backward relative and absolute branches count exactly 5 it
         total += program.case
         print("%s.dasm: %d cases, %d lines" % (program.name, program.case, lines))
         assert lines < 3200, program.name
+
+    name, lines = spawn_program()
+    print("%s.dasm: %d links, %d lines" % (name, len(SPAWN_LINKS), lines))
 
     undocumented_image("fault_strcmp", "strcmp", 0x02A)
     undocumented_image("fault_grep", "grep", 0x030)

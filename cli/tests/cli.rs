@@ -197,3 +197,132 @@ fn isa_prints_the_table() {
         assert!(text.contains(mnemonic), "{mnemonic}");
     }
 }
+
+const PERSIST_WRITER: &str = "\
+# Stores 41 in the persistent range, then commits.
+main:
+    mov $41:se, 0x40000000010:se
+    exit:c
+";
+
+const PERSIST_READER: &str = "\
+# Prints (value + 1) from the persistent range as one byte: '*' (42) if the writer's commit persisted.
+main:
+    add:se 0x40000000010, $1, 0x200000000
+    mov 0x200000000:se, 0x100000208:se
+    mov $10:se, 0x100000208:se
+    exit:c
+";
+
+#[test]
+fn persistent_range_survives_between_runs() {
+    let dir = scratch("persist");
+    let store = dir.join("store");
+    let _ = std::fs::remove_dir_all(&store);
+    let writer = dir.join("writer.dasm");
+    let reader = dir.join("reader.dasm");
+    std::fs::write(&writer, PERSIST_WRITER).expect("write");
+    std::fs::write(&reader, PERSIST_READER).expect("write");
+    let store_arg = store.to_str().expect("utf-8");
+    // Without --persist the reader sees zeros: prints 1 (a control byte), not '*'.
+    let out = dvm(&["run", reader.to_str().expect("utf-8")]);
+    assert_eq!(out.stdout, b"\x01\n");
+    let out = dvm(&[
+        "run",
+        writer.to_str().expect("utf-8"),
+        "--persist",
+        store_arg,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = dvm(&[
+        "run",
+        reader.to_str().expect("utf-8"),
+        "--persist",
+        store_arg,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        out.stdout, b"*\n",
+        "the reader sees what the writer committed"
+    );
+    // A damaged store is refused with the file and the offset, and exit code 1.
+    let file = store.join("persistent.dvm");
+    let mut bytes = std::fs::read(&file).expect("store file");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&file, &bytes).expect("damage");
+    let out = dvm(&[
+        "run",
+        reader.to_str().expect("utf-8"),
+        "--persist",
+        store_arg,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("persistent.dvm is damaged at byte offset"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn load_maps_a_file_and_rejects_bad_specs() {
+    let dir = scratch("load");
+    let data = dir.join("data.bin");
+    std::fs::write(&data, 7u64.to_le_bytes()).expect("write");
+    let program = dir.join("load.dasm");
+    std::fs::write(
+        &program,
+        "main:\n    add:se 0x5000000000, $'0', 0x200000000\n    mov 0x200000000:se, 0x100000208:se\n    exit:c\n",
+    )
+    .expect("write");
+    let spec = format!("{}@0x5000000000", data.display());
+    let out = dvm(&["run", program.to_str().expect("utf-8"), "--load", &spec]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.stdout, b"7");
+    let out = dvm(&["run", program.to_str().expect("utf-8"), "--load", "nofile"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("expected FILE@ADDR"),
+        "{}",
+        stderr(&out)
+    );
+    let bad_addr = format!("{}@0x10", data.display());
+    let out = dvm(&["run", program.to_str().expect("utf-8"), "--load", &bad_addr]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("does not fit inside the shared region"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn run_reports_faults_and_exits_one_and_topology_shows_cores() {
+    let dir = scratch("fault");
+    let program = dir.join("div.dasm");
+    std::fs::write(
+        &program,
+        "main:\n    div:se $1, $0, 0x200000000\n    exit:c\n",
+    )
+    .expect("write");
+    let out = dvm(&["run", program.to_str().expect("utf-8"), "--stats"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stderr(&out);
+    assert!(text.contains("faulted: division by zero"), "{text}");
+    assert!(
+        text.contains("at 0x800000000 (main): div:se $1, $0, 0x200000000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pinned") || text.contains("unpinned"),
+        "stats show pinning: {text}"
+    );
+    let out = dvm(&["topology"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("NUMA nodes:") && text.contains("core 0") && text.contains("worker plan"),
+        "{text}"
+    );
+}

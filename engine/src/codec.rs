@@ -84,6 +84,13 @@ impl Instr {
         &self.operands[..usize::from(self.operand_count)]
     }
 
+    /// Operand `index` without slicing (for the interpreter's hot path; a constant index into
+    /// the fixed array needs no bounds check). Past the operand count it is `Imm(0)`.
+    #[inline(always)]
+    pub fn operand(&self, index: usize) -> Operand {
+        self.operands[index]
+    }
+
     pub fn operands_mut(&mut self) -> &mut [Operand] {
         &mut self.operands[..usize::from(self.operand_count)]
     }

@@ -27,13 +27,27 @@ pub const MAX_DESCRIPTOR_RANGES: u64 = 64;
 
 const NO_TARGET: u32 = u32::MAX;
 
-/// One decoded instruction, with its immediate branch target resolved.
-#[derive(Clone, Debug)]
+/// Executes one decoded instruction at `index`; chosen per instruction at load time.
+type Handler = fn(&mut Exec<'_>, &Decoded, usize) -> Step<Next>;
+
+/// One decoded instruction, with its immediate branch target resolved and its handler chosen.
+#[derive(Clone)]
 pub struct Decoded {
     pub instr: Instr,
     pub addr: u64,
     /// Index of the immediate branch target, or `NO_TARGET`.
     target: u32,
+    handler: Handler,
+}
+
+impl fmt::Debug for Decoded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Decoded")
+            .field("instr", &self.instr)
+            .field("addr", &self.addr)
+            .field("target", &self.target)
+            .finish()
+    }
 }
 
 /// The program, decoded once and shared by every runner.
@@ -52,6 +66,7 @@ impl Program {
                 instr: *instr,
                 addr: abi::CODE_BASE + u64::from(*offset),
                 target: NO_TARGET,
+                handler: handlers::select(instr),
             })
             .collect();
         let addrs: Vec<u64> = decoded.iter().map(|d| d.addr).collect();
@@ -80,7 +95,14 @@ impl Program {
     pub fn disassemble_at(&self, pc: u64) -> Option<String> {
         let index = self.index_of(pc)?;
         let d = &self.decoded[index];
-        Some(crate::disasm::format_instr(&d.instr, d.addr, &|_| None))
+        let symbols = &self.image.image.symbols;
+        let name = |addr: u64| {
+            symbols
+                .iter()
+                .find(|symbol| symbol.addr == addr)
+                .map(|symbol| symbol.name.clone())
+        };
+        Some(crate::disasm::format_instr(&d.instr, d.addr, &name))
     }
 }
 
@@ -219,7 +241,12 @@ pub trait Services {
     fn allocate_heap(&self, space: u64, len_bytes: u64) -> Option<Range>;
     /// One byte of console input, or `None` at end of input.
     fn console_input(&self) -> Option<u8>;
+    /// Instructions executed since the last report (for live progress of long runners).
+    fn count_instructions(&self, instructions: u64);
 }
+
+/// A running runner reports its instruction count this often.
+const REPORT_EVERY_INSTRUCTIONS: u64 = 1 << 24;
 
 /// The state of one executing runner.
 pub struct Exec<'a> {
@@ -228,10 +255,13 @@ pub struct Exec<'a> {
     services: &'a dyn Services,
     pub space: u64,
     pub instructions: u64,
+    /// Instructions already passed to `Services::count_instructions`.
+    pub instructions_reported: u64,
     max_instructions: u64,
+    /// The next instruction count at which the loop leaves its fast path (limit or report).
+    check_at: u64,
     pub output: Vec<u8>,
     pub children: Vec<ChildSpec>,
-    pc: u64,
 }
 
 type Step<T> = Result<T, FaultKind>;
@@ -271,6 +301,7 @@ fn signed_min(ty: Ty) -> i64 {
 }
 
 /// `a op b` at type `ty` (raw bits in, raw bits out).
+#[inline(always)]
 pub fn arith(op: Op, ty: Ty, a: u64, b: u64) -> Step<u64> {
     match ty {
         Ty::F64 => {
@@ -350,6 +381,7 @@ fn invalid_type(op: Op, ty: Ty) -> FaultKind {
 }
 
 /// `mov`: converts raw bits of type `from` to raw bits of type `to`.
+#[inline(always)]
 pub fn convert(value: u64, from: Ty, to: Ty) -> u64 {
     match (from.is_float(), to.is_float()) {
         (false, false) => {
@@ -397,6 +429,7 @@ pub fn convert(value: u64, from: Ty, to: Ty) -> u64 {
 }
 
 /// Branch compare at type `ty`. Float comparisons are IEEE (NaN compares false but for `ne`).
+#[inline(always)]
 pub fn compare(cond: Cond, ty: Ty, a: u64, b: u64) -> bool {
     if ty.is_float() {
         let (x, y) = (as_f64(a, ty), as_f64(b, ty));
@@ -420,6 +453,7 @@ pub fn compare(cond: Cond, ty: Ty, a: u64, b: u64) -> bool {
     }
 }
 
+#[inline(always)]
 pub fn is_zero(ty: Ty, a: u64) -> bool {
     if ty.is_float() {
         as_f64(a, ty) == 0.0
@@ -480,10 +514,11 @@ impl<'a> Exec<'a> {
             services,
             space,
             instructions: 0,
+            instructions_reported: 0,
             max_instructions,
+            check_at: max_instructions.min(REPORT_EVERY_INSTRUCTIONS),
             output: Vec::new(),
             children: Vec::new(),
-            pc: 0,
         }
     }
 
@@ -499,26 +534,36 @@ impl<'a> Exec<'a> {
         };
         let program = self.program;
         let code = &program.decoded;
+        let mut last_pc = entry;
         loop {
             let Some(d) = code.get(index) else {
                 return Ending::Fault(Fault {
                     kind: FaultKind::InvalidInstruction {
                         reason: "execution ran past the end of .text".into(),
                     },
-                    pc: self.pc,
+                    pc: last_pc,
                 });
             };
-            self.pc = d.addr;
+            last_pc = d.addr;
             self.instructions += 1;
-            if self.instructions > self.max_instructions {
-                return Ending::Fault(Fault {
-                    kind: FaultKind::InstructionLimit {
-                        limit: self.max_instructions,
-                    },
-                    pc: d.addr,
-                });
+            // One compare per instruction covers both the limit and progress reports.
+            if self.instructions > self.check_at {
+                if self.instructions > self.max_instructions {
+                    return Ending::Fault(Fault {
+                        kind: FaultKind::InstructionLimit {
+                            limit: self.max_instructions,
+                        },
+                        pc: d.addr,
+                    });
+                }
+                self.services
+                    .count_instructions(self.instructions - self.instructions_reported);
+                self.instructions_reported = self.instructions;
+                self.check_at = self
+                    .max_instructions
+                    .min(self.instructions.saturating_add(REPORT_EVERY_INSTRUCTIONS));
             }
-            match self.step(d, index) {
+            match (d.handler)(self, d, index) {
                 Ok(Next::Index(next)) => index = next,
                 Ok(Next::End(mode)) => return Ending::Exit(mode),
                 Err(kind) => return Ending::Fault(Fault { kind, pc: d.addr }),
@@ -526,7 +571,7 @@ impl<'a> Exec<'a> {
         }
     }
 
-    #[inline]
+    /// The general path, for instructions without a specialised handler.
     fn step(&mut self, d: &Decoded, index: usize) -> Step<Next> {
         let instr = &d.instr;
         let ops = instr.operands();
@@ -576,6 +621,7 @@ impl<'a> Exec<'a> {
         Ok(Next::Index(index + 1))
     }
 
+    #[inline(always)]
     fn branch(&mut self, d: &Decoded, index: usize) -> Step<Next> {
         let instr = &d.instr;
         let ops = instr.operands();
@@ -616,22 +662,26 @@ impl<'a> Exec<'a> {
     }
 
     /// The address an operand names (not for immediates).
-    #[inline]
+    #[inline(always)]
     fn address(&mut self, operand: Operand) -> Step<u64> {
-        match operand {
-            Operand::Direct(addr) => Ok(addr),
-            Operand::Indirect(addr) => Ok(self.view.load(addr, 8)?),
-            Operand::BaseDisp { disp, base } => Ok(self
-                .view
-                .load(base, 8)?
-                .wrapping_add(i64::from(disp) as u64)),
-            Operand::Imm(_) => Err(FaultKind::InvalidInstruction {
-                reason: "an immediate has no address".into(),
-            }),
-        }
+        let (pointer, disp) = match operand {
+            Operand::Direct(addr) => return Ok(addr),
+            Operand::Indirect(addr) => (addr, 0),
+            Operand::BaseDisp { disp, base } => (base, i64::from(disp) as u64),
+            Operand::Imm(_) => {
+                return Err(FaultKind::InvalidInstruction {
+                    reason: "an immediate has no address".into(),
+                })
+            }
+        };
+        let base = match self.view.try_load(pointer, 8) {
+            Some(value) => value,
+            None => self.view.load_slow(pointer, 8)?,
+        };
+        Ok(base.wrapping_add(disp))
     }
 
-    #[inline]
+    #[inline(always)]
     fn read(&mut self, operand: Operand, size: usize) -> Step<u64> {
         if let Operand::Imm(raw) = operand {
             return Ok(if size == 8 {
@@ -641,22 +691,41 @@ impl<'a> Exec<'a> {
             });
         }
         let addr = self.address(operand)?;
+        // The console word is a device register, never memory, whatever the TLB holds.
+        if addr != abi::PR_CONSOLE_IN {
+            if let Some(value) = self.view.try_load(addr, size) {
+                return Ok(value);
+            }
+        }
+        self.read_slow(addr, size)
+    }
+
+    #[inline(never)]
+    fn read_slow(&mut self, addr: u64, size: usize) -> Step<u64> {
         if addr == abi::PR_CONSOLE_IN {
             return Ok(match self.services.console_input() {
                 Some(byte) => u64::from(byte),
                 None => u64::MAX >> (64 - size * 8),
             });
         }
-        Ok(self.view.load(addr, size)?)
+        Ok(self.view.load_slow(addr, size)?)
     }
 
-    #[inline]
+    #[inline(always)]
     fn write(&mut self, operand: Operand, size: usize, value: u64) -> Step<()> {
         let addr = self.address(operand)?;
+        if addr != abi::PR_CONSOLE_OUT && self.view.try_store(addr, size, value) {
+            return Ok(());
+        }
+        self.write_slow(addr, size, value)
+    }
+
+    #[inline(never)]
+    fn write_slow(&mut self, addr: u64, size: usize, value: u64) -> Step<()> {
         if addr == abi::PR_CONSOLE_OUT {
             return self.emit(&[value as u8]);
         }
-        Ok(self.view.store(addr, size, value)?)
+        Ok(self.view.store_slow(addr, size, value)?)
     }
 
     fn emit(&mut self, bytes: &[u8]) -> Step<()> {
@@ -851,6 +920,216 @@ fn shared_range(range: &Range) -> bool {
 enum Next {
     Index(usize),
     End(ExitMode),
+}
+
+/// Specialised handlers. Each is monomorphised over the operation and the type(s) with const
+/// generics, so `arith`/`convert`/`compare` (marked `#[inline(always)]`) fold their `match`es
+/// on those away and the handler does only the operand accesses and the operation itself.
+/// `select` is the one place that maps a decoded instruction to its handler.
+mod handlers {
+    use super::*;
+
+    const ARITH_OPS: [Op; 10] = [
+        Op::Add,
+        Op::Sub,
+        Op::Mul,
+        Op::Div,
+        Op::And,
+        Op::Or,
+        Op::Xor,
+        Op::Rem,
+        Op::Shl,
+        Op::Shr,
+    ];
+    const COMPARES: [Cond; 4] = [Cond::L, Cond::Le, Cond::E, Cond::Ne];
+
+    #[inline(always)]
+    const fn ty(code: u8) -> Ty {
+        Ty::ALL[code as usize]
+    }
+
+    fn ty_code(ty: Ty) -> u8 {
+        Ty::ALL.iter().position(|t| *t == ty).unwrap_or(0) as u8
+    }
+
+    fn arith_h<const OP: u8, const TY: u8>(
+        e: &mut Exec<'_>,
+        d: &Decoded,
+        index: usize,
+    ) -> Step<Next> {
+        let (op, ty) = (ARITH_OPS[OP as usize], ty(TY));
+        let size = ty.size_bytes() as usize;
+        let a = e.read(d.instr.operand(0), size)?;
+        let b = e.read(d.instr.operand(1), size)?;
+        let c = arith(op, ty, a, b)?;
+        e.write(d.instr.operand(2), size, c)?;
+        Ok(Next::Index(index + 1))
+    }
+
+    fn conv_h<const FROM: u8, const TO: u8>(
+        e: &mut Exec<'_>,
+        d: &Decoded,
+        index: usize,
+    ) -> Step<Next> {
+        let (from, to) = (ty(FROM), ty(TO));
+        let value = e.read(d.instr.operand(0), from.size_bytes() as usize)?;
+        e.write(
+            d.instr.operand(1),
+            to.size_bytes() as usize,
+            convert(value, from, to),
+        )?;
+        Ok(Next::Index(index + 1))
+    }
+
+    #[inline(always)]
+    fn jump(d: &Decoded, index: usize, taken: bool) -> Step<Next> {
+        if !taken {
+            Ok(Next::Index(index + 1))
+        } else if d.target != NO_TARGET {
+            Ok(Next::Index(d.target as usize))
+        } else {
+            let target = d.instr.branch_target(d.addr).unwrap_or(0);
+            Err(FaultKind::InvalidInstruction {
+                reason: format!("branch to {target:#x}, which is not an instruction"),
+            })
+        }
+    }
+
+    fn compare_h<const COND: u8, const TY: u8>(
+        e: &mut Exec<'_>,
+        d: &Decoded,
+        index: usize,
+    ) -> Step<Next> {
+        let ty = ty(TY);
+        let size = ty.size_bytes() as usize;
+        let a = e.read(d.instr.operand(0), size)?;
+        let b = e.read(d.instr.operand(1), size)?;
+        jump(d, index, compare(COMPARES[COND as usize], ty, a, b))
+    }
+
+    fn test_h<const ZERO: bool, const TY: u8>(
+        e: &mut Exec<'_>,
+        d: &Decoded,
+        index: usize,
+    ) -> Step<Next> {
+        let ty = ty(TY);
+        let a = e.read(d.instr.operand(0), ty.size_bytes() as usize)?;
+        jump(d, index, is_zero(ty, a) == ZERO)
+    }
+
+    fn jump_h(_: &mut Exec<'_>, d: &Decoded, index: usize) -> Step<Next> {
+        jump(d, index, true)
+    }
+
+    fn general_h(e: &mut Exec<'_>, d: &Decoded, index: usize) -> Step<Next> {
+        e.step(d, index)
+    }
+
+    fn by_ty<const OP: u8>(ty: Ty) -> Handler {
+        match ty_code(ty) {
+            0 => arith_h::<OP, 0>,
+            1 => arith_h::<OP, 1>,
+            2 => arith_h::<OP, 2>,
+            3 => arith_h::<OP, 3>,
+            4 => arith_h::<OP, 4>,
+            5 => arith_h::<OP, 5>,
+            6 => arith_h::<OP, 6>,
+            _ => arith_h::<OP, 7>,
+        }
+    }
+
+    fn conv_to<const FROM: u8>(to: Ty) -> Handler {
+        match ty_code(to) {
+            0 => conv_h::<FROM, 0>,
+            1 => conv_h::<FROM, 1>,
+            2 => conv_h::<FROM, 2>,
+            3 => conv_h::<FROM, 3>,
+            4 => conv_h::<FROM, 4>,
+            5 => conv_h::<FROM, 5>,
+            6 => conv_h::<FROM, 6>,
+            _ => conv_h::<FROM, 7>,
+        }
+    }
+
+    fn compare_by_ty<const COND: u8>(ty: Ty) -> Handler {
+        match ty_code(ty) {
+            0 => compare_h::<COND, 0>,
+            1 => compare_h::<COND, 1>,
+            2 => compare_h::<COND, 2>,
+            3 => compare_h::<COND, 3>,
+            4 => compare_h::<COND, 4>,
+            5 => compare_h::<COND, 5>,
+            6 => compare_h::<COND, 6>,
+            _ => compare_h::<COND, 7>,
+        }
+    }
+
+    fn test_by_ty<const ZERO: bool>(ty: Ty) -> Handler {
+        match ty_code(ty) {
+            0 => test_h::<ZERO, 0>,
+            1 => test_h::<ZERO, 1>,
+            2 => test_h::<ZERO, 2>,
+            3 => test_h::<ZERO, 3>,
+            4 => test_h::<ZERO, 4>,
+            5 => test_h::<ZERO, 5>,
+            6 => test_h::<ZERO, 6>,
+            _ => test_h::<ZERO, 7>,
+        }
+    }
+
+    pub(super) fn select(instr: &Instr) -> Handler {
+        let ty = instr.tys[0];
+        // Operations that are invalid for a type (floats in `and`) never reach here: the
+        // decoder rejects them, and `arith` faults if one ever did.
+        match instr.op {
+            Op::Add => by_ty::<0>(ty),
+            Op::Sub => by_ty::<1>(ty),
+            Op::Mul => by_ty::<2>(ty),
+            Op::Div => by_ty::<3>(ty),
+            Op::And => by_ty::<4>(ty),
+            Op::Or => by_ty::<5>(ty),
+            Op::Xor => by_ty::<6>(ty),
+            Op::Rem => by_ty::<7>(ty),
+            Op::Shl => by_ty::<8>(ty),
+            Op::Shr => by_ty::<9>(ty),
+            Op::Conv => match ty_code(instr.tys[0]) {
+                0 => conv_to::<0>(instr.tys[1]),
+                1 => conv_to::<1>(instr.tys[1]),
+                2 => conv_to::<2>(instr.tys[1]),
+                3 => conv_to::<3>(instr.tys[1]),
+                4 => conv_to::<4>(instr.tys[1]),
+                5 => conv_to::<5>(instr.tys[1]),
+                6 => conv_to::<6>(instr.tys[1]),
+                _ => conv_to::<7>(instr.tys[1]),
+            },
+            Op::Br => match instr.cond {
+                Cond::J => jump_h,
+                Cond::L => compare_by_ty::<0>(ty),
+                Cond::Le => compare_by_ty::<1>(ty),
+                Cond::E => compare_by_ty::<2>(ty),
+                Cond::Ne => compare_by_ty::<3>(ty),
+                Cond::Z => test_by_ty::<true>(ty),
+                Cond::Nz => test_by_ty::<false>(ty),
+                Cond::Ji => general_h,
+            },
+            _ => general_h,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn tables_line_up_with_the_isa() {
+            assert_eq!(ty(ty_code(Ty::F32)), Ty::F32);
+            for (code, ty_value) in Ty::ALL.iter().enumerate() {
+                assert_eq!(ty(code as u8), *ty_value);
+            }
+            assert_eq!(ARITH_OPS[9], Op::Shr);
+            assert_eq!(COMPARES[3], Cond::Ne);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,10 @@ use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 use dvm_numa::{PagePool, Topology, WorkerSlot};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// How often a long run reports progress (at `DVM_LOG=info`).
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Where a worker ran.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,6 +120,18 @@ pub fn run_workers(
         .collect();
     let sleep = Arc::clone(&shared.sleep);
     let results: Vec<(WorkerInfo, Option<String>)> = std::thread::scope(|scope| {
+        // Progress for long runs, at `DVM_LOG=info`: one line every PROGRESS_EVERY.
+        scope.spawn(|| {
+            let started = std::time::Instant::now();
+            let mut last_report = started;
+            while !shared.done.load(Ordering::Acquire) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                if last_report.elapsed() >= PROGRESS_EVERY {
+                    last_report = std::time::Instant::now();
+                    shared.log_progress(started.elapsed());
+                }
+            }
+        });
         let handles: Vec<_> = locals
             .into_iter()
             .zip(slots)
@@ -129,18 +145,18 @@ pub fn run_workers(
                 std::thread::Builder::new()
                     .name(format!("dvm-worker-{}", slot.worker))
                     .spawn_scoped(scope, move || {
-                        let pin_note = if pin {
-                            dvm_numa::pin_current_thread(slot.pu)
-                                .err()
-                                .map(|err| err.to_string())
-                        } else {
-                            Some("pinning disabled".into())
+                        // A refused pin is worth one warning; `--no-pin` is the user's choice.
+                        let pin_result = pin.then(|| dvm_numa::pin_current_thread(slot.pu));
+                        let pinned = matches!(pin_result, Some(Ok(())));
+                        let pin_note = match pin_result {
+                            Some(Err(err)) => Some(err.to_string()),
+                            _ => None,
                         };
                         let mut info = WorkerInfo {
                             worker: slot.worker,
                             node: slot.node,
                             pu: slot.pu,
-                            pinned: pin_note.is_none(),
+                            pinned,
                             tasks: 0,
                             steals: 0,
                         };

@@ -27,7 +27,7 @@
 //! reader lets go. This is why epoch-based reclamation is not needed here: the only lock-free
 //! access is to immutable page contents, and reference counting covers it.
 
-use crate::page::{first_overlap, merge_masked, Mask, Page, PageSource, PAGE_BYTES};
+use crate::page::{first_overlap, merge_masked, Mask, Page, PageHash, PageSource, PAGE_BYTES};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -38,7 +38,7 @@ pub type PageKey = u64;
 const SHARDS: usize = 64;
 
 /// Version chains of the pages hashed to one shard, oldest version first.
-type Shard = RwLock<HashMap<PageKey, Vec<Version>>>;
+type Shard = RwLock<HashMap<PageKey, Vec<Version>, PageHash>>;
 
 #[derive(Debug)]
 struct Version {
@@ -102,7 +102,9 @@ impl Default for PageStore {
 impl PageStore {
     pub fn new() -> PageStore {
         PageStore {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(HashMap::default()))
+                .collect(),
             committed_ts: AtomicU64::new(0),
             commit_lock: Mutex::new(()),
             snapshots: Mutex::new(BTreeMap::new()),

@@ -16,6 +16,7 @@
 //!   `partial` set so each access is checked against the ranges).
 
 use crate::abi;
+use crate::page::PageHash;
 use crate::page::{
     mark, Mask, MemoryLimit, Page, PageSource, EMPTY_MASK, PAGE_BYTES, PAGE_OFFSET_MASK,
     PAGE_SHIFT, ZERO_PAGE,
@@ -24,7 +25,17 @@ use crate::store::{PageKey, PageStore, PageWrite};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-const TLB_ENTRIES: usize = 64;
+/// TLB size (a power of two). 256 entries cover 1 MiB of working set.
+const TLB_ENTRIES: usize = 256;
+const TLB_INDEX_SHIFT: u32 = 64 - TLB_ENTRIES.trailing_zeros();
+
+/// TLB slot of a page tag. A multiplicative hash, not the low bits: region bases (private
+/// scratch, inputs, results) are all aligned to large powers of two, so their first pages
+/// would otherwise collide in one slot and evict each other on every access.
+#[inline(always)]
+fn tlb_index(tag: u64) -> usize {
+    (tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> TLB_INDEX_SHIFT) as usize
+}
 const SPACE_OFFSET_MASK: u64 = (1u64 << abi::SPACE_SHIFT) - 1;
 
 /// Half-open byte range `[start, end)`.
@@ -148,8 +159,8 @@ pub fn canonical(addr: u64) -> u64 {
 }
 
 #[inline]
-fn page_start_raw(addr: u64) -> u64 {
-    addr & !PAGE_OFFSET_MASK
+fn in_amr(addr: u64) -> bool {
+    (abi::AMR_BASE..abi::AMR_END).contains(&(addr & SPACE_OFFSET_MASK))
 }
 
 #[inline]
@@ -246,9 +257,9 @@ pub struct View {
     read_only: Arc<RangeSet>,
     tlb: Vec<TlbEntry>,
     dirty: Vec<DirtyPage>,
-    dirty_index: HashMap<PageKey, u32>,
+    dirty_index: HashMap<PageKey, u32, PageHash>,
     private: Vec<Page>,
-    private_index: HashMap<u64, u32>,
+    private_index: HashMap<u64, u32, PageHash>,
 }
 
 impl View {
@@ -275,9 +286,9 @@ impl View {
                 TLB_ENTRIES
             ],
             dirty: Vec::new(),
-            dirty_index: HashMap::new(),
+            dirty_index: HashMap::default(),
             private: Vec::new(),
-            private_index: HashMap::new(),
+            private_index: HashMap::default(),
         }
     }
 
@@ -306,9 +317,38 @@ impl View {
     }
 
     /// Loads `len` (1..=8) bytes, little-endian, zero-extended.
-    #[inline]
+    #[inline(always)]
     pub fn load(&mut self, addr: u64, len: usize) -> Result<u64, AccessError> {
+        match self.try_load(addr, len) {
+            Some(value) => Ok(value),
+            None => self.load_slow(addr, len),
+        }
+    }
+
+    /// The load fast path: a TLB hit on a wholly allowed page, the access inside the page.
+    /// `None` means "take the slow path" (miss, page crossing, partial page), never an error:
+    /// returning an `Option` keeps the hot path in registers.
+    #[inline(always)]
+    pub fn try_load(&self, addr: u64, len: usize) -> Option<u64> {
         debug_assert!((1..=8).contains(&len));
+        let offset = (addr & PAGE_OFFSET_MASK) as usize;
+        let tag = addr >> PAGE_SHIFT;
+        let entry = &self.tlb[tlb_index(tag)];
+        if entry.tag != tag || entry.partial || offset + len > PAGE_BYTES {
+            return None;
+        }
+        let bytes: &[u8; PAGE_BYTES] = match &entry.place {
+            Where::Clean(Some(page)) => page,
+            Where::Dirty(index) => &self.dirty.get(*index as usize)?.data,
+            Where::Private(index) if *index != UNTOUCHED => self.private.get(*index as usize)?,
+            _ => &ZERO_PAGE,
+        };
+        Some(read_le(bytes, offset, len))
+    }
+
+    /// The load slow path (public so the interpreter can call it after `try_load`).
+    #[inline(never)]
+    pub fn load_slow(&mut self, addr: u64, len: usize) -> Result<u64, AccessError> {
         let offset = (addr & PAGE_OFFSET_MASK) as usize;
         if offset + len > PAGE_BYTES {
             return self.load_split(addr, len);
@@ -318,9 +358,51 @@ impl View {
     }
 
     /// Stores the low `len` (1..=8) bytes of `value`, little-endian.
-    #[inline]
+    #[inline(always)]
     pub fn store(&mut self, addr: u64, len: usize, value: u64) -> Result<(), AccessError> {
+        if self.try_store(addr, len, value) {
+            return Ok(());
+        }
+        self.store_slow(addr, len, value)
+    }
+
+    /// The store fast path: a TLB hit on a page already writable here (private, or dirty and
+    /// free of image bytes), wholly allowed, the access inside the page. `false`: take the
+    /// slow path.
+    #[inline(always)]
+    pub fn try_store(&mut self, addr: u64, len: usize, value: u64) -> bool {
         debug_assert!((1..=8).contains(&len));
+        let offset = (addr & PAGE_OFFSET_MASK) as usize;
+        let tag = addr >> PAGE_SHIFT;
+        let entry = &self.tlb[tlb_index(tag)];
+        if entry.tag != tag || entry.partial || !entry.writable || offset + len > PAGE_BYTES {
+            return false;
+        }
+        match entry.place {
+            Where::Private(index) if index != UNTOUCHED => {
+                match self.private.get_mut(index as usize) {
+                    Some(page) => {
+                        write_le(page, offset, len, value);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            Where::Dirty(index) => match self.dirty.get_mut(index as usize) {
+                Some(page) => {
+                    write_le(&mut page.data, offset, len, value);
+                    mark(&mut page.stored, offset, len);
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// The store slow path (public so the interpreter can call it after `try_store`).
+    #[inline(never)]
+    pub fn store_slow(&mut self, addr: u64, len: usize, value: u64) -> Result<(), AccessError> {
         let offset = (addr & PAGE_OFFSET_MASK) as usize;
         if offset + len > PAGE_BYTES {
             return self.store_split(addr, len, value);
@@ -392,7 +474,7 @@ impl View {
     #[inline]
     fn slot(&mut self, addr: u64, write: bool, len: usize) -> Result<usize, AccessError> {
         let tag = addr >> PAGE_SHIFT;
-        let slot = (tag as usize) % TLB_ENTRIES;
+        let slot = tlb_index(tag);
         let entry = &self.tlb[slot];
         if entry.tag == tag {
             let ready = !write
@@ -490,8 +572,9 @@ impl View {
                             stored: Box::new(EMPTY_MASK),
                         });
                         self.dirty_index.insert(key, index);
-                        if key << PAGE_SHIFT != page_start_raw(addr) {
-                            // An AMR page reached through another space may be cached clean.
+                        if in_amr(addr) {
+                            // An AMR page is the same bytes under every space's address, and
+                            // another alias of it may be cached clean.
                             self.drop_aliases(|place| matches!(place, Where::Clean(_)));
                         }
                         Where::Dirty(index)

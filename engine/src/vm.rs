@@ -372,6 +372,10 @@ impl Services for Shared {
     fn console_input(&self) -> Option<u8> {
         lock(&self.input).next_byte()
     }
+
+    fn count_instructions(&self, instructions: u64) {
+        bump(&self.counters.instructions, instructions);
+    }
 }
 
 enum Outcome {
@@ -505,6 +509,23 @@ impl Shared {
         self.task_done();
     }
 
+    pub(crate) fn log_progress(&self, elapsed: Duration) {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let c = &self.counters;
+        let ended = get(&c.committed) + get(&c.aborted) + get(&c.failed) + get(&c.faulted);
+        tracing::info!(
+            "running for {:.0} s: {} runners started, {} ended ({} failed to commit, {} faulted), {} queued or running, {} templates waiting, {:.1} M instructions/s so far",
+            elapsed.as_secs_f64(),
+            get(&c.started),
+            ended,
+            get(&c.failed),
+            get(&c.faulted),
+            self.pending_tasks.load(Ordering::Relaxed),
+            lock(&self.templates).len(),
+            get(&c.instructions) as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6,
+        );
+    }
+
     fn task_done(&self) {
         if self.pending_tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.done.store(true, Ordering::Release);
@@ -520,7 +541,7 @@ impl Shared {
         ending: Ending,
         ctx: &mut WorkerCtx,
     ) {
-        let instructions = exec.instructions;
+        let instructions = exec.instructions - exec.instructions_reported;
         let Exec {
             view,
             output,
@@ -535,16 +556,28 @@ impl Shared {
         let mut new_tasks: Vec<Task> = Vec::new();
 
         let guard = self.store.lock_commits();
+        // Discarded writes are freed here, before anything this ending publishes can wake
+        // another runner: a joiner must not find the memory of a finished runner still in use.
         let outcome = match &ending {
-            Ending::Exit(mode) if mode.commits() => match self
-                .store
-                .check(snapshot, &writes, &guard)
-            {
-                Some(conflict) => Outcome::Failed(conflict),
-                None => Outcome::Committed(self.store.install(snapshot, writes, &pages, &guard)),
-            },
-            Ending::Exit(_) => Outcome::Aborted,
-            Ending::Fault(fault) => Outcome::Faulted(fault.clone()),
+            Ending::Exit(mode) if mode.commits() => {
+                match self.store.check(snapshot, &writes, &guard) {
+                    Some(conflict) => {
+                        drop(writes);
+                        Outcome::Failed(conflict)
+                    }
+                    None => {
+                        Outcome::Committed(self.store.install(snapshot, writes, &pages, &guard))
+                    }
+                }
+            }
+            Ending::Exit(_) => {
+                drop(writes);
+                Outcome::Aborted
+            }
+            Ending::Fault(fault) => {
+                drop(writes);
+                Outcome::Faulted(fault.clone())
+            }
         };
         let mut changes: Vec<(PageKey, Box<crate::page::Mask>)> = Vec::new();
         let mut new_templates: Vec<ChildSpec> = Vec::new();
@@ -581,46 +614,9 @@ impl Shared {
             }
         }
 
-        // Exit records: an ordinary runner's own page; an instance's template when it goes.
-        let status = outcome.status();
-        if ordinary {
-            let committed = self.publish_exit_record(
-                task.id,
-                exit_write.map(|w| (w, snapshot)),
-                status,
-                &pages,
-                &guard,
-            );
-            changes.extend(committed.changes);
-        } else if let TaskKind::Instance(template) = task.kind {
-            let ends_template = match &ending {
-                Ending::Exit(mode) => {
-                    mode.deletes_template() && !matches!(outcome, Outcome::Failed(_))
-                }
-                Ending::Fault(_) => true,
-            };
-            let mut templates = lock(&self.templates);
-            if ends_template {
-                if templates.remove(&template).is_some() {
-                    self.existing_runners.fetch_sub(1, Ordering::Relaxed);
-                }
-                drop(templates);
-                let committed = self.publish_exit_record(template, None, status, &pages, &guard);
-                changes.extend(committed.changes);
-            } else if let Some(entry) = templates.get_mut(&template) {
-                let again = matches!(outcome, Outcome::Failed(_))
-                    || entry.state == TemplateState::Running { pending: true };
-                if again {
-                    entry.state = TemplateState::Queued;
-                    new_tasks.push(instance_task(template, &entry.spec));
-                } else {
-                    entry.state = TemplateState::Idle;
-                }
-            }
-        }
-
-        // Watchers see every change this ending made; templates created by it start watching
-        // only after it.
+        // The commit's changes activate the templates that existed before it. Templates it
+        // created are registered now, as it is installed: the exit-record publication below is
+        // a later commit, which they do see (a template may watch its creator's exit record).
         if !changes.is_empty() {
             self.activate_watchers(&changes, &mut new_tasks);
         }
@@ -635,6 +631,49 @@ impl Shared {
                     },
                 );
             }
+        }
+
+        let mut exit_changes: Vec<(PageKey, Box<crate::page::Mask>)> = Vec::new();
+        // Exit records: an ordinary runner's own page; an instance's template when it goes.
+        let status = outcome.status();
+        if ordinary {
+            let committed = self.publish_exit_record(
+                task.id,
+                exit_write.map(|w| (w, snapshot)),
+                status,
+                &pages,
+                &guard,
+            );
+            exit_changes.extend(committed.changes);
+        } else if let TaskKind::Instance(template) = task.kind {
+            let ends_template = match &ending {
+                Ending::Exit(mode) => {
+                    mode.deletes_template() && !matches!(outcome, Outcome::Failed(_))
+                }
+                Ending::Fault(_) => true,
+            };
+            let mut templates = lock(&self.templates);
+            if ends_template {
+                if templates.remove(&template).is_some() {
+                    self.existing_runners.fetch_sub(1, Ordering::Relaxed);
+                }
+                drop(templates);
+                let committed = self.publish_exit_record(template, None, status, &pages, &guard);
+                exit_changes.extend(committed.changes);
+            } else if let Some(entry) = templates.get_mut(&template) {
+                let again = matches!(outcome, Outcome::Failed(_))
+                    || entry.state == TemplateState::Running { pending: true };
+                if again {
+                    entry.state = TemplateState::Queued;
+                    new_tasks.push(instance_task(template, &entry.spec));
+                } else {
+                    entry.state = TemplateState::Idle;
+                }
+            }
+        }
+
+        if !exit_changes.is_empty() {
+            self.activate_watchers(&exit_changes, &mut new_tasks);
         }
 
         self.report_ending(task, &ending, &outcome, output);
