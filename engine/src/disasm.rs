@@ -40,19 +40,10 @@ pub fn format_instr(instr: &Instr, at: u64, name: &dyn Fn(u64) -> Option<String>
         Op::Exp => {
             let _ = write!(out, ":{},{}", instr.base.spelling(), instr.tys[0]);
         }
-        Op::Conv | Op::Int | Op::Nop | Op::Spawn | Op::SpawnX | Op::Scmp | Op::Grep => {}
-        Op::Add
-        | Op::Sub
-        | Op::Mul
-        | Op::Div
-        | Op::And
-        | Op::Or
-        | Op::Xor
-        | Op::Rem
-        | Op::Shl
-        | Op::Shr => {
+        op if op.is_arith() => {
             let _ = write!(out, ":{}", instr.tys[0]);
         }
+        _ => {}
     }
     if instr.op == Op::Int {
         let _ = write!(out, " {:#x}", instr.imm8);

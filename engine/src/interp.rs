@@ -571,94 +571,49 @@ impl<'a> Exec<'a> {
         }
     }
 
-    /// The general path, for instructions without a specialised handler.
+    /// The general path: instructions that `handlers::select` gives no specialised handler.
+    /// (Arithmetic, `mov` and immediate-target branches always have one.)
     fn step(&mut self, d: &Decoded, index: usize) -> Step<Next> {
         let instr = &d.instr;
         let ops = instr.operands();
         match instr.op {
-            Op::Add
-            | Op::Sub
-            | Op::Mul
-            | Op::Div
-            | Op::And
-            | Op::Or
-            | Op::Xor
-            | Op::Rem
-            | Op::Shl
-            | Op::Shr => {
-                let ty = instr.tys[0];
-                let size = ty.size_bytes() as usize;
-                let a = self.read(ops[0], size)?;
-                let b = self.read(ops[1], size)?;
-                let c = arith(instr.op, ty, a, b)?;
-                self.write(ops[2], size, c)?;
+            Op::Br => {
+                // Only `br:ji` comes here: its target is a value known at run time.
+                let target = self.read(ops[0], 8)?;
+                self.program
+                    .index_of(target)
+                    .map(Next::Index)
+                    .ok_or_else(|| FaultKind::InvalidInstruction {
+                        reason: format!("jump to {target:#x}, which is not an instruction"),
+                    })
             }
-            Op::Conv => {
-                let [from, to] = instr.tys;
-                let value = self.read(ops[0], from.size_bytes() as usize)?;
-                self.write(ops[1], to.size_bytes() as usize, convert(value, from, to))?;
+            Op::Exit => Ok(Next::End(instr.exit)),
+            Op::Nop => Ok(Next::Index(index + 1)),
+            Op::Int => {
+                self.interrupt(instr.imm8)?;
+                Ok(Next::Index(index + 1))
             }
-            Op::Br => return self.branch(d, index),
-            Op::Exit => return Ok(Next::End(instr.exit)),
-            Op::Nop => {}
-            Op::Int => self.interrupt(instr.imm8)?,
-            Op::Spawn | Op::SpawnX => self.spawn(ops)?,
+            Op::Spawn | Op::SpawnX => {
+                self.spawn(ops)?;
+                Ok(Next::Index(index + 1))
+            }
             Op::Exp => {
                 let ty = instr.tys[0];
                 let size = ty.size_bytes() as usize;
                 let a = self.read(ops[0], size)?;
                 self.write(ops[1], size, exp(instr.base, ty, a))?;
+                Ok(Next::Index(index + 1))
             }
-            Op::Scmp | Op::Grep => {
-                return Err(FaultKind::InvalidInstruction {
-                    reason: format!(
-                        "`{}` has no defined semantics in DISA",
-                        instr.def().mnemonic
-                    ),
-                })
-            }
+            Op::Scmp | Op::Grep => Err(FaultKind::InvalidInstruction {
+                reason: format!(
+                    "`{}` has no defined semantics in DISA",
+                    instr.def().mnemonic
+                ),
+            }),
+            op => Err(FaultKind::Internal {
+                reason: format!("no handler for `{}`", op.def().mnemonic),
+            }),
         }
-        Ok(Next::Index(index + 1))
-    }
-
-    #[inline(always)]
-    fn branch(&mut self, d: &Decoded, index: usize) -> Step<Next> {
-        let instr = &d.instr;
-        let ops = instr.operands();
-        let taken = match instr.cond {
-            Cond::J => true,
-            Cond::Ji => {
-                let target = self.read(ops[0], 8)?;
-                return match self.program.index_of(target) {
-                    Some(next) => Ok(Next::Index(next)),
-                    None => Err(FaultKind::InvalidInstruction {
-                        reason: format!("jump to {target:#x}, which is not an instruction"),
-                    }),
-                };
-            }
-            Cond::Z | Cond::Nz => {
-                let ty = instr.tys[0];
-                let a = self.read(ops[0], ty.size_bytes() as usize)?;
-                is_zero(ty, a) == (instr.cond == Cond::Z)
-            }
-            cond => {
-                let ty = instr.tys[0];
-                let size = ty.size_bytes() as usize;
-                let a = self.read(ops[0], size)?;
-                let b = self.read(ops[1], size)?;
-                compare(cond, ty, a, b)
-            }
-        };
-        if !taken {
-            return Ok(Next::Index(index + 1));
-        }
-        if d.target != NO_TARGET {
-            return Ok(Next::Index(d.target as usize));
-        }
-        let target = instr.branch_target(d.addr).unwrap_or(0);
-        Err(FaultKind::InvalidInstruction {
-            reason: format!("branch to {target:#x}, which is not an instruction"),
-        })
     }
 
     /// The address an operand names (not for immediates).
@@ -1025,74 +980,44 @@ mod handlers {
         e.step(d, index)
     }
 
-    fn by_ty<const OP: u8>(ty: Ty) -> Handler {
-        match ty_code(ty) {
-            0 => arith_h::<OP, 0>,
-            1 => arith_h::<OP, 1>,
-            2 => arith_h::<OP, 2>,
-            3 => arith_h::<OP, 3>,
-            4 => arith_h::<OP, 4>,
-            5 => arith_h::<OP, 5>,
-            6 => arith_h::<OP, 6>,
-            _ => arith_h::<OP, 7>,
-        }
+    /// `handler::<FIRST, code>` for a type code known only at run time: const generic
+    /// arguments must be literals, so the eight types are spelled out once, here.
+    macro_rules! per_type {
+        ($code:expr, $handler:ident, $first:expr) => {
+            match $code {
+                0 => $handler::<{ $first }, 0> as Handler,
+                1 => $handler::<{ $first }, 1>,
+                2 => $handler::<{ $first }, 2>,
+                3 => $handler::<{ $first }, 3>,
+                4 => $handler::<{ $first }, 4>,
+                5 => $handler::<{ $first }, 5>,
+                6 => $handler::<{ $first }, 6>,
+                _ => $handler::<{ $first }, 7>,
+            }
+        };
     }
 
     fn conv_to<const FROM: u8>(to: Ty) -> Handler {
-        match ty_code(to) {
-            0 => conv_h::<FROM, 0>,
-            1 => conv_h::<FROM, 1>,
-            2 => conv_h::<FROM, 2>,
-            3 => conv_h::<FROM, 3>,
-            4 => conv_h::<FROM, 4>,
-            5 => conv_h::<FROM, 5>,
-            6 => conv_h::<FROM, 6>,
-            _ => conv_h::<FROM, 7>,
-        }
-    }
-
-    fn compare_by_ty<const COND: u8>(ty: Ty) -> Handler {
-        match ty_code(ty) {
-            0 => compare_h::<COND, 0>,
-            1 => compare_h::<COND, 1>,
-            2 => compare_h::<COND, 2>,
-            3 => compare_h::<COND, 3>,
-            4 => compare_h::<COND, 4>,
-            5 => compare_h::<COND, 5>,
-            6 => compare_h::<COND, 6>,
-            _ => compare_h::<COND, 7>,
-        }
-    }
-
-    fn test_by_ty<const ZERO: bool>(ty: Ty) -> Handler {
-        match ty_code(ty) {
-            0 => test_h::<ZERO, 0>,
-            1 => test_h::<ZERO, 1>,
-            2 => test_h::<ZERO, 2>,
-            3 => test_h::<ZERO, 3>,
-            4 => test_h::<ZERO, 4>,
-            5 => test_h::<ZERO, 5>,
-            6 => test_h::<ZERO, 6>,
-            _ => test_h::<ZERO, 7>,
-        }
+        per_type!(ty_code(to), conv_h, FROM)
     }
 
     pub(super) fn select(instr: &Instr) -> Handler {
         let ty = instr.tys[0];
         // Operations that are invalid for a type (floats in `and`) never reach here: the
         // decoder rejects them, and `arith` faults if one ever did.
+        let code = ty_code(ty);
         match instr.op {
-            Op::Add => by_ty::<0>(ty),
-            Op::Sub => by_ty::<1>(ty),
-            Op::Mul => by_ty::<2>(ty),
-            Op::Div => by_ty::<3>(ty),
-            Op::And => by_ty::<4>(ty),
-            Op::Or => by_ty::<5>(ty),
-            Op::Xor => by_ty::<6>(ty),
-            Op::Rem => by_ty::<7>(ty),
-            Op::Shl => by_ty::<8>(ty),
-            Op::Shr => by_ty::<9>(ty),
-            Op::Conv => match ty_code(instr.tys[0]) {
+            Op::Add => per_type!(code, arith_h, 0),
+            Op::Sub => per_type!(code, arith_h, 1),
+            Op::Mul => per_type!(code, arith_h, 2),
+            Op::Div => per_type!(code, arith_h, 3),
+            Op::And => per_type!(code, arith_h, 4),
+            Op::Or => per_type!(code, arith_h, 5),
+            Op::Xor => per_type!(code, arith_h, 6),
+            Op::Rem => per_type!(code, arith_h, 7),
+            Op::Shl => per_type!(code, arith_h, 8),
+            Op::Shr => per_type!(code, arith_h, 9),
+            Op::Conv => match code {
                 0 => conv_to::<0>(instr.tys[1]),
                 1 => conv_to::<1>(instr.tys[1]),
                 2 => conv_to::<2>(instr.tys[1]),
@@ -1104,12 +1029,12 @@ mod handlers {
             },
             Op::Br => match instr.cond {
                 Cond::J => jump_h,
-                Cond::L => compare_by_ty::<0>(ty),
-                Cond::Le => compare_by_ty::<1>(ty),
-                Cond::E => compare_by_ty::<2>(ty),
-                Cond::Ne => compare_by_ty::<3>(ty),
-                Cond::Z => test_by_ty::<true>(ty),
-                Cond::Nz => test_by_ty::<false>(ty),
+                Cond::L => per_type!(code, compare_h, 0),
+                Cond::Le => per_type!(code, compare_h, 1),
+                Cond::E => per_type!(code, compare_h, 2),
+                Cond::Ne => per_type!(code, compare_h, 3),
+                Cond::Z => per_type!(code, test_h, true),
+                Cond::Nz => per_type!(code, test_h, false),
                 Cond::Ji => general_h,
             },
             _ => general_h,

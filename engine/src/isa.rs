@@ -902,6 +902,23 @@ pub const ISA: &[InstrDef] = &[
 pub const RESERVED_OPCODES: &[(u16, &str)] = &[(0x27, "shift"), (0x44, "log")];
 
 impl Op {
+    /// The three-operand arithmetic and logic operations (`c = a op b` at one type).
+    pub fn is_arith(self) -> bool {
+        matches!(
+            self,
+            Op::Add
+                | Op::Sub
+                | Op::Mul
+                | Op::Div
+                | Op::And
+                | Op::Or
+                | Op::Xor
+                | Op::Rem
+                | Op::Shl
+                | Op::Shr
+        )
+    }
+
     pub fn def(self) -> &'static InstrDef {
         // ISA lists every Op exactly once (checked by a test), so the search always succeeds.
         ISA.iter().find(|def| def.op == self).unwrap_or(&ISA[0])

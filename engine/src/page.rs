@@ -186,24 +186,19 @@ impl PageSource {
 
     pub fn zeroed(&self) -> Result<Page, MemoryLimit> {
         self.account.reserve()?;
-        match self.pool.alloc_zeroed() {
-            Ok(bytes) => Ok(Page {
-                bytes,
-                account: Arc::clone(&self.account),
-            }),
-            Err(_) => {
-                self.account.live_pages.fetch_sub(1, Ordering::Relaxed);
-                Err(MemoryLimit {
-                    limit_bytes: self.account.limit_bytes(),
-                })
-            }
-        }
+        self.counted(self.pool.alloc_zeroed())
     }
 
     pub fn copy_of(&self, from: &[u8; PAGE_BYTES]) -> Result<Page, MemoryLimit> {
         self.account.reserve()?;
         self.account.copied_total.fetch_add(1, Ordering::Relaxed);
-        match self.pool.alloc_copy(from) {
+        self.counted(self.pool.alloc_copy(from))
+    }
+
+    /// Wraps a page the account has reserved; gives the reservation back if the OS refused
+    /// the memory (reported as the memory limit: the run cannot have more).
+    fn counted(&self, bytes: Result<PageBox, dvm_numa::NumaError>) -> Result<Page, MemoryLimit> {
+        match bytes {
             Ok(bytes) => Ok(Page {
                 bytes,
                 account: Arc::clone(&self.account),
