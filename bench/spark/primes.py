@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+from sparkrss import jvm_peak_rss_kib
+
 
 def count_range(bounds):
     lo, hi = bounds
@@ -32,19 +34,6 @@ def count_range(bounds):
                 count += 1
         n += 2
     yield count
-
-
-def jvm_peak_rss_kib(sc):
-    """The JVM's peak RSS (VmHWM). PySpark does not wait for its JVM, so the harness's
-    getrusage(RUSAGE_CHILDREN) only sees this Python driver; the JVM's figure is added from here."""
-    try:
-        with open(f"/proc/{sc._gateway.proc.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (AttributeError, OSError, ValueError):
-        pass
-    return 0
 
 
 def main():
