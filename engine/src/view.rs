@@ -304,15 +304,15 @@ impl View {
     pub fn allow(&mut self, range: Range) {
         if !self.access.everything {
             self.access.allowed.insert(range);
-            // Entries filled before may have been partial or refused: refill lazily.
-            self.flush_tlb();
-        }
-    }
-
-    fn flush_tlb(&mut self) {
-        for entry in &mut self.tlb {
-            entry.tag = NO_TAG;
-            entry.place = Where::Empty;
+            // Only pages the runner could already use have entries; of those, a partial one
+            // may now be wholly allowed. Refused pages never got an entry, so nothing else in
+            // the TLB can be wrong.
+            for entry in &mut self.tlb {
+                if entry.partial {
+                    entry.tag = NO_TAG;
+                    entry.place = Where::Empty;
+                }
+            }
         }
     }
 
@@ -691,6 +691,33 @@ mod tests {
             })
         );
         assert_eq!(root.load(abi::CODE_BASE + 8, 1), Ok(0));
+    }
+
+    #[test]
+    fn allow_widens_a_partially_allowed_page() {
+        let store = Arc::new(PageStore::new());
+        let mut allowed = RangeSet::default();
+        allowed.insert(Range::new(0x9_0000_0000, 8).expect("range"));
+        let mut v = view(
+            Access {
+                everything: false,
+                allowed,
+            },
+            store,
+        );
+        v.store(0x9_0000_0000, 8, 1).expect("allowed word");
+        assert!(
+            v.load(0x9_0000_0100, 8).is_err(),
+            "rest of the page not allowed yet"
+        );
+        v.allow(Range::new(0x9_0000_0000, 0x1000).expect("range"));
+        v.store(0x9_0000_0100, 8, 2).expect("now allowed");
+        assert_eq!(
+            v.load(0x9_0000_0000, 8),
+            Ok(1),
+            "earlier store still visible"
+        );
+        assert_eq!(v.load(0x9_0000_0100, 8), Ok(2));
     }
 
     #[test]
