@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from sparkrss import jvm_peak_rss_kib
+from sparkcommon import report_and_stop
 
 
 def main():
@@ -94,12 +94,7 @@ def main():
 
     checksum = float(sum(float(x) for c in centers for x in c))
     print(f"checksum {checksum:.6f}")
-    print(f"jvm_start_ms {jvm_start_ms:.1f}")
-    print(f"load_ms {load_ms:.1f}")
-    print(f"job_ms {job_ms:.1f}")
-    print(f"jvm_peak_rss_kib {jvm_peak_rss_kib(sc)}")
-    sys.stdout.flush()
-    sc.stop()
+    report_and_stop(sc, jvm_start=jvm_start_ms, load=load_ms, job=job_ms)
 
 
 if __name__ == "__main__":

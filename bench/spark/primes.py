@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from sparkrss import jvm_peak_rss_kib
+from sparkcommon import report_and_stop
 
 
 def count_range(bounds):
@@ -67,11 +67,7 @@ def main():
     job_ms = (time.perf_counter() - t1) * 1e3
 
     print(f"primes {count}")
-    print(f"jvm_start_ms {jvm_start_ms:.1f}")
-    print(f"job_ms {job_ms:.1f}")
-    print(f"jvm_peak_rss_kib {jvm_peak_rss_kib(sc)}")
-    sys.stdout.flush()
-    sc.stop()
+    report_and_stop(sc, jvm_start=jvm_start_ms, job=job_ms)
 
 
 if __name__ == "__main__":
