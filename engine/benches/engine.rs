@@ -9,7 +9,7 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use dvm_engine::image::{self, Format, LoadedImage};
 use dvm_engine::page::{MemoryAccount, PageSource};
-use dvm_engine::store::PageStore;
+use dvm_engine::store::{PageRead, PageStore};
 use dvm_engine::view::{Access, RangeSet, View};
 use dvm_engine::vm::{self, Config, OutputMode};
 use std::hint::black_box;
@@ -128,7 +128,7 @@ impl Memory {
     fn view(&self) -> View {
         let ts = self.store.begin_snapshot();
         View::new(
-            Arc::clone(&self.store),
+            Arc::clone(&self.store) as Arc<dyn PageRead>,
             ts,
             self.pages.clone(),
             Access::everything(),
@@ -196,7 +196,8 @@ fn commit(c: &mut Criterion) {
     let memory = Memory::new();
     let mut group = c.benchmark_group("commit");
     group.throughput(Throughput::Elements(PAGES));
-    group.bench_function("check_install_16_pages", |b| {
+    let next_ts = std::sync::atomic::AtomicU64::new(1);
+    group.bench_function("prepare_commit_16_pages", |b| {
         b.iter_batched(
             || {
                 let mut view = memory.view();
@@ -208,12 +209,14 @@ fn commit(c: &mut Criterion) {
                 let (writes, _) = view.into_writes(None);
                 (ts, writes)
             },
-            |(ts, writes)| {
-                let guard = memory.store.lock_commits();
+            |(snapshot, writes)| {
                 // Every batch writes the same bytes, but each starts from the newest
                 // snapshot, so there is never a conflict: this is the commit's fast path.
-                assert!(memory.store.check(ts, &writes, &guard).is_none());
-                black_box(memory.store.install(ts, writes, &memory.pages, &guard))
+                let ts = next_ts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                assert!(memory.store.prepare(ts, snapshot, &writes).is_ok());
+                let changes = memory.store.commit(ts, snapshot, ts, writes, &memory.pages);
+                memory.store.advance_watermark(ts);
+                black_box(changes)
             },
             // One setup per commit: setups batched ahead would share a snapshot and conflict.
             BatchSize::PerIteration,

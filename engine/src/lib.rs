@@ -12,6 +12,7 @@ pub mod disasm;
 pub mod image;
 pub mod interp;
 pub mod isa;
+pub mod order;
 pub mod page;
 pub mod persist;
 pub mod sched;

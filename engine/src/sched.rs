@@ -12,12 +12,17 @@
 //! a worker's last look at the queues and its wait, which is why the wait is bounded: a missed
 //! wake-up costs at most one `IDLE_WAIT`, never a hang.
 //!
-//! Termination: `Shared::pending_tasks` counts queued plus running tasks. A finishing task
-//! pushes its successors (incrementing the count) before decrementing for itself, so the count
-//! reaches zero exactly once, when no runner is queued or running.
+//! Termination is the executor's business (`Executor::is_done`): the scheduler knows nothing of
+//! runners, commits or the VM (`vm` uses `sched`, never the other way round). The VM counts
+//! queued plus running tasks; a finishing task pushes its successors before it stops counting
+//! itself, so the count reaches zero exactly once, when no runner is queued or running.
+//!
+//! Idle hook: a worker that finds no task calls `Executor::idle` before it sleeps, which is
+//! where a cluster node polls its transport's completions. Steal order: thieves start at a
+//! different victim each time (a per-worker xorshift sequence), so one busy worker's deque is
+//! not always the first probed by everyone.
 
 use crate::page::{MemoryAccount, PageSource};
-use crate::vm::{RunError, Shared, Task, IDLE_WAIT};
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 use dvm_numa::{PagePool, Topology, WorkerSlot};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +31,27 @@ use std::time::Duration;
 
 /// How often a long run reports progress (at `DVM_LOG=info`).
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Idle-wait granularity of workers: a missed wake-up costs at most this.
+pub const IDLE_WAIT: Duration = Duration::from_millis(1);
+
+/// What the workers run.
+pub trait Executor: Send + Sync {
+    type Task: Send;
+    /// Runs one task to its end; may push successors with `ctx.push`.
+    fn execute(&self, task: Self::Task, ctx: &mut WorkerCtx<Self::Task>);
+    /// No task is queued or running, and none will be: the workers stop.
+    fn is_done(&self) -> bool;
+    /// Called by a worker that found nothing to do, before it sleeps; `true` if it did work
+    /// (then the worker looks for tasks again at once).
+    fn idle(&self, _ctx: &mut WorkerCtx<Self::Task>) -> bool {
+        false
+    }
+    /// Where the workers' queued-plus-running count lives (`ctx.push` increments it).
+    fn pending(&self) -> &std::sync::atomic::AtomicU64;
+    /// A progress line for long runs.
+    fn log_progress(&self, elapsed: Duration);
+}
 
 /// Where a worker ran.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,19 +95,19 @@ impl Sleep {
 }
 
 /// What a worker thread carries while running tasks.
-pub struct WorkerCtx {
-    local: Worker<Task>,
+pub struct WorkerCtx<T> {
+    local: Worker<T>,
     pages: PageSource,
     sleep: Arc<Sleep>,
 }
 
-impl WorkerCtx {
+impl<T> WorkerCtx<T> {
     pub fn pages(&self) -> &PageSource {
         &self.pages
     }
 
     /// Queues a task on this worker; counted before it is visible to thieves.
-    pub fn push(&self, task: Task, pending: &std::sync::atomic::AtomicU64) {
+    pub fn push(&self, task: T, pending: &std::sync::atomic::AtomicU64) {
         pending.fetch_add(1, Ordering::AcqRel);
         self.local.push(task);
         self.sleep.wake_one();
@@ -92,39 +118,39 @@ impl WorkerCtx {
 pub fn node_pools(
     topology: &Topology,
     account: &Arc<MemoryAccount>,
-) -> Result<Vec<PageSource>, RunError> {
+) -> Result<Vec<PageSource>, (usize, dvm_numa::NumaError)> {
     (0..topology.nodes().len())
         .map(|node| {
             PagePool::new(topology, node, 2 << 20)
                 .map(|pool| PageSource::new(pool, Arc::clone(account)))
-                .map_err(|err| RunError::BadLoad(format!("page pool for NUMA node {node}: {err}")))
+                .map_err(|err| (node, err))
         })
         .collect()
 }
 
 /// Runs workers until no task is pending; returns where they ran and notes worth logging.
-pub fn run_workers(
-    shared: &Arc<Shared>,
+pub fn run_workers<E: Executor>(
+    shared: &Arc<E>,
     slots: &[WorkerSlot],
     pools: &[PageSource],
+    sleep: &Arc<Sleep>,
     pin: bool,
-    root: Task,
+    root: E::Task,
 ) -> (Vec<WorkerInfo>, Vec<String>) {
-    let injector: Injector<Task> = Injector::new();
+    let injector: Injector<E::Task> = Injector::new();
     injector.push(root);
-    let locals: Vec<Worker<Task>> = slots.iter().map(|_| Worker::new_fifo()).collect();
-    let stealers: Vec<(usize, Stealer<Task>)> = locals
+    let locals: Vec<Worker<E::Task>> = slots.iter().map(|_| Worker::new_fifo()).collect();
+    let stealers: Vec<(usize, Stealer<E::Task>)> = locals
         .iter()
         .zip(slots)
         .map(|(local, slot)| (slot.node, local.stealer()))
         .collect();
-    let sleep = Arc::clone(&shared.sleep);
     let results: Vec<(WorkerInfo, Option<String>)> = std::thread::scope(|scope| {
         // Progress for long runs, at `DVM_LOG=info`: one line every PROGRESS_EVERY.
         scope.spawn(|| {
             let started = std::time::Instant::now();
             let mut last_report = started;
-            while !shared.done.load(Ordering::Acquire) {
+            while !shared.is_done() {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 if last_report.elapsed() >= PROGRESS_EVERY {
                     last_report = std::time::Instant::now();
@@ -140,7 +166,7 @@ pub fn run_workers(
                 let stealers = &stealers;
                 let shared = Arc::clone(shared);
                 let pages = pools.get(slot.node).or(pools.first()).cloned();
-                let sleep = Arc::clone(&sleep);
+                let sleep = Arc::clone(sleep);
                 let slot = *slot;
                 std::thread::Builder::new()
                     .name(format!("dvm-worker-{}", slot.worker))
@@ -166,7 +192,7 @@ pub fn run_workers(
                                 pages,
                                 sleep,
                             };
-                            work(&shared, &mut ctx, slot.node, injector, stealers, &mut info);
+                            work(&*shared, &mut ctx, slot.node, injector, stealers, &mut info);
                         }
                         (info, pin_note)
                     })
@@ -185,20 +211,25 @@ pub fn run_workers(
     (results.into_iter().map(|(info, _)| info).collect(), notes)
 }
 
-fn work(
-    shared: &Shared,
-    ctx: &mut WorkerCtx,
+fn work<E: Executor>(
+    shared: &E,
+    ctx: &mut WorkerCtx<E::Task>,
     node: usize,
-    injector: &Injector<Task>,
-    stealers: &[(usize, Stealer<Task>)],
+    injector: &Injector<E::Task>,
+    stealers: &[(usize, Stealer<E::Task>)],
     info: &mut WorkerInfo,
 ) {
+    // Seeded by the worker's index: runs differ in timing, never in what is computed.
+    let mut victim_seed = (info.worker as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     loop {
-        if shared.done.load(std::sync::atomic::Ordering::Acquire) {
+        if shared.is_done() {
             return;
         }
         let task = ctx.local.pop().or_else(|| {
-            let stolen = find_task(&ctx.local, node, injector, stealers);
+            victim_seed ^= victim_seed << 13;
+            victim_seed ^= victim_seed >> 7;
+            victim_seed ^= victim_seed << 17;
+            let stolen = find_task(&ctx.local, node, injector, stealers, victim_seed);
             if stolen.is_some() {
                 info.steals += 1;
             }
@@ -209,19 +240,31 @@ fn work(
                 info.tasks += 1;
                 shared.execute(task, ctx);
             }
-            None => ctx.sleep.wait(),
+            None => {
+                if !shared.idle(ctx) {
+                    ctx.sleep.wait();
+                }
+            }
         }
     }
 }
 
-fn find_task(
-    local: &Worker<Task>,
+/// Looks for work: the workers of this NUMA node, the injector, then the other nodes' workers;
+/// within each group starting at a victim chosen by `start`.
+fn find_task<T>(
+    local: &Worker<T>,
     node: usize,
-    injector: &Injector<Task>,
-    stealers: &[(usize, Stealer<Task>)],
-) -> Option<Task> {
-    let near = stealers.iter().filter(|(n, _)| *n == node);
-    let far = stealers.iter().filter(|(n, _)| *n != node);
+    injector: &Injector<T>,
+    stealers: &[(usize, Stealer<T>)],
+    start: u64,
+) -> Option<T> {
+    let count = stealers.len().max(1);
+    let rotated = || {
+        let first = (start % count as u64) as usize;
+        stealers[first..].iter().chain(&stealers[..first])
+    };
+    let near = rotated().filter(|(n, _)| *n == node);
+    let far = rotated().filter(|(n, _)| *n != node);
     loop {
         let mut retry = false;
         for (_, stealer) in near.clone() {

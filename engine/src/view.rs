@@ -1,7 +1,7 @@
 //! A runner's view of memory: its snapshot of shared memory plus its own writes, its private
 //! region, the access rule, and a software TLB in front of all of it.
 //!
-//! Reads of shared memory go to the version visible at the snapshot (`PageStore::read`); the
+//! Reads of shared memory go to the version visible at the snapshot (`PageRead::read`); the
 //! first store to a shared page copies it (copy-on-write) and every store marks the bytes it
 //! touched in that page's mask — the masks, not a diff, are what the commit checks for
 //! conflicts. Private memory is a sparse set of zero-initialised pages owned by the view.
@@ -21,7 +21,7 @@ use crate::page::{
     mark, Mask, MemoryLimit, Page, PageSource, EMPTY_MASK, PAGE_BYTES, PAGE_OFFSET_MASK,
     PAGE_SHIFT, ZERO_PAGE,
 };
-use crate::store::{PageKey, PageStore, PageWrite};
+use crate::store::{PageKey, PageRead, PageWrite};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -249,7 +249,8 @@ struct DirtyPage {
 
 /// A runner's memory.
 pub struct View {
-    store: Arc<PageStore>,
+    /// Committed pages: the local store, or (on a cluster) a reader of remote homes.
+    store: Arc<dyn PageRead>,
     snapshot_ts: u64,
     pages: PageSource,
     access: Access,
@@ -264,7 +265,7 @@ pub struct View {
 
 impl View {
     pub fn new(
-        store: Arc<PageStore>,
+        store: Arc<dyn PageRead>,
         snapshot_ts: u64,
         pages: PageSource,
         access: Access,
@@ -622,6 +623,7 @@ impl View {
 mod tests {
     use super::*;
     use crate::page::MemoryAccount;
+    use crate::store::PageStore;
 
     fn view(access: Access, store: Arc<PageStore>) -> View {
         let topology = dvm_numa::Topology::detect();

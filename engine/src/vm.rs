@@ -16,9 +16,10 @@
 use crate::abi;
 use crate::image::{LoadedImage, SectionKind};
 use crate::interp::{ChildSpec, Ending, Exec, FaultKind, Program, Services};
+use crate::order::CommitOrder;
 use crate::page::{mark, MemoryAccount, PageSource, EMPTY_MASK, PAGE_BYTES, PAGE_SHIFT};
-use crate::sched::{self, WorkerCtx, WorkerInfo};
-use crate::store::{Committed, PageKey, PageStore, PageWrite};
+use crate::sched::{self, Executor, WorkerCtx, WorkerInfo};
+use crate::store::{Change, PageKey, PageRead, PageStore, PageWrite};
 use crate::view::{canonical, page_key, Access, Range, RangeSet, View};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -98,23 +99,31 @@ pub fn default_memory_limit() -> u64 {
     total.map_or(8 << 30, |kib| kib * 1024 / 2)
 }
 
-/// Errors that stop a run before it starts or after it ends (never a program's fault).
-#[derive(Debug)]
+/// Errors that stop a run before it starts or after it ends (never a program's fault). Plain
+/// data, so a node can report them to another.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RunError {
-    BadLoad(String),
+    #[error(
+        "--load: {name} ({len_bytes} bytes) at {addr:#x} does not fit inside the shared region"
+    )]
+    LoadOutsideShared {
+        name: String,
+        addr: u64,
+        len_bytes: u64,
+    },
+    #[error("--load: {name} at {addr:#x} overlaps the program image")]
+    LoadOverlapsImage { name: String, addr: u64 },
+    #[error("--load: the initial memory does not fit in --max-memory ({limit_bytes} bytes)")]
+    InitialMemoryLimit { limit_bytes: u64 },
+    #[error("page pool for NUMA node {node}: {reason}")]
+    PagePool { node: usize, reason: String },
+    #[error("no page pool could be created (the topology has no NUMA node)")]
+    NoPagePool,
+    #[error("no stack for the root runner")]
+    NoRootStack,
+    #[error("--persist: {0}")]
     Persist(String),
 }
-
-impl std::fmt::Display for RunError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RunError::BadLoad(msg) => write!(f, "--load: {msg}"),
-            RunError::Persist(msg) => write!(f, "--persist: {msg}"),
-        }
-    }
-}
-
-impl std::error::Error for RunError {}
 
 /// Counters of a run.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -325,6 +334,29 @@ pub struct Shared {
     input: Mutex<Input>,
     counters: Counters,
     internal_errors: AtomicU64,
+    /// Timestamps of endings, and their effects in timestamp order.
+    order: CommitOrder<Ended>,
+    next_txn: AtomicU64,
+}
+
+impl Executor for Shared {
+    type Task = Task;
+
+    fn execute(&self, task: Task, ctx: &mut WorkerCtx<Task>) {
+        self.run_task(task, ctx);
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn pending(&self) -> &AtomicU64 {
+        &self.pending_tasks
+    }
+
+    fn log_progress(&self, elapsed: Duration) {
+        self.report_progress(elapsed);
+    }
 }
 
 impl Services for Shared {
@@ -379,16 +411,29 @@ impl Services for Shared {
 }
 
 enum Outcome {
-    Committed(Committed),
+    Committed { ts: u64, changes: Vec<Change> },
     Aborted,
     Failed(crate::store::Conflict),
     Faulted(crate::interp::Fault),
 }
 
+/// An ending whose commit and exit record are installed, waiting for its turn in commit order.
+pub(crate) struct Ended {
+    task: Task,
+    snapshot: u64,
+    ending: Ending,
+    outcome: Outcome,
+    /// Created by the runner; they exist only if it committed.
+    children: Vec<ChildSpec>,
+    exit_changes: Vec<Change>,
+    output: Vec<u8>,
+    ends_template: bool,
+}
+
 impl Outcome {
     fn status(&self) -> u64 {
         match self {
-            Outcome::Committed(_) => 1,
+            Outcome::Committed { .. } => 1,
             Outcome::Aborted => 2,
             Outcome::Failed(_) => 3,
             Outcome::Faulted(_) => 4,
@@ -429,7 +474,7 @@ impl Shared {
     }
 
     /// Runs one task to its end and finishes it. Called by workers.
-    pub(crate) fn execute(&self, task: Task, ctx: &mut WorkerCtx) {
+    fn run_task(&self, task: Task, ctx: &mut WorkerCtx<Task>) {
         let snapshot = match (task.kind, task.snapshot) {
             (TaskKind::Instance(template), _) => {
                 let mut templates = lock(&self.templates);
@@ -457,7 +502,7 @@ impl Shared {
             bump(&self.counters.activations, 1);
         }
         let view = View::new(
-            Arc::clone(&self.store),
+            Arc::clone(&self.store) as Arc<dyn PageRead>,
             snapshot,
             ctx.pages().clone(),
             self.access_for(&task),
@@ -504,12 +549,11 @@ impl Shared {
                 }
             }
         };
-        self.finish(&task, snapshot, exec, ending, ctx);
-        self.store.end_snapshot(snapshot);
-        self.task_done();
+        // The snapshot stays registered, and the task pending, until the ending takes effect.
+        self.finish(task, snapshot, exec, ending, ctx);
     }
 
-    pub(crate) fn log_progress(&self, elapsed: Duration) {
+    fn report_progress(&self, elapsed: Duration) {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let c = &self.counters;
         let ended = get(&c.committed) + get(&c.aborted) + get(&c.failed) + get(&c.faulted);
@@ -533,13 +577,16 @@ impl Shared {
         }
     }
 
+    /// Ends a runner: its commit is prepared and installed here, on the worker that ran it, in
+    /// parallel with other endings; what the ending makes observable takes effect in commit
+    /// order (`apply_ended`), through `CommitOrder`.
     fn finish(
         &self,
-        task: &Task,
+        task: Task,
         snapshot: u64,
         exec: Exec<'_>,
         ending: Ending,
-        ctx: &mut WorkerCtx,
+        ctx: &mut WorkerCtx<Task>,
     ) {
         let instructions = exec.instructions - exec.instructions_reported;
         let Exec {
@@ -553,45 +600,95 @@ impl Shared {
         let exit_key = ordinary.then(|| page_key(task.id));
         let (writes, exit_write) = view.into_writes(exit_key);
         let pages = ctx.pages().clone();
-        let mut new_tasks: Vec<Task> = Vec::new();
+        let txn = self.next_txn.fetch_add(1, Ordering::Relaxed);
 
-        let guard = self.store.lock_commits();
-        // Discarded writes are freed here, before anything this ending publishes can wake
-        // another runner: a joiner must not find the memory of a finished runner still in use.
-        let outcome = match &ending {
+        // Prepare. Discarded writes are freed here, before anything this ending publishes can
+        // wake another runner: a joiner must not find the memory of a finished runner in use.
+        let mut prepared = None;
+        let mut outcome = match &ending {
             Ending::Exit(mode) if mode.commits() => {
-                match self.store.check(snapshot, &writes, &guard) {
-                    Some(conflict) => {
-                        drop(writes);
-                        Outcome::Failed(conflict)
-                    }
-                    None => {
-                        Outcome::Committed(self.store.install(snapshot, writes, &pages, &guard))
+                match self.store.prepare(txn, snapshot, &writes) {
+                    Err(conflict) => Outcome::Failed(conflict),
+                    Ok(()) => {
+                        prepared = Some(writes);
+                        Outcome::Committed {
+                            ts: 0,
+                            changes: Vec::new(),
+                        }
                     }
                 }
             }
-            Ending::Exit(_) => {
-                drop(writes);
-                Outcome::Aborted
-            }
-            Ending::Fault(fault) => {
-                drop(writes);
-                Outcome::Faulted(fault.clone())
-            }
+            Ending::Exit(_) => Outcome::Aborted,
+            Ending::Fault(fault) => Outcome::Faulted(fault.clone()),
         };
-        let mut changes: Vec<(PageKey, Box<crate::page::Mask>)> = Vec::new();
-        let mut new_templates: Vec<ChildSpec> = Vec::new();
+        let ends_template = match (&task.kind, &ending) {
+            (TaskKind::Instance(_), Ending::Exit(mode)) => {
+                mode.deletes_template() && !matches!(outcome, Outcome::Failed(_))
+            }
+            (TaskKind::Instance(_), Ending::Fault(_)) => true,
+            _ => false,
+        };
+
+        // Nothing between `allocate` and `complete` may fail (see `order`).
+        let count = 1 + u64::from(prepared.is_some());
+        let first_ts = self.order.allocate(count);
+        if let (Some(writes), Outcome::Committed { ts, changes }) = (prepared, &mut outcome) {
+            *ts = first_ts;
+            *changes = self.store.commit(txn, snapshot, first_ts, writes, &pages);
+        }
+        // Exit records: an ordinary runner's own page; an instance's template when it goes.
+        let exit_ts = first_ts + count - 1;
+        let exit_record = match task.kind {
+            _ if ordinary => Some(task.id),
+            TaskKind::Instance(template) if ends_template => Some(template),
+            _ => None,
+        };
+        let exit_changes = exit_record
+            .and_then(|id| {
+                let own = exit_write.map(|write| (write, snapshot));
+                self.publish_exit_record(id, own, outcome.status(), exit_ts, &pages)
+            })
+            .into_iter()
+            .collect();
+        let ended = Ended {
+            task,
+            snapshot,
+            ending,
+            outcome,
+            children,
+            exit_changes,
+            output,
+            ends_template,
+        };
+        self.order
+            .complete(first_ts, count, ended, |last_ts, ended| {
+                self.apply_ended(last_ts, ended, ctx)
+            });
+    }
+
+    /// What an ending makes observable, in commit order: the watermark, children, watcher
+    /// templates and activations, output, counters, and the end of the task.
+    fn apply_ended(&self, last_ts: u64, ended: Ended, ctx: &mut WorkerCtx<Task>) {
+        let Ended {
+            task,
+            snapshot,
+            ending,
+            outcome,
+            children,
+            exit_changes,
+            output,
+            ends_template,
+        } = ended;
+        self.store.advance_watermark(last_ts);
+        let ordinary = !matches!(task.kind, TaskKind::Instance(_));
+        let mut new_tasks: Vec<Task> = Vec::new();
         match &outcome {
-            Outcome::Committed(committed) => {
-                changes.extend(
-                    committed
-                        .changes
-                        .iter()
-                        .map(|(key, mask)| (*key, mask.clone())),
-                );
+            Outcome::Committed { ts, changes } => {
+                let mut new_templates: Vec<ChildSpec> = Vec::new();
                 for child in children {
                     if child.watched.is_empty() {
-                        self.store.register_snapshot(committed.ts, &guard);
+                        // This ending's own snapshot, older, is still registered.
+                        self.store.register_snapshot(*ts);
                         new_tasks.push(Task {
                             id: child.id,
                             kind: TaskKind::Child,
@@ -600,10 +697,29 @@ impl Shared {
                             stack: child.stack,
                             using: child.using,
                             watched: Vec::new(),
-                            snapshot: Some(committed.ts),
+                            snapshot: Some(*ts),
                         });
                     } else {
                         new_templates.push(child);
+                    }
+                }
+                // The commit's changes activate the templates that existed before it.
+                // Templates it created are registered now, as it takes effect: the
+                // exit-record publication is a later timestamp, which they do see (a
+                // template may watch its creator's exit record).
+                if !changes.is_empty() {
+                    self.activate_watchers(changes, &mut new_tasks);
+                }
+                if !new_templates.is_empty() {
+                    let mut templates = lock(&self.templates);
+                    for spec in new_templates {
+                        templates.insert(
+                            spec.id,
+                            Template {
+                                spec,
+                                state: TemplateState::Idle,
+                            },
+                        );
                     }
                 }
             }
@@ -614,52 +730,12 @@ impl Shared {
             }
         }
 
-        // The commit's changes activate the templates that existed before it. Templates it
-        // created are registered now, as it is installed: the exit-record publication below is
-        // a later commit, which they do see (a template may watch its creator's exit record).
-        if !changes.is_empty() {
-            self.activate_watchers(&changes, &mut new_tasks);
-        }
-        if !new_templates.is_empty() {
-            let mut templates = lock(&self.templates);
-            for spec in new_templates {
-                templates.insert(
-                    spec.id,
-                    Template {
-                        spec,
-                        state: TemplateState::Idle,
-                    },
-                );
-            }
-        }
-
-        let mut exit_changes: Vec<(PageKey, Box<crate::page::Mask>)> = Vec::new();
-        // Exit records: an ordinary runner's own page; an instance's template when it goes.
-        let status = outcome.status();
-        if ordinary {
-            let committed = self.publish_exit_record(
-                task.id,
-                exit_write.map(|w| (w, snapshot)),
-                status,
-                &pages,
-                &guard,
-            );
-            exit_changes.extend(committed.changes);
-        } else if let TaskKind::Instance(template) = task.kind {
-            let ends_template = match &ending {
-                Ending::Exit(mode) => {
-                    mode.deletes_template() && !matches!(outcome, Outcome::Failed(_))
-                }
-                Ending::Fault(_) => true,
-            };
+        if let TaskKind::Instance(template) = task.kind {
             let mut templates = lock(&self.templates);
             if ends_template {
                 if templates.remove(&template).is_some() {
                     self.existing_runners.fetch_sub(1, Ordering::Relaxed);
                 }
-                drop(templates);
-                let committed = self.publish_exit_record(template, None, status, &pages, &guard);
-                exit_changes.extend(committed.changes);
             } else if let Some(entry) = templates.get_mut(&template) {
                 let again = matches!(outcome, Outcome::Failed(_))
                     || entry.state == TemplateState::Running { pending: true };
@@ -676,11 +752,10 @@ impl Shared {
             self.activate_watchers(&exit_changes, &mut new_tasks);
         }
 
-        self.report_ending(task, &ending, &outcome, output);
-        drop(guard);
+        self.report_ending(&task, &ending, &outcome, output);
 
         match &outcome {
-            Outcome::Committed(_) => bump(&self.counters.committed, 1),
+            Outcome::Committed { .. } => bump(&self.counters.committed, 1),
             Outcome::Aborted => bump(&self.counters.aborted, 1),
             Outcome::Failed(_) => bump(&self.counters.failed, 1),
             Outcome::Faulted(_) => bump(&self.counters.faulted, 1),
@@ -688,55 +763,41 @@ impl Shared {
         if ordinary {
             self.existing_runners.fetch_sub(1, Ordering::Relaxed);
         }
+        self.store.end_snapshot(snapshot);
         for task in new_tasks {
             ctx.push(task, &self.pending_tasks);
         }
+        self.task_done();
     }
 
-    /// Publishes an exit record: the runner's own writes to its page (if any), plus the status
-    /// word. No conflict check: only the runtime and the runner itself write there.
+    /// Publishes an exit record at `ts`: the runner's own writes to its page (if any), plus
+    /// the status word. No conflict check: only the runtime and the runner itself write there.
     fn publish_exit_record(
         &self,
         id: u64,
         own_writes: Option<(PageWrite, u64)>,
         status: u64,
+        ts: u64,
         pages: &PageSource,
-        guard: &crate::store::CommitGuard<'_>,
-    ) -> Committed {
+    ) -> Option<Change> {
         let key = page_key(id);
         let (mut write, base_ts) = match own_writes {
-            Some(pair) => pair,
-            None => {
-                let newest_ts = self.store.committed_ts();
-                // The newest contents are the base: nothing else commits while we hold the lock.
-                let data = match self.store.read(key, newest_ts) {
-                    Some(page) => pages.copy_of(&page),
-                    None => pages.zeroed(),
-                };
-                let data = match data {
-                    Ok(data) => data,
-                    // Out of memory for the status page: nobody can be told; the run goes on.
-                    Err(_) => {
-                        return Committed {
-                            ts: newest_ts,
-                            changes: Vec::new(),
-                        }
-                    }
-                };
-                (
-                    PageWrite {
-                        key,
-                        data,
-                        stored: Box::new(EMPTY_MASK),
-                    },
-                    newest_ts,
-                )
-            }
+            Some((write, snapshot)) => (write, Some(snapshot)),
+            // Only the status word: it goes over whatever the page holds at `ts`. Out of
+            // memory for it, nobody can be told; the run goes on without the record.
+            None => (
+                PageWrite {
+                    key,
+                    data: pages.zeroed().ok()?,
+                    stored: Box::new(EMPTY_MASK),
+                },
+                None,
+            ),
         };
         let offset = abi::EXIT_STATUS_OFFSET as usize;
         write.data[offset..offset + 8].copy_from_slice(&status.to_le_bytes());
         mark(&mut write.stored, offset, 8);
-        self.store.install(base_ts, vec![write], pages, guard)
+        Some(self.store.publish(ts, base_ts, write, pages))
     }
 
     fn activate_watchers(
@@ -777,7 +838,7 @@ impl Shared {
             _ => format!("{:#x}", task.id),
         };
         match outcome {
-            Outcome::Committed(_) | Outcome::Aborted => {
+            Outcome::Committed { .. } | Outcome::Aborted => {
                 if !output.is_empty() {
                     self.console.send(ConsoleLine::Out(output));
                 }
@@ -785,9 +846,7 @@ impl Shared {
             Outcome::Failed(conflict) => {
                 if !output.is_empty() {
                     let mut text = format!(
-                        "dvm: runner {id} failed to commit: another runner's commit (ts {}) stored to {:#x} too; its output follows:\n",
-                        conflict.other_ts,
-                        (conflict.key << PAGE_SHIFT) + conflict.offset as u64
+                        "dvm: runner {id} failed to commit: {conflict}; its output follows:\n"
                     )
                     .into_bytes();
                     text.extend(output);
@@ -900,18 +959,20 @@ fn initial_pages(
                 bytes.is_empty() || crate::view::region_of(end - 1) == crate::view::Region::Shared
             });
         if !inside {
-            return Err(RunError::BadLoad(format!(
-                "{name} ({} bytes) at {addr:#x} does not fit inside the shared region",
-                bytes.len()
-            )));
+            return Err(RunError::LoadOutsideShared {
+                name: name.clone(),
+                addr: *addr,
+                len_bytes: bytes.len() as u64,
+            });
         }
         let image_overlap = image.image.sections.iter().any(|section| {
             section.len_bytes > 0 && *addr < section.end() && section.addr < end.unwrap_or(u64::MAX)
         });
         if image_overlap {
-            return Err(RunError::BadLoad(format!(
-                "{name} at {addr:#x} overlaps the program image"
-            )));
+            return Err(RunError::LoadOverlapsImage {
+                name: name.clone(),
+                addr: *addr,
+            });
         }
         place(*addr, bytes);
     }
@@ -938,20 +999,23 @@ pub fn run(image: LoadedImage, config: Config) -> Result<Report, RunError> {
         notes.push(format!("page memory is not bound to NUMA nodes: {note}"));
     }
     let account = MemoryAccount::new(config.max_memory_bytes);
-    let pools = sched::node_pools(&topology, &account)?;
+    let pools =
+        sched::node_pools(&topology, &account).map_err(|(node, err)| RunError::PagePool {
+            node,
+            reason: err.to_string(),
+        })?;
 
     let store = Arc::new(PageStore::new());
     let Some(first_pool) = pools.first() else {
-        return Err(RunError::BadLoad("no page pool could be created".into()));
+        return Err(RunError::NoPagePool);
     };
     let loader_pages = first_pool.clone();
     for (key, bytes) in initial {
-        let mut page = loader_pages.zeroed().map_err(|limit| {
-            RunError::BadLoad(format!(
-                "the initial memory does not fit in --max-memory ({} bytes)",
-                limit.limit_bytes
-            ))
-        })?;
+        let mut page = loader_pages
+            .zeroed()
+            .map_err(|limit| RunError::InitialMemoryLimit {
+                limit_bytes: limit.limit_bytes,
+            })?;
         page.copy_from_slice(&bytes[..]);
         store.install_initial(key, page);
     }
@@ -997,10 +1061,10 @@ pub fn run(image: LoadedImage, config: Config) -> Result<Report, RunError> {
         }),
         counters: Counters::default(),
         internal_errors: AtomicU64::new(0),
+        order: CommitOrder::new(store.watermark()),
+        next_txn: AtomicU64::new(1),
     });
-    let root_stack = shared
-        .allocate_stack(0)
-        .ok_or_else(|| RunError::BadLoad("no stack for the root runner".into()))?;
+    let root_stack = shared.allocate_stack(0).ok_or(RunError::NoRootStack)?;
     let root = Task {
         id: first_id,
         kind: TaskKind::Root,
@@ -1011,8 +1075,14 @@ pub fn run(image: LoadedImage, config: Config) -> Result<Report, RunError> {
         watched: Vec::new(),
         snapshot: Some(store.begin_snapshot()),
     };
-    let (worker_infos, pin_notes) =
-        sched::run_workers(&shared, &slots, &pools, config.pin_workers, root);
+    let (worker_infos, pin_notes) = sched::run_workers(
+        &shared,
+        &slots,
+        &pools,
+        &shared.sleep,
+        config.pin_workers,
+        root,
+    );
     notes.extend(pin_notes);
 
     // Every task is done: dropped templates were never runners that ran.
@@ -1048,6 +1118,3 @@ pub fn run(image: LoadedImage, config: Config) -> Result<Report, RunError> {
         stderr,
     })
 }
-
-/// Idle-wait granularity of workers.
-pub(crate) const IDLE_WAIT: Duration = Duration::from_millis(1);
