@@ -243,6 +243,8 @@ pub trait Services {
     fn console_input(&self) -> Option<u8>;
     /// Instructions executed since the last report (for live progress of long runners).
     fn count_instructions(&self, instructions: u64);
+    /// The time programs see (real, or virtual in a simulation).
+    fn clock(&self) -> &dyn crate::clock::Clock;
 }
 
 /// A running runner reports its instruction count this often.
@@ -720,16 +722,16 @@ impl<'a> Exec<'a> {
             }
             2 => {
                 let micros = arg(self, 0)?.min(MAX_SLEEP_US);
-                std::thread::sleep(std::time::Duration::from_micros(micros));
+                self.services
+                    .clock()
+                    .sleep(std::time::Duration::from_micros(micros));
                 result(self, 0, 0)
             }
             7 => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default();
+                let now_ns = self.services.clock().unix_time_ns();
                 result(self, 0, 0)?;
-                result(self, 1, now.as_secs())?;
-                result(self, 2, u64::from(now.subsec_nanos()))
+                result(self, 1, now_ns / 1_000_000_000)?;
+                result(self, 2, now_ns % 1_000_000_000)
             }
             100 => {
                 let (addr, len) = (arg(self, 0)?, arg(self, 1)?);

@@ -7,6 +7,7 @@
 
 pub mod abi;
 pub mod asm;
+pub mod clock;
 pub mod codec;
 pub mod disasm;
 pub mod image;
@@ -15,6 +16,7 @@ pub mod isa;
 pub mod order;
 pub mod page;
 pub mod persist;
+pub mod report;
 pub mod sched;
 pub mod store;
 pub mod view;

@@ -14,6 +14,7 @@
 //!   ordinary runners + live watcher templates; `--max-runners` bounds it.
 
 use crate::abi;
+use crate::clock::{Clock, SystemClock};
 use crate::image::{LoadedImage, SectionKind};
 use crate::interp::{ChildSpec, Ending, Exec, FaultKind, Program, Services};
 use crate::order::CommitOrder;
@@ -68,6 +69,8 @@ pub struct Config {
     pub persist_dir: Option<PathBuf>,
     pub output: OutputMode,
     pub input: InputMode,
+    /// The time programs see; the host's clocks unless a simulation injects its own.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for Config {
@@ -82,6 +85,7 @@ impl Default for Config {
             persist_dir: None,
             output: OutputMode::Inherit,
             input: InputMode::Inherit,
+            clock: Arc::new(SystemClock::new()),
         }
     }
 }
@@ -334,6 +338,7 @@ pub struct Shared {
     input: Mutex<Input>,
     counters: Counters,
     internal_errors: AtomicU64,
+    clock: Arc<dyn Clock>,
     /// Timestamps of endings, and their effects in timestamp order.
     order: CommitOrder<Ended>,
     next_txn: AtomicU64,
@@ -407,6 +412,10 @@ impl Services for Shared {
 
     fn count_instructions(&self, instructions: u64) {
         bump(&self.counters.instructions, instructions);
+    }
+
+    fn clock(&self) -> &dyn Clock {
+        &*self.clock
     }
 }
 
@@ -1061,6 +1070,7 @@ pub fn run(image: LoadedImage, config: Config) -> Result<Report, RunError> {
         }),
         counters: Counters::default(),
         internal_errors: AtomicU64::new(0),
+        clock: Arc::clone(&config.clock),
         order: CommitOrder::new(store.watermark()),
         next_txn: AtomicU64::new(1),
     });
