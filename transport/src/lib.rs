@@ -3,3 +3,4 @@
 //!
 //! Nothing is implemented yet: the single-node engine comes first. This crate exists so the
 //! workspace has its final shape; it deliberately exposes no API until the cluster work lands.
+pub mod sim;

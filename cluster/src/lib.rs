@@ -1,0 +1,12 @@
+//! DVM's cluster start-up: how a `dvm` process learns its place in a multi-node job.
+//!
+//! - `launch`: rank, world size, local rank, the coordinator's address and the job token, read
+//!   from an explicit host list or from the environment set by a launcher (DVM's local
+//!   launcher, Open MPI's `mpirun`, MPICH's Hydra `mpiexec`, Slurm's `srun`).
+//! - `hostlist`: Slurm's compressed host-list syntax (`node[01-10,12]`).
+//!
+//! Safe Rust only: everything here parses input from the environment or the network.
+#![forbid(unsafe_code)]
+
+pub mod hostlist;
+pub mod launch;
