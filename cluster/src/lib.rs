@@ -10,3 +10,5 @@
 
 pub mod hostlist;
 pub mod launch;
+pub mod msg;
+pub mod node;

@@ -160,6 +160,16 @@ impl PageRead for PageStore {
 }
 
 impl PageStore {
+    /// Like `PageRead::read`, with the timestamp of the version returned (0 for zeros): the
+    /// answer holds for every snapshot from that timestamp up to the page's next version.
+    pub fn read_version(&self, key: PageKey, snapshot_ts: u64) -> Option<(u64, Arc<Page>)> {
+        let shard = read_lock(&self.shards[shard_of(key)]);
+        let versions = &shard.get(&key)?.versions;
+        let index = versions.partition_point(|version| version.ts <= snapshot_ts);
+        let version = &versions[index.checked_sub(1)?];
+        Some((version.ts, Arc::clone(&version.data)))
+    }
+
     pub fn new() -> PageStore {
         PageStore {
             shards: (0..SHARDS)
@@ -282,10 +292,12 @@ impl PageStore {
     }
 
     /// Commit: the prepared `writes` of `txn` become versions at `ts`; returns what changed.
+    /// `base_ts` is the snapshot the writes' copies were made from, or `None` when only their
+    /// stored bytes are meaningful (a remote committer sends only those).
     pub fn commit(
         &self,
         txn: TxnId,
-        snapshot_ts: u64,
+        base_ts: Option<u64>,
         ts: u64,
         writes: Vec<PageWrite>,
         pages: &PageSource,
@@ -299,7 +311,7 @@ impl PageStore {
             chain.intents.retain(|intent| intent.txn != txn);
             debug_assert_eq!(before, chain.intents.len() + 1, "commit without prepare");
             changes.push((write.key, write.stored.clone()));
-            self.install(chain, ts, Some(snapshot_ts), write, pages, horizon);
+            self.install(chain, ts, base_ts, write, pages, horizon);
         }
         changes
     }
@@ -550,7 +562,7 @@ mod tests {
         writes: Vec<PageWrite>,
     ) -> Result<u64, Conflict> {
         store.prepare(ts, snapshot, &writes)?;
-        store.commit(ts, snapshot, ts, writes, pages);
+        store.commit(ts, Some(snapshot), ts, writes, pages);
         store.advance_watermark(ts);
         Ok(ts)
     }
@@ -629,8 +641,8 @@ mod tests {
         let late = vec![write(&pages, 9, None, 2, &[2, 2])];
         store.prepare(101, s, &late).expect("disjoint bytes");
         // ts 2 installs before ts 1.
-        store.commit(101, s, 2, late, &pages);
-        store.commit(100, s, 1, early, &pages);
+        store.commit(101, Some(s), 2, late, &pages);
+        store.commit(100, None, 1, early, &pages);
         store.advance_watermark(2);
         assert_eq!(&store.read(9, 1).expect("ts 1")[..5], &[1, 1, 0, 0, 0]);
         assert_eq!(&store.read(9, 2).expect("ts 2")[..5], &[1, 1, 2, 2, 0]);

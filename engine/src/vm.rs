@@ -643,7 +643,9 @@ impl Shared {
         let first_ts = self.order.allocate(count);
         if let (Some(writes), Outcome::Committed { ts, changes }) = (prepared, &mut outcome) {
             *ts = first_ts;
-            *changes = self.store.commit(txn, snapshot, first_ts, writes, &pages);
+            *changes = self
+                .store
+                .commit(txn, Some(snapshot), first_ts, writes, &pages);
         }
         // Exit records: an ordinary runner's own page; an instance's template when it goes.
         let exit_ts = first_ts + count - 1;

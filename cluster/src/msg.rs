@@ -1,0 +1,547 @@
+//! The messages of the cluster protocol (`docs/CLUSTER.md`) and their byte encoding.
+//!
+//! These bytes are the payload of a transport frame (or of a simulated one): the transport
+//! delimits and checksums frames, this module gives them meaning. Decoding treats every byte as
+//! hostile: explicit little-endian fields, a tag per message, counts bounded before anything is
+//! allocated, and a typed error that names the offset. A page delta carries only the bytes its
+//! committer stored (a mask and those bytes), never the whole page.
+
+use dvm_engine::page::{Mask, EMPTY_MASK, PAGE_BYTES};
+use dvm_engine::report::{decode_conflict, encode_conflict, ReportDecodeError};
+use dvm_engine::store::{Conflict, TxnId};
+
+/// Most page deltas in one `Prepare` (a runner that stored to more pages commits in parts
+/// of the protocol that do not exist yet; the engine's `--max-memory` bounds it long before).
+pub const MAX_DELTAS: usize = 1 << 16;
+/// Most timestamp requests or grants in one message.
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// The bytes one commit stored on one page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageDelta {
+    pub page: u64,
+    pub mask: Box<Mask>,
+    /// The stored bytes, in address order: exactly one per bit set in `mask`.
+    pub bytes: Vec<u8>,
+}
+
+impl PageDelta {
+    /// The delta of `mask` over the page contents `data`.
+    pub fn from_page(page: u64, data: &[u8; PAGE_BYTES], mask: &Mask) -> PageDelta {
+        let mut bytes = Vec::new();
+        for_each_set(mask, |offset| bytes.push(data[offset]));
+        PageDelta {
+            page,
+            mask: Box::new(*mask),
+            bytes,
+        }
+    }
+
+    /// A page with the stored bytes in place and zeros elsewhere.
+    pub fn to_page(&self, out: &mut [u8; PAGE_BYTES]) {
+        let mut next = self.bytes.iter();
+        for_each_set(&self.mask, |offset| {
+            if let Some(byte) = next.next() {
+                out[offset] = *byte;
+            }
+        });
+    }
+}
+
+fn for_each_set(mask: &Mask, mut f: impl FnMut(usize)) {
+    for (word_index, word) in mask.iter().enumerate() {
+        let mut bits = *word;
+        while bits != 0 {
+            f(word_index * 64 + bits.trailing_zeros() as usize);
+            bits &= bits - 1;
+        }
+    }
+}
+
+fn mask_bits(mask: &Mask) -> usize {
+    mask.iter().map(|word| word.count_ones() as usize).sum()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    /// Read `page` as of `snapshot_ts` from its home.
+    Read {
+        req: u64,
+        page: u64,
+        snapshot_ts: u64,
+    },
+    /// The newest version at or below the snapshot (`None`: the page reads as zeros).
+    ReadReply {
+        req: u64,
+        page: u64,
+        version_ts: u64,
+        data: Option<Box<[u8; PAGE_BYTES]>>,
+    },
+    Prepare {
+        txn: TxnId,
+        snapshot_ts: u64,
+        deltas: Vec<PageDelta>,
+    },
+    Prepared {
+        txn: TxnId,
+    },
+    Refused {
+        txn: TxnId,
+        conflict: Conflict,
+    },
+    Commit {
+        txn: TxnId,
+        ts: u64,
+    },
+    Installed {
+        txn: TxnId,
+    },
+    Abort {
+        txn: TxnId,
+    },
+    Aborted {
+        txn: TxnId,
+    },
+    /// To the sequencer: timestamps for these transactions, `count` each.
+    TsRequest {
+        txns: Vec<(TxnId, u64)>,
+    },
+    /// From the sequencer: the first of each transaction's timestamps.
+    TsGrant {
+        grants: Vec<(TxnId, u64)>,
+    },
+    /// To the sequencer: `txn`'s timestamps are installed everywhere.
+    Complete {
+        txn: TxnId,
+        first: u64,
+        count: u64,
+    },
+    CompleteAck {
+        txn: TxnId,
+    },
+    /// From the sequencer: every timestamp at or below `ts` is installed everywhere.
+    Watermark {
+        ts: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MsgDecodeError {
+    #[error("message truncated at byte {offset}")]
+    Truncated { offset: usize },
+    #[error("unknown message tag {tag}")]
+    UnknownTag { tag: u8 },
+    #[error("{what} count {count} at byte {offset} exceeds {limit}")]
+    TooMany {
+        what: &'static str,
+        count: u64,
+        limit: usize,
+        offset: usize,
+    },
+    #[error("page delta at byte {offset}: mask selects {expected} bytes but {found} follow")]
+    DeltaLength {
+        offset: usize,
+        expected: usize,
+        found: u64,
+    },
+    #[error("conflict at byte {offset}: {source}")]
+    Conflict {
+        offset: usize,
+        source: ReportDecodeError,
+    },
+    #[error("{extra} bytes after the message")]
+    Trailing { extra: usize },
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    offset: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, len: usize) -> Result<&[u8], MsgDecodeError> {
+        let end = self
+            .offset
+            .checked_add(len)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or(MsgDecodeError::Truncated {
+                offset: self.offset,
+            })?;
+        let slice = &self.bytes[self.offset..end];
+        self.offset = end;
+        Ok(slice)
+    }
+
+    fn u8(&mut self) -> Result<u8, MsgDecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u64(&mut self) -> Result<u64, MsgDecodeError> {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(raw))
+    }
+
+    fn count(&mut self, what: &'static str, limit: usize) -> Result<usize, MsgDecodeError> {
+        let offset = self.offset;
+        let count = self.u64()?;
+        usize::try_from(count)
+            .ok()
+            .filter(|count| *count <= limit)
+            .ok_or(MsgDecodeError::TooMany {
+                what,
+                count,
+                limit,
+                offset,
+            })
+    }
+
+    fn mask(&mut self) -> Result<Box<Mask>, MsgDecodeError> {
+        let mut mask = Box::new(EMPTY_MASK);
+        for word in mask.iter_mut() {
+            *word = self.u64()?;
+        }
+        Ok(mask)
+    }
+
+    fn page(&mut self) -> Result<Box<[u8; PAGE_BYTES]>, MsgDecodeError> {
+        let mut page = Box::new([0u8; PAGE_BYTES]);
+        page.copy_from_slice(self.take(PAGE_BYTES)?);
+        Ok(page)
+    }
+
+    fn pairs(&mut self, what: &'static str) -> Result<Vec<(u64, u64)>, MsgDecodeError> {
+        let count = self.count(what, MAX_BATCH)?;
+        // Each pair is 16 bytes: refuse counts the message cannot hold before allocating.
+        if self.bytes.len() - self.offset < count * 16 {
+            return Err(MsgDecodeError::Truncated {
+                offset: self.offset,
+            });
+        }
+        (0..count).map(|_| Ok((self.u64()?, self.u64()?))).collect()
+    }
+
+    fn delta(&mut self) -> Result<PageDelta, MsgDecodeError> {
+        let page = self.u64()?;
+        let mask = self.mask()?;
+        let offset = self.offset;
+        let found = self.u64()?;
+        let expected = mask_bits(&mask);
+        if found != expected as u64 {
+            return Err(MsgDecodeError::DeltaLength {
+                offset,
+                expected,
+                found,
+            });
+        }
+        let bytes = self.take(expected)?.to_vec();
+        Ok(PageDelta { page, mask, bytes })
+    }
+}
+
+fn put(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_pairs(out: &mut Vec<u8>, pairs: &[(u64, u64)]) {
+    put(out, pairs.len() as u64);
+    for (a, b) in pairs {
+        put(out, *a);
+        put(out, *b);
+    }
+}
+
+impl Msg {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32);
+        match self {
+            Msg::Read {
+                req,
+                page,
+                snapshot_ts,
+            } => {
+                out.push(1);
+                put(&mut out, *req);
+                put(&mut out, *page);
+                put(&mut out, *snapshot_ts);
+            }
+            Msg::ReadReply {
+                req,
+                page,
+                version_ts,
+                data,
+            } => {
+                out.push(2);
+                put(&mut out, *req);
+                put(&mut out, *page);
+                put(&mut out, *version_ts);
+                match data {
+                    None => out.push(0),
+                    Some(data) => {
+                        out.push(1);
+                        out.extend_from_slice(&data[..]);
+                    }
+                }
+            }
+            Msg::Prepare {
+                txn,
+                snapshot_ts,
+                deltas,
+            } => {
+                out.push(3);
+                put(&mut out, *txn);
+                put(&mut out, *snapshot_ts);
+                put(&mut out, deltas.len() as u64);
+                for delta in deltas {
+                    put(&mut out, delta.page);
+                    for word in delta.mask.iter() {
+                        put(&mut out, *word);
+                    }
+                    put(&mut out, delta.bytes.len() as u64);
+                    out.extend_from_slice(&delta.bytes);
+                }
+            }
+            Msg::Prepared { txn } => {
+                out.push(4);
+                put(&mut out, *txn);
+            }
+            Msg::Refused { txn, conflict } => {
+                out.push(5);
+                put(&mut out, *txn);
+                encode_conflict(conflict, &mut out);
+            }
+            Msg::Commit { txn, ts } => {
+                out.push(6);
+                put(&mut out, *txn);
+                put(&mut out, *ts);
+            }
+            Msg::Installed { txn } => {
+                out.push(7);
+                put(&mut out, *txn);
+            }
+            Msg::Abort { txn } => {
+                out.push(8);
+                put(&mut out, *txn);
+            }
+            Msg::Aborted { txn } => {
+                out.push(9);
+                put(&mut out, *txn);
+            }
+            Msg::TsRequest { txns } => {
+                out.push(10);
+                put_pairs(&mut out, txns);
+            }
+            Msg::TsGrant { grants } => {
+                out.push(11);
+                put_pairs(&mut out, grants);
+            }
+            Msg::Complete { txn, first, count } => {
+                out.push(12);
+                put(&mut out, *txn);
+                put(&mut out, *first);
+                put(&mut out, *count);
+            }
+            Msg::CompleteAck { txn } => {
+                out.push(13);
+                put(&mut out, *txn);
+            }
+            Msg::Watermark { ts } => {
+                out.push(14);
+                put(&mut out, *ts);
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Msg, MsgDecodeError> {
+        let mut r = Reader { bytes, offset: 0 };
+        let msg = match r.u8()? {
+            1 => Msg::Read {
+                req: r.u64()?,
+                page: r.u64()?,
+                snapshot_ts: r.u64()?,
+            },
+            2 => Msg::ReadReply {
+                req: r.u64()?,
+                page: r.u64()?,
+                version_ts: r.u64()?,
+                data: match r.u8()? {
+                    0 => None,
+                    _ => Some(r.page()?),
+                },
+            },
+            3 => {
+                let txn = r.u64()?;
+                let snapshot_ts = r.u64()?;
+                let count = r.count("page delta", MAX_DELTAS)?;
+                let mut deltas = Vec::with_capacity(count.min(64));
+                for _ in 0..count {
+                    deltas.push(r.delta()?);
+                }
+                Msg::Prepare {
+                    txn,
+                    snapshot_ts,
+                    deltas,
+                }
+            }
+            4 => Msg::Prepared { txn: r.u64()? },
+            5 => {
+                let txn = r.u64()?;
+                let offset = r.offset;
+                let (conflict, used) = decode_conflict(&bytes[offset..])
+                    .map_err(|source| MsgDecodeError::Conflict { offset, source })?;
+                r.offset += used;
+                Msg::Refused { txn, conflict }
+            }
+            6 => Msg::Commit {
+                txn: r.u64()?,
+                ts: r.u64()?,
+            },
+            7 => Msg::Installed { txn: r.u64()? },
+            8 => Msg::Abort { txn: r.u64()? },
+            9 => Msg::Aborted { txn: r.u64()? },
+            10 => Msg::TsRequest {
+                txns: r.pairs("timestamp request")?,
+            },
+            11 => Msg::TsGrant {
+                grants: r.pairs("timestamp grant")?,
+            },
+            12 => Msg::Complete {
+                txn: r.u64()?,
+                first: r.u64()?,
+                count: r.u64()?,
+            },
+            13 => Msg::CompleteAck { txn: r.u64()? },
+            14 => Msg::Watermark { ts: r.u64()? },
+            tag => return Err(MsgDecodeError::UnknownTag { tag }),
+        };
+        match bytes.len() - r.offset {
+            0 => Ok(msg),
+            extra => Err(MsgDecodeError::Trailing { extra }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dvm_engine::page::mark;
+    use dvm_engine::store::ConflictWith;
+    use proptest::prelude::*;
+
+    fn delta(page: u64, offset: usize, len: usize, fill: u8) -> PageDelta {
+        let mut data = [0u8; PAGE_BYTES];
+        data[offset..offset + len].fill(fill);
+        let mut mask = EMPTY_MASK;
+        mark(&mut mask, offset, len);
+        PageDelta::from_page(page, &data, &mask)
+    }
+
+    fn samples() -> Vec<Msg> {
+        let conflict = Conflict {
+            key: 9,
+            offset: 17,
+            with: ConflictWith::Prepared { txn: 4 },
+        };
+        vec![
+            Msg::Read {
+                req: 1,
+                page: 2,
+                snapshot_ts: 3,
+            },
+            Msg::ReadReply {
+                req: 1,
+                page: 2,
+                version_ts: 0,
+                data: None,
+            },
+            Msg::ReadReply {
+                req: 1,
+                page: 2,
+                version_ts: 7,
+                data: Some(Box::new([5u8; PAGE_BYTES])),
+            },
+            Msg::Prepare {
+                txn: 8,
+                snapshot_ts: 2,
+                deltas: vec![delta(3, 0, 8, 1), delta(4, 4000, 96, 2)],
+            },
+            Msg::Prepared { txn: 8 },
+            Msg::Refused { txn: 8, conflict },
+            Msg::Commit { txn: 8, ts: 12 },
+            Msg::Installed { txn: 8 },
+            Msg::Abort { txn: 8 },
+            Msg::Aborted { txn: 8 },
+            Msg::TsRequest {
+                txns: vec![(8, 2), (9, 1)],
+            },
+            Msg::TsGrant {
+                grants: vec![(8, 12)],
+            },
+            Msg::Complete {
+                txn: 8,
+                first: 12,
+                count: 2,
+            },
+            Msg::CompleteAck { txn: 8 },
+            Msg::Watermark { ts: 13 },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_and_every_truncation_is_refused() {
+        for msg in samples() {
+            let bytes = msg.encode();
+            assert_eq!(Msg::decode(&bytes), Ok(msg.clone()));
+            for cut in 0..bytes.len() {
+                assert!(Msg::decode(&bytes[..cut]).is_err(), "{msg:?} cut at {cut}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(
+                Msg::decode(&longer),
+                Err(MsgDecodeError::Trailing { extra: 1 })
+            );
+        }
+    }
+
+    #[test]
+    fn a_delta_carries_only_the_stored_bytes() {
+        let d = delta(3, 10, 3, 0xab);
+        assert_eq!(d.bytes, vec![0xab; 3]);
+        let mut page = [0u8; PAGE_BYTES];
+        d.to_page(&mut page);
+        assert_eq!(&page[9..14], &[0, 0xab, 0xab, 0xab, 0]);
+    }
+
+    #[test]
+    fn a_huge_count_is_refused_before_allocating() {
+        let mut bytes = vec![10u8];
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            Msg::decode(&bytes),
+            Err(MsgDecodeError::TooMany { offset: 1, .. })
+        ));
+        let mut bytes = vec![11u8];
+        bytes.extend_from_slice(&1000u64.to_le_bytes());
+        assert_eq!(
+            Msg::decode(&bytes),
+            Err(MsgDecodeError::Truncated { offset: 9 })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Msg::decode(&bytes);
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(index in 0usize..15, at in any::<usize>(), byte in any::<u8>()) {
+            let mut bytes = samples()[index].encode();
+            let at = at % bytes.len();
+            bytes[at] = byte;
+            let _ = Msg::decode(&bytes);
+        }
+    }
+}
