@@ -4,9 +4,12 @@
 //!   from an explicit host list or from the environment set by a launcher (DVM's local
 //!   launcher, Open MPI's `mpirun`, MPICH's Hydra `mpiexec`, Slurm's `srun`).
 //! - `hostlist`: Slurm's compressed host-list syntax (`node[01-10,12]`).
+//! - `rendezvous`: the one-time exchange, through rank 0, that gives every rank the data
+//!   address of every other rank.
 //!
 //! Safe Rust only: everything here parses input from the environment or the network.
 #![forbid(unsafe_code)]
 
 pub mod hostlist;
 pub mod launch;
+pub mod rendezvous;
