@@ -124,7 +124,7 @@ pub enum Reply {
 pub enum RendezvousError {
     #[error("the coordinator address {coordinator} does not resolve: {why}")]
     Resolve { coordinator: String, why: String },
-    #[error("rank 0 cannot listen on {addr} (the coordinator address {coordinator}): {source}")]
+    #[error("rank 0 cannot listen on {addr} (the coordinator address {coordinator}): {source}; set DVM_COORD=host:port on every rank to choose another")]
     Bind {
         addr: SocketAddr,
         coordinator: String,
