@@ -135,8 +135,10 @@ impl fmt::Debug for Launch {
 /// Settings from the command line, as typed (parsed here so errors are uniform).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Explicit<'a> {
-    /// `--hosts h1:port,h2:port,...`: every rank's host, in rank order; the first is the
-    /// coordinator.
+    /// `--hosts h1:port,h2:port,...`: every rank's host, in rank order. The first entry is the
+    /// coordinator (rank 0's rendezvous address); the other entries' hosts give the local rank
+    /// and size, their ports are not used here (each rank advertises its data address itself at
+    /// the rendezvous).
     pub hosts: Option<&'a str>,
     /// `--rank R`.
     pub rank: Option<&'a str>,
