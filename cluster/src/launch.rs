@@ -135,8 +135,10 @@ impl fmt::Debug for Launch {
 /// Settings from the command line, as typed (parsed here so errors are uniform).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Explicit<'a> {
-    /// `--hosts h1:port,h2:port,...`: every rank's host, in rank order; the first is the
-    /// coordinator.
+    /// `--hosts h1:port,h2:port,...`: every rank's host, in rank order. The first entry is the
+    /// coordinator (rank 0's rendezvous address); the other entries' hosts give the local rank
+    /// and size, their ports are not used here (each rank advertises its data address itself at
+    /// the rendezvous).
     pub hosts: Option<&'a str>,
     /// `--rank R`.
     pub rank: Option<&'a str>,
@@ -196,12 +198,12 @@ pub enum LaunchError {
     #[error("{rank_var}={rank} is not below {size_var}={size}")]
     NotBelow {
         rank_var: String,
-        rank: u32,
+        rank: u64,
         size_var: String,
-        size: u32,
+        size: u64,
     },
     #[error("{var}={value}: a job has between 1 and {MAX_WORLD} processes")]
-    BadWorld { var: String, value: u32 },
+    BadWorld { var: String, value: u64 },
     #[error("{missing} is not set, but {present} is: {launcher} sets both")]
     Missing {
         missing: String,
@@ -377,15 +379,15 @@ fn rank_in(
         .filter(|s| (1..=MAX_WORLD).contains(s))
         .ok_or_else(|| LaunchError::BadWorld {
             var: size_var.to_string(),
-            value: u32::try_from(size).unwrap_or(u32::MAX),
+            value: size,
         })?;
     match u32::try_from(rank) {
         Ok(r) if r < size32 => Ok((r, size32)),
         _ => Err(LaunchError::NotBelow {
             rank_var: rank_var.to_string(),
-            rank: u32::try_from(rank).unwrap_or(u32::MAX),
+            rank,
             size_var: size_var.to_string(),
-            size: size32,
+            size,
         }),
     }
 }
@@ -406,11 +408,10 @@ fn read_place(
         (Some(lr), Some(ls)) => {
             let (lr, ls) = rank_in(local_rank_var, lr, local_size_var, ls)?;
             if ls > world {
-                return Err(LaunchError::NotBelow {
-                    rank_var: local_size_var.to_string(),
-                    rank: ls,
-                    size_var: format!("{size_var} + 1"),
-                    size: world + 1,
+                return Err(LaunchError::BadValue {
+                    var: local_size_var.to_string(),
+                    value: ls.to_string(),
+                    why: format!("more ranks on this host than {size_var}={world}"),
                 });
             }
             Some((lr, ls))
@@ -485,6 +486,10 @@ struct Slurm {
 fn read_slurm(env: &BTreeMap<String, String>) -> Result<Option<Slurm>, LaunchError> {
     // A batch script (or salloc shell) has SLURM_PROCID but is not a task of an srun step:
     // `dvm` started there directly is a single-node run.
+    // srun writes step ids unsigned; a negative one would be a special step printed signed.
+    if get(env, "SLURM_STEP_ID").is_none_or(|v| v.starts_with('-')) {
+        return Ok(None);
+    }
     let Some(step_id) = number(env, "SLURM_STEP_ID")? else {
         return Ok(None);
     };
@@ -516,9 +521,9 @@ fn read_slurm(env: &BTreeMap<String, String>) -> Result<Option<Slurm>, LaunchErr
             if u64::from(local_rank) >= n || n > u64::from(world) {
                 return Err(LaunchError::NotBelow {
                     rank_var: "SLURM_LOCALID".to_string(),
-                    rank: local_rank,
+                    rank: u64::from(local_rank),
                     size_var: format!("the SLURM_STEP_TASKS_PER_NODE count of node {node}"),
-                    size: u32::try_from(n).unwrap_or(u32::MAX),
+                    size: n,
                 });
             }
             n as u32
@@ -731,7 +736,7 @@ fn from_explicit(
         if endpoints.len() >= MAX_WORLD as usize {
             return Err(LaunchError::BadWorld {
                 var: "--hosts".to_string(),
-                value: MAX_WORLD + 1,
+                value: u64::from(MAX_WORLD) + 1,
             });
         }
         endpoints.push(parse_endpoint("--hosts", item)?);
@@ -743,9 +748,9 @@ fn from_explicit(
         .get(rank as usize)
         .ok_or_else(|| LaunchError::NotBelow {
             rank_var: "--rank".to_string(),
-            rank,
+            rank: u64::from(rank),
             size_var: "the number of --hosts".to_string(),
-            size: world,
+            size: u64::from(world),
         })?;
     let same_host = |e: &&Endpoint| e.host == me.host;
     let local_rank = endpoints
@@ -980,6 +985,13 @@ mod tests {
         ])
         .expect("valid")
         .is_none());
+        assert!(detect_env(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_JOB_ID", "5"),
+            ("SLURM_STEP_ID", "-5")
+        ])
+        .expect("valid")
+        .is_none());
     }
 
     #[test]
@@ -1165,7 +1177,15 @@ mod tests {
             "OMPI_COMM_WORLD_SIZE is not set, but OMPI_COMM_WORLD_RANK is: Open MPI mpirun sets both"
         );
         let local = with(OMPI_1HOST, &[("OMPI_COMM_WORLD_LOCAL_SIZE", "3")]);
-        assert!(error(&refs(&local)).contains("OMPI_COMM_WORLD_LOCAL_SIZE=3 is not below"));
+        assert_eq!(
+            error(&refs(&local)),
+            "OMPI_COMM_WORLD_LOCAL_SIZE=\"3\": more ranks on this host than OMPI_COMM_WORLD_SIZE=2"
+        );
+        let huge = with(OMPI_1HOST, &[("OMPI_COMM_WORLD_RANK", "99999999999")]);
+        assert_eq!(
+            error(&refs(&huge)),
+            "OMPI_COMM_WORLD_RANK=99999999999 is not below OMPI_COMM_WORLD_SIZE=2"
+        );
         let plus = with(OMPI_1HOST, &[("OMPI_COMM_WORLD_RANK", "+1")]);
         assert_eq!(
             error(&refs(&plus)),
