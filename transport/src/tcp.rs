@@ -183,6 +183,7 @@ struct Inbox {
 
 struct Shared {
     rank: NodeId,
+    local_addr: SocketAddr,
     world: u32,
     peers: Vec<PeerShared>,
     inbox: Mutex<Inbox>,
@@ -785,6 +786,7 @@ impl Bound {
         let eventfd = EventFd::new().map_err(io_err("creating the wake eventfd"))?;
         let shared = Arc::new(Shared {
             rank: cfg.rank,
+            local_addr: self.local_addr,
             world: cfg.world,
             peers: peer_addrs
                 .iter()
@@ -1396,6 +1398,8 @@ impl IoThread {
         let Some(peer) = self.shared.peers.get(rank) else {
             return;
         };
+        // Once this node is closing, peers ending is the expected outcome, not news.
+        let running = self.shared.stop.load(Ordering::Acquire) == RUN;
         let peer_id = rank as NodeId;
         let event = match reason {
             None => {
@@ -1404,7 +1408,7 @@ impl IoThread {
                 Event::PeerLeft { peer: peer_id }
             }
             Some(reason) => {
-                if reason != LossReason::LocalAbort {
+                if running {
                     tracing::warn!(node = self.shared.rank, peer = rank, addr = %c.addr, "peer lost: {reason}");
                 }
                 peer.state.store(LOST, Ordering::Release);
@@ -1422,7 +1426,7 @@ impl IoThread {
             q.written_total = q.enqueued_total;
         }
         peer.out_cv.notify_all();
-        if self.shared.stop.load(Ordering::Acquire) == RUN {
+        if running {
             events.push(event);
         }
     }
@@ -1732,6 +1736,11 @@ impl IoThread {
 // The public face
 
 impl TcpTransport {
+    /// The listener's address (where late or bad peers knock).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
     /// What the kernel's io_uring offered.
     pub fn features(&self) -> UringFeatures {
         self.shared.features

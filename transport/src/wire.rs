@@ -535,12 +535,17 @@ fn parse_payload(kind: FrameKind, id: u64, payload: &[u8], base: u64) -> Result<
             version: r.page()?,
         },
         FrameKind::PushPages => {
+            let count_at = r.base;
             let count = r.u32("page count")? as usize;
             // Checked against the payload length before allocating for `count` pages.
             if count > MAX_PAGES_PER_FRAME
                 || payload.len() != 4 + count.saturating_mul(PAGE_RECORD_BYTES)
             {
-                return Err(r.err("page count does not match the payload length"));
+                return Err(WireError::Malformed {
+                    offset: count_at,
+                    kind,
+                    what: "page count does not match the payload length",
+                });
             }
             let mut pages = Vec::with_capacity(count);
             for _ in 0..count {
