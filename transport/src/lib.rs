@@ -233,7 +233,9 @@ pub trait Transport: Send + Sync {
     /// The implementation, for logs: "io_uring-tcp" (later "rdma-verbs").
     fn name(&self) -> &'static str;
 
-    /// Queue a one-way message.
+    /// Queue a one-way message. When the peer's outbound queue is full (a bounded number of
+    /// bytes), the call blocks for a bounded time waiting for room, then fails with
+    /// [`TransportError::QueueFull`]; the same holds for every other queuing method.
     fn send(&self, to: NodeId, payload: &[u8]) -> Result<(), TransportError>;
     /// Queue a request; the answer arrives as [`Event::Response`] with the returned id.
     fn request(&self, to: NodeId, payload: &[u8]) -> Result<RequestId, TransportError>;

@@ -1727,6 +1727,7 @@ impl IoThread {
             std::mem::forget(conns);
             std::mem::forget(pending);
             std::mem::forget(self.bufring.take());
+            std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new([0u8; 8])));
         }
         self.shared.inbox_cv.notify_all();
     }
