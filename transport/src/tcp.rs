@@ -77,6 +77,10 @@ pub struct TcpConfig {
     pub max_inbound_bytes: u64,
     /// Submission queue entries of the ring.
     pub ring_entries: u32,
+    /// Use multishot receives when the kernel has them (false forces the single-shot path).
+    pub multishot_recv: bool,
+    /// Use SEND_ZC for large batches when the kernel has it (false forces plain SEND).
+    pub send_zc: bool,
 }
 
 impl TcpConfig {
@@ -94,6 +98,8 @@ impl TcpConfig {
             send_timeout_ms: 10_000,
             max_inbound_bytes: 256 << 20,
             ring_entries: 256,
+            multishot_recv: true,
+            send_zc: true,
         }
     }
 
@@ -749,11 +755,13 @@ impl Bound {
                 )));
             }
         }
-        let send_zc = probe.is_supported(opcode::SendZc::CODE);
+        let send_zc = cfg.send_zc && probe.is_supported(opcode::SendZc::CODE);
         let memlock = uring::memlock_limit_bytes();
         // The buffer ring pins one page; take it only when the limit leaves room for it twice
         // over, since other rings of the process share the same limit.
-        let bufring = if memlock.is_some_and(|l| l < 4 * BUF_RING_PINNED_BYTES) {
+        let bufring = if !cfg.multishot_recv {
+            None
+        } else if memlock.is_some_and(|l| l < 4 * BUF_RING_PINNED_BYTES) {
             tracing::info!(
                 node = cfg.rank,
                 memlock_limit_bytes = memlock,
@@ -829,7 +837,7 @@ impl Bound {
                         decoder,
                         ended: false,
                         recv_armed: false,
-                        recv_buf: vec![0u8; RECV_BUFFER_BYTES as usize].into_boxed_slice(),
+                        recv_buf: Vec::new(),
                         sending: Vec::new(),
                         send_off: 0,
                         send_inflight: false,
@@ -855,6 +863,7 @@ impl Bound {
             wake_buf: Box::new([0u8; 8]),
             wake_armed: false,
             accept_armed: false,
+            accept_retry_at: None,
             ops: 0,
             multishot: features.multishot_recv,
             zc: send_zc,
@@ -907,8 +916,8 @@ struct Conn {
     /// PeerLeft or PeerLost was reported; the socket is shut down.
     ended: bool,
     recv_armed: bool,
-    /// Single-shot receive buffer, used when multishot is unavailable.
-    recv_buf: Box<[u8]>,
+    /// Single-shot receive buffer, allocated only when multishot is unavailable.
+    recv_buf: Vec<u8>,
     /// The batch being sent; the kernel may read it until the send's final completion.
     sending: Vec<u8>,
     send_off: usize,
@@ -952,6 +961,8 @@ struct IoThread {
     wake_buf: Box<[u8; 8]>,
     wake_armed: bool,
     accept_armed: bool,
+    /// After a failed accept (out of descriptors, say), wait before trying again.
+    accept_retry_at: Option<Instant>,
     /// Operations in flight on the ring.
     ops: u64,
     multishot: bool,
@@ -1090,7 +1101,10 @@ impl IoThread {
             self.push(e)?;
             self.wake_armed = true;
         }
-        if !self.accept_armed && self.shared.stop.load(Ordering::Acquire) == RUN {
+        if !self.accept_armed
+            && self.shared.stop.load(Ordering::Acquire) == RUN
+            && self.accept_retry_at.is_none_or(|t| Instant::now() >= t)
+        {
             let e = opcode::Accept::new(
                 types::Fd(self.listener.as_raw_fd()),
                 std::ptr::null_mut(),
@@ -1115,6 +1129,9 @@ impl IoThread {
                     if self.multishot {
                         opcode::RecvMulti::new(fd, RECV_BGID).build().user_data(ud)
                     } else {
+                        if c.recv_buf.is_empty() {
+                            c.recv_buf = vec![0u8; RECV_BUFFER_BYTES as usize];
+                        }
                         opcode::Recv::new(fd, c.recv_buf.as_mut_ptr(), c.recv_buf.len() as u32)
                             .build()
                             .user_data(ud)
@@ -1202,7 +1219,12 @@ impl IoThread {
                 if res >= 0 {
                     self.accepted(res);
                 } else if res != -libc::ECANCELED {
-                    tracing::debug!(node = self.shared.rank, "accept failed: errno {}", -res);
+                    tracing::warn!(
+                        node = self.shared.rank,
+                        "accept failed: errno {}; retrying in 100 ms",
+                        -res
+                    );
+                    self.accept_retry_at = Some(Instant::now() + Duration::from_millis(100));
                 }
             }
             OP_RECV => {

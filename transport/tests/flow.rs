@@ -78,8 +78,20 @@ fn full_queue_to_a_stuck_peer_fails_within_the_timeout() {
 
 #[test]
 fn a_node_that_stops_polling_pauses_receiving_and_loses_nothing() {
+    pause_and_resume(true);
+}
+
+#[test]
+fn pause_and_resume_with_single_shot_receives() {
+    pause_and_resume(false);
+}
+
+fn pause_and_resume(multishot: bool) {
     let limit = (HEADER_BYTES + MAX_PAYLOAD_BYTES) as u64;
-    let nodes = mesh(2, |c| c.max_inbound_bytes = limit);
+    let nodes = mesh(2, |c| {
+        c.max_inbound_bytes = limit;
+        c.multishot_recv = multishot;
+    });
     const COUNT: usize = 40;
     let sender = std::thread::scope(|s| {
         let h = s.spawn(|| {

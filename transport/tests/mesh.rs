@@ -47,7 +47,27 @@ fn page(seed: u64) -> PageVersion {
 
 #[test]
 fn all_to_all_messages_keep_per_peer_order() {
-    let nodes = mesh(3, |_| {});
+    all_to_all(true);
+}
+
+/// The fallback paths: single-shot receives into per-peer buffers, plain SEND only.
+#[test]
+fn all_to_all_without_multishot_or_zero_copy() {
+    all_to_all(false);
+}
+
+fn all_to_all(kernel_features: bool) {
+    let nodes = mesh(3, |c| {
+        c.multishot_recv = kernel_features;
+        c.send_zc = kernel_features;
+    });
+    if !kernel_features {
+        let f = nodes[0].features();
+        assert!(
+            !f.multishot_recv && !f.send_zc && f.pinned_bytes == 0,
+            "{f:?}"
+        );
+    }
     // Sizes from empty to 1 MiB, interleaved so small frames coalesce behind big ones.
     let sizes: Vec<usize> = vec![
         0,
