@@ -15,6 +15,9 @@ use dvm_engine::store::{Conflict, TxnId};
 pub const MAX_DELTAS: usize = 1 << 16;
 /// Most timestamp requests or grants in one message.
 pub const MAX_BATCH: usize = 1 << 16;
+/// Largest opaque payload (an ending's effects with its console output, a task, a report):
+/// the engine's output limit plus room for the rest.
+pub const MAX_BLOB_BYTES: usize = (64 << 20) + (1 << 20);
 
 /// The bytes one commit stored on one page.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,11 +73,14 @@ pub enum Msg {
         page: u64,
         snapshot_ts: u64,
     },
-    /// The newest version at or below the snapshot (`None`: the page reads as zeros).
+    /// The newest version at or below the snapshot (`None`: the page reads as zeros). It is
+    /// also the version every snapshot from `version_ts` to `valid_to` sees, so a reader may
+    /// cache it for those.
     ReadReply {
         req: u64,
         page: u64,
         version_ts: u64,
+        valid_to: u64,
         data: Option<Box<[u8; PAGE_BYTES]>>,
     },
     Prepare {
@@ -89,9 +95,13 @@ pub enum Msg {
         txn: TxnId,
         conflict: Conflict,
     },
+    /// Install `txn`'s prepared deltas at `first` and `forced` (its exit record, never
+    /// conflict-checked) at `last`.
     Commit {
         txn: TxnId,
-        ts: u64,
+        first: u64,
+        last: u64,
+        forced: Vec<PageDelta>,
     },
     Installed {
         txn: TxnId,
@@ -110,11 +120,13 @@ pub enum Msg {
     TsGrant {
         grants: Vec<(TxnId, u64)>,
     },
-    /// To the sequencer: `txn`'s timestamps are installed everywhere.
+    /// To the sequencer: `txn`'s timestamps are installed everywhere; `effects` (opaque
+    /// here) take effect at node 0 in timestamp order.
     Complete {
         txn: TxnId,
         first: u64,
         count: u64,
+        effects: Vec<u8>,
     },
     CompleteAck {
         txn: TxnId,
@@ -122,6 +134,25 @@ pub enum Msg {
     /// From the sequencer: every timestamp at or below `ts` is installed everywhere.
     Watermark {
         ts: u64,
+    },
+    /// From node 0: run this runner (an engine task, encoded by the engine).
+    RunTask {
+        task: Vec<u8>,
+    },
+    /// To node 0: a runtime service (runner ids, stacks, heap, console input).
+    Control {
+        req: u64,
+        op: Vec<u8>,
+    },
+    ControlReply {
+        req: u64,
+        reply: Vec<u8>,
+    },
+    /// From node 0: the run is over; answer with `NodeReport`.
+    Shutdown,
+    /// To node 0: this node's counters at the end of the run.
+    NodeReport {
+        report: Vec<u8>,
     },
 }
 
@@ -221,6 +252,20 @@ impl Reader<'_> {
         (0..count).map(|_| Ok((self.u64()?, self.u64()?))).collect()
     }
 
+    fn blob(&mut self, what: &'static str) -> Result<Vec<u8>, MsgDecodeError> {
+        let len = self.count(what, MAX_BLOB_BYTES)?;
+        Ok(self.take(len)?.to_vec())
+    }
+
+    fn deltas(&mut self) -> Result<Vec<PageDelta>, MsgDecodeError> {
+        let count = self.count("page delta", MAX_DELTAS)?;
+        let mut deltas = Vec::with_capacity(count.min(64));
+        for _ in 0..count {
+            deltas.push(self.delta()?);
+        }
+        Ok(deltas)
+    }
+
     fn delta(&mut self) -> Result<PageDelta, MsgDecodeError> {
         let page = self.u64()?;
         let mask = self.mask()?;
@@ -241,6 +286,23 @@ impl Reader<'_> {
 
 fn put(out: &mut Vec<u8>, value: u64) {
     out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_blob(out: &mut Vec<u8>, blob: &[u8]) {
+    put(out, blob.len() as u64);
+    out.extend_from_slice(blob);
+}
+
+fn put_deltas(out: &mut Vec<u8>, deltas: &[PageDelta]) {
+    put(out, deltas.len() as u64);
+    for delta in deltas {
+        put(out, delta.page);
+        for word in delta.mask.iter() {
+            put(out, *word);
+        }
+        put(out, delta.bytes.len() as u64);
+        out.extend_from_slice(&delta.bytes);
+    }
 }
 
 fn put_pairs(out: &mut Vec<u8>, pairs: &[(u64, u64)]) {
@@ -269,12 +331,14 @@ impl Msg {
                 req,
                 page,
                 version_ts,
+                valid_to,
                 data,
             } => {
                 out.push(2);
                 put(&mut out, *req);
                 put(&mut out, *page);
                 put(&mut out, *version_ts);
+                put(&mut out, *valid_to);
                 match data {
                     None => out.push(0),
                     Some(data) => {
@@ -291,15 +355,7 @@ impl Msg {
                 out.push(3);
                 put(&mut out, *txn);
                 put(&mut out, *snapshot_ts);
-                put(&mut out, deltas.len() as u64);
-                for delta in deltas {
-                    put(&mut out, delta.page);
-                    for word in delta.mask.iter() {
-                        put(&mut out, *word);
-                    }
-                    put(&mut out, delta.bytes.len() as u64);
-                    out.extend_from_slice(&delta.bytes);
-                }
+                put_deltas(&mut out, deltas);
             }
             Msg::Prepared { txn } => {
                 out.push(4);
@@ -310,10 +366,17 @@ impl Msg {
                 put(&mut out, *txn);
                 encode_conflict(conflict, &mut out);
             }
-            Msg::Commit { txn, ts } => {
+            Msg::Commit {
+                txn,
+                first,
+                last,
+                forced,
+            } => {
                 out.push(6);
                 put(&mut out, *txn);
-                put(&mut out, *ts);
+                put(&mut out, *first);
+                put(&mut out, *last);
+                put_deltas(&mut out, forced);
             }
             Msg::Installed { txn } => {
                 out.push(7);
@@ -335,11 +398,17 @@ impl Msg {
                 out.push(11);
                 put_pairs(&mut out, grants);
             }
-            Msg::Complete { txn, first, count } => {
+            Msg::Complete {
+                txn,
+                first,
+                count,
+                effects,
+            } => {
                 out.push(12);
                 put(&mut out, *txn);
                 put(&mut out, *first);
                 put(&mut out, *count);
+                put_blob(&mut out, effects);
             }
             Msg::CompleteAck { txn } => {
                 out.push(13);
@@ -348,6 +417,25 @@ impl Msg {
             Msg::Watermark { ts } => {
                 out.push(14);
                 put(&mut out, *ts);
+            }
+            Msg::RunTask { task } => {
+                out.push(15);
+                put_blob(&mut out, task);
+            }
+            Msg::Control { req, op } => {
+                out.push(16);
+                put(&mut out, *req);
+                put_blob(&mut out, op);
+            }
+            Msg::ControlReply { req, reply } => {
+                out.push(17);
+                put(&mut out, *req);
+                put_blob(&mut out, reply);
+            }
+            Msg::Shutdown => out.push(18),
+            Msg::NodeReport { report } => {
+                out.push(19);
+                put_blob(&mut out, report);
             }
         }
         out
@@ -365,6 +453,7 @@ impl Msg {
                 req: r.u64()?,
                 page: r.u64()?,
                 version_ts: r.u64()?,
+                valid_to: r.u64()?,
                 data: match r.u8()? {
                     0 => None,
                     _ => Some(r.page()?),
@@ -373,11 +462,7 @@ impl Msg {
             3 => {
                 let txn = r.u64()?;
                 let snapshot_ts = r.u64()?;
-                let count = r.count("page delta", MAX_DELTAS)?;
-                let mut deltas = Vec::with_capacity(count.min(64));
-                for _ in 0..count {
-                    deltas.push(r.delta()?);
-                }
+                let deltas = r.deltas()?;
                 Msg::Prepare {
                     txn,
                     snapshot_ts,
@@ -395,7 +480,9 @@ impl Msg {
             }
             6 => Msg::Commit {
                 txn: r.u64()?,
-                ts: r.u64()?,
+                first: r.u64()?,
+                last: r.u64()?,
+                forced: r.deltas()?,
             },
             7 => Msg::Installed { txn: r.u64()? },
             8 => Msg::Abort { txn: r.u64()? },
@@ -410,9 +497,25 @@ impl Msg {
                 txn: r.u64()?,
                 first: r.u64()?,
                 count: r.u64()?,
+                effects: r.blob("effects")?,
             },
             13 => Msg::CompleteAck { txn: r.u64()? },
             14 => Msg::Watermark { ts: r.u64()? },
+            15 => Msg::RunTask {
+                task: r.blob("task")?,
+            },
+            16 => Msg::Control {
+                req: r.u64()?,
+                op: r.blob("control request")?,
+            },
+            17 => Msg::ControlReply {
+                req: r.u64()?,
+                reply: r.blob("control reply")?,
+            },
+            18 => Msg::Shutdown,
+            19 => Msg::NodeReport {
+                report: r.blob("node report")?,
+            },
             tag => return Err(MsgDecodeError::UnknownTag { tag }),
         };
         match bytes.len() - r.offset {
@@ -453,12 +556,14 @@ mod tests {
                 req: 1,
                 page: 2,
                 version_ts: 0,
+                valid_to: 3,
                 data: None,
             },
             Msg::ReadReply {
                 req: 1,
                 page: 2,
                 version_ts: 7,
+                valid_to: 9,
                 data: Some(Box::new([5u8; PAGE_BYTES])),
             },
             Msg::Prepare {
@@ -468,7 +573,12 @@ mod tests {
             },
             Msg::Prepared { txn: 8 },
             Msg::Refused { txn: 8, conflict },
-            Msg::Commit { txn: 8, ts: 12 },
+            Msg::Commit {
+                txn: 8,
+                first: 12,
+                last: 13,
+                forced: vec![delta(5, 4088, 8, 1)],
+            },
             Msg::Installed { txn: 8 },
             Msg::Abort { txn: 8 },
             Msg::Aborted { txn: 8 },
@@ -482,9 +592,21 @@ mod tests {
                 txn: 8,
                 first: 12,
                 count: 2,
+                effects: vec![1, 2, 3],
             },
             Msg::CompleteAck { txn: 8 },
             Msg::Watermark { ts: 13 },
+            Msg::RunTask { task: vec![4; 40] },
+            Msg::Control {
+                req: 3,
+                op: vec![1],
+            },
+            Msg::ControlReply {
+                req: 3,
+                reply: vec![],
+            },
+            Msg::Shutdown,
+            Msg::NodeReport { report: vec![9; 8] },
         ]
     }
 
@@ -537,7 +659,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_messages_never_panic(index in 0usize..15, at in any::<usize>(), byte in any::<u8>()) {
+        fn mutated_messages_never_panic(index in 0usize..20, at in any::<usize>(), byte in any::<u8>()) {
             let mut bytes = samples()[index].encode();
             let at = at % bytes.len();
             bytes[at] = byte;

@@ -6,10 +6,14 @@
 //! A node plays three roles:
 //! - **home** of the pages `home_of` gives it: serves reads at a snapshot, prepares (intents,
 //!   conflict check — `dvm_engine::store::PageStore::prepare`), commits at a timestamp, aborts;
-//! - **coordinator** of the commits of runners that ended on it: prepare at every home, a
-//!   timestamp from the sequencer, commit at every home, completion to the sequencer;
+//! - **coordinator** of the endings of runners that ran on it, in two calls: `prepare` (at
+//!   every home of a page the runner stored to; refused on a conflict, and then aborted at
+//!   every home), then `finish` (timestamps from the sequencer, commit at every home — prepared
+//!   deltas at the first timestamp, the exit record at the last — and completion, with the
+//!   ending's effects, to the sequencer);
 //! - **sequencer**, on node 0 only: allocates timestamps (batched requests), tracks completed
-//!   timestamp ranges and advances the global watermark over their contiguous prefix.
+//!   timestamp ranges, advances the global watermark over their contiguous prefix, and hands
+//!   the effects of each range out in timestamp order (`Done::Applied`).
 //!
 //! Messages may be lost with their connection and so are retried on every `tick`; every
 //! handler is idempotent, which is what makes retries safe:
@@ -28,8 +32,9 @@
 
 use crate::msg::{Msg, PageDelta};
 use dvm_engine::page::{PageSource, PAGE_BYTES};
-use dvm_engine::store::{Conflict, PageStore, PageWrite, TxnId};
+use dvm_engine::store::{Conflict, ConflictWith, PageStore, PageWrite, TxnId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 pub type NodeId = usize;
 
@@ -55,11 +60,23 @@ pub enum Done {
     Read {
         req: u64,
         page: u64,
+        version_ts: u64,
+        valid_to: u64,
         data: Option<Box<[u8; PAGE_BYTES]>>,
     },
-    Commit {
+    /// `prepare` answered: intents held at every home, or refused (and every intent removed).
+    Prepare {
         txn: TxnId,
-        result: Result<u64, Conflict>,
+        result: Result<(), Conflict>,
+    },
+    /// `finish` is done: installed at every home at `first..=last`, completion acknowledged.
+    Finished { txn: TxnId, first: u64 },
+    /// On node 0: the effects of the range `first..=last`, in timestamp order.
+    Applied {
+        txn: TxnId,
+        first: u64,
+        last: u64,
+        effects: Vec<u8>,
     },
 }
 
@@ -71,22 +88,20 @@ enum Decided {
     Aborted,
 }
 
-struct Prepared {
-    writes: Vec<PageWrite>,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum TxnState {
     Preparing {
         waiting: BTreeSet<NodeId>,
     },
+    /// Prepared everywhere; waiting for `finish`.
+    Prepared,
     AwaitTs,
     Committing {
-        ts: u64,
+        first: u64,
         waiting: BTreeSet<NodeId>,
     },
     Completing {
-        ts: u64,
+        first: u64,
     },
     Aborting {
         conflict: Conflict,
@@ -96,8 +111,23 @@ enum TxnState {
 
 struct Txn {
     snapshot_ts: u64,
-    by_home: BTreeMap<NodeId, Vec<PageDelta>>,
+    /// Conflict-checked deltas, by home.
+    checked: BTreeMap<NodeId, Vec<PageDelta>>,
+    /// Exit-record deltas, installed at the last timestamp without a check, by home.
+    forced: BTreeMap<NodeId, Vec<PageDelta>>,
+    count: u64,
+    effects: Vec<u8>,
     state: TxnState,
+}
+
+impl Txn {
+    fn homes(&self) -> BTreeSet<NodeId> {
+        self.checked
+            .keys()
+            .chain(self.forced.keys())
+            .copied()
+            .collect()
+    }
 }
 
 #[derive(Default)]
@@ -105,8 +135,8 @@ struct Sequencer {
     next_ts: u64,
     /// Every grant, so that a retried request gets the same timestamps.
     grants: BTreeMap<TxnId, (u64, u64)>,
-    /// Completed ranges above the watermark: first -> (count, transaction).
-    parked: BTreeMap<u64, (u64, TxnId)>,
+    /// Completed ranges above the watermark: first -> (count, transaction, effects).
+    parked: BTreeMap<u64, (u64, TxnId, Vec<u8>)>,
     completed: BTreeSet<TxnId>,
     watermark: u64,
     /// Transactions in the order their ranges passed the watermark (commit order).
@@ -126,29 +156,36 @@ impl Sequencer {
             .0
     }
 
-    /// Records a completion; returns whether the watermark moved.
-    fn complete(&mut self, txn: TxnId, first: u64, count: u64) -> bool {
+    /// Records a completion; returns the ranges that passed the watermark, in order.
+    fn complete(&mut self, txn: TxnId, first: u64, count: u64, effects: Vec<u8>) -> Vec<Done> {
         if self.grants.get(&txn) != Some(&(first, count)) || !self.completed.insert(txn) {
-            return false;
+            return Vec::new();
         }
-        self.parked.insert(first, (count, txn));
-        let before = self.watermark;
-        while let Some((count, txn)) = self.parked.remove(&(self.watermark + 1)) {
-            self.applied.push((txn, self.watermark + 1));
+        self.parked.insert(first, (count, txn, effects));
+        let mut applied = Vec::new();
+        while let Some((count, txn, effects)) = self.parked.remove(&(self.watermark + 1)) {
+            let first = self.watermark + 1;
+            self.applied.push((txn, first));
             self.watermark += count;
+            applied.push(Done::Applied {
+                txn,
+                first,
+                last: self.watermark,
+                effects,
+            });
         }
-        self.watermark != before
+        applied
     }
 }
 
 pub struct Node {
     config: NodeConfig,
-    store: PageStore,
+    store: Arc<PageStore>,
     pages: PageSource,
-    /// Home: transactions holding intents here.
-    prepared: BTreeMap<TxnId, Prepared>,
+    /// Home: transactions holding intents here, and what was decided.
+    prepared: BTreeMap<TxnId, Vec<PageWrite>>,
     decided: BTreeMap<TxnId, Decided>,
-    /// Coordinator: this node's commits in flight, and remote reads in flight.
+    /// Coordinator: this node's endings in flight, and remote reads in flight.
     txns: BTreeMap<TxnId, Txn>,
     reads: BTreeMap<u64, (NodeId, u64, u64)>,
     ts_batch: Vec<(TxnId, u64)>,
@@ -160,8 +197,8 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(config: NodeConfig, pages: PageSource) -> Node {
-        let store = PageStore::new();
+    /// `store` holds the pages this node homes; `pages` is where their page memory comes from.
+    pub fn new(config: NodeConfig, store: Arc<PageStore>, pages: PageSource) -> Node {
         let sequencer = (config.id == 0).then(Sequencer::default);
         Node {
             config,
@@ -184,19 +221,28 @@ impl Node {
         self.config.id
     }
 
+    pub fn world(&self) -> usize {
+        self.config.world
+    }
+
     /// The global watermark as this node last heard it: snapshots are taken here.
     pub fn watermark(&self) -> u64 {
         self.watermark
     }
 
-    /// The home's store (for checks after a run).
-    pub fn store(&self) -> &PageStore {
+    /// The home's store.
+    pub fn store(&self) -> &Arc<PageStore> {
         &self.store
     }
 
-    /// On the sequencer: committed transactions in commit order, with their timestamps.
+    /// On the sequencer: committed transactions in commit order, with their first timestamps.
     pub fn commit_order(&self) -> Option<&[(TxnId, u64)]> {
         self.sequencer.as_ref().map(|seq| seq.applied.as_slice())
+    }
+
+    /// Endings this node coordinates that have not finished (for progress reports and tests).
+    pub fn in_flight(&self) -> usize {
+        self.txns.len()
     }
 
     pub fn take_outbox(&mut self) -> Vec<(NodeId, Msg)> {
@@ -222,22 +268,54 @@ impl Node {
         self.drain_local();
     }
 
-    /// Commits the deltas of `txn`, made at `snapshot_ts`; the answer comes as `Done::Commit`.
-    pub fn commit(&mut self, txn: TxnId, snapshot_ts: u64, deltas: Vec<PageDelta>) {
-        let mut by_home: BTreeMap<NodeId, Vec<PageDelta>> = BTreeMap::new();
-        for delta in deltas {
-            by_home
-                .entry(home_of(delta.page, self.config.world))
-                .or_default()
-                .push(delta);
-        }
-        let waiting: BTreeSet<NodeId> = by_home.keys().copied().collect();
-        let txn_state = Txn {
-            snapshot_ts,
-            by_home,
-            state: TxnState::Preparing { waiting },
+    /// Prepares the deltas of `txn`, made at `snapshot_ts`, at their homes; the answer comes as
+    /// `Done::Prepare`. After an `Ok`, call `finish`; after an `Err`, nothing is held anywhere.
+    pub fn prepare(&mut self, txn: TxnId, snapshot_ts: u64, deltas: Vec<PageDelta>) {
+        let checked = self.by_home(deltas);
+        let waiting: BTreeSet<NodeId> = checked.keys().copied().collect();
+        let state = if waiting.is_empty() {
+            self.done.push(Done::Prepare {
+                txn,
+                result: Ok(()),
+            });
+            TxnState::Prepared
+        } else {
+            TxnState::Preparing { waiting }
         };
-        self.txns.insert(txn, txn_state);
+        let t = Txn {
+            snapshot_ts,
+            checked,
+            forced: BTreeMap::new(),
+            count: 1,
+            effects: Vec::new(),
+            state,
+        };
+        self.txns.insert(txn, t);
+        self.resend(txn);
+        self.drain_local();
+    }
+
+    /// Finishes `txn` — prepared, or never prepared (an ending that only publishes its exit
+    /// record): `count` timestamps; prepared deltas installed at the first, `forced` at the
+    /// last; `effects` handed out at node 0 in timestamp order. Answered by `Done::Finished`.
+    pub fn finish(&mut self, txn: TxnId, forced: Vec<PageDelta>, count: u64, effects: Vec<u8>) {
+        let forced = self.by_home(forced);
+        let t = self.txns.entry(txn).or_insert_with(|| Txn {
+            snapshot_ts: 0,
+            checked: BTreeMap::new(),
+            forced: BTreeMap::new(),
+            count: 1,
+            effects: Vec::new(),
+            state: TxnState::Prepared,
+        });
+        if t.state != TxnState::Prepared {
+            debug_assert!(false, "finish of txn {txn} in state {:?}", t.state);
+            return;
+        }
+        t.forced = forced;
+        t.count = count.max(1);
+        t.effects = effects;
+        t.state = TxnState::AwaitTs;
         self.resend(txn);
         self.drain_local();
     }
@@ -269,9 +347,22 @@ impl Node {
         self.drain_local();
     }
 
-    pub fn on_message(&mut self, from: NodeId, msg: Msg) {
-        self.handle(from, msg);
+    /// Handles a protocol message; `false` if `msg` is not one (the runtime's own messages).
+    pub fn on_message(&mut self, from: NodeId, msg: Msg) -> bool {
+        let handled = self.handle(from, msg);
         self.drain_local();
+        handled
+    }
+
+    fn by_home(&self, deltas: Vec<PageDelta>) -> BTreeMap<NodeId, Vec<PageDelta>> {
+        let mut by_home: BTreeMap<NodeId, Vec<PageDelta>> = BTreeMap::new();
+        for delta in deltas {
+            by_home
+                .entry(home_of(delta.page, self.config.world))
+                .or_default()
+                .push(delta);
+        }
+        by_home
     }
 
     fn send(&mut self, to: NodeId, msg: Msg) {
@@ -302,7 +393,7 @@ impl Node {
         match &t.state {
             TxnState::Preparing { waiting } => {
                 for home in waiting {
-                    let deltas = t.by_home.get(home).cloned().unwrap_or_default();
+                    let deltas = t.checked.get(home).cloned().unwrap_or_default();
                     let snapshot_ts = t.snapshot_ts;
                     out.push((
                         *home,
@@ -314,21 +405,32 @@ impl Node {
                     ));
                 }
             }
-            TxnState::AwaitTs => self.ts_batch.push((txn, 1)),
-            TxnState::Committing { ts, waiting } => {
-                out.extend(
-                    waiting
-                        .iter()
-                        .map(|home| (*home, Msg::Commit { txn, ts: *ts })),
-                );
+            TxnState::Prepared => {}
+            TxnState::AwaitTs => self.ts_batch.push((txn, t.count)),
+            TxnState::Committing { first, waiting } => {
+                let last = first + t.count - 1;
+                for home in waiting {
+                    let forced = t.forced.get(home).cloned().unwrap_or_default();
+                    out.push((
+                        *home,
+                        Msg::Commit {
+                            txn,
+                            first: *first,
+                            last,
+                            forced,
+                        },
+                    ));
+                }
             }
-            TxnState::Completing { ts } => {
+            TxnState::Completing { first } => {
+                let (first, count, effects) = (*first, t.count, t.effects.clone());
                 out.push((
                     0,
                     Msg::Complete {
                         txn,
-                        first: *ts,
-                        count: 1,
+                        first,
+                        count,
+                        effects,
                     },
                 ));
             }
@@ -341,7 +443,7 @@ impl Node {
         }
     }
 
-    fn handle(&mut self, from: NodeId, msg: Msg) {
+    fn handle(&mut self, from: NodeId, msg: Msg) -> bool {
         match msg {
             Msg::Read {
                 req,
@@ -349,10 +451,20 @@ impl Node {
                 snapshot_ts,
             } => self.home_read(from, req, page, snapshot_ts),
             Msg::ReadReply {
-                req, page, data, ..
+                req,
+                page,
+                version_ts,
+                valid_to,
+                data,
             } => {
                 if self.reads.remove(&req).is_some() {
-                    self.done.push(Done::Read { req, page, data });
+                    self.done.push(Done::Read {
+                        req,
+                        page,
+                        version_ts,
+                        valid_to,
+                        data,
+                    });
                 }
             }
             Msg::Prepare {
@@ -360,7 +472,12 @@ impl Node {
                 snapshot_ts,
                 deltas,
             } => self.home_prepare(from, txn, snapshot_ts, deltas),
-            Msg::Commit { txn, ts } => self.home_commit(from, txn, ts),
+            Msg::Commit {
+                txn,
+                first,
+                last,
+                forced,
+            } => self.home_commit(from, txn, first, last, forced),
             Msg::Abort { txn } => self.home_abort(from, txn),
             Msg::Prepared { txn } => self.on_prepared(from, txn),
             Msg::Refused { txn, conflict } => self.on_refused(txn, conflict),
@@ -368,16 +485,34 @@ impl Node {
             Msg::Aborted { txn } => self.on_aborted(from, txn),
             Msg::TsRequest { txns } => self.sequencer_grant(from, txns),
             Msg::TsGrant { grants } => self.on_grants(grants),
-            Msg::Complete { txn, first, count } => self.sequencer_complete(from, txn, first, count),
+            Msg::Complete {
+                txn,
+                first,
+                count,
+                effects,
+            } => self.sequencer_complete(from, txn, first, count, effects),
             Msg::CompleteAck { txn } => self.on_complete_ack(txn),
             Msg::Watermark { ts } => self.watermark = self.watermark.max(ts),
+            Msg::RunTask { .. }
+            | Msg::Control { .. }
+            | Msg::ControlReply { .. }
+            | Msg::Shutdown
+            | Msg::NodeReport { .. } => return false,
         }
+        true
     }
 
     // ---- home ----
 
     fn home_read(&mut self, from: NodeId, req: u64, page: u64, snapshot_ts: u64) {
-        let (version_ts, data) = match self.store.read_version(page, snapshot_ts) {
+        let found = self.store.read_version(page, snapshot_ts);
+        // Every timestamp at or below the watermark is installed here, so with no newer
+        // version installed, none can appear at or below it.
+        let valid_to = match found.next_ts {
+            Some(next) => next - 1,
+            None => snapshot_ts.max(self.watermark),
+        };
+        let (version_ts, data) = match found.version {
             Some((ts, data)) => (ts, Some(Box::new(**data))),
             None => (0, None),
         };
@@ -385,6 +520,7 @@ impl Node {
             req,
             page,
             version_ts,
+            valid_to,
             data,
         };
         self.send(from, msg);
@@ -401,7 +537,7 @@ impl Node {
             None if self.prepared.contains_key(&txn) => Msg::Prepared { txn },
             None => match self.prepare_here(txn, snapshot_ts, &deltas) {
                 Ok(writes) => {
-                    self.prepared.insert(txn, Prepared { writes });
+                    self.prepared.insert(txn, writes);
                     Msg::Prepared { txn }
                 }
                 Err(conflict) => {
@@ -413,20 +549,16 @@ impl Node {
         self.send(from, answer);
     }
 
-    fn prepare_here(
-        &self,
-        txn: TxnId,
-        snapshot_ts: u64,
-        deltas: &[PageDelta],
-    ) -> Result<Vec<PageWrite>, Conflict> {
+    /// Page writes of deltas: zeros with the stored bytes in place (only those are installed).
+    fn writes_of(&self, txn: TxnId, deltas: &[PageDelta]) -> Result<Vec<PageWrite>, Conflict> {
         let mut writes = Vec::with_capacity(deltas.len());
         for delta in deltas {
             // Out of page memory at a home: the commit cannot be held, so it is refused as if
-            // it conflicted with itself at the page's first stored byte.
+            // it conflicted with itself at the page's first byte.
             let mut data = self.pages.zeroed().map_err(|_| Conflict {
                 key: delta.page,
                 offset: 0,
-                with: dvm_engine::store::ConflictWith::Prepared { txn },
+                with: ConflictWith::Prepared { txn },
             })?;
             delta.to_page(&mut data);
             writes.push(PageWrite {
@@ -435,33 +567,63 @@ impl Node {
                 stored: delta.mask.clone(),
             });
         }
+        Ok(writes)
+    }
+
+    fn prepare_here(
+        &self,
+        txn: TxnId,
+        snapshot_ts: u64,
+        deltas: &[PageDelta],
+    ) -> Result<Vec<PageWrite>, Conflict> {
+        let writes = self.writes_of(txn, deltas)?;
         if !self.config.broken_skip_conflict_check {
             self.store.prepare(txn, snapshot_ts, &writes)?;
         }
         Ok(writes)
     }
 
-    fn home_commit(&mut self, from: NodeId, txn: TxnId, ts: u64) {
-        if let Some(prepared) = self.prepared.remove(&txn) {
-            if self.config.broken_skip_conflict_check {
-                for write in prepared.writes {
-                    self.store.publish(ts, None, write, &self.pages);
-                }
-            } else {
-                self.store
-                    .commit(txn, None, ts, prepared.writes, &self.pages);
+    fn home_commit(
+        &mut self,
+        from: NodeId,
+        txn: TxnId,
+        first: u64,
+        last: u64,
+        forced: Vec<PageDelta>,
+    ) {
+        match self.decided.get(&txn) {
+            Some(Decided::Committed) => {}
+            Some(_) => {
+                debug_assert!(false, "commit of txn {txn}, refused or aborted here");
+                return;
             }
-            self.decided.insert(txn, Decided::Committed);
+            None => {
+                if let Some(writes) = self.prepared.remove(&txn) {
+                    if self.config.broken_skip_conflict_check {
+                        for write in writes {
+                            self.store.publish(first, None, write, &self.pages);
+                        }
+                    } else {
+                        self.store.commit(txn, None, first, writes, &self.pages);
+                    }
+                }
+                // An exit record: if its page memory cannot be had, the record is lost but
+                // the run goes on (as on one node).
+                if let Ok(writes) = self.writes_of(txn, &forced) {
+                    for write in writes {
+                        self.store.publish(last, None, write, &self.pages);
+                    }
+                }
+                self.decided.insert(txn, Decided::Committed);
+            }
         }
-        if self.decided.get(&txn) == Some(&Decided::Committed) {
-            self.send(from, Msg::Installed { txn });
-        }
+        self.send(from, Msg::Installed { txn });
     }
 
     fn home_abort(&mut self, from: NodeId, txn: TxnId) {
-        if let Some(prepared) = self.prepared.remove(&txn) {
+        if let Some(writes) = self.prepared.remove(&txn) {
             if !self.config.broken_skip_conflict_check {
-                self.store.abort(txn, prepared.writes.iter().map(|w| w.key));
+                self.store.abort(txn, writes.iter().map(|w| w.key));
             }
         }
         debug_assert_ne!(self.decided.get(&txn), Some(&Decided::Committed));
@@ -478,8 +640,11 @@ impl Node {
         if let TxnState::Preparing { waiting } = &mut t.state {
             waiting.remove(&from);
             if waiting.is_empty() {
-                t.state = TxnState::AwaitTs;
-                self.resend(txn);
+                t.state = TxnState::Prepared;
+                self.done.push(Done::Prepare {
+                    txn,
+                    result: Ok(()),
+                });
             }
         }
     }
@@ -489,20 +654,24 @@ impl Node {
             return;
         };
         if matches!(t.state, TxnState::Preparing { .. }) {
-            let waiting = t.by_home.keys().copied().collect();
+            let waiting = t.checked.keys().copied().collect();
             t.state = TxnState::Aborting { conflict, waiting };
             self.resend(txn);
         }
     }
 
     fn on_grants(&mut self, grants: Vec<(TxnId, u64)>) {
-        for (txn, ts) in grants {
+        for (txn, first) in grants {
             let Some(t) = self.txns.get_mut(&txn) else {
                 continue;
             };
             if t.state == TxnState::AwaitTs {
-                let waiting = t.by_home.keys().copied().collect();
-                t.state = TxnState::Committing { ts, waiting };
+                let waiting = t.homes();
+                t.state = if waiting.is_empty() {
+                    TxnState::Completing { first }
+                } else {
+                    TxnState::Committing { first, waiting }
+                };
                 self.resend(txn);
             }
         }
@@ -512,10 +681,10 @@ impl Node {
         let Some(t) = self.txns.get_mut(&txn) else {
             return;
         };
-        if let TxnState::Committing { ts, waiting } = &mut t.state {
+        if let TxnState::Committing { first, waiting } = &mut t.state {
             waiting.remove(&from);
             if waiting.is_empty() {
-                t.state = TxnState::Completing { ts: *ts };
+                t.state = TxnState::Completing { first: *first };
                 self.resend(txn);
             }
         }
@@ -530,7 +699,7 @@ impl Node {
             if waiting.is_empty() {
                 let conflict = *conflict;
                 self.txns.remove(&txn);
-                self.done.push(Done::Commit {
+                self.done.push(Done::Prepare {
                     txn,
                     result: Err(conflict),
                 });
@@ -540,16 +709,13 @@ impl Node {
 
     fn on_complete_ack(&mut self, txn: TxnId) {
         if let Some(Txn {
-            state: TxnState::Completing { ts },
+            state: TxnState::Completing { first },
             ..
         }) = self.txns.get(&txn)
         {
-            let ts = *ts;
+            let first = *first;
             self.txns.remove(&txn);
-            self.done.push(Done::Commit {
-                txn,
-                result: Ok(ts),
-            });
+            self.done.push(Done::Finished { txn, first });
         }
     }
 
@@ -566,16 +732,25 @@ impl Node {
         self.send(from, Msg::TsGrant { grants });
     }
 
-    fn sequencer_complete(&mut self, from: NodeId, txn: TxnId, first: u64, count: u64) {
+    fn sequencer_complete(
+        &mut self,
+        from: NodeId,
+        txn: TxnId,
+        first: u64,
+        count: u64,
+        effects: Vec<u8>,
+    ) {
         let Some(seq) = &mut self.sequencer else {
             return;
         };
-        let moved = seq.complete(txn, first, count);
+        let applied = seq.complete(txn, first, count, effects);
         let ts = seq.watermark;
-        if seq.completed.contains(&txn) {
+        let acknowledged = seq.completed.contains(&txn);
+        if acknowledged {
             self.send(from, Msg::CompleteAck { txn });
         }
-        if moved {
+        if !applied.is_empty() {
+            self.done.extend(applied);
             for node in 0..self.config.world {
                 self.send(node, Msg::Watermark { ts });
             }

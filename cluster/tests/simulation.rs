@@ -7,7 +7,10 @@
 //!   timestamps (no lost or duplicated commit);
 //! - every read saw the serial state at its snapshot, and nothing was committed to a word it
 //!   wrote between its snapshot and its commit (first committer wins: no lost update);
-//! - every home's final state is the serial final state (exact counters), and no intent is left.
+//! - every home's final state is the serial final state (exact counters), every runner's exit
+//!   record (published after each ending, whatever its outcome, without a conflict check) holds
+//!   its count of endings, and no intent is left;
+//! - node 0 hands out the endings' effects in timestamp order.
 //!
 //! `DVM_SIM_SEEDS=N` sets how many seeds run (default 2000); `DVM_SIM_SEED=S` reruns one seed
 //! alone. A seed reproduces its run exactly (same trace hash, same commit order).
@@ -16,7 +19,7 @@
 use dvm_cluster::msg::{Msg, PageDelta};
 use dvm_cluster::node::{Done, Node, NodeConfig, NodeId};
 use dvm_engine::page::{mark, MemoryAccount, PageSource, EMPTY_MASK, PAGE_BYTES};
-use dvm_engine::store::PageRead;
+use dvm_engine::store::{PageRead, PageStore};
 use dvm_transport::sim::{SimConfig, SimEvent, SimNet};
 use std::collections::BTreeMap;
 
@@ -27,6 +30,8 @@ const TICK_US: u64 = 5_000;
 const TIME_LIMIT_US: u64 = 120_000_000;
 const TXNS_PER_RUNNER: u32 = 4;
 const MAX_ATTEMPTS: u32 = 12;
+/// Runner `r`'s exit record: the first word of page `EXIT_PAGE + r`.
+const EXIT_PAGE: u64 = 0x3d0_0000_0000 >> 12;
 
 fn pages() -> PageSource {
     let topology = dvm_numa::Topology::detect();
@@ -63,9 +68,14 @@ enum RunnerState {
         waiting: usize,
         got: BTreeMap<u64, Option<Box<[u8; PAGE_BYTES]>>>,
     },
-    Committing {
+    Preparing {
         snapshot: u64,
         reads: Vec<(Word, u64)>,
+    },
+    /// Finishing a transaction: committing (with the reads) or only publishing the exit record.
+    Finishing {
+        snapshot: u64,
+        reads: Option<Vec<(Word, u64)>>,
     },
     Finished,
 }
@@ -75,6 +85,7 @@ struct Runner {
     state: RunnerState,
     committed: u32,
     attempts: u32,
+    endings: u64,
 }
 
 struct Sim {
@@ -87,6 +98,11 @@ struct Sim {
     req_owner: BTreeMap<u64, usize>,
     txn_owner: BTreeMap<u64, usize>,
     records: Vec<Record>,
+    /// Every finished transaction's first timestamp and count (commits and publications).
+    finished: BTreeMap<u64, (u64, u64)>,
+    counts: BTreeMap<u64, u64>,
+    /// Node 0's `Applied` hand-outs, in the order they came.
+    applied: Vec<(u64, u64)>,
     gave_up: u64,
     refused: u64,
 }
@@ -118,7 +134,7 @@ impl Sim {
                     world,
                     broken_skip_conflict_check: broken && id == 1,
                 };
-                Node::new(config, pages.clone())
+                Node::new(config, std::sync::Arc::new(PageStore::new()), pages.clone())
             })
             .collect();
         let per_node = 1 + probe.below(3) as usize;
@@ -128,6 +144,7 @@ impl Sim {
                 state: RunnerState::Finished,
                 committed: 0,
                 attempts: 0,
+                endings: 0,
             })
             .collect();
         Sim {
@@ -140,6 +157,9 @@ impl Sim {
             req_owner: BTreeMap::new(),
             txn_owner: BTreeMap::new(),
             records: Vec::new(),
+            finished: BTreeMap::new(),
+            counts: BTreeMap::new(),
+            applied: Vec::new(),
             gave_up: 0,
             refused: 0,
         }
@@ -201,7 +221,9 @@ impl Sim {
 
     fn on_done(&mut self, done: Done) {
         match done {
-            Done::Read { req, page, data } => {
+            Done::Read {
+                req, page, data, ..
+            } => {
                 let Some(runner) = self.req_owner.remove(&req) else {
                     return;
                 };
@@ -217,32 +239,60 @@ impl Sim {
                     self.commit(runner);
                 }
             }
-            Done::Commit { txn, result } => {
+            Done::Prepare { txn, result } => {
                 let Some(runner) = self.txn_owner.remove(&txn) else {
                     return;
                 };
-                let RunnerState::Committing {
+                let RunnerState::Preparing {
                     snapshot, reads, ..
                 } = std::mem::replace(&mut self.runners[runner].state, RunnerState::Finished)
                 else {
                     return;
                 };
+                // Like a DVM ending: commit at the first timestamp and publish the exit record
+                // at the next; or, refused, only publish the exit record (a new transaction).
+                let (txn, count, reads) = match result {
+                    Ok(()) => (txn, 2, Some(reads)),
+                    Err(_) => {
+                        self.refused += 1;
+                        let publish = self.next_txn;
+                        self.next_txn += 1;
+                        (publish, 1, None)
+                    }
+                };
+                self.runners[runner].endings += 1;
+                let exit = self.exit_delta(runner);
+                self.runners[runner].state = RunnerState::Finishing { snapshot, reads };
+                self.txn_owner.insert(txn, runner);
+                self.counts.insert(txn, count);
+                let node = self.runners[runner].node;
+                self.nodes[node].finish(txn, vec![exit], count, txn.to_le_bytes().to_vec());
+                self.pump(node);
+            }
+            Done::Finished { txn, first } => {
+                let Some(runner) = self.txn_owner.remove(&txn) else {
+                    return;
+                };
+                let count = self.counts.get(&txn).copied().unwrap_or(0);
+                self.finished.insert(txn, (first, count));
+                let RunnerState::Finishing { snapshot, reads } =
+                    std::mem::replace(&mut self.runners[runner].state, RunnerState::Finished)
+                else {
+                    return;
+                };
                 let r = &mut self.runners[runner];
-                match result {
-                    Ok(ts) => {
+                match reads {
+                    Some(reads) => {
                         self.records.push(Record {
                             txn,
                             snapshot,
-                            ts,
+                            ts: first,
                             reads,
                         });
                         r.committed += 1;
                         r.attempts = 0;
                     }
-                    Err(_) => {
-                        r.attempts += 1;
-                        self.refused += 1;
-                    }
+                    None => r.attempts += 1,
                 }
                 if r.attempts > MAX_ATTEMPTS {
                     self.gave_up += 1;
@@ -253,7 +303,26 @@ impl Sim {
                     self.start(runner);
                 }
             }
+            Done::Applied {
+                txn,
+                first,
+                effects,
+                ..
+            } => {
+                let named = u64::from_le_bytes(effects.try_into().unwrap_or([0; 8]));
+                assert_eq!(named, txn, "effects handed out with their own transaction");
+                self.applied.push((txn, first));
+            }
         }
+    }
+
+    /// The runner's exit record: its count of endings so far.
+    fn exit_delta(&self, runner: usize) -> PageDelta {
+        let mut data = [0u8; PAGE_BYTES];
+        data[..8].copy_from_slice(&self.runners[runner].endings.to_le_bytes());
+        let mut mask = EMPTY_MASK;
+        mark(&mut mask, 0, 8);
+        PageDelta::from_page(EXIT_PAGE + runner as u64, &data, &mask)
     }
 
     fn commit(&mut self, runner: usize) {
@@ -287,9 +356,9 @@ impl Sim {
             .map(|(page, (data, mask))| PageDelta::from_page(*page, data, mask))
             .collect();
         let node = self.runners[runner].node;
-        self.runners[runner].state = RunnerState::Committing { snapshot, reads };
+        self.runners[runner].state = RunnerState::Preparing { snapshot, reads };
         self.txn_owner.insert(txn, runner);
-        self.nodes[node].commit(txn, snapshot, deltas);
+        self.nodes[node].prepare(txn, snapshot, deltas);
         self.pump(node);
     }
 
@@ -306,7 +375,7 @@ impl Sim {
         for runner in 0..self.runners.len() {
             self.start(runner);
         }
-        let expected_ts = |sim: &Sim| sim.records.len() as u64;
+        let expected_ts = |sim: &Sim| sim.counts.values().sum::<u64>();
         while !(self.all_finished() && self.nodes[0].watermark() == expected_ts(self)) {
             let Some(event) = self.net.step() else {
                 return Err("the network went quiet with work left".into());
@@ -349,12 +418,27 @@ impl Sim {
                 return Err(format!("txn {} reported committed twice", record.txn));
             }
         }
-        if order.len() != self.records.len() {
+        if order.len() != self.finished.len() {
             return Err(format!(
-                "{} commits in the commit order, {} seen by runners",
+                "{} endings in the commit order, {} finished at their coordinators",
                 order.len(),
-                self.records.len()
+                self.finished.len()
             ));
+        }
+        let mut next = 1;
+        for (txn, first) in order {
+            let (seen_first, count) = self.finished.get(txn).copied().ok_or(format!(
+                "txn {txn} in the commit order never finished at its coordinator"
+            ))?;
+            if *first != next || seen_first != *first {
+                return Err(format!(
+                    "timestamps not dense: txn {txn} at {first} (coordinator saw {seen_first}), expected {next}"
+                ));
+            }
+            next += count;
+        }
+        if self.applied != order {
+            return Err("node 0 handed out effects out of commit order".into());
         }
         let mut history: BTreeMap<Word, Vec<(u64, u64)>> = BTreeMap::new();
         let value_at = |history: &BTreeMap<Word, Vec<(u64, u64)>>, word: &Word, ts: u64| {
@@ -366,21 +450,10 @@ impl Sim {
                     .map_or(0, |(_, value)| *value)
             })
         };
-        for (index, (txn, ts)) in order.iter().enumerate() {
-            if *ts != index as u64 + 1 {
-                return Err(format!(
-                    "timestamps not dense: txn {txn} at ts {ts}, position {index}"
-                ));
-            }
-            let record = by_txn.get(txn).ok_or(format!(
-                "txn {txn} in the commit order was never seen committed"
-            ))?;
-            if record.ts != *ts {
-                return Err(format!(
-                    "txn {txn}: runner saw ts {}, order says {ts}",
-                    record.ts
-                ));
-            }
+        for (txn, ts) in order {
+            let Some(record) = by_txn.get(txn) else {
+                continue;
+            };
             for (word, value) in &record.reads {
                 let at_snapshot = value_at(&history, word, record.snapshot);
                 if at_snapshot != *value {
@@ -414,6 +487,22 @@ impl Sim {
             if got != expected {
                 return Err(format!(
                     "counter {word:?} at its home is {got}, serially {expected}"
+                ));
+            }
+        }
+        for (index, runner) in self.runners.iter().enumerate() {
+            let page = EXIT_PAGE + index as u64;
+            let home = dvm_cluster::node::home_of(page, self.nodes.len());
+            let got = self.nodes[home]
+                .store()
+                .read(page, watermark)
+                .map_or(0, |page| {
+                    u64::from_le_bytes(page[..8].try_into().unwrap_or([0; 8]))
+                });
+            if got != runner.endings {
+                return Err(format!(
+                    "runner {index}'s exit record says {got} endings, it had {}",
+                    runner.endings
                 ));
             }
         }

@@ -124,6 +124,15 @@ impl std::fmt::Display for Conflict {
     }
 }
 
+/// What `read_version` found.
+#[derive(Debug, Default)]
+pub struct VersionRead {
+    /// The newest version at or below the snapshot: its timestamp and contents (`None`: zeros).
+    pub version: Option<(u64, Arc<Page>)>,
+    /// The timestamp of the oldest version above the snapshot, if one is installed.
+    pub next_ts: Option<u64>,
+}
+
 /// The bytes one commit changed on one page (watchers test these).
 pub type Change = (PageKey, Box<Mask>);
 
@@ -160,14 +169,26 @@ impl PageRead for PageStore {
 }
 
 impl PageStore {
-    /// Like `PageRead::read`, with the timestamp of the version returned (0 for zeros): the
-    /// answer holds for every snapshot from that timestamp up to the page's next version.
-    pub fn read_version(&self, key: PageKey, snapshot_ts: u64) -> Option<(u64, Arc<Page>)> {
+    /// Like `PageRead::read`, with the timestamp of the version returned and of the next
+    /// version after the snapshot, if one is installed: the answer holds for every snapshot from
+    /// the first up to (excluding) the second.
+    pub fn read_version(&self, key: PageKey, snapshot_ts: u64) -> VersionRead {
         let shard = read_lock(&self.shards[shard_of(key)]);
-        let versions = &shard.get(&key)?.versions;
-        let index = versions.partition_point(|version| version.ts <= snapshot_ts);
-        let version = &versions[index.checked_sub(1)?];
-        Some((version.ts, Arc::clone(&version.data)))
+        let Some(chain) = shard.get(&key) else {
+            return VersionRead::default();
+        };
+        let index = chain
+            .versions
+            .partition_point(|version| version.ts <= snapshot_ts);
+        VersionRead {
+            version: index.checked_sub(1).map(|index| {
+                (
+                    chain.versions[index].ts,
+                    Arc::clone(&chain.versions[index].data),
+                )
+            }),
+            next_ts: chain.versions.get(index).map(|version| version.ts),
+        }
     }
 
     pub fn new() -> PageStore {
