@@ -219,7 +219,7 @@ pub enum Ending {
 }
 
 /// A runner created by `newr`/`spawnx`, waiting for its parent's commit.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChildSpec {
     pub id: u64,
     pub entry: u64,

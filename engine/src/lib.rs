@@ -7,6 +7,7 @@
 
 pub mod abi;
 pub mod asm;
+pub mod backend;
 pub mod clock;
 pub mod codec;
 pub mod disasm;
@@ -17,6 +18,7 @@ pub mod order;
 pub mod page;
 pub mod persist;
 pub mod report;
+pub mod runner;
 pub mod sched;
 pub mod store;
 pub mod view;

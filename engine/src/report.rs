@@ -1,12 +1,20 @@
-//! Fault reports and commit conflicts as bytes: how a node tells another why a runner ended.
+//! Runners and their endings as bytes: tasks sent to the node that runs them, and endings —
+//! fault reports, conflicts, children, output — sent to node 0, which applies them in commit
+//! order and prints the console.
 //!
-//! A cluster node that runs a runner is not always the node that prints its report (node 0
-//! merges the console in commit order), so the typed values cross the wire, not their text. The
-//! encoding is explicit little-endian with a tag byte per variant and length-prefixed, bounded
-//! strings; decoding untrusted bytes returns a typed error naming the offset, never panics.
+//! The typed values cross the wire, not their text. The encoding is explicit little-endian with
+//! a tag byte per variant and length-prefixed, bounded strings and lists; decoding untrusted
+//! bytes returns a typed error naming the offset, never panics.
 
-use crate::interp::{Fault, FaultKind};
-use crate::store::{Conflict, ConflictWith};
+use crate::interp::{ChildSpec, Ending, Fault, FaultKind, MAX_OUTPUT_BYTES};
+use crate::isa::ExitMode;
+use crate::page::{Mask, EMPTY_MASK};
+use crate::runner::{Ended, Outcome, Task, TaskKind};
+use crate::store::{Change, Conflict, ConflictWith};
+use crate::view::Range;
+
+/// Most ranges, children or page changes in one encoded value.
+pub const MAX_ITEMS: usize = 1 << 20;
 
 /// Longest reason string carried (a fault reason is one line of text).
 pub const MAX_REASON_BYTES: usize = 4096;
@@ -25,6 +33,17 @@ pub enum ReportDecodeError {
     ReasonTooLong { len_bytes: usize, offset: usize },
     #[error("reason at byte {offset} is not UTF-8")]
     ReasonNotUtf8 { offset: usize },
+    #[error("{what} count {count} at byte {offset} exceeds {limit}")]
+    TooMany {
+        what: &'static str,
+        count: u64,
+        limit: usize,
+        offset: usize,
+    },
+    #[error("empty or reversed range at byte {offset}")]
+    BadRange { offset: usize },
+    #[error("{extra} bytes after the value")]
+    Trailing { extra: usize },
 }
 
 struct Reader<'a> {
@@ -69,6 +88,323 @@ impl Reader<'_> {
         String::from_utf8(text.to_vec())
             .map_err(|_| ReportDecodeError::ReasonNotUtf8 { offset: at })
     }
+}
+
+impl Reader<'_> {
+    fn count(&mut self, what: &'static str, limit: usize) -> Result<usize, ReportDecodeError> {
+        let offset = self.offset;
+        let count = self.u64()?;
+        usize::try_from(count)
+            .ok()
+            .filter(|count| *count <= limit)
+            .ok_or(ReportDecodeError::TooMany {
+                what,
+                count,
+                limit,
+                offset,
+            })
+    }
+
+    fn range(&mut self) -> Result<Range, ReportDecodeError> {
+        let offset = self.offset;
+        let (start, end) = (self.u64()?, self.u64()?);
+        if start >= end {
+            return Err(ReportDecodeError::BadRange { offset });
+        }
+        Ok(Range { start, end })
+    }
+
+    fn ranges(&mut self) -> Result<Vec<Range>, ReportDecodeError> {
+        let count = self.count("range", MAX_ITEMS)?;
+        (0..count).map(|_| self.range()).collect()
+    }
+
+    fn mask(&mut self) -> Result<Box<Mask>, ReportDecodeError> {
+        let mut mask = Box::new(EMPTY_MASK);
+        for word in mask.iter_mut() {
+            *word = self.u64()?;
+        }
+        Ok(mask)
+    }
+
+    fn changes(&mut self) -> Result<Vec<Change>, ReportDecodeError> {
+        let count = self.count("page change", MAX_ITEMS)?;
+        (0..count)
+            .map(|_| Ok((self.u64()?, self.mask()?)))
+            .collect()
+    }
+
+    fn fault(&mut self) -> Result<Fault, ReportDecodeError> {
+        let (fault, used) =
+            decode_fault(&self.bytes[self.offset..]).map_err(|err| shift(err, self.offset))?;
+        self.offset += used;
+        Ok(fault)
+    }
+
+    fn task(&mut self) -> Result<Task, ReportDecodeError> {
+        let id = self.u64()?;
+        let at = self.offset;
+        let kind = match self.u8()? {
+            0 => TaskKind::Root,
+            1 => TaskKind::Child,
+            2 => TaskKind::Instance(self.u64()?),
+            tag => {
+                return Err(ReportDecodeError::UnknownTag {
+                    what: "task kind",
+                    tag,
+                    offset: at,
+                })
+            }
+        };
+        let entry = self.u64()?;
+        let space = self.u64()?;
+        let stack = self.range()?;
+        let using = self.ranges()?;
+        let watched = self.ranges()?;
+        let snapshot = match self.u8()? {
+            0 => None,
+            _ => Some(self.u64()?),
+        };
+        Ok(Task {
+            id,
+            kind,
+            entry,
+            space,
+            stack,
+            using,
+            watched,
+            snapshot,
+        })
+    }
+
+    fn child(&mut self) -> Result<ChildSpec, ReportDecodeError> {
+        Ok(ChildSpec {
+            id: self.u64()?,
+            entry: self.u64()?,
+            space: self.u64()?,
+            stack: self.range()?,
+            using: self.ranges()?,
+            watched: self.ranges()?,
+        })
+    }
+
+    fn finish(self) -> Result<(), ReportDecodeError> {
+        match self.bytes.len() - self.offset {
+            0 => Ok(()),
+            extra => Err(ReportDecodeError::Trailing { extra }),
+        }
+    }
+}
+
+/// An error found `offset` bytes into a value decoded inside another.
+fn shift(err: ReportDecodeError, by: usize) -> ReportDecodeError {
+    match err {
+        ReportDecodeError::Truncated { offset, needed } => ReportDecodeError::Truncated {
+            offset: offset + by,
+            needed,
+        },
+        ReportDecodeError::UnknownTag { what, tag, offset } => ReportDecodeError::UnknownTag {
+            what,
+            tag,
+            offset: offset + by,
+        },
+        ReportDecodeError::ReasonTooLong { len_bytes, offset } => {
+            ReportDecodeError::ReasonTooLong {
+                len_bytes,
+                offset: offset + by,
+            }
+        }
+        ReportDecodeError::ReasonNotUtf8 { offset } => ReportDecodeError::ReasonNotUtf8 {
+            offset: offset + by,
+        },
+        ReportDecodeError::TooMany {
+            what,
+            count,
+            limit,
+            offset,
+        } => ReportDecodeError::TooMany {
+            what,
+            count,
+            limit,
+            offset: offset + by,
+        },
+        ReportDecodeError::BadRange { offset } => ReportDecodeError::BadRange {
+            offset: offset + by,
+        },
+        other => other,
+    }
+}
+
+fn put_range(out: &mut Vec<u8>, range: &Range) {
+    put_u64(out, range.start);
+    put_u64(out, range.end);
+}
+
+fn put_ranges(out: &mut Vec<u8>, ranges: &[Range]) {
+    put_u64(out, ranges.len() as u64);
+    for range in ranges {
+        put_range(out, range);
+    }
+}
+
+fn put_changes(out: &mut Vec<u8>, changes: &[Change]) {
+    put_u64(out, changes.len() as u64);
+    for (key, mask) in changes {
+        put_u64(out, *key);
+        for word in mask.iter() {
+            put_u64(out, *word);
+        }
+    }
+}
+
+fn put_task(out: &mut Vec<u8>, task: &Task) {
+    put_u64(out, task.id);
+    match task.kind {
+        TaskKind::Root => out.push(0),
+        TaskKind::Child => out.push(1),
+        TaskKind::Instance(template) => {
+            out.push(2);
+            put_u64(out, template);
+        }
+    }
+    put_u64(out, task.entry);
+    put_u64(out, task.space);
+    put_range(out, &task.stack);
+    put_ranges(out, &task.using);
+    put_ranges(out, &task.watched);
+    match task.snapshot {
+        None => out.push(0),
+        Some(ts) => {
+            out.push(1);
+            put_u64(out, ts);
+        }
+    }
+}
+
+/// A task, for the node that will run it.
+pub fn encode_task(task: &Task) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    put_task(&mut out, task);
+    out
+}
+
+pub fn decode_task(bytes: &[u8]) -> Result<Task, ReportDecodeError> {
+    let mut r = Reader { bytes, offset: 0 };
+    let task = r.task()?;
+    r.finish()?;
+    Ok(task)
+}
+
+/// An ending, for node 0, which applies it in commit order.
+pub fn encode_ended(ended: &Ended) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + ended.output.len());
+    put_task(&mut out, &ended.task);
+    put_u64(&mut out, ended.snapshot);
+    match &ended.ending {
+        Ending::Exit(mode) => {
+            out.push(0);
+            out.push(mode.code());
+        }
+        Ending::Fault(fault) => {
+            out.push(1);
+            encode_fault(fault, &mut out);
+        }
+    }
+    match &ended.outcome {
+        Outcome::Committed { changes } => {
+            out.push(0);
+            put_changes(&mut out, changes);
+        }
+        Outcome::Aborted => out.push(1),
+        Outcome::Failed(conflict) => {
+            out.push(2);
+            encode_conflict(conflict, &mut out);
+        }
+        Outcome::Faulted(fault) => {
+            out.push(3);
+            encode_fault(fault, &mut out);
+        }
+    }
+    put_u64(&mut out, ended.children.len() as u64);
+    for child in &ended.children {
+        put_u64(&mut out, child.id);
+        put_u64(&mut out, child.entry);
+        put_u64(&mut out, child.space);
+        put_range(&mut out, &child.stack);
+        put_ranges(&mut out, &child.using);
+        put_ranges(&mut out, &child.watched);
+    }
+    put_changes(&mut out, &ended.exit_changes);
+    put_u64(&mut out, ended.output.len() as u64);
+    out.extend_from_slice(&ended.output);
+    out.push(u8::from(ended.ends_template));
+    out
+}
+
+pub fn decode_ended(bytes: &[u8]) -> Result<Ended, ReportDecodeError> {
+    let mut r = Reader { bytes, offset: 0 };
+    let task = r.task()?;
+    let snapshot = r.u64()?;
+    let at = r.offset;
+    let ending = match r.u8()? {
+        0 => {
+            let at = r.offset;
+            let code = r.u8()?;
+            Ending::Exit(
+                ExitMode::from_code(code).ok_or(ReportDecodeError::UnknownTag {
+                    what: "exit mode",
+                    tag: code,
+                    offset: at,
+                })?,
+            )
+        }
+        1 => Ending::Fault(r.fault()?),
+        tag => {
+            return Err(ReportDecodeError::UnknownTag {
+                what: "ending",
+                tag,
+                offset: at,
+            })
+        }
+    };
+    let at = r.offset;
+    let outcome = match r.u8()? {
+        0 => Outcome::Committed {
+            changes: r.changes()?,
+        },
+        1 => Outcome::Aborted,
+        2 => {
+            let (conflict, used) =
+                decode_conflict(&bytes[r.offset..]).map_err(|err| shift(err, r.offset))?;
+            r.offset += used;
+            Outcome::Failed(conflict)
+        }
+        3 => Outcome::Faulted(r.fault()?),
+        tag => {
+            return Err(ReportDecodeError::UnknownTag {
+                what: "outcome",
+                tag,
+                offset: at,
+            })
+        }
+    };
+    let count = r.count("child", MAX_ITEMS)?;
+    let children = (0..count).map(|_| r.child()).collect::<Result<_, _>>()?;
+    let exit_changes = r.changes()?;
+    let len = r.count("output byte", MAX_OUTPUT_BYTES)?;
+    let output = r.take(len)?.to_vec();
+    let ends_template = r.u8()? != 0;
+    r.finish()?;
+    Ok(Ended {
+        task,
+        snapshot,
+        ending,
+        outcome,
+        children,
+        exit_changes,
+        output,
+        ends_template,
+    })
 }
 
 fn put_u64(out: &mut Vec<u8>, value: u64) {
@@ -259,9 +595,11 @@ mod tests {
         }
 
         #[test]
-        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_fault(&bytes);
             let _ = decode_conflict(&bytes);
+            let _ = decode_task(&bytes);
+            let _ = decode_ended(&bytes);
         }
 
         #[test]
@@ -271,6 +609,92 @@ mod tests {
             let mut bytes = Vec::new();
             encode_conflict(&conflict, &mut bytes);
             prop_assert_eq!(decode_conflict(&bytes), Ok((conflict, bytes.len())));
+        }
+    }
+
+    fn sample_task(kind: TaskKind) -> Task {
+        Task {
+            id: 0x3d0_0001_0000,
+            kind,
+            entry: 0x8_0000_0040,
+            space: 1,
+            stack: Range {
+                start: 0x180_0000_0000,
+                end: 0x180_0004_0000,
+            },
+            using: vec![Range {
+                start: 0x9_0000_0000,
+                end: 0x9_0000_1000,
+            }],
+            watched: vec![],
+            snapshot: Some(17),
+        }
+    }
+
+    #[test]
+    fn tasks_and_endings_round_trip_and_truncations_are_refused() {
+        let mut mask = Box::new(EMPTY_MASK);
+        crate::page::mark(&mut mask, 8, 8);
+        let child = ChildSpec {
+            id: 0x3d0_0002_0000,
+            entry: 0x8_0000_0080,
+            space: 0,
+            stack: Range { start: 1, end: 2 },
+            using: vec![],
+            watched: vec![Range { start: 5, end: 9 }],
+        };
+        let endings = [
+            Ended {
+                task: sample_task(TaskKind::Child),
+                snapshot: 17,
+                ending: Ending::Exit(ExitMode::Commit),
+                outcome: Outcome::Committed {
+                    changes: vec![(9, mask.clone())],
+                },
+                children: vec![child],
+                exit_changes: vec![(3, mask)],
+                output: b"hello\n".to_vec(),
+                ends_template: false,
+            },
+            Ended {
+                task: sample_task(TaskKind::Instance(0x3d0_0003_0000)),
+                snapshot: 4,
+                ending: Ending::Fault(Fault {
+                    kind: FaultKind::DivisionByZero,
+                    pc: 0x8_0000_0000,
+                }),
+                outcome: Outcome::Faulted(Fault {
+                    kind: FaultKind::DivisionByZero,
+                    pc: 0x8_0000_0000,
+                }),
+                children: vec![],
+                exit_changes: vec![],
+                output: vec![],
+                ends_template: true,
+            },
+            Ended {
+                task: sample_task(TaskKind::Root),
+                snapshot: 0,
+                ending: Ending::Exit(ExitMode::Commit),
+                outcome: Outcome::Failed(Conflict {
+                    key: 1,
+                    offset: 2,
+                    with: ConflictWith::Prepared { txn: 3 },
+                }),
+                children: vec![],
+                exit_changes: vec![],
+                output: vec![1, 2],
+                ends_template: false,
+            },
+        ];
+        for ended in endings {
+            let bytes = encode_ended(&ended);
+            assert_eq!(decode_ended(&bytes), Ok(ended.clone()));
+            for cut in 0..bytes.len() {
+                assert!(decode_ended(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
+            let task = encode_task(&ended.task);
+            assert_eq!(decode_task(&task), Ok(ended.task.clone()));
         }
     }
 

@@ -47,8 +47,6 @@ pub trait Executor: Send + Sync {
     fn idle(&self, _ctx: &mut WorkerCtx<Self::Task>) -> bool {
         false
     }
-    /// Where the workers' queued-plus-running count lives (`ctx.push` increments it).
-    fn pending(&self) -> &std::sync::atomic::AtomicU64;
     /// A progress line for long runs.
     fn log_progress(&self, elapsed: Duration);
 }
@@ -106,9 +104,9 @@ impl<T> WorkerCtx<T> {
         &self.pages
     }
 
-    /// Queues a task on this worker; counted before it is visible to thieves.
-    pub fn push(&self, task: T, pending: &std::sync::atomic::AtomicU64) {
-        pending.fetch_add(1, Ordering::AcqRel);
+    /// Queues a task on this worker. The executor counts its tasks before they are pushed,
+    /// so a thief can never finish one before it is counted.
+    pub fn push(&self, task: T) {
         self.local.push(task);
         self.sleep.wake_one();
     }
@@ -135,10 +133,12 @@ pub fn run_workers<E: Executor>(
     pools: &[PageSource],
     sleep: &Arc<Sleep>,
     pin: bool,
-    root: E::Task,
+    root: Option<E::Task>,
 ) -> (Vec<WorkerInfo>, Vec<String>) {
     let injector: Injector<E::Task> = Injector::new();
-    injector.push(root);
+    if let Some(root) = root {
+        injector.push(root);
+    }
     let locals: Vec<Worker<E::Task>> = slots.iter().map(|_| Worker::new_fifo()).collect();
     let stealers: Vec<(usize, Stealer<E::Task>)> = locals
         .iter()

@@ -1,28 +1,35 @@
-//! The virtual machine of one node: loads a program, runs its runners on the workers, and ends
-//! each runner — commit or abort, exit-record publication, children, watchers, output — in one
-//! critical section ordered by the page store's commit lock.
+//! The virtual machine: loads a program, runs its runners on the workers, and ends each runner
+//! — commit or abort, exit-record publication, children, watchers, output.
 //!
-//! Why one critical section: the order in which runners end is the order of everything a
-//! program can observe about endings (commit timestamps, exit records, watcher activations,
-//! output). Doing all of it under the commit lock makes that order one total order, which is
-//! what `docs/MEMORY-MODEL.md` promises ("output appears in the order in which runners end").
-//! The work inside is bounded: page installs (already copied), mask scans, channel sends.
+//! An ending has two halves. `finish` runs on the worker that ran the runner, in parallel with
+//! other endings: prepare, then hand the pages to the `Backend`, which installs them at the
+//! ending's timestamps. `apply_ended` makes the ending observable — watermark, children,
+//! watcher templates and activations, exit-record joins, output — and runs in timestamp order,
+//! one ending at a time, on the node that applies endings (this one, or node 0 of a cluster).
+//! That order is the order of everything a program can observe about endings, which is what
+//! `docs/MEMORY-MODEL.md` promises ("output appears in the order in which runners end").
+//!
+//! A `Machine` is one node's VM. `run` is the single-node run; a cluster node builds its
+//! `Machine` with a cluster `Backend` (and, away from node 0, a remote `Control`).
 //!
 //! Counting invariants (checked by assertions in debug builds and by the end-of-run report):
-//! - `pending_tasks` = tasks queued + tasks running; the run ends when it reaches 0;
+//! - `pending_tasks` = tasks queued + tasks running + endings not applied yet; the run ends when
+//!   it reaches 0 (on a cluster, node 0 counts for everyone);
 //! - `existing_runners` = children waiting for their parent's commit + queued/running
 //!   ordinary runners + live watcher templates; `--max-runners` bounds it.
 
 use crate::abi;
+use crate::backend::{Backend, Control, Finishing, LocalBackend};
 use crate::clock::{Clock, SystemClock};
 use crate::image::{LoadedImage, SectionKind};
 use crate::interp::{ChildSpec, Ending, Exec, FaultKind, Program, Services};
-use crate::order::CommitOrder;
 use crate::page::{mark, MemoryAccount, PageSource, EMPTY_MASK, PAGE_BYTES, PAGE_SHIFT};
+pub use crate::runner::{Ended, Outcome, Task, TaskKind};
 use crate::sched::{self, Executor, WorkerCtx, WorkerInfo};
-use crate::store::{Change, PageKey, PageRead, PageStore, PageWrite};
+use crate::store::{PageKey, PageStore, PageWrite};
 use crate::view::{canonical, page_key, Access, Range, RangeSet, View};
-use std::collections::HashMap;
+use dvm_numa::WorkerSlot;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -188,29 +195,6 @@ fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
-/// What kind of runner a task starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TaskKind {
-    Root,
-    Child,
-    /// An instance of the watcher template with this id.
-    Instance(u64),
-}
-
-/// A runner ready to run.
-#[derive(Debug)]
-pub struct Task {
-    pub id: u64,
-    pub kind: TaskKind,
-    pub entry: u64,
-    pub space: u64,
-    pub stack: Range,
-    pub using: Vec<Range>,
-    pub watched: Vec<Range>,
-    /// Registered snapshot; `None` for instances, which take theirs when they start.
-    pub snapshot: Option<u64>,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TemplateState {
     Idle,
@@ -318,53 +302,42 @@ impl Input {
     }
 }
 
-/// State shared by every worker.
-pub struct Shared {
-    pub(crate) store: Arc<PageStore>,
-    program: Program,
-    read_only: Arc<RangeSet>,
-    image_ranges: Vec<Range>,
-    max_instructions: u64,
+/// The runner ids, stacks, heap and console input of one machine, served by the node that owns
+/// them (the only node, or node 0 of a cluster).
+pub struct LocalControl {
     max_runners: u64,
     next_id: AtomicU64,
     next_stack: Vec<AtomicU64>,
     next_heap: Vec<AtomicU64>,
     existing_runners: AtomicU64,
-    pub(crate) pending_tasks: AtomicU64,
-    pub(crate) done: AtomicBool,
-    pub(crate) sleep: Arc<sched::Sleep>,
-    templates: Mutex<HashMap<u64, Template>>,
-    console: Console,
     input: Mutex<Input>,
-    counters: Counters,
-    internal_errors: AtomicU64,
-    clock: Arc<dyn Clock>,
-    /// Timestamps of endings, and their effects in timestamp order.
-    order: CommitOrder<Ended>,
-    next_txn: AtomicU64,
 }
 
-impl Executor for Shared {
-    type Task = Task;
-
-    fn execute(&self, task: Task, ctx: &mut WorkerCtx<Task>) {
-        self.run_task(task, ctx);
+impl LocalControl {
+    fn new(max_runners: u64, first_id: u64, input: Box<dyn Read + Send>) -> LocalControl {
+        LocalControl {
+            max_runners: max_runners.max(1),
+            next_id: AtomicU64::new(first_id + abi::PAGE_BYTES),
+            next_stack: (0..abi::SPACE_COUNT).map(|_| AtomicU64::new(0)).collect(),
+            next_heap: (0..abi::SPACE_COUNT).map(|_| AtomicU64::new(0)).collect(),
+            // The root exists from the start.
+            existing_runners: AtomicU64::new(1),
+            input: Mutex::new(Input {
+                source: input,
+                buffer: Vec::new(),
+                position: 0,
+                ended: false,
+            }),
+        }
     }
 
-    fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
-    }
-
-    fn pending(&self) -> &AtomicU64 {
-        &self.pending_tasks
-    }
-
-    fn log_progress(&self, elapsed: Duration) {
-        self.report_progress(elapsed);
+    /// `count` runners stopped existing (ended, never created, or templates deleted).
+    fn release(&self, count: u64) {
+        self.existing_runners.fetch_sub(count, Ordering::Relaxed);
     }
 }
 
-impl Services for Shared {
+impl Control for LocalControl {
     fn new_runner_id(&self) -> Result<u64, String> {
         let existing = self.existing_runners.fetch_add(1, Ordering::Relaxed) + 1;
         if existing > self.max_runners {
@@ -383,7 +356,7 @@ impl Services for Shared {
     }
 
     fn forget_runner(&self) {
-        self.existing_runners.fetch_sub(1, Ordering::Relaxed);
+        self.release(1);
     }
 
     fn allocate_stack(&self, space: u64) -> Option<Range> {
@@ -409,6 +382,79 @@ impl Services for Shared {
     fn console_input(&self) -> Option<u8> {
         lock(&self.input).next_byte()
     }
+}
+
+/// State shared by every worker of one node.
+pub struct Shared {
+    /// This node's pages (all of them on one node, those it homes on a cluster) and, on the
+    /// node that applies endings, the registry of live snapshots and the watermark.
+    store: Arc<PageStore>,
+    backend: Arc<dyn Backend>,
+    /// What runners ask for ids, stacks, heap and input: `local`, or node 0 on a cluster.
+    control: Arc<dyn Control>,
+    local: Arc<LocalControl>,
+    program: Program,
+    read_only: Arc<RangeSet>,
+    image_ranges: Vec<Range>,
+    max_instructions: u64,
+    pending_tasks: AtomicU64,
+    done: AtomicBool,
+    sleep: Arc<sched::Sleep>,
+    /// Tasks handed to this node from outside its workers (another node, the cluster runtime).
+    inbox: Mutex<VecDeque<Task>>,
+    templates: Mutex<HashMap<u64, Template>>,
+    console: Console,
+    counters: Counters,
+    internal_errors: AtomicU64,
+    clock: Arc<dyn Clock>,
+    next_txn: AtomicU64,
+}
+
+impl Executor for Shared {
+    type Task = Task;
+
+    fn execute(&self, task: Task, ctx: &mut WorkerCtx<Task>) {
+        self.run_task(task, ctx);
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn idle(&self, ctx: &mut WorkerCtx<Task>) -> bool {
+        let mut inbox = lock(&self.inbox);
+        let found = !inbox.is_empty();
+        while let Some(task) = inbox.pop_front() {
+            ctx.push(task);
+        }
+        found
+    }
+
+    fn log_progress(&self, elapsed: Duration) {
+        self.report_progress(elapsed);
+    }
+}
+
+impl Services for Shared {
+    fn new_runner_id(&self) -> Result<u64, String> {
+        self.control.new_runner_id()
+    }
+
+    fn forget_runner(&self) {
+        self.control.forget_runner();
+    }
+
+    fn allocate_stack(&self, space: u64) -> Option<Range> {
+        self.control.allocate_stack(space)
+    }
+
+    fn allocate_heap(&self, space: u64, len_bytes: u64) -> Option<Range> {
+        self.control.allocate_heap(space, len_bytes)
+    }
+
+    fn console_input(&self) -> Option<u8> {
+        self.control.console_input()
+    }
 
     fn count_instructions(&self, instructions: u64) {
         bump(&self.counters.instructions, instructions);
@@ -419,40 +465,54 @@ impl Services for Shared {
     }
 }
 
-enum Outcome {
-    Committed { ts: u64, changes: Vec<Change> },
-    Aborted,
-    Failed(crate::store::Conflict),
-    Faulted(crate::interp::Fault),
-}
-
-/// An ending whose commit and exit record are installed, waiting for its turn in commit order.
-pub(crate) struct Ended {
-    task: Task,
-    snapshot: u64,
-    ending: Ending,
-    outcome: Outcome,
-    /// Created by the runner; they exist only if it committed.
-    children: Vec<ChildSpec>,
-    exit_changes: Vec<Change>,
-    output: Vec<u8>,
-    ends_template: bool,
-}
-
-impl Outcome {
-    fn status(&self) -> u64 {
-        match self {
-            Outcome::Committed { .. } => 1,
-            Outcome::Aborted => 2,
-            Outcome::Failed(_) => 3,
-            Outcome::Faulted(_) => 4,
-        }
-    }
-}
-
 impl Shared {
     pub(crate) fn program(&self) -> &Program {
         &self.program
+    }
+
+    /// The services this node hands out for the machine (what a remote `Control` asks for).
+    pub fn local_control(&self) -> &Arc<LocalControl> {
+        &self.local
+    }
+
+    /// Queues a task that arrived from outside the workers; it runs on the next idle worker.
+    pub fn inject(&self, task: Task) {
+        lock(&self.inbox).push_back(task);
+        self.sleep.wake_one();
+    }
+
+    /// Counts a task the caller will run or send elsewhere (node 0 counts every task).
+    pub fn count_task(&self) {
+        self.pending_tasks.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Stops the workers (a cluster node, when node 0 says the run is over).
+    pub fn stop(&self) {
+        self.done.store(true, Ordering::Release);
+        self.sleep.wake_all();
+    }
+
+    /// Tasks queued, running, or whose ending has not taken effect (meaningful where endings
+    /// are applied).
+    pub fn pending(&self) -> u64 {
+        self.pending_tasks.load(Ordering::Acquire)
+    }
+
+    /// Counters so far (for a cluster node's report to node 0).
+    pub fn counters_now(&self) -> Stats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let c = &self.counters;
+        Stats {
+            instructions: get(&c.instructions),
+            runners_started: get(&c.started),
+            runners_committed: get(&c.committed),
+            runners_aborted: get(&c.aborted),
+            runners_failed: get(&c.failed),
+            runners_faulted: get(&c.faulted),
+            conflicts: get(&c.failed),
+            watcher_activations: get(&c.activations),
+            ..Stats::default()
+        }
     }
 
     fn access_for(&self, task: &Task) -> Access {
@@ -469,11 +529,7 @@ impl Shared {
             allowed.insert(*range);
         }
         allowed.insert(task.stack);
-        let exit_id = match task.kind {
-            TaskKind::Instance(template) => template,
-            _ => task.id,
-        };
-        if let Some(page) = Range::new(exit_id, abi::PAGE_BYTES) {
+        if let Some(page) = Range::new(task.exit_id(), abi::PAGE_BYTES) {
             allowed.insert(page);
         }
         Access {
@@ -482,36 +538,45 @@ impl Shared {
         }
     }
 
-    /// Runs one task to its end and finishes it. Called by workers.
-    fn run_task(&self, task: Task, ctx: &mut WorkerCtx<Task>) {
-        let snapshot = match (task.kind, task.snapshot) {
-            (TaskKind::Instance(template), _) => {
-                let mut templates = lock(&self.templates);
-                match templates.get_mut(&template) {
-                    Some(entry) => {
-                        entry.state = TemplateState::Running { pending: false };
-                        // Under the templates lock: a commit activating this template either
-                        // happened before (and this snapshot sees it) or sees `Running` and
-                        // leaves a pending activation. No change is missed.
-                        self.store.begin_snapshot()
-                    }
-                    None => {
-                        // The template was deleted while this instance was queued.
-                        drop(templates);
-                        self.task_done();
-                        return;
-                    }
-                }
+    /// Starts a watcher instance: takes its snapshot as its template moves to `Running`.
+    /// `false` (and the task is done) when the template was deleted while it was queued.
+    pub fn start_instance(&self, task: &mut Task) -> bool {
+        let TaskKind::Instance(template) = task.kind else {
+            return true;
+        };
+        let mut templates = lock(&self.templates);
+        match templates.get_mut(&template) {
+            Some(entry) => {
+                entry.state = TemplateState::Running { pending: false };
+                // Under the templates lock: a commit activating this template either took
+                // effect before (and this snapshot sees it) or sees `Running` and leaves a
+                // pending activation. No change is missed.
+                task.snapshot = Some(self.store.begin_snapshot());
+                true
             }
-            (_, Some(snapshot)) => snapshot,
-            (_, None) => self.store.begin_snapshot(),
+            None => {
+                drop(templates);
+                self.task_done();
+                false
+            }
+        }
+    }
+
+    /// Runs one task to its end and finishes it. Called by workers.
+    fn run_task(&self, mut task: Task, ctx: &mut WorkerCtx<Task>) {
+        if task.snapshot.is_none() && !self.start_instance(&mut task) {
+            return;
+        }
+        let snapshot = match task.snapshot {
+            Some(snapshot) => snapshot,
+            None => self.store.begin_snapshot(),
         };
         bump(&self.counters.started, 1);
-        if matches!(task.kind, TaskKind::Instance(_)) {
+        if task.is_instance() {
             bump(&self.counters.activations, 1);
         }
         let view = View::new(
-            Arc::clone(&self.store) as Arc<dyn PageRead>,
+            self.backend.reader(),
             snapshot,
             ctx.pages().clone(),
             self.access_for(&task),
@@ -526,13 +591,7 @@ impl Shared {
                 exec.view
                     .store(abi::PR_STACK_SIZE, 8, task.stack.end - task.stack.start)
             })
-            .and_then(|()| {
-                let id = match task.kind {
-                    TaskKind::Instance(template) => template,
-                    _ => task.id,
-                };
-                exec.view.store(abi::PR_RUNNER_ID, 8, id)
-            });
+            .and_then(|()| exec.view.store(abi::PR_RUNNER_ID, 8, task.exit_id()));
         let ending = match setup {
             Err(err) => Ending::Fault(crate::interp::Fault {
                 kind: err.into(),
@@ -581,14 +640,13 @@ impl Shared {
 
     fn task_done(&self) {
         if self.pending_tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.done.store(true, Ordering::Release);
-            self.sleep.wake_all();
+            self.stop();
         }
     }
 
-    /// Ends a runner: its commit is prepared and installed here, on the worker that ran it, in
-    /// parallel with other endings; what the ending makes observable takes effect in commit
-    /// order (`apply_ended`), through `CommitOrder`.
+    /// Ends a runner on the worker that ran it, in parallel with other endings: prepare, then
+    /// the backend installs its pages at its timestamps; its effects take effect in commit
+    /// order (`apply_ended`), here or on node 0.
     fn finish(
         &self,
         task: Task,
@@ -605,7 +663,7 @@ impl Shared {
             ..
         } = exec;
         bump(&self.counters.instructions, instructions);
-        let ordinary = !matches!(task.kind, TaskKind::Instance(_));
+        let ordinary = !task.is_instance();
         let exit_key = ordinary.then(|| page_key(task.id));
         let (writes, exit_write) = view.into_writes(exit_key);
         let pages = ctx.pages().clone();
@@ -614,16 +672,17 @@ impl Shared {
         // Prepare. Discarded writes are freed here, before anything this ending publishes can
         // wake another runner: a joiner must not find the memory of a finished runner in use.
         let mut prepared = None;
-        let mut outcome = match &ending {
+        let outcome = match &ending {
             Ending::Exit(mode) if mode.commits() => {
-                match self.store.prepare(txn, snapshot, &writes) {
+                match self.backend.prepare(txn, snapshot, &writes) {
                     Err(conflict) => Outcome::Failed(conflict),
                     Ok(()) => {
+                        let changes = writes
+                            .iter()
+                            .map(|write| (write.key, write.stored.clone()))
+                            .collect();
                         prepared = Some(writes);
-                        Outcome::Committed {
-                            ts: 0,
-                            changes: Vec::new(),
-                        }
+                        Outcome::Committed { changes }
                     }
                 }
             }
@@ -637,49 +696,49 @@ impl Shared {
             (TaskKind::Instance(_), Ending::Fault(_)) => true,
             _ => false,
         };
-
-        // Nothing between `allocate` and `complete` may fail (see `order`).
-        let count = 1 + u64::from(prepared.is_some());
-        let first_ts = self.order.allocate(count);
-        if let (Some(writes), Outcome::Committed { ts, changes }) = (prepared, &mut outcome) {
-            *ts = first_ts;
-            *changes = self
-                .store
-                .commit(txn, Some(snapshot), first_ts, writes, &pages);
-        }
         // Exit records: an ordinary runner's own page; an instance's template when it goes.
-        let exit_ts = first_ts + count - 1;
-        let exit_record = match task.kind {
-            _ if ordinary => Some(task.id),
-            TaskKind::Instance(template) if ends_template => Some(template),
-            _ => None,
-        };
-        let exit_changes = exit_record
-            .and_then(|id| {
+        let exit = (ordinary || ends_template)
+            .then(|| {
                 let own = exit_write.map(|write| (write, snapshot));
-                self.publish_exit_record(id, own, outcome.status(), exit_ts, &pages)
+                exit_record_write(task.exit_id(), own, outcome.status(), &pages)
             })
-            .into_iter()
+            .flatten();
+        let exit_changes = exit
+            .iter()
+            .map(|(write, _)| (write.key, write.stored.clone()))
             .collect();
-        let ended = Ended {
-            task,
-            snapshot,
-            ending,
-            outcome,
-            children,
-            exit_changes,
-            output,
-            ends_template,
+        let finishing = Finishing {
+            txn,
+            snapshot_ts: snapshot,
+            prepared,
+            exit,
+            ended: Ended {
+                task,
+                snapshot,
+                ending,
+                outcome,
+                children,
+                exit_changes,
+                output,
+                ends_template,
+            },
         };
-        self.order
-            .complete(first_ts, count, ended, |last_ts, ended| {
-                self.apply_ended(last_ts, ended, ctx)
+        self.backend
+            .finish(finishing, &pages, &mut |first, last, ended| {
+                self.apply_ended(first, last, ended, &mut |task| ctx.push(task))
             });
     }
 
-    /// What an ending makes observable, in commit order: the watermark, children, watcher
-    /// templates and activations, output, counters, and the end of the task.
-    fn apply_ended(&self, last_ts: u64, ended: Ended, ctx: &mut WorkerCtx<Task>) {
+    /// Makes an ending observable, in commit order: the watermark, children, watcher
+    /// templates and activations, output, counters, and the end of its task. `push` receives
+    /// the tasks it creates, already counted.
+    pub fn apply_ended(
+        &self,
+        first_ts: u64,
+        last_ts: u64,
+        ended: Ended,
+        push: &mut dyn FnMut(Task),
+    ) {
         let Ended {
             task,
             snapshot,
@@ -691,15 +750,14 @@ impl Shared {
             ends_template,
         } = ended;
         self.store.advance_watermark(last_ts);
-        let ordinary = !matches!(task.kind, TaskKind::Instance(_));
         let mut new_tasks: Vec<Task> = Vec::new();
         match &outcome {
-            Outcome::Committed { ts, changes } => {
+            Outcome::Committed { changes } => {
                 let mut new_templates: Vec<ChildSpec> = Vec::new();
                 for child in children {
                     if child.watched.is_empty() {
                         // This ending's own snapshot, older, is still registered.
-                        self.store.register_snapshot(*ts);
+                        self.store.register_snapshot(first_ts);
                         new_tasks.push(Task {
                             id: child.id,
                             kind: TaskKind::Child,
@@ -708,7 +766,7 @@ impl Shared {
                             stack: child.stack,
                             using: child.using,
                             watched: Vec::new(),
-                            snapshot: Some(*ts),
+                            snapshot: Some(first_ts),
                         });
                     } else {
                         new_templates.push(child);
@@ -734,18 +792,15 @@ impl Shared {
                     }
                 }
             }
-            _ => {
-                // The children never exist.
-                self.existing_runners
-                    .fetch_sub(children.len() as u64, Ordering::Relaxed);
-            }
+            // The children never exist.
+            _ => self.local.release(children.len() as u64),
         }
 
         if let TaskKind::Instance(template) = task.kind {
             let mut templates = lock(&self.templates);
             if ends_template {
                 if templates.remove(&template).is_some() {
-                    self.existing_runners.fetch_sub(1, Ordering::Relaxed);
+                    self.local.release(1);
                 }
             } else if let Some(entry) = templates.get_mut(&template) {
                 let again = matches!(outcome, Outcome::Failed(_))
@@ -771,44 +826,16 @@ impl Shared {
             Outcome::Failed(_) => bump(&self.counters.failed, 1),
             Outcome::Faulted(_) => bump(&self.counters.faulted, 1),
         }
-        if ordinary {
-            self.existing_runners.fetch_sub(1, Ordering::Relaxed);
+        if !task.is_instance() {
+            self.local.release(1);
         }
         self.store.end_snapshot(snapshot);
+        self.pending_tasks
+            .fetch_add(new_tasks.len() as u64, Ordering::AcqRel);
         for task in new_tasks {
-            ctx.push(task, &self.pending_tasks);
+            push(task);
         }
         self.task_done();
-    }
-
-    /// Publishes an exit record at `ts`: the runner's own writes to its page (if any), plus
-    /// the status word. No conflict check: only the runtime and the runner itself write there.
-    fn publish_exit_record(
-        &self,
-        id: u64,
-        own_writes: Option<(PageWrite, u64)>,
-        status: u64,
-        ts: u64,
-        pages: &PageSource,
-    ) -> Option<Change> {
-        let key = page_key(id);
-        let (mut write, base_ts) = match own_writes {
-            Some((write, snapshot)) => (write, Some(snapshot)),
-            // Only the status word: it goes over whatever the page holds at `ts`. Out of
-            // memory for it, nobody can be told; the run goes on without the record.
-            None => (
-                PageWrite {
-                    key,
-                    data: pages.zeroed().ok()?,
-                    stored: Box::new(EMPTY_MASK),
-                },
-                None,
-            ),
-        };
-        let offset = abi::EXIT_STATUS_OFFSET as usize;
-        write.data[offset..offset + 8].copy_from_slice(&status.to_le_bytes());
-        mark(&mut write.stored, offset, 8);
-        Some(self.store.publish(ts, base_ts, write, pages))
     }
 
     fn activate_watchers(
@@ -907,6 +934,32 @@ impl Shared {
     }
 }
 
+/// An exit-record publication for runner `id`: its own writes to its page (if any), plus the
+/// status word. `None` when out of page memory: nobody can be told; the run goes on.
+fn exit_record_write(
+    id: u64,
+    own_writes: Option<(PageWrite, u64)>,
+    status: u64,
+    pages: &PageSource,
+) -> Option<(PageWrite, Option<u64>)> {
+    let (mut write, base_ts) = match own_writes {
+        Some((write, snapshot)) => (write, Some(snapshot)),
+        // Only the status word: it goes over whatever the page holds at its timestamp.
+        None => (
+            PageWrite {
+                key: page_key(id),
+                data: pages.zeroed().ok()?,
+                stored: Box::new(EMPTY_MASK),
+            },
+            None,
+        ),
+    };
+    let offset = abi::EXIT_STATUS_OFFSET as usize;
+    write.data[offset..offset + 8].copy_from_slice(&status.to_le_bytes());
+    mark(&mut write.stored, offset, 8);
+    Some((write, base_ts))
+}
+
 fn instance_task(template: u64, spec: &ChildSpec) -> Task {
     Task {
         id: template,
@@ -990,143 +1043,238 @@ fn initial_pages(
     Ok(pages)
 }
 
-/// Runs a program to completion.
-pub fn run(image: LoadedImage, config: Config) -> Result<Report, RunError> {
-    let started = Instant::now();
-    let persisted = match &config.persist_dir {
-        Some(dir) => crate::persist::load(dir).map_err(RunError::Persist)?,
-        None => Vec::new(),
-    };
-    let initial = initial_pages(&image, &config, persisted)?;
+/// Where one node's workers run and get their page memory.
+pub struct Resources {
+    pub slots: Vec<WorkerSlot>,
+    /// One page source per NUMA node, never empty.
+    pub pools: Vec<PageSource>,
+    pub account: Arc<MemoryAccount>,
+    /// Topology source and any note about memory binding.
+    pub notes: Vec<String>,
+}
 
-    let topology = dvm_numa::Topology::detect();
-    let workers = config
-        .workers
-        .unwrap_or_else(|| topology.cores().len())
-        .max(1);
-    let slots = topology.plan_workers(workers);
-    let mut notes = vec![format!("topology: {}", topology.source())];
-    if let Some(note) = topology.memory_binding_note() {
-        notes.push(format!("page memory is not bound to NUMA nodes: {note}"));
-    }
-    let account = MemoryAccount::new(config.max_memory_bytes);
-    let pools =
-        sched::node_pools(&topology, &account).map_err(|(node, err)| RunError::PagePool {
-            node,
-            reason: err.to_string(),
-        })?;
-
-    let store = Arc::new(PageStore::new());
-    let Some(first_pool) = pools.first() else {
-        return Err(RunError::NoPagePool);
-    };
-    let loader_pages = first_pool.clone();
-    for (key, bytes) in initial {
-        let mut page = loader_pages
-            .zeroed()
-            .map_err(|limit| RunError::InitialMemoryLimit {
-                limit_bytes: limit.limit_bytes,
+impl Resources {
+    pub fn new(config: &Config) -> Result<Resources, RunError> {
+        let topology = dvm_numa::Topology::detect();
+        let workers = config
+            .workers
+            .unwrap_or_else(|| topology.cores().len())
+            .max(1);
+        let slots = topology.plan_workers(workers);
+        let mut notes = vec![format!("topology: {}", topology.source())];
+        if let Some(note) = topology.memory_binding_note() {
+            notes.push(format!("page memory is not bound to NUMA nodes: {note}"));
+        }
+        let account = MemoryAccount::new(config.max_memory_bytes);
+        let pools =
+            sched::node_pools(&topology, &account).map_err(|(node, err)| RunError::PagePool {
+                node,
+                reason: err.to_string(),
             })?;
-        page.copy_from_slice(&bytes[..]);
-        store.install_initial(key, page);
+        if pools.is_empty() {
+            return Err(RunError::NoPagePool);
+        }
+        Ok(Resources {
+            slots,
+            pools,
+            account,
+            notes,
+        })
     }
 
-    let mut read_only = RangeSet::default();
-    let mut image_ranges = Vec::new();
-    for section in &image.image.sections {
-        if let Some(range) = Range::new(section.addr, section.len_bytes) {
-            image_ranges.push(range);
-            if !section.kind.writable() {
-                read_only.insert(range);
+    /// The first NUMA node's page source (loading, and what a cluster backend allocates from).
+    pub fn pages(&self) -> &PageSource {
+        &self.pools[0]
+    }
+}
+
+/// What a node's VM is built on: its store, its backend, and who serves runner ids, stacks,
+/// heap and input (`None`: this node itself).
+pub struct MachineParts {
+    pub store: Arc<PageStore>,
+    pub backend: Arc<dyn Backend>,
+    pub control: Option<Arc<dyn Control>>,
+}
+
+/// One node's VM, ready to run.
+pub struct Machine {
+    shared: Arc<Shared>,
+    resources: Resources,
+    console_thread: CaptureHandle,
+    persist_dir: Option<PathBuf>,
+    pin_workers: bool,
+    started: Instant,
+    first_id: u64,
+}
+
+impl Machine {
+    /// Loads the initial memory (persistent store, image, `--load` files) of the pages this
+    /// node homes, and prepares its workers.
+    pub fn new(
+        image: LoadedImage,
+        config: Config,
+        resources: Resources,
+        parts: MachineParts,
+        homes: &dyn Fn(PageKey) -> bool,
+    ) -> Result<Machine, RunError> {
+        let started = Instant::now();
+        let persisted = match &config.persist_dir {
+            Some(dir) => crate::persist::load(dir).map_err(RunError::Persist)?,
+            None => Vec::new(),
+        };
+        let initial = initial_pages(&image, &config, persisted)?;
+        let MachineParts {
+            store,
+            backend,
+            control,
+        } = parts;
+        for (key, bytes) in initial {
+            if !homes(key) {
+                continue;
+            }
+            let mut page =
+                resources
+                    .pages()
+                    .zeroed()
+                    .map_err(|limit| RunError::InitialMemoryLimit {
+                        limit_bytes: limit.limit_bytes,
+                    })?;
+            page.copy_from_slice(&bytes[..]);
+            store.install_initial(key, page);
+        }
+
+        let mut read_only = RangeSet::default();
+        let mut image_ranges = Vec::new();
+        for section in &image.image.sections {
+            if let Some(range) = Range::new(section.addr, section.len_bytes) {
+                image_ranges.push(range);
+                if !section.kind.writable() {
+                    read_only.insert(range);
+                }
             }
         }
+
+        let (console, console_thread) = Console::start(config.output.clone());
+        let input: Box<dyn Read + Send> = match &config.input {
+            InputMode::Inherit => Box::new(std::io::stdin()),
+            InputMode::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes.clone())),
+        };
+        let first_id = abi::EXIT_RECORD_BASE + abi::EXIT_RECORD_RESERVED * abi::PAGE_BYTES;
+        let local = Arc::new(LocalControl::new(config.max_runners, first_id, input));
+        let control = control.unwrap_or_else(|| Arc::clone(&local) as Arc<dyn Control>);
+        let shared = Arc::new(Shared {
+            store,
+            backend,
+            control,
+            local,
+            program: Program::new(image),
+            read_only: Arc::new(read_only),
+            image_ranges,
+            max_instructions: config.max_instructions,
+            pending_tasks: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+            sleep: Arc::new(sched::Sleep::default()),
+            inbox: Mutex::new(VecDeque::new()),
+            templates: Mutex::new(HashMap::new()),
+            console,
+            counters: Counters::default(),
+            internal_errors: AtomicU64::new(0),
+            clock: Arc::clone(&config.clock),
+            next_txn: AtomicU64::new(1),
+        });
+        Ok(Machine {
+            shared,
+            resources,
+            console_thread,
+            persist_dir: config.persist_dir,
+            pin_workers: config.pin_workers,
+            started,
+            first_id,
+        })
     }
 
-    let (console, console_thread) = Console::start(config.output.clone());
-    let input: Box<dyn Read + Send> = match &config.input {
-        InputMode::Inherit => Box::new(std::io::stdin()),
-        InputMode::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes.clone())),
-    };
-    let first_id = abi::EXIT_RECORD_BASE + abi::EXIT_RECORD_RESERVED * abi::PAGE_BYTES;
-    let shared = Arc::new(Shared {
-        store: Arc::clone(&store),
-        program: Program::new(image),
-        read_only: Arc::new(read_only),
-        image_ranges,
-        max_instructions: config.max_instructions,
-        max_runners: config.max_runners.max(1),
-        next_id: AtomicU64::new(first_id + abi::PAGE_BYTES),
-        next_stack: (0..abi::SPACE_COUNT).map(|_| AtomicU64::new(0)).collect(),
-        next_heap: (0..abi::SPACE_COUNT).map(|_| AtomicU64::new(0)).collect(),
-        existing_runners: AtomicU64::new(1),
-        pending_tasks: AtomicU64::new(1),
-        done: AtomicBool::new(false),
-        sleep: Arc::new(sched::Sleep::default()),
-        templates: Mutex::new(HashMap::new()),
-        console,
-        input: Mutex::new(Input {
-            source: input,
-            buffer: Vec::new(),
-            position: 0,
-            ended: false,
-        }),
-        counters: Counters::default(),
-        internal_errors: AtomicU64::new(0),
-        clock: Arc::clone(&config.clock),
-        order: CommitOrder::new(store.watermark()),
-        next_txn: AtomicU64::new(1),
-    });
-    let root_stack = shared.allocate_stack(0).ok_or(RunError::NoRootStack)?;
-    let root = Task {
-        id: first_id,
-        kind: TaskKind::Root,
-        entry: shared.program().image.image.entry,
-        space: 0,
-        stack: root_stack,
-        using: Vec::new(),
-        watched: Vec::new(),
-        snapshot: Some(store.begin_snapshot()),
-    };
-    let (worker_infos, pin_notes) = sched::run_workers(
-        &shared,
-        &slots,
-        &pools,
-        &shared.sleep,
-        config.pin_workers,
-        root,
-    );
-    notes.extend(pin_notes);
-
-    // Every task is done: dropped templates were never runners that ran.
-    shared.console.close();
-    let (stdout, stderr) = console_thread.join().unwrap_or_default();
-    if let Some(dir) = &config.persist_dir {
-        crate::persist::save(dir, &store).map_err(RunError::Persist)?;
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
-    let counters = &shared.counters;
-    let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-    let stats = Stats {
-        workers: worker_infos.len() as u64,
-        instructions: get(&counters.instructions),
-        runners_started: get(&counters.started),
-        runners_committed: get(&counters.committed),
-        runners_aborted: get(&counters.aborted),
-        runners_failed: get(&counters.failed),
-        runners_faulted: get(&counters.faulted),
-        conflicts: get(&counters.failed),
-        watcher_activations: get(&counters.activations),
-        pages_allocated: account.pages_allocated(),
-        pages_copied: account.pages_copied(),
-        versions_pruned: store.versions_pruned(),
-        peak_memory_bytes: account.peak_bytes(),
-        wall_time_ms: started.elapsed().as_secs_f64() * 1000.0,
+
+    pub fn resources(&self) -> &Resources {
+        &self.resources
+    }
+
+    /// The root runner, counted and with its snapshot registered (on the node that runs it).
+    pub fn root_task(&self) -> Result<Task, RunError> {
+        let stack = self
+            .shared
+            .local
+            .allocate_stack(0)
+            .ok_or(RunError::NoRootStack)?;
+        self.shared.count_task();
+        Ok(Task {
+            id: self.first_id,
+            kind: TaskKind::Root,
+            entry: self.shared.program().image.image.entry,
+            space: 0,
+            stack,
+            using: Vec::new(),
+            watched: Vec::new(),
+            snapshot: Some(self.shared.store.begin_snapshot()),
+        })
+    }
+
+    /// Runs the workers until the node is done; returns where they ran and notes on pinning.
+    pub fn run(&self, root: Option<Task>) -> (Vec<WorkerInfo>, Vec<String>) {
+        sched::run_workers(
+            &self.shared,
+            &self.resources.slots,
+            &self.resources.pools,
+            &self.shared.sleep,
+            self.pin_workers,
+            root,
+        )
+    }
+
+    /// Ends the run: flushes the console, saves the persistent range, and reports.
+    pub fn finish(self, workers: Vec<WorkerInfo>, notes: Vec<String>) -> Result<Report, RunError> {
+        // Every task is done: dropped templates were never runners that ran.
+        self.shared.console.close();
+        let (stdout, stderr) = self.console_thread.join().unwrap_or_default();
+        if let Some(dir) = &self.persist_dir {
+            crate::persist::save(dir, &self.shared.store).map_err(RunError::Persist)?;
+        }
+        let account = &self.resources.account;
+        let stats = Stats {
+            workers: workers.len() as u64,
+            pages_allocated: account.pages_allocated(),
+            pages_copied: account.pages_copied(),
+            versions_pruned: self.shared.store.versions_pruned(),
+            peak_memory_bytes: account.peak_bytes(),
+            wall_time_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            ..self.shared.counters_now()
+        };
+        let mut placement_notes = self.resources.notes.clone();
+        placement_notes.extend(notes);
+        Ok(Report {
+            stats,
+            workers,
+            placement_notes,
+            internal_errors: self.shared.internal_errors.load(Ordering::Relaxed),
+            stdout,
+            stderr,
+        })
+    }
+}
+
+/// Runs a program to completion on this node alone.
+pub fn run(image: LoadedImage, config: Config) -> Result<Report, RunError> {
+    let resources = Resources::new(&config)?;
+    let store = Arc::new(PageStore::new());
+    let parts = MachineParts {
+        backend: Arc::new(LocalBackend::new(Arc::clone(&store))),
+        store,
+        control: None,
     };
-    Ok(Report {
-        stats,
-        workers: worker_infos,
-        placement_notes: notes,
-        internal_errors: shared.internal_errors.load(Ordering::Relaxed),
-        stdout,
-        stderr,
-    })
+    let machine = Machine::new(image, config, resources, parts, &|_| true)?;
+    let root = machine.root_task()?;
+    let (workers, notes) = machine.run(Some(root));
+    machine.finish(workers, notes)
 }

@@ -1,0 +1,112 @@
+//! Where a VM's committed memory lives, how endings are committed and ordered, and where the
+//! runtime's services come from: the seams between the engine and a cluster.
+//!
+//! - `Backend`: views read committed pages through it; an ending prepares through it, then
+//!   hands it its pages and its effects (`Finishing`). The effects come back, to the node that
+//!   applies endings (node 0), through `apply`, in timestamp order. `LocalBackend` is one node:
+//!   the store and a `CommitOrder`. A cluster backend prepares and commits at the pages' homes
+//!   and applies effects at node 0 (`dvm-cluster`).
+//! - `Control`: runner ids, stacks, heap and console input, which one node (node 0) hands out
+//!   for the whole machine. A VM without one serves them itself.
+
+use crate::order::CommitOrder;
+use crate::page::PageSource;
+use crate::runner::Ended;
+use crate::store::{Conflict, PageRead, PageStore, PageWrite, TxnId};
+use crate::view::Range;
+use std::sync::Arc;
+
+/// An ending's pages and effects, after a successful or failed prepare.
+pub struct Finishing {
+    pub txn: TxnId,
+    pub snapshot_ts: u64,
+    /// The prepared writes (intents held), when the ending commits; installed at the first
+    /// timestamp.
+    pub prepared: Option<Vec<PageWrite>>,
+    /// The exit-record publication, installed at the last timestamp without a conflict check;
+    /// `base_ts` is the snapshot its copy was made from (`None`: only its stored bytes count).
+    pub exit: Option<(PageWrite, Option<u64>)>,
+    pub ended: Ended,
+}
+
+impl Finishing {
+    /// Timestamps this ending takes: its commit's, if any, and its exit record's.
+    pub fn timestamps(&self) -> u64 {
+        1 + u64::from(self.prepared.is_some())
+    }
+}
+
+/// What `apply` receives: the ending's first and last timestamps and its effects.
+pub type Apply<'a> = dyn FnMut(u64, u64, Ended) + 'a;
+
+pub trait Backend: Send + Sync {
+    /// Where views read committed pages.
+    fn reader(&self) -> Arc<dyn PageRead>;
+    /// Checks `writes` against commits after `snapshot_ts` and commits in flight, and holds
+    /// intents on their pages; blocks until every home answered.
+    fn prepare(&self, txn: TxnId, snapshot_ts: u64, writes: &[PageWrite]) -> Result<(), Conflict>;
+    /// Installs the ending's pages at consecutive timestamps and arranges for its effects to
+    /// be applied in timestamp order: here through `apply`, now or when earlier endings
+    /// complete, or on another node. Never fails: its timestamps are taken.
+    fn finish(&self, finishing: Finishing, pages: &PageSource, apply: &mut Apply<'_>);
+}
+
+/// One node: the page store and the commit order of this process.
+pub struct LocalBackend {
+    store: Arc<PageStore>,
+    order: CommitOrder<(u64, Ended)>,
+}
+
+impl LocalBackend {
+    pub fn new(store: Arc<PageStore>) -> LocalBackend {
+        let order = CommitOrder::new(store.watermark());
+        LocalBackend { store, order }
+    }
+}
+
+impl Backend for LocalBackend {
+    fn reader(&self) -> Arc<dyn PageRead> {
+        Arc::clone(&self.store) as Arc<dyn PageRead>
+    }
+
+    fn prepare(&self, txn: TxnId, snapshot_ts: u64, writes: &[PageWrite]) -> Result<(), Conflict> {
+        self.store.prepare(txn, snapshot_ts, writes)
+    }
+
+    fn finish(&self, finishing: Finishing, pages: &PageSource, apply: &mut Apply<'_>) {
+        let count = finishing.timestamps();
+        let Finishing {
+            txn,
+            snapshot_ts,
+            prepared,
+            exit,
+            ended,
+        } = finishing;
+        // Nothing between `allocate` and `complete` may fail (see `order`).
+        let first = self.order.allocate(count);
+        let last = first + count - 1;
+        if let Some(writes) = prepared {
+            self.store
+                .commit(txn, Some(snapshot_ts), first, writes, pages);
+        }
+        if let Some((write, base_ts)) = exit {
+            self.store.publish(last, base_ts, write, pages);
+        }
+        self.order
+            .complete(first, count, (first, ended), |last, (first, ended)| {
+                apply(first, last, ended)
+            });
+    }
+}
+
+/// The runtime services one node hands out for the whole machine.
+pub trait Control: Send + Sync {
+    /// A new runner id, counted against the runner limit; `Err` says which limit.
+    fn new_runner_id(&self) -> Result<u64, String>;
+    /// Gives back an id whose runner will never exist.
+    fn forget_runner(&self);
+    fn allocate_stack(&self, space: u64) -> Option<Range>;
+    fn allocate_heap(&self, space: u64, len_bytes: u64) -> Option<Range>;
+    /// One byte of console input (node 0's stdin), or `None` at its end.
+    fn console_input(&self) -> Option<u8>;
+}
