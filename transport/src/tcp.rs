@@ -50,6 +50,8 @@ const RECV_BUFFER_BYTES: u32 = 64 * 1024;
 const BUF_RING_PINNED_BYTES: u64 = 4096;
 /// How long a graceful close waits for queued frames and the Goodbye to leave.
 const CLOSE_DRAIN_MS: u64 = 2000;
+/// Largest batch buffer kept for reuse after a burst.
+const SPARE_KEEP_BYTES: usize = 8 << 20;
 /// Rough per-event overhead counted against `max_inbound_bytes`.
 const EVENT_OVERHEAD_BYTES: u64 = 64;
 
@@ -842,7 +844,6 @@ impl Bound {
                         send_off: 0,
                         send_inflight: false,
                         zc_notif_pending: false,
-                        ops: 0,
                         last_rx: now,
                         last_tx: now,
                     })
@@ -923,8 +924,6 @@ struct Conn {
     send_off: usize,
     send_inflight: bool,
     zc_notif_pending: bool,
-    /// Operations in flight on this socket.
-    ops: u32,
     last_rx: Instant,
     last_tx: Instant,
 }
@@ -998,7 +997,9 @@ impl IoThread {
     fn push(&mut self, entry: io_uring::squeue::Entry) -> io::Result<()> {
         // SAFETY: every entry built in this module points only at memory owned by `self` (conn
         // buffers, pending buffers, `wake_buf`, the buffer ring) or at sockets owned by `self`;
-        // none of those is freed or moved while its operation is in flight: conns and pending
+        // none of those is freed or moved while its operation is in flight: a conn's receive
+        // buffer and batch are replaced only when no operation uses them (`recv_armed`,
+        // `send_inflight`, `zc_notif_pending` false), conns live until `teardown`, pending
         // connections are dropped only when their `ops` count is 0, and `teardown` drains every
         // operation (or leaks the owners) before `self` is dropped.
         unsafe { uring::push_sqe(&mut self.ring, &entry)? };
@@ -1123,7 +1124,6 @@ impl IoThread {
             let entry = match &mut self.conns[rank] {
                 Some(c) if !c.ended && !c.recv_armed => {
                     c.recv_armed = true;
-                    c.ops += 1;
                     let fd = types::Fd(c.stream.as_raw_fd());
                     let ud = user_data(OP_RECV, rank, 0);
                     if self.multishot {
@@ -1173,15 +1173,18 @@ impl IoThread {
                     std::mem::swap(&mut q.pending, &mut self.spare);
                     drop(q);
                     std::mem::swap(&mut c.sending, &mut self.spare);
-                    // `spare` now holds the old (empty) sending buffer for the next swap.
+                    // `spare` now holds the old (empty) sending buffer for the next swap; one
+                    // burst must not pin its peak size for the life of the transport.
                     self.spare.clear();
+                    if self.spare.capacity() > SPARE_KEEP_BYTES {
+                        self.spare = Vec::new();
+                    }
                 }
                 let rest = c.sending.get(c.send_off..).unwrap_or(&[]);
                 let len = rest.len().min(u32::MAX as usize) as u32;
                 let fd = types::Fd(c.stream.as_raw_fd());
                 let ud = user_data(OP_SEND, rank, 0);
                 c.send_inflight = true;
-                c.ops += 1;
                 c.last_tx = Instant::now();
                 if zc && rest.len() >= ZC_MIN_BYTES {
                     opcode::SendZc::new(fd, rest.as_ptr(), len)
@@ -1231,7 +1234,6 @@ impl IoThread {
                 if let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) {
                     if !more {
                         c.recv_armed = false;
-                        c.ops = c.ops.saturating_sub(1);
                     }
                 }
                 self.received(slot, res, flags, events);
@@ -1374,9 +1376,6 @@ impl IoThread {
         let Some(c) = self.conns.get_mut(rank).and_then(Option::as_mut) else {
             return;
         };
-        if !more {
-            c.ops = c.ops.saturating_sub(1);
-        }
         if cqueue::notif(flags) {
             c.zc_notif_pending = false;
             return;
