@@ -39,6 +39,8 @@ use std::time::{Duration, Instant};
 
 /// Connections allowed in handshake at once; more are closed unanswered.
 const MAX_PENDING_HANDSHAKES: usize = 16;
+/// Most bytes read from one handshaking socket per pass of the establish loop.
+const HANDSHAKE_READ_BYTES: usize = 16 * 1024;
 /// A Hello is small: a handshake decoder refuses larger payloads from the header.
 const MAX_HANDSHAKE_PAYLOAD_BYTES: usize = 1024;
 /// Batches at least this large go out with SEND_ZC when the kernel has it.
@@ -383,15 +385,16 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> TransportError {
     move |source| TransportError::Io { what, source }
 }
 
-/// Read what is available from a non-blocking socket into `decoder`. Returns bytes read, or
-/// `Ok(None)` at end of stream.
+/// Read what is available (at most `HANDSHAKE_READ_BYTES`, so a peer streaming garbage
+/// cannot grow the decoder before it is checked) from a non-blocking socket into `decoder`.
+/// Returns bytes read, or `Ok(None)` at end of stream.
 fn read_available(
     stream: &mut TcpStream,
     decoder: &mut Decoder,
     scratch: &mut [u8],
 ) -> io::Result<Option<usize>> {
     let mut total = 0;
-    loop {
+    while total < HANDSHAKE_READ_BYTES {
         match stream.read(scratch) {
             Ok(0) => {
                 return if total == 0 {
@@ -412,6 +415,7 @@ fn read_available(
             Err(e) => return Err(e),
         }
     }
+    Ok(Some(total))
 }
 
 fn write_frame(stream: &mut TcpStream, frame: &Frame) -> io::Result<()> {
@@ -717,8 +721,8 @@ impl Bound {
                 Refusal {
                     addr: inc.addr,
                     claimed_rank: None,
-                    error: HandshakeError::Timeout {
-                        waited_ms: start.elapsed().as_millis() as u64,
+                    error: HandshakeError::Abandoned {
+                        after_bytes: inc.bytes_seen,
                     },
                 },
             );
