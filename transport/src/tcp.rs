@@ -83,8 +83,20 @@ pub struct TcpConfig {
     pub ring_entries: u32,
     /// Use multishot receives when the kernel has them (false forces the single-shot path).
     pub multishot_recv: bool,
-    /// Use SEND_ZC for large batches when the kernel has it (false forces plain SEND).
-    pub send_zc: bool,
+    /// When to send large batches with SEND_ZC (if the kernel has it).
+    pub zero_copy: ZeroCopy,
+}
+
+/// Where SEND_ZC is used for batches of at least 64 KiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// Plain SEND only.
+    Off,
+    /// Only to peers that are not on a loopback address: a zero-copy buffer sent over loopback
+    /// is copied by the kernel anyway when it is delivered, which costs more than a plain send.
+    RemoteOnly,
+    /// To every peer (tests use it to exercise the path on loopback).
+    Always,
 }
 
 impl TcpConfig {
@@ -103,7 +115,7 @@ impl TcpConfig {
             max_inbound_bytes: 256 << 20,
             ring_entries: 256,
             multishot_recv: true,
-            send_zc: true,
+            zero_copy: ZeroCopy::RemoteOnly,
         }
     }
 
@@ -145,7 +157,8 @@ impl TcpConfig {
 pub struct UringFeatures {
     /// Multishot RECV with a provided-buffer ring (else one RECV per read).
     pub multishot_recv: bool,
-    /// IORING_OP_SEND_ZC, used for batches of at least 64 KiB.
+    /// IORING_OP_SEND_ZC is available and allowed by the configuration; see [`ZeroCopy`] for
+    /// which peers it is used with.
     pub send_zc: bool,
     /// The soft RLIMIT_MEMLOCK; `None` = unlimited.
     pub memlock_limit_bytes: Option<u64>,
@@ -761,7 +774,7 @@ impl Bound {
                 )));
             }
         }
-        let send_zc = cfg.send_zc && probe.is_supported(opcode::SendZc::CODE);
+        let send_zc = cfg.zero_copy != ZeroCopy::Off && probe.is_supported(opcode::SendZc::CODE);
         let memlock = uring::memlock_limit_bytes();
         // The buffer ring pins one page; take it only when the limit leaves room for it twice
         // over, since other rings of the process share the same limit.
@@ -836,7 +849,12 @@ impl Bound {
                     stream
                         .set_nonblocking(false)
                         .map_err(io_err("handing a socket to the ring"))?;
+                    let loopback = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
+                    let zero_copy = send_zc
+                        && (cfg.zero_copy == ZeroCopy::Always
+                            || (cfg.zero_copy == ZeroCopy::RemoteOnly && !loopback));
                     Some(Conn {
+                        zero_copy,
                         rank: rank as NodeId,
                         addr: peer_addrs[rank],
                         stream,
@@ -927,6 +945,8 @@ struct Conn {
     sending: Vec<u8>,
     send_off: usize,
     send_inflight: bool,
+    /// Large batches to this peer go out with SEND_ZC.
+    zero_copy: bool,
     zc_notif_pending: bool,
     last_rx: Instant,
     last_tx: Instant,
@@ -1190,7 +1210,7 @@ impl IoThread {
                 let ud = user_data(OP_SEND, rank, 0);
                 c.send_inflight = true;
                 c.last_tx = Instant::now();
-                if zc && rest.len() >= ZC_MIN_BYTES {
+                if zc && c.zero_copy && rest.len() >= ZC_MIN_BYTES {
                     opcode::SendZc::new(fd, rest.as_ptr(), len)
                         .flags(libc::MSG_NOSIGNAL)
                         .build()

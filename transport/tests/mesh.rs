@@ -4,6 +4,7 @@
 mod common;
 
 use common::{collect_until, mesh};
+use dvm_transport::tcp::ZeroCopy;
 use dvm_transport::{
     Event, LossReason, PageVersion, PageVersionRef, RequestId, Transport, TransportError,
     MASK_WORDS, PAGE_BYTES,
@@ -59,7 +60,11 @@ fn all_to_all_without_multishot_or_zero_copy() {
 fn all_to_all(kernel_features: bool) {
     let nodes = mesh(3, |c| {
         c.multishot_recv = kernel_features;
-        c.send_zc = kernel_features;
+        c.zero_copy = if kernel_features {
+            ZeroCopy::Always
+        } else {
+            ZeroCopy::Off
+        };
     });
     if !kernel_features {
         let f = nodes[0].features();
@@ -190,7 +195,7 @@ fn request_response_correlate() {
 
 #[test]
 fn pages_round_trip_exactly() {
-    let nodes = mesh(3, |_| {});
+    let nodes = mesh(3, |c| c.zero_copy = ZeroCopy::Always);
     // read_page: node 2 asks node 1 (the home) for two pages.
     let id_a = nodes[2].read_page(1, 0x4000_0005, 77).expect("read_page");
     let id_b = nodes[2].read_page(1, 0x4000_0009, 78).expect("read_page");
