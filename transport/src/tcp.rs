@@ -563,12 +563,18 @@ impl Bound {
                             }
                             match inc.decoder.next_frame() {
                                 Ok(Some(Frame::Hello(h))) => Some(match policy.check(&h) {
-                                    Ok(r) if connected[r as usize].is_some() => Err((
-                                        Some(r),
-                                        HandshakeError::Refused(RefuseReason::AlreadyConnected {
-                                            rank: r,
-                                        }),
-                                    )),
+                                    Ok(r)
+                                        if connected
+                                            .get(r as usize)
+                                            .is_none_or(Option::is_some) =>
+                                    {
+                                        Err((
+                                            Some(r),
+                                            HandshakeError::Refused(
+                                                RefuseReason::AlreadyConnected { rank: r },
+                                            ),
+                                        ))
+                                    }
                                     Ok(r) => Ok(r),
                                     Err(reason) => {
                                         Err((Some(h.rank), HandshakeError::Refused(reason)))
@@ -613,7 +619,9 @@ impl Bound {
                                     Ok(()) => {
                                         tracing::debug!(node = cfg.rank, peer = rank, addr = %inc.addr, "peer connected");
                                         inc.decoder.set_max_payload(MAX_PAYLOAD_BYTES);
-                                        connected[rank as usize] = Some((inc.stream, inc.decoder));
+                                        if let Some(slot) = connected.get_mut(rank as usize) {
+                                            *slot = Some((inc.stream, inc.decoder));
+                                        }
                                     }
                                     Err(e) => refusals.record(
                                         cfg.rank,
