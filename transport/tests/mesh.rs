@@ -399,3 +399,39 @@ fn unreachable_peer_fails_establish_naming_it() {
     assert!(text.contains(&format!("rank 0 at {dead}")), "{text}");
     assert!(text.contains(&format!("rank 2 at {dead}")), "{text}");
 }
+
+#[test]
+fn concurrent_senders_to_one_peer_keep_each_threads_order() {
+    let nodes = mesh(2, |_| {});
+    const THREADS: u8 = 4;
+    const PER_THREAD: u32 = 500;
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let n0 = &nodes[0];
+            s.spawn(move || {
+                for i in 0..PER_THREAD {
+                    let mut m = vec![t];
+                    m.extend_from_slice(&i.to_le_bytes());
+                    m.resize(5 + (i as usize % 300), t);
+                    n0.send(1, &m).expect("send");
+                }
+            });
+        }
+    });
+    let total = usize::from(THREADS) * PER_THREAD as usize;
+    let events = collect_until(&nodes[1], WAIT, |e| e.len() >= total);
+    let mut next = [0u32; THREADS as usize];
+    for e in &events {
+        let Event::Message { from: 0, payload } = e else {
+            panic!("unexpected {e:?}");
+        };
+        let t = usize::from(payload[0]);
+        let i = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
+        assert_eq!(i, next[t], "thread {t}'s messages out of order");
+        assert_eq!(payload.len(), 5 + (i as usize % 300));
+        next[t] += 1;
+    }
+    assert!(next.iter().all(|&n| n == PER_THREAD));
+    let c = nodes[0].counters();
+    assert_eq!(c[0].messages_sent, total as u64);
+}
