@@ -9,8 +9,17 @@
 //! flight (receive buffers, outbound batches, the eventfd counter); callers never share those.
 //! Callers append encoded frames to a per-peer outbound queue (under a mutex) and wake the
 //! thread through an eventfd read armed on the ring; each ring turn the thread takes a peer's
-//! whole queue as one batch and sends it with one SEND (SEND_ZC for large batches when the
-//! kernel supports it). Invariants:
+//! whole queue as one batch and sends it with one SEND (SEND_ZC for large batches to remote
+//! peers when the kernel supports it; see [`ZeroCopy`]). Receives are multishot RECVs drawing
+//! from one provided-buffer ring when the kernel has them, single-shot RECVs otherwise.
+//!
+//! Memory locking: the only pinned memory is the buffer ring's entry page, taken only when
+//! RLIMIT_MEMLOCK leaves room; no fixed buffers are registered, because batches are built in
+//! ordinary growable buffers (fixed buffers pay off once page payloads are sent straight from the
+//! engine's registered page pools).
+//!
+//! Not supported: reconnecting a lost peer (a later Hello from its rank is refused; the job
+//! restarts), and adding ranks after establish. Invariants:
 //! - at most one send is in flight per peer, so bytes leave in queue order;
 //! - a buffer or socket referenced by an operation lives until that operation's final completion
 //!   (a CQE without the MORE flag); sockets are shut down, not closed, to end their operations;
