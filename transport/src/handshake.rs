@@ -93,6 +93,8 @@ pub enum HandshakeError {
     Closed { after_bytes: u64 },
     #[error("no complete hello within {waited_ms} ms")]
     Timeout { waited_ms: u64 },
+    #[error("the mesh completed before this connection's hello did ({after_bytes} bytes seen)")]
+    Abandoned { after_bytes: u64 },
     #[error("socket error during the handshake: {0}")]
     Io(String),
 }

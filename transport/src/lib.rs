@@ -95,7 +95,9 @@ pub enum LossReason {
     Protocol(#[from] WireError),
     #[error("unexpected {kind} frame at stream byte {offset} after the handshake")]
     UnexpectedFrame { kind: &'static str, offset: u64 },
-    #[error("the local transport aborted")]
+    /// This node closed the connection itself. Recorded when the transport shuts down; no
+    /// event is delivered for it, since nobody polls a closed transport.
+    #[error("closed by this node")]
     LocalAbort,
 }
 

@@ -9,8 +9,17 @@
 //! flight (receive buffers, outbound batches, the eventfd counter); callers never share those.
 //! Callers append encoded frames to a per-peer outbound queue (under a mutex) and wake the
 //! thread through an eventfd read armed on the ring; each ring turn the thread takes a peer's
-//! whole queue as one batch and sends it with one SEND (SEND_ZC for large batches when the
-//! kernel supports it). Invariants:
+//! whole queue as one batch and sends it with one SEND (SEND_ZC for large batches to remote
+//! peers when the kernel supports it; see [`ZeroCopy`]). Receives are multishot RECVs drawing
+//! from one provided-buffer ring when the kernel has them, single-shot RECVs otherwise.
+//!
+//! Memory locking: the only pinned memory is the buffer ring's entry page, taken only when
+//! RLIMIT_MEMLOCK leaves room; no fixed buffers are registered, because batches are built in
+//! ordinary growable buffers (fixed buffers pay off once page payloads are sent straight from the
+//! engine's registered page pools).
+//!
+//! Not supported: reconnecting a lost peer (a later Hello from its rank is refused; the job
+//! restarts), and adding ranks after establish. Invariants:
 //! - at most one send is in flight per peer, so bytes leave in queue order;
 //! - a buffer or socket referenced by an operation lives until that operation's final completion
 //!   (a CQE without the MORE flag); sockets are shut down, not closed, to end their operations;
@@ -39,6 +48,8 @@ use std::time::{Duration, Instant};
 
 /// Connections allowed in handshake at once; more are closed unanswered.
 const MAX_PENDING_HANDSHAKES: usize = 16;
+/// Most bytes read from one handshaking socket per pass of the establish loop.
+const HANDSHAKE_READ_BYTES: usize = 16 * 1024;
 /// A Hello is small: a handshake decoder refuses larger payloads from the header.
 const MAX_HANDSHAKE_PAYLOAD_BYTES: usize = 1024;
 /// Batches at least this large go out with SEND_ZC when the kernel has it.
@@ -50,6 +61,8 @@ const RECV_BUFFER_BYTES: u32 = 64 * 1024;
 const BUF_RING_PINNED_BYTES: u64 = 4096;
 /// How long a graceful close waits for queued frames and the Goodbye to leave.
 const CLOSE_DRAIN_MS: u64 = 2000;
+/// Largest batch buffer kept for reuse after a burst.
+const SPARE_KEEP_BYTES: usize = 8 << 20;
 /// Rough per-event overhead counted against `max_inbound_bytes`.
 const EVENT_OVERHEAD_BYTES: u64 = 64;
 
@@ -79,8 +92,20 @@ pub struct TcpConfig {
     pub ring_entries: u32,
     /// Use multishot receives when the kernel has them (false forces the single-shot path).
     pub multishot_recv: bool,
-    /// Use SEND_ZC for large batches when the kernel has it (false forces plain SEND).
-    pub send_zc: bool,
+    /// When to send large batches with SEND_ZC (if the kernel has it).
+    pub zero_copy: ZeroCopy,
+}
+
+/// Where SEND_ZC is used for batches of at least 64 KiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// Plain SEND only.
+    Off,
+    /// Only to peers that are not on a loopback address: a zero-copy buffer sent over loopback
+    /// is copied by the kernel anyway when it is delivered, which costs more than a plain send.
+    RemoteOnly,
+    /// To every peer (tests use it to exercise the path on loopback).
+    Always,
 }
 
 impl TcpConfig {
@@ -99,7 +124,7 @@ impl TcpConfig {
             max_inbound_bytes: 256 << 20,
             ring_entries: 256,
             multishot_recv: true,
-            send_zc: true,
+            zero_copy: ZeroCopy::RemoteOnly,
         }
     }
 
@@ -141,7 +166,8 @@ impl TcpConfig {
 pub struct UringFeatures {
     /// Multishot RECV with a provided-buffer ring (else one RECV per read).
     pub multishot_recv: bool,
-    /// IORING_OP_SEND_ZC, used for batches of at least 64 KiB.
+    /// IORING_OP_SEND_ZC is available and allowed by the configuration; see [`ZeroCopy`] for
+    /// which peers it is used with.
     pub send_zc: bool,
     /// The soft RLIMIT_MEMLOCK; `None` = unlimited.
     pub memlock_limit_bytes: Option<u64>,
@@ -381,15 +407,16 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> TransportError {
     move |source| TransportError::Io { what, source }
 }
 
-/// Read what is available from a non-blocking socket into `decoder`. Returns bytes read, or
-/// `Ok(None)` at end of stream.
+/// Read what is available (at most `HANDSHAKE_READ_BYTES`, so a peer streaming garbage
+/// cannot grow the decoder before it is checked) from a non-blocking socket into `decoder`.
+/// Returns bytes read, or `Ok(None)` at end of stream.
 fn read_available(
     stream: &mut TcpStream,
     decoder: &mut Decoder,
     scratch: &mut [u8],
 ) -> io::Result<Option<usize>> {
     let mut total = 0;
-    loop {
+    while total < HANDSHAKE_READ_BYTES {
         match stream.read(scratch) {
             Ok(0) => {
                 return if total == 0 {
@@ -410,6 +437,7 @@ fn read_available(
             Err(e) => return Err(e),
         }
     }
+    Ok(Some(total))
 }
 
 fn write_frame(stream: &mut TcpStream, frame: &Frame) -> io::Result<()> {
@@ -544,12 +572,18 @@ impl Bound {
                             }
                             match inc.decoder.next_frame() {
                                 Ok(Some(Frame::Hello(h))) => Some(match policy.check(&h) {
-                                    Ok(r) if connected[r as usize].is_some() => Err((
-                                        Some(r),
-                                        HandshakeError::Refused(RefuseReason::AlreadyConnected {
-                                            rank: r,
-                                        }),
-                                    )),
+                                    Ok(r)
+                                        if connected
+                                            .get(r as usize)
+                                            .is_none_or(Option::is_some) =>
+                                    {
+                                        Err((
+                                            Some(r),
+                                            HandshakeError::Refused(
+                                                RefuseReason::AlreadyConnected { rank: r },
+                                            ),
+                                        ))
+                                    }
                                     Ok(r) => Ok(r),
                                     Err(reason) => {
                                         Err((Some(h.rank), HandshakeError::Refused(reason)))
@@ -594,7 +628,9 @@ impl Bound {
                                     Ok(()) => {
                                         tracing::debug!(node = cfg.rank, peer = rank, addr = %inc.addr, "peer connected");
                                         inc.decoder.set_max_payload(MAX_PAYLOAD_BYTES);
-                                        connected[rank as usize] = Some((inc.stream, inc.decoder));
+                                        if let Some(slot) = connected.get_mut(rank as usize) {
+                                            *slot = Some((inc.stream, inc.decoder));
+                                        }
                                     }
                                     Err(e) => refusals.record(
                                         cfg.rank,
@@ -715,8 +751,8 @@ impl Bound {
                 Refusal {
                     addr: inc.addr,
                     claimed_rank: None,
-                    error: HandshakeError::Timeout {
-                        waited_ms: start.elapsed().as_millis() as u64,
+                    error: HandshakeError::Abandoned {
+                        after_bytes: inc.bytes_seen,
                     },
                 },
             );
@@ -755,7 +791,7 @@ impl Bound {
                 )));
             }
         }
-        let send_zc = cfg.send_zc && probe.is_supported(opcode::SendZc::CODE);
+        let send_zc = cfg.zero_copy != ZeroCopy::Off && probe.is_supported(opcode::SendZc::CODE);
         let memlock = uring::memlock_limit_bytes();
         // The buffer ring pins one page; take it only when the limit leaves room for it twice
         // over, since other rings of the process share the same limit.
@@ -830,7 +866,12 @@ impl Bound {
                     stream
                         .set_nonblocking(false)
                         .map_err(io_err("handing a socket to the ring"))?;
+                    let loopback = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
+                    let zero_copy = send_zc
+                        && (cfg.zero_copy == ZeroCopy::Always
+                            || (cfg.zero_copy == ZeroCopy::RemoteOnly && !loopback));
                     Some(Conn {
+                        zero_copy,
                         rank: rank as NodeId,
                         addr: peer_addrs[rank],
                         stream,
@@ -842,7 +883,6 @@ impl Bound {
                         send_off: 0,
                         send_inflight: false,
                         zc_notif_pending: false,
-                        ops: 0,
                         last_rx: now,
                         last_tx: now,
                     })
@@ -922,9 +962,9 @@ struct Conn {
     sending: Vec<u8>,
     send_off: usize,
     send_inflight: bool,
+    /// Large batches to this peer go out with SEND_ZC.
+    zero_copy: bool,
     zc_notif_pending: bool,
-    /// Operations in flight on this socket.
-    ops: u32,
     last_rx: Instant,
     last_tx: Instant,
 }
@@ -998,7 +1038,9 @@ impl IoThread {
     fn push(&mut self, entry: io_uring::squeue::Entry) -> io::Result<()> {
         // SAFETY: every entry built in this module points only at memory owned by `self` (conn
         // buffers, pending buffers, `wake_buf`, the buffer ring) or at sockets owned by `self`;
-        // none of those is freed or moved while its operation is in flight: conns and pending
+        // none of those is freed or moved while its operation is in flight: a conn's receive
+        // buffer and batch are replaced only when no operation uses them (`recv_armed`,
+        // `send_inflight`, `zc_notif_pending` false), conns live until `teardown`, pending
         // connections are dropped only when their `ops` count is 0, and `teardown` drains every
         // operation (or leaks the owners) before `self` is dropped.
         unsafe { uring::push_sqe(&mut self.ring, &entry)? };
@@ -1123,7 +1165,6 @@ impl IoThread {
             let entry = match &mut self.conns[rank] {
                 Some(c) if !c.ended && !c.recv_armed => {
                     c.recv_armed = true;
-                    c.ops += 1;
                     let fd = types::Fd(c.stream.as_raw_fd());
                     let ud = user_data(OP_RECV, rank, 0);
                     if self.multishot {
@@ -1173,17 +1214,20 @@ impl IoThread {
                     std::mem::swap(&mut q.pending, &mut self.spare);
                     drop(q);
                     std::mem::swap(&mut c.sending, &mut self.spare);
-                    // `spare` now holds the old (empty) sending buffer for the next swap.
+                    // `spare` now holds the old (empty) sending buffer for the next swap; one
+                    // burst must not pin its peak size for the life of the transport.
                     self.spare.clear();
+                    if self.spare.capacity() > SPARE_KEEP_BYTES {
+                        self.spare = Vec::new();
+                    }
                 }
                 let rest = c.sending.get(c.send_off..).unwrap_or(&[]);
                 let len = rest.len().min(u32::MAX as usize) as u32;
                 let fd = types::Fd(c.stream.as_raw_fd());
                 let ud = user_data(OP_SEND, rank, 0);
                 c.send_inflight = true;
-                c.ops += 1;
                 c.last_tx = Instant::now();
-                if zc && rest.len() >= ZC_MIN_BYTES {
+                if zc && c.zero_copy && rest.len() >= ZC_MIN_BYTES {
                     opcode::SendZc::new(fd, rest.as_ptr(), len)
                         .flags(libc::MSG_NOSIGNAL)
                         .build()
@@ -1231,7 +1275,6 @@ impl IoThread {
                 if let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) {
                     if !more {
                         c.recv_armed = false;
-                        c.ops = c.ops.saturating_sub(1);
                     }
                 }
                 self.received(slot, res, flags, events);
@@ -1374,9 +1417,6 @@ impl IoThread {
         let Some(c) = self.conns.get_mut(rank).and_then(Option::as_mut) else {
             return;
         };
-        if !more {
-            c.ops = c.ops.saturating_sub(1);
-        }
         if cqueue::notif(flags) {
             c.zc_notif_pending = false;
             return;

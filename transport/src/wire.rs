@@ -698,6 +698,10 @@ impl Decoder {
         }
         let expected = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
         let Some(payload) = avail.get(HEADER_BYTES..HEADER_BYTES + len) else {
+            // The header passed every check: make room for the whole frame once, rather than
+            // growing (and copying) the buffer chunk by chunk as the payload arrives.
+            let missing = HEADER_BYTES + len - avail.len();
+            self.buf.reserve(missing);
             return Ok(None);
         };
         let found = crc32c::update(crc32c::checksum(&h[..20]), payload);

@@ -333,3 +333,34 @@ fn shut_down_socket_is_a_loss() {
     );
     assert!(n0.send(1, b"x").is_err(), "sending to a lost peer fails");
 }
+
+#[test]
+fn misconfigured_node_is_refused_at_establish_and_says_why() {
+    common::init_logs();
+    let mut c0 = common::config(0, 2);
+    c0.connect_timeout_ms = 500;
+    let mut c1 = common::config(1, 2);
+    c1.token = b"another job".to_vec();
+    let b0 = TcpTransport::bind(c0).expect("bind");
+    let b1 = TcpTransport::bind(c1).expect("bind");
+    let addrs = vec![b0.local_addr(), b1.local_addr()];
+    let a0 = addrs.clone();
+    let t0 = std::thread::spawn(move || b0.establish(a0));
+    match b1.establish(addrs.clone()) {
+        Err(dvm_transport::TransportError::RefusedBy {
+            peer: 0,
+            addr,
+            reason: RefuseReason::BadToken,
+        }) => assert_eq!(addr, addrs[0]),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a node with the wrong token joined"),
+    }
+    match t0.join().expect("thread") {
+        Err(dvm_transport::TransportError::Unreachable { peers, .. }) => {
+            assert_eq!(peers.len(), 1);
+            assert_eq!((peers[0].rank, peers[0].addr), (1, addrs[1]));
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("node 0 cannot complete without node 1"),
+    }
+}

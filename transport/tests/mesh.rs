@@ -4,6 +4,7 @@
 mod common;
 
 use common::{collect_until, mesh};
+use dvm_transport::tcp::ZeroCopy;
 use dvm_transport::{
     Event, LossReason, PageVersion, PageVersionRef, RequestId, Transport, TransportError,
     MASK_WORDS, PAGE_BYTES,
@@ -59,7 +60,11 @@ fn all_to_all_without_multishot_or_zero_copy() {
 fn all_to_all(kernel_features: bool) {
     let nodes = mesh(3, |c| {
         c.multishot_recv = kernel_features;
-        c.send_zc = kernel_features;
+        c.zero_copy = if kernel_features {
+            ZeroCopy::Always
+        } else {
+            ZeroCopy::Off
+        };
     });
     if !kernel_features {
         let f = nodes[0].features();
@@ -190,7 +195,7 @@ fn request_response_correlate() {
 
 #[test]
 fn pages_round_trip_exactly() {
-    let nodes = mesh(3, |_| {});
+    let nodes = mesh(3, |c| c.zero_copy = ZeroCopy::Always);
     // read_page: node 2 asks node 1 (the home) for two pages.
     let id_a = nodes[2].read_page(1, 0x4000_0005, 77).expect("read_page");
     let id_b = nodes[2].read_page(1, 0x4000_0009, 78).expect("read_page");
@@ -393,4 +398,40 @@ fn unreachable_peer_fails_establish_naming_it() {
     let text = err.to_string();
     assert!(text.contains(&format!("rank 0 at {dead}")), "{text}");
     assert!(text.contains(&format!("rank 2 at {dead}")), "{text}");
+}
+
+#[test]
+fn concurrent_senders_to_one_peer_keep_each_threads_order() {
+    let nodes = mesh(2, |_| {});
+    const THREADS: u8 = 4;
+    const PER_THREAD: u32 = 500;
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let n0 = &nodes[0];
+            s.spawn(move || {
+                for i in 0..PER_THREAD {
+                    let mut m = vec![t];
+                    m.extend_from_slice(&i.to_le_bytes());
+                    m.resize(5 + (i as usize % 300), t);
+                    n0.send(1, &m).expect("send");
+                }
+            });
+        }
+    });
+    let total = usize::from(THREADS) * PER_THREAD as usize;
+    let events = collect_until(&nodes[1], WAIT, |e| e.len() >= total);
+    let mut next = [0u32; THREADS as usize];
+    for e in &events {
+        let Event::Message { from: 0, payload } = e else {
+            panic!("unexpected {e:?}");
+        };
+        let t = usize::from(payload[0]);
+        let i = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
+        assert_eq!(i, next[t], "thread {t}'s messages out of order");
+        assert_eq!(payload.len(), 5 + (i as usize % 300));
+        next[t] += 1;
+    }
+    assert!(next.iter().all(|&n| n == PER_THREAD));
+    let c = nodes[0].counters();
+    assert_eq!(c[0].messages_sent, total as u64);
 }
