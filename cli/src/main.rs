@@ -7,6 +7,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use dvm_engine::{asm, disasm, image, isa, vm};
 
+mod launcher;
 mod stats;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -100,6 +101,21 @@ struct RunArgs {
     /// Do not pin workers to processors.
     #[arg(long)]
     no_pin: bool,
+    /// Run on N local processes (nodes) joined over loopback, one `dvm` each; workers per node
+    /// default to the cores divided among them. Under mpirun, mpiexec or srun, `dvm run` joins
+    /// the job as its rank instead (see docs/CLUSTER.md).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    nodes: Option<u32>,
+    /// The job's nodes as host:port,... (rank 0 first), with --rank: for launchers DVM does not
+    /// recognise. Every rank is given the same list.
+    #[arg(long, value_name = "LIST", requires = "rank")]
+    hosts: Option<String>,
+    /// This process's rank in --hosts.
+    #[arg(long, value_name = "R", requires = "hosts")]
+    rank: Option<String>,
+    /// A node silent this long is declared lost and the run ends, naming it.
+    #[arg(long, value_name = "MS", default_value_t = 5_000)]
+    peer_timeout_ms: u64,
 }
 
 /// `4096`, `64K`, `512M`, `4G`, `1T` (binary units).
@@ -168,6 +184,8 @@ impl From<FormatArg> for image::Format {
 enum Failure {
     /// Bad input or a failed program: the message explains; exit 1.
     User(String),
+    /// A multi-node run could not start or lost a node: the message names it; exit 2.
+    Cluster(String),
 }
 
 fn user(message: impl Into<String>) -> Failure {
@@ -239,15 +257,53 @@ fn load_program(path: &Path) -> Result<image::LoadedImage, Failure> {
     }
 }
 
+/// The environment variables DVM's local launcher gives its children (`launch` reads them).
+const CHILD_RANK_VAR: &str = "DVM_RANK";
+
 fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
+    let mut env = dvm_cluster::launch::process_env();
+    let mut children = Vec::new();
+    if let Some(nodes) = args.nodes.filter(|n| *n > 1) {
+        if !env.contains_key(CHILD_RANK_VAR) {
+            children = launcher::start_local_nodes(nodes, &mut env)?;
+        }
+    }
+    let explicit = dvm_cluster::launch::Explicit {
+        hosts: args.hosts.as_deref(),
+        rank: args.rank.as_deref(),
+    };
+    let launch =
+        dvm_cluster::launch::detect(&env, &explicit, &dvm_cluster::launch::HostFacts::probe())
+            .map_err(|err| {
+                user(format!(
+                    "cannot tell this process's place in the job: {err}"
+                ))
+            })?
+            .filter(|launch| launch.world > 1);
+    let result = cmd_run_on(args, launch.as_ref());
+    launcher::wait_for(children, result.is_ok())?;
+    result
+}
+
+fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Result<u8, Failure> {
     let program = load_program(&args.program)?;
     let loads = args
         .loads
         .iter()
         .map(|spec| parse_load(spec))
         .collect::<Result<Vec<_>, _>>()?;
+    if launch.is_some() && args.persist.is_some() {
+        return Err(user(
+            "--persist works on one node only for now: the persistent range is spread over the nodes' homes",
+        ));
+    }
+    // Nodes sharing this host share its cores.
+    let default_workers = launch.map(|launch| {
+        let cores = dvm_numa::Topology::detect().cores().len().max(1);
+        (cores / launch.local_size.max(1) as usize).max(1)
+    });
     let mut config = vm::Config {
-        workers: args.workers.map(|n| n as usize),
+        workers: args.workers.map(|n| n as usize).or(default_workers),
         pin_workers: !args.no_pin,
         max_instructions: args.max_instructions.unwrap_or(u64::MAX),
         max_runners: args.max_runners,
@@ -259,7 +315,27 @@ fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
         config.max_memory_bytes = bytes;
     }
     tracing::info!(program = %args.program.display(), instructions = program.code.len(), "loaded");
-    let report = vm::run(program, config).map_err(|err| user(err.to_string()))?;
+    let (report, nodes) = match launch {
+        None => (
+            vm::run(program, config).map_err(|err| user(err.to_string()))?,
+            Vec::new(),
+        ),
+        Some(launch) => {
+            let options = dvm_cluster::runtime::ClusterOptions {
+                peer_timeout_ms: args.peer_timeout_ms,
+                ..Default::default()
+            };
+            let run =
+                dvm_cluster::runtime::run(program, config, launch, &options).map_err(|err| {
+                    Failure::Cluster(format!("node {} of {}: {err}", launch.rank, launch.world))
+                })?;
+            if run.rank != 0 {
+                // Node 0 prints the program's output, its statistics and its exit status.
+                return Ok(0);
+            }
+            (run.report, run.nodes)
+        }
+    };
     for note in &report.placement_notes {
         if note.starts_with("topology:") {
             tracing::info!("{note}");
@@ -268,8 +344,8 @@ fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
         }
     }
     match args.stats.as_deref() {
-        Some("json") => eprintln!("{}", stats::json(&report)),
-        Some(_) => eprint!("{}", stats::table(&report)),
+        Some("json") => eprintln!("{}", stats::json(&report, &nodes)),
+        Some(_) => eprint!("{}", stats::table(&report, &nodes)),
         None => {}
     }
     let code = report.exit_code();
@@ -364,6 +440,10 @@ fn main() -> ExitCode {
                 eprintln!("error: {message}");
             }
             ExitCode::from(1)
+        }
+        Ok(Err(Failure::Cluster(message))) => {
+            eprintln!("error: {}", message.trim_end());
+            ExitCode::from(2)
         }
         Err(_) => ExitCode::from(2),
     }

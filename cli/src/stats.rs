@@ -1,17 +1,41 @@
 //! `dvm run --stats`: the run's counters as a table for people and as one JSON line for tools.
 //! The JSON keys are a stable interface (the conformance suite and benchmarks read them).
 
+use dvm_cluster::runtime::NodeRow;
 use dvm_engine::vm::Report;
 use std::fmt::Write as _;
 
-pub fn json(report: &Report) -> String {
+/// Per-node rows of a multi-node run, as a JSON array (empty on one node).
+fn nodes_json(nodes: &[NodeRow]) -> String {
+    let rows: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "{{\"rank\": {}, \"workers\": {}, \"instructions\": {}, \"runners_started\": {}, \"remote_reads\": {}, \"cache_hits\": {}, \"messages_sent\": {}, \"bytes_sent\": {}, \"bytes_received\": {}, \"peak_memory_bytes\": {}}}",
+                n.rank,
+                n.stats.workers,
+                n.stats.instructions,
+                n.stats.runners_started,
+                n.remote_reads,
+                n.cache_hits,
+                n.messages_sent,
+                n.bytes_sent,
+                n.bytes_received,
+                n.stats.peak_memory_bytes
+            )
+        })
+        .collect();
+    format!("[{}]", rows.join(", "))
+}
+
+pub fn json(report: &Report, nodes: &[NodeRow]) -> String {
     let s = &report.stats;
     let pinned = report.workers.iter().filter(|w| w.pinned).count();
     format!(
         "{{\"dvm_stats\": {{\"workers\": {}, \"workers_pinned\": {}, \"instructions\": {}, \"runners_started\": {}, \
          \"runners_committed\": {}, \"runners_aborted\": {}, \"runners_failed\": {}, \"runners_faulted\": {}, \
          \"conflicts\": {}, \"watcher_activations\": {}, \"pages_allocated\": {}, \"pages_copied\": {}, \
-         \"versions_pruned\": {}, \"peak_memory_bytes\": {}, \"wall_time_ms\": {:.3}}}}}",
+         \"versions_pruned\": {}, \"peak_memory_bytes\": {}, \"wall_time_ms\": {:.3}, \"nodes\": {}}}}}",
         s.workers,
         pinned,
         s.instructions,
@@ -26,11 +50,12 @@ pub fn json(report: &Report) -> String {
         s.pages_copied,
         s.versions_pruned,
         s.peak_memory_bytes,
-        s.wall_time_ms
+        s.wall_time_ms,
+        nodes_json(nodes)
     )
 }
 
-pub fn table(report: &Report) -> String {
+pub fn table(report: &Report, nodes: &[NodeRow]) -> String {
     let s = &report.stats;
     let mut out = String::new();
     let seconds = s.wall_time_ms / 1000.0;
@@ -76,6 +101,24 @@ pub fn table(report: &Report) -> String {
             worker.tasks,
             worker.steals
         );
+    }
+    if !nodes.is_empty() {
+        let _ = writeln!(out, "  nodes ({}):", nodes.len());
+        for n in nodes {
+            let _ = writeln!(
+                out,
+                "    node {:>3}: {} workers, {} runners, {} instructions, {} remote page reads ({} cached), {} messages / {:.1} KiB sent, {:.1} KiB received",
+                n.rank,
+                n.stats.workers,
+                n.stats.runners_started,
+                n.stats.instructions,
+                n.remote_reads,
+                n.cache_hits,
+                n.messages_sent,
+                n.bytes_sent as f64 / 1024.0,
+                n.bytes_received as f64 / 1024.0
+            );
+        }
     }
     for note in &report.placement_notes {
         let _ = writeln!(out, "  note: {note}");

@@ -235,21 +235,41 @@ fn wait_with_timeout(child: &mut Child) -> Result<(Option<ExitStatus>, bool), St
     }
 }
 
-fn run(program: &Program, workers: usize) -> Result<Outcome, String> {
+/// How a program is run: workers per node, and nodes (local processes, `--nodes`).
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    workers: usize,
+    nodes: u32,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.nodes > 1 {
+            write!(f, "{} nodes x {} worker", self.nodes, self.workers)
+        } else {
+            write!(f, "{} worker(s)", self.workers)
+        }
+    }
+}
+
+fn run(program: &Program, shape: Shape) -> Result<Outcome, String> {
     let dir = suite_dir().to_string_lossy().into_owned();
     let mut command = Command::new(env!("CARGO_BIN_EXE_dvm"));
     command
         .arg("run")
         .arg(&program.path)
         .arg("--workers")
-        .arg(workers.to_string())
-        .args(
-            program
-                .expect
-                .args
-                .iter()
-                .map(|arg| arg.replace("$CONFORMANCE_DIR", &dir)),
-        );
+        .arg(shape.workers.to_string());
+    if shape.nodes > 1 {
+        command.arg("--nodes").arg(shape.nodes.to_string());
+    }
+    command.args(
+        program
+            .expect
+            .args
+            .iter()
+            .map(|arg| arg.replace("$CONFORMANCE_DIR", &dir)),
+    );
     if !program.expect.stats.is_empty() {
         command.arg("--stats=json");
     }
@@ -386,8 +406,8 @@ fn check(program: &Program, outcome: &Outcome) -> Vec<String> {
     problems
 }
 
-#[test]
-fn conformance_suite() {
+/// Runs every program in every shape; panics with every failure.
+fn run_suite(shapes_of: impl Fn(&Program) -> Vec<Shape>) {
     let filter = std::env::var("DVM_CONFORMANCE_FILTER").ok();
     let (programs, mut failures) = discover(filter.as_deref());
     if filter.is_none() {
@@ -402,26 +422,17 @@ fn conformance_suite() {
         !programs.is_empty(),
         "no program matches the filter {filter:?}"
     );
-    let all_workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .max(2);
     let mut runs = 0;
     let mut failed_runs = 0;
     for program in &programs {
-        let worker_counts: &[usize] = if program.expect.one_worker_only {
-            &[1]
-        } else {
-            &[1, all_workers]
-        };
-        for &workers in worker_counts {
+        for shape in shapes_of(program) {
             runs += 1;
-            let report = match run(program, workers) {
+            let report = match run(program, shape) {
                 Ok(outcome) => {
                     let problems = check(program, &outcome);
                     if problems.is_empty() {
                         eprintln!(
-                            "ok   {} (--workers {workers}, {:.1} s)",
+                            "ok   {} ({shape}, {:.1} s)",
                             program.name,
                             outcome.elapsed.as_secs_f64()
                         );
@@ -442,9 +453,9 @@ fn conformance_suite() {
                 Err(err) => format!("  - {err}\n"),
             };
             failed_runs += 1;
-            eprintln!("FAIL {} (--workers {workers})", program.name);
+            eprintln!("FAIL {} ({shape})", program.name);
             failures.push(format!(
-                "{} with --workers {workers} ({}):\n{report}",
+                "{} with {shape} ({}):\n{report}",
                 program.name,
                 program.path.display()
             ));
@@ -465,6 +476,43 @@ fn conformance_suite() {
             failures.join("\n")
         );
     }
+}
+
+#[test]
+fn conformance_suite() {
+    let all_workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2);
+    run_suite(|program| {
+        let mut shapes = vec![Shape {
+            workers: 1,
+            nodes: 1,
+        }];
+        if !program.expect.one_worker_only {
+            shapes.push(Shape {
+                workers: all_workers,
+                nodes: 1,
+            });
+        }
+        shapes
+    });
+}
+
+/// The same programs on 2 and 4 nodes (local processes joined over loopback): identical
+/// stdout, exit status, stderr fragments and outcome counters. Programs that state a property
+/// of one worker's scheduling order (`# workers: 1`) run on one node only.
+#[test]
+fn conformance_suite_on_nodes() {
+    run_suite(|program| {
+        if program.expect.one_worker_only {
+            return Vec::new();
+        }
+        [2, 4]
+            .into_iter()
+            .map(|nodes| Shape { workers: 1, nodes })
+            .collect()
+    });
 }
 
 #[test]

@@ -19,3 +19,4 @@ pub mod launch;
 pub mod msg;
 pub mod node;
 pub mod rendezvous;
+pub mod runtime;

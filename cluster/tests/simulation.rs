@@ -19,7 +19,7 @@
 use dvm_cluster::msg::{Msg, PageDelta};
 use dvm_cluster::node::{Done, Node, NodeConfig, NodeId};
 use dvm_engine::page::{mark, MemoryAccount, PageSource, EMPTY_MASK, PAGE_BYTES};
-use dvm_engine::store::{PageRead, PageStore};
+use dvm_engine::store::PageStore;
 use dvm_transport::sim::{SimConfig, SimEvent, SimNet};
 use std::collections::BTreeMap;
 

@@ -35,7 +35,9 @@
 //! `Arc` of the one version they need and use it lock-free afterwards, so dropping a version
 //! from a chain never frees memory a reader uses.
 
-use crate::page::{first_overlap, merge_masked, Mask, Page, PageHash, PageSource, PAGE_BYTES};
+use crate::page::{
+    first_overlap, merge_masked, Mask, MemoryLimit, Page, PageHash, PageSource, PAGE_BYTES,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -50,8 +52,9 @@ const SHARDS: usize = 64;
 
 /// Where a runner's view reads committed pages from.
 pub trait PageRead: Send + Sync {
-    /// The contents of `key` visible at snapshot `snapshot_ts`; `None` means zeros.
-    fn read(&self, key: PageKey, snapshot_ts: u64) -> Option<Arc<Page>>;
+    /// The contents of `key` visible at snapshot `snapshot_ts`; `None` means zeros. A reader
+    /// that must copy the page (from a remote home) can run out of page memory.
+    fn read(&self, key: PageKey, snapshot_ts: u64) -> Result<Option<Arc<Page>>, MemoryLimit>;
 }
 
 #[derive(Debug)]
@@ -158,7 +161,14 @@ impl Default for PageStore {
 }
 
 impl PageRead for PageStore {
-    fn read(&self, key: PageKey, snapshot_ts: u64) -> Option<Arc<Page>> {
+    fn read(&self, key: PageKey, snapshot_ts: u64) -> Result<Option<Arc<Page>>, MemoryLimit> {
+        Ok(PageStore::read(self, key, snapshot_ts))
+    }
+}
+
+impl PageStore {
+    /// The contents of `key` visible at snapshot `snapshot_ts`; `None` means zeros.
+    pub fn read(&self, key: PageKey, snapshot_ts: u64) -> Option<Arc<Page>> {
         let shard = read_lock(&self.shards[shard_of(key)]);
         let versions = &shard.get(&key)?.versions;
         let index = versions.partition_point(|version| version.ts <= snapshot_ts);

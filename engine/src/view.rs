@@ -560,7 +560,10 @@ impl View {
                 let place = match self.dirty_index.get(&key) {
                     Some(index) => Where::Dirty(*index),
                     None if write => {
-                        let base = self.store.read(key, self.snapshot_ts);
+                        let base = self
+                            .store
+                            .read(key, self.snapshot_ts)
+                            .map_err(AccessError::Memory)?;
                         let copy = match &base {
                             Some(page) => self.pages.copy_of(page),
                             None => self.pages.zeroed(),
@@ -580,7 +583,11 @@ impl View {
                         }
                         Where::Dirty(index)
                     }
-                    None => Where::Clean(self.store.read(key, self.snapshot_ts)),
+                    None => Where::Clean(
+                        self.store
+                            .read(key, self.snapshot_ts)
+                            .map_err(AccessError::Memory)?,
+                    ),
                 };
                 self.tlb[slot] = TlbEntry {
                     tag,

@@ -1092,6 +1092,8 @@ impl Resources {
 /// heap and input (`None`: this node itself).
 pub struct MachineParts {
     pub store: Arc<PageStore>,
+    /// This node's transaction ids start here (unique across a cluster's nodes).
+    pub first_txn: u64,
     pub backend: Arc<dyn Backend>,
     pub control: Option<Arc<dyn Control>>,
 }
@@ -1125,6 +1127,7 @@ impl Machine {
         let initial = initial_pages(&image, &config, persisted)?;
         let MachineParts {
             store,
+            first_txn,
             backend,
             control,
         } = parts;
@@ -1180,7 +1183,7 @@ impl Machine {
             counters: Counters::default(),
             internal_errors: AtomicU64::new(0),
             clock: Arc::clone(&config.clock),
-            next_txn: AtomicU64::new(1),
+            next_txn: AtomicU64::new(first_txn.max(1)),
         });
         Ok(Machine {
             shared,
@@ -1271,6 +1274,7 @@ pub fn run(image: LoadedImage, config: Config) -> Result<Report, RunError> {
     let parts = MachineParts {
         backend: Arc::new(LocalBackend::new(Arc::clone(&store))),
         store,
+        first_txn: 1,
         control: None,
     };
     let machine = Machine::new(image, config, resources, parts, &|_| true)?;

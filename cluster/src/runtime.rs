@@ -1,0 +1,1021 @@
+//! A cluster node's runtime: one `dvm` process of a multi-node run. It joins the job
+//! (rendezvous, then the io_uring TCP mesh), builds the node's engine `Machine` on a cluster
+//! `Backend`, and runs a service thread that drives the protocol (`node::Node`) with the
+//! transport's messages.
+//!
+//! Roles: every node homes the pages `home_of` gives it, runs the runners it is sent, and
+//! coordinates their endings. Node 0 also runs the root, is the sequencer, applies every ending
+//! in timestamp order (so the console, watchers, children and exit-record joins behave exactly
+//! as on one node), places new runners on nodes, and serves runner ids, stacks, heap and
+//! console input (`Control`) to the others. It ends the run when no runner is left, collecting
+//! each node's counters.
+//!
+//! Threads: the workers (engine) call into the protocol through `with_node` — prepare and reads
+//! block the worker until the answer arrives; the service thread feeds received messages to the
+//! same `with_node`. Endings handed out by the sequencer are applied by one thread at a time, in
+//! the order the protocol emitted them (`apply_pending`, flat combining), on whichever thread
+//! produced them.
+//!
+//! Failure: a lost peer (connection closed or silent past the transport's timeout) ends the run
+//! on every node that notices, naming the node; blocked workers are released. Retries of the
+//! protocol are for lossy networks (the simulation); over TCP a lost connection is a lost node.
+
+use crate::launch::Launch;
+use crate::msg::{Msg, PageDelta};
+use crate::node::{home_of, Done, Node, NodeConfig, NodeId};
+use crate::rendezvous::{rendezvous, RendezvousError};
+use dvm_engine::backend::{Apply, Backend, Control, Finishing};
+use dvm_engine::image::LoadedImage;
+use dvm_engine::page::{MemoryLimit, Page, PageSource};
+use dvm_engine::report::{decode_ended, decode_task, encode_ended, encode_task};
+use dvm_engine::runner::{Task, TaskKind};
+use dvm_engine::sched::Executor;
+use dvm_engine::store::{Conflict, ConflictWith, PageKey, PageRead, PageStore, PageWrite, TxnId};
+use dvm_engine::view::{canonical, Range};
+use dvm_engine::vm::{Config, Machine, MachineParts, Report, Resources, RunError, Shared, Stats};
+use dvm_transport::tcp::{TcpConfig, TcpTransport};
+use dvm_transport::{Event, PeerCounters, Transport, TransportError};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+/// A transaction id is its coordinator's rank above this shift and a sequence below it.
+const TXN_RANK_SHIFT: u32 = 48;
+/// Set in the id of an ending's exit-record publication when it has no prepared commit: a
+/// refused transaction's id is spent at its homes.
+const PUBLICATION_BIT: u64 = 1 << 47;
+/// Largest transport payload used: larger messages are sent in fragments.
+const FRAGMENT_BYTES: usize = (4 << 20) - 4096;
+/// Largest reassembled message.
+const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Cached remote page versions kept (each one page of memory) before the cache is emptied.
+const CACHE_MAX_PAGES: usize = 65_536;
+/// How long node 0 waits for the other nodes' reports at the end.
+const REPORT_WAIT: Duration = Duration::from_secs(10);
+/// How often a blocked worker looks whether the run failed.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("joining the job: {0}")]
+    Rendezvous(#[from] RendezvousError),
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    #[error("node {rank} ({addr}) was lost: {reason}")]
+    NodeLost {
+        rank: usize,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error("node {rank} sent a message this node cannot use: {reason}")]
+    Garbage { rank: usize, reason: String },
+}
+
+/// Settings of the cluster layer.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// A peer silent this long is lost (the run ends, naming it).
+    pub peer_timeout_ms: u64,
+    /// Joining the job (rendezvous and mesh) fails after this long, naming who is missing.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            peer_timeout_ms: 5_000,
+            connect_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// One node's counters, as node 0 reports them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeRow {
+    pub rank: u32,
+    pub stats: Stats,
+    pub remote_reads: u64,
+    pub cache_hits: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub messages_sent: u64,
+    pub messages_received: u64,
+}
+
+/// What a node's part of a run did. On node 0, `report` is the run's (its console, its exit
+/// code, the whole machine's counters) and `nodes` has a row per node.
+pub struct ClusterRun {
+    pub rank: u32,
+    pub world: u32,
+    pub report: Report,
+    pub nodes: Vec<NodeRow>,
+    pub transport: Vec<PeerCounters>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Wait {
+    Read(u64),
+    Prepare(TxnId),
+    Control(u64),
+}
+
+enum Reply {
+    Done(Done),
+    Control(Vec<u8>),
+}
+
+#[derive(Default)]
+struct ApplyState {
+    queue: VecDeque<Done>,
+    busy: bool,
+}
+
+struct Cached {
+    version_ts: u64,
+    valid_to: u64,
+    page: Option<Arc<Page>>,
+}
+
+struct Runtime {
+    rank: usize,
+    world: usize,
+    peers: Vec<SocketAddr>,
+    transport: TcpTransport,
+    node: Mutex<Node>,
+    applying: Mutex<ApplyState>,
+    waiters: Mutex<HashMap<Wait, SyncSender<Reply>>>,
+    next_req: AtomicU64,
+    cache: Mutex<HashMap<PageKey, Vec<Cached>>>,
+    cached_pages: AtomicU64,
+    pages: PageSource,
+    store: Arc<PageStore>,
+    /// The node's VM. Weak: the VM's backend holds the runtime, and the runtime must be the
+    /// last owner of the transport when the run ends, to close it cleanly.
+    shared: OnceLock<Weak<Shared>>,
+    failure: Mutex<Option<ClusterError>>,
+    failed: AtomicBool,
+    /// Node 0: runners placed on each node whose endings have not taken effect.
+    outstanding: Vec<AtomicU64>,
+    workers_per_node: u64,
+    shutting_down: AtomicBool,
+    reports: Mutex<BTreeMap<usize, NodeRow>>,
+    fragments: Mutex<HashMap<(usize, u64), Vec<u8>>>,
+    next_fragment: AtomicU64,
+    remote_reads: AtomicU64,
+    cache_hits: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Runtime {
+    fn shared(&self) -> Option<Arc<Shared>> {
+        self.shared.get().and_then(Weak::upgrade)
+    }
+
+    fn fail(&self, err: ClusterError) {
+        {
+            let mut failure = lock(&self.failure);
+            if failure.is_none() {
+                tracing::error!("{err}");
+                *failure = Some(err);
+            }
+        }
+        self.failed.store(true, Ordering::Release);
+        // Blocked workers get no answer: their waits end.
+        lock(&self.waiters).clear();
+        if let Some(shared) = self.shared() {
+            shared.stop();
+        }
+    }
+
+    fn expect(&self, wait: Wait) -> Receiver<Reply> {
+        let (sender, receiver) = mpsc::sync_channel(1);
+        lock(&self.waiters).insert(wait, sender);
+        receiver
+    }
+
+    /// The answer, or `None` when the run failed (and is being torn down).
+    fn wait(&self, receiver: &Receiver<Reply>) -> Option<Reply> {
+        loop {
+            match receiver.recv_timeout(WAIT_SLICE) {
+                Ok(reply) => return Some(reply),
+                Err(RecvTimeoutError::Timeout) if !self.failed.load(Ordering::Acquire) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn answer(&self, wait: Wait, reply: Reply) {
+        if let Some(sender) = lock(&self.waiters).remove(&wait) {
+            let _ = sender.try_send(reply);
+        }
+    }
+
+    /// Runs `f` on the protocol node, then sends what it sent, answers who waits, and applies
+    /// endings the sequencer handed out.
+    fn with_node(&self, f: impl FnOnce(&mut Node)) {
+        let (outbox, done) = {
+            let mut node = lock(&self.node);
+            f(&mut node);
+            let outbox = node.take_outbox();
+            let (applied, done): (Vec<Done>, Vec<Done>) = node
+                .take_done()
+                .into_iter()
+                .partition(|done| matches!(done, Done::Applied { .. }));
+            // Queued before the node lock goes, so endings keep the order they were handed
+            // out in whichever threads pick them up.
+            if !applied.is_empty() {
+                lock(&self.applying).queue.extend(applied);
+            }
+            (outbox, done)
+        };
+        for (to, msg) in outbox {
+            self.send(to, &msg);
+        }
+        for done in done {
+            match done {
+                Done::Read { req, .. } => self.answer(Wait::Read(req), Reply::Done(done)),
+                Done::Prepare { txn, .. } => self.answer(Wait::Prepare(txn), Reply::Done(done)),
+                Done::Finished { .. } | Done::Applied { .. } => {}
+            }
+        }
+        self.apply_pending();
+    }
+
+    /// Applies queued endings, one thread at a time, in order.
+    fn apply_pending(&self) {
+        let Some(shared) = self.shared() else { return };
+        let mut state = lock(&self.applying);
+        if state.busy {
+            return;
+        }
+        state.busy = true;
+        loop {
+            let batch: Vec<Done> = state.queue.drain(..).collect();
+            if batch.is_empty() {
+                state.busy = false;
+                return;
+            }
+            drop(state);
+            for done in batch {
+                let Done::Applied {
+                    txn,
+                    first,
+                    last,
+                    effects,
+                } = done
+                else {
+                    continue;
+                };
+                let coordinator = (txn >> TXN_RANK_SHIFT) as usize;
+                match decode_ended(&effects) {
+                    Ok(ended) => {
+                        if let Some(count) = self.outstanding.get(coordinator) {
+                            count.fetch_sub(1, Ordering::AcqRel);
+                        }
+                        shared.apply_ended(first, last, ended, &mut |task| self.dispatch(task));
+                    }
+                    Err(err) => self.fail(ClusterError::Garbage {
+                        rank: coordinator,
+                        reason: format!("the ending of transaction {txn:#x}: {err}"),
+                    }),
+                }
+            }
+            state = lock(&self.applying);
+        }
+    }
+
+    fn send(&self, to: NodeId, msg: &Msg) {
+        let bytes = msg.encode();
+        let result = if bytes.len() < FRAGMENT_BYTES {
+            let mut payload = Vec::with_capacity(bytes.len() + 1);
+            payload.push(0);
+            payload.extend_from_slice(&bytes);
+            self.transport.send(to as u32, &payload)
+        } else {
+            // Fragments: [1, id, index, count, bytes...]; the transport keeps their order.
+            let id = self.next_fragment.fetch_add(1, Ordering::Relaxed);
+            let chunk = FRAGMENT_BYTES - 32;
+            let count = bytes.len().div_ceil(chunk) as u32;
+            bytes
+                .chunks(chunk)
+                .enumerate()
+                .try_for_each(|(index, part)| {
+                    let mut payload = Vec::with_capacity(part.len() + 17);
+                    payload.push(1);
+                    payload.extend_from_slice(&id.to_le_bytes());
+                    payload.extend_from_slice(&(index as u32).to_le_bytes());
+                    payload.extend_from_slice(&count.to_le_bytes());
+                    payload.extend_from_slice(part);
+                    self.transport.send(to as u32, &payload)
+                })
+        };
+        if let Err(err) = result {
+            if !self.shutting_down.load(Ordering::Acquire) {
+                self.fail(ClusterError::Transport(err));
+            }
+        }
+    }
+
+    /// A whole message from a payload, or `None` while fragments are missing.
+    fn reassemble(&self, from: usize, payload: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
+        match payload.first() {
+            Some(0) => Ok(Some(payload[1..].to_vec())),
+            Some(1) if payload.len() >= 17 => {
+                let word = |at: usize, len: usize| {
+                    let mut raw = [0u8; 8];
+                    raw[..len].copy_from_slice(&payload[at..at + len]);
+                    u64::from_le_bytes(raw)
+                };
+                let (id, index, count) = (word(1, 8), word(9, 4), word(13, 4));
+                let mut fragments = lock(&self.fragments);
+                let buffer = fragments.entry((from, id)).or_default();
+                if buffer.len() + payload.len() - 17 > MAX_MESSAGE_BYTES {
+                    return Err(format!("a message of more than {MAX_MESSAGE_BYTES} bytes"));
+                }
+                buffer.extend_from_slice(&payload[17..]);
+                if index + 1 < count {
+                    return Ok(None);
+                }
+                Ok(fragments.remove(&(from, id)))
+            }
+            _ => Err("a payload that is neither a message nor a fragment".into()),
+        }
+    }
+
+    // ---- placement (node 0) ----
+
+    fn dispatch(&self, mut task: Task) {
+        let Some(shared) = self.shared() else { return };
+        if task.snapshot.is_none() && !shared.start_instance(&mut task) {
+            return;
+        }
+        let target = self.place(&task);
+        if let Some(count) = self.outstanding.get(target) {
+            count.fetch_add(1, Ordering::AcqRel);
+        }
+        if target == self.rank {
+            shared.inject(task);
+        } else {
+            self.send(
+                target,
+                &Msg::RunTask {
+                    task: encode_task(&task),
+                },
+            );
+        }
+    }
+
+    /// The node homing most of the bytes the runner may use, unless it is busy; else the
+    /// least busy node.
+    fn place(&self, task: &Task) -> usize {
+        if task.kind == TaskKind::Root {
+            return 0;
+        }
+        let mut bytes = vec![0u64; self.world];
+        let mut budget = 256u32;
+        for range in task.using.iter().chain(&task.watched) {
+            let mut at = canonical(range.start);
+            let end = at.saturating_add(range.end - range.start);
+            while at < end && budget > 0 {
+                let chunk_end = ((at >> 21) + 1) << 21;
+                let stop = end.min(chunk_end);
+                bytes[home_of(at >> 12, self.world)] += stop - at;
+                at = stop;
+                budget -= 1;
+            }
+        }
+        let load = |node: usize| self.outstanding[node].load(Ordering::Acquire);
+        let preferred = (0..self.world)
+            .filter(|node| bytes[*node] > 0)
+            .max_by_key(|node| (bytes[*node], std::cmp::Reverse(*node)));
+        match preferred {
+            Some(node) if load(node) < 2 * self.workers_per_node => node,
+            _ => (0..self.world)
+                .min_by_key(|node| (load(*node), *node))
+                .unwrap_or(0),
+        }
+    }
+
+    // ---- messages ----
+
+    fn on_message(self: &Arc<Self>, from: usize, msg: Msg) {
+        match msg {
+            Msg::RunTask { task } => match decode_task(&task) {
+                Ok(task) => {
+                    if let Some(shared) = self.shared() {
+                        shared.inject(task);
+                    }
+                }
+                Err(err) => self.fail(ClusterError::Garbage {
+                    rank: from,
+                    reason: format!("a task: {err}"),
+                }),
+            },
+            Msg::Control { req, op } => self.serve_control(from, req, op),
+            Msg::ControlReply { req, reply } => {
+                self.answer(Wait::Control(req), Reply::Control(reply))
+            }
+            Msg::Shutdown => {
+                self.shutting_down.store(true, Ordering::Release);
+                if let Some(shared) = self.shared() {
+                    shared.stop();
+                }
+            }
+            Msg::NodeReport { report } => match decode_row(&report) {
+                Some(row) => {
+                    lock(&self.reports).insert(from, row);
+                }
+                None => self.fail(ClusterError::Garbage {
+                    rank: from,
+                    reason: "a malformed node report".into(),
+                }),
+            },
+            protocol => {
+                self.with_node(|node| {
+                    node.on_message(from, protocol);
+                });
+            }
+        }
+    }
+
+    fn serve_control(self: &Arc<Self>, from: usize, req: u64, op: Vec<u8>) {
+        let Some(shared) = self.shared() else { return };
+        let control = shared.local_control();
+        let word = |at: usize| -> u64 {
+            let mut raw = [0u8; 8];
+            if let Some(bytes) = op.get(at..at + 8) {
+                raw.copy_from_slice(bytes);
+            }
+            u64::from_le_bytes(raw)
+        };
+        let range_reply = |range: Option<Range>| match range {
+            Some(range) => [
+                vec![1],
+                range.start.to_le_bytes().to_vec(),
+                range.end.to_le_bytes().to_vec(),
+            ]
+            .concat(),
+            None => vec![0],
+        };
+        let reply = match op.first() {
+            Some(0) => match control.new_runner_id() {
+                Ok(id) => [vec![0], id.to_le_bytes().to_vec()].concat(),
+                Err(reason) => [vec![1], reason.into_bytes()].concat(),
+            },
+            Some(1) => {
+                control.forget_runner();
+                Vec::new()
+            }
+            Some(2) => range_reply(control.allocate_stack(word(1))),
+            Some(3) => range_reply(control.allocate_heap(word(1), word(9))),
+            Some(4) => {
+                // Reading stdin may block: not on the service thread.
+                let control = Arc::clone(control);
+                let runtime = Arc::clone(self);
+                std::thread::spawn(move || {
+                    let reply = match control.console_input() {
+                        Some(byte) => vec![1, byte],
+                        None => vec![0],
+                    };
+                    runtime.send(from, &Msg::ControlReply { req, reply });
+                });
+                return;
+            }
+            _ => {
+                self.fail(ClusterError::Garbage {
+                    rank: from,
+                    reason: "an unknown control request".into(),
+                });
+                return;
+            }
+        };
+        self.send(from, &Msg::ControlReply { req, reply });
+    }
+}
+
+/// The engine's backend on a cluster node: prepare and commit through the protocol.
+struct ClusterBackend {
+    runtime: Arc<Runtime>,
+    reader: Arc<ClusterReader>,
+}
+
+fn deltas_of<'a>(writes: impl Iterator<Item = &'a PageWrite>) -> Vec<PageDelta> {
+    writes
+        .map(|write| PageDelta::from_page(write.key, &write.data, &write.stored))
+        .collect()
+}
+
+impl Backend for ClusterBackend {
+    fn reader(&self) -> Arc<dyn PageRead> {
+        Arc::clone(&self.reader) as Arc<dyn PageRead>
+    }
+
+    fn prepare(&self, txn: TxnId, snapshot_ts: u64, writes: &[PageWrite]) -> Result<(), Conflict> {
+        let deltas = deltas_of(writes.iter());
+        let receiver = self.runtime.expect(Wait::Prepare(txn));
+        self.runtime
+            .with_node(|node| node.prepare(txn, snapshot_ts, deltas));
+        match self.runtime.wait(&receiver) {
+            Some(Reply::Done(Done::Prepare { result, .. })) => result,
+            // The run failed and is ending: this commit does not happen.
+            _ => Err(Conflict {
+                key: writes.first().map_or(0, |write| write.key),
+                offset: 0,
+                with: ConflictWith::Prepared { txn },
+            }),
+        }
+    }
+
+    fn finish(&self, finishing: Finishing, _pages: &PageSource, _apply: &mut Apply<'_>) {
+        let count = finishing.timestamps();
+        let txn = match finishing.prepared {
+            Some(_) => finishing.txn,
+            None => finishing.txn | PUBLICATION_BIT,
+        };
+        let forced = deltas_of(finishing.exit.iter().map(|(write, _)| write));
+        let effects = encode_ended(&finishing.ended);
+        // The prepared pages are at their homes already; node 0 applies the effects.
+        drop(finishing);
+        self.runtime
+            .with_node(|node| node.finish(txn, forced, count, effects));
+    }
+}
+
+/// Committed pages on a cluster: this node's own from its store, others' from their homes,
+/// cached by version for the snapshots each answer is valid for.
+struct ClusterReader {
+    runtime: Arc<Runtime>,
+}
+
+impl PageRead for ClusterReader {
+    fn read(&self, key: PageKey, snapshot_ts: u64) -> Result<Option<Arc<Page>>, MemoryLimit> {
+        let rt = &self.runtime;
+        if home_of(key, rt.world) == rt.rank {
+            return Ok(rt.store.read(key, snapshot_ts));
+        }
+        if let Some(versions) = lock(&rt.cache).get(&key) {
+            if let Some(hit) = versions
+                .iter()
+                .find(|v| v.version_ts <= snapshot_ts && snapshot_ts <= v.valid_to)
+            {
+                rt.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(hit.page.clone());
+            }
+        }
+        rt.remote_reads.fetch_add(1, Ordering::Relaxed);
+        let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
+        let receiver = rt.expect(Wait::Read(req));
+        rt.with_node(|node| node.read(req, key, snapshot_ts));
+        let Some(Reply::Done(Done::Read {
+            version_ts,
+            valid_to,
+            data,
+            ..
+        })) = rt.wait(&receiver)
+        else {
+            // The run failed and is ending; the runner ends with it.
+            return Err(MemoryLimit { limit_bytes: 0 });
+        };
+        let page = match data {
+            Some(bytes) => {
+                let mut page = rt.pages.zeroed()?;
+                page.copy_from_slice(&bytes[..]);
+                Some(Arc::new(page))
+            }
+            None => None,
+        };
+        let mut cache = lock(&rt.cache);
+        if rt.cached_pages.fetch_add(1, Ordering::Relaxed) as usize >= CACHE_MAX_PAGES {
+            cache.clear();
+            rt.cached_pages.store(1, Ordering::Relaxed);
+        }
+        cache.entry(key).or_default().push(Cached {
+            version_ts,
+            valid_to,
+            page: page.clone(),
+        });
+        Ok(page)
+    }
+}
+
+/// Runner ids, stacks, heap and console input from node 0.
+struct RemoteControl {
+    runtime: Arc<Runtime>,
+}
+
+impl RemoteControl {
+    fn call(&self, op: Vec<u8>) -> Option<Vec<u8>> {
+        let rt = &self.runtime;
+        let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
+        let receiver = rt.expect(Wait::Control(req));
+        rt.send(0, &Msg::Control { req, op });
+        match rt.wait(&receiver) {
+            Some(Reply::Control(reply)) => Some(reply),
+            _ => None,
+        }
+    }
+
+    fn range(&self, op: Vec<u8>) -> Option<Range> {
+        let reply = self.call(op)?;
+        let word = |at: usize| {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(reply.get(at..at + 8)?);
+            Some(u64::from_le_bytes(raw))
+        };
+        match reply.first() {
+            Some(1) => Some(Range {
+                start: word(1)?,
+                end: word(9)?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl Control for RemoteControl {
+    fn new_runner_id(&self) -> Result<u64, String> {
+        let reply = self
+            .call(vec![0])
+            .ok_or_else(|| "node 0 is gone".to_string())?;
+        match reply.split_first() {
+            Some((0, id)) if id.len() == 8 => {
+                let mut raw = [0u8; 8];
+                raw.copy_from_slice(id);
+                Ok(u64::from_le_bytes(raw))
+            }
+            Some((1, reason)) => Err(String::from_utf8_lossy(reason).into_owned()),
+            _ => Err("node 0 answered a runner-id request with nonsense".into()),
+        }
+    }
+
+    fn forget_runner(&self) {
+        let _ = self.call(vec![1]);
+    }
+
+    fn allocate_stack(&self, space: u64) -> Option<Range> {
+        self.range([vec![2], space.to_le_bytes().to_vec()].concat())
+    }
+
+    fn allocate_heap(&self, space: u64, len_bytes: u64) -> Option<Range> {
+        self.range(
+            [
+                vec![3],
+                space.to_le_bytes().to_vec(),
+                len_bytes.to_le_bytes().to_vec(),
+            ]
+            .concat(),
+        )
+    }
+
+    fn console_input(&self) -> Option<u8> {
+        match self.call(vec![4])?.as_slice() {
+            [1, byte] => Some(*byte),
+            _ => None,
+        }
+    }
+}
+
+const ROW_WORDS: usize = 20;
+
+fn encode_row(row: &NodeRow) -> Vec<u8> {
+    let s = &row.stats;
+    let words: [u64; ROW_WORDS] = [
+        u64::from(row.rank),
+        s.workers,
+        s.instructions,
+        s.runners_started,
+        s.runners_committed,
+        s.runners_aborted,
+        s.runners_failed,
+        s.runners_faulted,
+        s.conflicts,
+        s.watcher_activations,
+        s.pages_allocated,
+        s.pages_copied,
+        s.versions_pruned,
+        s.peak_memory_bytes,
+        s.wall_time_ms.to_bits(),
+        row.remote_reads,
+        row.cache_hits,
+        row.bytes_sent,
+        row.bytes_received,
+        row.messages_sent,
+    ];
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
+    if bytes.len() != ROW_WORDS * 8 {
+        return None;
+    }
+    let w: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|c| {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(c);
+            u64::from_le_bytes(raw)
+        })
+        .collect();
+    Some(NodeRow {
+        rank: u32::try_from(w[0]).ok()?,
+        stats: Stats {
+            workers: w[1],
+            instructions: w[2],
+            runners_started: w[3],
+            runners_committed: w[4],
+            runners_aborted: w[5],
+            runners_failed: w[6],
+            runners_faulted: w[7],
+            conflicts: w[8],
+            watcher_activations: w[9],
+            pages_allocated: w[10],
+            pages_copied: w[11],
+            versions_pruned: w[12],
+            peak_memory_bytes: w[13],
+            wall_time_ms: f64::from_bits(w[14]),
+        },
+        remote_reads: w[15],
+        cache_hits: w[16],
+        bytes_sent: w[17],
+        bytes_received: w[18],
+        messages_sent: w[19],
+        messages_received: 0,
+    })
+}
+
+impl Runtime {
+    fn row(&self, mut stats: Stats) -> NodeRow {
+        let counters = self.transport.counters();
+        let account = self.pages.account();
+        stats.workers = stats.workers.max(self.workers_per_node);
+        stats.peak_memory_bytes = stats.peak_memory_bytes.max(account.peak_bytes());
+        stats.pages_allocated = stats.pages_allocated.max(account.pages_allocated());
+        stats.pages_copied = stats.pages_copied.max(account.pages_copied());
+        NodeRow {
+            rank: self.rank as u32,
+            stats,
+            remote_reads: self.remote_reads.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            bytes_sent: counters.iter().map(|c| c.bytes_sent).sum(),
+            bytes_received: counters.iter().map(|c| c.bytes_received).sum(),
+            messages_sent: counters.iter().map(|c| c.messages_sent).sum(),
+            messages_received: counters.iter().map(|c| c.messages_received).sum(),
+        }
+    }
+
+    fn peer_addr(&self, rank: usize) -> SocketAddr {
+        self.peers
+            .get(rank)
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The service thread: messages in, protocol driven, the end of the run.
+    fn serve(self: &Arc<Self>) {
+        let mut events = Vec::new();
+        let mut report_deadline: Option<Instant> = None;
+        loop {
+            events.clear();
+            if let Err(err) = self.transport.poll(&mut events, Duration::from_millis(2)) {
+                self.fail(ClusterError::Transport(err));
+            }
+            for event in events.drain(..) {
+                self.on_event(event);
+            }
+            if self.failed.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(shared) = self.shared() else {
+                continue;
+            };
+            if self.rank == 0 {
+                if report_deadline.is_none() && shared.is_done() {
+                    // No runner is left anywhere: every ending was applied here.
+                    self.shutting_down.store(true, Ordering::Release);
+                    for node in 1..self.world {
+                        self.send(node, &Msg::Shutdown);
+                    }
+                    report_deadline = Some(Instant::now() + REPORT_WAIT);
+                }
+                if let Some(deadline) = report_deadline {
+                    let all = lock(&self.reports).len() + 1 >= self.world;
+                    if all || Instant::now() > deadline {
+                        return;
+                    }
+                }
+            } else if self.shutting_down.load(Ordering::Acquire) {
+                let row = self.row(shared.counters_now());
+                self.send(
+                    0,
+                    &Msg::NodeReport {
+                        report: encode_row(&row),
+                    },
+                );
+                let _ = self.transport.flush();
+                return;
+            }
+        }
+    }
+
+    fn on_event(self: &Arc<Self>, event: Event) {
+        match event {
+            Event::Message { from, payload } => {
+                let from = from as usize;
+                match self.reassemble(from, payload) {
+                    Ok(None) => {}
+                    Ok(Some(bytes)) => match Msg::decode(&bytes) {
+                        Ok(msg) => self.on_message(from, msg),
+                        Err(err) => self.fail(ClusterError::Garbage {
+                            rank: from,
+                            reason: err.to_string(),
+                        }),
+                    },
+                    Err(reason) => self.fail(ClusterError::Garbage { rank: from, reason }),
+                }
+            }
+            Event::PeerLost { peer, reason } => {
+                let rank = peer as usize;
+                self.fail(ClusterError::NodeLost {
+                    rank,
+                    addr: self.peer_addr(rank),
+                    reason: reason.to_string(),
+                });
+            }
+            Event::PeerLeft { peer } => {
+                // A clean departure is only expected once node 0 ended the run.
+                if !self.shutting_down.load(Ordering::Acquire) {
+                    let rank = peer as usize;
+                    self.fail(ClusterError::NodeLost {
+                        rank,
+                        addr: self.peer_addr(rank),
+                        reason: "it left before the run ended".into(),
+                    });
+                }
+            }
+            Event::Request { from, .. }
+            | Event::Response { from, .. }
+            | Event::ReadPage { from, .. }
+            | Event::PageData { from, .. }
+            | Event::Pages { from, .. } => self.fail(ClusterError::Garbage {
+                rank: from as usize,
+                reason: "a transport operation this runtime does not use".into(),
+            }),
+        }
+    }
+}
+
+/// Runs this process's node of a multi-node run described by `launch`.
+pub fn run(
+    image: LoadedImage,
+    config: Config,
+    launch: &Launch,
+    options: &ClusterOptions,
+) -> Result<ClusterRun, ClusterError> {
+    let rank = launch.rank as usize;
+    let world = launch.world as usize;
+    let mut tcp = TcpConfig::new(
+        launch.rank,
+        launch.world,
+        SocketAddr::from(([0, 0, 0, 0], 0)),
+        &launch.token,
+    );
+    tcp.connect_timeout_ms = options.connect_timeout_ms;
+    tcp.peer_timeout_ms = options.peer_timeout_ms;
+    tcp.heartbeat_ms = (options.peer_timeout_ms / 4).max(50);
+    let bound = TcpTransport::bind(tcp)?;
+    let peers = rendezvous(launch, bound.local_addr(), options.connect_timeout_ms)?;
+    tracing::info!(
+        "node {rank} of {world} ({}): peers {peers:?}",
+        launch.source
+    );
+    let transport = bound.establish(peers.clone())?;
+
+    let resources = Resources::new(&config)?;
+    let store = Arc::new(PageStore::new());
+    let node = Node::new(
+        NodeConfig {
+            id: rank,
+            world,
+            broken_skip_conflict_check: false,
+        },
+        Arc::clone(&store),
+        resources.pages().clone(),
+    );
+    let runtime = Arc::new(Runtime {
+        rank,
+        world,
+        peers,
+        transport,
+        node: Mutex::new(node),
+        applying: Mutex::new(ApplyState::default()),
+        waiters: Mutex::new(HashMap::new()),
+        next_req: AtomicU64::new(1),
+        cache: Mutex::new(HashMap::new()),
+        cached_pages: AtomicU64::new(0),
+        pages: resources.pages().clone(),
+        store: Arc::clone(&store),
+        shared: OnceLock::new(),
+        failure: Mutex::new(None),
+        failed: AtomicBool::new(false),
+        outstanding: (0..world).map(|_| AtomicU64::new(0)).collect(),
+        workers_per_node: resources.slots.len() as u64,
+        shutting_down: AtomicBool::new(false),
+        reports: Mutex::new(BTreeMap::new()),
+        fragments: Mutex::new(HashMap::new()),
+        next_fragment: AtomicU64::new(0),
+        remote_reads: AtomicU64::new(0),
+        cache_hits: AtomicU64::new(0),
+    });
+    let backend = Arc::new(ClusterBackend {
+        reader: Arc::new(ClusterReader {
+            runtime: Arc::clone(&runtime),
+        }),
+        runtime: Arc::clone(&runtime),
+    });
+    let control: Option<Arc<dyn Control>> = (rank != 0).then(|| {
+        Arc::new(RemoteControl {
+            runtime: Arc::clone(&runtime),
+        }) as Arc<dyn Control>
+    });
+    let parts = MachineParts {
+        store,
+        first_txn: ((rank as u64) << TXN_RANK_SHIFT) + 1,
+        backend,
+        control,
+    };
+    let machine = Machine::new(image, config, resources, parts, &|key| {
+        home_of(key, world) == rank
+    })?;
+    let _ = runtime.shared.set(Arc::downgrade(machine.shared()));
+    let root = if rank == 0 {
+        let root = machine.root_task()?;
+        runtime.outstanding[0].fetch_add(1, Ordering::AcqRel);
+        Some(root)
+    } else {
+        None
+    };
+    let service = {
+        let runtime = Arc::clone(&runtime);
+        std::thread::Builder::new()
+            .name("dvm-cluster".into())
+            .spawn(move || runtime.serve())
+            .map_err(|err| {
+                ClusterError::Run(RunError::Persist(format!(
+                    "cannot start the cluster thread: {err}"
+                )))
+            })?
+    };
+    let (workers, notes) = machine.run(root);
+    let _ = service.join();
+    let failure = lock(&runtime.failure).take();
+    let report = machine.finish(workers, notes)?;
+    let transport = runtime.transport.counters();
+    let rows = lock(&runtime.reports).clone();
+    let me = runtime.row(report.stats.clone());
+    // The VM is gone, and with it every other owner of the runtime: leave the mesh cleanly.
+    match Arc::try_unwrap(runtime) {
+        Ok(runtime) => runtime.transport.close(),
+        Err(_) => tracing::debug!("the runtime is still shared; the transport closes on exit"),
+    }
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    let mut report = report;
+    let mut nodes = vec![me];
+    nodes.extend(rows.into_values());
+    if rank == 0 {
+        // Outcomes are counted where endings are applied (here); work where it was done.
+        let s = &mut report.stats;
+        let others = &nodes[1..];
+        s.workers += others.iter().map(|n| n.stats.workers).sum::<u64>();
+        s.instructions += others.iter().map(|n| n.stats.instructions).sum::<u64>();
+        s.runners_started += others.iter().map(|n| n.stats.runners_started).sum::<u64>();
+        s.watcher_activations += others
+            .iter()
+            .map(|n| n.stats.watcher_activations)
+            .sum::<u64>();
+        s.pages_allocated += others.iter().map(|n| n.stats.pages_allocated).sum::<u64>();
+        s.pages_copied += others.iter().map(|n| n.stats.pages_copied).sum::<u64>();
+        s.peak_memory_bytes += others
+            .iter()
+            .map(|n| n.stats.peak_memory_bytes)
+            .sum::<u64>();
+    }
+    Ok(ClusterRun {
+        rank: launch.rank,
+        world: launch.world,
+        report,
+        nodes,
+        transport,
+    })
+}
