@@ -302,8 +302,12 @@ fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Re
         let cores = dvm_numa::Topology::detect().cores().len().max(1);
         (cores / launch.local_size.max(1) as usize).max(1)
     });
+    let workers = args.workers.map(|n| n as usize).or(default_workers);
     let mut config = vm::Config {
-        workers: args.workers.map(|n| n as usize).or(default_workers),
+        workers,
+        first_worker_slot: launch.map_or(0, |launch| {
+            launch.local_rank as usize * workers.unwrap_or(1)
+        }),
         pin_workers: !args.no_pin,
         max_instructions: args.max_instructions.unwrap_or(u64::MAX),
         max_runners: args.max_runners,

@@ -78,6 +78,10 @@ pub struct Config {
     pub input: InputMode,
     /// The time programs see; the host's clocks unless a simulation injects its own.
     pub clock: Arc<dyn Clock>,
+    /// Workers of other processes on this host come first in the core plan (a cluster node
+    /// with local rank `r` and `w` workers per node skips `r * w` slots), so that nodes
+    /// sharing a host pin to different cores.
+    pub first_worker_slot: usize,
 }
 
 impl Default for Config {
@@ -93,6 +97,7 @@ impl Default for Config {
             output: OutputMode::Inherit,
             input: InputMode::Inherit,
             clock: Arc::new(SystemClock::new()),
+            first_worker_slot: 0,
         }
     }
 }
@@ -1060,7 +1065,11 @@ impl Resources {
             .workers
             .unwrap_or_else(|| topology.cores().len())
             .max(1);
-        let slots = topology.plan_workers(workers);
+        let mut slots = topology.plan_workers(config.first_worker_slot + workers);
+        slots.drain(..config.first_worker_slot.min(slots.len()));
+        for (index, slot) in slots.iter_mut().enumerate() {
+            slot.worker = index;
+        }
         let mut notes = vec![format!("topology: {}", topology.source())];
         if let Some(note) = topology.memory_binding_note() {
             notes.push(format!("page memory is not bound to NUMA nodes: {note}"));
