@@ -154,6 +154,12 @@ pub enum Msg {
     NodeReport {
         report: Vec<u8>,
     },
+    /// From node 0, in order: every ending up to timestamp `upto` took effect, and these pages
+    /// changed since the previous notice. Lets a node keep using cached page versions.
+    Changes {
+        upto: u64,
+        pages: Vec<u64>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -437,6 +443,14 @@ impl Msg {
                 out.push(19);
                 put_blob(&mut out, report);
             }
+            Msg::Changes { upto, pages } => {
+                out.push(20);
+                put(&mut out, *upto);
+                put(&mut out, pages.len() as u64);
+                for page in pages {
+                    put(&mut out, *page);
+                }
+            }
         }
         out
     }
@@ -516,6 +530,15 @@ impl Msg {
             19 => Msg::NodeReport {
                 report: r.blob("node report")?,
             },
+            20 => {
+                let upto = r.u64()?;
+                let count = r.count("changed page", MAX_BATCH * 16)?;
+                if r.bytes.len() - r.offset < count * 8 {
+                    return Err(MsgDecodeError::Truncated { offset: r.offset });
+                }
+                let pages = (0..count).map(|_| r.u64()).collect::<Result<_, _>>()?;
+                Msg::Changes { upto, pages }
+            }
             tag => return Err(MsgDecodeError::UnknownTag { tag }),
         };
         match bytes.len() - r.offset {
@@ -607,6 +630,10 @@ mod tests {
             },
             Msg::Shutdown,
             Msg::NodeReport { report: vec![9; 8] },
+            Msg::Changes {
+                upto: 40,
+                pages: vec![1, 2, 3],
+            },
         ]
     }
 
@@ -659,7 +686,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_messages_never_panic(index in 0usize..20, at in any::<usize>(), byte in any::<u8>()) {
+        fn mutated_messages_never_panic(index in 0usize..21, at in any::<usize>(), byte in any::<u8>()) {
             let mut bytes = samples()[index].encode();
             let at = at % bytes.len();
             bytes[at] = byte;

@@ -497,7 +497,8 @@ impl Node {
             | Msg::Control { .. }
             | Msg::ControlReply { .. }
             | Msg::Shutdown
-            | Msg::NodeReport { .. } => return false,
+            | Msg::NodeReport { .. }
+            | Msg::Changes { .. } => return false,
         }
         true
     }

@@ -28,7 +28,7 @@ use dvm_engine::backend::{Apply, Backend, Control, Finishing};
 use dvm_engine::image::LoadedImage;
 use dvm_engine::page::{MemoryLimit, Page, PageSource};
 use dvm_engine::report::{decode_ended, decode_task, encode_ended, encode_task};
-use dvm_engine::runner::{Task, TaskKind};
+use dvm_engine::runner::{Outcome, Task};
 use dvm_engine::sched::Executor;
 use dvm_engine::store::{Conflict, ConflictWith, PageKey, PageRead, PageStore, PageWrite, TxnId};
 use dvm_engine::view::{canonical, Range};
@@ -141,6 +141,51 @@ struct Cached {
     page: Option<Arc<Page>>,
 }
 
+/// Remote page versions this node read, and what it knows of later changes: node 0 sends,
+/// in order, which pages every applied ending changed (`Msg::Changes`), so a cached version
+/// stays usable for later snapshots until its page changes. That is what lets k-means read
+/// its data pages once rather than once per iteration.
+#[derive(Default)]
+struct Cache {
+    versions: HashMap<PageKey, Vec<Cached>>,
+    pages: usize,
+    /// Every ending up to this timestamp took effect, and the pages it changed are known.
+    feed_ts: u64,
+    /// For each page changed by an ending: an upper bound of the newest timestamp it changed at.
+    changed_at: HashMap<PageKey, u64>,
+}
+
+impl Cache {
+    fn lookup(&self, key: PageKey, snapshot_ts: u64) -> Option<Option<Arc<Page>>> {
+        let versions = self.versions.get(&key)?;
+        let changed = self.changed_at.get(&key).copied();
+        versions
+            .iter()
+            .find(|v| {
+                v.version_ts <= snapshot_ts
+                    && (snapshot_ts <= v.valid_to
+                        || (snapshot_ts <= self.feed_ts && changed.is_none_or(|c| c <= v.valid_to)))
+            })
+            .map(|v| v.page.clone())
+    }
+
+    fn insert(&mut self, key: PageKey, cached: Cached) {
+        if self.pages >= CACHE_MAX_PAGES {
+            self.versions.clear();
+            self.pages = 0;
+        }
+        self.pages += 1;
+        self.versions.entry(key).or_default().push(cached);
+    }
+
+    fn note_changes(&mut self, upto: u64, pages: &[PageKey]) {
+        for page in pages {
+            self.changed_at.insert(*page, upto);
+        }
+        self.feed_ts = self.feed_ts.max(upto);
+    }
+}
+
 struct Runtime {
     rank: usize,
     world: usize,
@@ -150,8 +195,7 @@ struct Runtime {
     applying: Mutex<ApplyState>,
     waiters: Mutex<HashMap<Wait, SyncSender<Reply>>>,
     next_req: AtomicU64,
-    cache: Mutex<HashMap<PageKey, Vec<Cached>>>,
-    cached_pages: AtomicU64,
+    cache: Mutex<Cache>,
     pages: PageSource,
     store: Arc<PageStore>,
     /// The node's VM. Weak: the VM's backend holds the runtime, and the runtime must be the
@@ -161,6 +205,8 @@ struct Runtime {
     failed: AtomicBool,
     /// Node 0: runners placed on each node whose endings have not taken effect.
     outstanding: Vec<AtomicU64>,
+    /// Node 0: runners waiting for room on a node, with the node they prefer.
+    placement: Mutex<VecDeque<(Option<usize>, Task)>>,
     workers_per_node: u64,
     shutting_down: AtomicBool,
     reports: Mutex<BTreeMap<usize, NodeRow>>,
@@ -266,6 +312,7 @@ impl Runtime {
                 return;
             }
             drop(state);
+            let mut endings = Vec::with_capacity(batch.len());
             for done in batch {
                 let Done::Applied {
                     txn,
@@ -278,18 +325,49 @@ impl Runtime {
                 };
                 let coordinator = (txn >> TXN_RANK_SHIFT) as usize;
                 match decode_ended(&effects) {
-                    Ok(ended) => {
-                        if let Some(count) = self.outstanding.get(coordinator) {
-                            count.fetch_sub(1, Ordering::AcqRel);
-                        }
-                        shared.apply_ended(first, last, ended, &mut |task| self.dispatch(task));
-                    }
+                    Ok(ended) => endings.push((coordinator, first, last, ended)),
                     Err(err) => self.fail(ClusterError::Garbage {
                         rank: coordinator,
                         reason: format!("the ending of transaction {txn:#x}: {err}"),
                     }),
                 }
             }
+            // Before the endings create runners anywhere: which pages they changed.
+            if let Some((_, _, upto, _)) = endings.last() {
+                let upto = *upto;
+                let mut pages: Vec<PageKey> = endings
+                    .iter()
+                    .flat_map(|(_, _, _, ended)| {
+                        let committed = match &ended.outcome {
+                            Outcome::Committed { changes } => changes.as_slice(),
+                            _ => &[],
+                        };
+                        committed
+                            .iter()
+                            .chain(&ended.exit_changes)
+                            .map(|(key, _)| *key)
+                    })
+                    .collect();
+                pages.sort_unstable();
+                pages.dedup();
+                lock(&self.cache).note_changes(upto, &pages);
+                for node in (0..self.world).filter(|node| *node != self.rank) {
+                    self.send(
+                        node,
+                        &Msg::Changes {
+                            upto,
+                            pages: pages.clone(),
+                        },
+                    );
+                }
+            }
+            for (coordinator, first, last, ended) in endings {
+                if let Some(count) = self.outstanding.get(coordinator) {
+                    count.fetch_sub(1, Ordering::AcqRel);
+                }
+                shared.apply_ended(first, last, ended, &mut |task| self.dispatch(task));
+            }
+            self.place_queued();
             state = lock(&self.applying);
         }
     }
@@ -354,33 +432,62 @@ impl Runtime {
 
     // ---- placement (node 0) ----
 
+    /// Queues a new runner for placement (node 0). Instances take their snapshot now.
     fn dispatch(&self, mut task: Task) {
         let Some(shared) = self.shared() else { return };
         if task.snapshot.is_none() && !shared.start_instance(&mut task) {
             return;
         }
-        let target = self.place(&task);
-        if let Some(count) = self.outstanding.get(target) {
-            count.fetch_add(1, Ordering::AcqRel);
-        }
-        if target == self.rank {
-            shared.inject(task);
-        } else {
-            self.send(
-                target,
-                &Msg::RunTask {
-                    task: encode_task(&task),
-                },
-            );
+        let preferred = self.preferred_node(&task);
+        lock(&self.placement).push_back((preferred, task));
+    }
+
+    /// Hands queued runners to nodes with room: each node holds at most `2 * workers`
+    /// runners, so a node that finishes early takes work that would have waited elsewhere
+    /// (stealing, decided here), while a node with room gets the runners that prefer it first.
+    fn place_queued(&self) {
+        let Some(shared) = self.shared() else { return };
+        let capacity = 2 * self.workers_per_node.max(1);
+        loop {
+            let (target, task) = {
+                let mut queue = lock(&self.placement);
+                if queue.is_empty() {
+                    return;
+                }
+                let load = |node: usize| self.outstanding[node].load(Ordering::Acquire);
+                let Some(target) = (0..self.world)
+                    .filter(|node| load(*node) < capacity)
+                    .min_by_key(|node| (load(*node), *node))
+                else {
+                    return;
+                };
+                // Prefer a runner whose data lives there; look a bounded way down the queue.
+                let index = queue
+                    .iter()
+                    .take(256)
+                    .position(|(preferred, _)| *preferred == Some(target))
+                    .unwrap_or(0);
+                let Some((_, task)) = queue.remove(index) else {
+                    return;
+                };
+                self.outstanding[target].fetch_add(1, Ordering::AcqRel);
+                (target, task)
+            };
+            if target == self.rank {
+                shared.inject(task);
+            } else {
+                self.send(
+                    target,
+                    &Msg::RunTask {
+                        task: encode_task(&task),
+                    },
+                );
+            }
         }
     }
 
-    /// The node homing most of the bytes the runner may use, unless it is busy; else the
-    /// least busy node.
-    fn place(&self, task: &Task) -> usize {
-        if task.kind == TaskKind::Root {
-            return 0;
-        }
+    /// The node homing most of the bytes the runner may use (`None`: it uses none).
+    fn preferred_node(&self, task: &Task) -> Option<usize> {
         let mut bytes = vec![0u64; self.world];
         let mut budget = 256u32;
         for range in task.using.iter().chain(&task.watched) {
@@ -394,16 +501,9 @@ impl Runtime {
                 budget -= 1;
             }
         }
-        let load = |node: usize| self.outstanding[node].load(Ordering::Acquire);
-        let preferred = (0..self.world)
+        (0..self.world)
             .filter(|node| bytes[*node] > 0)
-            .max_by_key(|node| (bytes[*node], std::cmp::Reverse(*node)));
-        match preferred {
-            Some(node) if load(node) < 2 * self.workers_per_node => node,
-            _ => (0..self.world)
-                .min_by_key(|node| (load(*node), *node))
-                .unwrap_or(0),
-        }
+            .max_by_key(|node| (bytes[*node], std::cmp::Reverse(*node)))
     }
 
     // ---- messages ----
@@ -431,6 +531,7 @@ impl Runtime {
                     shared.stop();
                 }
             }
+            Msg::Changes { upto, pages } => lock(&self.cache).note_changes(upto, &pages),
             Msg::NodeReport { report } => match decode_row(&report) {
                 Some(row) => {
                     lock(&self.reports).insert(from, row);
@@ -563,16 +664,16 @@ impl PageRead for ClusterReader {
         if home_of(key, rt.world) == rt.rank {
             return Ok(rt.store.read(key, snapshot_ts));
         }
-        if let Some(versions) = lock(&rt.cache).get(&key) {
-            if let Some(hit) = versions
-                .iter()
-                .find(|v| v.version_ts <= snapshot_ts && snapshot_ts <= v.valid_to)
-            {
-                rt.cache_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(hit.page.clone());
-            }
+        if let Some(hit) = lock(&rt.cache).lookup(key, snapshot_ts) {
+            rt.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(hit);
         }
         rt.remote_reads.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(
+            page = format_args!("{:#x}", key << 12),
+            snapshot_ts,
+            "remote read"
+        );
         let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
         let receiver = rt.expect(Wait::Read(req));
         rt.with_node(|node| node.read(req, key, snapshot_ts));
@@ -594,16 +695,14 @@ impl PageRead for ClusterReader {
             }
             None => None,
         };
-        let mut cache = lock(&rt.cache);
-        if rt.cached_pages.fetch_add(1, Ordering::Relaxed) as usize >= CACHE_MAX_PAGES {
-            cache.clear();
-            rt.cached_pages.store(1, Ordering::Relaxed);
-        }
-        cache.entry(key).or_default().push(Cached {
-            version_ts,
-            valid_to,
-            page: page.clone(),
-        });
+        lock(&rt.cache).insert(
+            key,
+            Cached {
+                version_ts,
+                valid_to,
+                page: page.clone(),
+            },
+        );
         Ok(page)
     }
 }
@@ -920,14 +1019,14 @@ pub fn run(
         applying: Mutex::new(ApplyState::default()),
         waiters: Mutex::new(HashMap::new()),
         next_req: AtomicU64::new(1),
-        cache: Mutex::new(HashMap::new()),
-        cached_pages: AtomicU64::new(0),
+        cache: Mutex::new(Cache::default()),
         pages: resources.pages().clone(),
         store: Arc::clone(&store),
         shared: OnceLock::new(),
         failure: Mutex::new(None),
         failed: AtomicBool::new(false),
         outstanding: (0..world).map(|_| AtomicU64::new(0)).collect(),
+        placement: Mutex::new(VecDeque::new()),
         workers_per_node: resources.slots.len() as u64,
         shutting_down: AtomicBool::new(false),
         reports: Mutex::new(BTreeMap::new()),
