@@ -116,6 +116,9 @@ struct RunArgs {
     /// A node silent this long is declared lost and the run ends, naming it.
     #[arg(long, value_name = "MS", default_value_t = 5_000)]
     peer_timeout_ms: u64,
+    /// Joining the job fails after this long, naming the nodes that did not answer.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    connect_timeout_ms: u64,
 }
 
 /// `4096`, `64K`, `512M`, `4G`, `1T` (binary units).
@@ -327,7 +330,7 @@ fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Re
         Some(launch) => {
             let options = dvm_cluster::runtime::ClusterOptions {
                 peer_timeout_ms: args.peer_timeout_ms,
-                ..Default::default()
+                connect_timeout_ms: args.connect_timeout_ms,
             };
             let run =
                 dvm_cluster::runtime::run(program, config, launch, &options).map_err(|err| {

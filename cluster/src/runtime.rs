@@ -231,7 +231,7 @@ impl Runtime {
         {
             let mut failure = lock(&self.failure);
             if failure.is_none() {
-                tracing::error!("{err}");
+                tracing::info!("ending the run: {err}");
                 *failure = Some(err);
             }
         }

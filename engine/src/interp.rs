@@ -243,6 +243,10 @@ pub trait Services {
     fn console_input(&self) -> Option<u8>;
     /// Instructions executed since the last report (for live progress of long runners).
     fn count_instructions(&self, instructions: u64);
+    /// The run is being torn down (a cluster lost a node): runners stop at their next report.
+    fn stopping(&self) -> bool {
+        false
+    }
     /// The time programs see (real, or virtual in a simulation).
     fn clock(&self) -> &dyn crate::clock::Clock;
 }
@@ -561,6 +565,14 @@ impl<'a> Exec<'a> {
                 self.services
                     .count_instructions(self.instructions - self.instructions_reported);
                 self.instructions_reported = self.instructions;
+                if self.services.stopping() {
+                    return Ending::Fault(Fault {
+                        kind: FaultKind::Internal {
+                            reason: "the run was stopped".into(),
+                        },
+                        pc: d.addr,
+                    });
+                }
                 self.check_at = self
                     .max_instructions
                     .min(self.instructions.saturating_add(REPORT_EVERY_INSTRUCTIONS));

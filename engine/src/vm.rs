@@ -468,6 +468,10 @@ impl Services for Shared {
     fn clock(&self) -> &dyn Clock {
         &*self.clock
     }
+
+    fn stopping(&self) -> bool {
+        self.is_done()
+    }
 }
 
 impl Shared {
@@ -622,6 +626,10 @@ impl Shared {
                 }
             }
         };
+        if self.is_done() {
+            // Stopped from outside (a cluster lost a node): nothing of this runner is kept.
+            return;
+        }
         // The snapshot stays registered, and the task pending, until the ending takes effect.
         self.finish(task, snapshot, exec, ending, ctx);
     }

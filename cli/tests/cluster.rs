@@ -1,0 +1,196 @@
+//! `dvm run` on several nodes, as real separate processes on loopback: the explicit
+//! `--hosts/--rank` launch, a node killed mid-run, and a node that never comes.
+//! (`conformance.rs` runs the whole suite on 2 and 4 nodes with `--nodes`.)
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn dvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dvm"))
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// Waits for `child` at most `limit`; kills it past that.
+fn wait_bounded(mut child: Child, limit: Duration) -> (Output, Duration) {
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if started.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let output = child.wait_with_output().expect("the child's output");
+    (output, elapsed)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn explicit_hosts_and_ranks_print_what_one_node_prints() {
+    // The conformance suite's reduced k-means: 2 partitions' data, remote pages and commits.
+    let program = repo("tests/conformance/workload_kmeans.dasm");
+    let params = format!(
+        "{}@0x4000000000",
+        repo("tests/conformance/data/kmeans_params.bin").display()
+    );
+    let data = format!(
+        "{}@0x5000000000",
+        repo("tests/conformance/data/kmeans_data.bin").display()
+    );
+    let single = dvm()
+        .args(["run", "--workers", "1"])
+        .arg(&program)
+        .args(["--load", &params, "--load", &data])
+        .output()
+        .expect("a one-node run");
+    assert!(single.status.success(), "{}", text(&single.stderr));
+    assert!(text(&single.stdout).contains("checksum"), "{}", text(&single.stdout));
+
+    let hosts = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let spawn = |rank: &str| {
+        dvm()
+            .args(["run", "--workers", "1", "--hosts", &hosts, "--rank", rank])
+            .arg(&program)
+            .args(["--load", &params, "--load", &data])
+            .env("DVM_JOB_TOKEN", "explicit-hosts-test")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("a node")
+    };
+    let (zero, one) = (spawn("0"), spawn("1"));
+    let (zero, _) = wait_bounded(zero, Duration::from_secs(120));
+    let (one, _) = wait_bounded(one, Duration::from_secs(30));
+    assert!(zero.status.success(), "rank 0: {}", text(&zero.stderr));
+    assert!(one.status.success(), "rank 1: {}", text(&one.stderr));
+    assert_eq!(
+        text(&zero.stdout),
+        text(&single.stdout),
+        "rank 0 prints the program's output"
+    );
+    assert_eq!(text(&one.stdout), "", "only rank 0 prints");
+}
+
+/// The children of `pid` (Linux `/proc`).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut text = String::new();
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let _ = file.read_to_string(&mut text);
+    }
+    text.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_node_killed_mid_run_ends_the_run_with_a_report_naming_it() {
+    // Six runners that count to 3*10^8 each: long enough to be killed in the middle.
+    let dir = std::env::temp_dir().join(format!("dvm-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let program = dir.join("spin.dasm");
+    std::fs::write(
+        &program,
+        ".equ K, 0x200000000\nmain:\n    mov $0:ue, K:ue\nagain:\n    newr $auto_stack, $no_use, $no_watch, $s_entry\n    add:ue K, $1, K\n    br:l,ue,a K, $6, $again\n    exit:c\nspin:\n    mov $0:ue, K:ue\nloop:\n    add:ue K, $1, K\n    br:l,ue,a K, $300000000, $loop\n    exit:c\n.rodata\nauto_stack: .quad 0, 0\nno_watch: .quad 0\nno_use: .quad 0\ns_entry: .quad spin\n",
+    )
+    .expect("the program");
+    let child = dvm()
+        .args([
+            "run",
+            "--nodes",
+            "3",
+            "--workers",
+            "1",
+            "--peer-timeout-ms",
+            "3000",
+        ])
+        .arg(&program)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("a 3-node run");
+    // Wait until the nodes are up and running runners, then kill node 1 or 2 with SIGKILL.
+    let started = Instant::now();
+    let victims = loop {
+        let victims = children_of(child.id());
+        if victims.len() == 2 || started.elapsed() > Duration::from_secs(20) {
+            break victims;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(victims.len(), 2, "rank 0 started two nodes");
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Command::new("kill")
+        .args(["-9", &victims[0].to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let (output, elapsed) = wait_bounded(child, Duration::from_secs(30));
+    let stderr = text(&output.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "ended {elapsed:?} after the kill:\n{stderr}"
+    );
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("was lost") && (stderr.contains("node 1 (") || stderr.contains("node 2 (")),
+        "the report names the lost node:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_node_that_never_comes_is_named_within_the_connect_timeout() {
+    let hosts = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let child = dvm()
+        .args([
+            "run",
+            "--hosts",
+            &hosts,
+            "--rank",
+            "0",
+            "--connect-timeout-ms",
+            "2000",
+        ])
+        .arg(repo("examples/hello.dasm"))
+        .env("DVM_JOB_TOKEN", "never-comes-test")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rank 0");
+    let (output, elapsed) = wait_bounded(child, Duration::from_secs(30));
+    let stderr = text(&output.stderr);
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "took {elapsed:?}: {stderr}"
+    );
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("rank 1") || stderr.contains("missing"),
+        "names the missing rank:\n{stderr}"
+    );
+    assert_eq!(text(&output.stdout), "");
+}
