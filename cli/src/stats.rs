@@ -11,7 +11,7 @@ fn nodes_json(nodes: &[NodeRow]) -> String {
         .iter()
         .map(|n| {
             format!(
-                "{{\"rank\": {}, \"workers\": {}, \"instructions\": {}, \"runners_started\": {}, \"remote_reads\": {}, \"cache_hits\": {}, \"messages_sent\": {}, \"bytes_sent\": {}, \"bytes_received\": {}, \"peak_memory_bytes\": {}}}",
+                "{{\"rank\": {}, \"workers\": {}, \"instructions\": {}, \"runners_started\": {}, \"remote_reads\": {}, \"cache_hits\": {}, \"messages_sent\": {}, \"messages_received\": {}, \"bytes_sent\": {}, \"bytes_received\": {}, \"peak_memory_bytes\": {}, \"remote_read_p50_us\": {}, \"remote_read_p99_us\": {}, \"prepare_local_count\": {}, \"prepare_local_p50_us\": {}, \"prepare_local_p99_us\": {}, \"prepare_remote_count\": {}, \"prepare_remote_p50_us\": {}, \"prepare_remote_p99_us\": {}}}",
                 n.rank,
                 n.stats.workers,
                 n.stats.instructions,
@@ -19,9 +19,18 @@ fn nodes_json(nodes: &[NodeRow]) -> String {
                 n.remote_reads,
                 n.cache_hits,
                 n.messages_sent,
+                n.messages_received,
                 n.bytes_sent,
                 n.bytes_received,
-                n.stats.peak_memory_bytes
+                n.stats.peak_memory_bytes,
+                n.remote_read.p50_us,
+                n.remote_read.p99_us,
+                n.prepare_local.count,
+                n.prepare_local.p50_us,
+                n.prepare_local.p99_us,
+                n.prepare_remote.count,
+                n.prepare_remote.p50_us,
+                n.prepare_remote.p99_us
             )
         })
         .collect();
@@ -107,16 +116,24 @@ pub fn table(report: &Report, nodes: &[NodeRow]) -> String {
         for n in nodes {
             let _ = writeln!(
                 out,
-                "    node {:>3}: {} workers, {} runners, {} instructions, {} remote page reads ({} cached), {} messages / {:.1} KiB sent, {:.1} KiB received",
+                "    node {:>3}: {} workers, {} runners, {} instructions, {} remote page reads (p50 {} us, p99 {} us; {} from cache), {} messages / {:.1} KiB sent, {:.1} KiB received; prepare p50/p99 {}/{} us local ({}), {}/{} us remote ({})",
                 n.rank,
                 n.stats.workers,
                 n.stats.runners_started,
                 n.stats.instructions,
                 n.remote_reads,
+                n.remote_read.p50_us,
+                n.remote_read.p99_us,
                 n.cache_hits,
                 n.messages_sent,
                 n.bytes_sent as f64 / 1024.0,
-                n.bytes_received as f64 / 1024.0
+                n.bytes_received as f64 / 1024.0,
+                n.prepare_local.p50_us,
+                n.prepare_local.p99_us,
+                n.prepare_local.count,
+                n.prepare_remote.p50_us,
+                n.prepare_remote.p99_us,
+                n.prepare_remote.count
             );
         }
     }

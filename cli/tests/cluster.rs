@@ -64,7 +64,11 @@ fn explicit_hosts_and_ranks_print_what_one_node_prints() {
         .output()
         .expect("a one-node run");
     assert!(single.status.success(), "{}", text(&single.stderr));
-    assert!(text(&single.stdout).contains("checksum"), "{}", text(&single.stdout));
+    assert!(
+        text(&single.stdout).contains("checksum"),
+        "{}",
+        text(&single.stdout)
+    );
 
     let hosts = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
     let spawn = |rank: &str| {

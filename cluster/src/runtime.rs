@@ -94,6 +94,48 @@ impl Default for ClusterOptions {
     }
 }
 
+/// Latency samples of one kind of operation, in microseconds (the first `MAX_SAMPLES`).
+#[derive(Default)]
+struct Samples {
+    micros: Mutex<Vec<u32>>,
+}
+
+const MAX_SAMPLES: usize = 1 << 18;
+
+impl Samples {
+    fn record(&self, since: Instant) {
+        let micros = u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX);
+        let mut samples = lock(&self.micros);
+        if samples.len() < MAX_SAMPLES {
+            samples.push(micros);
+        }
+    }
+
+    fn summary(&self) -> Latency {
+        let mut samples = lock(&self.micros).clone();
+        samples.sort_unstable();
+        let at = |q: f64| {
+            samples
+                .get(((samples.len().saturating_sub(1)) as f64 * q).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        Latency {
+            count: samples.len() as u64,
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+        }
+    }
+}
+
+/// How long an operation took: how many were measured, the median and the 99th percentile.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_us: u32,
+    pub p99_us: u32,
+}
+
 /// One node's counters, as node 0 reports them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeRow {
@@ -105,6 +147,11 @@ pub struct NodeRow {
     pub bytes_received: u64,
     pub messages_sent: u64,
     pub messages_received: u64,
+    /// A page read from its remote home (not from the cache).
+    pub remote_read: Latency,
+    /// The prepare of a commit whose pages are all homed on the node, or not all.
+    pub prepare_local: Latency,
+    pub prepare_remote: Latency,
 }
 
 /// What a node's part of a run did. On node 0, `report` is the run's (its console, its exit
@@ -214,6 +261,9 @@ struct Runtime {
     next_fragment: AtomicU64,
     remote_reads: AtomicU64,
     cache_hits: AtomicU64,
+    read_latency: Samples,
+    prepare_local_latency: Samples,
+    prepare_remote_latency: Samples,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -622,11 +672,21 @@ impl Backend for ClusterBackend {
     }
 
     fn prepare(&self, txn: TxnId, snapshot_ts: u64, writes: &[PageWrite]) -> Result<(), Conflict> {
+        let started = Instant::now();
+        let rt = &self.runtime;
+        let local = writes
+            .iter()
+            .all(|write| home_of(write.key, rt.world) == rt.rank);
         let deltas = deltas_of(writes.iter());
         let receiver = self.runtime.expect(Wait::Prepare(txn));
         self.runtime
             .with_node(|node| node.prepare(txn, snapshot_ts, deltas));
-        match self.runtime.wait(&receiver) {
+        let answer = self.runtime.wait(&receiver);
+        match local {
+            true => rt.prepare_local_latency.record(started),
+            false => rt.prepare_remote_latency.record(started),
+        }
+        match answer {
             Some(Reply::Done(Done::Prepare { result, .. })) => result,
             // The run failed and is ending: this commit does not happen.
             _ => Err(Conflict {
@@ -669,6 +729,7 @@ impl PageRead for ClusterReader {
             return Ok(hit);
         }
         rt.remote_reads.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         tracing::trace!(
             page = format_args!("{:#x}", key << 12),
             snapshot_ts,
@@ -687,6 +748,7 @@ impl PageRead for ClusterReader {
             // The run failed and is ending; the runner ends with it.
             return Err(MemoryLimit { limit_bytes: 0 });
         };
+        rt.read_latency.record(started);
         let page = match data {
             Some(bytes) => {
                 let mut page = rt.pages.zeroed()?;
@@ -784,7 +846,7 @@ impl Control for RemoteControl {
     }
 }
 
-const ROW_WORDS: usize = 20;
+const ROW_WORDS: usize = 30;
 
 fn encode_row(row: &NodeRow) -> Vec<u8> {
     let s = &row.stats;
@@ -809,6 +871,16 @@ fn encode_row(row: &NodeRow) -> Vec<u8> {
         row.bytes_sent,
         row.bytes_received,
         row.messages_sent,
+        row.messages_received,
+        row.remote_read.count,
+        u64::from(row.remote_read.p50_us),
+        u64::from(row.remote_read.p99_us),
+        row.prepare_local.count,
+        u64::from(row.prepare_local.p50_us),
+        u64::from(row.prepare_local.p99_us),
+        row.prepare_remote.count,
+        u64::from(row.prepare_remote.p50_us),
+        u64::from(row.prepare_remote.p99_us),
     ];
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
@@ -848,7 +920,18 @@ fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
         bytes_sent: w[17],
         bytes_received: w[18],
         messages_sent: w[19],
-        messages_received: 0,
+        messages_received: w[20],
+        remote_read: latency(&w[21..24])?,
+        prepare_local: latency(&w[24..27])?,
+        prepare_remote: latency(&w[27..30])?,
+    })
+}
+
+fn latency(words: &[u64]) -> Option<Latency> {
+    Some(Latency {
+        count: words[0],
+        p50_us: u32::try_from(words[1]).ok()?,
+        p99_us: u32::try_from(words[2]).ok()?,
     })
 }
 
@@ -869,6 +952,9 @@ impl Runtime {
             bytes_received: counters.iter().map(|c| c.bytes_received).sum(),
             messages_sent: counters.iter().map(|c| c.messages_sent).sum(),
             messages_received: counters.iter().map(|c| c.messages_received).sum(),
+            remote_read: self.read_latency.summary(),
+            prepare_local: self.prepare_local_latency.summary(),
+            prepare_remote: self.prepare_remote_latency.summary(),
         }
     }
 
@@ -1034,6 +1120,9 @@ pub fn run(
         next_fragment: AtomicU64::new(0),
         remote_reads: AtomicU64::new(0),
         cache_hits: AtomicU64::new(0),
+        read_latency: Samples::default(),
+        prepare_local_latency: Samples::default(),
+        prepare_remote_latency: Samples::default(),
     });
     let backend = Arc::new(ClusterBackend {
         reader: Arc::new(ClusterReader {
