@@ -470,7 +470,8 @@ impl Msg {
                 valid_to: r.u64()?,
                 data: match r.u8()? {
                     0 => None,
-                    _ => Some(r.page()?),
+                    1 => Some(r.page()?),
+                    tag => return Err(MsgDecodeError::UnknownTag { tag }),
                 },
             },
             3 => {

@@ -42,6 +42,10 @@ pub enum ReportDecodeError {
     },
     #[error("empty or reversed range at byte {offset}")]
     BadRange { offset: usize },
+    #[error("byte offset {value} at byte {offset} is outside a page")]
+    BadPageOffset { value: u64, offset: usize },
+    #[error("flag {value} at byte {offset} is neither 0 nor 1")]
+    BadFlag { value: u8, offset: usize },
     #[error("{extra} bytes after the value")]
     Trailing { extra: usize },
 }
@@ -105,6 +109,15 @@ impl Reader<'_> {
             })
     }
 
+    fn flag(&mut self) -> Result<bool, ReportDecodeError> {
+        let offset = self.offset;
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(ReportDecodeError::BadFlag { value, offset }),
+        }
+    }
+
     fn range(&mut self) -> Result<Range, ReportDecodeError> {
         let offset = self.offset;
         let (start, end) = (self.u64()?, self.u64()?);
@@ -161,9 +174,9 @@ impl Reader<'_> {
         let stack = self.range()?;
         let using = self.ranges()?;
         let watched = self.ranges()?;
-        let snapshot = match self.u8()? {
-            0 => None,
-            _ => Some(self.u64()?),
+        let snapshot = match self.flag()? {
+            false => None,
+            true => Some(self.u64()?),
         };
         Ok(Task {
             id,
@@ -393,7 +406,7 @@ pub fn decode_ended(bytes: &[u8]) -> Result<Ended, ReportDecodeError> {
     let exit_changes = r.changes()?;
     let len = r.count("output byte", MAX_OUTPUT_BYTES)?;
     let output = r.take(len)?.to_vec();
-    let ends_template = r.u8()? != 0;
+    let ends_template = r.flag()?;
     r.finish()?;
     Ok(Ended {
         task,
@@ -537,7 +550,12 @@ pub fn encode_conflict(conflict: &Conflict, out: &mut Vec<u8>) {
 pub fn decode_conflict(bytes: &[u8]) -> Result<(Conflict, usize), ReportDecodeError> {
     let mut r = Reader { bytes, offset: 0 };
     let key = r.u64()?;
-    let offset = (r.u64()? % crate::page::PAGE_BYTES as u64) as usize;
+    let at = r.offset;
+    let value = r.u64()?;
+    let offset = usize::try_from(value)
+        .ok()
+        .filter(|offset| *offset < crate::page::PAGE_BYTES)
+        .ok_or(ReportDecodeError::BadPageOffset { value, offset: at })?;
     let at = r.offset;
     let with = match r.u8()? {
         0 => ConflictWith::Committed { ts: r.u64()? },
