@@ -1,6 +1,6 @@
 # Shared helpers for the scripts in scripts/cluster (sourced, not run).
 # Defines: $cluster_dir (this directory), $repo (the repository root), and the functions below.
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034 # variables for the scripts that source this
 
 cluster_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$cluster_dir/../.." && pwd)"
@@ -45,21 +45,21 @@ log_tail() {
     fi
 }
 
-# Whether the process in pid file $1 is alive and runs program $2 (so that a recycled pid is
-# never taken for ours).
-pid_alive() {
-    local file=$1 comm=$2 pid
-    [ -s "$file" ] || return 1
-    pid="$(cat "$file")"
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null || true)" = "$comm" ]
-}
-
 # Whether process $1 exists and is not a zombie.
 running() {
     local state
     state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)"
     [ -n "$state" ] && [ "$state" != Z ]
+}
+
+# Whether the process in pid file $1 is alive (not a zombie) and runs program $2 (so that a
+# recycled pid is never taken for ours).
+pid_alive() {
+    local file=$1 comm=$2 pid
+    [ -s "$file" ] || return 1
+    pid="$(cat "$file")"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null || true)" = "$comm" ] && running "$pid"
 }
 
 # Stops the process in pid file $1 if it is program $2: SIGTERM, then SIGKILL after $3 seconds
@@ -83,4 +83,18 @@ stop_pid() {
         fi
     fi
     rm -f "$file"
+}
+
+# The session id of process $1 (empty if it is gone).
+session_of() {
+    sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $4}' || true
+}
+
+# Sends signal $2 to every process of session $1.
+signal_session() {
+    local sid=$1 sig=$2 p
+    for p in /proc/[0-9]*; do
+        [ "$(session_of "${p#/proc/}")" = "$sid" ] && kill "-$sig" "${p#/proc/}" 2>/dev/null
+    done
+    return 0
 }

@@ -1,5 +1,5 @@
 # Settings shared by the namespace-host scripts (sourced after lib.sh, not run).
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034 # variables for the scripts that source this
 
 netns_prefix="dvm-"
 netns_run=/run/netns
