@@ -1,7 +1,7 @@
 //! Launch detection and rendezvous under real multi-process launchers that need a cluster:
-//! Slurm's `srun` on a single-host Slurm (`scripts/cluster/slurm-up`), and `mpirun`,
+//! Slurm's `srun` on a single-host Slurm (`scripts/cluster/slurm-up`), and `srun`, `mpirun`,
 //! `mpiexec` and explicit `--hosts/--rank` across three hosts made of network namespaces
-//! (`scripts/cluster/netns-up`, `on`, `onrsh`, `link-down`). As in `launchers.rs`, this binary
+//! (`scripts/cluster/netns-up`, `on`, `onrsh`, `link-down`, `slurm-up --netns`). As in `launchers.rs`, this binary
 //! re-runs itself (`child_rank`) as each rank.
 //!
 //! These need root. When something genuinely cannot run here (not root, a tool missing,
@@ -65,19 +65,43 @@ static SLURM: Mutex<()> = Mutex::new(());
 
 /// A single-host Slurm, up for the life of this value (one test at a time).
 struct Slurm {
-    _lock: MutexGuard<'static, ()>,
+    _lock: Option<MutexGuard<'static, ()>>,
     dir: PathBuf,
+    /// Across the namespace hosts (`slurm-up --netns`) rather than on this host.
+    netns: bool,
 }
 
 impl Slurm {
     /// Starts Slurm, or says why it cannot run here.
     fn up(test: &str) -> Option<Slurm> {
         let guard = lock(&SLURM);
-        let dir = state_dir("slurm");
+        Self::start(test, Some(guard), "slurm", false)
+    }
+
+    /// Starts Slurm with one node per namespace host (they must be up: hold `Hosts`). Its
+    /// daemons live in the hosts' network namespaces, so it runs alongside `Slurm::up`'s.
+    fn up_across(test: &str, _hosts: &Hosts) -> Option<Slurm> {
+        Self::start(test, None, "slurm-netns", true)
+    }
+
+    fn start(
+        test: &str,
+        guard: Option<MutexGuard<'static, ()>>,
+        name: &str,
+        netns: bool,
+    ) -> Option<Slurm> {
+        let dir = state_dir(name);
         let mut cmd = script_command("slurm-up", 60);
+        if netns {
+            cmd.arg("--netns");
+        }
         Self::env(&mut cmd, &dir);
         match run_script(&mut cmd) {
-            Ok(_) => Some(Slurm { _lock: guard, dir }),
+            Ok(_) => Some(Slurm {
+                _lock: guard,
+                dir,
+                netns,
+            }),
             Err(why) => {
                 skip(test, &format!("Slurm cannot run here: {why}"));
                 None
@@ -128,6 +152,9 @@ impl Slurm {
 impl Drop for Slurm {
     fn drop(&mut self) {
         let mut cmd = script_command("slurm-down", 60);
+        if self.netns {
+            cmd.arg("--netns");
+        }
         Self::env(&mut cmd, &self.dir);
         let ran = run(&mut cmd);
         if !ran.status.success() {
@@ -484,6 +511,28 @@ fn mpiexec_across_three_namespace_hosts() {
     check_spread(&ran, "Hydra", "h1:7732");
 }
 
+/// `srun -N 3 -n 3` from h1 on a Slurm whose nodes are h1, h2, h3: `SLURM_STEP_NODELIST` is
+/// the compressed `h[1-3]`, whose first host is rank 0's; each rank advertises its own host's
+/// address.
+#[test]
+fn srun_across_three_namespace_hosts() {
+    let test = "srun_across_three_namespace_hosts";
+    let Some(hosts) = Hosts::up(test) else { return };
+    let Some(slurm) = Slurm::up_across(test, &hosts) else {
+        return;
+    };
+    let mut cmd = hosts.on("h1", &["srun", "-N", "3", "-n", "3"], 40);
+    cmd.env("SLURM_CONF", slurm.dir.join("slurm.conf"));
+    let ran = run(&mut cmd);
+    let job: u64 = ran
+        .ranks()
+        .first()
+        .and_then(|l| l.get("job").parse().ok())
+        .unwrap_or_else(|| panic!("no job id printed:\n{}", ran.describe()));
+    check_spread(&ran, "Slurm", &format!("h1:{}", slurm_port(job, 0)));
+    drop(slurm);
+}
+
 /// Starts rank R of an explicit `--hosts` job on h(R+1) through `on`.
 fn spawn_explicit(hosts: &Hosts, rank: u32, list: &str, deadline_ms: u32) -> Child {
     let host = format!("h{}", rank + 1);
@@ -545,9 +594,11 @@ fn a_host_cut_off_is_named_within_the_deadline() {
     hosts.link("down", "h3");
     let started = Instant::now();
     let list = "h1:7751,h2:7751,h3:7751";
-    let children: Vec<Child> = [0, 1, 2]
+    // Rank 1 waits longer than rank 0, so that what it reports is rank 0's verdict rather than
+    // its own deadline (the processes start a few milliseconds apart).
+    let children: Vec<Child> = [(0, 3_000), (1, 8_000), (2, 3_000)]
         .iter()
-        .map(|r| spawn_explicit(&hosts, *r, list, 3_000))
+        .map(|(r, deadline)| spawn_explicit(&hosts, *r, list, *deadline))
         .collect();
     let rans: Vec<Ran> = children
         .into_iter()
