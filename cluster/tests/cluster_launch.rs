@@ -220,30 +220,41 @@ fn wait_listening(port: u16, limit: Duration, what: &str) {
 }
 
 /// `srun -n 3`: each task is detected as a Slurm rank, and rank 0 is found at the first host of
-/// `SLURM_STEP_NODELIST` (`localhost`) on the port derived from the job id.
+/// `SLURM_STEP_NODELIST` (`localhost`) on the port derived from the job id. Then the same with
+/// `srun --mpi=pmi2`, which adds Slurm's own `PMI_RANK`/`PMI_SIZE` (without Hydra's
+/// `MPI_LOCAL*`): they agree with Slurm's, and the ranks are still Slurm's.
 #[test]
 fn srun_three_tasks_meet_at_the_step_nodelist() {
     let test = "srun_three_tasks_meet_at_the_step_nodelist";
     let Some(slurm) = Slurm::up(test) else { return };
-    let ran = run(&mut slurm.srun(&["-n", "3"], 40));
-    check_job(&ran, 3, "Slurm");
-    let lines = ran.ranks();
-    let job: u64 = lines
-        .first()
-        .and_then(|l| l.get("job").parse().ok())
-        .unwrap_or_else(|| panic!("no job id printed:\n{}", ran.describe()));
-    for (rank, line) in lines.iter().enumerate() {
-        let l = &line.line;
-        assert_eq!(line.get("local"), format!("{rank}/3"), "{l}");
-        assert_eq!(line.get("job"), job.to_string(), "{l}");
-        // The first srun step of a job is step 0.
-        assert_eq!(
-            line.get("coordinator"),
-            format!("localhost:{}", slurm_port(job, 0)),
-            "{l}"
-        );
+    for extra in [None, Some("--mpi=pmi2")] {
+        let mut args = vec!["-n", "3"];
+        args.extend(extra);
+        let ran = run(&mut slurm.srun(&args, 40));
+        check_job(&ran, 3, "Slurm");
+        let lines = ran.ranks();
+        let job: u64 = lines
+            .first()
+            .and_then(|l| l.get("job").parse().ok())
+            .unwrap_or_else(|| panic!("no job id printed:\n{}", ran.describe()));
+        for (rank, line) in lines.iter().enumerate() {
+            let l = &line.line;
+            assert_eq!(line.get("local"), format!("{rank}/3"), "{l}");
+            assert_eq!(line.get("job"), job.to_string(), "{l}");
+            assert_eq!(
+                line.get("pmi"),
+                if extra.is_some() { "yes" } else { "no" },
+                "{l}"
+            );
+            // A job started by srun runs its tasks as step 0.
+            assert_eq!(
+                line.get("coordinator"),
+                format!("localhost:{}", slurm_port(job, 0)),
+                "{l}"
+            );
+        }
+        assert!(ran.elapsed < Duration::from_secs(20), "{}", ran.describe());
     }
-    assert!(ran.elapsed < Duration::from_secs(20), "{}", ran.describe());
 }
 
 /// Two steps of one allocation running at the same time are two jobs: each meets its own rank 0

@@ -93,7 +93,7 @@ pub fn child_main() {
         rendezvous(&l, my_addr, left).unwrap_or_else(|e| child_fail(&rank, "rendezvous", &e));
     let table: Vec<String> = table.iter().map(ToString::to_string).collect();
     println!(
-        "DVM-RANK rank={} world={} local={}/{} source={:?} coordinator={} host={} job={} me={} table={}",
+        "DVM-RANK rank={} world={} local={}/{} source={:?} coordinator={} host={} job={} pmi={} me={} table={}",
         l.rank,
         l.world,
         l.local_rank,
@@ -102,16 +102,18 @@ pub fn child_main() {
         l.coordinator,
         hostname(),
         var("SLURM_JOB_ID").unwrap_or_else(|| "-".to_string()),
+        if var("PMI_RANK").is_some() { "yes" } else { "no" },
         my_addr,
         table.join(",")
     );
 }
 
-/// Says loudly that a test could not run here, and why; the test then returns (counted as
-/// passed by the harness, so the reason must be visible in its output).
+/// Says loudly that a test could not run here, and why; the test then returns. The harness
+/// counts it as passed, so the reason goes straight to stderr, past the harness's capture of
+/// a passing test's output.
 pub fn skip(test: &str, why: &str) {
-    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
-    println!("SKIPPED {test}: {why}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: {why} ***\n");
 }
 
 /// Whether `program --version` runs.
