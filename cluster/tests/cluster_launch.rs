@@ -1,8 +1,8 @@
 //! Launch detection and rendezvous under real multi-process launchers that need a cluster:
 //! Slurm's `srun` on a single-host Slurm (`scripts/cluster/slurm-up`), and `srun`, `mpirun`,
 //! `mpiexec` and explicit `--hosts/--rank` across three hosts made of network namespaces
-//! (`scripts/cluster/netns-up`, `on`, `onrsh`, `link-down`, `slurm-up --netns`). As in `launchers.rs`, this binary
-//! re-runs itself (`child_rank`) as each rank.
+//! (`scripts/cluster/netns-up`, `on`, `onrsh`, `link-down`, `slurm-up --netns`). As in
+//! `launchers.rs`, this binary re-runs itself (`child_rank`) as each rank.
 //!
 //! These need root. When something genuinely cannot run here (not root, a tool missing,
 //! namespaces not permitted) the test says so loudly (`*** SKIPPED ...`) and returns.
@@ -10,213 +10,24 @@
 
 mod common;
 
+use common::cluster::{merge, spawn, wait_child, wait_listening, Hosts, Slurm};
 use common::{
-    check_job, child_command, clean_env, run, run_script, script, script_command, skip, state_dir,
-    Ran, DEADLINE_VAR, HOSTS_VAR, LISTEN_VAR, RANK_VAR, WAIT_FILE_VAR,
+    check_job, run, script, skip, state_dir, Ran, DEADLINE_VAR, HOSTS_VAR, LISTEN_VAR, RANK_VAR,
+    WAIT_FILE_VAR,
 };
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// The rank's side, run by the tests below under a launcher.
 #[test]
 #[ignore = "run by the cluster launch tests, under a launcher"]
 fn child_rank() {
-    common::child_main();
-}
-
-fn lock(m: &'static Mutex<()>) -> MutexGuard<'static, ()> {
-    // A test that failed while holding the lock leaves nothing the next one needs.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Waits (bounded) for a child process, killing it at the deadline. The children run under
-/// `timeout` with a shorter limit, which stops the whole launch; this is the backstop.
-fn wait_child(mut child: Child, limit: Duration, what: &str) -> Ran {
-    let started = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if started.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
-            Ok(None) => {
-                let _ = child.kill();
-                break;
-            }
-            Err(e) => panic!("waiting for {what}: {e}"),
-        }
-    }
-    let output = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("collecting {what}: {e}"));
-    Ran::from_output(output, started.elapsed())
-}
-
-fn spawn(cmd: &mut Command, what: &str) -> Child {
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"))
-}
-
-// ---- Slurm ----
-
-static SLURM: Mutex<()> = Mutex::new(());
-
-/// A single-host Slurm, up for the life of this value (one test at a time).
-struct Slurm {
-    _lock: Option<MutexGuard<'static, ()>>,
-    dir: PathBuf,
-    /// Across the namespace hosts (`slurm-up --netns`) rather than on this host.
-    netns: bool,
-}
-
-impl Slurm {
-    /// Starts Slurm, or says why it cannot run here.
-    fn up(test: &str) -> Option<Slurm> {
-        let guard = lock(&SLURM);
-        Self::start(test, Some(guard), "slurm", false)
-    }
-
-    /// Starts Slurm with one node per namespace host (they must be up: hold `Hosts`). Its
-    /// daemons live in the hosts' network namespaces, so it runs alongside `Slurm::up`'s.
-    fn up_across(test: &str, _hosts: &Hosts) -> Option<Slurm> {
-        Self::start(test, None, "slurm-netns", true)
-    }
-
-    fn start(
-        test: &str,
-        guard: Option<MutexGuard<'static, ()>>,
-        name: &str,
-        netns: bool,
-    ) -> Option<Slurm> {
-        let dir = state_dir(name);
-        let mut cmd = script_command("slurm-up", 60);
-        if netns {
-            cmd.arg("--netns");
-        }
-        Self::env(&mut cmd, &dir);
-        match run_script(&mut cmd) {
-            Ok(_) => Some(Slurm {
-                _lock: guard,
-                dir,
-                netns,
-            }),
-            Err(why) => {
-                skip(test, &format!("Slurm cannot run here: {why}"));
-                None
-            }
-        }
-    }
-
-    fn env(cmd: &mut Command, dir: &std::path::Path) {
-        clean_env(cmd);
-        // Other ports than slurm-up's defaults, so a developer's own test cluster is left alone.
-        cmd.env("DVM_SLURM_DIR", dir)
-            .env("DVM_SLURMCTLD_PORT", "16827")
-            .env("DVM_SLURMD_PORT", "16828")
-            .env("SLURM_CONF", dir.join("slurm.conf"));
-    }
-
-    /// `srun ARGS...` running `child_rank`, bounded at `limit_s`.
-    fn srun(&self, args: &[&str], limit_s: u32) -> Command {
-        let mut launcher = vec!["srun"];
-        launcher.extend_from_slice(args);
-        let mut cmd = child_command(&launcher, limit_s);
-        cmd.env("SLURM_CONF", self.dir.join("slurm.conf"));
-        cmd
-    }
-
-    /// A Slurm client command (sinfo, scancel, ...), bounded.
-    fn client(&self, program: &str, args: &[&str]) -> Ran {
-        let mut cmd = Command::new("timeout");
-        cmd.args(["-k", "2", "10", program]).args(args);
-        Self::env(&mut cmd, &self.dir);
-        run(&mut cmd)
-    }
-
-    /// An allocation of `tasks` tasks without a shell (`salloc --no-shell`): its job id.
-    fn allocate(&self, tasks: u32) -> Allocation<'_> {
-        let ran = self.client("salloc", &["--no-shell", "-n", &tasks.to_string()]);
-        assert!(ran.status.success(), "salloc: {}", ran.describe());
-        let job = ran
-            .stderr
-            .split_whitespace()
-            .last()
-            .and_then(|w| w.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no job id in salloc's output: {}", ran.describe()));
-        Allocation { slurm: self, job }
-    }
-}
-
-impl Drop for Slurm {
-    fn drop(&mut self) {
-        let mut cmd = script_command("slurm-down", 60);
-        if self.netns {
-            cmd.arg("--netns");
-        }
-        Self::env(&mut cmd, &self.dir);
-        let ran = run(&mut cmd);
-        if !ran.status.success() {
-            eprintln!("slurm-down failed:\n{}", ran.describe());
-        }
-    }
-}
-
-/// A job allocation, cancelled on drop.
-struct Allocation<'a> {
-    slurm: &'a Slurm,
-    job: u64,
-}
-
-impl Allocation<'_> {
-    /// A step of this allocation: `srun --jobid=J --overlap -n N` running `child_rank`.
-    fn step(&self, tasks: u32, limit_s: u32) -> Command {
-        let job = format!("--jobid={}", self.job);
-        let n = tasks.to_string();
-        // --overlap: steps share the allocation's CPUs and memory, so they run at once.
-        self.slurm.srun(
-            &[&job, "--overlap", "-n", &n, "--kill-on-bad-exit=0"],
-            limit_s,
-        )
-    }
-}
-
-impl Drop for Allocation<'_> {
-    fn drop(&mut self) {
-        let _ = self.slurm.client("scancel", &[&self.job.to_string()]);
-    }
+    common::child::child_main();
 }
 
 /// The coordinator port derived for a Slurm step (see `launch`'s module doc).
 fn slurm_port(job: u64, step: u64) -> u16 {
     dvm_cluster::launch::slurm_coordinator_port(job, step)
-}
-
-/// Whether something listens on TCP `port` in this network namespace.
-fn listening(port: u16) -> bool {
-    let needle = format!(":{port:04X} ");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|file| {
-        std::fs::read_to_string(file).is_ok_and(|text| {
-            text.lines().skip(1).any(|line| {
-                let cols: Vec<&str> = line.split_whitespace().collect();
-                cols.get(1).is_some_and(|local| {
-                    format!("{local} ").ends_with(&needle) && cols.get(3) == Some(&"0A")
-                })
-            })
-        })
-    })
-}
-
-fn wait_listening(port: u16, limit: Duration, what: &str) {
-    let started = Instant::now();
-    while !listening(port) {
-        assert!(
-            started.elapsed() < limit,
-            "{what}: nothing listens on port {port} after {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// `srun -n 3`: each task is detected as a Slurm rank, and rank 0 is found at the first host of
@@ -383,59 +194,6 @@ fn srun_steps_disagreeing_on_the_world_fail_loudly() {
 
 // ---- three hosts from network namespaces ----
 
-static NETNS: Mutex<()> = Mutex::new(());
-
-/// Hosts h1..h3 (10.77.0.1-3), up for the life of this value (one test at a time).
-struct Hosts {
-    _lock: MutexGuard<'static, ()>,
-}
-
-impl Hosts {
-    fn up(test: &str) -> Option<Hosts> {
-        let guard = lock(&NETNS);
-        let mut cmd = script_command("netns-up", 30);
-        cmd.env("DVM_NETNS_DIR", state_dir("netns"))
-            .env("DVM_NETNS_HOSTS", "3");
-        match run_script(&mut cmd) {
-            Ok(_) => Some(Hosts { _lock: guard }),
-            Err(why) => {
-                skip(test, &format!("namespace hosts cannot run here: {why}"));
-                None
-            }
-        }
-    }
-
-    /// `on HOST` followed by what `child_command` would run, bounded at `limit_s`.
-    fn on(&self, host: &str, launcher: &[&str], limit_s: u32) -> Command {
-        let on = script("on");
-        let mut args = vec![on.to_str().expect("UTF-8 path"), host];
-        args.extend_from_slice(launcher);
-        let mut cmd = child_command(&args, limit_s);
-        cmd.env("DVM_NETNS_DIR", state_dir("netns"))
-            .env(LISTEN_VAR, "0.0.0.0");
-        cmd
-    }
-
-    fn link(&self, state: &str, host: &str) {
-        let mut cmd = script_command(&format!("link-{state}"), 10);
-        cmd.arg(host).env("DVM_NETNS_DIR", state_dir("netns"));
-        if let Err(why) = run_script(&mut cmd) {
-            panic!("link-{state} {host}: {why}");
-        }
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        let mut cmd = script_command("netns-down", 30);
-        cmd.env("DVM_NETNS_DIR", state_dir("netns"));
-        let ran = run(&mut cmd);
-        if !ran.status.success() {
-            eprintln!("netns-down failed:\n{}", ran.describe());
-        }
-    }
-}
-
 /// Checks a job with one rank per host: rank R ran on h(R+1) and advertised 10.77.0.(R+1).
 fn check_spread(ran: &Ran, source: &str, coordinator: &str) {
     let table = check_job(ran, 3, source);
@@ -552,30 +310,6 @@ fn spawn_explicit(hosts: &Hosts, rank: u32, list: &str, deadline_ms: u32) -> Chi
         .env(RANK_VAR, rank.to_string())
         .env(DEADLINE_VAR, deadline_ms.to_string());
     spawn(&mut cmd, &format!("rank {rank} on {host}"))
-}
-
-/// Merges the outputs of the processes of one job.
-fn merge(rans: &[Ran]) -> Ran {
-    let status = rans
-        .iter()
-        .map(|r| r.status)
-        .find(|s| !s.success())
-        .or_else(|| rans.first().map(|r| r.status))
-        .expect("at least one process");
-    Ran {
-        status,
-        stdout: rans
-            .iter()
-            .map(|r| r.stdout.as_str())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        stderr: rans
-            .iter()
-            .map(|r| r.stderr.as_str())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        elapsed: rans.iter().map(|r| r.elapsed).max().unwrap_or_default(),
-    }
 }
 
 /// The explicit path, one process per host via `on`: `--hosts h1:P,h2:P,h3:P --rank R`.

@@ -14,7 +14,7 @@ const WORLD: u32 = 3;
 #[test]
 #[ignore = "run by the launcher tests, under a launcher"]
 fn child_rank() {
-    common::child_main();
+    common::child::child_main();
 }
 
 /// Runs this binary's `child_rank` under `launcher`, checks what the ranks printed.

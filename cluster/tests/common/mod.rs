@@ -1,6 +1,8 @@
 //! Shared by the test binaries that re-run themselves under a real launcher: the rank's side
-//! (`child_main`, run by an ignored `child_rank` test in each binary) and the parent's helpers
-//! (commands, the scripts in `scripts/cluster`, reading what the ranks printed).
+//! (`child::child_main`, run by an ignored `child_rank` test in each binary), the parent's
+//! helpers (commands, the scripts in `scripts/cluster`, reading what the ranks printed) and, in
+//! `cluster`, fixtures for a running Slurm and the namespace hosts. Only `child` depends on
+//! `dvm_cluster`: the rest can launch any program (`launch_command`), `dvm` included.
 //!
 //! A rank prints one line: `DVM-RANK key=value ...` when the rendezvous succeeded, `DVM-FAIL
 //! key=value ... error=<text>` (and exits non-zero) when it did not. The child is steered by
@@ -16,10 +18,10 @@
 // Each test binary uses its own part of this module.
 #![allow(dead_code)]
 
-use dvm_cluster::launch::{self, Explicit, HostFacts};
-use dvm_cluster::rendezvous::rendezvous;
+pub mod child;
+pub mod cluster;
+
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
@@ -33,80 +35,6 @@ pub const WAIT_FILE_VAR: &str = "DVM_CLUSTER_TEST_WAIT_FILE";
 
 /// The exit code of `scripts/cluster/*` for "cannot run here".
 pub const SCRIPT_SKIP: i32 = 77;
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "?".to_string())
-}
-
-/// Prints the failure line and fails the child.
-fn child_fail(rank: &str, what: &str, error: &dyn std::fmt::Display) -> ! {
-    println!(
-        "DVM-FAIL rank={rank} host={} pid={} error={what}: {error}",
-        hostname(),
-        std::process::id()
-    );
-    panic!("{what}: {error}");
-}
-
-/// The rank's side: detect, listen, rendezvous, print one line for the parent.
-pub fn child_main() {
-    assert!(
-        std::env::var_os(CHILD_VAR).is_some(),
-        "only meaningful under a launcher started by the tests of this binary"
-    );
-    let var = |name: &str| std::env::var(name).ok();
-    let deadline_ms: u64 = var(DEADLINE_VAR).map_or(20_000, |v| {
-        v.parse().expect("DVM_CLUSTER_TEST_DEADLINE_MS is a number")
-    });
-    let started = Instant::now();
-    let (hosts, rank) = (var(HOSTS_VAR), var(RANK_VAR));
-    let explicit = Explicit {
-        hosts: hosts.as_deref(),
-        rank: rank.as_deref(),
-    };
-    let env = launch::process_env();
-    let l = match launch::detect(&env, &explicit, &HostFacts::probe()) {
-        Ok(Some(l)) => l,
-        Ok(None) => child_fail("?", "detect", &"no launcher detected"),
-        Err(e) => child_fail("?", "detect", &e),
-    };
-    let rank = l.rank.to_string();
-    if let Some(file) = var(WAIT_FILE_VAR).filter(|_| l.rank > 0) {
-        while !Path::new(&file).exists() {
-            if started.elapsed() > Duration::from_millis(deadline_ms) {
-                child_fail(&rank, "wait", &format!("{file} never appeared"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    let ip: IpAddr = var(LISTEN_VAR).map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |v| {
-        v.parse().expect("DVM_CLUSTER_TEST_LISTEN is an IP")
-    });
-    let data = TcpListener::bind((ip, 0)).unwrap_or_else(|e| child_fail(&rank, "listen", &e));
-    let my_addr = data
-        .local_addr()
-        .unwrap_or_else(|e| child_fail(&rank, "listen", &e));
-    let left = deadline_ms.saturating_sub(started.elapsed().as_millis() as u64);
-    let table =
-        rendezvous(&l, my_addr, left).unwrap_or_else(|e| child_fail(&rank, "rendezvous", &e));
-    let table: Vec<String> = table.iter().map(ToString::to_string).collect();
-    println!(
-        "DVM-RANK rank={} world={} local={}/{} source={:?} coordinator={} host={} job={} pmi={} me={} table={}",
-        l.rank,
-        l.world,
-        l.local_rank,
-        l.local_size,
-        l.source,
-        l.coordinator,
-        hostname(),
-        var("SLURM_JOB_ID").unwrap_or_else(|| "-".to_string()),
-        if var("PMI_RANK").is_some() { "yes" } else { "no" },
-        my_addr,
-        table.join(",")
-    );
-}
 
 /// Says loudly that a test could not run here, and why; the test then returns. The harness
 /// counts it as passed, so the reason goes straight to stderr, past the harness's capture of
@@ -209,23 +137,35 @@ pub fn run_script(cmd: &mut Command) -> Result<String, String> {
     }
 }
 
-/// A command that runs this test binary's `child_rank` under `launcher` (program and
-/// arguments up to the program to run), bounded by `timeout` at `limit_s`. The environment is
-/// cleaned of anything that would describe another job.
-pub fn child_command(launcher: &[&str], limit_s: u32) -> Command {
-    let me = std::env::current_exe().expect("test binary path");
+/// A command that runs `program args...` under `launcher` (program and arguments up to the
+/// program to run; empty for none), bounded by `timeout` at `limit_s` (which stops the whole
+/// launch). The environment is cleaned of anything that would describe another job. This is
+/// the entry point for launching anything, e.g. `dvm run ...`, under the launchers here.
+pub fn launch_command(launcher: &[&str], program: &Path, args: &[&str], limit_s: u32) -> Command {
     let mut cmd = Command::new("timeout");
     cmd.args(["-k", "5", &limit_s.to_string()])
         .args(launcher)
-        .arg(&me)
-        .args(["--ignored", "--exact", "child_rank", "--nocapture"]);
+        .arg(program)
+        .args(args);
     clean_env(&mut cmd);
+    // Needed as root, harmless otherwise.
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    cmd
+}
+
+/// `launch_command` for this test binary's `child_rank` (see `child`).
+pub fn child_command(launcher: &[&str], limit_s: u32) -> Command {
+    let me = std::env::current_exe().expect("test binary path");
+    let mut cmd = launch_command(
+        launcher,
+        &me,
+        &["--ignored", "--exact", "child_rank", "--nocapture"],
+        limit_s,
+    );
     cmd.env(CHILD_VAR, "1")
         // A failing rank's message is what matters, not the harness's stack.
-        .env("RUST_BACKTRACE", "0")
-        // Needed as root, harmless otherwise.
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        .env("RUST_BACKTRACE", "0");
     cmd
 }
 
