@@ -212,7 +212,8 @@ fn check_spread(ran: &Ran, source: &str, coordinator: &str) {
 }
 
 /// `mpirun` on h1 starts one rank on each of h1, h2, h3 through the `onrsh` agent; the ranks
-/// meet at `DVM_COORD=h1:PORT` and each advertises its own host's address.
+/// meet at `DVM_COORD=h1:PORT` and each advertises its own host's address. Without
+/// `DVM_COORD`, every rank fails at once saying how to name rank 0's host.
 #[test]
 fn mpirun_across_three_namespace_hosts() {
     let test = "mpirun_across_three_namespace_hosts";
@@ -245,6 +246,40 @@ fn mpirun_across_three_namespace_hosts() {
     );
     let ran = run(&mut cmd);
     check_spread(&ran, "OpenMpi", "h1:7731");
+
+    // Without DVM_COORD nothing names rank 0's host: every rank says so, and how to fix it.
+    let mut cmd = hosts.on(
+        "h1",
+        &[
+            "mpirun.openmpi",
+            "--mca",
+            "plm_rsh_agent",
+            agent,
+            "--host",
+            "h1,h2,h3",
+            "-n",
+            "3",
+            "-x",
+            common::CHILD_VAR,
+            "-x",
+            LISTEN_VAR,
+        ],
+        40,
+    );
+    let ran = run(&mut cmd);
+    assert!(!ran.status.success(), "{}", ran.describe());
+    let fails = ran.failures();
+    assert!(!fails.is_empty(), "{}", ran.describe());
+    for line in &fails {
+        assert!(
+            line.get("error").contains(
+                "Open MPI mpirun started 3 ranks over several hosts (1 on this one) and nothing \
+                 names rank 0's host: put rank 0's host first and pass `mpirun -x DVM_COORD"
+            ),
+            "{}",
+            line.line
+        );
+    }
 }
 
 /// The same with MPICH's Hydra: `mpiexec -launcher rsh -launcher-exec onrsh`.
@@ -282,7 +317,7 @@ fn mpiexec_across_three_namespace_hosts() {
 
 /// `srun -N 3 -n 3` from h1 on a Slurm whose nodes are h1, h2, h3: `SLURM_STEP_NODELIST` is
 /// the compressed `h[1-3]`, whose first host is rank 0's; each rank advertises its own host's
-/// address.
+/// address. Then `-n 4`, two ranks on h1: the local ranks come from the tasks per node.
 #[test]
 fn srun_across_three_namespace_hosts() {
     let test = "srun_across_three_namespace_hosts";
@@ -291,7 +326,7 @@ fn srun_across_three_namespace_hosts() {
         return;
     };
     let mut cmd = hosts.on("h1", &["srun", "-N", "3", "-n", "3"], 40);
-    cmd.env("SLURM_CONF", slurm.dir.join("slurm.conf"));
+    cmd.env("SLURM_CONF", slurm.conf());
     let ran = run(&mut cmd);
     let job: u64 = ran
         .ranks()
@@ -299,6 +334,21 @@ fn srun_across_three_namespace_hosts() {
         .and_then(|l| l.get("job").parse().ok())
         .unwrap_or_else(|| panic!("no job id printed:\n{}", ran.describe()));
     check_spread(&ran, "Slurm", &format!("h1:{}", slurm_port(job, 0)));
+
+    // 4 tasks on 3 nodes: SLURM_STEP_TASKS_PER_NODE is `2,1(x2)`, so ranks 0 and 1 share h1.
+    let mut cmd = hosts.on("h1", &["srun", "-N", "3", "-n", "4"], 40);
+    cmd.env("SLURM_CONF", slurm.conf());
+    let ran = run(&mut cmd);
+    let table = check_job(&ran, 4, "Slurm");
+    let want = [("h1", "0/2"), ("h1", "1/2"), ("h2", "0/1"), ("h3", "0/1")];
+    for (rank, line) in ran.ranks().iter().enumerate() {
+        let l = &line.line;
+        let (host, local) = want.get(rank).copied().unwrap_or_default();
+        assert_eq!((line.get("host"), line.get("local")), (host, local), "{l}");
+        let port = line.get("me").trim_start_matches("0.0.0.0:");
+        let ip = format!("10.77.0.{}", host.trim_start_matches('h'));
+        assert_eq!(table.get(rank), Some(&format!("{ip}:{port}")), "{l}");
+    }
     drop(slurm);
 }
 
