@@ -12,7 +12,8 @@
 //!    (without Hydra's `MPI_LOCAL*`); they must then agree with Slurm's.
 //!
 //! Coordinator: `DVM_COORD=host:port` always wins. Otherwise: the first explicit host; under
-//! Slurm the first host of `SLURM_STEP_NODELIST`, port `20000 + SLURM_JOB_ID % 20000`; under
+//! Slurm the first host of `SLURM_STEP_NODELIST`, port `20000 + (SLURM_JOB_ID + 7919 *
+//! SLURM_STEP_ID) % 20000` (so steps running at once in one allocation do not collide); under
 //! `mpirun`/`mpiexec` only when every rank is on this host (local size == world): 127.0.0.1 and a
 //! port derived from something every rank of the job shares and no other job does. Open MPI
 //! sets `PMIX_NAMESPACE` (and `OMPI_MCA_ess_base_jobid`) for that. Hydra sets no job-wide
@@ -631,6 +632,20 @@ fn derived_port(job_identity: &str) -> u16 {
     BASE_PORT + (hash % u64::from(PORT_SPAN)) as u16
 }
 
+/// Spacing of the coordinator ports of the steps of one Slurm job: a prime, so coprime with
+/// `PORT_SPAN`, so the first `PORT_SPAN` steps of a job all get different ports.
+const SLURM_STEP_STRIDE: u64 = 7919;
+
+/// Rank 0's port under Slurm, for step `step_id` of job `job_id`: `BASE_PORT + job_id %
+/// PORT_SPAN` for step 0, and apart for each further step, since the steps of one allocation
+/// may run at the same time on the same first node (each is a job of its own to DVM: its
+/// token is derived from the step too).
+pub fn slurm_coordinator_port(job_id: u64, step_id: u64) -> u16 {
+    let span = u64::from(PORT_SPAN);
+    let offset = (job_id % span + (step_id % span) * SLURM_STEP_STRIDE % span) % span;
+    BASE_PORT + offset as u16
+}
+
 /// `DVM_JOB_TOKEN` / `DVM_JOB_TOKEN_FILE`, if either is set.
 fn token_from_env(
     env: &BTreeMap<String, String>,
@@ -888,7 +903,7 @@ fn finish_slurm(env: &BTreeMap<String, String>, s: Slurm) -> Result<Launch, Laun
             })?;
             Endpoint {
                 host,
-                port: BASE_PORT + (s.job_id % u64::from(PORT_SPAN)) as u16,
+                port: slurm_coordinator_port(s.job_id, s.step_id),
             }
         }
     };
@@ -1259,7 +1274,19 @@ mod tests {
             TokenSource::Derived("slurm:123456.0".to_string())
         );
         let step1 = with(SLURM, &[("SLURM_STEP_ID", "1")]);
-        assert_ne!(launch(&refs(&step1)).token, l.token);
+        let l1 = launch(&refs(&step1));
+        assert_ne!(l1.token, l.token);
+        // Another step of the job, possibly running at the same time: another port.
+        assert_eq!(l1.coordinator, ep("node07", 31_375)); // 20000 + (123456 + 7919) % 20000
+        let ports: std::collections::BTreeSet<u16> = (0..u64::from(PORT_SPAN))
+            .map(|step| slurm_coordinator_port(123_456, step))
+            .collect();
+        assert_eq!(ports.len(), usize::from(PORT_SPAN));
+        assert!(ports
+            .iter()
+            .all(|p| (BASE_PORT..BASE_PORT + PORT_SPAN).contains(p)));
+        let last = slurm_coordinator_port(u64::MAX, u64::from(u32::MAX));
+        assert!((BASE_PORT..BASE_PORT + PORT_SPAN).contains(&last));
     }
 
     #[test]
