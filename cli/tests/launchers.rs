@@ -8,7 +8,7 @@
 //! (not root, not installed) is reported as `*** SKIPPED ... ***` on stderr.
 
 #[path = "../../cluster/tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 use common::cluster::{merge, spawn, wait_child, Hosts, Slurm};
