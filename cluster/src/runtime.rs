@@ -671,6 +671,10 @@ impl Backend for ClusterBackend {
         Arc::clone(&self.reader) as Arc<dyn PageRead>
     }
 
+    fn prefetch(&self, ranges: &[Range], snapshot_ts: u64) {
+        self.reader.prefetch(ranges, snapshot_ts);
+    }
+
     fn prepare(&self, txn: TxnId, snapshot_ts: u64, writes: &[PageWrite]) -> Result<(), Conflict> {
         let started = Instant::now();
         let rt = &self.runtime;
@@ -716,6 +720,82 @@ impl Backend for ClusterBackend {
 /// cached by version for the snapshots each answer is valid for.
 struct ClusterReader {
     runtime: Arc<Runtime>,
+}
+
+/// Pages a runner's start fetches at most (its using ranges may be far larger than what it
+/// touches).
+const PREFETCH_MAX_PAGES: usize = 1024;
+
+impl ClusterReader {
+    /// Fetches the remote pages of `ranges` this node has no usable version of, all requests
+    /// in flight at once; the answers land in the cache.
+    fn prefetch(&self, ranges: &[Range], snapshot_ts: u64) {
+        let rt = &self.runtime;
+        let mut wanted = Vec::new();
+        {
+            let cache = lock(&rt.cache);
+            'ranges: for range in ranges {
+                let first = canonical(range.start) >> 12;
+                let last = (canonical(range.start) + (range.end - range.start - 1)) >> 12;
+                for page in first..=last {
+                    if wanted.len() >= PREFETCH_MAX_PAGES {
+                        break 'ranges;
+                    }
+                    if home_of(page, rt.world) != rt.rank
+                        && cache.lookup(page, snapshot_ts).is_none()
+                    {
+                        wanted.push(page);
+                    }
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        let requests: Vec<(u64, u64, Receiver<Reply>)> = wanted
+            .iter()
+            .map(|page| {
+                let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
+                (req, *page, rt.expect(Wait::Read(req)))
+            })
+            .collect();
+        rt.with_node(|node| {
+            for (req, page, _) in &requests {
+                node.read(*req, *page, snapshot_ts);
+            }
+        });
+        for (_, key, receiver) in requests {
+            let Some(Reply::Done(Done::Read {
+                version_ts,
+                valid_to,
+                data,
+                ..
+            })) = rt.wait(&receiver)
+            else {
+                return;
+            };
+            rt.remote_reads.fetch_add(1, Ordering::Relaxed);
+            let page = match data {
+                Some(bytes) => match rt.pages.zeroed() {
+                    Ok(mut page) => {
+                        page.copy_from_slice(&bytes[..]);
+                        Some(Arc::new(page))
+                    }
+                    // Out of page memory: the runner will ask again, and fault if it must.
+                    Err(_) => continue,
+                },
+                None => None,
+            };
+            lock(&rt.cache).insert(
+                key,
+                Cached {
+                    version_ts,
+                    valid_to,
+                    page,
+                },
+            );
+        }
+    }
 }
 
 impl PageRead for ClusterReader {

@@ -42,6 +42,9 @@ pub type Apply<'a> = dyn FnMut(u64, u64, Ended) + 'a;
 pub trait Backend: Send + Sync {
     /// Where views read committed pages.
     fn reader(&self) -> Arc<dyn PageRead>;
+    /// A runner is about to start at `snapshot_ts` and may use `ranges`: a backend whose
+    /// pages are remote fetches them now, in one batch, rather than one at a time later.
+    fn prefetch(&self, _ranges: &[Range], _snapshot_ts: u64) {}
     /// Checks `writes` against commits after `snapshot_ts` and commits in flight, and holds
     /// intents on their pages; blocks until every home answered.
     fn prepare(&self, txn: TxnId, snapshot_ts: u64, writes: &[PageWrite]) -> Result<(), Conflict>;

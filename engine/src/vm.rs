@@ -584,6 +584,9 @@ impl Shared {
         if task.is_instance() {
             bump(&self.counters.activations, 1);
         }
+        if task.kind != TaskKind::Root {
+            self.backend.prefetch(&task.using, snapshot);
+        }
         let view = View::new(
             self.backend.reader(),
             snapshot,
