@@ -64,10 +64,25 @@ enum Command {
     )]
     Run(RunArgs),
     /// Show the machine as DVM sees it: NUMA nodes, cores, processors, and the worker plan.
+    #[command(
+        after_help = "Under mpirun, mpiexec or srun (or with --hosts/--rank) it also shows how this \
+                      process would join the job: its rank, the world size, rank 0's address and \
+                      where the job token comes from. Nothing is contacted."
+    )]
     Topology {
-        /// Show the plan for this many workers [default: one per core].
+        /// Show the plan for this many workers per node [default: the cores divided among the
+        /// nodes on this host].
         #[arg(long)]
         workers: Option<usize>,
+        /// Show the plan of `dvm run --nodes N`: which cores each local node's workers take.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+        nodes: Option<u32>,
+        /// As for `dvm run`: the job's nodes as host:port,... (with --rank).
+        #[arg(long, value_name = "LIST", requires = "rank")]
+        hosts: Option<String>,
+        /// As for `dvm run`: this process's rank in --hosts.
+        #[arg(long, value_name = "R", requires = "hosts")]
+        rank: Option<String>,
     },
     /// Print the instruction set table (the same table the toolchain is generated from).
     Isa,
@@ -375,20 +390,60 @@ fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Re
     Ok(code)
 }
 
-fn cmd_topology(workers: Option<usize>) {
+fn cmd_topology(
+    workers: Option<usize>,
+    nodes: Option<u32>,
+    hosts: Option<&str>,
+    rank: Option<&str>,
+) -> Result<(), Failure> {
     let topology = dvm_numa::Topology::detect();
     print!("{}", topology.render());
-    let count = workers.unwrap_or_else(|| topology.cores().len()).max(1);
-    println!(
-        "worker plan ({count} worker{}):",
-        if count == 1 { "" } else { "s" }
-    );
-    for slot in topology.plan_workers(count) {
+    let env = dvm_cluster::launch::process_env();
+    let explicit = dvm_cluster::launch::Explicit { hosts, rank };
+    let launch =
+        dvm_cluster::launch::detect(&env, &explicit, &dvm_cluster::launch::HostFacts::probe())
+            .map_err(|err| {
+                user(format!(
+                    "cannot tell this process's place in the job: {err}"
+                ))
+            })?;
+    if let Some(launch) = &launch {
         println!(
-            "  worker {:>3} -> core {:>3}, NUMA node {}, processor {}",
-            slot.worker, slot.core, slot.node, slot.pu
+            "job: launched by {}; this process is rank {} of {} (local rank {} of {} on this host); rank 0 waits at {}; job token from {:?}",
+            launch.source,
+            launch.rank,
+            launch.world,
+            launch.local_rank,
+            launch.local_size,
+            launch.coordinator,
+            launch.token_source
         );
     }
+    let local_nodes = nodes
+        .map(|n| n as usize)
+        .or(launch.as_ref().map(|l| l.local_size as usize))
+        .unwrap_or(1)
+        .max(1);
+    let per_node = workers
+        .unwrap_or_else(|| (topology.cores().len() / local_nodes).max(1))
+        .max(1);
+    let slots = topology.plan_workers(per_node * local_nodes);
+    for (node, node_slots) in slots.chunks(per_node).enumerate() {
+        if local_nodes > 1 {
+            println!("node {node} (local):");
+        }
+        println!(
+            "worker plan ({per_node} worker{}):",
+            if per_node == 1 { "" } else { "s" }
+        );
+        for (worker, slot) in node_slots.iter().enumerate() {
+            println!(
+                "  worker {:>3} -> core {:>3}, NUMA node {}, processor {}",
+                worker, slot.core, slot.node, slot.pu
+            );
+        }
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {
@@ -400,8 +455,13 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         } => cmd_asm(&input, output, format).map(|()| 0),
         Command::Disasm { image, output } => cmd_disasm(&image, output).map(|()| 0),
         Command::Run(args) => cmd_run(args),
-        Command::Topology { workers } => {
-            cmd_topology(workers);
+        Command::Topology {
+            workers,
+            nodes,
+            hosts,
+            rank,
+        } => {
+            cmd_topology(workers, nodes, hosts.as_deref(), rank.as_deref())?;
             Ok(0)
         }
         Command::Isa => {

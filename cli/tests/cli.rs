@@ -325,4 +325,23 @@ fn run_reports_faults_and_exits_one_and_topology_shows_cores() {
         text.contains("NUMA nodes:") && text.contains("core 0") && text.contains("worker plan"),
         "{text}"
     );
+    // The plan of `--nodes 2`: each local node's workers on their own cores, and how an
+    // explicitly launched process would join.
+    let out = dvm(&[
+        "topology",
+        "--nodes",
+        "2",
+        "--workers",
+        "1",
+        "--hosts",
+        "a:1,b:2",
+        "--rank",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("node 1 (local):") && text.contains("rank 1 of 2") && text.contains("a:1"),
+        "{text}"
+    );
 }
