@@ -198,3 +198,42 @@ fn a_node_that_never_comes_is_named_within_the_connect_timeout() {
     );
     assert_eq!(text(&output.stdout), "");
 }
+
+/// The examples that need no input print the same on 1, 2 and 4 nodes. (The workload examples
+/// — k-means, primes, sort, the micro-benchmarks — run on 2 and 4 nodes in the conformance
+/// suite as byte-identical copies with reduced inputs: `tests/conformance/workload_*.dasm`.)
+#[test]
+fn examples_without_input_print_the_same_on_1_2_and_4_nodes() {
+    for example in ["hello", "loop", "spawn"] {
+        let path = repo(&format!("examples/{example}.dasm"));
+        let runs: Vec<(u32, Output)> = [1u32, 2, 4]
+            .into_iter()
+            .map(|nodes| {
+                let child = dvm()
+                    .args(["run", "--workers", "1", "--nodes", &nodes.to_string()])
+                    .arg(&path)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("a run");
+                (nodes, wait_bounded(child, Duration::from_secs(60)).0)
+            })
+            .collect();
+        let (_, one) = &runs[0];
+        assert!(one.status.success(), "{example}: {}", text(&one.stderr));
+        assert!(!one.stdout.is_empty(), "{example} prints something");
+        for (nodes, run) in &runs[1..] {
+            assert!(
+                run.status.success(),
+                "{example} on {nodes} nodes: {}",
+                text(&run.stderr)
+            );
+            assert_eq!(
+                text(&run.stdout),
+                text(&one.stdout),
+                "{example} on {nodes} nodes"
+            );
+        }
+    }
+}
