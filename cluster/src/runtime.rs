@@ -775,26 +775,37 @@ impl ClusterReader {
                 return;
             };
             rt.remote_reads.fetch_add(1, Ordering::Relaxed);
-            let page = match data {
-                Some(bytes) => match rt.pages.zeroed() {
-                    Ok(mut page) => {
-                        page.copy_from_slice(&bytes[..]);
-                        Some(Arc::new(page))
-                    }
-                    // Out of page memory: the runner will ask again, and fault if it must.
-                    Err(_) => continue,
-                },
-                None => None,
-            };
-            lock(&rt.cache).insert(
-                key,
-                Cached {
-                    version_ts,
-                    valid_to,
-                    page,
-                },
-            );
+            // Out of page memory: the runner will ask again, and fault if it must.
+            let _ = self.keep(key, version_ts, valid_to, data);
         }
+    }
+
+    /// A home's answer as a page of this node's memory, cached for the snapshots it holds for.
+    fn keep(
+        &self,
+        key: PageKey,
+        version_ts: u64,
+        valid_to: u64,
+        data: Option<Box<[u8; dvm_engine::page::PAGE_BYTES]>>,
+    ) -> Result<Option<Arc<Page>>, MemoryLimit> {
+        let rt = &self.runtime;
+        let page = match data {
+            Some(bytes) => {
+                let mut page = rt.pages.zeroed()?;
+                page.copy_from_slice(&bytes[..]);
+                Some(Arc::new(page))
+            }
+            None => None,
+        };
+        lock(&rt.cache).insert(
+            key,
+            Cached {
+                version_ts,
+                valid_to,
+                page: page.clone(),
+            },
+        );
+        Ok(page)
     }
 }
 
@@ -829,23 +840,7 @@ impl PageRead for ClusterReader {
             return Err(MemoryLimit { limit_bytes: 0 });
         };
         rt.read_latency.record(started);
-        let page = match data {
-            Some(bytes) => {
-                let mut page = rt.pages.zeroed()?;
-                page.copy_from_slice(&bytes[..]);
-                Some(Arc::new(page))
-            }
-            None => None,
-        };
-        lock(&rt.cache).insert(
-            key,
-            Cached {
-                version_ts,
-                valid_to,
-                page: page.clone(),
-            },
-        );
-        Ok(page)
+        self.keep(key, version_ts, valid_to, data)
     }
 }
 
