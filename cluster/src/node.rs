@@ -52,6 +52,9 @@ pub struct NodeConfig {
     /// A deliberately broken protocol, for showing that the simulation catches it: this home
     /// installs whatever it is asked to, without checking conflicts or holding intents.
     pub broken_skip_conflict_check: bool,
+    /// The sequencer sends `Watermark` to every node each time it moves. A runtime that tells
+    /// the nodes itself (with each batch of applied endings' changes) turns this off.
+    pub broadcast_watermark: bool,
 }
 
 /// What a node tells its runners (or the simulation driving it).
@@ -338,7 +341,11 @@ impl Node {
         for txn in txns {
             self.resend(txn);
         }
-        if let Some(seq) = &self.sequencer {
+        if let Some(seq) = self
+            .sequencer
+            .as_ref()
+            .filter(|_| self.config.broadcast_watermark)
+        {
             let ts = seq.watermark;
             for node in 0..self.config.world {
                 self.send(node, Msg::Watermark { ts });
@@ -752,8 +759,12 @@ impl Node {
         }
         if !applied.is_empty() {
             self.done.extend(applied);
-            for node in 0..self.config.world {
-                self.send(node, Msg::Watermark { ts });
+            if self.config.broadcast_watermark {
+                for node in 0..self.config.world {
+                    self.send(node, Msg::Watermark { ts });
+                }
+            } else {
+                self.watermark = self.watermark.max(ts);
             }
         }
     }

@@ -581,7 +581,12 @@ impl Runtime {
                     shared.stop();
                 }
             }
-            Msg::Changes { upto, pages } => lock(&self.cache).note_changes(upto, &pages),
+            Msg::Changes { upto, pages } => {
+                lock(&self.cache).note_changes(upto, &pages);
+                self.with_node(|node| {
+                    node.on_message(0, Msg::Watermark { ts: upto });
+                });
+            }
             Msg::NodeReport { report } => match decode_row(&report) {
                 Some(row) => {
                     lock(&self.reports).insert(from, row);
@@ -1167,6 +1172,8 @@ pub fn run(
             id: rank,
             world,
             broken_skip_conflict_check: false,
+            // `Changes` carries the watermark to the nodes.
+            broadcast_watermark: false,
         },
         Arc::clone(&store),
         resources.pages().clone(),

@@ -133,6 +133,7 @@ impl Sim {
                     id,
                     world,
                     broken_skip_conflict_check: broken && id == 1,
+                    broadcast_watermark: true,
                 };
                 Node::new(config, std::sync::Arc::new(PageStore::new()), pages.clone())
             })
