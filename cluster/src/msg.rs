@@ -155,9 +155,11 @@ pub enum Msg {
         report: Vec<u8>,
     },
     /// From node 0, in order: every ending up to timestamp `upto` took effect, and these pages
-    /// changed since the previous notice. Lets a node keep using cached page versions.
+    /// changed since the previous notice (lets a node keep using cached page versions); no
+    /// live snapshot is older than `horizon` (lets a home drop versions nobody can read).
     Changes {
         upto: u64,
+        horizon: u64,
         pages: Vec<u64>,
     },
 }
@@ -443,9 +445,14 @@ impl Msg {
                 out.push(19);
                 put_blob(&mut out, report);
             }
-            Msg::Changes { upto, pages } => {
+            Msg::Changes {
+                upto,
+                horizon,
+                pages,
+            } => {
                 out.push(20);
                 put(&mut out, *upto);
+                put(&mut out, *horizon);
                 put(&mut out, pages.len() as u64);
                 for page in pages {
                     put(&mut out, *page);
@@ -533,12 +540,17 @@ impl Msg {
             },
             20 => {
                 let upto = r.u64()?;
+                let horizon = r.u64()?;
                 let count = r.count("changed page", MAX_BATCH * 16)?;
                 if r.bytes.len() - r.offset < count * 8 {
                     return Err(MsgDecodeError::Truncated { offset: r.offset });
                 }
                 let pages = (0..count).map(|_| r.u64()).collect::<Result<_, _>>()?;
-                Msg::Changes { upto, pages }
+                Msg::Changes {
+                    upto,
+                    horizon,
+                    pages,
+                }
             }
             tag => return Err(MsgDecodeError::UnknownTag { tag }),
         };
@@ -633,6 +645,7 @@ mod tests {
             Msg::NodeReport { report: vec![9; 8] },
             Msg::Changes {
                 upto: 40,
+                horizon: 30,
                 pages: vec![1, 2, 3],
             },
         ]

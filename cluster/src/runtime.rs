@@ -401,11 +401,13 @@ impl Runtime {
                 pages.sort_unstable();
                 pages.dedup();
                 lock(&self.cache).note_changes(upto, &pages);
+                let horizon = self.store.prune_horizon();
                 for node in (0..self.world).filter(|node| *node != self.rank) {
                     self.send(
                         node,
                         &Msg::Changes {
                             upto,
+                            horizon,
                             pages: pages.clone(),
                         },
                     );
@@ -581,8 +583,14 @@ impl Runtime {
                     shared.stop();
                 }
             }
-            Msg::Changes { upto, pages } => {
+            Msg::Changes {
+                upto,
+                horizon,
+                pages,
+            } => {
                 lock(&self.cache).note_changes(upto, &pages);
+                // Snapshots are registered on node 0 only: here the watermark is the horizon.
+                self.store.advance_watermark(horizon);
                 self.with_node(|node| {
                     node.on_message(0, Msg::Watermark { ts: upto });
                 });

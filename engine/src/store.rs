@@ -276,8 +276,9 @@ impl PageStore {
     }
 
     /// The oldest timestamp a snapshot may still read at: versions at or below it other than
-    /// the newest one are garbage.
-    fn prune_horizon(&self) -> u64 {
+    /// the newest one are garbage. On a cluster, node 0 (which registers every snapshot) tells
+    /// the other homes, which then `advance_watermark` to it.
+    pub fn prune_horizon(&self) -> u64 {
         let snapshots = lock(&self.snapshots);
         // With no snapshot registered, the next one is taken at the watermark or later.
         snapshots
