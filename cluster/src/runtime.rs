@@ -507,18 +507,29 @@ impl Runtime {
                     return;
                 }
                 let load = |node: usize| self.outstanding[node].load(Ordering::Acquire);
-                let Some(target) = (0..self.world)
+                let mut with_room: Vec<usize> = (0..self.world)
                     .filter(|node| load(*node) < capacity)
-                    .min_by_key(|node| (load(*node), *node))
-                else {
+                    .collect();
+                with_room.sort_by_key(|node| (load(*node), *node));
+                // For the least busy node with room: a runner whose data lives there; else one
+                // whose own node is full (stealing: it would wait); else none, and the next
+                // node is asked: a node with room is not robbed, or data would move for
+                // nothing. A bounded look down the queue.
+                let eligible = |target: usize| {
+                    queue
+                        .iter()
+                        .take(256)
+                        .position(|(preferred, _)| *preferred == Some(target))
+                        .or_else(|| {
+                            queue.iter().take(256).position(|(preferred, _)| {
+                                preferred.is_none_or(|node| load(node) >= capacity)
+                            })
+                        })
+                        .map(|index| (target, index))
+                };
+                let Some((target, index)) = with_room.into_iter().find_map(eligible) else {
                     return;
                 };
-                // Prefer a runner whose data lives there; look a bounded way down the queue.
-                let index = queue
-                    .iter()
-                    .take(256)
-                    .position(|(preferred, _)| *preferred == Some(target))
-                    .unwrap_or(0);
                 let Some((_, task)) = queue.remove(index) else {
                     return;
                 };
