@@ -113,6 +113,10 @@ impl Case {
     fn wall(&self) -> Option<f64> {
         median(self.ok().iter().map(|o| o.wall_ms).collect())
     }
+
+    fn cpu(&self) -> Option<f64> {
+        median(self.ok().iter().filter_map(|o| o.cpu_ms).collect())
+    }
 }
 
 /// The per-node rows of a `dvm_stats` object.
@@ -404,6 +408,8 @@ impl Suite {
             "nodes × workers",
             "median wall (ms)",
             "vs 1 node × 2 workers",
+            "median CPU (ms, all nodes)",
+            "CPU vs 1 node × 2 workers",
             "output agrees",
             "runners",
             "notes",
@@ -413,7 +419,15 @@ impl Suite {
             let mut row = vec![c.group.clone(), c.shape.label()];
             if let Err(reason) = &c.argv {
                 *bad = true;
-                row.extend([s("-"), s("-"), reason.clone(), s("-"), s("")]);
+                row.extend([
+                    s("-"),
+                    s("-"),
+                    s("-"),
+                    s("-"),
+                    reason.clone(),
+                    s("-"),
+                    s(""),
+                ]);
                 rows.push(row);
                 continue;
             }
@@ -421,6 +435,13 @@ impl Suite {
             let base = self.find(&c.group, BASELINE).and_then(Case::wall);
             row.push(wall.map_or(s("-"), |w| format!("{w:.1}")));
             row.push(match (wall, base) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => s("-"),
+            });
+            let cpu = c.cpu();
+            let base_cpu = self.find(&c.group, BASELINE).and_then(Case::cpu);
+            row.push(cpu.map_or(s("-"), |w| format!("{w:.0}")));
+            row.push(match (cpu, base_cpu) {
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
                 _ => s("-"),
             });
@@ -449,8 +470,9 @@ impl Suite {
             rows.push(row);
         }
         let mut out = s(
-            "Wall time (process start to exit of node 0's `dvm`, which launches the others) and \
-             output, against 1 node × 2 workers in the same run:\n\n",
+            "Wall time (process start to exit of node 0's `dvm`, which launches the others and \
+             waits for them), CPU time (user + system, all nodes' processes) and output, against \
+             1 node × 2 workers in the same run:\n\n",
         );
         out.push_str(&markdown_table(&header.map(s), &rows));
         let group = format!("kmeans I={}", self.sizes.kmeans_i);

@@ -292,7 +292,16 @@ pub(crate) fn measure_once(me: &Path, argv: &[String], timeout: f64) -> Result<O
     Outcome::from_json(&json).ok_or_else(|| format!("measure printed unexpected JSON: {json}"))
 }
 
+/// The 1-minute load average (`/proc/loadavg`): how busy the machine was around the run.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| s("unknown"))
+}
+
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
+    let load_before = load_average();
     let root = args.root.clone();
     let me = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let bin_dir = me.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -659,6 +668,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let _ = writeln!(
         doc,
         "- {reps} repetition(s), median shown; systems interleaved within each repetition"
+    );
+    let _ = writeln!(
+        doc,
+        "- 1-minute load average (/proc/loadavg) before the runs {load_before}, after {}",
+        load_average()
     );
     let _ = writeln!(
         doc,
