@@ -165,7 +165,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     if !machine {
-        println!("{:<44} {:>10}", format!("loopback, {mib} MiB each"), "GiB/s");
+        println!(
+            "{:<44} {:>10}",
+            format!("loopback, {mib} MiB each"),
+            "GiB/s"
+        );
     }
     for chunk in [4096, 64 << 10, 1 << 20] {
         let label = format!("plain blocking TCP, {} KiB writes", chunk >> 10);
