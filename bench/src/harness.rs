@@ -2,6 +2,7 @@
 //! process (so peak RSS is that command's), systems are interleaved within each repetition (so
 //! noisy neighbours hit all of them alike), and the table reports medians.
 
+use crate::cluster;
 use crate::data;
 use crate::measure::Outcome;
 use std::collections::BTreeMap;
@@ -24,7 +25,7 @@ pub struct RunArgs {
     /// Small sizes, for a smoke test of the harness.
     #[arg(long)]
     quick: bool,
-    /// Only these workloads (kmeans, primes, sort, micro); repeatable.
+    /// Only these workloads (kmeans, primes, sort, micro, cluster); repeatable.
     #[arg(long)]
     only: Vec<String>,
     /// k-means points [default: 1000000, quick 20000].
@@ -45,6 +46,25 @@ pub struct RunArgs {
     /// Runners of micro_conflict, which all increment one counter [default: 10000, quick 200].
     #[arg(long)]
     conflict_r: Option<u64>,
+    /// Cluster rows: k-means points [default: 200000, quick 20000].
+    #[arg(long)]
+    cluster_kmeans_n: Option<u64>,
+    /// Cluster rows: k-means iterations of the timed runs [default: 6, quick 3].
+    #[arg(long)]
+    cluster_kmeans_iters: Option<u64>,
+    /// Cluster rows: iterations of the second k-means run, whose traffic is subtracted to get
+    /// one steady-state iteration's [default: 2, quick 1].
+    #[arg(long)]
+    cluster_kmeans_iters_base: Option<u64>,
+    /// Cluster rows: primes below this bound [default: 2000000, quick 100000].
+    #[arg(long)]
+    cluster_primes_m: Option<u64>,
+    /// Cluster rows: micro_commit runners [default: 10000, quick 1000].
+    #[arg(long)]
+    cluster_commit_r: Option<u64>,
+    /// Cluster rows: MiB each transport throughput case moves [default: 256, quick 32].
+    #[arg(long)]
+    throughput_mib: Option<u64>,
     /// The P / C parameter of the DVM programs: parallel parts (runners) per phase.
     #[arg(long, default_value_t = 64)]
     parts: u64,
@@ -100,11 +120,11 @@ struct Sizes {
     commit_pages: u64,
 }
 
-fn s(text: impl Into<String>) -> String {
+pub(crate) fn s(text: impl Into<String>) -> String {
     text.into()
 }
 
-fn path_str(path: &Path) -> String {
+pub(crate) fn path_str(path: &Path) -> String {
     path.display().to_string()
 }
 
@@ -136,7 +156,7 @@ fn compile(src: &Path, out: &Path, openmp: bool) -> Result<String, String> {
     Ok(line)
 }
 
-fn dvm_stats(stderr: &str) -> Option<serde_json::Value> {
+pub(crate) fn dvm_stats(stderr: &str) -> Option<serde_json::Value> {
     stderr
         .lines()
         .filter(|l| l.contains("\"dvm_stats\""))
@@ -149,7 +169,7 @@ fn stat(stats: &serde_json::Value, key: &str) -> Option<f64> {
 }
 
 /// The value after `key ` on the first line that starts with it.
-fn field<'a>(stdout: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn field<'a>(stdout: &'a str, key: &str) -> Option<&'a str> {
     stdout.lines().find_map(|l| {
         l.strip_prefix(key)
             .and_then(|rest| rest.strip_prefix(' '))
@@ -158,7 +178,7 @@ fn field<'a>(stdout: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// The workload's answer from a run's stdout: the part compared between systems.
-fn answer(workload: &str, stdout: &str) -> Option<String> {
+pub(crate) fn answer(workload: &str, stdout: &str) -> Option<String> {
     match workload {
         "kmeans" => field(stdout, "checksum").map(str::to_string),
         "primes" => field(stdout, "primes").map(str::to_string),
@@ -179,7 +199,7 @@ fn answer(workload: &str, stdout: &str) -> Option<String> {
     }
 }
 
-fn agrees(workload: &str, got: &str, want: &str) -> bool {
+pub(crate) fn agrees(workload: &str, got: &str, want: &str) -> bool {
     if workload == "kmeans" {
         match (got.parse::<f64>(), want.parse::<f64>()) {
             (Ok(a), Ok(b)) => (a - b).abs() <= 1e-6 * b.abs().max(a.abs()).max(1e-12),
@@ -190,7 +210,7 @@ fn agrees(workload: &str, got: &str, want: &str) -> bool {
     }
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
@@ -252,7 +272,7 @@ fn machine() -> String {
 }
 
 /// One measurement through `dvm-bench measure` in a fresh process.
-fn measure_once(me: &Path, argv: &[String], timeout: f64) -> Result<Outcome, String> {
+pub(crate) fn measure_once(me: &Path, argv: &[String], timeout: f64) -> Result<Outcome, String> {
     let output = Command::new(me)
         .arg("measure")
         .arg("--timeout")
@@ -272,7 +292,16 @@ fn measure_once(me: &Path, argv: &[String], timeout: f64) -> Result<Outcome, Str
     Outcome::from_json(&json).ok_or_else(|| format!("measure printed unexpected JSON: {json}"))
 }
 
+/// The 1-minute load average (`/proc/loadavg`): how busy the machine was around the run.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| s("unknown"))
+}
+
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
+    let load_before = load_average();
     let root = args.root.clone();
     let me = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let bin_dir = me.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -561,6 +590,34 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         }
     }
 
+    let mut cluster = if want("cluster") {
+        let sizes = cluster::Sizes {
+            kmeans_n: args
+                .cluster_kmeans_n
+                .unwrap_or(if q { 20_000 } else { 200_000 }),
+            kmeans_d: 8,
+            kmeans_k: 16,
+            kmeans_i: args.cluster_kmeans_iters.unwrap_or(if q { 3 } else { 6 }),
+            kmeans_i_base: args
+                .cluster_kmeans_iters_base
+                .unwrap_or(if q { 1 } else { 2 }),
+            parts: args.parts,
+            primes_m: args
+                .cluster_primes_m
+                .unwrap_or(if q { 100_000 } else { 2_000_000 }),
+            commit_r: args
+                .cluster_commit_r
+                .unwrap_or(if q { 1_000 } else { 10_000 }),
+            throughput_mib: args.throughput_mib.unwrap_or(if q { 32 } else { 256 }),
+            seed: args.seed,
+        };
+        let suite = cluster::plan(&dvm, &bin_dir, &root, &data_dir, sizes)?;
+        sizes_line.push(suite.sizes_line.clone());
+        Some(suite)
+    } else {
+        None
+    };
+
     // Measure: repetitions outermost, every system once per repetition.
     for rep in 0..reps {
         for c in cases.iter_mut() {
@@ -588,9 +645,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                 }
             }
         }
+        if let Some(suite) = cluster.as_mut() {
+            suite.measure(&me, rep, reps, args.timeout);
+        }
     }
 
-    let (table, bad) = render(&cases);
+    let (table, mut bad) = if cases.is_empty() {
+        (String::new(), false)
+    } else {
+        render(&cases)
+    };
     let mut doc = String::new();
     let _ = writeln!(doc, "## DVM benchmark, {}", now_utc());
     let _ = writeln!(doc);
@@ -607,23 +671,49 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     );
     let _ = writeln!(
         doc,
+        "- 1-minute load average (/proc/loadavg) before the runs {load_before}, after {}",
+        load_average()
+    );
+    let _ = writeln!(
+        doc,
         "- wall = process start to exit, including loading the input (Spark: job time, \
          JVM/context start excluded and given in the notes); peak RSS = the process's \
          getrusage maximum (Spark: Python driver + JVM, Python workers not counted)"
     );
-    let _ = writeln!(
-        doc,
-        "- native: `{}` (OpenMP uses all {cpus} vCPUs)",
-        gcc_lines.join("`, `")
-    );
+    if !gcc_lines.is_empty() {
+        let _ = writeln!(
+            doc,
+            "- native: `{}` (OpenMP uses all {cpus} vCPUs)",
+            gcc_lines.join("`, `")
+        );
+    }
     let _ = writeln!(
         doc,
         "- DVM: `target/release/dvm run examples/W.dasm --workers N --stats=json --load \
          params@{PARAMS_ADDR} [--load data@{DATA_ADDR}]`; M instr/s = instructions / DVM's own \
          wall time"
     );
+    if cluster.is_some() {
+        let _ = writeln!(
+            doc,
+            "- cluster: `dvm run examples/W.dasm [--nodes N] --workers W ...` on local nodes \
+             joined over loopback; every ratio is against the 1 node × 2 workers row of the \
+             same workload in this run; traffic sums `bytes_sent`/`messages_sent` over the \
+             `nodes` rows of node 0's `--stats=json`"
+        );
+    }
     let _ = writeln!(doc);
     doc.push_str(&table);
+    if let Some(suite) = &cluster {
+        let (section, cluster_bad) = suite.render();
+        bad |= cluster_bad;
+        if !table.is_empty() {
+            let _ = writeln!(doc);
+        }
+        let _ = writeln!(doc, "### Cluster");
+        let _ = writeln!(doc);
+        doc.push_str(&section);
+    }
     print!("{doc}");
     let _ = fs::create_dir_all(&out_dir);
     let latest = out_dir.join("latest.md");
@@ -815,28 +905,35 @@ fn render(cases: &[Case]) -> (String, bool) {
         row.push(notes(c, &ok, &stats));
         rows.push(row);
     }
+    (markdown_table(&header.map(s), &rows), bad)
+}
+
+/// A markdown table with padded columns.
+pub(crate) fn markdown_table(header: &[String], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
+    for row in rows {
         for (i, cell) in row.iter().enumerate() {
-            widths[i] = widths[i].max(cell.chars().count());
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
         }
     }
     let line = |cells: &[String]| -> String {
         let padded: Vec<String> = cells
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{c:<width$}", width = widths[i]))
+            .map(|(i, c)| format!("{c:<width$}", width = widths.get(i).copied().unwrap_or(0)))
             .collect();
         format!("| {} |\n", padded.join(" | "))
     };
-    let mut out = line(&header.map(s));
+    let mut out = line(header);
     out.push_str(&line(
         &widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>(),
     ));
-    for row in &rows {
+    for row in rows {
         out.push_str(&line(row));
     }
-    (out, bad)
+    out
 }
 
 /// Per-row extras: micro-benchmark rates, k-means time per iteration, Spark's JVM start.

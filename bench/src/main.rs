@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod cluster;
 mod data;
 mod harness;
 mod measure;
@@ -63,7 +64,7 @@ enum Command {
         command: Vec<String>,
     },
     /// Run the benchmark suite and print the comparison table (also target/bench/latest.md).
-    Run(harness::RunArgs),
+    Run(Box<harness::RunArgs>),
 }
 
 fn main() -> ExitCode {
@@ -105,7 +106,7 @@ fn real_main() -> Result<ExitCode, String> {
             let outcome = measure::measure(&command, limit)?;
             println!("{}", outcome.to_json());
         }
-        Command::Run(args) => return harness::run(args),
+        Command::Run(args) => return harness::run(*args),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,7 +2,9 @@
 //! RSS and its output as one JSON line. The harness runs every measurement through this
 //! subcommand in a fresh process, because `getrusage(RUSAGE_CHILDREN)` reports the largest peak
 //! RSS among *all* children a process has waited for: a process with exactly one child gets that
-//! child's figure (or its largest waited-for descendant's).
+//! child's figure (or its largest waited-for descendant's). `cpu_ms` is user + system CPU time
+//! from the same call: the command's and every descendant's it waited for, so `dvm run --nodes N`
+//! (whose node 0 waits for the others) reports the CPU time of all N nodes.
 
 use nix::sys::resource::{getrusage, UsageWho};
 use std::io::Read;
@@ -16,6 +18,8 @@ pub struct Outcome {
     pub exit: i32,
     pub timed_out: bool,
     pub max_rss_kib: i64,
+    /// User + system CPU time of the command and every descendant it waited for, in ms.
+    pub cpu_ms: Option<f64>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -27,6 +31,7 @@ impl Outcome {
             "exit": self.exit,
             "timed_out": self.timed_out,
             "max_rss_kib": self.max_rss_kib,
+            "cpu_ms": self.cpu_ms,
             "stdout": self.stdout,
             "stderr": self.stderr,
         })
@@ -38,6 +43,7 @@ impl Outcome {
             exit: i32::try_from(json.get("exit")?.as_i64()?).ok()?,
             timed_out: json.get("timed_out")?.as_bool()?,
             max_rss_kib: json.get("max_rss_kib")?.as_i64()?,
+            cpu_ms: json.get("cpu_ms").and_then(serde_json::Value::as_f64),
             stdout: json.get("stdout")?.as_str()?.to_string(),
             stderr: json.get("stderr")?.as_str()?.to_string(),
         })
@@ -103,6 +109,12 @@ pub fn measure(argv: &[String], timeout: Option<Duration>) -> Result<Outcome, St
         exit,
         timed_out,
         max_rss_kib: usage.max_rss(),
+        cpu_ms: Some(
+            [usage.user_time(), usage.system_time()]
+                .iter()
+                .map(|t| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3)
+                .sum(),
+        ),
         stdout,
         stderr,
     })
