@@ -265,6 +265,57 @@ fn persistent_range_survives_between_runs() {
     );
 }
 
+/// A `--load` is laid into memory a page at a time: a partial first page, whole pages and a
+/// partial last page. The program reads words at each edge (and across the page boundaries)
+/// and prints them; they must be the file's bytes, and the word after its end zero.
+#[test]
+fn load_over_partial_and_whole_pages_lands_byte_exact() {
+    const AT: u64 = 0x50_0000_0ff8;
+    let dir = scratch("load-pages");
+    // 8 bytes on the first page, a whole page, 16 bytes on the last one.
+    let bytes: Vec<u8> = (0..8 + 4096 + 16u64)
+        .map(|index| (index * 37 % 251 + 1) as u8)
+        .collect();
+    let data = dir.join("data.bin");
+    std::fs::write(&data, &bytes).expect("write the data");
+    let offsets = [
+        0u64,
+        4,
+        8,
+        8 + 4088,
+        8 + 4092,
+        8 + 4096,
+        8 + 4096 + 8,
+        8 + 4096 + 16,
+    ];
+    let mut source = String::from("main:\n");
+    for offset in offsets {
+        source.push_str(&format!(
+            "    mov {:#x}:ue, 0x100001000:ue\n    mov $102:ue, 0x100000420:ue\n    int 0x80\n    mov $' ':ub, 0x100000208:ub\n",
+            AT + offset
+        ));
+    }
+    source.push_str("    exit:c\n");
+    let program = dir.join("edges.dasm");
+    std::fs::write(&program, source).expect("write the program");
+    let spec = format!("{}@{AT:#x}", data.display());
+    let out = dvm(&["run", program.to_str().expect("utf-8"), "--load", &spec]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let word = |offset: u64| {
+        let mut le = [0u8; 8];
+        for (index, byte) in le.iter_mut().enumerate() {
+            *byte = bytes.get(offset as usize + index).copied().unwrap_or(0);
+        }
+        u64::from_le_bytes(le)
+    };
+    let expected: String = offsets
+        .iter()
+        .map(|offset| format!("{} ", word(*offset)))
+        .collect();
+    assert!(expected.ends_with(" 0 "), "the word past the end is zero");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+}
+
 #[test]
 fn load_maps_a_file_and_rejects_bad_specs() {
     let dir = scratch("load");
