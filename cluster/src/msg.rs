@@ -190,6 +190,8 @@ pub enum MsgDecodeError {
     },
     #[error("{extra} bytes after the message")]
     Trailing { extra: usize },
+    #[error("page segment at byte {offset} is empty, out of order or outside the page")]
+    BadSegment { offset: usize },
 }
 
 struct Reader<'a> {
@@ -249,6 +251,29 @@ impl Reader<'_> {
         Ok(page)
     }
 
+    /// A page sent as its non-zero runs: segments in increasing order, inside the page.
+    fn sparse_page(&mut self) -> Result<Box<[u8; PAGE_BYTES]>, MsgDecodeError> {
+        let mut page = Box::new([0u8; PAGE_BYTES]);
+        let count = self.u16()?;
+        let mut end = 0usize;
+        for _ in 0..count {
+            let at = self.offset;
+            let (offset, len) = (usize::from(self.u16()?), usize::from(self.u16()?));
+            if offset < end || offset + len > PAGE_BYTES || len == 0 {
+                return Err(MsgDecodeError::BadSegment { offset: at });
+            }
+            page[offset..offset + len].copy_from_slice(self.take(len)?);
+            end = offset + len;
+        }
+        Ok(page)
+    }
+
+    fn u16(&mut self) -> Result<u16, MsgDecodeError> {
+        let mut raw = [0u8; 2];
+        raw.copy_from_slice(self.take(2)?);
+        Ok(u16::from_le_bytes(raw))
+    }
+
     fn pairs(&mut self, what: &'static str) -> Result<Vec<(u64, u64)>, MsgDecodeError> {
         let count = self.count(what, MAX_BATCH)?;
         // Each pair is 16 bytes: refuse counts the message cannot hold before allocating.
@@ -294,6 +319,48 @@ impl Reader<'_> {
 
 fn put(out: &mut Vec<u8>, value: u64) {
     out.extend_from_slice(&value.to_le_bytes());
+}
+
+/// Zero bytes between two non-zero runs that still start a new segment (a segment costs 4).
+const SEGMENT_GAP: usize = 8;
+
+/// A page: whole (tag 1), or as its non-zero runs (tag 2) when that is smaller — result
+/// pages, stacks and exit records are mostly zeros.
+fn put_page(out: &mut Vec<u8>, page: &[u8; PAGE_BYTES]) {
+    let mut segments: Vec<(usize, usize)> = Vec::new();
+    let mut at = 0;
+    while at < PAGE_BYTES {
+        if page[at] == 0 {
+            at += 1;
+            continue;
+        }
+        let start = at;
+        let mut end = at + 1;
+        let mut zeros = 0;
+        while end + zeros < PAGE_BYTES && zeros < SEGMENT_GAP {
+            if page[end + zeros] == 0 {
+                zeros += 1;
+            } else {
+                end += zeros + 1;
+                zeros = 0;
+            }
+        }
+        segments.push((start, end - start));
+        at = end;
+    }
+    let sparse_bytes = 2 + segments.iter().map(|(_, len)| 4 + len).sum::<usize>();
+    if sparse_bytes >= PAGE_BYTES {
+        out.push(1);
+        out.extend_from_slice(&page[..]);
+        return;
+    }
+    out.push(2);
+    out.extend_from_slice(&(segments.len() as u16).to_le_bytes());
+    for (offset, len) in segments {
+        out.extend_from_slice(&(offset as u16).to_le_bytes());
+        out.extend_from_slice(&(len as u16).to_le_bytes());
+        out.extend_from_slice(&page[offset..offset + len]);
+    }
 }
 
 fn put_blob(out: &mut Vec<u8>, blob: &[u8]) {
@@ -349,10 +416,7 @@ impl Msg {
                 put(&mut out, *valid_to);
                 match data {
                     None => out.push(0),
-                    Some(data) => {
-                        out.push(1);
-                        out.extend_from_slice(&data[..]);
-                    }
+                    Some(data) => put_page(&mut out, data),
                 }
             }
             Msg::Prepare {
@@ -478,6 +542,7 @@ impl Msg {
                 data: match r.u8()? {
                     0 => None,
                     1 => Some(r.page()?),
+                    2 => Some(r.sparse_page()?),
                     tag => return Err(MsgDecodeError::UnknownTag { tag }),
                 },
             },
@@ -669,6 +734,36 @@ mod tests {
     }
 
     #[test]
+    fn mostly_zero_pages_travel_as_their_non_zero_runs() {
+        let mut page = Box::new([0u8; PAGE_BYTES]);
+        page[10..20].fill(7);
+        page[25] = 1; // within the gap: the same segment
+        page[4095] = 9;
+        let msg = Msg::ReadReply {
+            req: 1,
+            page: 2,
+            version_ts: 3,
+            valid_to: 4,
+            data: Some(page),
+        };
+        let bytes = msg.encode();
+        assert!(
+            bytes.len() < 100,
+            "{} bytes for a page of 12 non-zero bytes",
+            bytes.len()
+        );
+        assert_eq!(Msg::decode(&bytes), Ok(msg));
+        let full = Msg::ReadReply {
+            req: 1,
+            page: 2,
+            version_ts: 3,
+            valid_to: 4,
+            data: Some(Box::new([3u8; PAGE_BYTES])),
+        };
+        assert_eq!(full.encode().len(), 1 + 8 * 4 + 1 + PAGE_BYTES);
+    }
+
+    #[test]
     fn a_delta_carries_only_the_stored_bytes() {
         let d = delta(3, 10, 3, 0xab);
         assert_eq!(d.bytes, vec![0xab; 3]);
@@ -697,6 +792,17 @@ mod tests {
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = Msg::decode(&bytes);
+        }
+
+        #[test]
+        fn any_page_round_trips(runs in proptest::collection::vec((0usize..PAGE_BYTES, 1usize..64, any::<u8>()), 0..40)) {
+            let mut page = Box::new([0u8; PAGE_BYTES]);
+            for (at, len, byte) in runs {
+                let end = (at + len).min(PAGE_BYTES);
+                page[at..end].fill(byte);
+            }
+            let msg = Msg::ReadReply { req: 0, page: 0, version_ts: 0, valid_to: 0, data: Some(page) };
+            prop_assert_eq!(Msg::decode(&msg.encode()), Ok(msg));
         }
 
         #[test]
