@@ -39,7 +39,11 @@ fn nodes_json(nodes: &[NodeRow]) -> String {
 
 pub fn json(report: &Report, nodes: &[NodeRow]) -> String {
     let s = &report.stats;
-    let pinned = report.workers.iter().filter(|w| w.pinned).count();
+    // On several nodes, node 0 knows its own workers; the others report theirs.
+    let pinned = match nodes {
+        [] => report.workers.iter().filter(|w| w.pinned).count() as u64,
+        nodes => nodes.iter().map(|n| n.workers_pinned).sum(),
+    };
     format!(
         "{{\"dvm_stats\": {{\"workers\": {}, \"workers_pinned\": {}, \"instructions\": {}, \"runners_started\": {}, \
          \"runners_committed\": {}, \"runners_aborted\": {}, \"runners_failed\": {}, \"runners_faulted\": {}, \

@@ -147,6 +147,8 @@ pub struct NodeRow {
     pub bytes_received: u64,
     pub messages_sent: u64,
     pub messages_received: u64,
+    /// Workers pinned to a processor.
+    pub workers_pinned: u64,
     /// A page read from its remote home (not from the cache).
     pub remote_read: Latency,
     /// The prepare of a commit whose pages are all homed on the node, or not all.
@@ -261,6 +263,7 @@ struct Runtime {
     next_fragment: AtomicU64,
     remote_reads: AtomicU64,
     cache_hits: AtomicU64,
+    workers_pinned: AtomicU64,
     read_latency: Samples,
     prepare_local_latency: Samples,
     prepare_remote_latency: Samples,
@@ -945,7 +948,7 @@ impl Control for RemoteControl {
     }
 }
 
-const ROW_WORDS: usize = 30;
+const ROW_WORDS: usize = 31;
 
 fn encode_row(row: &NodeRow) -> Vec<u8> {
     let s = &row.stats;
@@ -980,6 +983,7 @@ fn encode_row(row: &NodeRow) -> Vec<u8> {
         row.prepare_remote.count,
         u64::from(row.prepare_remote.p50_us),
         u64::from(row.prepare_remote.p99_us),
+        row.workers_pinned,
     ];
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
@@ -1023,6 +1027,7 @@ fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
         remote_read: latency(&w[21..24])?,
         prepare_local: latency(&w[24..27])?,
         prepare_remote: latency(&w[27..30])?,
+        workers_pinned: w[30],
     })
 }
 
@@ -1051,6 +1056,7 @@ impl Runtime {
             bytes_received: counters.iter().map(|c| c.bytes_received).sum(),
             messages_sent: counters.iter().map(|c| c.messages_sent).sum(),
             messages_received: counters.iter().map(|c| c.messages_received).sum(),
+            workers_pinned: self.workers_pinned.load(Ordering::Relaxed),
             remote_read: self.read_latency.summary(),
             prepare_local: self.prepare_local_latency.summary(),
             prepare_remote: self.prepare_remote_latency.summary(),
@@ -1098,14 +1104,7 @@ impl Runtime {
                     }
                 }
             } else if self.shutting_down.load(Ordering::Acquire) {
-                let row = self.row(shared.counters_now());
-                self.send(
-                    0,
-                    &Msg::NodeReport {
-                        report: encode_row(&row),
-                    },
-                );
-                let _ = self.transport.flush();
+                // The report goes once the workers have stopped (`run`).
                 return;
             }
         }
@@ -1221,6 +1220,7 @@ pub fn run(
         next_fragment: AtomicU64::new(0),
         remote_reads: AtomicU64::new(0),
         cache_hits: AtomicU64::new(0),
+        workers_pinned: AtomicU64::new(0),
         read_latency: Samples::default(),
         prepare_local_latency: Samples::default(),
         prepare_remote_latency: Samples::default(),
@@ -1265,7 +1265,21 @@ pub fn run(
             })?
     };
     let (workers, notes) = machine.run(root);
+    runtime.workers_pinned.store(
+        workers.iter().filter(|worker| worker.pinned).count() as u64,
+        Ordering::Relaxed,
+    );
     let _ = service.join();
+    if rank != 0 && !runtime.failed.load(Ordering::Acquire) {
+        let row = runtime.row(machine.shared().counters_now());
+        runtime.send(
+            0,
+            &Msg::NodeReport {
+                report: encode_row(&row),
+            },
+        );
+        let _ = runtime.transport.flush();
+    }
     let failure = lock(&runtime.failure).take();
     let report = machine.finish(workers, notes)?;
     let transport = runtime.transport.counters();
