@@ -53,6 +53,18 @@ const FRAGMENT_BYTES: usize = (4 << 20) - 4096;
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
 /// Cached remote page versions kept (each one page of memory) before the cache is emptied.
 const CACHE_MAX_PAGES: usize = 65_536;
+/// Runners' last nodes remembered for placement before the memory is emptied.
+const AFFINITY_MAX_ENTRIES: usize = 1 << 16;
+
+/// What identifies "the same memory" for placement affinity: the start of a runner's largest
+/// using range.
+fn affinity_key(task: &Task) -> Option<u64> {
+    task.using
+        .iter()
+        .max_by_key(|range| range.end - range.start)
+        .map(|range| canonical(range.start))
+}
+
 /// How long node 0 waits for the other nodes' reports at the end.
 const REPORT_WAIT: Duration = Duration::from_secs(10);
 /// How often a blocked worker looks whether the run failed.
@@ -256,6 +268,10 @@ struct Runtime {
     outstanding: Vec<AtomicU64>,
     /// Node 0: runners waiting for room on a node, with the node they prefer.
     placement: Mutex<VecDeque<(Option<usize>, Task)>>,
+    /// Node 0: where a runner using the same memory last ran (keyed by the start of its
+    /// largest using range), so that a node that stole such a runner once steals it again: it
+    /// already holds its pages (k-means' partitions, iteration after iteration).
+    last_ran: Mutex<HashMap<u64, usize>>,
     workers_per_node: u64,
     shutting_down: AtomicBool,
     reports: Mutex<BTreeMap<usize, NodeRow>>,
@@ -515,27 +531,40 @@ impl Runtime {
                     .collect();
                 with_room.sort_by_key(|node| (load(*node), *node));
                 // For the least busy node with room: a runner whose data lives there; else one
-                // whose own node is full (stealing: it would wait); else none, and the next
-                // node is asked: a node with room is not robbed, or data would move for
-                // nothing. A bounded look down the queue.
+                // whose own node is full (stealing: it would wait), preferring one that last
+                // ran there; else none, and the next node is asked: a node with room is not
+                // robbed, or data would move for nothing. A bounded look down the queue.
+                let last_ran = lock(&self.last_ran);
+                let stealable =
+                    |preferred: &Option<usize>| preferred.is_none_or(|node| load(node) >= capacity);
                 let eligible = |target: usize| {
-                    queue
-                        .iter()
-                        .take(256)
+                    let window = || queue.iter().take(256);
+                    window()
                         .position(|(preferred, _)| *preferred == Some(target))
                         .or_else(|| {
-                            queue.iter().take(256).position(|(preferred, _)| {
-                                preferred.is_none_or(|node| load(node) >= capacity)
+                            window().position(|(preferred, task)| {
+                                stealable(preferred)
+                                    && affinity_key(task).and_then(|key| last_ran.get(&key))
+                                        == Some(&target)
                             })
                         })
+                        .or_else(|| window().position(|(preferred, _)| stealable(preferred)))
                         .map(|index| (target, index))
                 };
                 let Some((target, index)) = with_room.into_iter().find_map(eligible) else {
                     return;
                 };
+                drop(last_ran);
                 let Some((_, task)) = queue.remove(index) else {
                     return;
                 };
+                if let Some(key) = affinity_key(&task) {
+                    let mut last_ran = lock(&self.last_ran);
+                    if last_ran.len() >= AFFINITY_MAX_ENTRIES {
+                        last_ran.clear();
+                    }
+                    last_ran.insert(key, target);
+                }
                 self.outstanding[target].fetch_add(1, Ordering::AcqRel);
                 (target, task)
             };
@@ -1213,6 +1242,7 @@ pub fn run(
         failed: AtomicBool::new(false),
         outstanding: (0..world).map(|_| AtomicU64::new(0)).collect(),
         placement: Mutex::new(VecDeque::new()),
+        last_ran: Mutex::new(HashMap::new()),
         workers_per_node: resources.slots.len() as u64,
         shutting_down: AtomicBool::new(false),
         reports: Mutex::new(BTreeMap::new()),
