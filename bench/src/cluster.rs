@@ -9,7 +9,10 @@
 //! first, which also fetches the points).
 
 use crate::data;
-use crate::harness::{answer, dvm_stats, markdown_table, measure_once, median, path_str, s};
+use crate::harness::{
+    answer, dvm_stats, example_program, markdown_table, measure_once, median, params_file,
+    path_str, s,
+};
 use crate::measure::Outcome;
 use serde_json::Value;
 use std::path::Path;
@@ -162,19 +165,8 @@ pub fn plan(
     data_dir: &Path,
     sz: Sizes,
 ) -> Result<Suite, String> {
-    let program = |name: &str| -> Result<String, String> {
-        let path = root.join("examples").join(format!("{name}.dasm"));
-        if path.exists() {
-            Ok(path_str(&path))
-        } else {
-            Err(format!("missing: {} not found", path.display()))
-        }
-    };
-    let params = |name: &str, values: &[u64]| -> Result<String, String> {
-        let path = data_dir.join("params").join(format!("{name}.bin"));
-        data::write_params(&path, values).map_err(|e| e.to_string())?;
-        Ok(path_str(&path))
-    };
+    let program = |name: &str| example_program(root, name);
+    let params = |name: &str, values: &[u64]| params_file(data_dir, name, values);
     let argv = |prog: &Result<String, String>,
                 shape: Shape,
                 params: &str,

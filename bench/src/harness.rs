@@ -124,6 +124,23 @@ pub(crate) fn s(text: impl Into<String>) -> String {
     text.into()
 }
 
+/// The path of `examples/NAME.dasm`, or why it cannot be run (kept as a row's error).
+pub(crate) fn example_program(root: &Path, name: &str) -> Result<String, String> {
+    let path = root.join("examples").join(format!("{name}.dasm"));
+    if path.exists() {
+        Ok(path_str(&path))
+    } else {
+        Err(format!("missing: {} not found", path.display()))
+    }
+}
+
+/// Writes a parameters file `DATA_DIR/params/NAME.bin`; returns its path.
+pub(crate) fn params_file(data_dir: &Path, name: &str, values: &[u64]) -> Result<String, String> {
+    let path = data_dir.join("params").join(format!("{name}.bin"));
+    data::write_params(&path, values).map_err(|e| e.to_string())?;
+    Ok(path_str(&path))
+}
+
 pub(crate) fn path_str(path: &Path) -> String {
     path.display().to_string()
 }
@@ -361,19 +378,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         Some(Err(s("missing: run scripts/setup-spark")))
     };
 
-    let program = |name: &str| -> Result<String, String> {
-        let path = root.join("examples").join(format!("{name}.dasm"));
-        if path.exists() {
-            Ok(path_str(&path))
-        } else {
-            Err(format!("missing: {} not found", path.display()))
-        }
-    };
-    let params = |name: &str, values: &[u64]| -> Result<String, String> {
-        let path = data_dir.join("params").join(format!("{name}.bin"));
-        data::write_params(&path, values).map_err(|e| e.to_string())?;
-        Ok(path_str(&path))
-    };
+    let program = |name: &str| example_program(&root, name);
+    let params = |name: &str, values: &[u64]| params_file(&data_dir, name, values);
     let dvm_argv = |prog: &Result<String, String>,
                     workers: u64,
                     params: &str,

@@ -312,7 +312,9 @@ impl Runtime {
         }
     }
 
-    fn expect(&self, wait: Wait) -> Receiver<Reply> {
+    /// Registers interest in `wait` before the request goes out, so an answer produced at once
+    /// (a local home) is not missed.
+    fn waiter(&self, wait: Wait) -> Receiver<Reply> {
         let (sender, receiver) = mpsc::sync_channel(1);
         lock(&self.waiters).insert(wait, sender);
         receiver
@@ -738,7 +740,7 @@ impl Backend for ClusterBackend {
             .iter()
             .all(|write| home_of(write.key, rt.world) == rt.rank);
         let deltas = deltas_of(writes.iter());
-        let receiver = self.runtime.expect(Wait::Prepare(txn));
+        let receiver = self.runtime.waiter(Wait::Prepare(txn));
         self.runtime
             .with_node(|node| node.prepare(txn, snapshot_ts, deltas));
         let answer = self.runtime.wait(&receiver);
@@ -812,7 +814,7 @@ impl ClusterReader {
             .iter()
             .map(|page| {
                 let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
-                (req, *page, rt.expect(Wait::Read(req)))
+                (req, *page, rt.waiter(Wait::Read(req)))
             })
             .collect();
         rt.with_node(|node| {
@@ -883,7 +885,7 @@ impl PageRead for ClusterReader {
             "remote read"
         );
         let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
-        let receiver = rt.expect(Wait::Read(req));
+        let receiver = rt.waiter(Wait::Read(req));
         rt.with_node(|node| node.read(req, key, snapshot_ts));
         let Some(Reply::Done(Done::Read {
             version_ts,
@@ -909,7 +911,7 @@ impl RemoteControl {
     fn call(&self, op: Vec<u8>) -> Option<Vec<u8>> {
         let rt = &self.runtime;
         let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
-        let receiver = rt.expect(Wait::Control(req));
+        let receiver = rt.waiter(Wait::Control(req));
         rt.send(0, &Msg::Control { req, op });
         match rt.wait(&receiver) {
             Some(Reply::Control(reply)) => Some(reply),
