@@ -1050,6 +1050,17 @@ mod tests {
             matches!(zero, Err(RendezvousError::Bind { .. })),
             "{zero:?}"
         );
+        // Rank 2 only once one rank 1 has its refusal: were rank 2 to complete the rendezvous
+        // first, rank 0 would close its listener with the duplicate still in the accept backlog,
+        // and the duplicate would see a reset instead of the refusal this test checks.
+        let waited = Instant::now();
+        while !(r1.is_finished() || dup.is_finished()) {
+            assert!(
+                waited.elapsed() < Duration::from_millis(DEADLINE_MS),
+                "neither rank 1 was refused"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let r2 = spawn_rank(port, 2, 3, b"t");
         let want = expected_table(3);
         let ones = [finish(r1), finish(dup)];
