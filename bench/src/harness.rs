@@ -4,6 +4,7 @@
 
 use crate::cluster;
 use crate::data;
+use crate::engine;
 use crate::measure::Outcome;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -25,7 +26,7 @@ pub struct RunArgs {
     /// Small sizes, for a smoke test of the harness.
     #[arg(long)]
     quick: bool,
-    /// Only these workloads (kmeans, primes, sort, micro, cluster); repeatable.
+    /// Only these workloads (kmeans, primes, sort, micro, engine, cluster); repeatable.
     #[arg(long)]
     only: Vec<String>,
     /// k-means points [default: 1000000, quick 20000].
@@ -65,6 +66,24 @@ pub struct RunArgs {
     /// Cluster rows: MiB each transport throughput case moves [default: 256, quick 32].
     #[arg(long)]
     throughput_mib: Option<u64>,
+    /// An earlier `dvm` binary to run side by side with this one: a "DVM before" row for every
+    /// 1-worker DVM row, and a column of the engine table (`scripts/bench --baseline REV`
+    /// builds one from a git revision).
+    #[arg(long)]
+    baseline_dvm: Option<PathBuf>,
+    /// What to call the baseline in the tables [default: "before"].
+    #[arg(long, default_value = "before")]
+    baseline_label: String,
+    /// Engine rows: runners of micro_spawn and micro_commit (minus a run of a tenth)
+    /// [default: 100000, quick 5000].
+    #[arg(long)]
+    engine_runners: Option<u64>,
+    /// Engine rows: links of micro_chain [default: 1000000, quick 10000].
+    #[arg(long)]
+    engine_chain_r: Option<u64>,
+    /// Engine rows: batches of 1,000 aborted children of micro_abort [default: 10000, quick 100].
+    #[arg(long)]
+    engine_abort_batches: Option<u64>,
     /// The P / C parameter of the DVM programs: parallel parts (runners) per phase.
     #[arg(long, default_value_t = 64)]
     parts: u64,
@@ -380,14 +399,21 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
 
     let program = |name: &str| example_program(&root, name);
     let params = |name: &str, values: &[u64]| params_file(&data_dir, name, values);
-    let dvm_argv = |prog: &Result<String, String>,
-                    workers: u64,
-                    params: &str,
-                    input: Option<&str>|
+    let baseline = args.baseline_dvm.clone();
+    if let Some(base) = &baseline {
+        if !base.exists() {
+            return Err(format!("--baseline-dvm {}: no such file", base.display()));
+        }
+    }
+    let dvm_argv_of = |bin: &Path,
+                       prog: &Result<String, String>,
+                       workers: u64,
+                       params: &str,
+                       input: Option<&str>|
      -> Result<Vec<String>, String> {
         let prog = prog.clone()?;
         let mut argv = vec![
-            path_str(&dvm),
+            path_str(bin),
             s("run"),
             prog,
             s("--workers"),
@@ -401,6 +427,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         }
         Ok(argv)
     };
+    let dvm_argv =
+        |prog: &Result<String, String>, workers: u64, params: &str, input: Option<&str>| {
+            dvm_argv_of(&dvm, prog, workers, params, input)
+        };
     let mut worker_counts = vec![1];
     if cpus > 1 {
         worker_counts.push(cpus);
@@ -472,6 +502,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                 Expect::Reference,
             ));
         }
+        if let Some(base) = &baseline {
+            cases.push(case(
+                "kmeans",
+                format!("DVM {}, 1 worker", args.baseline_label),
+                Kind::Dvm,
+                dvm_argv_of(base, &prog, 1, &p, Some(&points)),
+                Expect::Reference,
+            ));
+        }
         if let Some(py) = &spark {
             let argv = py.clone().map(|py| {
                 let script = path_str(&root.join("bench/spark/kmeans.py"));
@@ -520,6 +559,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                 Expect::Reference,
             ));
         }
+        if let Some(base) = &baseline {
+            cases.push(case(
+                "primes",
+                format!("DVM {}, 1 worker", args.baseline_label),
+                Kind::Dvm,
+                dvm_argv_of(base, &prog, 1, &p, None),
+                Expect::Reference,
+            ));
+        }
         if let Some(py) = &spark {
             let argv = py.clone().map(|py| {
                 let script = path_str(&root.join("bench/spark/primes.py"));
@@ -560,6 +608,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                 Expect::Reference,
             ));
         }
+        if let Some(base) = &baseline {
+            cases.push(case(
+                "sort",
+                format!("DVM {}, 1 worker", args.baseline_label),
+                Kind::Dvm,
+                dvm_argv_of(base, &prog, 1, &p, Some(&values)),
+                Expect::Reference,
+            ));
+        }
     }
     if want("micro") {
         let r = sz.micro_r;
@@ -593,9 +650,51 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                     Expect::Text(text.clone()),
                 ));
             }
+            if let Some(base) = &baseline {
+                cases.push(case(
+                    name,
+                    format!("DVM {}, 1 worker", args.baseline_label),
+                    Kind::Dvm,
+                    dvm_argv_of(base, &prog, 1, &p, None),
+                    Expect::Text(text.clone()),
+                ));
+            }
         }
     }
 
+    let mut engine_suite = if want("engine") {
+        let sizes = engine::Sizes {
+            kmeans_n: if q { 2_000 } else { 10_000 },
+            primes_m: if q { 32_000 } else { 200_000 },
+            runners: args
+                .engine_runners
+                .unwrap_or(if q { 5_000 } else { 100_000 }),
+            callgrind_runners: if q { 1_000 } else { 5_000 },
+            chain_r: args
+                .engine_chain_r
+                .unwrap_or(if q { 10_000 } else { 1_000_000 }),
+            abort_batches: args
+                .engine_abort_batches
+                .unwrap_or(if q { 100 } else { 10_000 }),
+            parts: args.parts,
+            seed: args.seed,
+        };
+        let mut builds = vec![engine::Build {
+            label: s("this build"),
+            dvm: dvm.clone(),
+        }];
+        if let Some(base) = &baseline {
+            builds.push(engine::Build {
+                label: args.baseline_label.clone(),
+                dvm: base.clone(),
+            });
+        }
+        let suite = engine::plan(builds, &root, &data_dir, &sizes)?;
+        sizes_line.push(suite.sizes_line.clone());
+        Some(suite)
+    } else {
+        None
+    };
     let mut cluster = if want("cluster") {
         let sizes = cluster::Sizes {
             kmeans_n: args
@@ -650,6 +749,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                     c.errors.push(e);
                 }
             }
+        }
+        if let Some(suite) = engine_suite.as_mut() {
+            suite.measure(&me, rep, reps, args.timeout);
         }
         if let Some(suite) = cluster.as_mut() {
             suite.measure(&me, rep, reps, args.timeout);
@@ -710,6 +812,17 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     }
     let _ = writeln!(doc);
     doc.push_str(&table);
+    if let Some(suite) = &engine_suite {
+        if !table.is_empty() {
+            let _ = writeln!(doc);
+        }
+        let _ = writeln!(
+            doc,
+            "### Engine: per instruction, per runner, per commit (1 worker)"
+        );
+        let _ = writeln!(doc);
+        doc.push_str(&suite.render());
+    }
     if let Some(suite) = &cluster {
         let (section, cluster_bad) = suite.render();
         bad |= cluster_bad;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 mod cluster;
 mod data;
+mod engine;
 mod harness;
 mod measure;
 

@@ -145,15 +145,24 @@ pub fn run_workers<E: Executor>(
         .zip(slots)
         .map(|(local, slot)| (slot.node, local.stealer()))
         .collect();
+    // Set once every worker has returned: the progress thread ends at once rather than at its
+    // next tick (a tick-sized sleep here would be added to every run's time).
+    let workers_gone = (Mutex::new(false), Condvar::new());
     let results: Vec<(WorkerInfo, Option<String>)> = std::thread::scope(|scope| {
         // Progress for long runs, at `DVM_LOG=info`: one line every PROGRESS_EVERY.
         scope.spawn(|| {
             let started = std::time::Instant::now();
-            let mut last_report = started;
-            while !shared.is_done() {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                if last_report.elapsed() >= PROGRESS_EVERY {
-                    last_report = std::time::Instant::now();
+            let mut next_report = PROGRESS_EVERY;
+            let (gone, wake) = &workers_gone;
+            let mut gone = gone.lock().unwrap_or_else(|poison| poison.into_inner());
+            while !*gone {
+                let left = next_report.saturating_sub(started.elapsed());
+                gone = match wake.wait_timeout(gone, left) {
+                    Ok((guard, _)) => guard,
+                    Err(poison) => poison.into_inner().0,
+                };
+                if !*gone && started.elapsed() >= next_report {
+                    next_report += PROGRESS_EVERY;
                     shared.log_progress(started.elapsed());
                 }
             }
@@ -198,11 +207,15 @@ pub fn run_workers<E: Executor>(
                     })
             })
             .collect();
-        handles
+        let results = handles
             .into_iter()
             .filter_map(|handle| handle.ok())
             .filter_map(|handle| handle.join().ok())
-            .collect()
+            .collect();
+        let (gone, wake) = &workers_gone;
+        *gone.lock().unwrap_or_else(|poison| poison.into_inner()) = true;
+        wake.notify_all();
+        results
     });
     let mut notes = Vec::new();
     if let Some((_, Some(note))) = results.iter().find(|(_, note)| note.is_some()) {
