@@ -8,8 +8,9 @@
 //! - host instructions per DISA instruction: `valgrind --tool=callgrind`'s instruction count
 //!   (repeatable whatever the machine does), divided by the difference of DVM's own
 //!   `instructions` counter; measured once, as it does not vary;
-//! - microseconds per empty runner and commits per second: DVM's own `wall_time_ms` from
-//!   `--stats=json`, medians over the repetitions;
+//! - microseconds per empty runner and commits per second: the process's CPU time (user +
+//!   system, getrusage), medians over the repetitions. CPU time rather than wall time: with one
+//!   worker it is the work done, and it is less disturbed by other programs on a shared machine;
 //! - bytes retained per finished runner: the difference of the processes' peak RSS (getrusage),
 //!   and of DVM's page-memory peak (`peak_memory_bytes`), per runner.
 
@@ -38,6 +39,10 @@ pub struct Sizes {
     pub chain_r: u64,
     /// Batches of 1,000 aborted children of micro_abort, when the example exists.
     pub abort_batches: u64,
+    /// Commits of micro_pinned's chain, and its spinner's loop iterations (enough to outlast
+    /// the chain: the output says whether it did).
+    pub pinned_r: u64,
+    pub pinned_spin: u64,
     pub parts: u64,
     pub seed: u64,
 }
@@ -73,6 +78,7 @@ enum Metric {
     CommitRate,
     ChainRetained,
     AbortPeak,
+    PinnedRetained,
 }
 
 impl Metric {
@@ -87,16 +93,20 @@ impl Metric {
             Metric::SpawnHostPerRunner => {
                 "host instructions per empty runner, spawn + commit (callgrind)"
             }
-            Metric::SpawnMicros => "µs per empty runner, spawn + commit (micro_spawn)",
+            Metric::SpawnMicros => "µs of CPU per empty runner, spawn + commit (micro_spawn)",
             Metric::SpawnRetained => {
                 "bytes retained per finished empty runner: peak RSS / page memory"
             }
-            Metric::CommitRate => "one-page commits per second (micro_commit)",
+            Metric::CommitRate => "one-page commits per CPU second (micro_commit)",
             Metric::ChainRetained => {
                 "bytes retained per link of a runner chain: peak RSS / page memory (micro_chain)"
             }
             Metric::AbortPeak => {
                 "peak RSS spawning and aborting children 1,000 at a time (micro_abort), MiB"
+            }
+            Metric::PinnedRetained => {
+                "bytes kept per commit to one page next to a runner running the whole time: \
+                 peak RSS / page memory (micro_pinned, 2 workers)"
             }
         }
     }
@@ -109,6 +119,7 @@ impl Metric {
             Metric::SpawnRetained | Metric::ChainRetained => "≤ 1024",
             Metric::CommitRate => "≥ 250,000",
             Metric::AbortPeak => "constant in the batches",
+            Metric::PinnedRetained => "flat (≈ 0)",
             _ => "",
         }
     }
@@ -150,35 +161,45 @@ pub fn plan(builds: Vec<Build>, root: &Path, data_dir: &Path, sz: &Sizes) -> Res
     let abort = program("micro_abort");
     let a_small = params("engine_abort_small", &[sz.abort_batches / 10])?;
     let a_big = params("engine_abort", &[sz.abort_batches])?;
+    let pinned = program("micro_pinned");
+    let pn_small = params("engine_pinned_small", &[sz.pinned_r / 10, sz.pinned_spin])?;
+    let pn_big = params("engine_pinned", &[sz.pinned_r, sz.pinned_spin])?;
 
     let mut pairs = Vec::new();
     for (b, build) in builds.iter().enumerate() {
-        let run =
-            |prog: &Result<String, String>, params: &str, input: Option<&str>, callgrind: bool| {
-                let prog = prog.clone()?;
-                let mut v = Vec::new();
-                if callgrind {
-                    v.extend([
-                        s("valgrind"),
-                        s("--tool=callgrind"),
-                        s("--callgrind-out-file=/dev/null"),
-                    ]);
-                }
+        let run_on = |workers: u64,
+                      prog: &Result<String, String>,
+                      params: &str,
+                      input: Option<&str>,
+                      callgrind: bool| {
+            let prog = prog.clone()?;
+            let mut v = Vec::new();
+            if callgrind {
                 v.extend([
-                    path_str(&build.dvm),
-                    s("run"),
-                    prog,
-                    s("--workers"),
-                    s("1"),
-                    s("--stats=json"),
-                    s("--load"),
-                    format!("{params}@{PARAMS_ADDR}"),
+                    s("valgrind"),
+                    s("--tool=callgrind"),
+                    s("--callgrind-out-file=/dev/null"),
                 ]);
-                if let Some(input) = input {
-                    v.extend([s("--load"), format!("{input}@{DATA_ADDR}")]);
-                }
-                Ok(v)
-            };
+            }
+            v.extend([
+                path_str(&build.dvm),
+                s("run"),
+                prog,
+                s("--workers"),
+                workers.to_string(),
+                s("--stats=json"),
+                s("--load"),
+                format!("{params}@{PARAMS_ADDR}"),
+            ]);
+            if let Some(input) = input {
+                v.extend([s("--load"), format!("{input}@{DATA_ADDR}")]);
+            }
+            Ok(v)
+        };
+        let run = |prog: &Result<String, String>,
+                   params: &str,
+                   input: Option<&str>,
+                   callgrind: bool| { run_on(1, prog, params, input, callgrind) };
         let mut pair = |metric, small, big, units, once| {
             pairs.push(Pair {
                 build: b,
@@ -249,11 +270,19 @@ pub fn plan(builds: Vec<Build>, root: &Path, data_dir: &Path, sz: &Sizes) -> Res
             0,
             false,
         );
+        pair(
+            Metric::PinnedRetained,
+            run_on(2, &pinned, &pn_small, None, false),
+            run_on(2, &pinned, &pn_big, None, false),
+            sz.pinned_r - sz.pinned_r / 10,
+            false,
+        );
     }
     let sizes_line = format!(
         "engine (1 worker): k-means N={n} D={d} K={k} P={p} I=1 minus I=0; primes M={} minus M={}; \
          micro_spawn and micro_commit R={r} minus R={}; callgrind micro_spawn R={cr} minus R={}; \
-         micro_chain R={} minus R={}; micro_abort {} minus {} batches of 1,000",
+         micro_chain R={} minus R={}; micro_abort {} minus {} batches of 1,000; \
+         micro_pinned R={} minus R={} next to L={}",
         sz.primes_m,
         sz.primes_m / 16,
         r / 10,
@@ -262,6 +291,9 @@ pub fn plan(builds: Vec<Build>, root: &Path, data_dir: &Path, sz: &Sizes) -> Res
         sz.chain_r / 10,
         sz.abort_batches,
         sz.abort_batches / 10,
+        sz.pinned_r,
+        sz.pinned_r / 10,
+        sz.pinned_spin,
     );
     Ok(Suite {
         builds,
@@ -349,22 +381,17 @@ impl Suite {
             Metric::SpawnMicros => per(pair
                 .samples
                 .iter()
-                .filter_map(|(a, b)| {
-                    Some(
-                        (stat(b, "wall_time_ms")? - stat(a, "wall_time_ms")?) * 1000.0
-                            / pair.units as f64,
-                    )
-                })
+                .filter_map(|(a, b)| Some((b.cpu_ms? - a.cpu_ms?) * 1000.0 / pair.units as f64))
                 .collect()),
             Metric::CommitRate => per(pair
                 .samples
                 .iter()
                 .filter_map(|(a, b)| {
-                    let ms = stat(b, "wall_time_ms")? - stat(a, "wall_time_ms")?;
+                    let ms = b.cpu_ms? - a.cpu_ms?;
                     (ms > 0.0).then(|| pair.units as f64 * 1000.0 / ms)
                 })
                 .collect()),
-            Metric::SpawnRetained | Metric::ChainRetained => per(pair
+            Metric::SpawnRetained | Metric::ChainRetained | Metric::PinnedRetained => per(pair
                 .samples
                 .iter()
                 .map(|(a, b)| (b.max_rss_kib - a.max_rss_kib) as f64 * 1024.0 / pair.units as f64)
@@ -418,11 +445,21 @@ impl Suite {
             return s("-");
         };
         match metric {
-            Metric::SpawnRetained | Metric::ChainRetained => {
+            Metric::SpawnRetained | Metric::ChainRetained | Metric::PinnedRetained => {
+                let overlapped = pair.is_none_or(|p| {
+                    p.samples.iter().all(|(_, b)| {
+                        metric != Metric::PinnedRetained || b.stdout.starts_with("chain")
+                    })
+                });
+                let warn = if overlapped {
+                    ""
+                } else {
+                    " (the spinner ended before the chain: raise L)"
+                };
                 let pages = self
                     .page_bytes(build, metric)
                     .map_or(s("-"), |p| format!("{p:.0}"));
-                format!("{v:.0} / {pages}")
+                format!("{v:.0} / {pages}{warn}")
             }
             Metric::CommitRate => format!("{v:.0}"),
             Metric::KmeansHostPerDisa
@@ -454,6 +491,7 @@ impl Suite {
             Metric::CommitRate,
             Metric::ChainRetained,
             Metric::AbortPeak,
+            Metric::PinnedRetained,
         ];
         let rows: Vec<Vec<String>> = metrics
             .iter()
