@@ -396,3 +396,28 @@ fn run_reports_faults_and_exits_one_and_topology_shows_cores() {
         "{text}"
     );
 }
+
+/// `examples/micro_pinned.dasm` (the benchmark of page versions kept next to a long-running
+/// runner) computes what it says: with one worker the spinner runs first, then the chain.
+#[test]
+fn micro_pinned_counts_its_chain() {
+    let dir = scratch("micro-pinned");
+    let params = dir.join("params.bin");
+    let words: Vec<u8> = [50u64, 1000].iter().flat_map(|w| w.to_le_bytes()).collect();
+    std::fs::write(&params, words).expect("write the parameters");
+    let spec = format!("{}@0x4000000000", params.display());
+    let program = example("micro_pinned.dasm");
+    let out = dvm(&[
+        "run",
+        program.to_str().expect("utf-8"),
+        "--workers",
+        "1",
+        "--load",
+        &spec,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "spinner 1000\nchain 50\n"
+    );
+}
