@@ -9,7 +9,7 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use dvm_engine::image::{self, Format, LoadedImage};
 use dvm_engine::page::{MemoryAccount, PageSource};
-use dvm_engine::store::{PageRead, PageStore};
+use dvm_engine::store::{PageRead, PageStore, Scope};
 use dvm_engine::view::{Access, RangeSet, View};
 use dvm_engine::vm::{self, Config, OutputMode};
 use std::hint::black_box;

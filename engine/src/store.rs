@@ -36,10 +36,12 @@
 //! - for each registered snapshot whose runner may access the page (its `Scope`: everything for
 //!   the root, its ranges otherwise), the newest version at or below it;
 //! - the version below each delta kept (a delta never loses its base).
+//!
 //! Any other version loses its contents; if some covering snapshot is older than it, its
 //! timestamp and stored bytes stay (`Chain::stripped`) for that snapshot's conflict checks, and
 //! go once no covering snapshot is older. So a long-running runner pins the contents of at most
 //! one version of each page it may access, and nothing of pages it may not.
+//!
 //! Pruning is amortised: a chain is pruned when its versions with contents reach twice what its
 //! last prune kept (at least `PRUNE_MIN_VERSIONS`), costing one pass over the chain and one over
 //! the registry. Ranges a runner is granted while it runs (children's stacks, `malloc` memory)
@@ -1312,7 +1314,7 @@ mod tests {
     fn only_versions_a_covering_snapshot_reads_keep_their_contents() {
         let store = PageStore::new();
         let pages = source();
-        let old = store.begin_snapshot(1, Scope::pages([9..10]));
+        let old = store.begin_snapshot(1, Scope::pages(std::iter::once(9..10)));
         for round in 1..=40u8 {
             let s = store.begin_snapshot(2, Scope::Everything);
             let w = whole_page(&pages, 9, round);
@@ -1359,7 +1361,7 @@ mod tests {
         let store = PageStore::new();
         let pages = source();
         // A runner that runs the whole time, using a range far from the page committed to.
-        let spinner = store.begin_snapshot(1, Scope::pages([1000..1010]));
+        let spinner = store.begin_snapshot(1, Scope::pages(std::iter::once(1000..1010)));
         let mut peak_after_warmup = 0;
         for ts in 1..=100_000u64 {
             let s = store.watermark();
@@ -1393,7 +1395,7 @@ mod tests {
         let store = PageStore::new();
         let pages = source();
         commit(&store, &pages, 0, 1, vec![whole_page(&pages, 7, 1)]).expect("commit");
-        let spinner = store.begin_snapshot(1, Scope::pages([7..8]));
+        let spinner = store.begin_snapshot(1, Scope::pages(std::iter::once(7..8)));
         for ts in 2..=20_000u64 {
             let s = store.watermark();
             let w = whole_page(&pages, 7, ts as u8);
@@ -1502,10 +1504,13 @@ mod tests {
         assert_eq!((at(4)[0], at(4)[1], at(4)[2000], at(4)[3000]), (1, 2, 3, 4));
     }
 
+    /// One commit in the reference: its timestamp, page and (offset, byte) stores.
+    type ModelCommit = (u64, PageKey, Vec<(usize, u8)>);
+
     /// Full-page semantics, the reference: every commit's stored bytes, in timestamp order.
     #[derive(Default)]
     struct Model {
-        commits: Vec<(u64, PageKey, Vec<(usize, u8)>)>,
+        commits: Vec<ModelCommit>,
     }
 
     impl Model {
