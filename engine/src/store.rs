@@ -830,6 +830,10 @@ impl PageStore {
         if at < chain.versions.len() {
             lay_over_newer(&mut chain.versions[at..], &stored, &body, pages);
         }
+        if chain.versions.capacity() == 0 {
+            // Most pages (exit records, stacks) only ever get one version: no room for four.
+            chain.versions.reserve_exact(1);
+        }
         chain.versions.insert(at, Version { ts, stored, body });
         if chain.versions.len() >= chain.prune_at.max(PRUNE_MIN_VERSIONS) {
             self.prune(key, chain);
