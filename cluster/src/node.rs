@@ -32,7 +32,9 @@
 
 use crate::msg::{Msg, PageDelta};
 use dvm_engine::page::{PageSource, PAGE_BYTES};
-use dvm_engine::store::{Conflict, ConflictWith, PageStore, PageWrite, TxnId};
+use dvm_engine::store::{
+    Conflict, ConflictWith, PageBytes, PageStore, PageWrite, Publication, TxnId,
+};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
@@ -521,7 +523,7 @@ impl Node {
             None => snapshot_ts.max(self.watermark),
         };
         let (version_ts, data) = match found.version {
-            Some((ts, data)) => (ts, Some(Box::new(**data))),
+            Some((ts, data)) => (ts, Some(data)),
             None => (0, None),
         };
         let msg = Msg::ReadReply {
@@ -609,18 +611,35 @@ impl Node {
                 if let Some(writes) = self.prepared.remove(&txn) {
                     if self.config.broken_skip_conflict_check {
                         for write in writes {
-                            self.store.publish(first, None, write, &self.pages);
+                            self.store.publish(
+                                first,
+                                Publication::Page {
+                                    write,
+                                    base_ts: None,
+                                },
+                                &self.pages,
+                            );
                         }
                     } else {
                         self.store.commit(txn, None, first, writes, &self.pages);
                     }
                 }
-                // An exit record: if its page memory cannot be had, the record is lost but
-                // the run goes on (as on one node).
-                if let Ok(writes) = self.writes_of(txn, &forced) {
-                    for write in writes {
-                        self.store.publish(last, None, write, &self.pages);
-                    }
+                // An exit record: a few bytes go without a page; if the page memory a larger
+                // one needs cannot be had, the record is lost but the run goes on (as on one
+                // node).
+                for delta in &forced {
+                    let publication =
+                        match PageBytes::from_mask(delta.page, &delta.mask, &delta.bytes) {
+                            Some(bytes) => Publication::Bytes(bytes),
+                            None => match self.writes_of(txn, std::slice::from_ref(delta)) {
+                                Ok(mut writes) if writes.len() == 1 => Publication::Page {
+                                    write: writes.remove(0),
+                                    base_ts: None,
+                                },
+                                _ => continue,
+                            },
+                        };
+                    self.store.publish(last, publication, &self.pages);
                 }
                 self.decided.insert(txn, Decided::Committed);
             }

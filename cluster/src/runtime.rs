@@ -30,7 +30,9 @@ use dvm_engine::page::{MemoryLimit, Page, PageSource};
 use dvm_engine::report::{decode_ended, decode_task, encode_ended, encode_task};
 use dvm_engine::runner::{Outcome, Task};
 use dvm_engine::sched::Executor;
-use dvm_engine::store::{Conflict, ConflictWith, PageKey, PageRead, PageStore, PageWrite, TxnId};
+use dvm_engine::store::{
+    Conflict, ConflictWith, PageKey, PageRead, PageStore, PageWrite, Publication, TxnId,
+};
 use dvm_engine::view::{canonical, Range};
 use dvm_engine::vm::{Config, Machine, MachineParts, Report, Resources, RunError, Shared, Stats};
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
@@ -765,7 +767,20 @@ impl Backend for ClusterBackend {
             Some(_) => finishing.txn,
             None => finishing.txn | PUBLICATION_BIT,
         };
-        let forced = deltas_of(finishing.exit.iter().map(|(write, _)| write));
+        let forced = finishing
+            .exit
+            .iter()
+            .map(|publication| match publication {
+                Publication::Page { write, .. } => {
+                    PageDelta::from_page(write.key, &write.data, &write.stored)
+                }
+                Publication::Bytes(bytes) => PageDelta {
+                    page: bytes.key,
+                    mask: bytes.mask(),
+                    bytes: bytes.bytes().to_vec(),
+                },
+            })
+            .collect();
         let effects = encode_ended(&finishing.ended);
         // The prepared pages are at their homes already; node 0 applies the effects.
         drop(finishing);
@@ -871,7 +886,7 @@ impl PageRead for ClusterReader {
     fn read(&self, key: PageKey, snapshot_ts: u64) -> Result<Option<Arc<Page>>, MemoryLimit> {
         let rt = &self.runtime;
         if home_of(key, rt.world) == rt.rank {
-            return Ok(rt.store.read(key, snapshot_ts));
+            return rt.store.read(key, snapshot_ts);
         }
         if let Some(hit) = lock(&rt.cache).lookup(key, snapshot_ts) {
             rt.cache_hits.fetch_add(1, Ordering::Relaxed);

@@ -480,6 +480,7 @@ impl Sim {
             let got = self.nodes[home]
                 .store()
                 .read(word.0, watermark)
+                .expect("page memory")
                 .map_or(0, |page| {
                     let mut raw = [0u8; 8];
                     raw.copy_from_slice(&page[word.1..word.1 + 8]);
@@ -497,6 +498,7 @@ impl Sim {
             let got = self.nodes[home]
                 .store()
                 .read(page, watermark)
+                .expect("page memory")
                 .map_or(0, |page| {
                     u64::from_le_bytes(page[..8].try_into().unwrap_or([0; 8]))
                 });

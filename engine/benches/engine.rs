@@ -9,7 +9,7 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use dvm_engine::image::{self, Format, LoadedImage};
 use dvm_engine::page::{MemoryAccount, PageSource};
-use dvm_engine::store::{PageRead, PageStore};
+use dvm_engine::store::{PageRead, PageStore, Scope};
 use dvm_engine::view::{Access, RangeSet, View};
 use dvm_engine::vm::{self, Config, OutputMode};
 use std::hint::black_box;
@@ -126,7 +126,7 @@ impl Memory {
     }
 
     fn view(&self) -> View {
-        let ts = self.store.begin_snapshot();
+        let ts = self.store.begin_snapshot(0, Scope::Everything);
         View::new(
             Arc::clone(&self.store) as Arc<dyn PageRead>,
             ts,
@@ -137,7 +137,7 @@ impl Memory {
     }
 
     fn end(&self, view: View) {
-        self.store.end_snapshot(view.snapshot_ts());
+        self.store.end_snapshot(view.snapshot_ts(), 0);
     }
 }
 
@@ -205,7 +205,7 @@ fn commit(c: &mut Criterion) {
                     view.store(DATA + p * PAGE + 128, 8, p + 1).expect("store");
                 }
                 let ts = view.snapshot_ts();
-                memory.store.end_snapshot(ts);
+                memory.store.end_snapshot(ts, 0);
                 let (writes, _) = view.into_writes(None);
                 (ts, writes)
             },

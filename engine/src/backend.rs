@@ -12,7 +12,7 @@
 use crate::order::CommitOrder;
 use crate::page::PageSource;
 use crate::runner::Ended;
-use crate::store::{Conflict, PageRead, PageStore, PageWrite, TxnId};
+use crate::store::{Conflict, PageRead, PageStore, PageWrite, Publication, TxnId};
 use crate::view::Range;
 use std::sync::Arc;
 
@@ -23,9 +23,8 @@ pub struct Finishing {
     /// The prepared writes (intents held), when the ending commits; installed at the first
     /// timestamp.
     pub prepared: Option<Vec<PageWrite>>,
-    /// The exit-record publication, installed at the last timestamp without a conflict check;
-    /// `base_ts` is the snapshot its copy was made from (`None`: only its stored bytes count).
-    pub exit: Option<(PageWrite, Option<u64>)>,
+    /// The exit-record publication, installed at the last timestamp without a conflict check.
+    pub exit: Option<Publication>,
     pub ended: Ended,
 }
 
@@ -92,8 +91,8 @@ impl Backend for LocalBackend {
             self.store
                 .commit(txn, Some(snapshot_ts), first, writes, pages);
         }
-        if let Some((write, base_ts)) = exit {
-            self.store.publish(last, base_ts, write, pages);
+        if let Some(publication) = exit {
+            self.store.publish(last, publication, pages);
         }
         self.order
             .complete(first, count, (first, ended), |last, (first, ended)| {

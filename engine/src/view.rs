@@ -636,7 +636,7 @@ mod tests {
         let topology = dvm_numa::Topology::detect();
         let pool = dvm_numa::PagePool::new(&topology, 0, 1 << 20).expect("pool");
         let pages = PageSource::new(pool, MemoryAccount::new(1 << 30));
-        let snapshot = store.begin_snapshot();
+        let snapshot = store.begin_snapshot(0, crate::store::Scope::Everything);
         let mut read_only = RangeSet::default();
         read_only.insert(Range::new(abi::CODE_BASE, 0x1000).expect("range"));
         View::new(store, snapshot, pages, access, Arc::new(read_only))

@@ -28,7 +28,7 @@ use crate::page::{
 };
 pub use crate::runner::{Ended, Outcome, Task, TaskKind};
 use crate::sched::{self, Executor, WorkerCtx, WorkerInfo};
-use crate::store::{PageKey, PageStore, PageWrite};
+use crate::store::{PageKey, PageStore, PageWrite, Publication, Scope};
 use crate::view::{canonical, page_key, Access, Range, RangeSet, View};
 use dvm_numa::WorkerSlot;
 use std::collections::hash_map::Entry;
@@ -527,6 +527,11 @@ impl Shared {
         }
     }
 
+    /// What pruning keeps for `task`'s snapshot: the pages its access rule starts with.
+    fn scope_for(&self, task: &Task) -> Scope {
+        Scope::of(&self.access_for(task))
+    }
+
     fn access_for(&self, task: &Task) -> Access {
         if task.kind == TaskKind::Root {
             return Access::everything();
@@ -563,7 +568,10 @@ impl Shared {
                 // Under the templates lock: a commit activating this template either took
                 // effect before (and this snapshot sees it) or sees `Running` and leaves a
                 // pending activation. No change is missed.
-                task.snapshot = Some(self.store.begin_snapshot());
+                task.snapshot = Some(
+                    self.store
+                        .begin_snapshot(task.exit_id(), self.scope_for(task)),
+                );
                 true
             }
             None => {
@@ -581,7 +589,9 @@ impl Shared {
         }
         let snapshot = match task.snapshot {
             Some(snapshot) => snapshot,
-            None => self.store.begin_snapshot(),
+            None => self
+                .store
+                .begin_snapshot(task.exit_id(), self.scope_for(&task)),
         };
         bump(&self.counters.started, 1);
         if task.is_instance() {
@@ -719,13 +729,10 @@ impl Shared {
         let exit = (ordinary || ends_template)
             .then(|| {
                 let own = exit_write.map(|write| (write, snapshot));
-                exit_record_write(task.exit_id(), own, outcome.status(), &pages)
+                exit_record_write(task.exit_id(), own, outcome.status())
             })
             .flatten();
-        let exit_changes = exit
-            .iter()
-            .map(|(write, _)| (write.key, write.stored.clone()))
-            .collect();
+        let exit_changes = exit.iter().map(Publication::change).collect();
         let finishing = Finishing {
             txn,
             snapshot_ts: snapshot,
@@ -775,9 +782,7 @@ impl Shared {
                 let mut new_templates: Vec<ChildSpec> = Vec::new();
                 for child in children {
                     if child.watched.is_empty() {
-                        // This ending's own snapshot, older, is still registered.
-                        self.store.register_snapshot(first_ts);
-                        new_tasks.push(Task {
+                        let task = Task {
                             id: child.id,
                             kind: TaskKind::Child,
                             entry: child.entry,
@@ -786,7 +791,11 @@ impl Shared {
                             using: child.using,
                             watched: Vec::new(),
                             snapshot: Some(first_ts),
-                        });
+                        };
+                        // Registered while this ending takes effect: above the floor.
+                        self.store
+                            .register_snapshot(first_ts, task.id, self.scope_for(&task));
+                        new_tasks.push(task);
                     } else {
                         new_templates.push(child);
                     }
@@ -848,7 +857,7 @@ impl Shared {
         if !task.is_instance() {
             self.local.release(1);
         }
-        self.store.end_snapshot(snapshot);
+        self.store.end_snapshot(snapshot, task.exit_id());
         self.pending_tasks
             .fetch_add(new_tasks.len() as u64, Ordering::AcqRel);
         for task in new_tasks {
@@ -954,29 +963,26 @@ impl Shared {
 }
 
 /// An exit-record publication for runner `id`: its own writes to its page (if any), plus the
-/// status word. `None` when out of page memory: nobody can be told; the run goes on.
+/// status word. Without writes of its own, only the status word goes (over whatever the page
+/// holds at its timestamp), with no page behind it.
 fn exit_record_write(
     id: u64,
     own_writes: Option<(PageWrite, u64)>,
     status: u64,
-    pages: &PageSource,
-) -> Option<(PageWrite, Option<u64>)> {
-    let (mut write, base_ts) = match own_writes {
-        Some((write, snapshot)) => (write, Some(snapshot)),
-        // Only the status word: it goes over whatever the page holds at its timestamp.
-        None => (
-            PageWrite {
-                key: page_key(id),
-                data: pages.zeroed().ok()?,
-                stored: Box::new(EMPTY_MASK),
-            },
-            None,
-        ),
-    };
+) -> Option<Publication> {
     let offset = abi::EXIT_STATUS_OFFSET as usize;
-    write.data[offset..offset + 8].copy_from_slice(&status.to_le_bytes());
-    mark(&mut write.stored, offset, 8);
-    Some((write, base_ts))
+    match own_writes {
+        Some((mut write, snapshot)) => {
+            write.data[offset..offset + 8].copy_from_slice(&status.to_le_bytes());
+            mark(&mut write.stored, offset, 8);
+            Some(Publication::Page {
+                write,
+                base_ts: Some(snapshot),
+            })
+        }
+        None => crate::store::PageBytes::new(page_key(id), offset, &status.to_le_bytes())
+            .map(Publication::Bytes),
+    }
 }
 
 fn instance_task(template: u64, spec: &ChildSpec) -> Task {
@@ -1281,7 +1287,11 @@ impl Machine {
             stack,
             using: Vec::new(),
             watched: Vec::new(),
-            snapshot: Some(self.shared.store.begin_snapshot()),
+            snapshot: Some(
+                self.shared
+                    .store
+                    .begin_snapshot(self.first_id, Scope::Everything),
+            ),
         })
     }
 
