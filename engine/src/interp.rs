@@ -660,11 +660,9 @@ impl<'a> Exec<'a> {
             });
         }
         let addr = self.address(operand)?;
-        // The console word is a device register, never memory, whatever the TLB holds.
-        if addr != abi::PR_CONSOLE_IN {
-            if let Some(value) = self.view.try_load(addr, size) {
-                return Ok(value);
-            }
+        // The console words' page is never in the TLB, so a hit is never a console word.
+        if let Some(value) = self.view.try_load(addr, size) {
+            return Ok(value);
         }
         self.read_slow(addr, size)
     }
@@ -683,7 +681,7 @@ impl<'a> Exec<'a> {
     #[inline(always)]
     fn write(&mut self, operand: Operand, size: usize, value: u64) -> Step<()> {
         let addr = self.address(operand)?;
-        if addr != abi::PR_CONSOLE_OUT && self.view.try_store(addr, size, value) {
+        if self.view.try_store(addr, size, value) {
             return Ok(());
         }
         self.write_slow(addr, size, value)
