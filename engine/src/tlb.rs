@@ -18,7 +18,7 @@
 //! 3. Pointers into private and dirty pages are derived once, when the frame is created, and
 //!    the page is not borrowed again until its frame is removed: every access to those bytes
 //!    goes through the stored pointers, so they are never invalidated by a newer borrow.
-//! 4. A read pointer covers `PAGE_BYTES` bytes and a mask pointer `PAGE_BYTES / 64` words;
+//! 4. A read pointer covers `PAGE_BYTES` bytes and a non-null mask pointer `PAGE_BYTES / 64` words;
 //!    every access checks `offset + len <= PAGE_BYTES` (`len <= 8`) before it dereferences.
 //! 5. A write pointer is non-null only for memory this view owns exclusively (a private page or
 //!    its own dirty copy); clean pages and `ZERO_PAGE` get a null write pointer.
@@ -50,7 +50,8 @@ pub struct TlbEntry {
     pub read: *const u8,
     /// The page's bytes for stores, or null: stores take the slow path.
     pub write: *mut u8,
-    /// The page's store mask (one bit per byte), or the frames' sink mask for private pages.
+    /// The page's store mask (one bit per byte), or null for a private page (never committed,
+    /// so nobody reads which bytes were stored).
     pub mask: *mut u64,
 }
 
@@ -113,8 +114,6 @@ pub struct Tlb {
     clean: Vec<Arc<Page>>,
     private: Vec<PrivateFrame>,
     dirty: Vec<DirtyFrame>,
-    /// Stores to private pages mark this mask; nobody reads it.
-    sink: Box<Mask>,
 }
 
 // SAFETY: the raw pointers in `Tlb` point into `ZERO_PAGE` (immutable static) or into pages and
@@ -199,7 +198,6 @@ impl Tlb {
             clean: Vec::new(),
             private: Vec::new(),
             dirty: Vec::new(),
-            sink: Box::new(EMPTY_MASK),
         }
     }
 
@@ -247,11 +245,13 @@ impl Tlb {
             return false;
         }
         // SAFETY: a non-null write pointer of a matching entry covers a page this view owns
-        // exclusively, and its mask pointer a whole mask (invariants 1, 2, 4, 5); the access
-        // is inside the page.
+        // exclusively, and its mask pointer, if not null, a whole mask (invariants 1, 2, 4, 5);
+        // the access is inside the page.
         unsafe {
             write_le(entry.write.add(offset), len, value);
-            mark(entry.mask, offset, len);
+            if !entry.mask.is_null() {
+                mark(entry.mask, offset, len);
+            }
         }
         true
     }
@@ -273,7 +273,9 @@ impl Tlb {
             let at = entry.write.add(offset);
             let value = f(read_le(at, 8));
             write_le(at, 8, value);
-            mark(entry.mask, offset, 8);
+            if !entry.mask.is_null() {
+                mark(entry.mask, offset, 8);
+            }
             Some(value)
         }
     }
@@ -336,7 +338,7 @@ impl Tlb {
                 Some(f) => (
                     f.data.as_ptr() as *const u8,
                     f.data.as_ptr(),
-                    self.sink.as_mut_ptr(),
+                    ptr::null_mut(),
                 ),
                 None => (ZERO_PAGE.as_ptr(), ptr::null_mut(), ptr::null_mut()),
             },
@@ -371,7 +373,9 @@ impl Tlb {
         // exclusively, with a whole mask (invariants 1, 4, 5); the access is inside it.
         unsafe {
             write_le(write.add(offset), len, value);
-            mark(mask, offset, len);
+            if !mask.is_null() {
+                mark(mask, offset, len);
+            }
         }
         true
     }
@@ -452,11 +456,11 @@ impl Tlb {
                 || self
                     .private
                     .iter()
-                    .any(|f| f.data.as_ptr() as *const u8 == read)
+                    .any(|f| std::ptr::eq(f.data.as_ptr(), read))
                 || self
                     .dirty
                     .iter()
-                    .any(|f| f.data.as_ptr() as *const u8 == read)
+                    .any(|f| std::ptr::eq(f.data.as_ptr(), read))
         })
     }
 }
