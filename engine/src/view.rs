@@ -241,17 +241,24 @@ impl View {
         access: Access,
         read_only: Arc<RangeSet>,
     ) {
+        self.release();
+        self.store = store;
+        self.snapshot_ts = snapshot_ts;
+        self.pages = pages;
+        self.access = access;
+        self.read_only = read_only;
+    }
+
+    /// Frees every page the view holds (private pages, copies not drained, its references to
+    /// snapshot pages) as dropping it would, but keeps the view, its TLB allocation and its
+    /// maps' capacity for `reset`.
+    pub fn release(&mut self) {
         self.tlb.clear();
         self.dirty_index.clear();
         self.clean_index.clear();
         self.private_index.clear();
         self.zero_private_cached = false;
         self.clean_amr_cached = false;
-        self.store = store;
-        self.snapshot_ts = snapshot_ts;
-        self.pages = pages;
-        self.access = access;
-        self.read_only = read_only;
     }
 
     pub fn snapshot_ts(&self) -> u64 {
