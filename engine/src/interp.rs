@@ -5,6 +5,13 @@
 //! parses bytes. Every value is carried as the raw bits of its type in a `u64` (integers
 //! zero-extended from their width, floats as IEEE bits) and interpreted per instruction type.
 //!
+//! The hot loop only calls the instruction's handler, which returns the next index (`STOP`
+//! once it has recorded an ending in `Exec`); handlers are chosen at load time per operation,
+//! type and addressing modes, some covering two instructions (superinstructions, each with a
+//! plain handler for exact stepping). Invariant: `Exec::instructions` after `run` is exactly
+//! the number of instructions executed, the faulting one included (counted per straight-line
+//! run; see `run`).
+//!
 //! Everything a program can do wrong ends in a `Fault` naming the reason, the PC and the
 //! address; nothing here panics on program input. Side effects on the VM (ids, stacks, heap,
 //! console input) go through `Services`, so the interpreter knows nothing of scheduling.
