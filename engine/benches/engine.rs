@@ -188,6 +188,28 @@ fn view(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+
+    // A worker's view reused for the next runner: reset (a TLB generation increment), the
+    // first store to a private word (the ABI words every runner gets), drain, release.
+    group.throughput(Throughput::Elements(1));
+    let mut reused = memory.view();
+    memory.store.end_snapshot(reused.snapshot_ts());
+    group.bench_function("reset_private_store_drain", |b| {
+        b.iter(|| {
+            let ts = memory.store.begin_snapshot();
+            reused.reset(
+                Arc::clone(&memory.store) as Arc<dyn PageRead>,
+                ts,
+                memory.pages.clone(),
+                Access::everything(),
+                Arc::new(RangeSet::default()),
+            );
+            reused.store(0x2_0000_0000, 8, 1).expect("private store");
+            black_box(reused.drain_writes(None));
+            reused.release();
+            memory.store.end_snapshot(ts);
+        })
+    });
     group.finish();
 }
 

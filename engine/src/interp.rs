@@ -5,6 +5,13 @@
 //! parses bytes. Every value is carried as the raw bits of its type in a `u64` (integers
 //! zero-extended from their width, floats as IEEE bits) and interpreted per instruction type.
 //!
+//! The hot loop only calls the instruction's handler, which returns the next index (`STOP`
+//! once it has recorded an ending in `Exec`); handlers are chosen at load time per operation,
+//! type and addressing modes, some covering two instructions (superinstructions, each with a
+//! plain handler for exact stepping). Invariant: `Exec::instructions` after `run` is exactly
+//! the number of instructions executed, the faulting one included (counted per straight-line
+//! run; see `run`).
+//!
 //! Everything a program can do wrong ends in a `Fault` naming the reason, the PC and the
 //! address; nothing here panics on program input. Side effects on the VM (ids, stacks, heap,
 //! console input) go through `Services`, so the interpreter knows nothing of scheduling.
@@ -27,8 +34,31 @@ pub const MAX_DESCRIPTOR_RANGES: u64 = 64;
 
 const NO_TARGET: u32 = u32::MAX;
 
-/// Executes one decoded instruction at `index`; chosen per instruction at load time.
-type Handler = fn(&mut Exec<'_>, &Decoded, usize) -> Step<Next>;
+/// Executes one decoded instruction at `index` and returns the index of the next one, or
+/// `STOP` after recording the runner's ending (a fault or an exit) in `Exec`: the result stays
+/// in a register and the ending is built only on the cold path. Chosen per instruction at load
+/// time.
+type Handler = fn(&mut Exec<'_>, &Decoded, usize) -> usize;
+
+/// The index a handler returns when the runner stops (its ending is in `Exec::stop`).
+const STOP: usize = usize::MAX;
+
+/// One operand, decoded so a handler specialised for its addressing mode needs no `match`:
+/// `x` is the immediate (masked to its access width), the direct address, or the address of
+/// the pointer (indirect and base+displacement are one shape: `disp` is 0 for indirect).
+#[derive(Clone, Copy, Debug, Default)]
+struct Opnd {
+    x: u64,
+    disp: u64,
+    mode: u8,
+}
+
+/// Addressing-mode codes of `Opnd::mode` and of the handlers' mode parameters.
+const IMM: u8 = 0;
+const DIR: u8 = 1;
+const PTR: u8 = 2;
+/// A handler parameter only: the mode is read from the operand at run time.
+const ANY: u8 = 3;
 
 /// One decoded instruction, with its immediate branch target resolved and its handler chosen.
 #[derive(Clone)]
@@ -37,7 +67,19 @@ pub struct Decoded {
     pub addr: u64,
     /// Index of the immediate branch target, or `NO_TARGET`.
     target: u32,
+    /// This instruction's index (a fault records where the run stopped).
+    index: u32,
+    /// Instructions from here to the end of this straight-line run (the next branch)
+    /// inclusive: entering a run at this instruction counts them all at once.
+    run_len: u32,
+    /// `run_len` of the branch target and of the next instruction.
+    target_len: u32,
+    next_len: u32,
+    ops: [Opnd; 3],
+    /// The handler, possibly a superinstruction covering the next instruction too.
     handler: Handler,
+    /// A handler for this instruction alone (exact per-instruction counting).
+    single: Handler,
 }
 
 impl fmt::Debug for Decoded {
@@ -46,6 +88,7 @@ impl fmt::Debug for Decoded {
             .field("instr", &self.instr)
             .field("addr", &self.addr)
             .field("target", &self.target)
+            .field("run_len", &self.run_len)
             .finish()
     }
 }
@@ -54,7 +97,50 @@ impl fmt::Debug for Decoded {
 #[derive(Debug)]
 pub struct Program {
     pub image: LoadedImage,
+    /// The instructions, then one sentinel past the end (execution that falls off `.text`).
     pub decoded: Vec<Decoded>,
+}
+
+/// Access width of operand `k` of `instr` (the immediates are masked to it at decode time).
+fn operand_size(instr: &Instr, k: usize) -> usize {
+    let ty = if instr.op == Op::Conv && k == 1 {
+        instr.tys[1]
+    } else {
+        instr.tys[0]
+    };
+    ty.size_bytes() as usize
+}
+
+fn decode_operand(instr: &Instr, k: usize) -> Opnd {
+    match instr.operand(k) {
+        Operand::Imm(raw) => {
+            let size = operand_size(instr, k);
+            Opnd {
+                x: if size >= 8 {
+                    raw
+                } else {
+                    raw & ((1u64 << (size * 8)) - 1)
+                },
+                disp: 0,
+                mode: IMM,
+            }
+        }
+        Operand::Direct(addr) => Opnd {
+            x: addr,
+            disp: 0,
+            mode: DIR,
+        },
+        Operand::Indirect(addr) => Opnd {
+            x: addr,
+            disp: 0,
+            mode: PTR,
+        },
+        Operand::BaseDisp { disp, base } => Opnd {
+            x: base,
+            disp: i64::from(disp) as u64,
+            mode: PTR,
+        },
+    }
 }
 
 impl Program {
@@ -62,13 +148,29 @@ impl Program {
         let mut decoded: Vec<Decoded> = image
             .code
             .iter()
-            .map(|(offset, instr)| Decoded {
-                instr: *instr,
-                addr: abi::CODE_BASE + u64::from(*offset),
-                target: NO_TARGET,
-                handler: handlers::select(instr),
+            .enumerate()
+            .map(|(index, (offset, instr))| {
+                let ops = [
+                    decode_operand(instr, 0),
+                    decode_operand(instr, 1),
+                    decode_operand(instr, 2),
+                ];
+                let single = handlers::select(instr, &ops);
+                Decoded {
+                    instr: *instr,
+                    addr: abi::CODE_BASE + u64::from(*offset),
+                    target: NO_TARGET,
+                    index: index as u32,
+                    run_len: 0,
+                    target_len: 0,
+                    next_len: 0,
+                    ops,
+                    handler: single,
+                    single,
+                }
             })
             .collect();
+        let count = decoded.len();
         let addrs: Vec<u64> = decoded.iter().map(|d| d.addr).collect();
         for d in &mut decoded {
             if let Some(target) = d.instr.branch_target(d.addr) {
@@ -77,11 +179,52 @@ impl Program {
                 }
             }
         }
+        // Runs end at branches (the only instructions that can go anywhere but the next one).
+        let mut next_run = 0u32;
+        for d in decoded.iter_mut().rev() {
+            d.next_len = next_run;
+            d.run_len = if d.instr.op == Op::Br {
+                1
+            } else {
+                next_run + 1
+            };
+            next_run = d.run_len;
+        }
+        for index in 0..count {
+            let target = decoded[index].target;
+            if target != NO_TARGET {
+                decoded[index].target_len = decoded[target as usize].run_len;
+            }
+            if let Some(fused) = handlers::fuse(&decoded[index], decoded.get(index + 1)) {
+                decoded[index].handler = fused;
+            }
+        }
+        let mut past_end = Decoded {
+            instr: Instr::new(Op::Nop),
+            addr: u64::MAX,
+            target: NO_TARGET,
+            index: count as u32,
+            run_len: 0,
+            target_len: 0,
+            next_len: 0,
+            ops: [Opnd::default(); 3],
+            handler: handlers::past_end_h,
+            single: handlers::past_end_h,
+        };
+        past_end.addr = decoded.last().map_or(abi::CODE_BASE, |d| d.addr);
+        decoded.push(past_end);
         Program { image, decoded }
     }
 
+    /// The instructions, without the sentinel.
+    fn instructions(&self) -> &[Decoded] {
+        &self.decoded[..self.decoded.len().saturating_sub(1)]
+    }
+
     pub fn index_of(&self, addr: u64) -> Option<usize> {
-        self.decoded.binary_search_by_key(&addr, |d| d.addr).ok()
+        self.instructions()
+            .binary_search_by_key(&addr, |d| d.addr)
+            .ok()
     }
 
     /// `addr (symbol+off)` for reports.
@@ -264,10 +407,20 @@ pub struct Exec<'a> {
     /// Instructions already passed to `Services::count_instructions`.
     pub instructions_reported: u64,
     max_instructions: u64,
-    /// The next instruction count at which the loop leaves its fast path (limit or report).
+    /// The count above which entering a run leaves the fast path (limit or report).
     check_at: u64,
     pub output: Vec<u8>,
     pub children: Vec<ChildSpec>,
+    /// How the runner ended, recorded by the handler that returned `STOP`.
+    stop: Option<Ending>,
+    /// The index of the instruction that stopped the runner.
+    stop_index: usize,
+    /// A fault found on a slow path, waiting for its handler to record it with its PC.
+    pending: Option<FaultKind>,
+    /// Counting one instruction at a time: the limit falls inside the current run.
+    stepping: bool,
+    /// Where to continue when the fast loop hands over to the stepping loop.
+    resume: usize,
 }
 
 type Step<T> = Result<T, FaultKind>;
@@ -525,12 +678,22 @@ impl<'a> Exec<'a> {
             check_at: max_instructions.min(REPORT_EVERY_INSTRUCTIONS),
             output: Vec::new(),
             children: Vec::new(),
+            stop: None,
+            stop_index: 0,
+            pending: None,
+            stepping: false,
+            resume: 0,
         }
     }
 
     /// Runs from `entry` until the runner ends.
+    ///
+    /// Instructions are counted per run (a straight line up to the next branch): entering a
+    /// run adds its length, a runner that stops inside a run gives back the instructions after
+    /// the one that stopped it, and when `--max-instructions` falls inside a run, that run is
+    /// executed one instruction at a time, so the count and the faulting PC are exact.
     pub fn run(&mut self, entry: u64) -> Ending {
-        let Some(mut index) = self.program.index_of(entry) else {
+        let Some(first) = self.program.index_of(entry) else {
             return Ending::Fault(Fault {
                 kind: FaultKind::InvalidInstruction {
                     reason: format!("entry point {entry:#x} is not an instruction"),
@@ -540,20 +703,32 @@ impl<'a> Exec<'a> {
         };
         let program = self.program;
         let code = &program.decoded;
-        let mut last_pc = entry;
-        loop {
-            let Some(d) = code.get(index) else {
-                return Ending::Fault(Fault {
-                    kind: FaultKind::InvalidInstruction {
-                        reason: "execution ran past the end of .text".into(),
-                    },
-                    pc: last_pc,
-                });
-            };
-            last_pc = d.addr;
-            self.instructions += 1;
-            // One compare per instruction covers both the limit and progress reports.
-            if self.instructions > self.check_at {
+        let mut index = self.enter(first, code[first].run_len);
+        while index != STOP {
+            let d = &code[index];
+            index = (d.handler)(self, d, index);
+        }
+        if self.stop.is_none() && self.stepping {
+            return self.run_stepping(self.resume);
+        }
+        if !self.stepping {
+            let stopped = code.get(self.stop_index).map_or(0, |d| d.run_len);
+            self.instructions -= u64::from(stopped.saturating_sub(1));
+        }
+        self.take_ending()
+    }
+
+    /// The loop near the instruction limit: counts and checks every instruction, and runs
+    /// no superinstruction (so the count is exact at every step).
+    #[cold]
+    #[inline(never)]
+    fn run_stepping(&mut self, mut index: usize) -> Ending {
+        let program = self.program;
+        let code = &program.decoded;
+        while index != STOP {
+            let d = &code[index];
+            if d.run_len > 0 {
+                self.instructions += 1;
                 if self.instructions > self.max_instructions {
                     return Ending::Fault(Fault {
                         kind: FaultKind::InstructionLimit {
@@ -562,25 +737,153 @@ impl<'a> Exec<'a> {
                         pc: d.addr,
                     });
                 }
-                self.services
-                    .count_instructions(self.instructions - self.instructions_reported);
-                self.instructions_reported = self.instructions;
-                if self.services.stopping() {
-                    return Ending::Fault(Fault {
-                        kind: FaultKind::Internal {
-                            reason: "the run was stopped".into(),
-                        },
-                        pc: d.addr,
-                    });
-                }
-                self.check_at = self
-                    .max_instructions
-                    .min(self.instructions.saturating_add(REPORT_EVERY_INSTRUCTIONS));
             }
-            match (d.handler)(self, d, index) {
-                Ok(Next::Index(next)) => index = next,
-                Ok(Next::End(mode)) => return Ending::Exit(mode),
-                Err(kind) => return Ending::Fault(Fault { kind, pc: d.addr }),
+            index = (d.single)(self, d, index);
+        }
+        self.take_ending()
+    }
+
+    fn take_ending(&mut self) -> Ending {
+        self.stop.take().unwrap_or_else(|| {
+            Ending::Fault(Fault {
+                kind: FaultKind::Internal {
+                    reason: "the interpreter stopped without an ending".into(),
+                },
+                pc: 0,
+            })
+        })
+    }
+
+    /// Enters the run starting at `index` (`len` instructions): counts them, or leaves the
+    /// fast path for a progress report or the instruction limit.
+    #[inline(always)]
+    fn enter(&mut self, index: usize, len: u32) -> usize {
+        let count = self.instructions + u64::from(len);
+        if count > self.check_at {
+            return self.enter_cold(index, len);
+        }
+        self.instructions = count;
+        index
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn enter_cold(&mut self, index: usize, len: u32) -> usize {
+        if self.stepping {
+            // The stepping loop counts each instruction itself.
+            return index;
+        }
+        let count = self.instructions + u64::from(len);
+        if count > self.max_instructions {
+            self.stepping = true;
+            self.check_at = 0;
+            self.resume = index;
+            return STOP;
+        }
+        self.services
+            .count_instructions(self.instructions - self.instructions_reported);
+        self.instructions_reported = self.instructions;
+        if self.services.stopping() {
+            let pc = self.program.decoded.get(index).map_or(0, |d| d.addr);
+            self.stop = Some(Ending::Fault(Fault {
+                kind: FaultKind::Internal {
+                    reason: "the run was stopped".into(),
+                },
+                pc,
+            }));
+            // Nothing of the entered run was counted.
+            self.stop_index = index;
+            // Nothing to give back: `stepping` makes `run` skip the adjustment.
+            self.stepping = true;
+            return STOP;
+        }
+        self.instructions = count;
+        self.check_at = self
+            .max_instructions
+            .min(count.saturating_add(REPORT_EVERY_INSTRUCTIONS));
+        index
+    }
+
+    /// Records a fault of the instruction `d` and stops the runner.
+    #[cold]
+    #[inline(never)]
+    fn fault(&mut self, d: &Decoded, kind: FaultKind) -> usize {
+        self.stop = Some(Ending::Fault(Fault { kind, pc: d.addr }));
+        self.stop_index = d.index as usize;
+        STOP
+    }
+
+    /// Records the fault a slow path left in `pending`.
+    #[cold]
+    #[inline(never)]
+    fn fault_pending(&mut self, d: &Decoded) -> usize {
+        let kind = self.pending.take().unwrap_or_else(|| FaultKind::Internal {
+            reason: "an access failed without a reason".into(),
+        });
+        self.fault(d, kind)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn exit(&mut self, d: &Decoded, mode: ExitMode) -> usize {
+        self.stop = Some(Ending::Exit(mode));
+        self.stop_index = d.index as usize;
+        STOP
+    }
+
+    /// A load for a handler: `None` means a fault is pending.
+    #[inline(always)]
+    fn load(&mut self, addr: u64, size: usize) -> Option<u64> {
+        match self.view.try_load(addr, size) {
+            Some(value) => Some(value),
+            None => self.load_cold(addr, size),
+        }
+    }
+
+    #[inline(never)]
+    fn load_cold(&mut self, addr: u64, size: usize) -> Option<u64> {
+        match self.read_slow(addr, size) {
+            Ok(value) => Some(value),
+            Err(kind) => {
+                self.pending = Some(kind);
+                None
+            }
+        }
+    }
+
+    /// The pointer word of an indirect operand (memory even at a console address).
+    #[inline(always)]
+    fn pointer(&mut self, at: u64) -> Option<u64> {
+        match self.view.try_load(at, 8) {
+            Some(value) => Some(value),
+            None => self.pointer_cold(at),
+        }
+    }
+
+    #[inline(never)]
+    fn pointer_cold(&mut self, at: u64) -> Option<u64> {
+        match self.view.load_slow(at, 8) {
+            Ok(value) => Some(value),
+            Err(err) => {
+                self.pending = Some(err.into());
+                None
+            }
+        }
+    }
+
+    /// A store for a handler: `false` means a fault is pending.
+    #[inline(always)]
+    fn store(&mut self, addr: u64, size: usize, value: u64) -> bool {
+        self.view.try_store(addr, size, value) || self.store_cold(addr, size, value)
+    }
+
+    #[inline(never)]
+    fn store_cold(&mut self, addr: u64, size: usize, value: u64) -> bool {
+        match self.write_slow(addr, size, value) {
+            Ok(()) => true,
+            Err(kind) => {
+                self.pending = Some(kind);
+                false
             }
         }
     }
@@ -660,11 +963,9 @@ impl<'a> Exec<'a> {
             });
         }
         let addr = self.address(operand)?;
-        // The console word is a device register, never memory, whatever the TLB holds.
-        if addr != abi::PR_CONSOLE_IN {
-            if let Some(value) = self.view.try_load(addr, size) {
-                return Ok(value);
-            }
+        // The console words' page is never in the TLB, so a hit is never a console word.
+        if let Some(value) = self.view.try_load(addr, size) {
+            return Ok(value);
         }
         self.read_slow(addr, size)
     }
@@ -683,7 +984,7 @@ impl<'a> Exec<'a> {
     #[inline(always)]
     fn write(&mut self, operand: Operand, size: usize, value: u64) -> Step<()> {
         let addr = self.address(operand)?;
-        if addr != abi::PR_CONSOLE_OUT && self.view.try_store(addr, size, value) {
+        if self.view.try_store(addr, size, value) {
             return Ok(());
         }
         self.write_slow(addr, size, value)
@@ -900,10 +1201,13 @@ enum Next {
     End(ExitMode),
 }
 
-/// Specialised handlers. Each is monomorphised over the operation and the type(s) with const
-/// generics, so `arith`/`convert`/`compare` (marked `#[inline(always)]`) fold their `match`es
-/// on those away and the handler does only the operand accesses and the operation itself.
-/// `select` is the one place that maps a decoded instruction to its handler.
+/// Specialised handlers. Each is monomorphised over the operation, the type(s) and, for the
+/// common types (`se`, `ue`, `fd`), the addressing mode of each operand (immediate, direct, or
+/// through a pointer) with const generics, so `arith`/`convert`/`compare` (marked
+/// `#[inline(always)]`) and the operand fetches fold their `match`es away and the handler does
+/// only the accesses and the operation itself. Other types read the mode at run time (`ANY`).
+/// `select` is the one place that maps a decoded instruction to its handler, `fuse` the one
+/// place that picks superinstructions.
 mod handlers {
     use super::*;
 
@@ -920,6 +1224,9 @@ mod handlers {
         Op::Shr,
     ];
     const COMPARES: [Cond; 4] = [Cond::L, Cond::Le, Cond::E, Cond::Ne];
+    const S64: u8 = 4;
+    const U64: u8 = 5;
+    const F64: u8 = 7;
 
     #[inline(always)]
     const fn ty(code: u8) -> Ty {
@@ -930,138 +1237,515 @@ mod handlers {
         Ty::ALL.iter().position(|t| *t == ty).unwrap_or(0) as u8
     }
 
-    fn arith_h<const OP: u8, const TY: u8>(
-        e: &mut Exec<'_>,
-        d: &Decoded,
-        index: usize,
-    ) -> Step<Next> {
-        let (op, ty) = (ARITH_OPS[OP as usize], ty(TY));
-        let size = ty.size_bytes() as usize;
-        let a = e.read(d.instr.operand(0), size)?;
-        let b = e.read(d.instr.operand(1), size)?;
-        let c = arith(op, ty, a, b)?;
-        e.write(d.instr.operand(2), size, c)?;
-        Ok(Next::Index(index + 1))
-    }
-
-    fn conv_h<const FROM: u8, const TO: u8>(
-        e: &mut Exec<'_>,
-        d: &Decoded,
-        index: usize,
-    ) -> Step<Next> {
-        let (from, to) = (ty(FROM), ty(TO));
-        let value = e.read(d.instr.operand(0), from.size_bytes() as usize)?;
-        e.write(
-            d.instr.operand(1),
-            to.size_bytes() as usize,
-            convert(value, from, to),
-        )?;
-        Ok(Next::Index(index + 1))
-    }
-
+    /// The value of a source operand; `None`: a fault is pending.
     #[inline(always)]
-    fn jump(d: &Decoded, index: usize, taken: bool) -> Step<Next> {
-        if !taken {
-            Ok(Next::Index(index + 1))
-        } else if d.target != NO_TARGET {
-            Ok(Next::Index(d.target as usize))
-        } else {
-            let target = d.instr.branch_target(d.addr).unwrap_or(0);
-            Err(FaultKind::InvalidInstruction {
-                reason: format!("branch to {target:#x}, which is not an instruction"),
-            })
+    fn src<const M: u8>(e: &mut Exec<'_>, o: &Opnd, size: usize) -> Option<u64> {
+        let mode = if M == ANY { o.mode } else { M };
+        match mode {
+            IMM => Some(o.x),
+            DIR => e.load(o.x, size),
+            _ => {
+                let base = e.pointer(o.x)?;
+                e.load(base.wrapping_add(o.disp), size)
+            }
         }
     }
 
-    fn compare_h<const COND: u8, const TY: u8>(
-        e: &mut Exec<'_>,
-        d: &Decoded,
-        index: usize,
-    ) -> Step<Next> {
-        let ty = ty(TY);
-        let size = ty.size_bytes() as usize;
-        let a = e.read(d.instr.operand(0), size)?;
-        let b = e.read(d.instr.operand(1), size)?;
-        jump(d, index, compare(COMPARES[COND as usize], ty, a, b))
+    /// Stores to a destination operand; `false`: a fault is pending.
+    #[inline(always)]
+    fn dst<const M: u8>(e: &mut Exec<'_>, o: &Opnd, size: usize, value: u64) -> bool {
+        let mode = if M == ANY { o.mode } else { M };
+        match mode {
+            IMM => {
+                e.pending = Some(FaultKind::InvalidInstruction {
+                    reason: "an immediate has no address".into(),
+                });
+                false
+            }
+            DIR => e.store(o.x, size, value),
+            _ => match e.pointer(o.x) {
+                Some(base) => e.store(base.wrapping_add(o.disp), size, value),
+                None => false,
+            },
+        }
     }
 
-    fn test_h<const ZERO: bool, const TY: u8>(
-        e: &mut Exec<'_>,
-        d: &Decoded,
-        index: usize,
-    ) -> Step<Next> {
-        let ty = ty(TY);
-        let a = e.read(d.instr.operand(0), ty.size_bytes() as usize)?;
-        jump(d, index, is_zero(ty, a) == ZERO)
-    }
-
-    fn jump_h(_: &mut Exec<'_>, d: &Decoded, index: usize) -> Step<Next> {
-        jump(d, index, true)
-    }
-
-    fn general_h(e: &mut Exec<'_>, d: &Decoded, index: usize) -> Step<Next> {
-        e.step(d, index)
-    }
-
-    /// `handler::<FIRST, code>` for a type code known only at run time: const generic
-    /// arguments must be literals, so the eight types are spelled out once, here.
-    macro_rules! per_type {
-        ($code:expr, $handler:ident, $first:expr) => {
-            match $code {
-                0 => $handler::<{ $first }, 0> as Handler,
-                1 => $handler::<{ $first }, 1>,
-                2 => $handler::<{ $first }, 2>,
-                3 => $handler::<{ $first }, 3>,
-                4 => $handler::<{ $first }, 4>,
-                5 => $handler::<{ $first }, 5>,
-                6 => $handler::<{ $first }, 6>,
-                _ => $handler::<{ $first }, 7>,
+    /// `let x = get!(e, d, option)`: the value, or stop with the pending fault.
+    macro_rules! get {
+        ($e:ident, $d:ident, $value:expr) => {
+            match $value {
+                Some(value) => value,
+                None => return $e.fault_pending($d),
             }
         };
     }
 
-    fn conv_to<const FROM: u8>(to: Ty) -> Handler {
-        per_type!(ty_code(to), conv_h, FROM)
+    fn arith_h<const OP: u8, const TY: u8, const A: u8, const B: u8, const C: u8>(
+        e: &mut Exec<'_>,
+        d: &Decoded,
+        index: usize,
+    ) -> usize {
+        let (op, ty) = (ARITH_OPS[OP as usize], ty(TY));
+        let size = ty.size_bytes() as usize;
+        let a = get!(e, d, src::<A>(e, &d.ops[0], size));
+        let b = get!(e, d, src::<B>(e, &d.ops[1], size));
+        let c = match arith(op, ty, a, b) {
+            Ok(c) => c,
+            Err(kind) => return e.fault(d, kind),
+        };
+        if !dst::<C>(e, &d.ops[2], size, c) {
+            return e.fault_pending(d);
+        }
+        index + 1
     }
 
-    pub(super) fn select(instr: &Instr) -> Handler {
+    fn conv_h<const FROM: u8, const TO: u8, const A: u8, const C: u8>(
+        e: &mut Exec<'_>,
+        d: &Decoded,
+        index: usize,
+    ) -> usize {
+        let (from, to) = (ty(FROM), ty(TO));
+        let value = get!(e, d, src::<A>(e, &d.ops[0], from.size_bytes() as usize));
+        if !dst::<C>(
+            e,
+            &d.ops[1],
+            to.size_bytes() as usize,
+            convert(value, from, to),
+        ) {
+            return e.fault_pending(d);
+        }
+        index + 1
+    }
+
+    /// Continues after branch `d` at `index`: enters the next run (taken or not).
+    #[inline(always)]
+    fn jump(e: &mut Exec<'_>, d: &Decoded, index: usize, taken: bool) -> usize {
+        if !taken {
+            e.enter(index + 1, d.next_len)
+        } else if d.target != NO_TARGET {
+            e.enter(d.target as usize, d.target_len)
+        } else {
+            let target = d.instr.branch_target(d.addr).unwrap_or(0);
+            e.fault(
+                d,
+                FaultKind::InvalidInstruction {
+                    reason: format!("branch to {target:#x}, which is not an instruction"),
+                },
+            )
+        }
+    }
+
+    fn compare_h<const COND: u8, const TY: u8, const A: u8, const B: u8>(
+        e: &mut Exec<'_>,
+        d: &Decoded,
+        index: usize,
+    ) -> usize {
+        let ty = ty(TY);
+        let size = ty.size_bytes() as usize;
+        let a = get!(e, d, src::<A>(e, &d.ops[0], size));
+        let b = get!(e, d, src::<B>(e, &d.ops[1], size));
+        jump(e, d, index, compare(COMPARES[COND as usize], ty, a, b))
+    }
+
+    fn test_h<const ZERO: bool, const TY: u8, const A: u8>(
+        e: &mut Exec<'_>,
+        d: &Decoded,
+        index: usize,
+    ) -> usize {
+        let ty = ty(TY);
+        let a = get!(e, d, src::<A>(e, &d.ops[0], ty.size_bytes() as usize));
+        jump(e, d, index, is_zero(ty, a) == ZERO)
+    }
+
+    fn jump_h(e: &mut Exec<'_>, d: &Decoded, index: usize) -> usize {
+        jump(e, d, index, true)
+    }
+
+    fn exit_h(e: &mut Exec<'_>, d: &Decoded, _: usize) -> usize {
+        e.exit(d, d.instr.exit)
+    }
+
+    fn general_h(e: &mut Exec<'_>, d: &Decoded, index: usize) -> usize {
+        match e.step(d, index) {
+            Ok(Next::Index(next)) if d.instr.op == Op::Br => {
+                let len = e.program.decoded.get(next).map_or(0, |n| n.run_len);
+                e.enter(next, len)
+            }
+            Ok(Next::Index(next)) => next,
+            Ok(Next::End(mode)) => e.exit(d, mode),
+            Err(kind) => e.fault(d, kind),
+        }
+    }
+
+    /// Execution fell off the end of `.text` (the sentinel after the last instruction).
+    pub(super) fn past_end_h(e: &mut Exec<'_>, d: &Decoded, _: usize) -> usize {
+        e.fault(
+            d,
+            FaultKind::InvalidInstruction {
+                reason: "execution ran past the end of .text".into(),
+            },
+        )
+    }
+
+    /// Superinstruction `add|sub:ue|se X, $imm, X` (a pointer bump or counter step): one TLB
+    /// probe for the read-modify-write.
+    fn bump_h<const SUB: bool>(e: &mut Exec<'_>, d: &Decoded, index: usize) -> usize {
+        let imm = d.ops[1].x;
+        let step = |v: u64| {
+            if SUB {
+                v.wrapping_sub(imm)
+            } else {
+                v.wrapping_add(imm)
+            }
+        };
+        match e.view.try_update_u64(d.ops[0].x, step) {
+            Some(_) => index + 1,
+            None => (d.single)(e, d, index),
+        }
+    }
+
+    /// Branch kinds of the fused step-and-branch superinstructions.
+    const BR_Z: u8 = 0;
+    const BR_NZ: u8 = 1;
+    const BR_J: u8 = 2;
+
+    /// Superinstruction: a bump (as `bump_h`) followed by `br:z|nz X, $target` on the same
+    /// word, or by `br:j $target`. If the fast path misses, only the bump runs here and the
+    /// branch runs as its own instruction.
+    fn bump_br_h<const SUB: bool, const BR: u8>(
+        e: &mut Exec<'_>,
+        d: &Decoded,
+        index: usize,
+    ) -> usize {
+        let imm = d.ops[1].x;
+        let step = |v: u64| {
+            if SUB {
+                v.wrapping_sub(imm)
+            } else {
+                v.wrapping_add(imm)
+            }
+        };
+        let program = e.program;
+        let (Some(value), Some(branch)) = (
+            e.view.try_update_u64(d.ops[0].x, step),
+            program.decoded.get(index + 1),
+        ) else {
+            return (d.single)(e, d, index);
+        };
+        let taken = match BR {
+            BR_Z => value == 0,
+            BR_NZ => value != 0,
+            _ => true,
+        };
+        jump(e, branch, index + 1, taken)
+    }
+
+    /// `handler::<FIRST, code, ...>` for a type code known only at run time: const generic
+    /// arguments must be literals, so the eight types are spelled out once, here.
+    macro_rules! per_type {
+        ($code:expr, $handler:ident, $first:expr $(, $rest:expr)*) => {
+            match $code {
+                0 => $handler::<{ $first }, 0 $(, $rest)*> as Handler,
+                1 => $handler::<{ $first }, 1 $(, $rest)*>,
+                2 => $handler::<{ $first }, 2 $(, $rest)*>,
+                3 => $handler::<{ $first }, 3 $(, $rest)*>,
+                4 => $handler::<{ $first }, 4 $(, $rest)*>,
+                5 => $handler::<{ $first }, 5 $(, $rest)*>,
+                6 => $handler::<{ $first }, 6 $(, $rest)*>,
+                _ => $handler::<{ $first }, 7 $(, $rest)*>,
+            }
+        };
+    }
+
+    /// `arith_h` with its modes for one of the specialised types.
+    macro_rules! arith_modes {
+        ($op:expr, $ty:expr, $a:expr, $b:expr, $c:expr) => {
+            match ($a, $b, $c) {
+                (IMM, IMM, DIR) => arith_h::<{ $op }, { $ty }, IMM, IMM, DIR> as Handler,
+                (IMM, DIR, DIR) => arith_h::<{ $op }, { $ty }, IMM, DIR, DIR>,
+                (IMM, PTR, DIR) => arith_h::<{ $op }, { $ty }, IMM, PTR, DIR>,
+                (DIR, IMM, DIR) => arith_h::<{ $op }, { $ty }, DIR, IMM, DIR>,
+                (DIR, DIR, DIR) => arith_h::<{ $op }, { $ty }, DIR, DIR, DIR>,
+                (DIR, PTR, DIR) => arith_h::<{ $op }, { $ty }, DIR, PTR, DIR>,
+                (PTR, IMM, DIR) => arith_h::<{ $op }, { $ty }, PTR, IMM, DIR>,
+                (PTR, DIR, DIR) => arith_h::<{ $op }, { $ty }, PTR, DIR, DIR>,
+                (PTR, PTR, DIR) => arith_h::<{ $op }, { $ty }, PTR, PTR, DIR>,
+                (IMM, IMM, PTR) => arith_h::<{ $op }, { $ty }, IMM, IMM, PTR>,
+                (IMM, DIR, PTR) => arith_h::<{ $op }, { $ty }, IMM, DIR, PTR>,
+                (IMM, PTR, PTR) => arith_h::<{ $op }, { $ty }, IMM, PTR, PTR>,
+                (DIR, IMM, PTR) => arith_h::<{ $op }, { $ty }, DIR, IMM, PTR>,
+                (DIR, DIR, PTR) => arith_h::<{ $op }, { $ty }, DIR, DIR, PTR>,
+                (DIR, PTR, PTR) => arith_h::<{ $op }, { $ty }, DIR, PTR, PTR>,
+                (PTR, IMM, PTR) => arith_h::<{ $op }, { $ty }, PTR, IMM, PTR>,
+                (PTR, DIR, PTR) => arith_h::<{ $op }, { $ty }, PTR, DIR, PTR>,
+                (PTR, PTR, PTR) => arith_h::<{ $op }, { $ty }, PTR, PTR, PTR>,
+                _ => arith_h::<{ $op }, { $ty }, ANY, ANY, ANY>,
+            }
+        };
+    }
+
+    macro_rules! compare_modes {
+        ($cond:expr, $ty:expr, $a:expr, $b:expr) => {
+            match ($a, $b) {
+                (IMM, IMM) => compare_h::<{ $cond }, { $ty }, IMM, IMM> as Handler,
+                (IMM, DIR) => compare_h::<{ $cond }, { $ty }, IMM, DIR>,
+                (IMM, PTR) => compare_h::<{ $cond }, { $ty }, IMM, PTR>,
+                (DIR, IMM) => compare_h::<{ $cond }, { $ty }, DIR, IMM>,
+                (DIR, DIR) => compare_h::<{ $cond }, { $ty }, DIR, DIR>,
+                (DIR, PTR) => compare_h::<{ $cond }, { $ty }, DIR, PTR>,
+                (PTR, IMM) => compare_h::<{ $cond }, { $ty }, PTR, IMM>,
+                (PTR, DIR) => compare_h::<{ $cond }, { $ty }, PTR, DIR>,
+                (PTR, PTR) => compare_h::<{ $cond }, { $ty }, PTR, PTR>,
+                _ => compare_h::<{ $cond }, { $ty }, ANY, ANY>,
+            }
+        };
+    }
+
+    macro_rules! test_modes {
+        ($zero:expr, $ty:expr, $a:expr) => {
+            match $a {
+                IMM => test_h::<{ $zero }, { $ty }, IMM> as Handler,
+                DIR => test_h::<{ $zero }, { $ty }, DIR>,
+                _ => test_h::<{ $zero }, { $ty }, PTR>,
+            }
+        };
+    }
+
+    macro_rules! mov_modes {
+        ($ty:expr, $a:expr, $c:expr) => {
+            match ($a, $c) {
+                (IMM, DIR) => conv_h::<{ $ty }, { $ty }, IMM, DIR> as Handler,
+                (DIR, DIR) => conv_h::<{ $ty }, { $ty }, DIR, DIR>,
+                (PTR, DIR) => conv_h::<{ $ty }, { $ty }, PTR, DIR>,
+                (IMM, PTR) => conv_h::<{ $ty }, { $ty }, IMM, PTR>,
+                (DIR, PTR) => conv_h::<{ $ty }, { $ty }, DIR, PTR>,
+                (PTR, PTR) => conv_h::<{ $ty }, { $ty }, PTR, PTR>,
+                _ => conv_h::<{ $ty }, { $ty }, ANY, ANY>,
+            }
+        };
+    }
+
+    /// The specialised types: a handler for each, or `general` for the others.
+    macro_rules! per_common_type {
+        ($code:expr, $general:expr, |$t:ident| $make:expr) => {
+            match $code {
+                S64 => {
+                    const $t: u8 = S64;
+                    $make
+                }
+                U64 => {
+                    const $t: u8 = U64;
+                    $make
+                }
+                F64 => {
+                    const $t: u8 = F64;
+                    $make
+                }
+                _ => $general,
+            }
+        };
+    }
+
+    /// `inplace_h`'s mode for a second operand that is the destination word itself.
+    const SAME: u8 = 4;
+
+    /// Superinstruction `op:ue|se|fd X, Y, X` (`add`, `sub`, `mul`; X direct): Y's loads,
+    /// then one TLB probe for the read-modify-write of X. Anything off the fast path (a miss,
+    /// a fault) runs the plain handler instead, which has nothing to undo: nothing was stored.
+    fn inplace_h<const OP: u8, const TY: u8, const B: u8>(
+        e: &mut Exec<'_>,
+        d: &Decoded,
+        index: usize,
+    ) -> usize {
+        let (op, ty) = (ARITH_OPS[OP as usize], ty(TY));
+        let y = &d.ops[1];
+        let b = match B {
+            SAME | IMM => y.x,
+            DIR => match e.view.try_load(y.x, 8) {
+                Some(value) => value,
+                None => return (d.single)(e, d, index),
+            },
+            _ => match e
+                .view
+                .try_load(y.x, 8)
+                .and_then(|base| e.view.try_load(base.wrapping_add(y.disp), 8))
+            {
+                Some(value) => value,
+                None => return (d.single)(e, d, index),
+            },
+        };
+        let update = |a: u64| {
+            let b = if B == SAME { a } else { b };
+            // Add, sub and mul never fault.
+            arith(op, ty, a, b).unwrap_or(a)
+        };
+        match e.view.try_update_u64(d.ops[0].x, update) {
+            Some(_) => index + 1,
+            None => (d.single)(e, d, index),
+        }
+    }
+
+    macro_rules! inplace_modes {
+        ($op:expr, $ty:expr, $b:expr) => {
+            match $b {
+                SAME => inplace_h::<{ $op }, { $ty }, SAME> as Handler,
+                IMM => inplace_h::<{ $op }, { $ty }, IMM>,
+                DIR => inplace_h::<{ $op }, { $ty }, DIR>,
+                _ => inplace_h::<{ $op }, { $ty }, PTR>,
+            }
+        };
+    }
+
+    fn inplace_for<const OP: u8>(code: u8, b: u8) -> Option<Handler> {
+        per_common_type!(code, None, |T| Some(inplace_modes!(OP, T, b)))
+    }
+
+    /// The in-place superinstruction for `d`, if it is one (`op X, Y, X`, X direct).
+    fn inplace_of(d: &Decoded) -> Option<Handler> {
+        let [x, y, out] = d.ops;
+        if x.mode != DIR || out.mode != DIR || x.x != out.x {
+            return None;
+        }
+        let b = if y.mode == DIR && y.x == x.x {
+            SAME
+        } else {
+            y.mode
+        };
+        let code = ty_code(d.instr.tys[0]);
+        match d.instr.op {
+            Op::Add => inplace_for::<0>(code, b),
+            Op::Sub => inplace_for::<1>(code, b),
+            Op::Mul => inplace_for::<2>(code, b),
+            _ => None,
+        }
+    }
+
+    fn conv_to<const FROM: u8>(to: Ty) -> Handler {
+        per_type!(ty_code(to), conv_h, FROM, ANY, ANY)
+    }
+
+    fn arith_for<const OP: u8>(code: u8, ops: &[Opnd; 3]) -> Handler {
+        let (a, b, c) = (ops[0].mode, ops[1].mode, ops[2].mode);
+        per_common_type!(code, per_type!(code, arith_h, OP, ANY, ANY, ANY), |T| {
+            arith_modes!(OP, T, a, b, c)
+        })
+    }
+
+    fn compare_for<const COND: u8>(code: u8, ops: &[Opnd; 3]) -> Handler {
+        let (a, b) = (ops[0].mode, ops[1].mode);
+        per_common_type!(code, per_type!(code, compare_h, COND, ANY, ANY), |T| {
+            compare_modes!(COND, T, a, b)
+        })
+    }
+
+    fn test_for<const ZERO: bool>(code: u8, ops: &[Opnd; 3]) -> Handler {
+        let a = ops[0].mode;
+        per_common_type!(code, per_type!(code, test_h, ZERO, ANY), |T| {
+            test_modes!(ZERO, T, a)
+        })
+    }
+
+    pub(super) fn select(instr: &Instr, ops: &[Opnd; 3]) -> Handler {
         let ty = instr.tys[0];
         // Operations that are invalid for a type (floats in `and`) never reach here: the
         // decoder rejects them, and `arith` faults if one ever did.
         let code = ty_code(ty);
         match instr.op {
-            Op::Add => per_type!(code, arith_h, 0),
-            Op::Sub => per_type!(code, arith_h, 1),
-            Op::Mul => per_type!(code, arith_h, 2),
-            Op::Div => per_type!(code, arith_h, 3),
-            Op::And => per_type!(code, arith_h, 4),
-            Op::Or => per_type!(code, arith_h, 5),
-            Op::Xor => per_type!(code, arith_h, 6),
-            Op::Rem => per_type!(code, arith_h, 7),
-            Op::Shl => per_type!(code, arith_h, 8),
-            Op::Shr => per_type!(code, arith_h, 9),
-            Op::Conv => match code {
-                0 => conv_to::<0>(instr.tys[1]),
-                1 => conv_to::<1>(instr.tys[1]),
-                2 => conv_to::<2>(instr.tys[1]),
-                3 => conv_to::<3>(instr.tys[1]),
-                4 => conv_to::<4>(instr.tys[1]),
-                5 => conv_to::<5>(instr.tys[1]),
-                6 => conv_to::<6>(instr.tys[1]),
-                _ => conv_to::<7>(instr.tys[1]),
-            },
+            Op::Add => arith_for::<0>(code, ops),
+            Op::Sub => arith_for::<1>(code, ops),
+            Op::Mul => arith_for::<2>(code, ops),
+            Op::Div => arith_for::<3>(code, ops),
+            Op::And => arith_for::<4>(code, ops),
+            Op::Or => per_type!(code, arith_h, 5, ANY, ANY, ANY),
+            Op::Xor => per_type!(code, arith_h, 6, ANY, ANY, ANY),
+            Op::Rem => arith_for::<7>(code, ops),
+            Op::Shl => arith_for::<8>(code, ops),
+            Op::Shr => per_type!(code, arith_h, 9, ANY, ANY, ANY),
+            Op::Conv if instr.tys[0] == instr.tys[1] => {
+                let (a, c) = (ops[0].mode, ops[1].mode);
+                per_common_type!(code, conv_to_code(code, instr.tys[1]), |T| {
+                    mov_modes!(T, a, c)
+                })
+            }
+            Op::Conv => conv_to_code(code, instr.tys[1]),
             Op::Br => match instr.cond {
                 Cond::J => jump_h,
-                Cond::L => per_type!(code, compare_h, 0),
-                Cond::Le => per_type!(code, compare_h, 1),
-                Cond::E => per_type!(code, compare_h, 2),
-                Cond::Ne => per_type!(code, compare_h, 3),
-                Cond::Z => per_type!(code, test_h, true),
-                Cond::Nz => per_type!(code, test_h, false),
+                Cond::L => compare_for::<0>(code, ops),
+                Cond::Le => compare_for::<1>(code, ops),
+                Cond::E => compare_for::<2>(code, ops),
+                Cond::Ne => compare_for::<3>(code, ops),
+                Cond::Z => test_for::<true>(code, ops),
+                Cond::Nz => test_for::<false>(code, ops),
                 Cond::Ji => general_h,
             },
+            Op::Exit => exit_h,
             _ => general_h,
         }
+    }
+
+    fn conv_to_code(code: u8, to: Ty) -> Handler {
+        match code {
+            0 => conv_to::<0>(to),
+            1 => conv_to::<1>(to),
+            2 => conv_to::<2>(to),
+            3 => conv_to::<3>(to),
+            4 => conv_to::<4>(to),
+            5 => conv_to::<5>(to),
+            6 => conv_to::<6>(to),
+            _ => conv_to::<7>(to),
+        }
+    }
+
+    /// `Some(sub)` if `instr` is `add|sub:ue|se X, $imm, X` with X a direct address.
+    fn bump_of(d: &Decoded) -> Option<bool> {
+        let instr = &d.instr;
+        let sub = match instr.op {
+            Op::Add => false,
+            Op::Sub => true,
+            _ => return None,
+        };
+        let word = matches!(instr.tys[0], Ty::U64 | Ty::S64);
+        let [x, imm, out] = d.ops;
+        (word && x.mode == DIR && imm.mode == IMM && out.mode == DIR && x.x == out.x).then_some(sub)
+    }
+
+    /// The superinstruction starting at `d` (its handler replaces `d`'s; `d.single` stays the
+    /// plain one). The idioms, by how often the workloads' inner loops run them: k-means'
+    /// coordinate loop bumps two pointers and steps a counter into `br:nz` (4 of its 7
+    /// instructions) and squares and accumulates in place (`mul:fd X,X,X`, `add:fd S,X,S`);
+    /// primes' trial loop bumps the divisor into `br:j`; sort's loops bump indexes into `br:j`.
+    pub(super) fn fuse(d: &Decoded, next: Option<&Decoded>) -> Option<Handler> {
+        let Some(sub) = bump_of(d) else {
+            return inplace_of(d);
+        };
+        let word = d.ops[0].x;
+        let fused = next.and_then(|n| {
+            let i = &n.instr;
+            if i.op != Op::Br {
+                return None;
+            }
+            match i.cond {
+                Cond::J => Some(BR_J),
+                Cond::Z | Cond::Nz
+                    if matches!(i.tys[0], Ty::U64 | Ty::S64)
+                        && n.ops[0].mode == DIR
+                        && n.ops[0].x == word =>
+                {
+                    Some(if i.cond == Cond::Z { BR_Z } else { BR_NZ })
+                }
+                _ => None,
+            }
+        });
+        Some(match (sub, fused) {
+            (false, None) => bump_h::<false>,
+            (true, None) => bump_h::<true>,
+            (false, Some(BR_Z)) => bump_br_h::<false, BR_Z>,
+            (false, Some(BR_NZ)) => bump_br_h::<false, BR_NZ>,
+            (false, Some(_)) => bump_br_h::<false, BR_J>,
+            (true, Some(BR_Z)) => bump_br_h::<true, BR_Z>,
+            (true, Some(BR_NZ)) => bump_br_h::<true, BR_NZ>,
+            (true, Some(_)) => bump_br_h::<true, BR_J>,
+        })
     }
 
     #[cfg(test)]
@@ -1083,6 +1767,149 @@ mod handlers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::page::{MemoryAccount, PageSource};
+    use crate::store::PageStore;
+    use crate::view::{Access, RangeSet};
+    use std::sync::Arc;
+
+    struct NoServices(crate::clock::ManualClock);
+
+    impl Services for NoServices {
+        fn new_runner_id(&self) -> Result<u64, String> {
+            Err("no runners in this test".into())
+        }
+        fn forget_runner(&self) {}
+        fn allocate_stack(&self, _: u64) -> Option<Range> {
+            None
+        }
+        fn allocate_heap(&self, _: u64, _: u64) -> Option<Range> {
+            None
+        }
+        fn console_input(&self) -> Option<u8> {
+            None
+        }
+        fn count_instructions(&self, _: u64) {}
+        fn clock(&self) -> &dyn crate::clock::Clock {
+            &self.0
+        }
+    }
+
+    fn program(source: &str) -> Program {
+        let image = crate::asm::assemble("test", source).expect("assembles");
+        Program::new(crate::image::validate(crate::image::Format::Elf, image).expect("valid"))
+    }
+
+    /// Runs `program` with an instruction limit: (ending, instructions counted).
+    fn run_limited(program: &Program, limit: u64) -> (Ending, u64) {
+        let store = Arc::new(PageStore::new());
+        let topology = dvm_numa::Topology::detect();
+        let pool = dvm_numa::PagePool::new(&topology, 0, 1 << 20).expect("pool");
+        let pages = PageSource::new(pool, MemoryAccount::new(1 << 30));
+        let snapshot = store.begin_snapshot();
+        let view = View::new(
+            store,
+            snapshot,
+            pages,
+            Access::everything(),
+            Arc::new(RangeSet::default()),
+        );
+        let services = NoServices(crate::clock::ManualClock::new(0));
+        let mut exec = Exec::new(view, program, &services, 0, limit);
+        let entry = program.decoded[0].addr;
+        let ending = exec.run(entry);
+        (ending, exec.instructions)
+    }
+
+    /// Every limit, every way a run can stop inside a straight line (a superinstruction, a
+    /// fault, an exit): the count and the faulting PC are those of counting one by one.
+    #[test]
+    fn instruction_counts_are_exact_inside_runs_and_superinstructions() {
+        let source = "
+.equ I, 0x200000000
+.equ J, 0x200000008
+main:
+    mov $0:ue, I:ue
+loop:
+    add:ue I, $1, I
+    sub:ue J, $1, J
+    add:ue J, $0, J
+    br:l,ue,a I, $3, $loop
+    mov $5:ue, J:ue
+    sub:ue J, $1, J
+    br:nz,ue,a J, $.Ldown
+.Ldown:
+    sub:ue J, $1, J
+    br:nz,ue,a J, $.Ldown
+    exit:c
+    mov $1:ue, I:ue
+";
+        let program = program(source);
+        let pc = |index: usize| program.decoded[index].addr;
+        // The trace, by instruction index.
+        let mut trace = vec![0usize];
+        for _ in 0..3 {
+            trace.extend([1, 2, 3, 4]);
+        }
+        trace.extend([5, 6, 7]);
+        for _ in 0..4 {
+            trace.extend([8, 9]);
+        }
+        trace.push(10);
+        assert!(
+            program.decoded[1].handler as usize != program.decoded[1].single as usize,
+            "the bump is a superinstruction"
+        );
+        let (ending, count) = run_limited(&program, u64::MAX);
+        assert_eq!(ending, Ending::Exit(ExitMode::Commit));
+        assert_eq!(
+            count,
+            trace.len() as u64,
+            "exit mid-run gives back the rest"
+        );
+        for limit in 0..trace.len() as u64 {
+            let (ending, count) = run_limited(&program, limit);
+            assert_eq!(
+                ending,
+                Ending::Fault(Fault {
+                    kind: FaultKind::InstructionLimit { limit },
+                    pc: pc(trace[limit as usize]),
+                }),
+                "limit {limit}"
+            );
+            assert_eq!(count, limit + 1, "limit {limit}");
+        }
+        let (ending, count) = run_limited(&program, trace.len() as u64);
+        assert_eq!(ending, Ending::Exit(ExitMode::Commit));
+        assert_eq!(count, trace.len() as u64);
+    }
+
+    #[test]
+    fn a_fault_inside_a_run_counts_up_to_the_faulting_instruction() {
+        let program = program(
+            "
+main:
+    mov $1:ue, 0x200000000:ue
+    mov 0x10:ue, 0x200000008:ue
+    mov $2:ue, 0x200000000:ue
+    br:j,a $main
+",
+        );
+        let (ending, count) = run_limited(&program, u64::MAX);
+        assert_eq!(
+            ending,
+            Ending::Fault(Fault {
+                kind: FaultKind::Unmapped { addr: 0x10 },
+                pc: program.decoded[1].addr,
+            })
+        );
+        assert_eq!(count, 2);
+        let falls_off = self::program("main:\n    mov $1:ue, 0x200000000:ue\n");
+        let (ending, count) = run_limited(&falls_off, u64::MAX);
+        assert!(
+            matches!(ending, Ending::Fault(Fault { kind: FaultKind::InvalidInstruction { .. }, pc }) if pc == falls_off.decoded[0].addr)
+        );
+        assert_eq!(count, 1);
+    }
 
     #[test]
     fn integer_arithmetic_wraps_and_faults() {

@@ -6,36 +6,28 @@
 //! touched in that page's mask — the masks, not a diff, are what the commit checks for
 //! conflicts. Private memory is a sparse set of zero-initialised pages owned by the view.
 //!
-//! The TLB caches, per page, where its bytes are and what the runner may do there, so the hot
-//! path of a load is a tag compare and a slice read. Invariants:
+//! The TLB (`crate::tlb`) caches, per page, pointers to its bytes, so the hot path of a load is
+//! a tag compare, a bound check and a load. What may be cached, and how (invariants kept here):
 //! - a TLB entry's tag is the page of the *raw* address (space bits included), so two spaces'
-//!   pages never share an entry even when they alias (AMR) — aliasing is resolved at fill time;
-//! - an entry for a shared page the runner has stored to always points at its dirty copy;
-//! - `Clean` entries hold the `Arc` of the snapshot version, which cannot change underneath;
-//! - entries are only filled after the access rule allowed the page (wholly, or partly with
-//!   `partial` set so each access is checked against the ranges).
+//!   pages never share an entry even when they alias (AMR, private memory) — aliasing is
+//!   resolved at fill time, and when a page changes place (an untouched private page gets its
+//!   own page, a clean AMR page gets a dirty copy) while an alias of it may be cached, the whole
+//!   TLB is invalidated (one generation increment);
+//! - only wholly allowed pages get entries: a partially allowed page is checked against the
+//!   ranges on every access in the slow path, so widening the ranges (`allow`) never leaves a
+//!   wrong entry behind and needs no TLB scan;
+//! - the page holding the console words never gets an entry (they are device registers), and a
+//!   page with read-only image bytes or a clean snapshot page gets no write pointer, so those
+//!   stores take the slow path, which checks and copies.
 
 use crate::abi;
 use crate::page::PageHash;
-use crate::page::{
-    mark, Mask, MemoryLimit, Page, PageSource, EMPTY_MASK, PAGE_BYTES, PAGE_OFFSET_MASK,
-    PAGE_SHIFT, ZERO_PAGE,
-};
+use crate::page::{MemoryLimit, PageSource, PAGE_BYTES, PAGE_OFFSET_MASK, PAGE_SHIFT};
 use crate::store::{PageKey, PageRead, PageWrite};
+use crate::tlb::{Frame, Tlb};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// TLB size (a power of two). 256 entries cover 1 MiB of working set.
-const TLB_ENTRIES: usize = 256;
-const TLB_INDEX_SHIFT: u32 = 64 - TLB_ENTRIES.trailing_zeros();
-
-/// TLB slot of a page tag. A multiplicative hash, not the low bits: region bases (private
-/// scratch, inputs, results) are all aligned to large powers of two, so their first pages
-/// would otherwise collide in one slot and evict each other on every access.
-#[inline(always)]
-fn tlb_index(tag: u64) -> usize {
-    (tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> TLB_INDEX_SHIFT) as usize
-}
 const SPACE_OFFSET_MASK: u64 = (1u64 << abi::SPACE_SHIFT) - 1;
 
 /// Half-open byte range `[start, end)`.
@@ -118,34 +110,6 @@ impl RangeSet {
     }
 }
 
-/// Reads `len` bytes at `offset` (the access fits in the page). The common widths get
-/// fixed-size copies: a variable-length copy would be a `memcpy` call on every access.
-#[inline(always)]
-fn read_le(bytes: &[u8; PAGE_BYTES], offset: usize, len: usize) -> u64 {
-    match len {
-        8 => u64::from_le_bytes(bytes[offset..offset + 8].try_into().unwrap_or([0; 8])),
-        4 => u64::from(u32::from_le_bytes(
-            bytes[offset..offset + 4].try_into().unwrap_or([0; 4]),
-        )),
-        1 => u64::from(bytes[offset]),
-        _ => {
-            let mut raw = [0u8; 8];
-            raw[..len].copy_from_slice(&bytes[offset..offset + len]);
-            u64::from_le_bytes(raw)
-        }
-    }
-}
-
-#[inline(always)]
-fn write_le(bytes: &mut [u8; PAGE_BYTES], offset: usize, len: usize, value: u64) {
-    match len {
-        8 => bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes()),
-        4 => bytes[offset..offset + 4].copy_from_slice(&(value as u32).to_le_bytes()),
-        1 => bytes[offset] = value as u8,
-        _ => bytes[offset..offset + len].copy_from_slice(&value.to_le_bytes()[..len]),
-    }
-}
-
 /// Canonical shared address: AMR offsets are the same memory in every space, so they map to
 /// space 0; everything else keeps its space.
 #[inline]
@@ -217,36 +181,6 @@ impl Access {
     }
 }
 
-#[derive(Clone)]
-enum Where {
-    Empty,
-    /// Shared page as of the snapshot (`None`: never written, reads as zeros).
-    Clean(Option<Arc<Page>>),
-    /// Shared page this runner stored to: index into `dirty`.
-    Dirty(u32),
-    /// Private page: index into `private` (`u32::MAX`: untouched, reads as zeros).
-    Private(u32),
-}
-
-#[derive(Clone)]
-struct TlbEntry {
-    tag: u64,
-    place: Where,
-    /// False when some byte of the page is read-only image memory.
-    writable: bool,
-    /// Only part of the page is allowed: check every access against the ranges.
-    partial: bool,
-}
-
-const NO_TAG: u64 = u64::MAX;
-const UNTOUCHED: u32 = u32::MAX;
-
-struct DirtyPage {
-    key: PageKey,
-    data: Page,
-    stored: Box<Mask>,
-}
-
 /// A runner's memory.
 pub struct View {
     /// Committed pages: the local store, or (on a cluster) a reader of remote homes.
@@ -256,12 +190,21 @@ pub struct View {
     access: Access,
     /// Image pages that may not be written (canonical page numbers, sorted ranges).
     read_only: Arc<RangeSet>,
-    tlb: Vec<TlbEntry>,
-    dirty: Vec<DirtyPage>,
+    /// The TLB and every page it may point into.
+    tlb: Tlb,
     dirty_index: HashMap<PageKey, u32, PageHash>,
-    private: Vec<Page>,
+    /// Snapshot pages read so far: `Frame::Clean` or `Frame::Zero` (never written).
+    clean_index: HashMap<PageKey, Frame, PageHash>,
     private_index: HashMap<u64, u32, PageHash>,
+    /// Some entry may map an untouched private page to zeros (an alias that must not survive
+    /// the page's first store).
+    zero_private_cached: bool,
+    /// Some entry may map a clean AMR page (an alias that must not survive its first store).
+    clean_amr_cached: bool,
 }
+
+/// The raw page of the console words: never cached.
+const CONSOLE_PAGE: u64 = abi::PR_CONSOLE_IN >> PAGE_SHIFT;
 
 impl View {
     pub fn new(
@@ -277,20 +220,45 @@ impl View {
             pages,
             access,
             read_only,
-            tlb: vec![
-                TlbEntry {
-                    tag: NO_TAG,
-                    place: Where::Empty,
-                    writable: false,
-                    partial: false,
-                };
-                TLB_ENTRIES
-            ],
-            dirty: Vec::new(),
+            tlb: Tlb::new(),
             dirty_index: HashMap::default(),
-            private: Vec::new(),
+            clean_index: HashMap::default(),
             private_index: HashMap::default(),
+            zero_private_cached: false,
+            clean_amr_cached: false,
         }
+    }
+
+    /// Starts a new runner on this view: a new snapshot, access rule and store reader. Pages
+    /// of the previous runner are released (drain its writes first with `drain_writes`); the
+    /// TLB is invalidated by a generation increment and the maps and vectors keep their
+    /// capacity, so a worker can run runner after runner without allocating a view each time.
+    pub fn reset(
+        &mut self,
+        store: Arc<dyn PageRead>,
+        snapshot_ts: u64,
+        pages: PageSource,
+        access: Access,
+        read_only: Arc<RangeSet>,
+    ) {
+        self.release();
+        self.store = store;
+        self.snapshot_ts = snapshot_ts;
+        self.pages = pages;
+        self.access = access;
+        self.read_only = read_only;
+    }
+
+    /// Frees every page the view holds (private pages, copies not drained, its references to
+    /// snapshot pages) as dropping it would, but keeps the view, its TLB allocation and its
+    /// maps' capacity for `reset`.
+    pub fn release(&mut self) {
+        self.tlb.clear();
+        self.dirty_index.clear();
+        self.clean_index.clear();
+        self.private_index.clear();
+        self.zero_private_cached = false;
+        self.clean_amr_cached = false;
     }
 
     pub fn snapshot_ts(&self) -> u64 {
@@ -302,18 +270,10 @@ impl View {
     }
 
     /// Lets the runner use `range` from now on (its children's stacks, its `malloc` memory).
+    /// Partially allowed pages have no TLB entries, so nothing cached can be wrong.
     pub fn allow(&mut self, range: Range) {
         if !self.access.everything {
             self.access.allowed.insert(range);
-            // Only pages the runner could already use have entries; of those, a partial one
-            // may now be wholly allowed. Refused pages never got an entry, so nothing else in
-            // the TLB can be wrong.
-            for entry in &mut self.tlb {
-                if entry.partial {
-                    entry.tag = NO_TAG;
-                    entry.place = Where::Empty;
-                }
-            }
         }
     }
 
@@ -326,25 +286,11 @@ impl View {
         }
     }
 
-    /// The load fast path: a TLB hit on a wholly allowed page, the access inside the page.
-    /// `None` means "take the slow path" (miss, page crossing, partial page), never an error:
-    /// returning an `Option` keeps the hot path in registers.
+    /// The load fast path: a TLB hit, the access inside the page. `None` means "take the slow
+    /// path" (miss, page crossing, uncached page), never an error.
     #[inline(always)]
     pub fn try_load(&self, addr: u64, len: usize) -> Option<u64> {
-        debug_assert!((1..=8).contains(&len));
-        let offset = (addr & PAGE_OFFSET_MASK) as usize;
-        let tag = addr >> PAGE_SHIFT;
-        let entry = &self.tlb[tlb_index(tag)];
-        if entry.tag != tag || entry.partial || offset + len > PAGE_BYTES {
-            return None;
-        }
-        let bytes: &[u8; PAGE_BYTES] = match &entry.place {
-            Where::Clean(Some(page)) => page,
-            Where::Dirty(index) => &self.dirty.get(*index as usize)?.data,
-            Where::Private(index) if *index != UNTOUCHED => self.private.get(*index as usize)?,
-            _ => &ZERO_PAGE,
-        };
-        Some(read_le(bytes, offset, len))
+        self.tlb.load(addr, len)
     }
 
     /// The load slow path (public so the interpreter can call it after `try_load`).
@@ -354,8 +300,8 @@ impl View {
         if offset + len > PAGE_BYTES {
             return self.load_split(addr, len);
         }
-        let slot = self.slot(addr, false, len)?;
-        Ok(read_le(self.page_bytes(slot), offset, len))
+        let frame = self.locate(addr, false, len)?;
+        Ok(self.tlb.read_frame(frame, offset, len))
     }
 
     /// Stores the low `len` (1..=8) bytes of `value`, little-endian.
@@ -367,38 +313,18 @@ impl View {
         self.store_slow(addr, len, value)
     }
 
-    /// The store fast path: a TLB hit on a page already writable here (private, or dirty and
-    /// free of image bytes), wholly allowed, the access inside the page. `false`: take the
-    /// slow path.
+    /// The store fast path: a TLB hit on a page writable here (private, or dirty and free of
+    /// image bytes), the access inside the page. `false`: take the slow path.
     #[inline(always)]
     pub fn try_store(&mut self, addr: u64, len: usize, value: u64) -> bool {
-        debug_assert!((1..=8).contains(&len));
-        let offset = (addr & PAGE_OFFSET_MASK) as usize;
-        let tag = addr >> PAGE_SHIFT;
-        let entry = &self.tlb[tlb_index(tag)];
-        if entry.tag != tag || entry.partial || !entry.writable || offset + len > PAGE_BYTES {
-            return false;
-        }
-        match entry.place {
-            Where::Private(index) if index != UNTOUCHED => {
-                match self.private.get_mut(index as usize) {
-                    Some(page) => {
-                        write_le(page, offset, len, value);
-                        true
-                    }
-                    None => false,
-                }
-            }
-            Where::Dirty(index) => match self.dirty.get_mut(index as usize) {
-                Some(page) => {
-                    write_le(&mut page.data, offset, len, value);
-                    mark(&mut page.stored, offset, len);
-                    true
-                }
-                None => false,
-            },
-            _ => false,
-        }
+        self.tlb.store(addr, len, value)
+    }
+
+    /// `word = f(word)` for the 8-byte word at `addr` with one TLB probe; `None`: take the slow
+    /// path (nothing was changed).
+    #[inline(always)]
+    pub fn try_update_u64(&mut self, addr: u64, f: impl FnOnce(u64) -> u64) -> Option<u64> {
+        self.tlb.update_u64(addr, f)
     }
 
     /// The store slow path (public so the interpreter can call it after `try_store`).
@@ -408,20 +334,9 @@ impl View {
         if offset + len > PAGE_BYTES {
             return self.store_split(addr, len, value);
         }
-        let slot = self.slot(addr, true, len)?;
-        match self.tlb[slot].place {
-            Where::Dirty(index) => {
-                let page = &mut self.dirty[index as usize];
-                write_le(&mut page.data, offset, len, value);
-                mark(&mut page.stored, offset, len);
-            }
-            Where::Private(index) => {
-                write_le(&mut self.private[index as usize], offset, len, value);
-            }
-            Where::Clean(_) | Where::Empty => {
-                debug_assert!(false, "slot() returns a writable place for stores");
-            }
-        }
+        let frame = self.locate(addr, true, len)?;
+        let written = self.tlb.write_frame(frame, offset, len, value);
+        debug_assert!(written, "locate() returns a writable frame for stores");
         Ok(())
     }
 
@@ -453,7 +368,7 @@ impl View {
     fn store_split(&mut self, addr: u64, len: usize, value: u64) -> Result<(), AccessError> {
         // Check every byte first, so a refused store changes nothing.
         for index in 0..len {
-            self.slot(addr.wrapping_add(index as u64), true, 1)?;
+            self.locate(addr.wrapping_add(index as u64), true, 1)?;
         }
         for index in 0..len {
             self.store(addr.wrapping_add(index as u64), 1, value >> (8 * index))?;
@@ -461,156 +376,137 @@ impl View {
         Ok(())
     }
 
-    #[inline]
-    fn page_bytes(&self, slot: usize) -> &[u8; PAGE_BYTES] {
-        match &self.tlb[slot].place {
-            Where::Clean(Some(page)) => page,
-            Where::Dirty(index) => &self.dirty[*index as usize].data,
-            Where::Private(index) if *index != UNTOUCHED => &self.private[*index as usize],
-            Where::Clean(None) | Where::Private(_) | Where::Empty => &ZERO_PAGE,
-        }
+    fn invalidate_all(&mut self) {
+        self.tlb.invalidate_all();
+        self.zero_private_cached = false;
+        self.clean_amr_cached = false;
     }
 
-    /// The TLB slot for `addr`, filled and made writable if `write`; checks the access rule.
-    #[inline]
-    fn slot(&mut self, addr: u64, write: bool, len: usize) -> Result<usize, AccessError> {
-        let tag = addr >> PAGE_SHIFT;
-        let slot = tlb_index(tag);
-        let entry = &self.tlb[slot];
-        if entry.tag == tag {
-            let ready = !write
-                || matches!(entry.place, Where::Dirty(_))
-                || matches!(entry.place, Where::Private(index) if index != UNTOUCHED);
-            if entry.partial && !self.access.allowed.covers(addr, len as u64) {
-                return Err(AccessError::NotAllowed {
-                    addr,
-                    len: len as u64,
-                });
-            }
-            // A page holding some image bytes: check each store against the read-only ranges.
-            if write && !entry.writable && self.read_only.touches(addr, len as u64) {
-                return Err(AccessError::ReadOnly { addr });
-            }
-            if ready {
-                return Ok(slot);
-            }
-        }
-        self.fill(slot, addr, write, len)?;
-        Ok(slot)
-    }
-
-    /// Drops entries that may alias a page whose place just changed. Tags are raw page numbers
-    /// (cheap to compute on every access), but a private page is the same under every space's
-    /// address and an AMR page likewise, so a new private or dirty page can leave another
-    /// entry for the same bytes pointing at the old place.
-    fn drop_aliases(&mut self, stale: fn(&Where) -> bool) {
-        for entry in &mut self.tlb {
-            if stale(&entry.place) {
-                entry.tag = NO_TAG;
-                entry.place = Where::Empty;
-            }
-        }
-    }
-
-    fn fill(&mut self, slot: usize, addr: u64, write: bool, len: usize) -> Result<(), AccessError> {
-        let tag = addr >> PAGE_SHIFT;
+    /// Where the bytes of `addr`'s page are, checking the access rule; for a store, a page
+    /// this view may write (created on first store). Caches the page in the TLB when it may be.
+    fn locate(&mut self, addr: u64, write: bool, len: usize) -> Result<Frame, AccessError> {
         match region_of(addr) {
             Region::Unmapped => Err(AccessError::Unmapped { addr }),
             Region::Private => {
                 let private_page = (addr & SPACE_OFFSET_MASK) >> PAGE_SHIFT;
-                let mut index = self
-                    .private_index
-                    .get(&private_page)
-                    .copied()
-                    .unwrap_or(UNTOUCHED);
-                if write && index == UNTOUCHED {
-                    let page = self.pages.zeroed().map_err(AccessError::Memory)?;
-                    index = self.private.len() as u32;
-                    self.private.push(page);
-                    self.private_index.insert(private_page, index);
-                    self.drop_aliases(|place| matches!(place, Where::Private(UNTOUCHED)));
-                }
-                self.tlb[slot] = TlbEntry {
-                    tag,
-                    place: Where::Private(index),
-                    writable: true,
-                    partial: false,
+                let frame = match self.private_index.get(&private_page) {
+                    Some(index) => Frame::Private(*index),
+                    None if write => {
+                        let page = self.pages.zeroed().map_err(AccessError::Memory)?;
+                        let index = self.tlb.add_private(page);
+                        self.private_index.insert(private_page, index);
+                        if self.zero_private_cached {
+                            // Another space's address of this page may be cached as zeros.
+                            self.invalidate_all();
+                        }
+                        Frame::Private(index)
+                    }
+                    None => Frame::Zero,
                 };
-                Ok(())
+                if addr >> PAGE_SHIFT != CONSOLE_PAGE {
+                    if frame == Frame::Zero {
+                        self.zero_private_cached = true;
+                    }
+                    self.tlb.fill(addr, frame, true);
+                }
+                Ok(frame)
             }
             Region::Shared => {
                 let key = page_key(addr);
                 let page_start = key << PAGE_SHIFT;
                 let whole_page = self.access.everything
                     || self.access.allowed.covers(page_start, PAGE_BYTES as u64);
-                let partial = if whole_page {
-                    false
-                } else if self.access.allowed.covers(addr, len as u64) {
-                    true
-                } else {
+                if !whole_page && !self.access.allowed.covers(addr, len as u64) {
                     return Err(AccessError::NotAllowed {
                         addr,
                         len: len as u64,
                     });
-                };
+                }
                 let writable = !self.read_only.touches(page_start, PAGE_BYTES as u64);
                 if write && !writable && self.read_only.touches(addr, len as u64) {
                     return Err(AccessError::ReadOnly { addr });
                 }
-                let place = match self.dirty_index.get(&key) {
-                    Some(index) => Where::Dirty(*index),
-                    None if write => {
-                        let base = self
-                            .store
-                            .read(key, self.snapshot_ts)
+                let amr = in_amr(addr);
+                let frame = match self.dirty_index.get(&key) {
+                    Some(index) => Frame::Dirty(*index),
+                    None => {
+                        let clean = self.clean_frame(key)?;
+                        if write {
+                            let copy = match clean {
+                                Frame::Clean(index) => match self.tlb.clean_page(index) {
+                                    Some(page) => self.pages.copy_of(page),
+                                    None => self.pages.zeroed(),
+                                },
+                                _ => self.pages.zeroed(),
+                            }
                             .map_err(AccessError::Memory)?;
-                        let copy = match &base {
-                            Some(page) => self.pages.copy_of(page),
-                            None => self.pages.zeroed(),
+                            let index = self.tlb.add_dirty(key, copy);
+                            self.dirty_index.insert(key, index);
+                            if amr && self.clean_amr_cached {
+                                // Another space's address of this page may be cached clean.
+                                self.invalidate_all();
+                            }
+                            Frame::Dirty(index)
+                        } else {
+                            clean
                         }
-                        .map_err(AccessError::Memory)?;
-                        let index = self.dirty.len() as u32;
-                        self.dirty.push(DirtyPage {
-                            key,
-                            data: copy,
-                            stored: Box::new(EMPTY_MASK),
-                        });
-                        self.dirty_index.insert(key, index);
-                        if in_amr(addr) {
-                            // An AMR page is the same bytes under every space's address, and
-                            // another alias of it may be cached clean.
-                            self.drop_aliases(|place| matches!(place, Where::Clean(_)));
-                        }
-                        Where::Dirty(index)
                     }
-                    None => Where::Clean(
-                        self.store
-                            .read(key, self.snapshot_ts)
-                            .map_err(AccessError::Memory)?,
-                    ),
                 };
-                self.tlb[slot] = TlbEntry {
-                    tag,
-                    place,
-                    writable,
-                    partial,
-                };
-                Ok(())
+                if whole_page {
+                    if amr && !matches!(frame, Frame::Dirty(_)) {
+                        self.clean_amr_cached = true;
+                    }
+                    self.tlb.fill(addr, frame, writable);
+                }
+                Ok(frame)
             }
         }
     }
 
+    /// The snapshot's version of shared page `key`, read from the store once per view.
+    fn clean_frame(&mut self, key: PageKey) -> Result<Frame, AccessError> {
+        if let Some(frame) = self.clean_index.get(&key) {
+            return Ok(*frame);
+        }
+        let frame = match self
+            .store
+            .read(key, self.snapshot_ts)
+            .map_err(AccessError::Memory)?
+        {
+            Some(page) => Frame::Clean(self.tlb.add_clean(page)),
+            None => Frame::Zero,
+        };
+        self.clean_index.insert(key, frame);
+        Ok(frame)
+    }
+
     /// Number of shared pages this runner stored to.
     pub fn dirty_pages(&self) -> usize {
-        self.dirty.len()
+        self.tlb.dirty_count()
     }
 
     /// Consumes the view: the shared pages it stored to, split into the ordinary writes and the
     /// writes to `exit_page` (published separately, whatever the outcome).
-    pub fn into_writes(self, exit_page: Option<PageKey>) -> (Vec<PageWrite>, Option<PageWrite>) {
-        let mut writes = Vec::with_capacity(self.dirty.len());
+    pub fn into_writes(
+        mut self,
+        exit_page: Option<PageKey>,
+    ) -> (Vec<PageWrite>, Option<PageWrite>) {
+        self.drain_writes(exit_page)
+    }
+
+    /// `into_writes` that keeps the view for `reset`: the dirty pages move out, and the view
+    /// no longer holds any (its TLB is invalidated).
+    pub fn drain_writes(
+        &mut self,
+        exit_page: Option<PageKey>,
+    ) -> (Vec<PageWrite>, Option<PageWrite>) {
+        self.dirty_index.clear();
+        self.zero_private_cached = false;
+        self.clean_amr_cached = false;
+        let taken = self.tlb.take_dirty();
+        let mut writes = Vec::with_capacity(taken.len());
         let mut exit_write = None;
-        for page in self.dirty {
+        for page in taken {
             let write = PageWrite {
                 key: page.key,
                 data: page.data,
@@ -623,6 +519,11 @@ impl View {
             }
         }
         (writes, exit_write)
+    }
+
+    #[cfg(test)]
+    fn tlb_is_consistent(&self) -> bool {
+        self.tlb.entries_point_at_frames()
     }
 }
 
@@ -762,6 +663,101 @@ mod tests {
             Ok(0),
             "non-AMR shared memory is per space"
         );
+    }
+
+    #[test]
+    fn entries_survive_frames_growing_and_aliases_stay_exact() {
+        let store = Arc::new(PageStore::new());
+        let mut v = view(Access::everything(), store);
+        let space1 = 1u64 << abi::SPACE_SHIFT;
+        // Cache one private page as zeros in space 1, then write it in space 0 while many other
+        // private pages are created (the frame vector reallocates between accesses).
+        assert_eq!(v.load(space1 + 0x3_0000_0000, 8), Ok(0));
+        for page in 0..200u64 {
+            v.store(0x3_0000_0000 + page * 0x1000, 8, page + 1)
+                .expect("private store");
+            assert!(v.tlb_is_consistent(), "an entry points at a dropped frame");
+        }
+        for page in 0..200u64 {
+            assert_eq!(
+                v.load(space1 + 0x3_0000_0000 + page * 0x1000, 8),
+                Ok(page + 1)
+            );
+        }
+        // Shared pages: clean, then dirty, read back through the fast path.
+        for page in 0..300u64 {
+            let addr = 0x9_0000_0000 + page * 0x1000;
+            assert_eq!(v.load(addr, 8), Ok(0));
+            v.store(addr, 8, page).expect("shared store");
+        }
+        for page in 0..300u64 {
+            assert_eq!(v.load(0x9_0000_0000 + page * 0x1000, 8), Ok(page));
+        }
+        assert!(v.tlb_is_consistent());
+    }
+
+    #[test]
+    fn console_page_and_read_only_pages_take_the_slow_path() {
+        let store = Arc::new(PageStore::new());
+        let mut v = view(Access::everything(), store);
+        v.store(abi::PR_STACK_BASE, 8, 9).expect("ABI word");
+        assert_eq!(
+            v.try_load(abi::PR_STACK_BASE, 8),
+            None,
+            "console page never cached"
+        );
+        assert_eq!(v.load(abi::PR_STACK_BASE, 8), Ok(9));
+        assert_eq!(v.load(abi::CODE_BASE, 8), Ok(0));
+        assert!(
+            !v.try_store(abi::CODE_BASE + 0x10, 8, 1),
+            "an image page has no write pointer"
+        );
+    }
+
+    #[test]
+    fn drained_view_resets_for_the_next_runner() {
+        let store = Arc::new(PageStore::new());
+        let mut v = view(Access::everything(), Arc::clone(&store));
+        v.store(0x9_0000_0000, 8, 7).expect("store");
+        v.store(0x2_0000_0000, 8, 8).expect("private store");
+        let (writes, _) = v.drain_writes(None);
+        assert_eq!(writes.len(), 1);
+        assert_eq!(v.dirty_pages(), 0);
+        assert_eq!(
+            v.try_load(0x9_0000_0000, 8),
+            None,
+            "drained pages are not cached"
+        );
+        let topology = dvm_numa::Topology::detect();
+        let pool = dvm_numa::PagePool::new(&topology, 0, 1 << 20).expect("pool");
+        let pages = PageSource::new(pool, MemoryAccount::new(1 << 30));
+        let mut allowed = RangeSet::default();
+        allowed.insert(Range::new(0x9_0000_0000, 0x1000).expect("range"));
+        v.reset(
+            store.clone(),
+            store.begin_snapshot(),
+            pages,
+            Access {
+                everything: false,
+                allowed,
+            },
+            Arc::new(RangeSet::default()),
+        );
+        assert_eq!(
+            v.load(0x2_0000_0000, 8),
+            Ok(0),
+            "private memory starts zeroed again"
+        );
+        assert_eq!(
+            v.load(0x9_0000_0000, 8),
+            Ok(0),
+            "nothing committed the write"
+        );
+        assert!(
+            v.load(0x9_0000_1000, 8).is_err(),
+            "the new access rule applies"
+        );
+        assert!(v.tlb_is_consistent());
     }
 
     #[test]

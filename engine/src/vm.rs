@@ -40,6 +40,13 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+thread_local! {
+    /// The view of the last runner this worker thread ended, reused for its next runner
+    /// (`View::reset`: a TLB generation increment, no allocation). Workers are scoped threads
+    /// of one run, so it never outlives the run.
+    static SPARE_VIEW: std::cell::RefCell<Option<View>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Runtime stacks: per space, from here, `STACK_BYTES` each.
 pub const STACK_AREA: std::ops::Range<u64> = 0x180_0000_0000..0x200_0000_0000;
 pub const STACK_BYTES: u64 = 256 << 10;
@@ -600,13 +607,19 @@ impl Shared {
         if task.kind != TaskKind::Root {
             self.backend.prefetch(&task.using, snapshot);
         }
-        let view = View::new(
+        let (reader, pages, access) = (
             self.backend.reader(),
-            snapshot,
             ctx.pages().clone(),
             self.access_for(&task),
-            Arc::clone(&self.read_only),
         );
+        let read_only = Arc::clone(&self.read_only);
+        let view = match SPARE_VIEW.with(|spare| spare.borrow_mut().take()) {
+            Some(mut view) => {
+                view.reset(reader, snapshot, pages, access, read_only);
+                view
+            }
+            None => View::new(reader, snapshot, pages, access, read_only),
+        };
         let mut exec = Exec::new(view, &self.program, self, task.space, self.max_instructions);
         // Registers fixed by the ABI; a failure here is a memory-limit fault like any other.
         let setup = exec
@@ -694,7 +707,12 @@ impl Shared {
         bump(&self.counters.instructions, instructions);
         let ordinary = !task.is_instance();
         let exit_key = ordinary.then(|| page_key(task.id));
-        let (writes, exit_write) = view.into_writes(exit_key);
+        let mut view = view;
+        let (writes, exit_write) = view.drain_writes(exit_key);
+        // The runner's other pages are freed here, as dropping its view did; the view itself
+        // serves this worker's next runner.
+        view.release();
+        let _ = SPARE_VIEW.try_with(|spare| *spare.borrow_mut() = Some(view));
         let pages = ctx.pages().clone();
         let txn = self.next_txn.fetch_add(1, Ordering::Relaxed);
 
