@@ -1805,7 +1805,7 @@ mod tests {
         let topology = dvm_numa::Topology::detect();
         let pool = dvm_numa::PagePool::new(&topology, 0, 1 << 20).expect("pool");
         let pages = PageSource::new(pool, MemoryAccount::new(1 << 30));
-        let snapshot = store.begin_snapshot();
+        let snapshot = store.begin_snapshot(0, crate::store::Scope::Everything);
         let view = View::new(
             store,
             snapshot,

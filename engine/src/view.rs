@@ -735,7 +735,7 @@ mod tests {
         allowed.insert(Range::new(0x9_0000_0000, 0x1000).expect("range"));
         v.reset(
             store.clone(),
-            store.begin_snapshot(),
+            store.begin_snapshot(0, crate::store::Scope::Everything),
             pages,
             Access {
                 everything: false,
