@@ -20,6 +20,7 @@ pub mod persist;
 pub mod report;
 pub mod runner;
 pub mod sched;
+pub mod slots;
 pub mod store;
 pub mod view;
 pub mod vm;

@@ -28,7 +28,8 @@ use crate::page::{
 };
 pub use crate::runner::{Ended, Outcome, Task, TaskKind};
 use crate::sched::{self, Executor, WorkerCtx, WorkerInfo};
-use crate::store::{PageKey, PageStore, PageWrite};
+use crate::slots::SlotPool;
+use crate::store::{Change, PageKey, PageStore, PageWrite};
 use crate::view::{canonical, page_key, Access, Range, RangeSet, View};
 use dvm_numa::WorkerSlot;
 use std::collections::hash_map::Entry;
@@ -85,6 +86,8 @@ pub struct Config {
     /// with local rank `r` and `w` workers per node skips `r * w` slots), so that nodes
     /// sharing a host pin to different cores.
     pub first_worker_slot: usize,
+    /// Ids and runtime stacks handed out before freed ones are reused (tests shrink it).
+    pub fresh_slots: FreshSlots,
 }
 
 impl Default for Config {
@@ -101,6 +104,7 @@ impl Default for Config {
             input: InputMode::Inherit,
             clock: Arc::new(SystemClock::new()),
             first_worker_slot: 0,
+            fresh_slots: FreshSlots::full(),
         }
     }
 }
@@ -312,21 +316,80 @@ impl Input {
 
 /// The runner ids, stacks, heap and console input of one machine, served by the node that owns
 /// them (the only node, or node 0 of a cluster).
+///
+/// Ids and runtime stacks come from `SlotPool`s: fresh ones first, in creation order; once an
+/// area is exhausted, those of runners that ended or never started are handed out again
+/// (`docs/MEMORY-MODEL.md` §2, §6). Ids are reused only where the backend can reset a reused
+/// id's exit record (`Backend::resets_exit_records`); stacks wherever the frees are applied.
 pub struct LocalControl {
     max_runners: u64,
-    next_id: AtomicU64,
-    next_stack: Vec<AtomicU64>,
+    /// Id slot 0: the root's id.
+    first_id: u64,
+    ids: Mutex<SlotPool>,
+    reuse_ids: bool,
+    /// Set once a freed id has been handed out again: from then on every new runner's exit
+    /// record is reset when its creator commits.
+    ids_reused: AtomicBool,
+    /// One pool per space.
+    stacks: Vec<Mutex<SlotPool>>,
+    /// The snapshot registry: a freed stack waits until every live snapshot sees its last
+    /// owner's writes.
+    store: Arc<PageStore>,
     next_heap: Vec<AtomicU64>,
     existing_runners: AtomicU64,
     input: Mutex<Input>,
 }
 
+/// How many ids and runtime stacks per space exist before freed ones are reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreshSlots {
+    pub ids: u64,
+    pub stacks_per_space: u64,
+}
+
+impl FreshSlots {
+    /// The whole exit-record area and the whole stack area of a space.
+    pub fn full() -> FreshSlots {
+        FreshSlots {
+            ids: (EXIT_RECORD_END - FIRST_ID) / abi::PAGE_BYTES,
+            stacks_per_space: (STACK_AREA.end - STACK_AREA.start) / STACK_BYTES,
+        }
+    }
+
+    /// At most `slots` of each (a test's way to reach reuse without millions of spawns).
+    pub fn at_most(slots: u64) -> FreshSlots {
+        let full = FreshSlots::full();
+        FreshSlots {
+            ids: full.ids.min(slots.max(1)),
+            stacks_per_space: full.stacks_per_space.min(slots.max(1)),
+        }
+    }
+}
+
+/// The root runner's id: the first exit-record page after the reserved ones.
+const FIRST_ID: u64 = abi::EXIT_RECORD_BASE + abi::EXIT_RECORD_RESERVED * abi::PAGE_BYTES;
+
 impl LocalControl {
-    fn new(max_runners: u64, first_id: u64, input: Box<dyn Read + Send>) -> LocalControl {
+    fn new(
+        max_runners: u64,
+        fresh: FreshSlots,
+        reuse_ids: bool,
+        store: Arc<PageStore>,
+        input: Box<dyn Read + Send>,
+    ) -> LocalControl {
+        let mut ids = SlotPool::new(fresh.ids);
+        // Slot 0 is the root's, in use from the start.
+        let _root = ids.take(|| 0);
         LocalControl {
             max_runners: max_runners.max(1),
-            next_id: AtomicU64::new(first_id + abi::PAGE_BYTES),
-            next_stack: (0..abi::SPACE_COUNT).map(|_| AtomicU64::new(0)).collect(),
+            first_id: FIRST_ID,
+            ids: Mutex::new(ids),
+            reuse_ids,
+            ids_reused: AtomicBool::new(false),
+            stacks: (0..abi::SPACE_COUNT)
+                .map(|_| Mutex::new(SlotPool::new(fresh.stacks_per_space)))
+                .collect(),
+            store,
             next_heap: (0..abi::SPACE_COUNT).map(|_| AtomicU64::new(0)).collect(),
             // The root exists from the start.
             existing_runners: AtomicU64::new(1),
@@ -343,7 +406,46 @@ impl LocalControl {
     fn release(&self, count: u64) {
         self.existing_runners.fetch_sub(count, Ordering::Relaxed);
     }
+
+    /// Has any id been handed out a second time? (Then new runners' exit records are reset.)
+    fn ids_reused(&self) -> bool {
+        self.ids_reused.load(Ordering::Relaxed)
+    }
+
+    /// Gives back the id and, if the runtime allocated it, the stack of a runner that ended
+    /// (its writes installed at or below `freed_ts`) or never started (`freed_ts` 0).
+    fn free_runner(&self, id: u64, stack: Range, freed_ts: u64) {
+        let horizon = || self.store.prune_horizon();
+        if self.reuse_ids {
+            if let Some(slot) = id
+                .checked_sub(self.first_id)
+                .filter(|offset| offset % abi::PAGE_BYTES == 0)
+                .map(|offset| offset / abi::PAGE_BYTES)
+            {
+                // Nobody can write an id's record under an old snapshot to any effect that
+                // matters: a reused id's record is reset when its new runner's creator commits.
+                lock(&self.ids).free(slot, 0, horizon);
+            }
+        }
+        let space = stack.start >> abi::SPACE_SHIFT;
+        let offset = stack.start & SPACE_OFFSET_MASK;
+        let runtime_stack = stack.end - stack.start == STACK_BYTES
+            && STACK_AREA.contains(&offset)
+            && (offset - STACK_AREA.start) % STACK_BYTES == 0;
+        if let (true, Some(pool)) = (runtime_stack, self.stacks.get(space as usize)) {
+            let slot = (offset - STACK_AREA.start) / STACK_BYTES;
+            lock(pool).free(slot, freed_ts, horizon);
+        }
+    }
+
+    /// Ids and stacks in use now (runners existing, plus templates), for tests and stats.
+    pub fn slots_in_use(&self) -> (u64, u64) {
+        let stacks = self.stacks.iter().map(|pool| lock(pool).in_use()).sum();
+        (lock(&self.ids).in_use(), stacks)
+    }
 }
+
+const SPACE_OFFSET_MASK: u64 = (1 << abi::SPACE_SHIFT) - 1;
 
 impl Control for LocalControl {
     fn new_runner_id(&self) -> Result<u64, String> {
@@ -355,12 +457,17 @@ impl Control for LocalControl {
                 self.max_runners
             ));
         }
-        let id = self.next_id.fetch_add(abi::PAGE_BYTES, Ordering::Relaxed);
-        if id >= EXIT_RECORD_END {
+        let Some((slot, reused)) = lock(&self.ids).take(|| 0) else {
             self.existing_runners.fetch_sub(1, Ordering::Relaxed);
-            return Err("runner ids are exhausted (the exit-record area is full)".into());
+            return Err(
+                "runner ids are exhausted (the exit-record area is full and no runner has ended)"
+                    .into(),
+            );
+        };
+        if reused && !self.ids_reused() {
+            self.ids_reused.store(true, Ordering::Relaxed);
         }
-        Ok(id)
+        Ok(self.first_id + slot * abi::PAGE_BYTES)
     }
 
     fn forget_runner(&self) {
@@ -368,11 +475,12 @@ impl Control for LocalControl {
     }
 
     fn allocate_stack(&self, space: u64) -> Option<Range> {
-        let counter = self.next_stack.get(space as usize)?;
-        let offset = counter.fetch_add(STACK_BYTES, Ordering::Relaxed);
-        let start = STACK_AREA.start.checked_add(offset)?;
-        (start + STACK_BYTES <= STACK_AREA.end)
-            .then(|| Range::new((space << abi::SPACE_SHIFT) + start, STACK_BYTES))?
+        let pool = self.stacks.get(space as usize)?;
+        let (slot, _) = lock(pool).take(|| self.store.prune_horizon())?;
+        Range::new(
+            (space << abi::SPACE_SHIFT) + STACK_AREA.start + slot * STACK_BYTES,
+            STACK_BYTES,
+        )
     }
 
     fn allocate_heap(&self, space: u64, len_bytes: u64) -> Option<Range> {
@@ -416,6 +524,8 @@ pub struct Shared {
     internal_errors: AtomicU64,
     clock: Arc<dyn Clock>,
     next_txn: AtomicU64,
+    /// Where the resets of reused ids' exit records take their pages.
+    reset_pages: PageSource,
 }
 
 impl Executor for Shared {
@@ -749,8 +859,8 @@ impl Shared {
     }
 
     /// Makes an ending observable, in commit order: the watermark, children, watcher
-    /// templates and activations, output, counters, and the end of its task. `push` receives
-    /// the tasks it creates, already counted.
+    /// templates and activations, output, counters, the end of its task, and the ids and
+    /// stacks it gives back. `push` receives the tasks it creates, already counted.
     pub fn apply_ended(
         &self,
         first_ts: u64,
@@ -768,15 +878,38 @@ impl Shared {
             output,
             ends_template,
         } = ended;
+        // Before the watermark passes `first_ts`: no snapshot can see the commit without the
+        // resets.
+        let resets = match &outcome {
+            Outcome::Committed { changes } if self.local.ids_reused() => {
+                self.reset_exit_records(first_ts, &children, changes)
+            }
+            _ => Vec::new(),
+        };
         self.store.advance_watermark(last_ts);
         let mut new_tasks: Vec<Task> = Vec::new();
         match &outcome {
             Outcome::Committed { changes } => {
-                let mut new_templates: Vec<ChildSpec> = Vec::new();
-                for child in children {
+                let mut new_templates = false;
+                for child in &children {
                     if child.watched.is_empty() {
                         // This ending's own snapshot, older, is still registered.
                         self.store.register_snapshot(first_ts);
+                    } else {
+                        new_templates = true;
+                    }
+                }
+                if !changes.is_empty() || !resets.is_empty() {
+                    // The commit's changes activate the templates that existed before it.
+                    self.activate_watchers(changes, &mut new_tasks);
+                    self.activate_watchers(&resets, &mut new_tasks);
+                }
+                // Templates it created are registered now, as it takes effect: the
+                // exit-record publication is a later timestamp, which they do see (a
+                // template may watch its creator's exit record).
+                let mut templates = new_templates.then(|| lock(&self.templates));
+                for child in children {
+                    if child.watched.is_empty() {
                         new_tasks.push(Task {
                             id: child.id,
                             kind: TaskKind::Child,
@@ -787,39 +920,33 @@ impl Shared {
                             watched: Vec::new(),
                             snapshot: Some(first_ts),
                         });
-                    } else {
-                        new_templates.push(child);
-                    }
-                }
-                // The commit's changes activate the templates that existed before it.
-                // Templates it created are registered now, as it takes effect: the
-                // exit-record publication is a later timestamp, which they do see (a
-                // template may watch its creator's exit record).
-                if !changes.is_empty() {
-                    self.activate_watchers(changes, &mut new_tasks);
-                }
-                if !new_templates.is_empty() {
-                    let mut templates = lock(&self.templates);
-                    for spec in new_templates {
+                    } else if let Some(templates) = templates.as_mut() {
                         templates.insert(
-                            spec.id,
+                            child.id,
                             Template {
-                                spec,
+                                spec: child,
                                 state: TemplateState::Idle,
                             },
                         );
                     }
                 }
             }
-            // The children never exist.
-            _ => self.local.release(children.len() as u64),
+            // The children never exist: their ids and stacks are free again at once.
+            _ => {
+                self.local.release(children.len() as u64);
+                for child in &children {
+                    self.local.free_runner(child.id, child.stack, 0);
+                }
+            }
         }
 
         if let TaskKind::Instance(template) = task.kind {
             let mut templates = lock(&self.templates);
             if ends_template {
-                if templates.remove(&template).is_some() {
+                if let Some(gone) = templates.remove(&template) {
+                    drop(templates);
                     self.local.release(1);
+                    self.local.free_runner(template, gone.spec.stack, last_ts);
                 }
             } else if let Some(entry) = templates.get_mut(&template) {
                 let again = matches!(outcome, Outcome::Failed(_))
@@ -837,8 +964,6 @@ impl Shared {
             self.activate_watchers(&exit_changes, &mut new_tasks);
         }
 
-        self.report_ending(&task, &ending, &outcome, output);
-
         match &outcome {
             Outcome::Committed { .. } => bump(&self.counters.committed, 1),
             Outcome::Aborted => bump(&self.counters.aborted, 1),
@@ -847,7 +972,9 @@ impl Shared {
         }
         if !task.is_instance() {
             self.local.release(1);
+            self.local.free_runner(task.id, task.stack, last_ts);
         }
+        self.report_ending(&task, &ending, &outcome, output);
         self.store.end_snapshot(snapshot);
         self.pending_tasks
             .fetch_add(new_tasks.len() as u64, Ordering::AcqRel);
@@ -855,6 +982,28 @@ impl Shared {
             push(task);
         }
         self.task_done();
+    }
+
+    /// Makes the exit records of `children` read "not ended" (status 0) from `ts` on, once
+    /// ids are being reused: a reused id's page still holds its earlier runner's status. The
+    /// reset is a runtime publication at the creating commit's timestamp, so exactly the
+    /// snapshots that can know of the child see it. A page the commit itself stored to is left
+    /// to the commit (one version per timestamp). Out of page memory, a reset is skipped.
+    fn reset_exit_records(&self, ts: u64, children: &[ChildSpec], changes: &[Change]) -> Vec<Change> {
+        let mut resets = Vec::with_capacity(children.len());
+        for child in children {
+            let key = page_key(child.id);
+            if changes.iter().any(|(changed, _)| *changed == key) {
+                continue;
+            }
+            let Some((write, _)) = exit_record_write(child.id, None, 0, &self.reset_pages) else {
+                continue;
+            };
+            if let Some(change) = self.backend.reset_exit_record(ts, write, &self.reset_pages) {
+                resets.push(change);
+            }
+        }
+        resets
     }
 
     fn activate_watchers(
@@ -1223,8 +1372,14 @@ impl Machine {
             InputMode::Inherit => Box::new(std::io::stdin()),
             InputMode::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes.clone())),
         };
-        let first_id = abi::EXIT_RECORD_BASE + abi::EXIT_RECORD_RESERVED * abi::PAGE_BYTES;
-        let local = Arc::new(LocalControl::new(config.max_runners, first_id, input));
+        let first_id = FIRST_ID;
+        let local = Arc::new(LocalControl::new(
+            config.max_runners,
+            config.fresh_slots,
+            backend.resets_exit_records(),
+            Arc::clone(&store),
+            input,
+        ));
         let control = control.unwrap_or_else(|| Arc::clone(&local) as Arc<dyn Control>);
         let shared = Arc::new(Shared {
             store,
@@ -1245,6 +1400,7 @@ impl Machine {
             internal_errors: AtomicU64::new(0),
             clock: Arc::clone(&config.clock),
             next_txn: AtomicU64::new(first_txn.max(1)),
+            reset_pages: resources.pages().clone(),
         });
         Ok(Machine {
             shared,
