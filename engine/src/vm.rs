@@ -377,7 +377,13 @@ impl LocalControl {
         store: Arc<PageStore>,
         input: Box<dyn Read + Send>,
     ) -> LocalControl {
-        let mut ids = SlotPool::new(fresh.ids);
+        // Where ids are never reused, a shrunken id area would only end the run early.
+        let fresh_ids = if reuse_ids {
+            fresh.ids
+        } else {
+            FreshSlots::full().ids
+        };
+        let mut ids = SlotPool::new(fresh_ids);
         // Slot 0 is the root's, in use from the start.
         let _root = ids.take(|| 0);
         LocalControl {
