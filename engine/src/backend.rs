@@ -60,7 +60,12 @@ pub trait Backend: Send + Sync {
     /// Installs `write` at `ts` without a conflict check: the reset of a reused runner id's
     /// exit record, at its creator's commit timestamp, while that ending is being applied (so
     /// no snapshot at `ts` exists yet). Called only where `resets_exit_records` says so.
-    fn reset_exit_record(&self, _ts: u64, _write: PageWrite, _pages: &PageSource) -> Option<Change> {
+    fn reset_exit_record(
+        &self,
+        _ts: u64,
+        _write: PageWrite,
+        _pages: &PageSource,
+    ) -> Option<Change> {
         None
     }
 }

@@ -165,13 +165,19 @@ mod tests {
     #[test]
     fn fresh_slots_come_first_in_order_then_freed_ones_round_robin() {
         let mut pool = SlotPool::new(4);
-        let taken: Vec<_> = (0..4).map(|_| pool.take(|| 0).expect("a fresh slot")).collect();
+        let taken: Vec<_> = (0..4)
+            .map(|_| pool.take(|| 0).expect("a fresh slot"))
+            .collect();
         assert_eq!(taken, [(0, false), (1, false), (2, false), (3, false)]);
         assert_eq!(pool.take(|| 0), None, "nothing freed yet");
         pool.free(2, 5, || 0);
         pool.free(0, 6, || 0);
         assert_eq!(pool.take(|| 4), None, "freed after the horizon: not yet");
-        assert_eq!(pool.take(|| 5), Some((2, true)), "only slot 2 is visible at 5");
+        assert_eq!(
+            pool.take(|| 5),
+            Some((2, true)),
+            "only slot 2 is visible at 5"
+        );
         assert_eq!(pool.take(|| 5), None);
         pool.free(3, 7, || 0);
         // The cursor is past 2: 3 comes before 0 although 0 was freed first.

@@ -37,8 +37,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Runtime stacks: per space, from here, `STACK_BYTES` each.
@@ -224,60 +223,150 @@ enum ConsoleLine {
     Err(Vec<u8>),
 }
 
-/// Output, in the order runners end, written by one thread so committing never waits on a pipe
-/// for longer than a bounded channel allows.
-struct Console {
-    sender: Mutex<Option<mpsc::SyncSender<ConsoleLine>>>,
+impl ConsoleLine {
+    fn len_bytes(&self) -> u64 {
+        match self {
+            ConsoleLine::Out(bytes) | ConsoleLine::Err(bytes) => bytes.len() as u64,
+        }
+    }
 }
 
-const CONSOLE_QUEUE: usize = 4096;
+/// Output, in the order runners end, written by one thread so that committing does not wait
+/// on a pipe while the pipe keeps up.
+///
+/// Output waiting for a slow reader is bounded: the bytes queued or being written are counted
+/// against `--max-memory` (in whole pages, through the run's `MemoryAccount`) and never exceed
+/// `budget_bytes`; a line that does not fit makes its sender (the worker applying the
+/// ending) wait until the writer has made room — back-pressure instead of a queue that grows
+/// with the output. A line arriving at an empty queue is always taken, reserved or not, so an
+/// ending is never refused and a line larger than the budget still gets out, alone.
+struct Console {
+    queue: Mutex<ConsoleQueue>,
+    /// A line was queued, or the console closed: the writer waits on it.
+    queued: Condvar,
+    /// The writer finished a line: senders waiting for room wait on it.
+    room: Condvar,
+    account: Arc<MemoryAccount>,
+    budget_bytes: u64,
+}
+
+#[derive(Default)]
+struct ConsoleQueue {
+    lines: VecDeque<ConsoleLine>,
+    /// Queued plus being written.
+    pending_bytes: u64,
+    /// Pages of the memory account held for the pending bytes.
+    reserved_pages: u64,
+    closed: bool,
+}
+
+/// Output waiting for the reader, at most: this, and a quarter of `--max-memory`, so that a
+/// stalled reader leaves the runners most of their memory (they would fault without it).
+const CONSOLE_MAX_BYTES: u64 = 16 << 20;
+
+fn pages_for(bytes: u64) -> u64 {
+    bytes.div_ceil(PAGE_BYTES as u64)
+}
 
 type CaptureHandle = std::thread::JoinHandle<(Vec<u8>, Vec<u8>)>;
 
 impl Console {
     /// Starts the writer thread; joining it yields what was captured (stdout, stderr).
-    fn start(mode: OutputMode) -> (Console, CaptureHandle) {
-        let (sender, receiver) = mpsc::sync_channel::<ConsoleLine>(CONSOLE_QUEUE);
+    fn start(mode: OutputMode, account: Arc<MemoryAccount>) -> (Arc<Console>, CaptureHandle) {
+        let console = Arc::new(Console {
+            queue: Mutex::new(ConsoleQueue::default()),
+            queued: Condvar::new(),
+            room: Condvar::new(),
+            budget_bytes: CONSOLE_MAX_BYTES.min(account.limit_bytes() / 4),
+            account,
+        });
+        let writer_console = Arc::clone(&console);
         let writer = std::thread::Builder::new()
             .name("dvm-console".into())
-            .spawn(move || {
-                let (mut out, mut err) = (Vec::new(), Vec::new());
-                let stdout = std::io::stdout();
-                let stderr = std::io::stderr();
-                for line in receiver {
-                    // Write errors (a closed pipe) cannot be reported anywhere better; the run
-                    // goes on so that committed state and persistence are not lost.
-                    match (&mode, line) {
-                        (OutputMode::Capture, ConsoleLine::Out(bytes)) => out.extend(bytes),
-                        (OutputMode::Capture, ConsoleLine::Err(bytes)) => err.extend(bytes),
-                        (OutputMode::Inherit, ConsoleLine::Out(bytes)) => {
-                            let mut lock = stdout.lock();
-                            let _ = lock.write_all(&bytes).and_then(|()| lock.flush());
-                        }
-                        (OutputMode::Inherit, ConsoleLine::Err(bytes)) => {
-                            let _ = stderr.lock().write_all(&bytes);
-                        }
-                    }
-                }
-                (out, err)
-            })
+            .spawn(move || writer_console.write_all(&mode))
             .unwrap_or_else(|err| panic!("cannot start the console thread: {err}"));
-        (
-            Console {
-                sender: Mutex::new(Some(sender)),
-            },
-            writer,
-        )
+        (console, writer)
     }
 
-    fn send(&self, line: ConsoleLine) {
-        if let Some(sender) = lock(&self.sender).as_ref() {
-            let _ = sender.send(line);
+    /// The writer thread: lines in order until the console is closed and empty.
+    fn write_all(&self, mode: &OutputMode) -> (Vec<u8>, Vec<u8>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let stdout = std::io::stdout();
+        let stderr = std::io::stderr();
+        loop {
+            let line = {
+                let mut queue = lock(&self.queue);
+                loop {
+                    if let Some(line) = queue.lines.pop_front() {
+                        break line;
+                    }
+                    if queue.closed {
+                        return (out, err);
+                    }
+                    queue = self
+                        .queued
+                        .wait(queue)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+            };
+            let len_bytes = line.len_bytes();
+            // Write errors (a closed pipe) cannot be reported anywhere better; the run goes on
+            // so that committed state and persistence are not lost.
+            match (mode, line) {
+                (OutputMode::Capture, ConsoleLine::Out(bytes)) => out.extend(bytes),
+                (OutputMode::Capture, ConsoleLine::Err(bytes)) => err.extend(bytes),
+                (OutputMode::Inherit, ConsoleLine::Out(bytes)) => {
+                    let mut lock = stdout.lock();
+                    let _ = lock.write_all(&bytes).and_then(|()| lock.flush());
+                }
+                (OutputMode::Inherit, ConsoleLine::Err(bytes)) => {
+                    let _ = stderr.lock().write_all(&bytes);
+                }
+            }
+            let mut queue = lock(&self.queue);
+            queue.pending_bytes -= len_bytes;
+            let keep = pages_for(queue.pending_bytes).min(queue.reserved_pages);
+            self.account.release_reserved(queue.reserved_pages - keep);
+            queue.reserved_pages = keep;
+            drop(queue);
+            self.room.notify_all();
         }
     }
 
+    /// Queues `line`, waiting while the output already waiting leaves no room for it.
+    fn send(&self, line: ConsoleLine) {
+        let len_bytes = line.len_bytes();
+        let mut queue = lock(&self.queue);
+        loop {
+            if queue.closed {
+                return;
+            }
+            let total = queue.pending_bytes + len_bytes;
+            let wanted = pages_for(total).saturating_sub(queue.reserved_pages);
+            let reserved = (queue.pending_bytes == 0 || total <= self.budget_bytes)
+                && self.account.reserve_pages(wanted).is_ok();
+            if reserved {
+                queue.reserved_pages += wanted;
+                break;
+            }
+            if queue.pending_bytes == 0 {
+                break;
+            }
+            queue = self
+                .room
+                .wait(queue)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        queue.pending_bytes += len_bytes;
+        queue.lines.push_back(line);
+        drop(queue);
+        self.queued.notify_one();
+    }
+
     fn close(&self) {
-        lock(&self.sender).take();
+        lock(&self.queue).closed = true;
+        self.queued.notify_all();
+        self.room.notify_all();
     }
 }
 
@@ -517,7 +606,8 @@ pub struct Shared {
     local: Arc<LocalControl>,
     program: Program,
     read_only: Arc<RangeSet>,
-    image_ranges: Vec<Range>,
+    /// The image's sections: every runner may use them.
+    image_set: RangeSet,
     max_instructions: u64,
     pending_tasks: AtomicU64,
     done: AtomicBool,
@@ -525,7 +615,7 @@ pub struct Shared {
     /// Tasks handed to this node from outside its workers (another node, the cluster runtime).
     inbox: Mutex<VecDeque<Task>>,
     templates: Mutex<HashMap<u64, Template>>,
-    console: Console,
+    console: Arc<Console>,
     counters: Counters,
     internal_errors: AtomicU64,
     clock: Arc<dyn Clock>,
@@ -647,13 +737,9 @@ impl Shared {
         if task.kind == TaskKind::Root {
             return Access::everything();
         }
-        let mut allowed = RangeSet::default();
-        for range in self
-            .image_ranges
-            .iter()
-            .chain(&task.using)
-            .chain(&task.watched)
-        {
+        // The image's ranges are merged once, when the machine is built.
+        let mut allowed = self.image_set.clone();
+        for range in task.using.iter().chain(&task.watched) {
             allowed.insert(*range);
         }
         allowed.insert(task.stack);
@@ -995,7 +1081,12 @@ impl Shared {
     /// reset is a runtime publication at the creating commit's timestamp, so exactly the
     /// snapshots that can know of the child see it. A page the commit itself stored to is left
     /// to the commit (one version per timestamp). Out of page memory, a reset is skipped.
-    fn reset_exit_records(&self, ts: u64, children: &[ChildSpec], changes: &[Change]) -> Vec<Change> {
+    fn reset_exit_records(
+        &self,
+        ts: u64,
+        children: &[ChildSpec],
+        changes: &[Change],
+    ) -> Vec<Change> {
         let mut resets = Vec::with_capacity(children.len());
         for child in children {
             let key = page_key(child.id);
@@ -1045,7 +1136,8 @@ impl Shared {
     }
 
     fn report_ending(&self, task: &Task, ending: &Ending, outcome: &Outcome, output: Vec<u8>) {
-        let id = match task.kind {
+        // Formatted only for a report: most endings print nothing or only their own output.
+        let id = || match task.kind {
             TaskKind::Instance(template) => format!("{template:#x} (watcher instance)"),
             _ => format!("{:#x}", task.id),
         };
@@ -1058,7 +1150,8 @@ impl Shared {
             Outcome::Failed(conflict) => {
                 if !output.is_empty() {
                     let mut text = format!(
-                        "dvm: runner {id} failed to commit: {conflict}; its output follows:\n"
+                        "dvm: runner {} failed to commit: {conflict}; its output follows:\n",
+                        id()
                     )
                     .into_bytes();
                     text.extend(output);
@@ -1067,7 +1160,7 @@ impl Shared {
             }
             Outcome::Faulted(fault) => {
                 let Ending::Fault(_) = ending else { return };
-                let mut text = format!("dvm: runner {id} faulted: {}\n", fault.kind);
+                let mut text = format!("dvm: runner {} faulted: {}\n", id(), fault.kind);
                 let instr = self
                     .program
                     .disassemble_at(fault.pc)
@@ -1363,17 +1456,18 @@ impl Machine {
         }
 
         let mut read_only = RangeSet::default();
-        let mut image_ranges = Vec::new();
+        let mut image_set = RangeSet::default();
         for section in &image.image.sections {
             if let Some(range) = Range::new(section.addr, section.len_bytes) {
-                image_ranges.push(range);
+                image_set.insert(range);
                 if !section.kind.writable() {
                     read_only.insert(range);
                 }
             }
         }
 
-        let (console, console_thread) = Console::start(config.output.clone());
+        let (console, console_thread) =
+            Console::start(config.output.clone(), Arc::clone(&resources.account));
         let input: Box<dyn Read + Send> = match &config.input {
             InputMode::Inherit => Box::new(std::io::stdin()),
             InputMode::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes.clone())),
@@ -1394,7 +1488,7 @@ impl Machine {
             local,
             program: Program::new(image),
             read_only: Arc::new(read_only),
-            image_ranges,
+            image_set,
             max_instructions: config.max_instructions,
             pending_tasks: AtomicU64::new(0),
             done: AtomicBool::new(false),

@@ -73,7 +73,10 @@ fn a_thousand_live_runners_spawn_far_more_than_the_fresh_areas_hold() {
         let stats = &report.stats;
         let stderr = String::from_utf8_lossy(&report.stderr);
         assert_eq!(report.exit_code(), 0, "{workers} workers: {stderr}");
-        assert!(chains * length > 3 * fresh, "the areas are reused several times");
+        assert!(
+            chains * length > 3 * fresh,
+            "the areas are reused several times"
+        );
         assert_eq!(
             stats.runners_committed,
             1 + chains * length,
@@ -134,6 +137,9 @@ child:
     let stderr = String::from_utf8_lossy(&report.stderr);
     assert_eq!(report.exit_code(), 0, "{stderr}");
     assert_eq!(report.stats.runners_committed, 1, "the root");
-    assert_eq!(report.stats.runners_aborted, 50, "every batch, none faulted");
+    assert_eq!(
+        report.stats.runners_aborted, 50,
+        "every batch, none faulted"
+    );
     assert_eq!(report.stats.runners_started, 1 + 50, "no child ever ran");
 }
