@@ -532,12 +532,6 @@ impl LocalControl {
             lock(pool).free(slot, freed_ts, horizon);
         }
     }
-
-    /// Ids and stacks in use now (runners existing, plus templates), for tests and stats.
-    pub fn slots_in_use(&self) -> (u64, u64) {
-        let stacks = self.stacks.iter().map(|pool| lock(pool).in_use()).sum();
-        (lock(&self.ids).in_use(), stacks)
-    }
 }
 
 const SPACE_OFFSET_MASK: u64 = (1 << abi::SPACE_SHIFT) - 1;
@@ -554,10 +548,12 @@ impl Control for LocalControl {
         }
         let Some((slot, reused)) = lock(&self.ids).take(|| 0) else {
             self.existing_runners.fetch_sub(1, Ordering::Relaxed);
-            return Err(
-                "runner ids are exhausted (the exit-record area is full and no runner has ended)"
-                    .into(),
-            );
+            return Err(if self.reuse_ids {
+                "runner ids are exhausted (the exit-record area is full and every id is in use)"
+            } else {
+                "runner ids are exhausted (the exit-record area is full)"
+            }
+            .into());
         };
         if reused && !self.ids_reused() {
             self.ids_reused.store(true, Ordering::Relaxed);
