@@ -116,6 +116,10 @@ struct RunArgs {
     /// Do not pin workers to processors.
     #[arg(long)]
     no_pin: bool,
+    /// Runner ids and runtime stacks per space handed out before freed ones are reused
+    /// [default: the whole areas]. For tests of reuse without millions of spawns.
+    #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+    fresh_runner_slots: Option<u64>,
     /// Run on N local processes (nodes) joined over loopback, one `dvm` each; workers per node
     /// default to the cores divided among them. Under mpirun, mpiexec or srun, `dvm run` joins
     /// the job as its rank instead (see docs/CLUSTER.md).
@@ -335,6 +339,9 @@ fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Re
     };
     if let Some(bytes) = args.max_memory {
         config.max_memory_bytes = bytes;
+    }
+    if let Some(slots) = args.fresh_runner_slots {
+        config.fresh_slots = vm::FreshSlots::at_most(slots);
     }
     tracing::info!(program = %args.program.display(), instructions = program.code.len(), "loaded");
     let (report, nodes) = match launch {

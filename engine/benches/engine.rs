@@ -193,10 +193,10 @@ fn view(c: &mut Criterion) {
     // first store to a private word (the ABI words every runner gets), drain, release.
     group.throughput(Throughput::Elements(1));
     let mut reused = memory.view();
-    memory.store.end_snapshot(reused.snapshot_ts());
+    memory.store.end_snapshot(reused.snapshot_ts(), 0);
     group.bench_function("reset_private_store_drain", |b| {
         b.iter(|| {
-            let ts = memory.store.begin_snapshot();
+            let ts = memory.store.begin_snapshot(0, Scope::Everything);
             reused.reset(
                 Arc::clone(&memory.store) as Arc<dyn PageRead>,
                 ts,
@@ -207,7 +207,7 @@ fn view(c: &mut Criterion) {
             reused.store(0x2_0000_0000, 8, 1).expect("private store");
             black_box(reused.drain_writes(None));
             reused.release();
-            memory.store.end_snapshot(ts);
+            memory.store.end_snapshot(ts, 0);
         })
     });
     group.finish();

@@ -12,7 +12,7 @@
 use crate::order::CommitOrder;
 use crate::page::PageSource;
 use crate::runner::Ended;
-use crate::store::{Conflict, PageRead, PageStore, PageWrite, Publication, TxnId};
+use crate::store::{Change, Conflict, PageRead, PageStore, PageWrite, Publication, TxnId};
 use crate::view::Range;
 use std::sync::Arc;
 
@@ -51,6 +51,22 @@ pub trait Backend: Send + Sync {
     /// be applied in timestamp order: here through `apply`, now or when earlier endings
     /// complete, or on another node. Never fails: its timestamps are taken.
     fn finish(&self, finishing: Finishing, pages: &PageSource, apply: &mut Apply<'_>);
+    /// Can `reset_exit_record` install writes? Runner ids are reused only where it can: a
+    /// reused id's exit record must read as "not ended" after its new runner is created.
+    fn resets_exit_records(&self) -> bool {
+        false
+    }
+    /// Installs `reset` at `ts` without a conflict check: the reset of a reused runner id's
+    /// exit record, at its creator's commit timestamp, while that ending is being applied (so
+    /// no snapshot at `ts` exists yet). Called only where `resets_exit_records` says so.
+    fn reset_exit_record(
+        &self,
+        _ts: u64,
+        _reset: Publication,
+        _pages: &PageSource,
+    ) -> Option<Change> {
+        None
+    }
 }
 
 /// One node: the page store and the commit order of this process.
@@ -73,6 +89,14 @@ impl Backend for LocalBackend {
 
     fn prepare(&self, txn: TxnId, snapshot_ts: u64, writes: &[PageWrite]) -> Result<(), Conflict> {
         self.store.prepare(txn, snapshot_ts, writes)
+    }
+
+    fn resets_exit_records(&self) -> bool {
+        true
+    }
+
+    fn reset_exit_record(&self, ts: u64, reset: Publication, pages: &PageSource) -> Option<Change> {
+        Some(self.store.publish(ts, reset, pages))
     }
 
     fn finish(&self, finishing: Finishing, pages: &PageSource, apply: &mut Apply<'_>) {

@@ -22,6 +22,7 @@ pub mod persist;
 pub mod report;
 pub mod runner;
 pub mod sched;
+pub mod slots;
 pub mod store;
 pub mod tlb;
 pub mod view;

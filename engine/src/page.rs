@@ -5,7 +5,8 @@
 //! worker that allocates it, and it is counted in a `MemoryAccount` for its whole life, so the
 //! memory limit and the peak-memory statistic see exactly what exists.
 //!
-//! Invariant: `MemoryAccount::live_pages` equals the number of `Page` values alive.
+//! Invariant: `MemoryAccount::live_pages` equals the number of `Page` values alive plus the
+//! pages' worth reserved with `reserve_pages` and not released.
 
 use dvm_numa::{PageBox, PagePool};
 use std::ops::{Deref, DerefMut};
@@ -143,6 +144,25 @@ impl MemoryAccount {
 
     pub fn pages_copied(&self) -> u64 {
         self.copied_total.load(Ordering::Relaxed)
+    }
+
+    /// Reserves `count` pages' worth of the limit for memory that is not a page (console
+    /// output waiting for a slow reader), or says the limit would be passed. The holder gives
+    /// it back with `release_reserved`.
+    pub fn reserve_pages(&self, count: u64) -> Result<(), MemoryLimit> {
+        let live = self.live_pages.fetch_add(count, Ordering::Relaxed) + count;
+        if live > self.limit_pages {
+            self.live_pages.fetch_sub(count, Ordering::Relaxed);
+            return Err(MemoryLimit {
+                limit_bytes: self.limit_bytes(),
+            });
+        }
+        self.peak_pages.fetch_max(live, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn release_reserved(&self, count: u64) {
+        self.live_pages.fetch_sub(count, Ordering::Relaxed);
     }
 
     /// Reserves one page, or says the limit is reached.

@@ -28,7 +28,8 @@ use crate::page::{
 };
 pub use crate::runner::{Ended, Outcome, Task, TaskKind};
 use crate::sched::{self, Executor, WorkerCtx, WorkerInfo};
-use crate::store::{PageKey, PageStore, PageWrite, Publication, Scope};
+use crate::slots::SlotPool;
+use crate::store::{Change, PageKey, PageStore, PageWrite, Publication, Scope};
 use crate::view::{canonical, page_key, Access, Range, RangeSet, View};
 use dvm_numa::WorkerSlot;
 use std::collections::hash_map::Entry;
@@ -36,8 +37,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 thread_local! {
@@ -92,6 +92,8 @@ pub struct Config {
     /// with local rank `r` and `w` workers per node skips `r * w` slots), so that nodes
     /// sharing a host pin to different cores.
     pub first_worker_slot: usize,
+    /// Ids and runtime stacks handed out before freed ones are reused (tests shrink it).
+    pub fresh_slots: FreshSlots,
 }
 
 impl Default for Config {
@@ -108,6 +110,7 @@ impl Default for Config {
             input: InputMode::Inherit,
             clock: Arc::new(SystemClock::new()),
             first_worker_slot: 0,
+            fresh_slots: FreshSlots::full(),
         }
     }
 }
@@ -227,60 +230,150 @@ enum ConsoleLine {
     Err(Vec<u8>),
 }
 
-/// Output, in the order runners end, written by one thread so committing never waits on a pipe
-/// for longer than a bounded channel allows.
-struct Console {
-    sender: Mutex<Option<mpsc::SyncSender<ConsoleLine>>>,
+impl ConsoleLine {
+    fn len_bytes(&self) -> u64 {
+        match self {
+            ConsoleLine::Out(bytes) | ConsoleLine::Err(bytes) => bytes.len() as u64,
+        }
+    }
 }
 
-const CONSOLE_QUEUE: usize = 4096;
+/// Output, in the order runners end, written by one thread so that committing does not wait
+/// on a pipe while the pipe keeps up.
+///
+/// Output waiting for a slow reader is bounded: the bytes queued or being written are counted
+/// against `--max-memory` (in whole pages, through the run's `MemoryAccount`) and never exceed
+/// `budget_bytes`; a line that does not fit makes its sender (the worker applying the
+/// ending) wait until the writer has made room — back-pressure instead of a queue that grows
+/// with the output. A line arriving at an empty queue is always taken, reserved or not, so an
+/// ending is never refused and a line larger than the budget still gets out, alone.
+struct Console {
+    queue: Mutex<ConsoleQueue>,
+    /// A line was queued, or the console closed: the writer waits on it.
+    queued: Condvar,
+    /// The writer finished a line: senders waiting for room wait on it.
+    room: Condvar,
+    account: Arc<MemoryAccount>,
+    budget_bytes: u64,
+}
+
+#[derive(Default)]
+struct ConsoleQueue {
+    lines: VecDeque<ConsoleLine>,
+    /// Queued plus being written.
+    pending_bytes: u64,
+    /// Pages of the memory account held for the pending bytes.
+    reserved_pages: u64,
+    closed: bool,
+}
+
+/// Output waiting for the reader, at most: this, and a quarter of `--max-memory`, so that a
+/// stalled reader leaves the runners most of their memory (they would fault without it).
+const CONSOLE_MAX_BYTES: u64 = 16 << 20;
+
+fn pages_for(bytes: u64) -> u64 {
+    bytes.div_ceil(PAGE_BYTES as u64)
+}
 
 type CaptureHandle = std::thread::JoinHandle<(Vec<u8>, Vec<u8>)>;
 
 impl Console {
     /// Starts the writer thread; joining it yields what was captured (stdout, stderr).
-    fn start(mode: OutputMode) -> (Console, CaptureHandle) {
-        let (sender, receiver) = mpsc::sync_channel::<ConsoleLine>(CONSOLE_QUEUE);
+    fn start(mode: OutputMode, account: Arc<MemoryAccount>) -> (Arc<Console>, CaptureHandle) {
+        let console = Arc::new(Console {
+            queue: Mutex::new(ConsoleQueue::default()),
+            queued: Condvar::new(),
+            room: Condvar::new(),
+            budget_bytes: CONSOLE_MAX_BYTES.min(account.limit_bytes() / 4),
+            account,
+        });
+        let writer_console = Arc::clone(&console);
         let writer = std::thread::Builder::new()
             .name("dvm-console".into())
-            .spawn(move || {
-                let (mut out, mut err) = (Vec::new(), Vec::new());
-                let stdout = std::io::stdout();
-                let stderr = std::io::stderr();
-                for line in receiver {
-                    // Write errors (a closed pipe) cannot be reported anywhere better; the run
-                    // goes on so that committed state and persistence are not lost.
-                    match (&mode, line) {
-                        (OutputMode::Capture, ConsoleLine::Out(bytes)) => out.extend(bytes),
-                        (OutputMode::Capture, ConsoleLine::Err(bytes)) => err.extend(bytes),
-                        (OutputMode::Inherit, ConsoleLine::Out(bytes)) => {
-                            let mut lock = stdout.lock();
-                            let _ = lock.write_all(&bytes).and_then(|()| lock.flush());
-                        }
-                        (OutputMode::Inherit, ConsoleLine::Err(bytes)) => {
-                            let _ = stderr.lock().write_all(&bytes);
-                        }
-                    }
-                }
-                (out, err)
-            })
+            .spawn(move || writer_console.write_all(&mode))
             .unwrap_or_else(|err| panic!("cannot start the console thread: {err}"));
-        (
-            Console {
-                sender: Mutex::new(Some(sender)),
-            },
-            writer,
-        )
+        (console, writer)
     }
 
-    fn send(&self, line: ConsoleLine) {
-        if let Some(sender) = lock(&self.sender).as_ref() {
-            let _ = sender.send(line);
+    /// The writer thread: lines in order until the console is closed and empty.
+    fn write_all(&self, mode: &OutputMode) -> (Vec<u8>, Vec<u8>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let stdout = std::io::stdout();
+        let stderr = std::io::stderr();
+        loop {
+            let line = {
+                let mut queue = lock(&self.queue);
+                loop {
+                    if let Some(line) = queue.lines.pop_front() {
+                        break line;
+                    }
+                    if queue.closed {
+                        return (out, err);
+                    }
+                    queue = self
+                        .queued
+                        .wait(queue)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+            };
+            let len_bytes = line.len_bytes();
+            // Write errors (a closed pipe) cannot be reported anywhere better; the run goes on
+            // so that committed state and persistence are not lost.
+            match (mode, line) {
+                (OutputMode::Capture, ConsoleLine::Out(bytes)) => out.extend(bytes),
+                (OutputMode::Capture, ConsoleLine::Err(bytes)) => err.extend(bytes),
+                (OutputMode::Inherit, ConsoleLine::Out(bytes)) => {
+                    let mut lock = stdout.lock();
+                    let _ = lock.write_all(&bytes).and_then(|()| lock.flush());
+                }
+                (OutputMode::Inherit, ConsoleLine::Err(bytes)) => {
+                    let _ = stderr.lock().write_all(&bytes);
+                }
+            }
+            let mut queue = lock(&self.queue);
+            queue.pending_bytes -= len_bytes;
+            let keep = pages_for(queue.pending_bytes).min(queue.reserved_pages);
+            self.account.release_reserved(queue.reserved_pages - keep);
+            queue.reserved_pages = keep;
+            drop(queue);
+            self.room.notify_all();
         }
     }
 
+    /// Queues `line`, waiting while the output already waiting leaves no room for it.
+    fn send(&self, line: ConsoleLine) {
+        let len_bytes = line.len_bytes();
+        let mut queue = lock(&self.queue);
+        loop {
+            if queue.closed {
+                return;
+            }
+            let total = queue.pending_bytes + len_bytes;
+            let wanted = pages_for(total).saturating_sub(queue.reserved_pages);
+            let reserved = (queue.pending_bytes == 0 || total <= self.budget_bytes)
+                && self.account.reserve_pages(wanted).is_ok();
+            if reserved {
+                queue.reserved_pages += wanted;
+                break;
+            }
+            if queue.pending_bytes == 0 {
+                break;
+            }
+            queue = self
+                .room
+                .wait(queue)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        queue.pending_bytes += len_bytes;
+        queue.lines.push_back(line);
+        drop(queue);
+        self.queued.notify_one();
+    }
+
     fn close(&self) {
-        lock(&self.sender).take();
+        lock(&self.queue).closed = true;
+        self.queued.notify_all();
+        self.room.notify_all();
     }
 }
 
@@ -319,21 +412,86 @@ impl Input {
 
 /// The runner ids, stacks, heap and console input of one machine, served by the node that owns
 /// them (the only node, or node 0 of a cluster).
+///
+/// Ids and runtime stacks come from `SlotPool`s: fresh ones first, in creation order; once an
+/// area is exhausted, those of runners that ended or never started are handed out again
+/// (`docs/MEMORY-MODEL.md` §2, §6). Ids are reused only where the backend can reset a reused
+/// id's exit record (`Backend::resets_exit_records`); stacks wherever the frees are applied.
 pub struct LocalControl {
     max_runners: u64,
-    next_id: AtomicU64,
-    next_stack: Vec<AtomicU64>,
+    /// Id slot 0: the root's id.
+    first_id: u64,
+    ids: Mutex<SlotPool>,
+    reuse_ids: bool,
+    /// Set once a freed id has been handed out again: from then on every new runner's exit
+    /// record is reset when its creator commits.
+    ids_reused: AtomicBool,
+    /// One pool per space.
+    stacks: Vec<Mutex<SlotPool>>,
+    /// The snapshot registry: a freed stack waits until every live snapshot sees its last
+    /// owner's writes.
+    store: Arc<PageStore>,
     next_heap: Vec<AtomicU64>,
     existing_runners: AtomicU64,
     input: Mutex<Input>,
 }
 
+/// How many ids and runtime stacks per space exist before freed ones are reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreshSlots {
+    pub ids: u64,
+    pub stacks_per_space: u64,
+}
+
+impl FreshSlots {
+    /// The whole exit-record area and the whole stack area of a space.
+    pub fn full() -> FreshSlots {
+        FreshSlots {
+            ids: (EXIT_RECORD_END - FIRST_ID) / abi::PAGE_BYTES,
+            stacks_per_space: (STACK_AREA.end - STACK_AREA.start) / STACK_BYTES,
+        }
+    }
+
+    /// At most `slots` of each (a test's way to reach reuse without millions of spawns).
+    pub fn at_most(slots: u64) -> FreshSlots {
+        let full = FreshSlots::full();
+        FreshSlots {
+            ids: full.ids.min(slots.max(1)),
+            stacks_per_space: full.stacks_per_space.min(slots.max(1)),
+        }
+    }
+}
+
+/// The root runner's id: the first exit-record page after the reserved ones.
+const FIRST_ID: u64 = abi::EXIT_RECORD_BASE + abi::EXIT_RECORD_RESERVED * abi::PAGE_BYTES;
+
 impl LocalControl {
-    fn new(max_runners: u64, first_id: u64, input: Box<dyn Read + Send>) -> LocalControl {
+    fn new(
+        max_runners: u64,
+        fresh: FreshSlots,
+        reuse_ids: bool,
+        store: Arc<PageStore>,
+        input: Box<dyn Read + Send>,
+    ) -> LocalControl {
+        // Where ids are never reused, a shrunken id area would only end the run early.
+        let fresh_ids = if reuse_ids {
+            fresh.ids
+        } else {
+            FreshSlots::full().ids
+        };
+        let mut ids = SlotPool::new(fresh_ids);
+        // Slot 0 is the root's, in use from the start.
+        let _root = ids.take(|| 0);
         LocalControl {
             max_runners: max_runners.max(1),
-            next_id: AtomicU64::new(first_id + abi::PAGE_BYTES),
-            next_stack: (0..abi::SPACE_COUNT).map(|_| AtomicU64::new(0)).collect(),
+            first_id: FIRST_ID,
+            ids: Mutex::new(ids),
+            reuse_ids,
+            ids_reused: AtomicBool::new(false),
+            stacks: (0..abi::SPACE_COUNT)
+                .map(|_| Mutex::new(SlotPool::new(fresh.stacks_per_space)))
+                .collect(),
+            store,
             next_heap: (0..abi::SPACE_COUNT).map(|_| AtomicU64::new(0)).collect(),
             // The root exists from the start.
             existing_runners: AtomicU64::new(1),
@@ -350,7 +508,40 @@ impl LocalControl {
     fn release(&self, count: u64) {
         self.existing_runners.fetch_sub(count, Ordering::Relaxed);
     }
+
+    /// Has any id been handed out a second time? (Then new runners' exit records are reset.)
+    fn ids_reused(&self) -> bool {
+        self.ids_reused.load(Ordering::Relaxed)
+    }
+
+    /// Gives back the id and, if the runtime allocated it, the stack of a runner that ended
+    /// (its writes installed at or below `freed_ts`) or never started (`freed_ts` 0).
+    fn free_runner(&self, id: u64, stack: Range, freed_ts: u64) {
+        let horizon = || self.store.prune_horizon();
+        if self.reuse_ids {
+            if let Some(slot) = id
+                .checked_sub(self.first_id)
+                .filter(|offset| offset % abi::PAGE_BYTES == 0)
+                .map(|offset| offset / abi::PAGE_BYTES)
+            {
+                // Nobody can write an id's record under an old snapshot to any effect that
+                // matters: a reused id's record is reset when its new runner's creator commits.
+                lock(&self.ids).free(slot, 0, horizon);
+            }
+        }
+        let space = stack.start >> abi::SPACE_SHIFT;
+        let offset = stack.start & SPACE_OFFSET_MASK;
+        let runtime_stack = stack.end - stack.start == STACK_BYTES
+            && STACK_AREA.contains(&offset)
+            && (offset - STACK_AREA.start) % STACK_BYTES == 0;
+        if let (true, Some(pool)) = (runtime_stack, self.stacks.get(space as usize)) {
+            let slot = (offset - STACK_AREA.start) / STACK_BYTES;
+            lock(pool).free(slot, freed_ts, horizon);
+        }
+    }
 }
+
+const SPACE_OFFSET_MASK: u64 = (1 << abi::SPACE_SHIFT) - 1;
 
 impl Control for LocalControl {
     fn new_runner_id(&self) -> Result<u64, String> {
@@ -362,12 +553,19 @@ impl Control for LocalControl {
                 self.max_runners
             ));
         }
-        let id = self.next_id.fetch_add(abi::PAGE_BYTES, Ordering::Relaxed);
-        if id >= EXIT_RECORD_END {
+        let Some((slot, reused)) = lock(&self.ids).take(|| 0) else {
             self.existing_runners.fetch_sub(1, Ordering::Relaxed);
-            return Err("runner ids are exhausted (the exit-record area is full)".into());
+            return Err(if self.reuse_ids {
+                "runner ids are exhausted (the exit-record area is full and every id is in use)"
+            } else {
+                "runner ids are exhausted (the exit-record area is full)"
+            }
+            .into());
+        };
+        if reused && !self.ids_reused() {
+            self.ids_reused.store(true, Ordering::Relaxed);
         }
-        Ok(id)
+        Ok(self.first_id + slot * abi::PAGE_BYTES)
     }
 
     fn forget_runner(&self) {
@@ -375,11 +573,12 @@ impl Control for LocalControl {
     }
 
     fn allocate_stack(&self, space: u64) -> Option<Range> {
-        let counter = self.next_stack.get(space as usize)?;
-        let offset = counter.fetch_add(STACK_BYTES, Ordering::Relaxed);
-        let start = STACK_AREA.start.checked_add(offset)?;
-        (start + STACK_BYTES <= STACK_AREA.end)
-            .then(|| Range::new((space << abi::SPACE_SHIFT) + start, STACK_BYTES))?
+        let pool = self.stacks.get(space as usize)?;
+        let (slot, _) = lock(pool).take(|| self.store.prune_horizon())?;
+        Range::new(
+            (space << abi::SPACE_SHIFT) + STACK_AREA.start + slot * STACK_BYTES,
+            STACK_BYTES,
+        )
     }
 
     fn allocate_heap(&self, space: u64, len_bytes: u64) -> Option<Range> {
@@ -410,7 +609,8 @@ pub struct Shared {
     local: Arc<LocalControl>,
     program: Program,
     read_only: Arc<RangeSet>,
-    image_ranges: Vec<Range>,
+    /// The image's sections: every runner may use them.
+    image_set: RangeSet,
     max_instructions: u64,
     pending_tasks: AtomicU64,
     done: AtomicBool,
@@ -418,11 +618,13 @@ pub struct Shared {
     /// Tasks handed to this node from outside its workers (another node, the cluster runtime).
     inbox: Mutex<VecDeque<Task>>,
     templates: Mutex<HashMap<u64, Template>>,
-    console: Console,
+    console: Arc<Console>,
     counters: Counters,
     internal_errors: AtomicU64,
     clock: Arc<dyn Clock>,
     next_txn: AtomicU64,
+    /// Where the resets of reused ids' exit records take their pages.
+    reset_pages: PageSource,
 }
 
 impl Executor for Shared {
@@ -543,13 +745,9 @@ impl Shared {
         if task.kind == TaskKind::Root {
             return Access::everything();
         }
-        let mut allowed = RangeSet::default();
-        for range in self
-            .image_ranges
-            .iter()
-            .chain(&task.using)
-            .chain(&task.watched)
-        {
+        // The image's ranges are merged once, when the machine is built.
+        let mut allowed = self.image_set.clone();
+        for range in task.using.iter().chain(&task.watched) {
             allowed.insert(*range);
         }
         allowed.insert(task.stack);
@@ -774,8 +972,8 @@ impl Shared {
     }
 
     /// Makes an ending observable, in commit order: the watermark, children, watcher
-    /// templates and activations, output, counters, and the end of its task. `push` receives
-    /// the tasks it creates, already counted.
+    /// templates and activations, output, counters, the end of its task, and the ids and
+    /// stacks it gives back. `push` receives the tasks it creates, already counted.
     pub fn apply_ended(
         &self,
         first_ts: u64,
@@ -793,11 +991,28 @@ impl Shared {
             output,
             ends_template,
         } = ended;
+        // Before the watermark passes `first_ts`: no snapshot can see the commit without the
+        // resets.
+        let resets = match &outcome {
+            Outcome::Committed { changes } if self.local.ids_reused() => {
+                self.reset_exit_records(first_ts, &children, changes)
+            }
+            _ => Vec::new(),
+        };
         self.store.advance_watermark(last_ts);
         let mut new_tasks: Vec<Task> = Vec::new();
         match &outcome {
             Outcome::Committed { changes } => {
-                let mut new_templates: Vec<ChildSpec> = Vec::new();
+                let new_templates = children.iter().any(|child| !child.watched.is_empty());
+                if !changes.is_empty() || !resets.is_empty() {
+                    // The commit's changes activate the templates that existed before it.
+                    self.activate_watchers(changes, &mut new_tasks);
+                    self.activate_watchers(&resets, &mut new_tasks);
+                }
+                // Templates it created are registered now, as it takes effect: the
+                // exit-record publication is a later timestamp, which they do see (a
+                // template may watch its creator's exit record).
+                let mut templates = new_templates.then(|| lock(&self.templates));
                 for child in children {
                     if child.watched.is_empty() {
                         let task = Task {
@@ -814,39 +1029,33 @@ impl Shared {
                         self.store
                             .register_snapshot(first_ts, task.id, self.scope_for(&task));
                         new_tasks.push(task);
-                    } else {
-                        new_templates.push(child);
-                    }
-                }
-                // The commit's changes activate the templates that existed before it.
-                // Templates it created are registered now, as it takes effect: the
-                // exit-record publication is a later timestamp, which they do see (a
-                // template may watch its creator's exit record).
-                if !changes.is_empty() {
-                    self.activate_watchers(changes, &mut new_tasks);
-                }
-                if !new_templates.is_empty() {
-                    let mut templates = lock(&self.templates);
-                    for spec in new_templates {
+                    } else if let Some(templates) = templates.as_mut() {
                         templates.insert(
-                            spec.id,
+                            child.id,
                             Template {
-                                spec,
+                                spec: child,
                                 state: TemplateState::Idle,
                             },
                         );
                     }
                 }
             }
-            // The children never exist.
-            _ => self.local.release(children.len() as u64),
+            // The children never exist: their ids and stacks are free again at once.
+            _ => {
+                self.local.release(children.len() as u64);
+                for child in &children {
+                    self.local.free_runner(child.id, child.stack, 0);
+                }
+            }
         }
 
         if let TaskKind::Instance(template) = task.kind {
             let mut templates = lock(&self.templates);
             if ends_template {
-                if templates.remove(&template).is_some() {
+                if let Some(gone) = templates.remove(&template) {
+                    drop(templates);
                     self.local.release(1);
+                    self.local.free_runner(template, gone.spec.stack, last_ts);
                 }
             } else if let Some(entry) = templates.get_mut(&template) {
                 let again = matches!(outcome, Outcome::Failed(_))
@@ -864,8 +1073,6 @@ impl Shared {
             self.activate_watchers(&exit_changes, &mut new_tasks);
         }
 
-        self.report_ending(&task, &ending, &outcome, output);
-
         match &outcome {
             Outcome::Committed { .. } => bump(&self.counters.committed, 1),
             Outcome::Aborted => bump(&self.counters.aborted, 1),
@@ -874,7 +1081,9 @@ impl Shared {
         }
         if !task.is_instance() {
             self.local.release(1);
+            self.local.free_runner(task.id, task.stack, last_ts);
         }
+        self.report_ending(&task, &ending, &outcome, output);
         self.store.end_snapshot(snapshot, task.exit_id());
         self.pending_tasks
             .fetch_add(new_tasks.len() as u64, Ordering::AcqRel);
@@ -882,6 +1091,33 @@ impl Shared {
             push(task);
         }
         self.task_done();
+    }
+
+    /// Makes the exit records of `children` read "not ended" (status 0) from `ts` on, once
+    /// ids are being reused: a reused id's page still holds its earlier runner's status. The
+    /// reset is a runtime publication at the creating commit's timestamp, so exactly the
+    /// snapshots that can know of the child see it. A page the commit itself stored to is left
+    /// to the commit (one version per timestamp).
+    fn reset_exit_records(
+        &self,
+        ts: u64,
+        children: &[ChildSpec],
+        changes: &[Change],
+    ) -> Vec<Change> {
+        let mut resets = Vec::with_capacity(children.len());
+        for child in children {
+            let key = page_key(child.id);
+            if changes.iter().any(|(changed, _)| *changed == key) {
+                continue;
+            }
+            let Some(reset) = exit_record_write(child.id, None, 0) else {
+                continue;
+            };
+            if let Some(change) = self.backend.reset_exit_record(ts, reset, &self.reset_pages) {
+                resets.push(change);
+            }
+        }
+        resets
     }
 
     fn activate_watchers(
@@ -917,7 +1153,8 @@ impl Shared {
     }
 
     fn report_ending(&self, task: &Task, ending: &Ending, outcome: &Outcome, output: Vec<u8>) {
-        let id = match task.kind {
+        // Formatted only for a report: most endings print nothing or only their own output.
+        let id = || match task.kind {
             TaskKind::Instance(template) => format!("{template:#x} (watcher instance)"),
             _ => format!("{:#x}", task.id),
         };
@@ -930,7 +1167,8 @@ impl Shared {
             Outcome::Failed(conflict) => {
                 if !output.is_empty() {
                     let mut text = format!(
-                        "dvm: runner {id} failed to commit: {conflict}; its output follows:\n"
+                        "dvm: runner {} failed to commit: {conflict}; its output follows:\n",
+                        id()
                     )
                     .into_bytes();
                     text.extend(output);
@@ -939,7 +1177,7 @@ impl Shared {
             }
             Outcome::Faulted(fault) => {
                 let Ending::Fault(_) = ending else { return };
-                let mut text = format!("dvm: runner {id} faulted: {}\n", fault.kind);
+                let mut text = format!("dvm: runner {} faulted: {}\n", id(), fault.kind);
                 let instr = self
                     .program
                     .disassemble_at(fault.pc)
@@ -1232,23 +1470,30 @@ impl Machine {
         }
 
         let mut read_only = RangeSet::default();
-        let mut image_ranges = Vec::new();
+        let mut image_set = RangeSet::default();
         for section in &image.image.sections {
             if let Some(range) = Range::new(section.addr, section.len_bytes) {
-                image_ranges.push(range);
+                image_set.insert(range);
                 if !section.kind.writable() {
                     read_only.insert(range);
                 }
             }
         }
 
-        let (console, console_thread) = Console::start(config.output.clone());
+        let (console, console_thread) =
+            Console::start(config.output.clone(), Arc::clone(&resources.account));
         let input: Box<dyn Read + Send> = match &config.input {
             InputMode::Inherit => Box::new(std::io::stdin()),
             InputMode::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes.clone())),
         };
-        let first_id = abi::EXIT_RECORD_BASE + abi::EXIT_RECORD_RESERVED * abi::PAGE_BYTES;
-        let local = Arc::new(LocalControl::new(config.max_runners, first_id, input));
+        let first_id = FIRST_ID;
+        let local = Arc::new(LocalControl::new(
+            config.max_runners,
+            config.fresh_slots,
+            backend.resets_exit_records(),
+            Arc::clone(&store),
+            input,
+        ));
         let control = control.unwrap_or_else(|| Arc::clone(&local) as Arc<dyn Control>);
         let shared = Arc::new(Shared {
             store,
@@ -1257,7 +1502,7 @@ impl Machine {
             local,
             program: Program::new(image),
             read_only: Arc::new(read_only),
-            image_ranges,
+            image_set,
             max_instructions: config.max_instructions,
             pending_tasks: AtomicU64::new(0),
             done: AtomicBool::new(false),
@@ -1269,6 +1514,7 @@ impl Machine {
             internal_errors: AtomicU64::new(0),
             clock: Arc::clone(&config.clock),
             next_txn: AtomicU64::new(first_txn.max(1)),
+            reset_pages: resources.pages().clone(),
         });
         Ok(Machine {
             shared,
