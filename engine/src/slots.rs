@@ -2,12 +2,13 @@
 //! runtime stacks of one space. `LocalControl` (in `vm`) owns one pool per area.
 //!
 //! Policy (`docs/MEMORY-MODEL.md` §2 and §6): fresh slots are handed out first, in ascending
-//! order, so a program that never exhausts an area sees exactly what it saw before reuse
-//! existed (ids in creation order, a finished runner's record and stack untouched). Only once
-//! the fresh slots are gone are freed ones handed out again, round-robin from the lowest
-//! address after the last one reused — the slot freed longest ago in the common case where
-//! runners end roughly in the order they were created, without keeping a queue of every
-//! ending.
+//! order, up to the pool's `reuse_after` (for ids: the whole area, so ids come in creation order
+//! until it is used up; for stacks: `STACK_REUSE_AFTER` per space, so that a long chain of
+//! runners keeps a bounded set of stack pages rather than one per runner it ever made). From
+//! then on freed slots are handed out again, round-robin from the lowest address after the last
+//! one reused — the slot freed longest ago in the common case where runners end roughly in the
+//! order they were created, without keeping a queue of every ending — and fresh ones only when
+//! no freed slot is ready.
 //!
 //! Invariants:
 //! - a slot is in at most one of: in use, ready, waiting; `ready_count` counts the ready ones;
@@ -30,6 +31,8 @@ pub struct SlotPool {
     /// Slots `0..fresh_next` have been handed out at least once.
     fresh_next: u64,
     fresh_end: u64,
+    /// Below this many slots handed out, fresh ones come first; above, freed ones.
+    reuse_after: u64,
     in_use: Vec<u64>,
     ready: Vec<u64>,
     ready_count: u64,
@@ -59,11 +62,18 @@ fn set(bits: &mut Vec<u64>, slot: u64, on: bool) {
 }
 
 impl SlotPool {
-    /// A pool of `slots` slots, `0..slots`.
+    /// A pool of `slots` slots, `0..slots`, reused only once all were handed out.
     pub fn new(slots: u64) -> SlotPool {
+        SlotPool::reusing_after(slots, slots)
+    }
+
+    /// A pool of `slots` slots that prefers freed slots to fresh ones once `reuse_after` were
+    /// handed out.
+    pub fn reusing_after(slots: u64, reuse_after: u64) -> SlotPool {
         SlotPool {
             fresh_next: 0,
             fresh_end: slots,
+            reuse_after: reuse_after.min(slots),
             in_use: Vec::new(),
             ready: Vec::new(),
             ready_count: 0,
@@ -76,17 +86,14 @@ impl SlotPool {
     /// A slot, fresh if any is left, else a freed one whose last use every live snapshot sees;
     /// `horizon` is asked only when freed slots are waiting. `(slot, reused)`.
     pub fn take(&mut self, horizon: impl FnOnce() -> u64) -> Option<(u64, bool)> {
-        if self.fresh_next < self.fresh_end {
-            let slot = self.fresh_next;
-            self.fresh_next += 1;
-            set(&mut self.in_use, slot, true);
-            return Some((slot, false));
+        if self.fresh_next < self.reuse_after {
+            return Some((self.take_fresh(), false));
+        }
+        if self.ready_count == 0 && !self.waiting.is_empty() {
+            self.drain(horizon());
         }
         if self.ready_count == 0 {
-            if self.waiting.is_empty() {
-                return None;
-            }
-            self.drain(horizon());
+            return (self.fresh_next < self.fresh_end).then(|| (self.take_fresh(), false));
         }
         let slot = self.next_ready()?;
         set(&mut self.ready, slot, false);
@@ -94,6 +101,13 @@ impl SlotPool {
         set(&mut self.in_use, slot, true);
         self.cursor = slot + 1;
         Some((slot, true))
+    }
+
+    fn take_fresh(&mut self) -> u64 {
+        let slot = self.fresh_next;
+        self.fresh_next += 1;
+        set(&mut self.in_use, slot, true);
+        slot
     }
 
     /// Gives `slot` back; its last owner's writes are installed at or below `freed_ts`.
@@ -184,6 +198,25 @@ mod tests {
         assert_eq!(pool.take(|| 9), Some((3, true)));
         assert_eq!(pool.take(|| 9), Some((0, true)));
         assert_eq!(pool.in_use(), 4);
+    }
+
+    #[test]
+    fn past_reuse_after_freed_slots_come_before_fresh_ones() {
+        let mut pool = SlotPool::reusing_after(8, 2);
+        assert_eq!(pool.take(|| 0), Some((0, false)));
+        assert_eq!(pool.take(|| 0), Some((1, false)));
+        assert_eq!(pool.take(|| 0), Some((2, false)), "nothing freed: fresh");
+        pool.free(0, 3, || 0);
+        assert_eq!(
+            pool.take(|| 2),
+            Some((3, false)),
+            "freed after the horizon: fresh"
+        );
+        assert_eq!(pool.take(|| 3), Some((0, true)), "visible at 3: reused");
+        for slot in 4..8 {
+            assert_eq!(pool.take(|| 3), Some((slot, false)));
+        }
+        assert_eq!(pool.take(|| 3), None, "all eight in use");
     }
 
     #[test]

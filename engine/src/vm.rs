@@ -50,6 +50,9 @@ thread_local! {
 /// Runtime stacks: per space, from here, `STACK_BYTES` each.
 pub const STACK_AREA: std::ops::Range<u64> = 0x180_0000_0000..0x200_0000_0000;
 pub const STACK_BYTES: u64 = 256 << 10;
+/// Stacks handed out in a space before the stacks of finished runners are preferred to fresh
+/// ones (MEMORY-MODEL §2): what a long chain of runners keeps of its stacks.
+pub const STACK_REUSE_AFTER: u64 = 65_536;
 /// `malloc` heap: per space.
 pub const HEAP_AREA: std::ops::Range<u64> = 0x100_0000_0000..0x180_0000_0000;
 /// Largest single `malloc`.
@@ -489,7 +492,12 @@ impl LocalControl {
             reuse_ids,
             ids_reused: AtomicBool::new(false),
             stacks: (0..abi::SPACE_COUNT)
-                .map(|_| Mutex::new(SlotPool::new(fresh.stacks_per_space)))
+                .map(|_| {
+                    Mutex::new(SlotPool::reusing_after(
+                        fresh.stacks_per_space,
+                        STACK_REUSE_AFTER,
+                    ))
+                })
                 .collect(),
             store,
             next_heap: (0..abi::SPACE_COUNT).map(|_| AtomicU64::new(0)).collect(),
