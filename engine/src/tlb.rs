@@ -13,7 +13,7 @@
 //!    bytes of a `Page` live in a pool chunk, not in the `Page` value, so moving the value
 //!    (a `Vec` growing) does not move them; a dirty page's mask is a leaked `Box` freed only by
 //!    `DirtyFrame::drop` or returned by `take_dirty`.
-//! 2. Frames are removed only by `take_dirty` and `clear`, and both invalidate every entry
+//! 2. Frames are removed only by `take_dirty`, `clear_clean` and `clear`, which all invalidate every entry
 //!    first (a generation bump), so no live entry points at a removed frame.
 //! 3. Pointers into private and dirty pages are derived once, when the frame is created, and
 //!    the page is not borrowed again until its frame is removed: every access to those bytes
@@ -436,6 +436,17 @@ impl Tlb {
     }
 
     /// Drops every frame (keeping the vectors' capacity) after invalidating the TLB.
+    /// Drops the snapshot-page frames (the runner read more pages made for it alone than it
+    /// may keep). Invalidates the TLB first (invariant 2); private and dirty frames stay.
+    pub fn clear_clean(&mut self) {
+        self.invalidate_all();
+        self.clean.clear();
+    }
+
+    pub fn clean_count(&self) -> usize {
+        self.clean.len()
+    }
+
     pub fn clear(&mut self) {
         self.invalidate_all();
         self.clean.clear();

@@ -201,7 +201,15 @@ pub struct View {
     zero_private_cached: bool,
     /// Some entry may map a clean AMR page (an alias that must not survive its first store).
     clean_amr_cached: bool,
+    /// Snapshot pages held that were made for this view alone (a version the store keeps as
+    /// a delta, rebuilt on read): bounded by `MAX_MADE_FRAMES`.
+    made_frames: usize,
 }
+
+/// Snapshot pages made for one runner (rebuilt deltas, such as exit records) it may hold at
+/// once: a joiner that reads 10^5 exit records must not hold 10^5 rebuilt pages. Past this,
+/// every snapshot frame is dropped and read again when next used.
+const MAX_MADE_FRAMES: usize = 256;
 
 /// The raw page of the console words: never cached.
 const CONSOLE_PAGE: u64 = abi::PR_CONSOLE_IN >> PAGE_SHIFT;
@@ -226,6 +234,7 @@ impl View {
             private_index: HashMap::default(),
             zero_private_cached: false,
             clean_amr_cached: false,
+            made_frames: 0,
         }
     }
 
@@ -259,6 +268,7 @@ impl View {
         self.private_index.clear();
         self.zero_private_cached = false;
         self.clean_amr_cached = false;
+        self.made_frames = 0;
     }
 
     pub fn snapshot_ts(&self) -> u64 {
@@ -473,11 +483,31 @@ impl View {
             .read(key, self.snapshot_ts)
             .map_err(AccessError::Memory)?
         {
-            Some(page) => Frame::Clean(self.tlb.add_clean(page)),
+            Some(page) => {
+                // Nobody else holds it: the store made it for this read.
+                if Arc::strong_count(&page) == 1 {
+                    if self.made_frames >= MAX_MADE_FRAMES {
+                        self.drop_clean_frames();
+                    }
+                    self.made_frames += 1;
+                }
+                Frame::Clean(self.tlb.add_clean(page))
+            }
             None => Frame::Zero,
         };
         self.clean_index.insert(key, frame);
         Ok(frame)
+    }
+
+    /// Forgets every snapshot page read so far (they are read again when used).
+    fn drop_clean_frames(&mut self) {
+        self.tlb.clear_clean();
+        self.clean_index
+            .retain(|_, frame| !matches!(frame, Frame::Clean(_)));
+        self.made_frames = 0;
+        // The TLB was invalidated: no alias is cached any more.
+        self.clean_amr_cached = false;
+        self.zero_private_cached = false;
     }
 
     /// Number of shared pages this runner stored to.
@@ -541,6 +571,55 @@ mod tests {
         let mut read_only = RangeSet::default();
         read_only.insert(Range::new(abi::CODE_BASE, 0x1000).expect("range"));
         View::new(store, snapshot, pages, access, Arc::new(read_only))
+    }
+
+    /// A runner reading many pages the store keeps as deltas (exit records) holds at most
+    /// `MAX_MADE_FRAMES` rebuilt pages at once, and every read is still exact.
+    #[test]
+    fn rebuilt_snapshot_pages_are_bounded_per_view() {
+        let store = Arc::new(PageStore::new());
+        let topology = dvm_numa::Topology::detect();
+        let pool = dvm_numa::PagePool::new(&topology, 0, 1 << 20).expect("pool");
+        let account = MemoryAccount::new(1 << 30);
+        let pages = PageSource::new(pool, Arc::clone(&account));
+        let first_key = 0x3d0_0000_0000u64 >> PAGE_SHIFT;
+        let records = 4 * MAX_MADE_FRAMES as u64;
+        for index in 0..records {
+            let status = (index + 1).to_le_bytes();
+            let bytes = crate::store::PageBytes::new(first_key + index, 0xff8, &status)
+                .expect("one word fits");
+            store.publish(index + 1, crate::store::Publication::Bytes(bytes), &pages);
+        }
+        store.advance_watermark(records);
+        let snapshot = store.begin_snapshot(0, crate::store::Scope::Everything);
+        let mut v = View::new(
+            Arc::clone(&store) as Arc<dyn PageRead>,
+            snapshot,
+            pages,
+            Access::everything(),
+            Arc::new(RangeSet::default()),
+        );
+        let mut peak_pages = 0;
+        for round in 0..2 {
+            for index in 0..records {
+                let addr = ((first_key + index) << PAGE_SHIFT) + 0xff8;
+                assert_eq!(
+                    v.load(addr, 8),
+                    Ok(index + 1),
+                    "round {round}, record {index}"
+                );
+                peak_pages = peak_pages.max(account.live_bytes() / PAGE_BYTES as u64);
+                assert!(v.tlb_is_consistent());
+            }
+        }
+        assert!(
+            peak_pages <= MAX_MADE_FRAMES as u64 + 1,
+            "{peak_pages} rebuilt pages held at once"
+        );
+        // A store after the frames were dropped copies the right contents.
+        let addr = (first_key << PAGE_SHIFT) + 0xff0;
+        v.store(addr, 8, 7).expect("store");
+        assert_eq!(v.load(addr + 8, 8), Ok(1));
     }
 
     #[test]
