@@ -496,8 +496,10 @@ pub struct PageStore {
 
 fn shard_of(key: PageKey) -> usize {
     // Pages of one 2 MiB chunk spread over shards; a multiplicative hash avoids the shards
-    // lining up with strided access patterns.
-    (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize % SHARDS
+    // lining up with strided access patterns. Not `PageHasher`'s multiplier: the maps inside a
+    // shard take their control bytes from the top bits of that hash, which would then be the
+    // same for every key of the shard, and each lookup would compare many entries.
+    (key.wrapping_mul(0xd6e8_feb8_6659_fd93) >> 58) as usize % SHARDS
 }
 
 impl Default for PageStore {
