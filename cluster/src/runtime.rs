@@ -276,6 +276,11 @@ struct Runtime {
     last_ran: Mutex<HashMap<u64, usize>>,
     workers_per_node: u64,
     shutting_down: AtomicBool,
+    /// Not node 0: a node that left cleanly before node 0's `Shutdown` reached this one, and
+    /// when. Node 0 tells the nodes one after the other, so a node told first may leave before
+    /// the others hear it; a departure that no `Shutdown` follows within `left_grace` is a loss.
+    left_early: Mutex<Option<(usize, Instant)>>,
+    left_grace: Duration,
     reports: Mutex<BTreeMap<usize, NodeRow>>,
     fragments: Mutex<HashMap<(usize, u64), Vec<u8>>>,
     next_fragment: AtomicU64,
@@ -1128,6 +1133,20 @@ impl Runtime {
             for event in events.drain(..) {
                 self.on_event(event);
             }
+            if !self.shutting_down.load(Ordering::Acquire) {
+                let left = *lock(&self.left_early);
+                if let Some((rank, at)) = left.filter(|(_, at)| at.elapsed() > self.left_grace) {
+                    self.fail(ClusterError::NodeLost {
+                        rank,
+                        addr: self.peer_addr(rank),
+                        reason: format!(
+                            "it left before the run ended (no end of the run from node 0 \
+                             within {} ms after it left)",
+                            at.elapsed().as_millis()
+                        ),
+                    });
+                }
+            }
             if self.failed.load(Ordering::Acquire) {
                 return;
             }
@@ -1181,9 +1200,13 @@ impl Runtime {
                 });
             }
             Event::PeerLeft { peer } => {
-                // A clean departure is only expected once node 0 ended the run.
-                if !self.shutting_down.load(Ordering::Acquire) {
-                    let rank = peer as usize;
+                // A clean departure is only expected once node 0 ended the run. Node 0 knows
+                // when that is; another node may hear of it after a node told before it left.
+                let rank = peer as usize;
+                if self.shutting_down.load(Ordering::Acquire) {
+                } else if self.rank != 0 && rank != 0 {
+                    lock(&self.left_early).get_or_insert((rank, Instant::now()));
+                } else {
                     self.fail(ClusterError::NodeLost {
                         rank,
                         addr: self.peer_addr(rank),
@@ -1262,6 +1285,8 @@ pub fn run(
         last_ran: Mutex::new(HashMap::new()),
         workers_per_node: resources.slots.len() as u64,
         shutting_down: AtomicBool::new(false),
+        left_early: Mutex::new(None),
+        left_grace: Duration::from_millis(options.peer_timeout_ms),
         reports: Mutex::new(BTreeMap::new()),
         fragments: Mutex::new(HashMap::new()),
         next_fragment: AtomicU64::new(0),
