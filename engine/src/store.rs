@@ -1332,6 +1332,44 @@ mod tests {
     }
 
     #[test]
+    fn intents_of_every_shape_conflict_at_exactly_the_first_shared_byte() {
+        let store = PageStore::new();
+        let pages = source();
+        let s = store.begin_snapshot(0, Scope::Everything);
+        // One run, three runs, and 40 scattered bytes (kept as a mask), on pages 1, 2, 3.
+        let mut scattered = write(&pages, 3, None, 0, &[1]);
+        for byte in (0..40).map(|i| 100 + 3 * i) {
+            mark(&mut scattered.stored, byte, 1);
+        }
+        let mut runs = write(&pages, 2, None, 10, &[1; 4]);
+        mark(&mut runs.stored, 50, 2);
+        mark(&mut runs.stored, 90, 8);
+        store
+            .prepare(10, s, &[write(&pages, 1, None, 16, &[1; 8]), runs, scattered])
+            .expect("prepares");
+        let probe = |key: PageKey, offset: usize, len: usize| {
+            let result = store.prepare(11, s, &[write(&pages, key, None, offset, &vec![2; len])]);
+            if result.is_ok() {
+                store.abort(11, std::iter::once(key));
+            }
+            result.err().map(|conflict| (conflict.key, conflict.offset, conflict.with))
+        };
+        let theirs = ConflictWith::Prepared { txn: 10 };
+        assert_eq!(probe(1, 8, 8), None, "ends just before the run");
+        assert_eq!(probe(1, 24, 8), None, "starts just after it");
+        assert_eq!(probe(1, 12, 8), Some((1, 16, theirs)));
+        assert_eq!(probe(2, 14, 36), None, "between the runs");
+        assert_eq!(probe(2, 40, 60), Some((2, 50, theirs)), "the first of two runs it covers");
+        assert_eq!(probe(3, 101, 2), None, "between scattered bytes");
+        assert_eq!(probe(3, 101, 20), Some((3, 103, theirs)));
+        assert_eq!(store.intent_count(), 3, "only the first commit's intents");
+        store.abort(10, [1, 2, 3].into_iter());
+        assert_eq!(store.intent_count(), 0);
+        assert_eq!(probe(3, 0, 4096), None, "free after the abort");
+        store.end_snapshot(s, 0);
+    }
+
+    #[test]
     fn out_of_order_installation_gives_every_version_every_earlier_byte() {
         let store = PageStore::new();
         let pages = source();
