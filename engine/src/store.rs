@@ -80,6 +80,7 @@ use crate::page::{
     EMPTY_MASK, PAGE_BYTES, PAGE_SHIFT,
 };
 use crate::view::Access;
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -329,8 +330,10 @@ struct Intent {
 /// One page: its versions, oldest first, and the intents of commits in flight.
 #[derive(Debug, Default)]
 struct Chain {
-    /// Versions with contents.
-    versions: Vec<Version>,
+    /// Versions with contents. Most pages (exit records, a runner's own pages) only ever have
+    /// one: it lives in the map's entry, so a lookup touches one cache line run, not two, and
+    /// the page costs no allocation of its own.
+    versions: SmallVec<[Version; 1]>,
     /// Versions whose contents no snapshot can read any more, for the conflict checks of the
     /// covering snapshots older than them: timestamp -> stored bytes.
     stripped: BTreeMap<u64, Stored>,
@@ -893,10 +896,6 @@ impl PageStore {
         if at < chain.versions.len() {
             lay_over_newer(&mut chain.versions[at..], &stored, &body, pages);
         }
-        if chain.versions.capacity() == 0 {
-            // Most pages (exit records, stacks) only ever get one version: no room for four.
-            chain.versions.reserve_exact(1);
-        }
         chain.versions.insert(at, Version { ts, stored, body });
         if chain.versions.len() >= chain.prune_at.max(PRUNE_MIN_VERSIONS) {
             self.prune(key, chain);
@@ -923,7 +922,7 @@ impl PageStore {
         }
         let oldest_covering = covering.first().copied();
         let mut dropped = 0u64;
-        chain.versions = Vec::with_capacity(versions.len());
+        chain.versions = SmallVec::with_capacity(versions.len());
         for (version, keep) in versions.into_iter().zip(keep) {
             if keep {
                 chain.versions.push(version);
@@ -1060,13 +1059,16 @@ fn gather(page: &[u8; PAGE_BYTES], stored: &Stored) -> SmallBytes {
 /// intent frees their buffer: most pages are committed to once (exit records, stacks) and
 /// would otherwise keep an empty buffer for the whole run.
 fn remove_intent(chain: &mut Chain, txn: TxnId) -> bool {
-    let before = chain.intents.len();
-    chain.intents.retain(|intent| intent.txn != txn);
-    let removed = chain.intents.len() < before;
-    if chain.intents.is_empty() {
+    // A commit leaves at most one intent on a page; `remove` keeps the others in prepare order.
+    let Some(at) = chain.intents.iter().position(|intent| intent.txn == txn) else {
+        return false;
+    };
+    if chain.intents.len() == 1 {
         chain.intents = Vec::new();
+    } else {
+        chain.intents.remove(at);
     }
-    removed
+    true
 }
 
 /// The contents of a full version made from a runner's copy `data` that stored `mask`, over
