@@ -337,7 +337,8 @@ struct Chain {
     /// Versions whose contents no snapshot can read any more, for the conflict checks of the
     /// covering snapshots older than them: timestamp -> stored bytes.
     stripped: BTreeMap<u64, Stored>,
-    intents: Vec<Intent>,
+    /// Rarely more than one at once: inline, so a commit allocates nothing for its intent.
+    intents: SmallVec<[Intent; 1]>,
     /// `versions.len()` at which the next prune runs (at least `PRUNE_MIN_VERSIONS`).
     prune_at: usize,
 }
@@ -764,10 +765,6 @@ impl PageStore {
                 self.abort(txn, writes[..done].iter().map(|write| write.key));
                 return Err(conflict);
             }
-            if chain.intents.capacity() == 0 {
-                // Usually the only intent the page ever has at once.
-                chain.intents.reserve_exact(1);
-            }
             chain.intents.push(Intent {
                 txn,
                 stored: Stored::of_mask(&write.stored),
@@ -1055,18 +1052,16 @@ fn gather(page: &[u8; PAGE_BYTES], stored: &Stored) -> SmallBytes {
     SmallBytes::new(&bytes)
 }
 
-/// Removes `txn`'s intent from `chain`; says whether there was one. A page left with no
-/// intent frees their buffer: most pages are committed to once (exit records, stacks) and
-/// would otherwise keep an empty buffer for the whole run.
+/// Removes `txn`'s intent from `chain`; says whether there was one.
 fn remove_intent(chain: &mut Chain, txn: TxnId) -> bool {
     // A commit leaves at most one intent on a page; `remove` keeps the others in prepare order.
     let Some(at) = chain.intents.iter().position(|intent| intent.txn == txn) else {
         return false;
     };
-    if chain.intents.len() == 1 {
-        chain.intents = Vec::new();
-    } else {
-        chain.intents.remove(at);
+    chain.intents.remove(at);
+    if chain.intents.is_empty() {
+        // Back inline: a page that once had two intents at once keeps no buffer.
+        chain.intents = SmallVec::new();
     }
     true
 }
@@ -1347,21 +1342,31 @@ mod tests {
         mark(&mut runs.stored, 50, 2);
         mark(&mut runs.stored, 90, 8);
         store
-            .prepare(10, s, &[write(&pages, 1, None, 16, &[1; 8]), runs, scattered])
+            .prepare(
+                10,
+                s,
+                &[write(&pages, 1, None, 16, &[1; 8]), runs, scattered],
+            )
             .expect("prepares");
         let probe = |key: PageKey, offset: usize, len: usize| {
             let result = store.prepare(11, s, &[write(&pages, key, None, offset, &vec![2; len])]);
             if result.is_ok() {
                 store.abort(11, std::iter::once(key));
             }
-            result.err().map(|conflict| (conflict.key, conflict.offset, conflict.with))
+            result
+                .err()
+                .map(|conflict| (conflict.key, conflict.offset, conflict.with))
         };
         let theirs = ConflictWith::Prepared { txn: 10 };
         assert_eq!(probe(1, 8, 8), None, "ends just before the run");
         assert_eq!(probe(1, 24, 8), None, "starts just after it");
         assert_eq!(probe(1, 12, 8), Some((1, 16, theirs)));
         assert_eq!(probe(2, 14, 36), None, "between the runs");
-        assert_eq!(probe(2, 40, 60), Some((2, 50, theirs)), "the first of two runs it covers");
+        assert_eq!(
+            probe(2, 40, 60),
+            Some((2, 50, theirs)),
+            "the first of two runs it covers"
+        );
         assert_eq!(probe(3, 101, 2), None, "between scattered bytes");
         assert_eq!(probe(3, 101, 20), Some((3, 103, theirs)));
         assert_eq!(store.intent_count(), 3, "only the first commit's intents");
