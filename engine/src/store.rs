@@ -9,7 +9,7 @@
 //! A commit is two steps, the shape a two-phase commit across page homes needs:
 //! - **prepare** (`prepare`): for every page the committer stored to, check that no version
 //!   committed after its snapshot and no *intent* of another commit in flight stored a byte it
-//!   also stored, and leave an intent (its stored-byte mask) on the page. Of two commits that
+//!   also stored, and leave an intent (its stored bytes) on the page. Of two commits that
 //!   store to a common byte, the later-prepared fails (byte-granular write–write conflicts);
 //! - **commit** (`commit`) at a timestamp chosen after every prepare succeeded, which installs
 //!   the new versions and removes the intents; or **abort** (`abort`), which only removes them.
