@@ -236,11 +236,10 @@ fn commit(c: &mut Criterion) {
                 // snapshot, so there is never a conflict: this is the commit's fast path.
                 let ts = next_ts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 assert!(memory.store.prepare(ts, snapshot, &writes).is_ok());
-                let changes = memory
+                memory
                     .store
                     .commit(ts, Some(snapshot), ts, writes, &memory.pages);
                 memory.store.advance_watermark(ts);
-                black_box(changes)
             },
             // One setup per commit: setups batched ahead would share a snapshot and conflict.
             BatchSize::PerIteration,

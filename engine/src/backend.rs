@@ -96,7 +96,9 @@ impl Backend for LocalBackend {
     }
 
     fn reset_exit_record(&self, ts: u64, reset: Publication, pages: &PageSource) -> Option<Change> {
-        Some(self.store.publish(ts, reset, pages))
+        let change = reset.change();
+        self.store.publish(ts, reset, pages);
+        Some(change)
     }
 
     fn finish(&self, finishing: Finishing, pages: &PageSource, apply: &mut Apply<'_>) {

@@ -9,7 +9,7 @@
 //! A commit is two steps, the shape a two-phase commit across page homes needs:
 //! - **prepare** (`prepare`): for every page the committer stored to, check that no version
 //!   committed after its snapshot and no *intent* of another commit in flight stored a byte it
-//!   also stored, and leave an intent (its stored-byte mask) on the page. Of two commits that
+//!   also stored, and leave an intent (its stored bytes) on the page. Of two commits that
 //!   store to a common byte, the later-prepared fails (byte-granular write–write conflicts);
 //! - **commit** (`commit`) at a timestamp chosen after every prepare succeeded, which installs
 //!   the new versions and removes the intents; or **abort** (`abort`), which only removes them.
@@ -80,6 +80,7 @@ use crate::page::{
     EMPTY_MASK, PAGE_BYTES, PAGE_SHIFT,
 };
 use crate::view::Access;
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -126,16 +127,28 @@ impl Run {
     }
 }
 
-/// Which bytes of a page a version stored: a few runs, or a mask when they are scattered.
+/// Which bytes of a page a version or an intent stored: one run (most commits store one word
+/// or one contiguous stretch, and an exit record's status is one word: no allocation), a few
+/// runs, or a mask when they are scattered.
 #[derive(Clone, Debug)]
 enum Stored {
-    /// Sorted, disjoint, not adjacent.
+    One(Run),
+    /// Sorted, disjoint, not adjacent; never exactly one.
     Runs(Box<[Run]>),
     Mask(Box<Mask>),
 }
 
 impl Stored {
     fn of_mask(mask: &Mask) -> Stored {
+        // Two scans of 64 words beat building a `Vec` for the common single run.
+        if let Some((start, end)) = next_run(mask, 0) {
+            if next_run(mask, end).is_none() {
+                return Stored::One(Run {
+                    offset: start as u16,
+                    len: (end - start) as u16,
+                });
+            }
+        }
         match runs_of(mask, STORED_MAX_RUNS) {
             Some(runs) => Stored::Runs(runs.into_boxed_slice()),
             None => Stored::Mask(Box::new(*mask)),
@@ -143,25 +156,32 @@ impl Stored {
     }
 
     fn whole_page() -> Stored {
-        Stored::Runs(Box::new([Run {
+        Stored::One(Run {
             offset: 0,
             len: PAGE_BYTES as u16,
-        }]))
+        })
+    }
+
+    /// The runs, unless this is a mask.
+    fn runs(&self) -> Option<&[Run]> {
+        match self {
+            Stored::One(run) => Some(std::slice::from_ref(run)),
+            Stored::Runs(runs) => Some(runs),
+            Stored::Mask(_) => None,
+        }
     }
 
     /// Small enough to be a delta.
     fn is_small(&self) -> bool {
-        match self {
-            Stored::Runs(runs) => {
-                runs.len() <= DELTA_MAX_RUNS
-                    && runs.iter().map(|run| usize::from(run.len)).sum::<usize>() <= DELTA_MAX_BYTES
-            }
-            Stored::Mask(_) => false,
-        }
+        self.runs().is_some_and(|runs| {
+            runs.len() <= DELTA_MAX_RUNS
+                && runs.iter().map(|run| usize::from(run.len)).sum::<usize>() <= DELTA_MAX_BYTES
+        })
     }
 
     fn for_each_run(&self, mut f: impl FnMut(std::ops::Range<usize>)) {
         match self {
+            Stored::One(run) => f(run.bytes()),
             Stored::Runs(runs) => runs.iter().for_each(|run| f(run.bytes())),
             Stored::Mask(mask) => {
                 let mut from = 0;
@@ -177,6 +197,10 @@ impl Stored {
     fn first_overlap(&self, mask: &Mask) -> Option<usize> {
         match self {
             Stored::Mask(own) => first_overlap(own, mask),
+            Stored::One(run) => {
+                let bytes = run.bytes();
+                Some(next_bit(mask, bytes.start, true)).filter(|at| *at < bytes.end)
+            }
             Stored::Runs(runs) => runs.iter().find_map(|run| {
                 let bytes = run.bytes();
                 Some(next_bit(mask, bytes.start, true)).filter(|at| *at < bytes.end)
@@ -187,7 +211,7 @@ impl Stored {
     fn to_mask(&self) -> Box<Mask> {
         match self {
             Stored::Mask(mask) => mask.clone(),
-            Stored::Runs(_) => {
+            Stored::One(_) | Stored::Runs(_) => {
                 let mut mask = Box::new(EMPTY_MASK);
                 self.for_each_run(|bytes| mark(&mut mask, bytes.start, bytes.len()));
                 mask
@@ -200,6 +224,40 @@ impl Stored {
         let own = self.to_mask();
         for (bits, theirs) in mask.iter_mut().zip(own.iter()) {
             *bits &= !theirs;
+        }
+    }
+}
+
+/// A delta's bytes: up to `INLINE_BYTES` (a word, a status) without an allocation.
+#[derive(Clone, Debug)]
+enum SmallBytes {
+    Inline { len: u8, bytes: [u8; INLINE_BYTES] },
+    Heap(Box<[u8]>),
+}
+
+const INLINE_BYTES: usize = 22;
+
+impl SmallBytes {
+    fn new(from: &[u8]) -> SmallBytes {
+        if from.len() <= INLINE_BYTES {
+            let mut bytes = [0u8; INLINE_BYTES];
+            bytes[..from.len()].copy_from_slice(from);
+            SmallBytes::Inline {
+                len: from.len() as u8,
+                bytes,
+            }
+        } else {
+            SmallBytes::Heap(from.into())
+        }
+    }
+}
+
+impl std::ops::Deref for SmallBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            SmallBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            SmallBytes::Heap(bytes) => bytes,
         }
     }
 }
@@ -253,7 +311,7 @@ fn runs_of(mask: &Mask, limit: usize) -> Option<Vec<Run>> {
 enum Body {
     Full(Arc<Page>),
     /// The stored bytes, in address order, over the version just below.
-    Delta(Box<[u8]>),
+    Delta(SmallBytes),
 }
 
 #[derive(Debug)]
@@ -266,18 +324,21 @@ struct Version {
 #[derive(Debug)]
 struct Intent {
     txn: TxnId,
-    stored: Box<Mask>,
+    stored: Stored,
 }
 
 /// One page: its versions, oldest first, and the intents of commits in flight.
 #[derive(Debug, Default)]
 struct Chain {
-    /// Versions with contents.
-    versions: Vec<Version>,
+    /// Versions with contents. Most pages (exit records, a runner's own pages) only ever have
+    /// one: it lives in the map's entry, so a lookup touches one cache line run, not two, and
+    /// the page costs no allocation of its own.
+    versions: SmallVec<[Version; 1]>,
     /// Versions whose contents no snapshot can read any more, for the conflict checks of the
     /// covering snapshots older than them: timestamp -> stored bytes.
     stripped: BTreeMap<u64, Stored>,
-    intents: Vec<Intent>,
+    /// Rarely more than one at once: inline, so a commit allocates nothing for its intent.
+    intents: SmallVec<[Intent; 1]>,
     /// `versions.len()` at which the next prune runs (at least `PRUNE_MIN_VERSIONS`).
     prune_at: usize,
 }
@@ -300,7 +361,7 @@ pub struct PageBytes {
     pub key: PageKey,
     stored: Stored,
     /// In address order.
-    bytes: Box<[u8]>,
+    bytes: SmallBytes,
 }
 
 impl PageBytes {
@@ -309,23 +370,27 @@ impl PageBytes {
         let end = offset.checked_add(bytes.len())?;
         (!bytes.is_empty() && end <= PAGE_BYTES).then(|| PageBytes {
             key,
-            stored: Stored::Runs(Box::new([Run {
+            stored: Stored::One(Run {
                 offset: offset as u16,
                 len: bytes.len() as u16,
-            }])),
-            bytes: bytes.into(),
+            }),
+            bytes: SmallBytes::new(bytes),
         })
     }
 
     /// The bytes `mask` selects, `bytes` holding one per set bit in address order; `None`
     /// when they are too many or too scattered to go without a page (or do not match `mask`).
     pub fn from_mask(key: PageKey, mask: &Mask, bytes: &[u8]) -> Option<PageBytes> {
-        let stored = Stored::Runs(runs_of(mask, DELTA_MAX_RUNS)?.into_boxed_slice());
+        let runs = runs_of(mask, DELTA_MAX_RUNS)?;
+        let stored = match runs[..] {
+            [run] => Stored::One(run),
+            _ => Stored::Runs(runs.into_boxed_slice()),
+        };
         let count: usize = mask.iter().map(|word| word.count_ones() as usize).sum();
         (stored.is_small() && count == bytes.len() && count > 0).then(|| PageBytes {
             key,
             stored,
-            bytes: bytes.into(),
+            bytes: SmallBytes::new(bytes),
         })
     }
 
@@ -377,7 +442,7 @@ enum Incoming {
     },
     Bytes {
         stored: Stored,
-        bytes: Box<[u8]>,
+        bytes: SmallBytes,
     },
 }
 
@@ -702,7 +767,7 @@ impl PageStore {
             }
             chain.intents.push(Intent {
                 txn,
-                stored: write.stored.clone(),
+                stored: Stored::of_mask(&write.stored),
             });
         }
         Ok(())
@@ -713,14 +778,15 @@ impl PageStore {
         for key in keys {
             let mut shard = write_lock(&self.shards[shard_of(key)]);
             if let Some(chain) = shard.get_mut(&key) {
-                chain.intents.retain(|intent| intent.txn != txn);
+                remove_intent(chain, txn);
             }
         }
     }
 
-    /// Commit: the prepared `writes` of `txn` become versions at `ts`; returns what changed.
-    /// `base_ts` is the snapshot the writes' copies were made from, or `None` when only their
-    /// stored bytes are meaningful (a remote committer sends only those).
+    /// Commit: the prepared `writes` of `txn` become versions at `ts`. `base_ts` is the
+    /// snapshot the writes' copies were made from, or `None` when only their stored bytes are
+    /// meaningful (a remote committer sends only those). What changed is the writes' stored
+    /// bytes: the caller has them.
     pub fn commit(
         &self,
         txn: TxnId,
@@ -728,16 +794,13 @@ impl PageStore {
         ts: u64,
         writes: Vec<PageWrite>,
         pages: &PageSource,
-    ) -> Vec<Change> {
+    ) {
         self.pages.get_or_init(|| pages.clone());
-        let mut changes = Vec::with_capacity(writes.len());
         for write in writes {
             let mut shard = write_lock(&self.shards[shard_of(write.key)]);
             let chain = shard.entry(write.key).or_default();
-            let before = chain.intents.len();
-            chain.intents.retain(|intent| intent.txn != txn);
-            debug_assert_eq!(before, chain.intents.len() + 1, "commit without prepare");
-            changes.push((write.key, write.stored.clone()));
+            let removed = remove_intent(chain, txn);
+            debug_assert!(removed, "commit without prepare");
             let incoming = Incoming::Page {
                 data: write.data,
                 stored: write.stored,
@@ -745,14 +808,13 @@ impl PageStore {
             };
             self.install(write.key, chain, ts, incoming, pages);
         }
-        changes
     }
 
     /// Installs `publication` at `ts` without a conflict check or intent: the runtime's
-    /// exit-record publication.
-    pub fn publish(&self, ts: u64, publication: Publication, pages: &PageSource) -> Change {
+    /// exit-record publication. What it changes is `publication.change()`, for a caller that
+    /// needs it.
+    pub fn publish(&self, ts: u64, publication: Publication, pages: &PageSource) {
         self.pages.get_or_init(|| pages.clone());
-        let change = publication.change();
         let (key, incoming) = match publication {
             Publication::Page { write, base_ts } => (
                 write.key,
@@ -773,7 +835,6 @@ impl PageStore {
         let mut shard = write_lock(&self.shards[shard_of(key)]);
         let chain = shard.entry(key).or_default();
         self.install(key, chain, ts, incoming, pages);
-        change
     }
 
     fn install(
@@ -832,10 +893,6 @@ impl PageStore {
         if at < chain.versions.len() {
             lay_over_newer(&mut chain.versions[at..], &stored, &body, pages);
         }
-        if chain.versions.capacity() == 0 {
-            // Most pages (exit records, stacks) only ever get one version: no room for four.
-            chain.versions.reserve_exact(1);
-        }
         chain.versions.insert(at, Version { ts, stored, body });
         if chain.versions.len() >= chain.prune_at.max(PRUNE_MIN_VERSIONS) {
             self.prune(key, chain);
@@ -862,7 +919,7 @@ impl PageStore {
         }
         let oldest_covering = covering.first().copied();
         let mut dropped = 0u64;
-        chain.versions = Vec::with_capacity(versions.len());
+        chain.versions = SmallVec::with_capacity(versions.len());
         for (version, keep) in versions.into_iter().zip(keep) {
             if keep {
                 chain.versions.push(version);
@@ -986,10 +1043,27 @@ fn apply_delta(page: &mut [u8; PAGE_BYTES], stored: &Stored, bytes: &[u8]) {
 }
 
 /// The bytes `stored` selects from `page`, in address order.
-fn gather(page: &[u8; PAGE_BYTES], stored: &Stored) -> Box<[u8]> {
+fn gather(page: &[u8; PAGE_BYTES], stored: &Stored) -> SmallBytes {
+    if let Stored::One(run) = stored {
+        return SmallBytes::new(&page[run.bytes()]);
+    }
     let mut bytes = Vec::new();
     stored.for_each_run(|run| bytes.extend_from_slice(&page[run]));
-    bytes.into_boxed_slice()
+    SmallBytes::new(&bytes)
+}
+
+/// Removes `txn`'s intent from `chain`; says whether there was one.
+fn remove_intent(chain: &mut Chain, txn: TxnId) -> bool {
+    // A commit leaves at most one intent on a page; `remove` keeps the others in prepare order.
+    let Some(at) = chain.intents.iter().position(|intent| intent.txn == txn) else {
+        return false;
+    };
+    chain.intents.remove(at);
+    if chain.intents.is_empty() {
+        // Back inline: a page that once had two intents at once keeps no buffer.
+        chain.intents = SmallVec::new();
+    }
+    true
 }
 
 /// The contents of a full version made from a runner's copy `data` that stored `mask`, over
@@ -1081,7 +1155,9 @@ fn conflict_in(chain: &Chain, txn: TxnId, snapshot_ts: u64, write: &PageWrite) -
             .iter()
             .filter(|intent| intent.txn != txn)
             .find_map(|intent| {
-                first_overlap(&intent.stored, &write.stored)
+                intent
+                    .stored
+                    .first_overlap(&write.stored)
                     .map(|offset| (offset, ConflictWith::Prepared { txn: intent.txn }))
             })
     };
@@ -1249,6 +1325,54 @@ mod tests {
             Ok(1),
             "free after the abort"
         );
+        store.end_snapshot(s, 0);
+    }
+
+    #[test]
+    fn intents_of_every_shape_conflict_at_exactly_the_first_shared_byte() {
+        let store = PageStore::new();
+        let pages = source();
+        let s = store.begin_snapshot(0, Scope::Everything);
+        // One run, three runs, and 40 scattered bytes (kept as a mask), on pages 1, 2, 3.
+        let mut scattered = write(&pages, 3, None, 0, &[1]);
+        for byte in (0..40).map(|i| 100 + 3 * i) {
+            mark(&mut scattered.stored, byte, 1);
+        }
+        let mut runs = write(&pages, 2, None, 10, &[1; 4]);
+        mark(&mut runs.stored, 50, 2);
+        mark(&mut runs.stored, 90, 8);
+        store
+            .prepare(
+                10,
+                s,
+                &[write(&pages, 1, None, 16, &[1; 8]), runs, scattered],
+            )
+            .expect("prepares");
+        let probe = |key: PageKey, offset: usize, len: usize| {
+            let result = store.prepare(11, s, &[write(&pages, key, None, offset, &vec![2; len])]);
+            if result.is_ok() {
+                store.abort(11, std::iter::once(key));
+            }
+            result
+                .err()
+                .map(|conflict| (conflict.key, conflict.offset, conflict.with))
+        };
+        let theirs = ConflictWith::Prepared { txn: 10 };
+        assert_eq!(probe(1, 8, 8), None, "ends just before the run");
+        assert_eq!(probe(1, 24, 8), None, "starts just after it");
+        assert_eq!(probe(1, 12, 8), Some((1, 16, theirs)));
+        assert_eq!(probe(2, 14, 36), None, "between the runs");
+        assert_eq!(
+            probe(2, 40, 60),
+            Some((2, 50, theirs)),
+            "the first of two runs it covers"
+        );
+        assert_eq!(probe(3, 101, 2), None, "between scattered bytes");
+        assert_eq!(probe(3, 101, 20), Some((3, 103, theirs)));
+        assert_eq!(store.intent_count(), 3, "only the first commit's intents");
+        store.abort(10, [1, 2, 3].into_iter());
+        assert_eq!(store.intent_count(), 0);
+        assert_eq!(probe(3, 0, 4096), None, "free after the abort");
         store.end_snapshot(s, 0);
     }
 
@@ -1439,7 +1563,9 @@ mod tests {
         .expect("commit");
         let allocated = pages.account().pages_allocated();
         let status = PageBytes::new(3, 8, &7u64.to_le_bytes()).expect("fits");
-        let change = store.publish(2, Publication::Bytes(status), &pages);
+        let publication = Publication::Bytes(status);
+        let change = publication.change();
+        store.publish(2, publication, &pages);
         store.advance_watermark(2);
         assert_eq!(
             pages.account().pages_allocated(),
