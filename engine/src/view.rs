@@ -81,6 +81,31 @@ impl RangeSet {
         self.ranges.splice(index..remove_to, [merged]);
     }
 
+    /// The set of `base` and `more`, built with one sort and one merge pass: a runner's access
+    /// rule is built per runner, and inserting its ranges one by one shifted the vector each time.
+    pub fn union_of(base: &RangeSet, more: impl IntoIterator<Item = Range>) -> RangeSet {
+        let more = more.into_iter();
+        let mut ranges = Vec::with_capacity(base.ranges.len() + more.size_hint().0);
+        ranges.extend_from_slice(&base.ranges);
+        ranges.extend(more.map(|range| {
+            let start = canonical(range.start);
+            Range {
+                start,
+                end: start + (range.end - range.start),
+            }
+        }));
+        ranges.sort_unstable_by_key(|range| range.start);
+        let mut merged: Vec<Range> = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            match merged.last_mut() {
+                // Adjacent ranges merge too, as `insert` merges them.
+                Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+                _ => merged.push(range),
+            }
+        }
+        RangeSet { ranges: merged }
+    }
+
     pub fn covers(&self, start: u64, len: u64) -> bool {
         let start = canonical(start);
         let index = self.ranges.partition_point(|r| r.end <= start);
@@ -562,6 +587,35 @@ mod tests {
     use super::*;
     use crate::page::MemoryAccount;
     use crate::store::PageStore;
+
+    #[test]
+    fn union_of_matches_inserting_one_by_one() {
+        let amr = abi::AMR_BASE + (1 << abi::SPACE_SHIFT);
+        let mut base = RangeSet::default();
+        base.insert(Range::new(0x1000, 0x1000).expect("range"));
+        base.insert(Range::new(0x8000, 0x100).expect("range"));
+        // Overlapping, adjacent, disjoint, contained, and an AMR alias from another space.
+        let more = [
+            Range::new(0x1800, 0x1000),
+            Range::new(0x2800, 0x800),
+            Range::new(0x7000, 0x1000),
+            Range::new(0x8010, 0x10),
+            Range::new(0x20000, 0x10),
+            Range::new(amr, 0x1000),
+            Range::new(abi::AMR_BASE + 0x1000, 0x10),
+        ]
+        .map(|range| range.expect("range"));
+        let mut expected = base.clone();
+        for range in more {
+            expected.insert(range);
+        }
+        let union = RangeSet::union_of(&base, more);
+        assert_eq!(
+            union.iter().collect::<Vec<_>>(),
+            expected.iter().collect::<Vec<_>>()
+        );
+        assert_eq!(union.len(), 4);
+    }
 
     fn view(access: Access, store: Arc<PageStore>) -> View {
         let topology = dvm_numa::Topology::detect();
