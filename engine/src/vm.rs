@@ -825,38 +825,27 @@ impl Shared {
             None => View::new(reader, snapshot, pages, access, read_only),
         };
         let mut exec = Exec::new(view, &self.program, self, task.space, self.max_instructions);
-        // Registers fixed by the ABI; a failure here is a memory-limit fault like any other.
-        let setup = exec
-            .view
-            .store(abi::PR_STACK_BASE, 8, task.stack.start)
-            .and_then(|()| {
-                exec.view
-                    .store(abi::PR_STACK_SIZE, 8, task.stack.end - task.stack.start)
-            })
-            .and_then(|()| exec.view.store(abi::PR_RUNNER_ID, 8, task.exit_id()));
-        let ending = match setup {
-            Err(err) => Ending::Fault(crate::interp::Fault {
-                kind: err.into(),
-                pc: task.entry,
-            }),
-            Ok(()) => {
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    exec.run(task.entry)
-                })) {
-                    Ok(ending) => ending,
-                    Err(panic) => {
-                        self.internal_errors.fetch_add(1, Ordering::Relaxed);
-                        let reason = panic
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "a panic".into());
-                        Ending::Fault(crate::interp::Fault {
-                            kind: FaultKind::Internal { reason },
-                            pc: task.entry,
-                        })
-                    }
-                }
+        // Registers fixed by the ABI: held by the view until the runner writes their page.
+        exec.view.set_abi_words(
+            task.stack.start,
+            task.stack.end - task.stack.start,
+            task.exit_id(),
+        );
+        let ending = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            exec.run(task.entry)
+        })) {
+            Ok(ending) => ending,
+            Err(panic) => {
+                self.internal_errors.fetch_add(1, Ordering::Relaxed);
+                let reason = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic".into());
+                Ending::Fault(crate::interp::Fault {
+                    kind: FaultKind::Internal { reason },
+                    pc: task.entry,
+                })
             }
         };
         if self.is_done() {
