@@ -920,7 +920,8 @@ mod tests {
         assert_eq!(v.load(abi::PR_STACK_BASE + 6, 4), Ok(0x1000 << 16));
         assert_eq!(v.load(abi::PR_STACK_SIZE + 8, 8), Ok(0));
         // The first store to the page (in another space) makes it, with the words in it.
-        v.store(space1 + abi::PR_SPAWN_ID, 8, 77).expect("private store");
+        v.store(space1 + abi::PR_SPAWN_ID, 8, 77)
+            .expect("private store");
         assert_eq!(v.load(abi::PR_SPAWN_ID, 8), Ok(77));
         assert_eq!(v.load(abi::PR_STACK_BASE, 8), Ok(0x9_0000_0000));
         assert_eq!(v.load(space1 + abi::PR_RUNNER_ID, 8), Ok(0x3d0_0001_0000));

@@ -831,23 +831,22 @@ impl Shared {
             task.stack.end - task.stack.start,
             task.exit_id(),
         );
-        let ending = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            exec.run(task.entry)
-        })) {
-            Ok(ending) => ending,
-            Err(panic) => {
-                self.internal_errors.fetch_add(1, Ordering::Relaxed);
-                let reason = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "a panic".into());
-                Ending::Fault(crate::interp::Fault {
-                    kind: FaultKind::Internal { reason },
-                    pc: task.entry,
-                })
-            }
-        };
+        let ending =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.run(task.entry))) {
+                Ok(ending) => ending,
+                Err(panic) => {
+                    self.internal_errors.fetch_add(1, Ordering::Relaxed);
+                    let reason = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "a panic".into());
+                    Ending::Fault(crate::interp::Fault {
+                        kind: FaultKind::Internal { reason },
+                        pc: task.entry,
+                    })
+                }
+            };
         if self.is_done() {
             // Stopped from outside (a cluster lost a node): nothing of this runner is kept.
             return;
