@@ -1585,14 +1585,26 @@ impl Machine {
         };
         let mut placement_notes = self.resources.notes.clone();
         placement_notes.extend(notes);
-        Ok(Report {
+        let report = Report {
             stats,
             workers,
             placement_notes,
             internal_errors: self.shared.internal_errors.load(Ordering::Relaxed),
             stdout,
             stderr,
-        })
+        };
+        // Freeing every version and page of a long run takes a while (a run of 10^5 runners:
+        // tens of milliseconds, a sixth of its time), and a process about to exit need not
+        // wait for it: the store and the pools are dropped on a thread of their own.
+        let Machine {
+            shared, resources, ..
+        } = self;
+        let teardown = move || drop((shared, resources));
+        // Should the thread not start, the closure, and with it the machine, is dropped here.
+        let _ = std::thread::Builder::new()
+            .name("dvm-teardown".into())
+            .spawn(teardown);
+        Ok(report)
     }
 }
 
