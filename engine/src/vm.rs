@@ -1567,6 +1567,26 @@ impl Machine {
 
     /// Ends the run: flushes the console, saves the persistent range, and reports.
     pub fn finish(self, workers: Vec<WorkerInfo>, notes: Vec<String>) -> Result<Report, RunError> {
+        self.conclude(workers, notes, false)
+    }
+
+    /// `finish`, leaving the freeing of the store and the pools to a thread of its own: for a
+    /// process that exits once it has the report. Only where nothing else (a cluster node's
+    /// transport, say) must be closed in order before the process exits.
+    pub fn finish_detached(
+        self,
+        workers: Vec<WorkerInfo>,
+        notes: Vec<String>,
+    ) -> Result<Report, RunError> {
+        self.conclude(workers, notes, true)
+    }
+
+    fn conclude(
+        self,
+        workers: Vec<WorkerInfo>,
+        notes: Vec<String>,
+        detach: bool,
+    ) -> Result<Report, RunError> {
         // Every task is done: dropped templates were never runners that ran.
         self.shared.console.close();
         let (stdout, stderr) = self.console_thread.join().unwrap_or_default();
@@ -1593,17 +1613,19 @@ impl Machine {
             stdout,
             stderr,
         };
-        // Freeing every version and page of a long run takes a while (a run of 10^5 runners:
-        // tens of milliseconds, a sixth of its time), and a process about to exit need not
-        // wait for it: the store and the pools are dropped on a thread of their own.
-        let Machine {
-            shared, resources, ..
-        } = self;
-        let teardown = move || drop((shared, resources));
-        // Should the thread not start, the closure, and with it the machine, is dropped here.
-        let _ = std::thread::Builder::new()
-            .name("dvm-teardown".into())
-            .spawn(teardown);
+        if detach {
+            // Freeing every version and page of a long run takes a while (a run of 10^5
+            // runners: tens of milliseconds, a sixth of its time), and a process about to exit
+            // need not wait for it.
+            let Machine {
+                shared, resources, ..
+            } = self;
+            let teardown = move || drop((shared, resources));
+            // Should the thread not start, the closure, and with it the machine, is dropped here.
+            let _ = std::thread::Builder::new()
+                .name("dvm-teardown".into())
+                .spawn(teardown);
+        }
         Ok(report)
     }
 }
@@ -1621,7 +1643,7 @@ pub fn run(image: LoadedImage, config: Config) -> Result<Report, RunError> {
     let machine = Machine::new(image, config, resources, parts, &|_| true)?;
     let root = machine.root_task()?;
     let (workers, notes) = machine.run(Some(root));
-    machine.finish(workers, notes)
+    machine.finish_detached(workers, notes)
 }
 
 #[cfg(test)]
