@@ -324,12 +324,7 @@ impl Suite {
                     "exit {}{}: {}",
                     o.exit,
                     if o.timed_out { " (timed out)" } else { "" },
-                    o.stderr
-                        .lines()
-                        .rev()
-                        .take(3)
-                        .collect::<Vec<_>>()
-                        .join(" / ")
+                    why_failed(&o.stderr)
                 )),
                 Err(e) => Err(e),
             };
@@ -517,6 +512,17 @@ impl Suite {
     }
 }
 
+/// The line of a failed run's stderr that says why: DVM's fault report or error line, cut to
+/// fit a table cell.
+fn why_failed(stderr: &str) -> String {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("faulted:") || l.starts_with("error"))
+        .or_else(|| stderr.lines().last())
+        .unwrap_or("no output");
+    line.chars().take(120).collect()
+}
+
 /// `Collected : N` from callgrind's summary on stderr: the host instructions executed.
 fn collected(stderr: &str) -> Option<f64> {
     stderr.lines().find_map(|l| {
@@ -528,6 +534,17 @@ fn collected(stderr: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_is_told_by_its_fault_line() {
+        let err = "dvm: runner 0x3d0 faulted: runner limit: the stack area of space 0 is exhausted\n  at 0x8 (driver+0x4b): newr\n{\"dvm_stats\": {}}\n";
+        assert_eq!(
+            why_failed(err),
+            "dvm: runner 0x3d0 faulted: runner limit: the stack area of space 0 is exhausted"
+        );
+        assert_eq!(why_failed("one\ntwo"), "two");
+        assert_eq!(why_failed(""), "no output");
+    }
 
     #[test]
     fn callgrind_summary_is_read() {
