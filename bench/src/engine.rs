@@ -16,14 +16,12 @@
 
 use crate::data;
 use crate::harness::{
-    dvm_stats, example_program, markdown_table, measure_once, median, params_file, path_str, s,
+    dvm_run_argv, dvm_stats, example_program, markdown_table, measure_once, median, params_file,
+    path_str, s,
 };
 use crate::measure::Outcome;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-
-const PARAMS_ADDR: &str = "0x4000000000";
-const DATA_ADDR: &str = "0x5000000000";
 
 /// The sizes of the engine cases.
 pub struct Sizes {
@@ -177,7 +175,6 @@ pub fn plan(builds: Vec<Build>, root: &Path, data_dir: &Path, sz: &Sizes) -> Res
                       params: &str,
                       input: Option<&str>,
                       callgrind: bool| {
-            let prog = prog.clone()?;
             let mut v = Vec::new();
             if callgrind {
                 v.extend([
@@ -186,19 +183,7 @@ pub fn plan(builds: Vec<Build>, root: &Path, data_dir: &Path, sz: &Sizes) -> Res
                     s("--callgrind-out-file=/dev/null"),
                 ]);
             }
-            v.extend([
-                path_str(&build.dvm),
-                s("run"),
-                prog,
-                s("--workers"),
-                workers.to_string(),
-                s("--stats=json"),
-                s("--load"),
-                format!("{params}@{PARAMS_ADDR}"),
-            ]);
-            if let Some(input) = input {
-                v.extend([s("--load"), format!("{input}@{DATA_ADDR}")]);
-            }
+            v.extend(dvm_run_argv(&build.dvm, prog, workers, params, input)?);
             Ok(v)
         };
         let run = |prog: &Result<String, String>,

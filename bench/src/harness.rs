@@ -153,6 +153,31 @@ pub(crate) fn example_program(root: &Path, name: &str) -> Result<String, String>
     }
 }
 
+/// `BIN run PROG --workers W --stats=json --load PARAMS@.. [--load INPUT@..]`: how every DVM row
+/// runs a workload (or why it cannot, kept as the row's error).
+pub(crate) fn dvm_run_argv(
+    bin: &Path,
+    prog: &Result<String, String>,
+    workers: u64,
+    params: &str,
+    input: Option<&str>,
+) -> Result<Vec<String>, String> {
+    let mut argv = vec![
+        path_str(bin),
+        s("run"),
+        prog.clone()?,
+        s("--workers"),
+        workers.to_string(),
+        s("--stats=json"),
+        s("--load"),
+        format!("{params}@{PARAMS_ADDR}"),
+    ];
+    if let Some(input) = input {
+        argv.extend([s("--load"), format!("{input}@{DATA_ADDR}")]);
+    }
+    Ok(argv)
+}
+
 /// Writes a parameters file `DATA_DIR/params/NAME.bin`; returns its path.
 pub(crate) fn params_file(data_dir: &Path, name: &str, values: &[u64]) -> Result<String, String> {
     let path = data_dir.join("params").join(format!("{name}.bin"));
@@ -405,28 +430,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
             return Err(format!("--baseline-dvm {}: no such file", base.display()));
         }
     }
-    let dvm_argv_of = |bin: &Path,
-                       prog: &Result<String, String>,
-                       workers: u64,
-                       params: &str,
-                       input: Option<&str>|
-     -> Result<Vec<String>, String> {
-        let prog = prog.clone()?;
-        let mut argv = vec![
-            path_str(bin),
-            s("run"),
-            prog,
-            s("--workers"),
-            workers.to_string(),
-            s("--stats=json"),
-            s("--load"),
-            format!("{params}@{PARAMS_ADDR}"),
-        ];
-        if let Some(input) = input {
-            argv.extend([s("--load"), format!("{input}@{DATA_ADDR}")]);
-        }
-        Ok(argv)
-    };
+    let dvm_argv_of = dvm_run_argv;
     let dvm_argv =
         |prog: &Result<String, String>, workers: u64, params: &str, input: Option<&str>| {
             dvm_argv_of(&dvm, prog, workers, params, input)
