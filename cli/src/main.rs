@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use dvm_engine::{asm, disasm, image, isa, vm};
 
 mod launcher;
+mod profile;
 mod stats;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -62,7 +63,7 @@ enum Command {
                             input is bad, 2 on an internal error.\nLogging: DVM_LOG=info (or debug) \
                             shows placement and progress notes."
     )]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the machine as DVM sees it: NUMA nodes, cores, processors, and the worker plan.
     #[command(
         after_help = "Under mpirun, mpiexec or srun (or with --hosts/--rank) it also shows how this \
@@ -86,6 +87,12 @@ enum Command {
     },
     /// Print the instruction set table (the same table the toolchain is generated from).
     Isa,
+    /// Read a profile (`dvm run --profile`, or `perf script` output of a host `perf record`):
+    /// the widest frames, and on request a flame graph or folded stacks.
+    #[command(
+        after_help = "The profile is `perf script` text, so other tools read it too:                       inferno-collapse-perf, stackcollapse-perf.pl, speedscope, the Firefox                       profiler. Frames in [brackets] are DVM's own work outside the program                       (commit, starting runners, waiting for pages, idle) or work thrown away                       ([aborted attempt], [failed commit])."
+    )]
+    Profile(profile::ProfileArgs),
 }
 
 #[derive(clap::Args)]
@@ -138,6 +145,17 @@ struct RunArgs {
     /// Joining the job fails after this long, naming the nodes that did not answer.
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     connect_timeout_ms: u64,
+    /// Profile the program: sample every worker's runner (DISA function, local label and call
+    /// stack) or what the worker does instead, and write the samples to FILE as `perf script`
+    /// text (one file for the whole run, written by node 0; read it with `dvm profile`).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
+    /// Samples per second per worker with --profile.
+    #[arg(long, value_name = "HZ", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=i64::from(dvm_perf::phase::MAX_HZ)))]
+    profile_hz: u32,
+    /// With --profile: also draw the flame graph into this SVG file.
+    #[arg(long, value_name = "SVG", requires = "profile")]
+    profile_svg: Option<PathBuf>,
 }
 
 /// `4096`, `64K`, `512M`, `4G`, `1T` (binary units).
@@ -309,6 +327,16 @@ fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
 
 fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Result<u8, Failure> {
     let program = load_program(&args.program)?;
+    // Before any work: a profile that cannot be written is an error now, not after the run.
+    let profile_out = match (&args.profile, launch.is_none_or(|l| l.rank == 0)) {
+        (Some(path), true) => Some(profile::Output::create(
+            path,
+            args.profile_svg.as_deref(),
+            &program,
+            &args.program,
+        )?),
+        _ => None,
+    };
     let loads = args
         .loads
         .iter()
@@ -335,6 +363,8 @@ fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Re
         max_runners: args.max_runners,
         loads,
         persist_dir: args.persist,
+        profile_hz: args.profile.is_some().then_some(args.profile_hz),
+        measure_workers: args.stats.is_some(),
         ..vm::Config::default()
     };
     if let Some(bytes) = args.max_memory {
@@ -371,6 +401,9 @@ fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Re
         } else {
             tracing::warn!("{note}");
         }
+    }
+    if let Some(out) = profile_out {
+        out.write(&report, args.profile_hz, nodes.len().max(1) as u32)?;
     }
     match args.stats.as_deref() {
         Some("json") => eprintln!("{}", stats::json(&report, &nodes)),
@@ -461,7 +494,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             format,
         } => cmd_asm(&input, output, format).map(|()| 0),
         Command::Disasm { image, output } => cmd_disasm(&image, output).map(|()| 0),
-        Command::Run(args) => cmd_run(args),
+        Command::Run(args) => cmd_run(*args),
         Command::Topology {
             workers,
             nodes,
@@ -475,6 +508,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             print!("{}", isa::markdown_tables());
             Ok(0)
         }
+        Command::Profile(args) => profile::cmd_profile(&args).map(|()| 0),
     }
 }
 

@@ -2,8 +2,93 @@
 //! The JSON keys are a stable interface (the conformance suite and benchmarks read them).
 
 use dvm_cluster::runtime::NodeRow;
+use dvm_engine::sched::WorkerInfo;
 use dvm_engine::vm::Report;
+use dvm_perf::phase::Phase;
 use std::fmt::Write as _;
+
+/// A count the kernel may not offer: JSON `null` when it does not (never 0).
+fn json_opt(value: Option<u64>) -> String {
+    value.map_or_else(|| "null".to_string(), |v| v.to_string())
+}
+
+/// Per-worker rows: where it ran, its time split (ms per phase) and its hardware counters.
+fn workers_json(workers: &[WorkerInfo]) -> String {
+    let rows: Vec<String> = workers
+        .iter()
+        .map(|w| {
+            let time = w.time.map_or_else(
+                || "null".to_string(),
+                |split| {
+                    let phases: Vec<String> = Phase::ALL
+                        .iter()
+                        .map(|p| format!("\"{}\": {:.3}", json_key(*p), split.get(*p) as f64 / 1e6))
+                        .collect();
+                    format!("{{{}}}", phases.join(", "))
+                },
+            );
+            let hw = w.hw.unwrap_or_default();
+            format!(
+                "{{\"worker\": {}, \"numa_node\": {}, \"pu\": {}, \"pinned\": {}, \"runners\": {}, \"steals\": {}, \"time_ms\": {time}, \"cycles\": {}, \"hw_instructions\": {}, \"cache_misses\": {}}}",
+                w.worker,
+                w.node,
+                w.pu,
+                w.pinned,
+                w.tasks,
+                w.steals,
+                json_opt(hw.cycles),
+                json_opt(hw.instructions),
+                json_opt(hw.cache_misses)
+            )
+        })
+        .collect();
+    format!("[{}]", rows.join(", "))
+}
+
+/// The JSON key of a phase's time.
+fn json_key(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Idle => "idle",
+        Phase::Steal => "stealing",
+        Phase::Start => "starting",
+        Phase::Interpret => "interpreting",
+        Phase::Commit => "committing",
+        Phase::WaitPage => "waiting_for_pages",
+        Phase::Network => "network",
+    }
+}
+
+/// `12.3 G` style for large counts.
+fn human(count: u64) -> String {
+    match count {
+        c if c >= 10_000_000_000 => format!("{:.1} G", c as f64 / 1e9),
+        c if c >= 10_000_000 => format!("{:.1} M", c as f64 / 1e6),
+        c => c.to_string(),
+    }
+}
+
+/// The time split and counters of one worker, as table lines.
+fn worker_detail(out: &mut String, w: &WorkerInfo) {
+    if let Some(split) = w.time {
+        let total = split.total_ns().max(1) as f64;
+        let parts: Vec<String> = Phase::ALL
+            .iter()
+            .filter(|p| split.get(**p) > 0)
+            .map(|p| format!("{} {:.1}%", p.name(), split.get(*p) as f64 * 100.0 / total))
+            .collect();
+        let _ = writeln!(out, "                time: {}", parts.join(", "));
+    }
+    if let Some(hw) = w.hw {
+        let show = |v: Option<u64>| v.map_or_else(|| "unavailable".to_string(), human);
+        let _ = writeln!(
+            out,
+            "                hardware: cycles {}, instructions {}, cache misses {}",
+            show(hw.cycles),
+            show(hw.instructions),
+            show(hw.cache_misses)
+        );
+    }
+}
 
 /// Per-node rows of a multi-node run, as a JSON array (empty on one node).
 fn nodes_json(nodes: &[NodeRow]) -> String {
@@ -48,7 +133,7 @@ pub fn json(report: &Report, nodes: &[NodeRow]) -> String {
         "{{\"dvm_stats\": {{\"workers\": {}, \"workers_pinned\": {}, \"instructions\": {}, \"runners_started\": {}, \
          \"runners_committed\": {}, \"runners_aborted\": {}, \"runners_failed\": {}, \"runners_faulted\": {}, \
          \"conflicts\": {}, \"watcher_activations\": {}, \"pages_allocated\": {}, \"pages_copied\": {}, \
-         \"versions_pruned\": {}, \"peak_memory_bytes\": {}, \"wall_time_ms\": {:.3}, \"nodes\": {}}}}}",
+         \"versions_pruned\": {}, \"peak_memory_bytes\": {}, \"wall_time_ms\": {:.3}, \"nodes\": {}, \"worker_detail\": {}}}}}",
         s.workers,
         pinned,
         s.instructions,
@@ -64,7 +149,8 @@ pub fn json(report: &Report, nodes: &[NodeRow]) -> String {
         s.versions_pruned,
         s.peak_memory_bytes,
         s.wall_time_ms,
-        nodes_json(nodes)
+        nodes_json(nodes),
+        workers_json(&report.workers)
     )
 }
 
@@ -114,6 +200,7 @@ pub fn table(report: &Report, nodes: &[NodeRow]) -> String {
             worker.tasks,
             worker.steals
         );
+        worker_detail(&mut out, worker);
     }
     if !nodes.is_empty() {
         let _ = writeln!(out, "  nodes ({}):", nodes.len());

@@ -17,6 +17,8 @@ pub const MAX_DELTAS: usize = 1 << 16;
 pub const MAX_BATCH: usize = 1 << 16;
 /// Largest opaque payload (an ending's effects with its console output, a task, a report):
 /// the engine's output limit plus room for the rest.
+/// A node's profile samples travel in chunks of at most this (well under `MAX_BLOB_BYTES`).
+pub const MAX_PROFILE_CHUNK_BYTES: usize = 8 << 20;
 pub const MAX_BLOB_BYTES: usize = (64 << 20) + (1 << 20);
 
 /// The bytes one commit stored on one page.
@@ -153,6 +155,11 @@ pub enum Msg {
     /// To node 0: this node's counters at the end of the run.
     NodeReport {
         report: Vec<u8>,
+    },
+    /// To node 0, before `NodeReport`: some of this node's profile samples
+    /// (`dvm_perf::profile::encode`), at most `MAX_PROFILE_CHUNK_BYTES` at a time.
+    ProfileSamples {
+        samples: Vec<u8>,
     },
     /// From node 0, in order: every ending up to timestamp `upto` took effect, and these pages
     /// changed since the previous notice (lets a node keep using cached page versions); no
@@ -509,6 +516,10 @@ impl Msg {
                 out.push(19);
                 put_blob(&mut out, report);
             }
+            Msg::ProfileSamples { samples } => {
+                out.push(21);
+                put_blob(&mut out, samples);
+            }
             Msg::Changes {
                 upto,
                 horizon,
@@ -602,6 +613,9 @@ impl Msg {
             18 => Msg::Shutdown,
             19 => Msg::NodeReport {
                 report: r.blob("node report")?,
+            },
+            21 => Msg::ProfileSamples {
+                samples: r.blob("profile samples")?,
             },
             20 => {
                 let upto = r.u64()?;
@@ -708,6 +722,9 @@ mod tests {
             },
             Msg::Shutdown,
             Msg::NodeReport { report: vec![9; 8] },
+            Msg::ProfileSamples {
+                samples: vec![1, 2, 3],
+            },
             Msg::Changes {
                 upto: 40,
                 horizon: 30,

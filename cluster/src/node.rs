@@ -507,6 +507,7 @@ impl Node {
             | Msg::ControlReply { .. }
             | Msg::Shutdown
             | Msg::NodeReport { .. }
+            | Msg::ProfileSamples { .. }
             | Msg::Changes { .. } => return false,
         }
         true

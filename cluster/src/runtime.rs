@@ -35,6 +35,7 @@ use dvm_engine::store::{
 };
 use dvm_engine::view::{canonical, Range};
 use dvm_engine::vm::{Config, Machine, MachineParts, Report, Resources, RunError, Shared, Stats};
+use dvm_perf::phase::Phase;
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
 use dvm_transport::{Event, PeerCounters, Transport, TransportError};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -282,6 +283,8 @@ struct Runtime {
     left_early: Mutex<Option<(usize, Instant)>>,
     left_grace: Duration,
     reports: Mutex<BTreeMap<usize, NodeRow>>,
+    /// Node 0: the other nodes' profile samples.
+    profiles: Mutex<Vec<dvm_perf::profile::Sample>>,
     fragments: Mutex<HashMap<(usize, u64), Vec<u8>>>,
     next_fragment: AtomicU64,
     remote_reads: AtomicU64,
@@ -329,6 +332,12 @@ impl Runtime {
 
     /// The answer, or `None` when the run failed (and is being torn down).
     fn wait(&self, receiver: &Receiver<Reply>) -> Option<Reply> {
+        // A worker waiting on another node: a page wait says so itself, anything else (a
+        // remote prepare, a control request) is network time.
+        let waiting_for_page =
+            dvm_perf::phase::with_current(|meter| meter.phase() == Phase::WaitPage);
+        let _network =
+            (waiting_for_page == Some(false)).then(|| dvm_perf::phase::enter(Phase::Network));
         loop {
             match receiver.recv_timeout(WAIT_SLICE) {
                 Ok(reply) => return Some(reply),
@@ -647,6 +656,13 @@ impl Runtime {
                     node.on_message(0, Msg::Watermark { ts: upto });
                 });
             }
+            Msg::ProfileSamples { samples } => match dvm_perf::profile::decode(&samples) {
+                Ok(samples) => lock(&self.profiles).extend(samples),
+                Err(err) => self.fail(ClusterError::Garbage {
+                    rank: from,
+                    reason: format!("malformed profile samples: {err}"),
+                }),
+            },
             Msg::NodeReport { report } => match decode_row(&report) {
                 Some(row) => {
                     lock(&self.reports).insert(from, row);
@@ -837,6 +853,7 @@ impl ClusterReader {
                 (req, *page, rt.waiter(Wait::Read(req)))
             })
             .collect();
+        let _wait = dvm_perf::phase::enter(Phase::WaitPage);
         rt.with_node(|node| {
             for (req, page, _) in &requests {
                 node.read(*req, *page, snapshot_ts);
@@ -898,6 +915,7 @@ impl PageRead for ClusterReader {
             return Ok(hit);
         }
         rt.remote_reads.fetch_add(1, Ordering::Relaxed);
+        let _wait = dvm_perf::phase::enter(Phase::WaitPage);
         let started = Instant::now();
         tracing::trace!(
             page = format_args!("{:#x}", key << 12),
@@ -1037,6 +1055,20 @@ fn encode_row(row: &NodeRow) -> Vec<u8> {
         row.workers_pinned,
     ];
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Profile samples in wire chunks of at most `MAX_PROFILE_CHUNK_BYTES`.
+fn profile_chunks(samples: Vec<dvm_perf::profile::Sample>) -> Vec<Vec<u8>> {
+    let mut chunks = Vec::new();
+    let mut rest = samples.as_slice();
+    while !rest.is_empty() {
+        // A sample encodes to at most 32 + 8 * MAX_STACK_DEPTH bytes.
+        let most = 32 + 8 * dvm_perf::profile::MAX_STACK_DEPTH;
+        let take = (crate::msg::MAX_PROFILE_CHUNK_BYTES / most).clamp(1, rest.len());
+        chunks.push(dvm_perf::profile::encode(&rest[..take]));
+        rest = &rest[take..];
+    }
+    chunks
 }
 
 fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
@@ -1235,6 +1267,10 @@ pub fn run(
 ) -> Result<ClusterRun, ClusterError> {
     let rank = launch.rank as usize;
     let world = launch.world as usize;
+    let config = Config {
+        node_index: launch.rank,
+        ..config
+    };
     let mut tcp = TcpConfig::new(
         launch.rank,
         launch.world,
@@ -1288,6 +1324,7 @@ pub fn run(
         left_early: Mutex::new(None),
         left_grace: Duration::from_millis(options.peer_timeout_ms),
         reports: Mutex::new(BTreeMap::new()),
+        profiles: Mutex::new(Vec::new()),
         fragments: Mutex::new(HashMap::new()),
         next_fragment: AtomicU64::new(0),
         remote_reads: AtomicU64::new(0),
@@ -1343,6 +1380,10 @@ pub fn run(
     );
     let _ = service.join();
     if rank != 0 && !runtime.failed.load(Ordering::Acquire) {
+        // Samples first: node 0 has them all once it has this node's report.
+        for chunk in profile_chunks(machine.take_profile()) {
+            runtime.send(0, &Msg::ProfileSamples { samples: chunk });
+        }
         let row = runtime.row(machine.shared().counters_now());
         runtime.send(
             0,
@@ -1356,6 +1397,7 @@ pub fn run(
     let report = machine.finish(workers, notes)?;
     let transport = runtime.transport.counters();
     let rows = lock(&runtime.reports).clone();
+    let others_samples = std::mem::take(&mut *lock(&runtime.profiles));
     let me = runtime.row(report.stats.clone());
     // The VM is gone, and with it every other owner of the runtime: leave the mesh cleanly.
     match Arc::try_unwrap(runtime) {
@@ -1366,6 +1408,7 @@ pub fn run(
         return Err(failure);
     }
     let mut report = report;
+    report.profile.extend(others_samples);
     let mut nodes = vec![me];
     nodes.extend(rows.into_values());
     if rank == 0 {

@@ -110,6 +110,33 @@ pub fn assemble(file: &str, source: &str) -> Result<Image, AsmErrors> {
     Ok(image)
 }
 
+/// The source's local `.L` labels in code, with their addresses, in source order. The image
+/// leaves them out (they name no function, and reports name functions); the profiler uses them
+/// to show the loops inside functions. Empty if the source does not assemble.
+pub fn local_code_labels(file: &str, source: &str) -> Vec<(String, u64)> {
+    let mut assembler = Assembler::new(file, source);
+    assembler.pass1();
+    if !assembler.diags.is_empty() {
+        return Vec::new();
+    }
+    let _image = assembler.pass2();
+    let text = SectionKind::Text;
+    let Some(base) = assembler.addrs.get(&text).copied() else {
+        return Vec::new();
+    };
+    assembler
+        .label_order
+        .iter()
+        .filter(|name| name.starts_with(".L"))
+        .filter_map(|name| match assembler.symbols.get(name) {
+            Some(SymbolDef::Label {
+                section, offset, ..
+            }) if *section == text => Some((name.clone(), base + offset)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A location: line index (0-based), byte range within the line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Span {

@@ -15,13 +15,21 @@
 //! Everything a program can do wrong ends in a `Fault` naming the reason, the PC and the
 //! address; nothing here panics on program input. Side effects on the VM (ids, stacks, heap,
 //! console input) go through `Services`, so the interpreter knows nothing of scheduling.
+//!
+//! Profiling (`--profile`) costs nothing when off: the program is decoded with call-tracking
+//! handlers only when a profile is asked for (`Program::track_calls`), and a runner looks at
+//! the clock for a due sample only where it already leaves the fast path (`enter_cold`), which
+//! a profiled runner does every `PROFILE_CHECK_EVERY` instructions.
 
 use crate::abi;
 use crate::codec::{Instr, Operand};
 use crate::image::LoadedImage;
 use crate::isa::{Cond, ExitMode, ExpBase, Op, Ty};
 use crate::view::{region_of, AccessError, Range, Region, View};
+use dvm_perf::phase::WorkerMeter;
+use dvm_perf::profile::{Attempt, Sample, Symbols, What, MAX_STACK_DEPTH};
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest `usleep` one call may ask for.
 pub const MAX_SLEEP_US: u64 = 60_000_000;
@@ -99,6 +107,9 @@ pub struct Program {
     pub image: LoadedImage,
     /// The instructions, then one sentinel past the end (execution that falls off `.text`).
     pub decoded: Vec<Decoded>,
+    /// With call tracking (profiling): the plain handler of each instruction, which the
+    /// tracking handlers call. Empty otherwise.
+    original: Vec<Handler>,
 }
 
 /// Access width of operand `k` of `instr` (the immediates are masked to it at decode time).
@@ -213,7 +224,61 @@ impl Program {
         };
         past_end.addr = decoded.last().map_or(abi::CODE_BASE, |d| d.addr);
         decoded.push(past_end);
-        Program { image, decoded }
+        Program {
+            image,
+            decoded,
+            original: Vec::new(),
+        }
+    }
+
+    /// The program's code symbols, for naming profile frames.
+    pub fn symbols(&self, dso: &str) -> Symbols {
+        Symbols::new(
+            dso,
+            self.image
+                .image
+                .symbols
+                .iter()
+                .map(|symbol| (symbol.name.clone(), symbol.addr)),
+        )
+    }
+
+    /// Makes runners keep a shadow call stack for the profiler. DISA has no call instruction:
+    /// by the compilers' convention a call stores its return address and jumps to a function,
+    /// and a return jumps through the stored address. So a `br:j` to a function's first
+    /// instruction (a symbol that is not a local `.L` label, other than the branch's own
+    /// function) counts as a call returning to the next instruction, and a `br:ji` that lands
+    /// on the return address of a tracked call returns from it (and from any call above it
+    /// that never returned). Only the handlers of those branches change, so a program without
+    /// profiling runs exactly the handlers it always did.
+    pub fn track_calls(&mut self) {
+        let symbols = self.symbols("");
+        let count = self.decoded.len().saturating_sub(1);
+        self.original = self.decoded.iter().map(|d| d.single).collect();
+        for index in 0..count {
+            let d = &self.decoded[index];
+            if d.instr.op != Op::Br || d.handler as usize != d.single as usize {
+                continue;
+            }
+            let tracked: Handler = match d.instr.cond {
+                Cond::Ji => tracked_return_h,
+                Cond::J if d.target != NO_TARGET => {
+                    let target = self.decoded[d.target as usize].addr;
+                    let own = symbols.function(d.addr).map(|(_, off)| d.addr - off);
+                    match symbols.function(target) {
+                        Some((_, 0)) if own != Some(target) => tracked_call_h,
+                        _ => continue,
+                    }
+                }
+                _ => continue,
+            };
+            self.decoded[index].handler = tracked;
+            self.decoded[index].single = tracked;
+            // A superinstruction ending in this branch would run it without its handler.
+            if let Some(before) = index.checked_sub(1).map(|i| &mut self.decoded[i]) {
+                before.handler = before.single;
+            }
+        }
     }
 
     /// The instructions, without the sentinel.
@@ -421,6 +486,105 @@ pub struct Exec<'a> {
     stepping: bool,
     /// Where to continue when the fast loop hands over to the stepping loop.
     resume: usize,
+    /// The profiler's state, when the run is profiled.
+    pub profile: Option<Box<ExecProfile>>,
+}
+
+/// A profiled runner checks for a sample request at least this often (instructions): ~15 µs
+/// of interpretation, so a 1 kHz sample lands within a few percent of its tick.
+const PROFILE_CHECK_EVERY: u64 = 1 << 13;
+
+/// A late sample stands for at most this many ticks.
+const MAX_TICKS_PER_SAMPLE: u64 = 1000;
+
+/// Calls deeper than this drop their outermost frames from the shadow stack.
+const MAX_SHADOW_DEPTH: usize = 1024;
+
+/// A profiled runner's shadow call stack and the samples taken while it ran.
+pub struct ExecProfile {
+    meter: Arc<WorkerMeter>,
+    /// `(call site, return address)`, outermost first.
+    shadow: Vec<(u64, u64)>,
+    samples: Vec<Sample>,
+}
+
+impl ExecProfile {
+    pub fn new(meter: Arc<WorkerMeter>) -> ExecProfile {
+        ExecProfile {
+            meter,
+            shadow: Vec::new(),
+            samples: Vec::new(),
+        }
+    }
+
+    fn push_call(&mut self, site: u64, returns_to: u64) {
+        if self.shadow.len() >= MAX_SHADOW_DEPTH {
+            self.shadow.remove(0);
+        }
+        self.shadow.push((site, returns_to));
+    }
+
+    fn returned_to(&mut self, addr: u64) {
+        if let Some(depth) = self.shadow.iter().rposition(|(_, ret)| *ret == addr) {
+            self.shadow.truncate(depth);
+        }
+    }
+
+    /// A sample of `pc` standing for `ticks` sampling periods (more than one only when the
+    /// runner could not check the clock for a while, e.g. inside a long page wait).
+    fn sample(&mut self, pc: u64, ticks: u64) {
+        let mut stack = Vec::with_capacity((self.shadow.len() + 1).min(MAX_STACK_DEPTH));
+        stack.push(pc);
+        stack.extend(
+            self.shadow
+                .iter()
+                .rev()
+                .take(MAX_STACK_DEPTH - 1)
+                .map(|(site, _)| *site),
+        );
+        let sample = Sample {
+            time_ns: self.meter.now_ns(),
+            place: self.meter.place,
+            what: What::Program(Attempt::Unfinished),
+            stack,
+        };
+        for _ in 1..ticks.min(MAX_TICKS_PER_SAMPLE) {
+            self.samples.push(sample.clone());
+        }
+        self.samples.push(sample);
+    }
+
+    /// Hands the samples to the worker's meter, marked with how the attempt ended.
+    pub fn finish(self, attempt: Attempt) {
+        if self.samples.is_empty() {
+            return;
+        }
+        let ExecProfile { meter, samples, .. } = self;
+        meter.record(samples.into_iter().map(|mut sample| {
+            sample.what = What::Program(attempt);
+            sample
+        }));
+    }
+}
+
+/// Profiling: a tracked call (see `Program::track_calls`).
+fn tracked_call_h(e: &mut Exec<'_>, d: &Decoded, index: usize) -> usize {
+    let program = e.program;
+    if let Some(profile) = e.profile.as_deref_mut() {
+        let returns_to = program.decoded.get(index + 1).map_or(u64::MAX, |n| n.addr);
+        profile.push_call(d.addr, returns_to);
+    }
+    (program.original[index])(e, d, index)
+}
+
+/// Profiling: a computed jump, which returns from a tracked call when it lands after one.
+fn tracked_return_h(e: &mut Exec<'_>, d: &Decoded, index: usize) -> usize {
+    let program = e.program;
+    let next = (program.original[index])(e, d, index);
+    if let (Some(profile), Some(to)) = (e.profile.as_deref_mut(), program.decoded.get(next)) {
+        profile.returned_to(to.addr);
+    }
+    next
 }
 
 type Step<T> = Result<T, FaultKind>;
@@ -683,7 +847,16 @@ impl<'a> Exec<'a> {
             pending: None,
             stepping: false,
             resume: 0,
+            profile: None,
         }
+    }
+
+    /// Profiles this runner: samples when `meter` asks for one.
+    pub fn profile_with(&mut self, meter: Arc<WorkerMeter>) {
+        self.profile = Some(Box::new(ExecProfile::new(meter)));
+        self.check_at = self
+            .check_at
+            .min(self.instructions.saturating_add(PROFILE_CHECK_EVERY));
     }
 
     /// Runs from `entry` until the runner ends.
@@ -773,7 +946,23 @@ impl<'a> Exec<'a> {
             // The stepping loop counts each instruction itself.
             return index;
         }
+        let program = self.program;
         let count = self.instructions + u64::from(len);
+        if let Some(profile) = self.profile.as_deref_mut() {
+            if let Some(ticks) = profile.meter.tick_due() {
+                profile.sample(program.decoded.get(index).map_or(0, |d| d.addr), ticks);
+            }
+            // Between progress reports a profile check is only this.
+            let report_at = self.instructions_reported + REPORT_EVERY_INSTRUCTIONS;
+            if count <= self.max_instructions && count < report_at {
+                self.instructions = count;
+                self.check_at = self
+                    .max_instructions
+                    .min(report_at)
+                    .min(count.saturating_add(PROFILE_CHECK_EVERY));
+                return index;
+            }
+        }
         if count > self.max_instructions {
             self.stepping = true;
             self.check_at = 0;
@@ -798,9 +987,12 @@ impl<'a> Exec<'a> {
             return STOP;
         }
         self.instructions = count;
-        self.check_at = self
-            .max_instructions
-            .min(count.saturating_add(REPORT_EVERY_INSTRUCTIONS));
+        let every = if self.profile.is_some() {
+            PROFILE_CHECK_EVERY
+        } else {
+            REPORT_EVERY_INSTRUCTIONS
+        };
+        self.check_at = self.max_instructions.min(count.saturating_add(every));
         index
     }
 

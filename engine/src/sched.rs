@@ -30,6 +30,8 @@
 use crate::page::{MemoryAccount, PageSource};
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 use dvm_numa::{PagePool, Topology, WorkerSlot};
+use dvm_perf::hw::{HwCounts, WorkerCounters};
+use dvm_perf::phase::{Phase, TimeSplit, WorkerMeter};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -65,6 +67,19 @@ pub struct WorkerInfo {
     pub pinned: bool,
     pub tasks: u64,
     pub steals: u64,
+    /// Time per phase, when the run measured it.
+    pub time: Option<TimeSplit>,
+    /// Hardware counters, when the run asked for them (each `None` where the kernel has none).
+    pub hw: Option<HwCounts>,
+}
+
+/// What the workers measure about themselves.
+#[derive(Default)]
+pub struct Metering {
+    /// One meter per worker slot, or none at all (nothing measured, nothing paid).
+    pub meters: Vec<Arc<WorkerMeter>>,
+    /// Open hardware counters on each worker.
+    pub hw: bool,
 }
 
 /// Idle workers wait here.
@@ -102,9 +117,19 @@ pub struct WorkerCtx<T> {
     local: Worker<Box<T>>,
     pages: PageSource,
     sleep: Arc<Sleep>,
+    /// This worker's phase and time split, when the run measures them.
+    pub meter: Option<Arc<WorkerMeter>>,
 }
 
 impl<T> WorkerCtx<T> {
+    /// Switches this worker's phase (nothing when the run measures nothing).
+    #[inline]
+    pub fn phase(&self, phase: Phase) {
+        if let Some(meter) = &self.meter {
+            meter.switch(phase);
+        }
+    }
+
     pub fn pages(&self) -> &PageSource {
         &self.pages
     }
@@ -139,6 +164,7 @@ pub fn run_workers<E: Executor>(
     sleep: &Arc<Sleep>,
     pin: bool,
     root: Option<E::Task>,
+    metering: &Metering,
 ) -> (Vec<WorkerInfo>, Vec<String>) {
     let injector: Injector<Box<E::Task>> = Injector::new();
     if let Some(root) = root {
@@ -181,6 +207,8 @@ pub fn run_workers<E: Executor>(
                 let shared = Arc::clone(shared);
                 let pages = pools.get(slot.node).or(pools.first()).cloned();
                 let sleep = Arc::clone(sleep);
+                let meter = metering.meters.get(slot.worker).cloned();
+                let hw = metering.hw;
                 let slot = *slot;
                 std::thread::Builder::new()
                     .name(format!("dvm-worker-{}", slot.worker))
@@ -199,15 +227,28 @@ pub fn run_workers<E: Executor>(
                             pinned,
                             tasks: 0,
                             steals: 0,
+                            time: None,
+                            hw: None,
                         };
+                        let counters = hw.then(WorkerCounters::start);
+                        // Code far from the scheduler (a cluster backend waiting for a page)
+                        // finds the meter through the thread.
+                        dvm_perf::phase::install(meter.clone());
                         if let Some(pages) = pages {
                             let mut ctx = WorkerCtx {
                                 local,
                                 pages,
                                 sleep,
+                                meter: meter.clone(),
                             };
                             work(&*shared, &mut ctx, slot.node, injector, stealers, &mut info);
                         }
+                        dvm_perf::phase::install(None);
+                        if let Some(meter) = &meter {
+                            meter.settle();
+                            info.time = meter.time_split();
+                        }
+                        info.hw = counters.map(WorkerCounters::finish);
                         (info, pin_note)
                     })
             })
@@ -247,6 +288,7 @@ fn work<E: Executor>(
             victim_seed ^= victim_seed << 13;
             victim_seed ^= victim_seed >> 7;
             victim_seed ^= victim_seed << 17;
+            ctx.phase(Phase::Steal);
             let stolen = find_task(&ctx.local, node, injector, stealers, victim_seed);
             if stolen.is_some() {
                 info.steals += 1;
@@ -257,8 +299,10 @@ fn work<E: Executor>(
             Some(task) => {
                 info.tasks += 1;
                 shared.execute(*task, ctx);
+                ctx.phase(Phase::Idle);
             }
             None => {
+                ctx.phase(Phase::Idle);
                 if !shared.idle(ctx) {
                     ctx.sleep.wait();
                 }

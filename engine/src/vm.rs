@@ -32,6 +32,8 @@ use crate::slots::SlotPool;
 use crate::store::{Change, PageKey, PageStore, PageWrite, Publication, Scope};
 use crate::view::{canonical, page_key, Access, Range, RangeSet, View};
 use dvm_numa::WorkerSlot;
+use dvm_perf::phase::{Phase, WorkerMeter, WorkerPlace};
+use dvm_perf::profile::Attempt;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -97,6 +99,13 @@ pub struct Config {
     pub first_worker_slot: usize,
     /// Ids and runtime stacks handed out before freed ones are reused (tests shrink it).
     pub fresh_slots: FreshSlots,
+    /// `--profile`: sample every worker at this rate (Hz); `Report::profile` holds the samples.
+    pub profile_hz: Option<u32>,
+    /// Measure each worker's time per phase and its hardware counters (`--stats`); off, the
+    /// workers measure nothing and pay nothing.
+    pub measure_workers: bool,
+    /// This node's index in a cluster (0 alone), as profile samples name it.
+    pub node_index: u32,
 }
 
 impl Default for Config {
@@ -114,6 +123,9 @@ impl Default for Config {
             clock: Arc::new(SystemClock::new()),
             first_worker_slot: 0,
             fresh_slots: FreshSlots::full(),
+            profile_hz: None,
+            measure_workers: false,
+            node_index: 0,
         }
     }
 }
@@ -186,6 +198,10 @@ pub struct Report {
     pub internal_errors: u64,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// `--profile`: this node's samples, in no particular order.
+    pub profile: Vec<dvm_perf::profile::Sample>,
+    /// Samples not kept (a worker reached `dvm_perf::phase::MAX_SAMPLES_PER_WORKER`).
+    pub profile_dropped: u64,
 }
 
 impl Report {
@@ -633,6 +649,8 @@ pub struct Shared {
     next_txn: AtomicU64,
     /// Where the resets of reused ids' exit records take their pages.
     reset_pages: PageSource,
+    /// Runners keep a shadow call stack and take samples (`--profile`).
+    profiling: bool,
 }
 
 impl Executor for Shared {
@@ -798,6 +816,7 @@ impl Shared {
 
     /// Runs one task to its end and finishes it. Called by workers.
     fn run_task(&self, mut task: Task, ctx: &mut WorkerCtx<Task>) {
+        ctx.phase(Phase::Start);
         if task.snapshot.is_none() && !self.start_instance(&mut task) {
             return;
         }
@@ -825,12 +844,16 @@ impl Shared {
             None => View::new(reader, snapshot, pages, access, read_only),
         };
         let mut exec = Exec::new(view, &self.program, self, task.space, self.max_instructions);
+        if let (true, Some(meter)) = (self.profiling, &ctx.meter) {
+            exec.profile_with(Arc::clone(meter));
+        }
         // Registers fixed by the ABI: held by the view until the runner writes their page.
         exec.view.set_abi_words(
             task.stack.start,
             task.stack.end - task.stack.start,
             task.exit_id(),
         );
+        ctx.phase(Phase::Interpret);
         let ending =
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.run(task.entry))) {
                 Ok(ending) => ending,
@@ -847,8 +870,12 @@ impl Shared {
                     })
                 }
             };
+        ctx.phase(Phase::Commit);
         if self.is_done() {
             // Stopped from outside (a cluster lost a node): nothing of this runner is kept.
+            if let Some(profile) = exec.profile.take() {
+                profile.finish(Attempt::Unfinished);
+            }
             return;
         }
         // The snapshot stays registered, and the task pending, until the ending takes effect.
@@ -880,7 +907,9 @@ impl Shared {
 
     /// Ends a runner on the worker that ran it, in parallel with other endings: prepare, then
     /// the backend installs its pages at its timestamps; its effects take effect in commit
-    /// order (`apply_ended`), here or on node 0.
+    /// order (`apply_ended`), here or on node 0. Never inlined: a host profile (`perf`) names
+    /// committing by this symbol.
+    #[inline(never)]
     fn finish(
         &self,
         task: Task,
@@ -894,6 +923,7 @@ impl Shared {
             view,
             output,
             children,
+            profile,
             ..
         } = exec;
         bump(&self.counters.instructions, instructions);
@@ -928,6 +958,14 @@ impl Shared {
             Ending::Exit(_) => Outcome::Aborted,
             Ending::Fault(fault) => Outcome::Faulted(fault.clone()),
         };
+        if let Some(profile) = profile {
+            profile.finish(match outcome {
+                Outcome::Committed { .. } => Attempt::Committed,
+                Outcome::Aborted => Attempt::Aborted,
+                Outcome::Failed(_) => Attempt::Failed,
+                Outcome::Faulted(_) => Attempt::Faulted,
+            });
+        }
         let ends_template = match (&task.kind, &ending) {
             (TaskKind::Instance(_), Ending::Exit(mode)) => {
                 mode.deletes_template() && !matches!(outcome, Outcome::Failed(_))
@@ -967,7 +1005,9 @@ impl Shared {
 
     /// Makes an ending observable, in commit order: the watermark, children, watcher
     /// templates and activations, output, counters, the end of its task, and the ids and
-    /// stacks it gives back. `push` receives the tasks it creates, already counted.
+    /// stacks it gives back. `push` receives the tasks it creates, already counted. Never
+    /// inlined, for host profiles, like `finish`.
+    #[inline(never)]
     pub fn apply_ended(
         &self,
         first_ts: u64,
@@ -1435,6 +1475,7 @@ pub struct Machine {
     pin_workers: bool,
     started: Instant,
     first_id: u64,
+    metering: sched::Metering,
 }
 
 impl Machine {
@@ -1494,7 +1535,13 @@ impl Machine {
             backend,
             control,
             local,
-            program: Program::new(image),
+            program: {
+                let mut program = Program::new(image);
+                if config.profile_hz.is_some() {
+                    program.track_calls();
+                }
+                program
+            },
             read_only: Arc::new(read_only),
             image_set,
             max_instructions: config.max_instructions,
@@ -1509,7 +1556,33 @@ impl Machine {
             clock: Arc::clone(&config.clock),
             next_txn: AtomicU64::new(first_txn.max(1)),
             reset_pages: resources.pages().clone(),
+            profiling: config.profile_hz.is_some(),
         });
+        let measured = config.measure_workers || config.profile_hz.is_some();
+        let metering = sched::Metering {
+            meters: if measured {
+                resources
+                    .slots
+                    .iter()
+                    .map(|slot| {
+                        let place = WorkerPlace {
+                            node: config.node_index,
+                            worker: slot.worker as u32,
+                            pu: slot.pu,
+                        };
+                        Arc::new(WorkerMeter::new(
+                            place,
+                            config.measure_workers,
+                            config.profile_hz,
+                            started,
+                        ))
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            hw: config.measure_workers,
+        };
         Ok(Machine {
             shared,
             resources,
@@ -1518,11 +1591,22 @@ impl Machine {
             pin_workers: config.pin_workers,
             started,
             first_id,
+            metering,
         })
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The profile samples taken so far (a cluster node sends them to node 0 before it
+    /// reports; `finish` puts what is left in the report).
+    pub fn take_profile(&self) -> Vec<dvm_perf::profile::Sample> {
+        self.metering
+            .meters
+            .iter()
+            .flat_map(|meter| meter.take_samples())
+            .collect()
     }
 
     pub fn resources(&self) -> &Resources {
@@ -1562,6 +1646,7 @@ impl Machine {
             &self.shared.sleep,
             self.pin_workers,
             root,
+            &self.metering,
         )
     }
 
@@ -1605,6 +1690,7 @@ impl Machine {
         };
         let mut placement_notes = self.resources.notes.clone();
         placement_notes.extend(notes);
+        let meters = &self.metering.meters;
         let report = Report {
             stats,
             workers,
@@ -1612,6 +1698,11 @@ impl Machine {
             internal_errors: self.shared.internal_errors.load(Ordering::Relaxed),
             stdout,
             stderr,
+            profile: meters
+                .iter()
+                .flat_map(|meter| meter.take_samples())
+                .collect(),
+            profile_dropped: meters.iter().map(|meter| meter.dropped()).sum(),
         };
         if detach {
             // Freeing every version and page of a long run takes a while (a run of 10^5

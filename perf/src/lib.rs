@@ -1,5 +1,19 @@
-//! DVM's performance tooling: counters printed by `dvm run --stats`, perf maps for JIT'd code,
-//! and profiling helpers.
+//! DVM's measurement: where the workers' time goes and where the program's time goes.
 //!
-//! Nothing is implemented yet; this crate deliberately exposes no API until the engine has
-//! counters to report.
+//! - `phase`: what each worker is doing right now (interpreting, committing, idle, …), kept in
+//!   one atomic byte per worker that the worker writes and anyone may read; with timing on,
+//!   the time spent in each phase (the per-worker time split of `--stats`); with sampling on,
+//!   the guest profiler's clock (each worker samples itself, no sampler thread).
+//! - `profile`: samples, their wire form (a cluster gathers them at node 0), and the `perf
+//!   script` text that `inferno-collapse-perf`, `stackcollapse-perf.pl`, speedscope and the
+//!   Firefox profiler read unchanged.
+//! - `flame`: folded stacks and SVG flame graphs from any `perf script` text, with `inferno`.
+//! - `hw`: cycles, instructions and cache misses per worker from `perf_event_open`, where the
+//!   kernel offers them (never shown as zero when it does not).
+//!
+//! Nothing here knows the engine: the engine depends on this crate, never the other way round.
+
+pub mod flame;
+pub mod hw;
+pub mod phase;
+pub mod profile;
