@@ -66,7 +66,7 @@ fn pkg_config(libdir: &Path, includedir: &Path) -> String {
 /// What `libdvm.a` needs from the system: hwloc (topology, through dvm-numa) and what Rust's
 /// standard library needs (`cargo rustc -p dvm-ffi --crate-type staticlib -- --print
 /// native-static-libs` lists them).
-const STATIC_LIBS: &str = "-lhwloc -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc";
+const STATIC_LIBS: &str = "-lhwloc -ludev -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc";
 
 fn write_if_changed(path: &Path, text: &str) {
     if std::fs::read_to_string(path).is_ok_and(|old| old == text) {

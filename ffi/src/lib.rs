@@ -712,6 +712,7 @@ pub extern "C" fn dvm_run(
                             message.push_str("\n(further reports were given to the callback only)");
                         }
                     }
+                    let message = message.trim_end().to_string();
                     if code == 1 {
                         Err(failure(dvm_status::DVM_PROGRAM_FAULTED, message))
                     } else {
@@ -831,4 +832,126 @@ pub extern "C" fn dvm_status_name(status: c_int) -> *const c_char {
 pub extern "C" fn dvm_version() -> *const c_char {
     static VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
     VERSION.as_ptr().cast()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Barrier;
+
+    fn last_error() -> String {
+        // SAFETY: dvm_last_error_message never returns NULL and its string lives until the
+        // next call on this thread.
+        unsafe { CStr::from_ptr(dvm_last_error_message()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn vm_with(source: &str) -> *mut dvm_vm {
+        let mut options = default_options();
+        options.workers = 1;
+        options.pin_workers = 0;
+        options.max_memory_bytes = 256 << 20;
+        let mut vm = std::ptr::null_mut();
+        assert_eq!(dvm_vm_create(&options, &mut vm), dvm_status::DVM_OK);
+        let status = dvm_assemble(vm, std::ptr::null(), source.as_ptr().cast(), source.len());
+        assert_eq!(status, dvm_status::DVM_OK, "{}", last_error());
+        vm
+    }
+
+    #[test]
+    fn a_panic_in_an_entry_point_is_dvm_internal_with_its_message() {
+        let status = entry(|| panic!("a test panic"));
+        assert_eq!(status, dvm_status::DVM_INTERNAL);
+        assert!(last_error().contains("a test panic"), "{}", last_error());
+        assert_eq!(entry(|| Ok(())), dvm_status::DVM_OK);
+        assert_eq!(last_error(), "", "DVM_OK clears the message");
+    }
+
+    #[test]
+    fn messages_are_per_thread() {
+        assert_eq!(
+            dvm_options_init(std::ptr::null_mut()),
+            dvm_status::DVM_INVALID_ARGUMENT
+        );
+        let other = std::thread::spawn(|| {
+            assert_eq!(entry(|| Ok(())), dvm_status::DVM_OK);
+            last_error()
+        })
+        .join()
+        .expect("the other thread");
+        assert_eq!(other, "");
+        assert!(last_error().contains("options is NULL"), "{}", last_error());
+    }
+
+    #[test]
+    fn distinct_handles_run_at_the_same_time() {
+        let results: Vec<u64> = std::thread::scope(|scope| {
+            let runs: Vec<_> = (1..=3u64)
+                .map(|value| {
+                    scope.spawn(move || {
+                        let source =
+                            format!("main:\n    mov ${value}:ue, 0x4000000000:ue\n    exit:c\n");
+                        let vm = vm_with(&source);
+                        let status = dvm_run(vm, None, std::ptr::null_mut());
+                        assert_eq!(status, dvm_status::DVM_OK, "{}", last_error());
+                        let mut word = [0u8; 8];
+                        let status = dvm_read_memory(vm, 0x40_0000_0000, word.as_mut_ptr(), 8);
+                        assert_eq!(status, dvm_status::DVM_OK, "{}", last_error());
+                        dvm_vm_destroy(vm);
+                        u64::from_le_bytes(word)
+                    })
+                })
+                .collect();
+            runs.into_iter()
+                .map(|run| run.join().expect("a run thread"))
+                .collect()
+        });
+        assert_eq!(results, vec![1, 2, 3]);
+    }
+
+    struct Gate {
+        entered: Barrier,
+        release: Barrier,
+    }
+
+    unsafe extern "C" fn wait_at_gate(
+        _stream: dvm_stream,
+        _bytes: *const u8,
+        _len: usize,
+        user_data: *mut c_void,
+    ) {
+        // SAFETY: the test passes a `Gate` that outlives the run.
+        let gate = unsafe { &*user_data.cast::<Gate>() };
+        gate.entered.wait();
+        gate.release.wait();
+    }
+
+    /// A handle in a run on one thread is refused to another, which does not wait.
+    #[test]
+    fn a_handle_in_use_is_busy_for_other_threads() {
+        let vm = vm_with("main:\n    mov $65:ue, 0x100000208:ue\n    exit:c\n");
+        let gate = Gate {
+            entered: Barrier::new(2),
+            release: Barrier::new(2),
+        };
+        let vm_addr = vm as usize;
+        std::thread::scope(|scope| {
+            let gate = &gate;
+            let run = scope.spawn(move || {
+                let user_data = gate as *const Gate as *mut c_void;
+                dvm_run(vm_addr as *mut dvm_vm, Some(wait_at_gate), user_data)
+            });
+            gate.entered.wait();
+            let mut stats = dvm_stats::default();
+            assert_eq!(dvm_get_stats(vm, &mut stats), dvm_status::DVM_BUSY);
+            assert!(last_error().contains("in use"), "{}", last_error());
+            gate.release.wait();
+            assert_eq!(run.join().expect("the run"), dvm_status::DVM_OK);
+        });
+        let mut stats = dvm_stats::default();
+        assert_eq!(dvm_get_stats(vm, &mut stats), dvm_status::DVM_OK);
+        assert_eq!(stats.runners_committed, 1);
+        dvm_vm_destroy(vm);
+    }
 }
