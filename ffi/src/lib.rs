@@ -625,14 +625,24 @@ fn stats_of(report: &vm::Report) -> dvm_stats {
     }
 }
 
+/// The engine's run errors, worded for the C API (the engine names the `dvm run` options).
 fn run_error(err: vm::RunError) -> Failure {
-    let status = match err {
-        vm::RunError::LoadOutsideShared { .. } | vm::RunError::LoadOverlapsImage { .. } => {
-            dvm_status::DVM_INVALID_ARGUMENT
+    match err {
+        vm::RunError::LoadOutsideShared { name, .. } => invalid(format!(
+            "{name} does not fit inside the shared region (0x800000000..0x100000000000 of a space)"
+        )),
+        vm::RunError::LoadOverlapsImage { name, .. } => {
+            invalid(format!("{name} overlaps the program image"))
         }
-        _ => dvm_status::DVM_RUN,
-    };
-    failure(status, err.to_string())
+        vm::RunError::InitialMemoryLimit { limit_bytes } => failure(
+            dvm_status::DVM_RUN,
+            format!(
+                "the program image and the mapped inputs do not fit in max_memory_bytes \
+                 ({limit_bytes} bytes)"
+            ),
+        ),
+        other => failure(dvm_status::DVM_RUN, other.to_string()),
+    }
 }
 
 /// Runs the program to completion: the root runner, every runner it starts, until none is

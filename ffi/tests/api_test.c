@@ -306,6 +306,8 @@ static void test_memory(const dvm_options *options) {
     capture c = {0};
     uint8_t words[16];
     uint8_t byte;
+    dvm_options small;
+    uint8_t *big;
     if (!EXPECT(dvm_vm_create(options, &vm), DVM_OK)) {
         return;
     }
@@ -332,6 +334,28 @@ static void test_memory(const dvm_options *options) {
     EXPECT(dvm_run(vm, on_output, &c), DVM_OK);
     EXPECT(dvm_read_memory(vm, 0x4000000000ULL, words, sizeof words), DVM_OK);
     CHECK(u64_at(words) == 0 && u64_at(words + 8) == 42, "a cleared input is gone");
+
+    /* Inputs the run cannot take: over the program image, beyond the memory limit. */
+    EXPECT(dvm_map_input(vm, 0x800000000ULL, words, 8), DVM_OK);
+    EXPECT(dvm_run(vm, on_output, &c), DVM_INVALID_ARGUMENT);
+    CHECK(strstr(dvm_last_error_message(), "overlaps the program image") != NULL,
+          "an input over the image is named");
+    EXPECT(dvm_read_memory(vm, 0x4000000000ULL, words, 8), DVM_STATE);
+    EXPECT(dvm_clear_inputs(vm), DVM_OK);
+    capture_reset(&c);
+    dvm_vm_destroy(vm);
+
+    small = *options;
+    small.max_memory_bytes = 64 * 1024;
+    big = calloc(1, 1 << 20);
+    if (EXPECT(dvm_vm_create(&small, &vm), DVM_OK) && big != NULL) {
+        EXPECT(assemble_text(vm, "store.dasm", STORE_PROGRAM), DVM_OK);
+        EXPECT(dvm_map_input(vm, 0x4000000000ULL, big, 1 << 20), DVM_OK);
+        EXPECT(dvm_run(vm, on_output, &c), DVM_RUN);
+        CHECK(strstr(dvm_last_error_message(), "do not fit in max_memory_bytes") != NULL,
+              "the memory limit is named");
+    }
+    free(big);
     capture_reset(&c);
     dvm_vm_destroy(vm);
 }

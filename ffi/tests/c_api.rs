@@ -16,22 +16,32 @@ fn repo_dir() -> PathBuf {
     ffi_dir().parent().expect("ffi/ has a parent").to_path_buf()
 }
 
-/// `<target>/<profile>`, where cargo puts `libdvm.so`, `libdvm.a` and build.rs puts `dvm.pc`.
-fn profile_dir() -> PathBuf {
+/// `<target>/<profile>/deps`, where this test binary is and where cargo builds `libdvm.so` and
+/// `libdvm.a`. `cargo build` copies them one level up, where `dvm.pc` points; `cargo test`
+/// does not, so the copies there may be older than the source under test.
+fn library_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
-    // <target>/<profile>/deps/c_api-<hash>
     let dir = exe
         .parent()
-        .and_then(Path::parent)
         .expect("the test binary is in <profile>/deps")
         .to_path_buf();
-    for library in ["libdvm.so", "libdvm.a", "dvm.pc"] {
+    for library in ["libdvm.so", "libdvm.a"] {
         assert!(
             dir.join(library).exists(),
             "{} is missing: cargo builds it with the dvm-ffi library",
             dir.join(library).display()
         );
     }
+    dir
+}
+
+/// `<target>/<profile>`, where build.rs writes `dvm.pc`.
+fn profile_dir() -> PathBuf {
+    let dir = library_dir()
+        .parent()
+        .expect("deps/ has a parent")
+        .to_path_buf();
+    assert!(dir.join("dvm.pc").exists(), "build.rs writes dvm.pc");
     dir
 }
 
@@ -71,9 +81,15 @@ fn hello_image(dir: &Path) -> PathBuf {
     path
 }
 
+/// `pkg-config ARGS dvm` with the `dvm.pc` of this build, its `libdir` pointed at the
+/// libraries this test run built (see `library_dir`).
 fn pkg_config(args: &[&str]) -> Vec<String> {
     let output = run(Command::new("pkg-config")
         .args(args)
+        .arg(format!(
+            "--define-variable=libdir={}",
+            library_dir().display()
+        ))
         .arg("dvm")
         .env("PKG_CONFIG_PATH", profile_dir()));
     check(&output, "pkg-config");
@@ -97,8 +113,17 @@ fn build_api_test(dir: &Path, name: &str, link: &[String]) -> PathBuf {
     exe
 }
 
+/// A command for a program linked against libdvm: it must find the library through its rpath,
+/// not through the LD_LIBRARY_PATH cargo gives tests (which names `<profile>` first, where an
+/// older library may be; see `library_dir`).
+fn linked_program(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command.env_remove("LD_LIBRARY_PATH");
+    command
+}
+
 fn api_test_command(exe: &Path, dir: &Path, workers: u32) -> Command {
-    let mut command = Command::new(exe);
+    let mut command = linked_program(exe);
     command
         .arg(repo_dir())
         .arg(hello_image(dir))
@@ -167,12 +192,21 @@ fn api_test_passes_against_the_shared_library_found_by_pkg_config() {
         libs.iter().any(|flag| flag == "-ldvm"),
         "dvm.pc links -ldvm: {libs:?}"
     );
+    let pc = std::fs::read_to_string(profile_dir().join("dvm.pc")).expect("dvm.pc");
+    assert!(
+        pc.contains(&format!("libdir={}\n", profile_dir().display())),
+        "dvm.pc points at the profile directory, where `cargo build` puts the libraries:\n{pc}"
+    );
+    assert!(
+        libs.contains(&format!("-Wl,-rpath,{}", library_dir().display())),
+        "dvm.pc gives an rpath: {libs:?}"
+    );
     let exe = build_api_test(&dir, "api_test_shared", &libs);
     // Linked dynamically: the program names libdvm.so, found through the rpath.
-    let ldd = run(Command::new("ldd").arg(&exe));
+    let ldd = run(linked_program("ldd").arg(&exe));
     let ldd_text = String::from_utf8_lossy(&ldd.stdout);
     assert!(
-        ldd_text.contains(&profile_dir().join("libdvm.so").display().to_string()),
+        ldd_text.contains(&library_dir().join("libdvm.so").display().to_string()),
         "api_test uses the built libdvm.so:\n{ldd_text}"
     );
     expect_passed(
@@ -184,7 +218,7 @@ fn api_test_passes_against_the_shared_library_found_by_pkg_config() {
 #[test]
 fn api_test_passes_against_the_static_library() {
     let dir = work_dir("static");
-    let mut link = vec![profile_dir().join("libdvm.a").display().to_string()];
+    let mut link = vec![library_dir().join("libdvm.a").display().to_string()];
     // What the static library needs from the system, as dvm.pc lists it.
     link.extend(
         pkg_config(&["--static", "--libs-only-l"])
@@ -192,7 +226,7 @@ fn api_test_passes_against_the_static_library() {
             .filter(|flag| flag != "-ldvm"),
     );
     let exe = build_api_test(&dir, "api_test_static", &link);
-    let ldd = run(Command::new("ldd").arg(&exe));
+    let ldd = run(linked_program("ldd").arg(&exe));
     assert!(
         !String::from_utf8_lossy(&ldd.stdout).contains("libdvm.so"),
         "the static build must not use libdvm.so"
@@ -207,7 +241,7 @@ fn api_test_passes_against_the_static_library() {
 fn api_test_passes_under_valgrind_without_errors_or_leaks() {
     let dir = work_dir("valgrind");
     let exe = build_api_test(&dir, "api_test_valgrind", &pkg_config(&["--libs"]));
-    let mut command = Command::new("valgrind");
+    let mut command = linked_program("valgrind");
     command.args([
         "--leak-check=full",
         "--errors-for-leak-kinds=definite,indirect",
