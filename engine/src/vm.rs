@@ -69,7 +69,41 @@ pub enum OutputMode {
     Inherit,
     /// Collected and returned in the report (for tests and embedding).
     Capture,
+    /// Handed, line by line as runners end, to a function (the C API's output callback).
+    Callback(OutputSink),
 }
+
+/// Which console stream bytes belong to: the program's output, or DVM's reports about the
+/// program (faults, failed commits) with the output those runners left pending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A receiver of console output for `OutputMode::Callback`. It is called on the console's
+/// writer thread, one call at a time, in the order runners end; the run waits for it (a slow
+/// receiver holds output back through the console's memory budget, as a slow pipe does).
+#[derive(Clone)]
+pub struct OutputSink(pub Arc<OutputFn>);
+
+/// What an `OutputSink` calls: the stream, and bytes valid for the call.
+pub type OutputFn = dyn Fn(Stream, &[u8]) + Send + Sync;
+
+impl std::fmt::Debug for OutputSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutputSink(..)")
+    }
+}
+
+/// Two sinks are equal when they are the same function object: closures have no other identity.
+impl PartialEq for OutputSink {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for OutputSink {}
 
 /// Where console input comes from.
 #[derive(Clone, Debug)]
@@ -347,6 +381,17 @@ impl Console {
                 }
                 (OutputMode::Inherit, ConsoleLine::Err(bytes)) => {
                     let _ = stderr.lock().write_all(&bytes);
+                }
+                (OutputMode::Callback(sink), line) => {
+                    let (stream, bytes) = match line {
+                        ConsoleLine::Out(bytes) => (Stream::Stdout, bytes),
+                        ConsoleLine::Err(bytes) => (Stream::Stderr, bytes),
+                    };
+                    // A receiver that panics must not take the writer with it: senders waiting
+                    // for room would wait forever. Its output is lost, like a closed pipe's.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        (sink.0)(stream, &bytes)
+                    }));
                 }
             }
             let mut queue = lock(&self.queue);
@@ -1735,6 +1780,79 @@ pub fn run(image: LoadedImage, config: Config) -> Result<Report, RunError> {
     let root = machine.root_task()?;
     let (workers, notes) = machine.run(Some(root));
     machine.finish_detached(workers, notes)
+}
+
+/// The committed shared memory of a finished single-node run, readable after it: the newest
+/// committed version of every page (what a runner starting after the run would see). It holds
+/// the run's page store, and with it the run's committed pages, until it is dropped.
+pub struct CommittedMemory {
+    store: Arc<PageStore>,
+}
+
+/// Why committed memory could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MemoryReadError {
+    #[error(
+        "{addr:#x} + {len_bytes} bytes is not inside one space's shared region \
+         ({:#x}..{:#x} of a space)",
+        abi::SHARED_BASE,
+        abi::SHARED_END
+    )]
+    NotShared { addr: u64, len_bytes: u64 },
+}
+
+impl CommittedMemory {
+    /// Fills `buf` with the newest committed bytes from `addr` on (zeros where nothing was ever
+    /// written). The whole range must lie in the shared region of one space: private memory
+    /// belongs to runners and ends with them.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryReadError> {
+        let len_bytes = buf.len() as u64;
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        let not_shared = MemoryReadError::NotShared { addr, len_bytes };
+        let last = addr.checked_add(len_bytes - 1).ok_or(not_shared.clone())?;
+        let same_space = addr >> abi::SPACE_SHIFT == last >> abi::SPACE_SHIFT;
+        let shared = |at| crate::view::region_of(at) == crate::view::Region::Shared;
+        if !(same_space && shared(addr) && shared(last)) {
+            return Err(not_shared);
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = addr + done as u64;
+            let offset = (at & PAGE_OFFSET_MASK) as usize;
+            let take = (PAGE_BYTES - offset).min(buf.len() - done);
+            let out = &mut buf[done..done + take];
+            match self.store.read_version(page_key(at), u64::MAX).version {
+                Some((_, page)) => out.copy_from_slice(&page[offset..offset + take]),
+                None => out.fill(0),
+            }
+            done += take;
+        }
+        Ok(())
+    }
+}
+
+/// `run`, keeping the committed shared memory readable afterwards. Nothing of the run is left
+/// running when it returns (the store and pools are freed when the `CommittedMemory` is
+/// dropped, on the caller's thread).
+pub fn run_keeping(
+    image: LoadedImage,
+    config: Config,
+) -> Result<(Report, CommittedMemory), RunError> {
+    let resources = Resources::new(&config)?;
+    let store = Arc::new(PageStore::new());
+    let parts = MachineParts {
+        backend: Arc::new(LocalBackend::new(Arc::clone(&store))),
+        store: Arc::clone(&store),
+        first_txn: 1,
+        control: None,
+    };
+    let machine = Machine::new(image, config, resources, parts, &|_| true)?;
+    let root = machine.root_task()?;
+    let (workers, notes) = machine.run(Some(root));
+    let report = machine.finish(workers, notes)?;
+    Ok((report, CommittedMemory { store }))
 }
 
 #[cfg(test)]
