@@ -137,6 +137,14 @@ pub enum LoadError {
         addr: u64,
         len_bytes: u64,
     },
+    /// A section (part of it) lies where the runtime hands out or writes memory itself.
+    SectionInReservedArea {
+        kind: SectionKind,
+        addr: u64,
+        len_bytes: u64,
+        area: &'static str,
+        area_range: std::ops::Range<u64>,
+    },
     TextNotAtCodeBase {
         addr: u64,
     },
@@ -181,6 +189,21 @@ impl fmt::Display for LoadError {
                 kind.name(),
                 abi::SHARED_BASE,
                 abi::SHARED_END
+            ),
+            LoadError::SectionInReservedArea {
+                kind,
+                addr,
+                len_bytes,
+                area,
+                area_range,
+            } => write!(
+                f,
+                "section {} at {addr:#x}..{:#x} lies in the {area} {:#x}..{:#x}, which the runtime \
+                 reserves (docs/MEMORY-MODEL.md §1)",
+                kind.name(),
+                addr.saturating_add(*len_bytes),
+                area_range.start,
+                area_range.end
             ),
             LoadError::TextNotAtCodeBase { addr } => write!(
                 f,
@@ -279,6 +302,18 @@ pub fn validate(format: Format, image: Image) -> Result<LoadedImage, LoadError> 
                 kind: section.kind,
                 addr: section.addr,
                 len_bytes: section.len_bytes,
+            });
+        }
+        if let Some((area, _)) =
+            abi::first_reserved_overlap(&abi::RESERVED_AREAS, section.addr, section.end())
+        {
+            // Sections live in space 0, so the area's offsets are its addresses.
+            return Err(LoadError::SectionInReservedArea {
+                kind: section.kind,
+                addr: section.addr,
+                len_bytes: section.len_bytes,
+                area: area.name,
+                area_range: area.offsets.clone(),
             });
         }
         mapped_bytes = mapped_bytes.saturating_add(section.len_bytes);
@@ -822,6 +857,64 @@ mod tests {
         ));
         let big = vec![0u8; MAX_FLAT_IMAGE_BYTES + 2];
         assert!(matches!(load(&big), Err(LoadError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn sections_in_reserved_areas_are_refused_by_name_and_range() {
+        for area in &abi::RESERVED_AREAS {
+            // .data at the area's start; .bss from just inside its end to past it.
+            let mut data = tiny_image();
+            data.sections[1].addr = area.offsets.start;
+            let err = validate(Format::Elf, data.clone()).expect_err("data in a reserved area");
+            assert_eq!(
+                err,
+                LoadError::SectionInReservedArea {
+                    kind: SectionKind::Data,
+                    addr: area.offsets.start,
+                    len_bytes: 3,
+                    area: area.name,
+                    area_range: area.offsets.clone(),
+                }
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(".data")
+                    && text.contains(area.name)
+                    && text.contains(&format!(
+                        "{:#x}..{:#x}",
+                        area.offsets.start,
+                        area.offsets.start + 3
+                    )),
+                "{text}"
+            );
+            let mut bss = tiny_image();
+            bss.sections[2].addr = area.offsets.end - 0x80;
+            assert!(matches!(
+                validate(Format::Elf, bss),
+                Err(LoadError::SectionInReservedArea { kind: SectionKind::Bss, area: name, .. })
+                    if name == area.name
+            ));
+            // An ELF file placing a section there is refused when it is loaded.
+            let bytes = write(&data, Format::Elf).expect("writes");
+            assert!(matches!(
+                load(&bytes),
+                Err(LoadError::SectionInReservedArea {
+                    kind: SectionKind::Data,
+                    ..
+                })
+            ));
+        }
+        // Right next to the areas (heap and stacks are adjacent) is free.
+        for free in [
+            abi::HEAP_AREA.start - 3,
+            abi::STACK_AREA.end,
+            abi::EXIT_RECORD_BASE - 3,
+            abi::EXIT_RECORD_END,
+        ] {
+            let mut image = tiny_image();
+            image.sections[1].addr = free;
+            assert!(validate(Format::Elf, image).is_ok(), "{free:#x}");
+        }
     }
 
     #[test]
