@@ -167,7 +167,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
 fn parse_load(spec: &str) -> Result<(u64, Vec<u8>, String), Failure> {
     let (path, addr) = spec.rsplit_once('@').ok_or_else(|| {
         user(format!(
-            "--load `{spec}`: expected FILE@ADDR, like data.bin@0x10000000000"
+            "--load `{spec}`: expected FILE@ADDR, like data.bin@0x4000000000"
         ))
     })?;
     let addr = parse_address(addr)
@@ -343,6 +343,9 @@ fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Re
     if let Some(slots) = args.fresh_runner_slots {
         config.fresh_slots = vm::FreshSlots::at_most(slots);
     }
+    // Misplaced or overlapping loads are the user's error on every node, refused here before
+    // any node starts work (a node refusing them would end the job as a cluster failure).
+    vm::check_initial_memory(&program, &config).map_err(|err| user(err.to_string()))?;
     tracing::info!(program = %args.program.display(), instructions = program.code.len(), "loaded");
     let (report, nodes) = match launch {
         None => (
