@@ -270,7 +270,9 @@ pub enum FaultKind {
     InstructionLimit {
         limit: u64,
     },
+    /// No page memory was left for the page of `addr`.
     MemoryLimit {
+        addr: u64,
         limit_bytes: u64,
     },
     RunnerLimit {
@@ -294,7 +296,8 @@ impl FaultKind {
         match self {
             FaultKind::NotAllowed { addr, .. }
             | FaultKind::Unmapped { addr }
-            | FaultKind::ReadOnly { addr } => Some(*addr),
+            | FaultKind::ReadOnly { addr }
+            | FaultKind::MemoryLimit { addr, .. } => Some(*addr),
             _ => None,
         }
     }
@@ -318,9 +321,10 @@ impl fmt::Display for FaultKind {
                 f,
                 "instruction limit of {limit} reached (--max-instructions)"
             ),
-            FaultKind::MemoryLimit { limit_bytes } => write!(
+            FaultKind::MemoryLimit { addr, limit_bytes } => write!(
                 f,
-                "memory limit of {limit_bytes} bytes reached (--max-memory)"
+                "memory limit of {limit_bytes} bytes reached (--max-memory): no page memory left \
+                 for the page of {addr:#x}"
             ),
             FaultKind::RunnerLimit { reason } => write!(f, "runner limit: {reason}"),
             FaultKind::SystemCall { reason } => write!(f, "system call: {reason}"),
@@ -347,7 +351,8 @@ impl From<AccessError> for FaultKind {
             AccessError::Unmapped { addr } => FaultKind::Unmapped { addr },
             AccessError::NotAllowed { addr, len } => FaultKind::NotAllowed { addr, len },
             AccessError::ReadOnly { addr } => FaultKind::ReadOnly { addr },
-            AccessError::Memory(limit) => FaultKind::MemoryLimit {
+            AccessError::Memory { addr, limit } => FaultKind::MemoryLimit {
+                addr,
                 limit_bytes: limit.limit_bytes,
             },
         }
