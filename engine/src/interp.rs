@@ -238,13 +238,8 @@ impl Program {
     pub fn disassemble_at(&self, pc: u64) -> Option<String> {
         let index = self.index_of(pc)?;
         let d = &self.decoded[index];
-        let symbols = &self.image.image.symbols;
-        let name = |addr: u64| {
-            symbols
-                .iter()
-                .find(|symbol| symbol.addr == addr)
-                .map(|symbol| symbol.name.clone())
-        };
+        // Of labels sharing an address, the one the source used here (`label_for`'s rule).
+        let name = |addr: u64| self.image.label_for(Some(d.addr), addr).map(str::to_string);
         Some(crate::disasm::format_instr(&d.instr, d.addr, &name))
     }
 }
