@@ -69,11 +69,11 @@ pub const RESERVED_AREAS: [ReservedArea; 3] = [
 
 /// Where `start..end` (absolute, non-empty) first meets one of `areas`, in address order
 /// within each space: the area and the absolute addresses of the overlap.
-pub fn first_reserved_overlap<'a>(
-    areas: &'a [ReservedArea],
+pub fn first_reserved_overlap(
+    areas: &[ReservedArea],
     start: u64,
     end: u64,
-) -> Option<(&'a ReservedArea, Range<u64>)> {
+) -> Option<(&ReservedArea, Range<u64>)> {
     if start >= end {
         return None;
     }
@@ -86,7 +86,7 @@ pub fn first_reserved_overlap<'a>(
             .filter_map(|area| {
                 let lo = start.max(base + area.offsets.start);
                 let hi = end.min(base + area.offsets.end);
-                (lo < hi).then(|| (area, lo..hi))
+                (lo < hi).then_some((area, lo..hi))
             })
             .min_by_key(|(_, overlap)| overlap.start)
     })

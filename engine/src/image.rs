@@ -1127,6 +1127,9 @@ mod tests {
         let mut bad = bytes.clone();
         bad[record + 8..record + 12].copy_from_slice(&99u32.to_le_bytes());
         assert!(matches!(load(&bad), Err(LoadError::Elf(text)) if text.contains(".dvm.uses")));
+        for len in 0..bytes.len() {
+            let _ = load(&bytes[..len]);
+        }
     }
 
     #[test]
