@@ -283,6 +283,21 @@ fn load_program(path: &Path) -> Result<image::LoadedImage, Failure> {
 const CHILD_RANK_VAR: &str = "DVM_RANK";
 
 fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
+    // The input is read and checked before any local node starts, so that bad input is
+    // refused once, by this process, as the user's error (a node refusing it would end the
+    // job as a cluster failure).
+    let program = load_program(&args.program)?;
+    let loads = args
+        .loads
+        .iter()
+        .map(|spec| parse_load(spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    let placement = vm::Config {
+        loads,
+        persist_dir: args.persist.clone(),
+        ..vm::Config::default()
+    };
+    vm::check_initial_memory(&program, &placement).map_err(|err| user(err.to_string()))?;
     let mut env = dvm_cluster::launch::process_env();
     let mut children = Vec::new();
     if let Some(nodes) = args.nodes.filter(|n| *n > 1) {
@@ -302,18 +317,17 @@ fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
                 ))
             })?
             .filter(|launch| launch.world > 1);
-    let result = cmd_run_on(args, launch.as_ref());
+    let result = cmd_run_on(args, launch.as_ref(), program, placement.loads);
     launcher::wait_for(children, result.is_ok())?;
     result
 }
 
-fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Result<u8, Failure> {
-    let program = load_program(&args.program)?;
-    let loads = args
-        .loads
-        .iter()
-        .map(|spec| parse_load(spec))
-        .collect::<Result<Vec<_>, _>>()?;
+fn cmd_run_on(
+    args: RunArgs,
+    launch: Option<&dvm_cluster::launch::Launch>,
+    program: image::LoadedImage,
+    loads: Vec<(u64, Vec<u8>, String)>,
+) -> Result<u8, Failure> {
     if launch.is_some() && args.persist.is_some() {
         return Err(user(
             "--persist works on one node only for now: the persistent range is spread over the nodes' homes",
@@ -343,9 +357,6 @@ fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Re
     if let Some(slots) = args.fresh_runner_slots {
         config.fresh_slots = vm::FreshSlots::at_most(slots);
     }
-    // Misplaced or overlapping loads are the user's error on every node, refused here before
-    // any node starts work (a node refusing them would end the job as a cluster failure).
-    vm::check_initial_memory(&program, &config).map_err(|err| user(err.to_string()))?;
     tracing::info!(program = %args.program.display(), instructions = program.code.len(), "loaded");
     let (report, nodes) = match launch {
         None => (

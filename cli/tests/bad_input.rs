@@ -140,6 +140,23 @@ fn a_load_next_to_the_reserved_areas_runs() {
     }
 }
 
+#[test]
+fn a_bad_load_on_local_nodes_is_refused_once_before_they_start() {
+    let dir = scratch("load-nodes");
+    let program = program(&dir, "prints.dasm", "");
+    let data = dir.join("table.bin");
+    std::fs::write(&data, [7u8; 100]).expect("write data");
+    let spec = format!("{}@0x18000000000", text(&data));
+    let out = dvm(&["run", "--nodes", "2", text(&program), "--load", &spec]);
+    assert_refused(&out, &["table.bin", "stack area"]);
+    assert_eq!(
+        stderr(&out).matches("stack area").count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
+}
+
 // ---- 2. sections placed in reserved areas ----------------------------------------------------
 
 /// Where sections may be placed freely; a distinctive value, to patch in an ELF file.
