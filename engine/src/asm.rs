@@ -1608,7 +1608,7 @@ impl<'a> Assembler<'a> {
         }
         let shared: std::collections::HashSet<&str> = symbols
             .iter()
-            .filter(|symbol| at_addr[&symbol.addr] > 1)
+            .filter(|symbol| at_addr.get(&symbol.addr).is_some_and(|count| *count > 1))
             .map(|symbol| symbol.name.as_str())
             .collect();
         let uses = std::mem::take(&mut self.uses)

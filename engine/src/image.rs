@@ -1092,6 +1092,13 @@ mod tests {
                 "{listing}"
             );
             assert!(listing.contains("mov $q:ue"), "{listing}");
+            // The listing reassembles to the same image, the names used included.
+            let again = crate::asm::assemble("listing.dasm", &listing).expect("reassembles");
+            assert_eq!(again.uses, loaded.image.uses);
+            assert_eq!(
+                write(&again, Format::Elf).expect("writes"),
+                write(&loaded.image, Format::Elf).expect("writes")
+            );
         }
         // Defined the other way round, the fallback follows the source order.
         let swapped = source.replace("a:\nb:", "b:\na:");
