@@ -185,7 +185,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
 fn parse_load(spec: &str) -> Result<(u64, Vec<u8>, String), Failure> {
     let (path, addr) = spec.rsplit_once('@').ok_or_else(|| {
         user(format!(
-            "--load `{spec}`: expected FILE@ADDR, like data.bin@0x10000000000"
+            "--load `{spec}`: expected FILE@ADDR, like data.bin@0x4000000000"
         ))
     })?;
     let addr = parse_address(addr)
@@ -301,6 +301,21 @@ fn load_program(path: &Path) -> Result<image::LoadedImage, Failure> {
 const CHILD_RANK_VAR: &str = "DVM_RANK";
 
 fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
+    // The input is read and checked before any local node starts, so that bad input is
+    // refused once, by this process, as the user's error (a node refusing it would end the
+    // job as a cluster failure).
+    let program = load_program(&args.program)?;
+    let loads = args
+        .loads
+        .iter()
+        .map(|spec| parse_load(spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    let placement = vm::Config {
+        loads,
+        persist_dir: args.persist.clone(),
+        ..vm::Config::default()
+    };
+    vm::check_initial_memory(&program, &placement).map_err(|err| user(err.to_string()))?;
     let mut env = dvm_cluster::launch::process_env();
     let mut children = Vec::new();
     if let Some(nodes) = args.nodes.filter(|n| *n > 1) {
@@ -320,13 +335,17 @@ fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
                 ))
             })?
             .filter(|launch| launch.world > 1);
-    let result = cmd_run_on(args, launch.as_ref());
+    let result = cmd_run_on(args, launch.as_ref(), program, placement.loads);
     launcher::wait_for(children, result.is_ok())?;
     result
 }
 
-fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Result<u8, Failure> {
-    let program = load_program(&args.program)?;
+fn cmd_run_on(
+    args: RunArgs,
+    launch: Option<&dvm_cluster::launch::Launch>,
+    program: image::LoadedImage,
+    loads: Vec<(u64, Vec<u8>, String)>,
+) -> Result<u8, Failure> {
     // Before any work: a profile that cannot be written is an error now, not after the run.
     let profile_out = match (&args.profile, launch.is_none_or(|l| l.rank == 0)) {
         (Some(path), true) => Some(profile::Output::create(
@@ -337,11 +356,6 @@ fn cmd_run_on(args: RunArgs, launch: Option<&dvm_cluster::launch::Launch>) -> Re
         )?),
         _ => None,
     };
-    let loads = args
-        .loads
-        .iter()
-        .map(|spec| parse_load(spec))
-        .collect::<Result<Vec<_>, _>>()?;
     if launch.is_some() && args.persist.is_some() {
         return Err(user(
             "--persist works on one node only for now: the persistent range is spread over the nodes' homes",

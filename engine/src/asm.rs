@@ -11,7 +11,7 @@
 
 use crate::abi;
 use crate::codec::{self, Instr, Operand};
-use crate::image::{Image, Section, SectionKind, Symbol};
+use crate::image::{Image, Section, SectionKind, Symbol, SymbolUse};
 use crate::isa::{
     self, AddrMode, Cond, ExitMode, ExpBase, ImmWidth, InstrDef, Op, Role, Status, Ty,
 };
@@ -253,6 +253,8 @@ struct Assembler<'a> {
     symbols: HashMap<String, SymbolDef>,
     /// Labels in definition order (the image's symbol table).
     label_order: Vec<String>,
+    /// Names operands were written as (the image's `uses`).
+    uses: Vec<SymbolUse>,
     instrs: Vec<PendingInstr>,
     data: Vec<PendingData>,
     entry: Option<Expr>,
@@ -283,6 +285,7 @@ impl<'a> Assembler<'a> {
                 .collect(),
             symbols: HashMap::new(),
             label_order: Vec::new(),
+            uses: Vec::new(),
             instrs: Vec::new(),
             data: Vec::new(),
             entry: None,
@@ -1621,11 +1624,29 @@ impl<'a> Assembler<'a> {
                 _ => None,
             })
             .collect();
+        // Stable: labels at one address stay in the order the source defined them, which the
+        // reports' choice of a name relies on (`LoadedImage::symbolize`).
         symbols.sort_by_key(|symbol| symbol.addr);
+        // Kept only where a name is ambiguous: its label shares the address with another one
+        // the image keeps (not `.L` labels, nor those of empty sections).
+        let mut at_addr: HashMap<u64, usize> = HashMap::new();
+        for symbol in &symbols {
+            *at_addr.entry(symbol.addr).or_default() += 1;
+        }
+        let shared: std::collections::HashSet<&str> = symbols
+            .iter()
+            .filter(|symbol| at_addr.get(&symbol.addr).is_some_and(|count| *count > 1))
+            .map(|symbol| symbol.name.as_str())
+            .collect();
+        let uses = std::mem::take(&mut self.uses)
+            .into_iter()
+            .filter(|used| shared.contains(used.name.as_str()))
+            .collect();
         Image {
             sections,
             symbols,
             entry,
+            uses,
         }
     }
 
@@ -1678,6 +1699,22 @@ impl<'a> Assembler<'a> {
             match resolved {
                 Ok(operand) => instr.operands_mut()[index] = operand,
                 Err(()) => failed = true,
+            }
+            // A bare name is kept, so that reports name what the source wrote here when
+            // several labels share the address.
+            let named = match syntax {
+                OperandSyntax::Imm(expr)
+                | OperandSyntax::Direct(expr)
+                | OperandSyntax::Indirect(expr)
+                | OperandSyntax::BaseDisp { base: expr, .. } => expr,
+            };
+            if let Expr::Symbol { name, .. } = named {
+                if matches!(self.symbols.get(name), Some(SymbolDef::Label { .. })) {
+                    self.uses.push(SymbolUse {
+                        at,
+                        name: name.clone(),
+                    });
+                }
             }
         }
         if failed {

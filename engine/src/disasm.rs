@@ -182,8 +182,23 @@ pub fn disassemble(loaded: &LoadedImage) -> String {
             }
         }
     }
-    let name =
-        |addr: u64| -> Option<String> { defined.get(&addr).and_then(|list| list.first().cloned()) };
+    // Of the labels at an address, the one the source wrote in this instruction, else the one
+    // defined last (`LoadedImage::label_for`'s rule, restricted to labels the listing defines).
+    let mut uses_at: std::collections::HashMap<u64, Vec<&str>> = std::collections::HashMap::new();
+    for used in &image.uses {
+        uses_at.entry(used.at).or_default().push(&used.name);
+    }
+    let name_in = |at: Option<u64>, addr: u64| -> Option<String> {
+        let list = defined.get(&addr)?;
+        at.and_then(|at| uses_at.get(&at))
+            .and_then(|names| {
+                names
+                    .iter()
+                    .find(|name| list.iter().any(|label| label == *name))
+            })
+            .map(|name| name.to_string())
+            .or_else(|| list.last().cloned())
+    };
     let mut printed = std::collections::HashSet::new();
     let mut emit_labels = |out: &mut String, addr: u64| {
         if printed.insert(addr) {
@@ -211,13 +226,13 @@ pub fn disassemble(loaded: &LoadedImage) -> String {
     }
     out.push_str(".text\n");
     if image.entry != abi::CODE_BASE {
-        let entry = name(image.entry).unwrap_or_else(|| format!("{:#x}", image.entry));
+        let entry = name_in(None, image.entry).unwrap_or_else(|| format!("{:#x}", image.entry));
         let _ = writeln!(out, ".entry {entry}");
     }
     for (offset, instr) in &loaded.code {
         let at = abi::CODE_BASE + u64::from(*offset);
         emit_labels(&mut out, at);
-        let text = format_instr(instr, at, &name);
+        let text = format_instr(instr, at, &|addr| name_in(Some(at), addr));
         let _ = writeln!(out, "    {text:<56} # {at:#x}");
     }
     emit_labels(&mut out, text_end);

@@ -81,12 +81,25 @@ pub struct Symbol {
     pub addr: u64,
 }
 
+/// The instruction at `at` has an operand the source wrote as the label `name`. Kept where
+/// the label shares its address with another one, so that reports and listings show the
+/// name the source used there rather than one of its aliases.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymbolUse {
+    pub at: u64,
+    pub name: String,
+}
+
 /// A program: sections, symbols, entry point. Produced by the assembler or by `load`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Image {
     pub sections: Vec<Section>,
+    /// In address order; labels sharing an address in the order the source defined them.
     pub symbols: Vec<Symbol>,
     pub entry: u64,
+    /// In ELF files, the non-allocated section `.dvm.uses`: (u64 address, u32 index into
+    /// `.symtab`) records, little-endian. Loaders that do not know it skip it.
+    pub uses: Vec<SymbolUse>,
 }
 
 impl Image {
@@ -137,6 +150,14 @@ pub enum LoadError {
         addr: u64,
         len_bytes: u64,
     },
+    /// A section (part of it) lies where the runtime hands out or writes memory itself.
+    SectionInReservedArea {
+        kind: SectionKind,
+        addr: u64,
+        len_bytes: u64,
+        area: &'static str,
+        area_range: std::ops::Range<u64>,
+    },
     TextNotAtCodeBase {
         addr: u64,
     },
@@ -181,6 +202,21 @@ impl fmt::Display for LoadError {
                 kind.name(),
                 abi::SHARED_BASE,
                 abi::SHARED_END
+            ),
+            LoadError::SectionInReservedArea {
+                kind,
+                addr,
+                len_bytes,
+                area,
+                area_range,
+            } => write!(
+                f,
+                "section {} at {addr:#x}..{:#x} lies in the {area} {:#x}..{:#x}, which the runtime \
+                 reserves (docs/MEMORY-MODEL.md §1)",
+                kind.name(),
+                addr.saturating_add(*len_bytes),
+                area_range.start,
+                area_range.end
             ),
             LoadError::TextNotAtCodeBase { addr } => write!(
                 f,
@@ -230,13 +266,46 @@ impl LoadedImage {
         Some(&self.code[index].1)
     }
 
-    /// The nearest symbol at or before `addr`, for reports ("main+0x10").
+    /// The label to show for `addr` in the instruction at `at` (`None`: not in an operand),
+    /// for reports and listings. Labels may share an address (`a:` and `b:` on one
+    /// instruction); the rule that picks one:
+    /// 1. the label the source wrote in that instruction's operand, when it is one at `addr`
+    ///    (the assembler keeps these, `Image::uses`, and ELF images carry them);
+    /// 2. otherwise the one defined last, i.e. the label written next to the instruction or
+    ///    data it names (`a:`, `b:`, then the instruction: `b`). The image keeps labels at one
+    ///    address in the order the source defined them, which is what tells.
+    pub fn label_for(&self, at: Option<u64>, addr: u64) -> Option<&str> {
+        let symbols = &self.image.symbols;
+        let defined_here = |name: &str| {
+            symbols
+                .iter()
+                .any(|symbol| symbol.addr == addr && symbol.name == name)
+        };
+        at.and_then(|at| {
+            self.image
+                .uses
+                .iter()
+                .find(|used| used.at == at && defined_here(&used.name))
+        })
+        .map(|used| used.name.as_str())
+        .or_else(|| {
+            symbols
+                .iter()
+                .rev()
+                .find(|symbol| symbol.addr == addr)
+                .map(|symbol| symbol.name.as_str())
+        })
+    }
+
+    /// The nearest symbol at or before `addr`, for reports ("main+0x10"); of labels sharing
+    /// that address, the one defined last (rule 2 of `label_for`).
     pub fn symbolize(&self, addr: u64) -> Option<String> {
         let symbol = self
             .image
             .symbols
             .iter()
             .filter(|symbol| symbol.addr <= addr)
+            // `max_by_key` returns the last of equal keys: the label defined last.
             .max_by_key(|symbol| symbol.addr)?;
         let delta = addr - symbol.addr;
         Some(if delta == 0 {
@@ -279,6 +348,18 @@ pub fn validate(format: Format, image: Image) -> Result<LoadedImage, LoadError> 
                 kind: section.kind,
                 addr: section.addr,
                 len_bytes: section.len_bytes,
+            });
+        }
+        if let Some((area, _)) =
+            abi::first_reserved_overlap(&abi::RESERVED_AREAS, section.addr, section.end())
+        {
+            // Sections live in space 0, so the area's offsets are its addresses.
+            return Err(LoadError::SectionInReservedArea {
+                kind: section.kind,
+                addr: section.addr,
+                len_bytes: section.len_bytes,
+                area: area.name,
+                area_range: area.offsets.clone(),
             });
         }
         mapped_bytes = mapped_bytes.saturating_add(section.len_bytes);
@@ -358,6 +439,7 @@ fn read_flat(bytes: &[u8]) -> Result<Image, LoadError> {
         }],
         symbols: Vec::new(),
         entry: CODE_BASE,
+        uses: Vec::new(),
     })
 }
 
@@ -393,6 +475,9 @@ const ELF_HEADER_BYTES: u64 = 64;
 const PROGRAM_HEADER_BYTES: u64 = 56;
 const SECTION_HEADER_BYTES: u64 = 64;
 const SYMBOL_BYTES: u64 = 24;
+/// `.dvm.uses` (see `Image::uses`).
+const USES_SECTION: &str = ".dvm.uses";
+const USE_BYTES: u64 = 12;
 
 const SHT_PROGBITS: u32 = 1;
 const SHT_SYMTAB: u32 = 2;
@@ -462,6 +547,15 @@ fn write_elf(image: &Image) -> Vec<u8> {
         .collect();
     let symtab_name = name_offset(&mut shstrtab, ".symtab");
     let strtab_name = name_offset(&mut shstrtab, ".strtab");
+    // Uses name their label by its `.symtab` index (the first symbol of that name).
+    let mut uses = Vec::with_capacity(image.uses.len() * USE_BYTES as usize);
+    for used in &image.uses {
+        if let Some(index) = image.symbols.iter().position(|s| s.name == used.name) {
+            uses.extend_from_slice(&used.at.to_le_bytes());
+            uses.extend_from_slice(&(index as u32 + 1).to_le_bytes());
+        }
+    }
+    let uses_name = (!uses.is_empty()).then(|| name_offset(&mut shstrtab, USES_SECTION));
     let shstrtab_name = name_offset(&mut shstrtab, ".shstrtab");
     let mut strtab = vec![0u8];
     let symbol_names: Vec<u32> = image
@@ -490,11 +584,13 @@ fn write_elf(image: &Image) -> Vec<u8> {
     let symtab_offset = align_up(offset, 8);
     let symbol_count = 1 + image.symbols.len() as u64;
     let strtab_offset = symtab_offset + symbol_count * SYMBOL_BYTES;
-    let shstrtab_offset = strtab_offset + strtab.len() as u64;
+    let uses_offset = strtab_offset + strtab.len() as u64;
+    let shstrtab_offset = uses_offset + uses.len() as u64;
     let section_headers_offset = align_up(shstrtab_offset + shstrtab.len() as u64, 8);
-    // Section header indexes: 0 null, then the sections, then symtab, strtab, shstrtab.
+    // Section header indexes: 0 null, then the sections, then symtab, strtab, .dvm.uses if
+    // any, shstrtab.
     let symtab_index = 1 + sections.len() as u16;
-    let section_count = symtab_index + 3;
+    let section_count = symtab_index + 3 + u16::from(uses_name.is_some());
 
     let mut out = Out(Vec::new());
     // ELF header.
@@ -565,6 +661,7 @@ fn write_elf(image: &Image) -> Vec<u8> {
         out.u64(0);
     }
     out.0.extend_from_slice(&strtab);
+    out.0.extend_from_slice(&uses);
     out.0.extend_from_slice(&shstrtab);
     out.pad_to(section_headers_offset);
 
@@ -637,6 +734,23 @@ fn write_elf(image: &Image) -> Vec<u8> {
             0,
         ),
     );
+    if let Some(uses_name) = uses_name {
+        section_header(
+            &mut out,
+            (
+                uses_name,
+                SHT_PROGBITS,
+                0,
+                0,
+                uses_offset,
+                uses.len() as u64,
+                0,
+                0,
+                1,
+                USE_BYTES,
+            ),
+        );
+    }
     section_header(
         &mut out,
         (
@@ -680,6 +794,7 @@ fn read_elf(bytes: &[u8]) -> Result<Image, LoadError> {
         entry: file.entry(),
         ..Image::default()
     };
+    let mut uses = None;
     for section in file.sections() {
         let name = section
             .name()
@@ -688,6 +803,14 @@ fn read_elf(bytes: &[u8]) -> Result<Image, LoadError> {
             object::SectionFlags::Elf { sh_flags } => sh_flags & SHF_ALLOC != 0,
             _ => false,
         };
+        if name == USES_SECTION && !allocated {
+            uses = Some(
+                section
+                    .data()
+                    .map_err(|err| LoadError::Elf(format!("{name}: {err}")))?,
+            );
+            continue;
+        }
         let Some(kind) = SectionKind::from_name(name) else {
             if allocated {
                 return Err(LoadError::UnsupportedSection {
@@ -718,15 +841,45 @@ fn read_elf(bytes: &[u8]) -> Result<Image, LoadError> {
             len_bytes,
         });
     }
+    let mut names = std::collections::HashMap::new();
     for symbol in file.symbols() {
         let Ok(name) = symbol.name() else { continue };
         if name.is_empty() || symbol.kind() == object::SymbolKind::Section {
             continue;
         }
+        names.insert(symbol.index().0, name);
         image.symbols.push(Symbol {
             name: name.to_string(),
             addr: symbol.address(),
         });
+    }
+    if let Some(data) = uses {
+        let records = data.chunks(USE_BYTES as usize);
+        for (index, record) in records.enumerate() {
+            let bad = |what: &str| {
+                LoadError::Elf(format!(
+                    "{USES_SECTION}: record {index} (byte {}) {what}",
+                    index as u64 * USE_BYTES
+                ))
+            };
+            let (Some(at), Some(symbol)) = (record.get(..8), record.get(8..12)) else {
+                return Err(bad("is truncated"));
+            };
+            let mut word = [0u8; 8];
+            word.copy_from_slice(at);
+            let mut symbol_index = [0u8; 4];
+            symbol_index.copy_from_slice(symbol);
+            let symbol_index = u32::from_le_bytes(symbol_index) as usize;
+            let name = names.get(&symbol_index).ok_or_else(|| {
+                bad(&format!(
+                    "names symbol {symbol_index}, which is not in .symtab"
+                ))
+            })?;
+            image.uses.push(SymbolUse {
+                at: u64::from_le_bytes(word),
+                name: name.to_string(),
+            });
+        }
     }
     image.sections.sort_by_key(|section| section.kind);
     Ok(image)
@@ -769,6 +922,7 @@ mod tests {
                 },
             ],
             entry: CODE_BASE + 2,
+            uses: Vec::new(),
         }
     }
 
@@ -822,6 +976,167 @@ mod tests {
         ));
         let big = vec![0u8; MAX_FLAT_IMAGE_BYTES + 2];
         assert!(matches!(load(&big), Err(LoadError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn sections_in_reserved_areas_are_refused_by_name_and_range() {
+        for area in &abi::RESERVED_AREAS {
+            // .data at the area's start; .bss from just inside its end to past it.
+            let mut data = tiny_image();
+            data.sections[1].addr = area.offsets.start;
+            let err = validate(Format::Elf, data.clone()).expect_err("data in a reserved area");
+            assert_eq!(
+                err,
+                LoadError::SectionInReservedArea {
+                    kind: SectionKind::Data,
+                    addr: area.offsets.start,
+                    len_bytes: 3,
+                    area: area.name,
+                    area_range: area.offsets.clone(),
+                }
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(".data")
+                    && text.contains(area.name)
+                    && text.contains(&format!(
+                        "{:#x}..{:#x}",
+                        area.offsets.start,
+                        area.offsets.start + 3
+                    )),
+                "{text}"
+            );
+            let mut bss = tiny_image();
+            bss.sections[2].addr = area.offsets.end - 0x80;
+            assert!(matches!(
+                validate(Format::Elf, bss),
+                Err(LoadError::SectionInReservedArea { kind: SectionKind::Bss, area: name, .. })
+                    if name == area.name
+            ));
+            // An ELF file placing a section there is refused when it is loaded.
+            let bytes = write(&data, Format::Elf).expect("writes");
+            assert!(matches!(
+                load(&bytes),
+                Err(LoadError::SectionInReservedArea {
+                    kind: SectionKind::Data,
+                    ..
+                })
+            ));
+        }
+        // Right next to the areas (heap and stacks are adjacent) is free.
+        for free in [
+            abi::HEAP_AREA.start - 3,
+            abi::STACK_AREA.end,
+            abi::EXIT_RECORD_BASE - 3,
+            abi::EXIT_RECORD_END,
+        ] {
+            let mut image = tiny_image();
+            image.sections[1].addr = free;
+            assert!(validate(Format::Elf, image).is_ok(), "{free:#x}");
+        }
+    }
+
+    #[test]
+    fn shared_labels_are_shown_as_the_source_used_them() {
+        let source = "main:\n    br:j,a $b\n    mov $q:ue, 0x200000000:ue\n    exit:c\n\
+                      a:\nb:\n    exit:a\n    br:j,a $a\n\
+                      .data\np:\nq:\n    .quad 1\n";
+        let image = crate::asm::assemble("labels.dasm", source).expect("assembles");
+        let loaded = validate(Format::Elf, image).expect("valid");
+        let addr = |name: &str| {
+            loaded
+                .image
+                .symbols
+                .iter()
+                .find(|symbol| symbol.name == name)
+                .map(|symbol| symbol.addr)
+                .expect("defined")
+        };
+        let instr = |index: usize| CODE_BASE + u64::from(loaded.code[index].0);
+        let (jump_to_b, load_q, jump_to_a) = (instr(0), instr(1), instr(4));
+        assert_eq!(addr("a"), addr("b"));
+        // Only ambiguous names are kept: `main` is alone at its address.
+        assert_eq!(
+            loaded.image.uses,
+            vec![
+                SymbolUse {
+                    at: jump_to_b,
+                    name: "b".into()
+                },
+                SymbolUse {
+                    at: load_q,
+                    name: "q".into()
+                },
+                SymbolUse {
+                    at: jump_to_a,
+                    name: "a".into()
+                },
+            ]
+        );
+        for loaded in [
+            loaded.clone(),
+            load(&write(&loaded.image, Format::Elf).expect("writes")).expect("loads"),
+        ] {
+            // Rule 1: what the operand said.
+            assert_eq!(loaded.label_for(Some(jump_to_b), addr("b")), Some("b"));
+            assert_eq!(loaded.label_for(Some(jump_to_a), addr("a")), Some("a"));
+            assert_eq!(loaded.label_for(Some(load_q), addr("q")), Some("q"));
+            // Rule 2: elsewhere, the label defined last (next to what it labels).
+            assert_eq!(loaded.label_for(None, addr("a")), Some("b"));
+            assert_eq!(loaded.label_for(Some(load_q), addr("a")), Some("b"));
+            assert_eq!(loaded.label_for(None, addr("p")), Some("q"));
+            assert_eq!(loaded.symbolize(addr("a")).as_deref(), Some("b"));
+            let listing = crate::disasm::disassemble(&loaded);
+            assert!(
+                listing.contains("br:j,a $b") && listing.contains("br:j,a $a"),
+                "{listing}"
+            );
+            assert!(listing.contains("mov $q:ue"), "{listing}");
+            // The listing reassembles to the same image, the names used included.
+            let again = crate::asm::assemble("listing.dasm", &listing).expect("reassembles");
+            assert_eq!(again.uses, loaded.image.uses);
+            assert_eq!(
+                write(&again, Format::Elf).expect("writes"),
+                write(&loaded.image, Format::Elf).expect("writes")
+            );
+        }
+        // Defined the other way round, the fallback follows the source order.
+        let swapped = source.replace("a:\nb:", "b:\na:");
+        let loaded = validate(
+            Format::Elf,
+            crate::asm::assemble("swapped.dasm", &swapped).expect("assembles"),
+        )
+        .expect("valid");
+        assert_eq!(loaded.label_for(None, addr("a")), Some("a"));
+        assert_eq!(loaded.label_for(Some(jump_to_b), addr("a")), Some("b"));
+    }
+
+    #[test]
+    fn malformed_symbol_uses_are_refused() {
+        let mut image = tiny_image();
+        image.symbols.push(Symbol {
+            name: "also_start".into(),
+            addr: CODE_BASE,
+        });
+        image.uses.push(SymbolUse {
+            at: CODE_BASE + 2,
+            name: "also_start".into(),
+        });
+        let bytes = write(&image, Format::Elf).expect("writes");
+        assert_eq!(load(&bytes).expect("loads").image, image);
+        // Point the one record at symbol 99.
+        let record = bytes
+            .windows(12)
+            .position(|window| {
+                window[..8] == (CODE_BASE + 2).to_le_bytes() && window[8..] == 3u32.to_le_bytes()
+            })
+            .expect("the record is in the file");
+        let mut bad = bytes.clone();
+        bad[record + 8..record + 12].copy_from_slice(&99u32.to_le_bytes());
+        assert!(matches!(load(&bad), Err(LoadError::Elf(text)) if text.contains(".dvm.uses")));
+        for len in 0..bytes.len() {
+            let _ = load(&bytes[..len]);
+        }
     }
 
     #[test]

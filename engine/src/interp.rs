@@ -303,13 +303,8 @@ impl Program {
     pub fn disassemble_at(&self, pc: u64) -> Option<String> {
         let index = self.index_of(pc)?;
         let d = &self.decoded[index];
-        let symbols = &self.image.image.symbols;
-        let name = |addr: u64| {
-            symbols
-                .iter()
-                .find(|symbol| symbol.addr == addr)
-                .map(|symbol| symbol.name.clone())
-        };
+        // Of labels sharing an address, the one the source used here (`label_for`'s rule).
+        let name = |addr: u64| self.image.label_for(Some(d.addr), addr).map(str::to_string);
         Some(crate::disasm::format_instr(&d.instr, d.addr, &name))
     }
 }
@@ -335,7 +330,9 @@ pub enum FaultKind {
     InstructionLimit {
         limit: u64,
     },
+    /// No page memory was left for the page of `addr`.
     MemoryLimit {
+        addr: u64,
         limit_bytes: u64,
     },
     RunnerLimit {
@@ -359,7 +356,8 @@ impl FaultKind {
         match self {
             FaultKind::NotAllowed { addr, .. }
             | FaultKind::Unmapped { addr }
-            | FaultKind::ReadOnly { addr } => Some(*addr),
+            | FaultKind::ReadOnly { addr }
+            | FaultKind::MemoryLimit { addr, .. } => Some(*addr),
             _ => None,
         }
     }
@@ -383,9 +381,10 @@ impl fmt::Display for FaultKind {
                 f,
                 "instruction limit of {limit} reached (--max-instructions)"
             ),
-            FaultKind::MemoryLimit { limit_bytes } => write!(
+            FaultKind::MemoryLimit { addr, limit_bytes } => write!(
                 f,
-                "memory limit of {limit_bytes} bytes reached (--max-memory)"
+                "memory limit of {limit_bytes} bytes reached (--max-memory): no page memory left \
+                 for the page of {addr:#x}"
             ),
             FaultKind::RunnerLimit { reason } => write!(f, "runner limit: {reason}"),
             FaultKind::SystemCall { reason } => write!(f, "system call: {reason}"),
@@ -412,7 +411,8 @@ impl From<AccessError> for FaultKind {
             AccessError::Unmapped { addr } => FaultKind::Unmapped { addr },
             AccessError::NotAllowed { addr, len } => FaultKind::NotAllowed { addr, len },
             AccessError::ReadOnly { addr } => FaultKind::ReadOnly { addr },
-            AccessError::Memory(limit) => FaultKind::MemoryLimit {
+            AccessError::Memory { addr, limit } => FaultKind::MemoryLimit {
+                addr,
                 limit_bytes: limit.limit_bytes,
             },
         }

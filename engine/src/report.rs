@@ -461,8 +461,9 @@ pub fn encode_fault(fault: &Fault, out: &mut Vec<u8>) {
             out.push(6);
             put_u64(out, *limit);
         }
-        FaultKind::MemoryLimit { limit_bytes } => {
+        FaultKind::MemoryLimit { addr, limit_bytes } => {
             out.push(7);
+            put_u64(out, *addr);
             put_u64(out, *limit_bytes);
         }
         FaultKind::RunnerLimit { reason } => {
@@ -504,6 +505,7 @@ pub fn decode_fault(bytes: &[u8]) -> Result<(Fault, usize), ReportDecodeError> {
         },
         6 => FaultKind::InstructionLimit { limit: r.u64()? },
         7 => FaultKind::MemoryLimit {
+            addr: r.u64()?,
             limit_bytes: r.u64()?,
         },
         8 => FaultKind::RunnerLimit {
@@ -587,7 +589,8 @@ mod tests {
             any::<u64>().prop_map(|addr| FaultKind::ReadOnly { addr }),
             reason.prop_map(|reason| FaultKind::InvalidInstruction { reason }),
             any::<u64>().prop_map(|limit| FaultKind::InstructionLimit { limit }),
-            any::<u64>().prop_map(|limit_bytes| FaultKind::MemoryLimit { limit_bytes }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(addr, limit_bytes)| FaultKind::MemoryLimit { addr, limit_bytes }),
             reason.prop_map(|reason| FaultKind::RunnerLimit { reason }),
             reason.prop_map(|reason| FaultKind::SystemCall { reason }),
             reason.prop_map(|reason| FaultKind::BadSpawnDescriptor { reason }),

@@ -183,10 +183,21 @@ pub fn region_of(addr: u64) -> Region {
 /// Why an access was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AccessError {
-    Unmapped { addr: u64 },
-    NotAllowed { addr: u64, len: u64 },
-    ReadOnly { addr: u64 },
-    Memory(MemoryLimit),
+    Unmapped {
+        addr: u64,
+    },
+    NotAllowed {
+        addr: u64,
+        len: u64,
+    },
+    ReadOnly {
+        addr: u64,
+    },
+    /// No page memory left for the page of `addr`.
+    Memory {
+        addr: u64,
+        limit: MemoryLimit,
+    },
 }
 
 /// Which shared memory a runner may use.
@@ -492,7 +503,10 @@ impl View {
                     Some(index) => Frame::Private(*index),
                     None if write => {
                         let pending = self.pending_abi_page(addr);
-                        let page = self.pages.zeroed().map_err(AccessError::Memory)?;
+                        let page = self
+                            .pages
+                            .zeroed()
+                            .map_err(|limit| AccessError::Memory { addr, limit })?;
                         let index = self.tlb.add_private(page);
                         self.private_index.insert(private_page, index);
                         if let Some(words) = pending {
@@ -535,7 +549,7 @@ impl View {
                 let frame = match self.dirty_index.get(&key) {
                     Some(index) => Frame::Dirty(*index),
                     None => {
-                        let clean = self.clean_frame(key)?;
+                        let clean = self.clean_frame(key, addr)?;
                         if write {
                             let copy = match clean {
                                 Frame::Clean(index) => match self.tlb.clean_page(index) {
@@ -544,7 +558,7 @@ impl View {
                                 },
                                 _ => self.pages.zeroed(),
                             }
-                            .map_err(AccessError::Memory)?;
+                            .map_err(|limit| AccessError::Memory { addr, limit })?;
                             let index = self.tlb.add_dirty(key, copy);
                             self.dirty_index.insert(key, index);
                             if amr && self.clean_amr_cached {
@@ -568,15 +582,16 @@ impl View {
         }
     }
 
-    /// The snapshot's version of shared page `key`, read from the store once per view.
-    fn clean_frame(&mut self, key: PageKey) -> Result<Frame, AccessError> {
+    /// The snapshot's version of shared page `key` (needed for `addr`), read from the store
+    /// once per view.
+    fn clean_frame(&mut self, key: PageKey, addr: u64) -> Result<Frame, AccessError> {
         if let Some(frame) = self.clean_index.get(&key) {
             return Ok(*frame);
         }
         let frame = match self
             .store
             .read(key, self.snapshot_ts)
-            .map_err(AccessError::Memory)?
+            .map_err(|limit| AccessError::Memory { addr, limit })?
         {
             Some(page) => {
                 // Nobody else holds it: the store made it for this read.

@@ -50,17 +50,17 @@ thread_local! {
 }
 
 /// Runtime stacks: per space, from here, `STACK_BYTES` each.
-pub const STACK_AREA: std::ops::Range<u64> = 0x180_0000_0000..0x200_0000_0000;
+pub const STACK_AREA: std::ops::Range<u64> = abi::STACK_AREA;
 pub const STACK_BYTES: u64 = 256 << 10;
 /// Stacks handed out in a space before the stacks of finished runners are preferred to fresh
 /// ones (MEMORY-MODEL §2): what a long chain of runners keeps of its stacks.
 pub const STACK_REUSE_AFTER: u64 = 65_536;
 /// `malloc` heap: per space.
-pub const HEAP_AREA: std::ops::Range<u64> = 0x100_0000_0000..0x180_0000_0000;
+pub const HEAP_AREA: std::ops::Range<u64> = abi::HEAP_AREA;
 /// Largest single `malloc`.
 pub const MAX_MALLOC_BYTES: u64 = 1 << 36;
 /// Exit-record area end (exclusive).
-const EXIT_RECORD_END: u64 = 0x400_0000_0000;
+const EXIT_RECORD_END: u64 = abi::EXIT_RECORD_END;
 
 /// Where the program's console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -191,6 +191,43 @@ pub enum RunError {
     },
     #[error("--load: {name} at {addr:#x} overlaps the program image")]
     LoadOverlapsImage { name: String, addr: u64 },
+    #[error(
+        "--load: {name} ({start:#x}..{end:#x}) overlaps the {area} {area_start:#x}..{area_end:#x}, \
+         which the runtime reserves (docs/MEMORY-MODEL.md §1)"
+    )]
+    LoadInReservedArea {
+        name: String,
+        start: u64,
+        end: u64,
+        area: String,
+        area_start: u64,
+        area_end: u64,
+    },
+    #[error(
+        "--load: {first} ({first_start:#x}..{first_end:#x}) and {second} \
+         ({second_start:#x}..{second_end:#x}) overlap at {overlap_start:#x}..{overlap_end:#x}"
+    )]
+    LoadsOverlap {
+        first: String,
+        first_start: u64,
+        first_end: u64,
+        second: String,
+        second_start: u64,
+        second_end: u64,
+        overlap_start: u64,
+        overlap_end: u64,
+    },
+    #[error(
+        "section {section} ({start:#x}..{end:#x}) lies in the persistent range \
+         {area_start:#x}..{area_end:#x}, which --persist fills from the store"
+    )]
+    SectionInPersistentRange {
+        section: String,
+        start: u64,
+        end: u64,
+        area_start: u64,
+        area_end: u64,
+    },
     #[error("--load: the initial memory does not fit in --max-memory ({limit_bytes} bytes)")]
     InitialMemoryLimit { limit_bytes: u64 },
     #[error("page pool for NUMA node {node}: {reason}")]
@@ -1365,31 +1402,9 @@ fn initial_pages(
     source: &PageSource,
     homes: &dyn Fn(PageKey) -> bool,
 ) -> Result<HashMap<PageKey, Page>, RunError> {
-    // Every load is checked before any page is taken, so a misplaced `--load` is reported as
-    // such even when the initial memory would also exceed `--max-memory`.
-    for (addr, bytes, name) in &config.loads {
-        let end = addr.checked_add(bytes.len() as u64);
-        let inside = crate::view::region_of(*addr) == crate::view::Region::Shared
-            && end.is_some_and(|end| {
-                bytes.is_empty() || crate::view::region_of(end - 1) == crate::view::Region::Shared
-            });
-        if !inside {
-            return Err(RunError::LoadOutsideShared {
-                name: name.clone(),
-                addr: *addr,
-                len_bytes: bytes.len() as u64,
-            });
-        }
-        let image_overlap = image.image.sections.iter().any(|section| {
-            section.len_bytes > 0 && *addr < section.end() && section.addr < end.unwrap_or(u64::MAX)
-        });
-        if image_overlap {
-            return Err(RunError::LoadOverlapsImage {
-                name: name.clone(),
-                addr: *addr,
-            });
-        }
-    }
+    // Checked again here (callers may have checked already) so that no page is taken for a
+    // misplaced load, even when the initial memory would also exceed `--max-memory`.
+    check_initial_memory(image, config)?;
     let mut pages = HashMap::new();
     for (key, bytes) in persisted {
         if homes(key) {
@@ -1407,6 +1422,140 @@ fn initial_pages(
         place_bytes(&mut pages, source, homes, *addr, bytes)?;
     }
     Ok(pages)
+}
+
+/// The persistent range, for runs with `--persist`: its initial contents are the store's, and
+/// a load or section there would silently replace what earlier runs committed (and be saved
+/// over it at the end). Persisted pages are canonical ones (space 0, where the AMR's part of the
+/// range is seen from every space), so it is compared with canonical addresses.
+const PERSISTENT_RANGE: &str = "persistent range (kept by --persist)";
+
+/// `start..end` (inside one space's shared region) as canonical pieces `(canonical start,
+/// canonical end, start)`: split where the AMR begins and ends, whose bytes are space 0's.
+fn canonical_pieces(start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+    let space_base = start & !SPACE_OFFSET_MASK;
+    let cuts = [space_base + abi::AMR_BASE, space_base + abi::AMR_END];
+    let mut pieces = Vec::with_capacity(3);
+    let mut at = start;
+    for cut in cuts.into_iter().chain([end]) {
+        let piece_end = cut.min(end);
+        if at < piece_end {
+            let from = canonical(at);
+            pieces.push((from, from + (piece_end - at), at));
+            at = piece_end;
+        }
+    }
+    pieces
+}
+
+/// Refuses initial memory that cannot be laid out as asked, before any work: a `--load` outside
+/// the shared region, over the image, in an area the runtime reserves (and, with `--persist`,
+/// in the persistent range), two `--load`s over the same bytes, and image sections in the
+/// persistent range under `--persist` (the loader refuses sections in the other areas).
+pub fn check_initial_memory(image: &LoadedImage, config: &Config) -> Result<(), RunError> {
+    let persist = config.persist_dir.is_some();
+    // Canonical pieces of every non-empty load: (canonical start, canonical end, start, load).
+    let mut pieces = Vec::with_capacity(config.loads.len());
+    for (index, (addr, bytes, name)) in config.loads.iter().enumerate() {
+        let end = addr.checked_add(bytes.len() as u64);
+        // One space's shared region: a load cannot run on into the next space's.
+        let inside = crate::view::region_of(*addr) == crate::view::Region::Shared
+            && end.is_some_and(|end| {
+                bytes.is_empty()
+                    || (crate::view::region_of(end - 1) == crate::view::Region::Shared
+                        && (end - 1) >> abi::SPACE_SHIFT == addr >> abi::SPACE_SHIFT)
+            });
+        let end = match end {
+            Some(end) if inside => end,
+            _ => {
+                return Err(RunError::LoadOutsideShared {
+                    name: name.clone(),
+                    addr: *addr,
+                    len_bytes: bytes.len() as u64,
+                })
+            }
+        };
+        let own = canonical_pieces(*addr, end);
+        // Sections are in space 0, so canonical pieces meet them wherever the load aliases them.
+        let image_overlap =
+            own.iter().any(|(from, to, _)| {
+                image.image.sections.iter().any(|section| {
+                    section.len_bytes > 0 && *from < section.end() && section.addr < *to
+                })
+            });
+        if image_overlap {
+            return Err(RunError::LoadOverlapsImage {
+                name: name.clone(),
+                addr: *addr,
+            });
+        }
+        let space_base = addr & !SPACE_OFFSET_MASK;
+        let reserved = abi::first_reserved_overlap(&abi::RESERVED_AREAS, *addr, end)
+            .map(|(area, _)| {
+                (
+                    area.name,
+                    space_base + area.offsets.start,
+                    space_base + area.offsets.end,
+                )
+            })
+            .or_else(|| {
+                let persisted = abi::PERSIST_BASE..abi::PERSIST_END;
+                let hit = own
+                    .iter()
+                    .any(|(from, to, _)| *from < persisted.end && persisted.start < *to);
+                (persist && hit).then_some((PERSISTENT_RANGE, persisted.start, persisted.end))
+            });
+        if let Some((area, area_start, area_end)) = reserved {
+            return Err(RunError::LoadInReservedArea {
+                name: name.clone(),
+                start: *addr,
+                end,
+                area: area.to_string(),
+                area_start,
+                area_end,
+            });
+        }
+        pieces.extend(own.into_iter().map(|(from, to, at)| (from, to, at, index)));
+    }
+    // A sweep in canonical address order: a piece that starts before the furthest end seen so
+    // far overlaps the load that reached it.
+    pieces.sort_unstable();
+    let mut furthest: Option<(u64, usize)> = None;
+    for (from, to, at, index) in pieces {
+        if let Some((reach, earlier)) = furthest {
+            if from < reach {
+                let (first_start, first_bytes, first) = &config.loads[earlier];
+                let (second_start, second_bytes, second) = &config.loads[index];
+                return Err(RunError::LoadsOverlap {
+                    first: first.clone(),
+                    first_start: *first_start,
+                    first_end: first_start + first_bytes.len() as u64,
+                    second: second.clone(),
+                    second_start: *second_start,
+                    second_end: second_start + second_bytes.len() as u64,
+                    overlap_start: at,
+                    overlap_end: at + (to.min(reach) - from),
+                });
+            }
+        }
+        if furthest.is_none_or(|(reach, _)| to > reach) {
+            furthest = Some((to, index));
+        }
+    }
+    if persist {
+        for section in &image.image.sections {
+            if section.addr < abi::PERSIST_END && abi::PERSIST_BASE < section.end() {
+                return Err(RunError::SectionInPersistentRange {
+                    section: section.kind.name().to_string(),
+                    start: section.addr,
+                    end: section.end(),
+                    area_start: abi::PERSIST_BASE,
+                    area_end: abi::PERSIST_END,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Lays `bytes` into the pages from `addr` on, over whatever they already hold (persisted
@@ -1534,8 +1683,16 @@ impl Machine {
         homes: &dyn Fn(PageKey) -> bool,
     ) -> Result<Machine, RunError> {
         let started = Instant::now();
+        // Bad input is refused before any page is taken or any runner runs: the placement of
+        // the initial memory, then a store directory that could not be saved to at the end.
+        check_initial_memory(&image, &config)?;
         let persisted = match &config.persist_dir {
-            Some(dir) => crate::persist::load(dir).map_err(RunError::Persist)?,
+            Some(dir) => {
+                let persist_err =
+                    |err: crate::persist::PersistError| RunError::Persist(err.to_string());
+                crate::persist::check_dir(dir).map_err(persist_err)?;
+                crate::persist::load(dir).map_err(persist_err)?
+            }
             None => Vec::new(),
         };
         let initial = initial_pages(&image, &config, persisted, resources.pages(), homes)?;
@@ -1721,7 +1878,8 @@ impl Machine {
         self.shared.console.close();
         let (stdout, stderr) = self.console_thread.join().unwrap_or_default();
         if let Some(dir) = &self.persist_dir {
-            crate::persist::save(dir, &self.shared.store).map_err(RunError::Persist)?;
+            crate::persist::save(dir, &self.shared.store)
+                .map_err(|err| RunError::Persist(err.to_string()))?;
         }
         let account = &self.resources.account;
         let stats = Stats {
@@ -1939,10 +2097,10 @@ mod tests {
         let data: Vec<u8> = (0..16 + PAGE_BYTES + 100)
             .map(|index| (index % 251 + 1) as u8)
             .collect();
-        // A later load lies over part of the earlier one's last page.
+        // A later load shares the earlier one's last page (loads may not overlap).
         let config = config(vec![
             (first, data.clone()),
-            (W + 2 * PAGE + 50, vec![0xAB; 10]),
+            (W + 2 * PAGE + 150, vec![0xAB; 10]),
         ]);
         // W's page was persisted: the load's first piece lands over it, the rest stays.
         let persisted = || {
@@ -1960,12 +2118,14 @@ mod tests {
         assert_eq!(page(W)[PAGE_BYTES - 16..], data[..16]);
         assert_eq!(page(W + PAGE)[..], data[16..16 + PAGE_BYTES]);
         let last = page(W + 2 * PAGE);
-        assert_eq!(last[..50], data[16 + PAGE_BYTES..16 + PAGE_BYTES + 50]);
-        assert_eq!(last[50..60], [0xAB; 10]);
-        assert_eq!(last[60..100], data[16 + PAGE_BYTES + 60..]);
+        assert_eq!(last[..100], data[16 + PAGE_BYTES..]);
+        assert_eq!(last[150..160], [0xAB; 10]);
         assert!(
-            last[100..].iter().all(|byte| *byte == 0),
-            "past the load: zero"
+            last[100..150]
+                .iter()
+                .chain(&last[160..])
+                .all(|byte| *byte == 0),
+            "outside the loads: zero"
         );
         assert!(page(W + 16 * PAGE).iter().all(|byte| *byte == 0x55));
         assert_eq!(
@@ -1994,6 +2154,105 @@ mod tests {
             reference(&image, &config, &persisted(), &odd)
         );
         assert_eq!(homed.account().pages_allocated(), some.len() as u64);
+    }
+
+    #[test]
+    fn loads_in_reserved_areas_and_overlapping_loads_are_refused() {
+        let image = image();
+        let check = |loads: Vec<(u64, Vec<u8>)>, persist: bool| {
+            let mut config = config(loads);
+            if persist {
+                config.persist_dir = Some(PathBuf::from("unused"));
+            }
+            check_initial_memory(&image, &config)
+        };
+        for area in &abi::RESERVED_AREAS {
+            // In space 0 and in space 3, just inside the area's end (heap and stacks adjoin).
+            for space in [0u64, 3] {
+                let start = (space << abi::SPACE_SHIFT) + area.offsets.end - 8;
+                assert_eq!(
+                    check(vec![(W, vec![1; 8]), (start, vec![1; 16])], false),
+                    Err(RunError::LoadInReservedArea {
+                        name: "load1".into(),
+                        start,
+                        end: start + 16,
+                        area: area.name.into(),
+                        area_start: (space << abi::SPACE_SHIFT) + area.offsets.start,
+                        area_end: (space << abi::SPACE_SHIFT) + area.offsets.end,
+                    }),
+                    "{}",
+                    area.name
+                );
+            }
+        }
+        // The persistent range is reserved only when --persist fills it (its AMR part from any
+        // space, the rest in space 0 alone).
+        let persistent = abi::PERSIST_BASE + PAGE;
+        assert_eq!(check(vec![(persistent, vec![1; 8])], false), Ok(()));
+        assert!(matches!(
+            check(vec![(persistent, vec![1; 8])], true),
+            Err(RunError::LoadInReservedArea { area, .. }) if area.contains("persistent")
+        ));
+        let aliased = (2 << abi::SPACE_SHIFT) + persistent;
+        assert!(check(vec![(aliased, vec![1; 8])], true).is_err());
+        let private_to_space = (2 << abi::SPACE_SHIFT) + abi::AMR_END;
+        assert_eq!(check(vec![(private_to_space, vec![1; 8])], true), Ok(()));
+
+        assert_eq!(
+            check(
+                vec![
+                    (W, vec![1; 64]),
+                    (W + 0x1000, vec![1; 8]),
+                    (W + 48, vec![1; 32])
+                ],
+                false
+            ),
+            Err(RunError::LoadsOverlap {
+                first: "load0".into(),
+                first_start: W,
+                first_end: W + 64,
+                second: "load2".into(),
+                second_start: W + 48,
+                second_end: W + 80,
+                overlap_start: W + 48,
+                overlap_end: W + 64,
+            })
+        );
+        // A load inside another, found although a third lies between them in address order.
+        assert!(matches!(
+            check(vec![(W, vec![1; 4096]), (W + 8, vec![1; 8]), (W + 100, vec![1; 8])], false),
+            Err(RunError::LoadsOverlap { first, second, .. }) if first == "load0" && second == "load1"
+        ));
+        // Touching loads and empty ones do not overlap.
+        assert_eq!(
+            check(
+                vec![(W, vec![1; 64]), (W + 64, vec![1; 8]), (W + 8, Vec::new())],
+                false
+            ),
+            Ok(())
+        );
+        // The same AMR bytes through two spaces do.
+        let amr = abi::AMR_BASE + 0x10_0000;
+        assert!(matches!(
+            check(vec![(amr, vec![1; 16]), ((1 << abi::SPACE_SHIFT) + amr + 8, vec![1; 16])], false),
+            Err(RunError::LoadsOverlap { overlap_start, overlap_end, .. })
+                if overlap_start == (1 << abi::SPACE_SHIFT) + amr + 8
+                    && overlap_end == (1 << abi::SPACE_SHIFT) + amr + 16
+        ));
+        // Non-AMR addresses of two spaces are different memory.
+        assert_eq!(
+            check(
+                vec![(W, vec![1; 16]), ((1 << abi::SPACE_SHIFT) + W, vec![1; 16])],
+                false
+            ),
+            Ok(())
+        );
+        // A load may not run from one space's shared region into the next.
+        let last = (1 << abi::SPACE_SHIFT) - 8;
+        assert!(matches!(
+            check(vec![(last, vec![1; 16])], false),
+            Err(RunError::LoadOutsideShared { .. })
+        ));
     }
 
     #[test]
