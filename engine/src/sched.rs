@@ -298,8 +298,10 @@ fn work<E: Executor>(
         match task {
             Some(task) => {
                 info.tasks += 1;
+                // The next task's own phases follow; a worker with no next task turns idle
+                // below. (One phase change fewer per runner: each reads the clock when the
+                // run is measured.)
                 shared.execute(*task, ctx);
-                ctx.phase(Phase::Idle);
             }
             None => {
                 ctx.phase(Phase::Idle);
