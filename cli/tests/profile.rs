@@ -292,3 +292,53 @@ fn stats_json_has_each_workers_time_split() {
     assert!(line.contains("\"cycles\": "), "{line}");
     assert!(!line.contains("\"cycles\": 0,"), "{line}");
 }
+
+/// The host's view (`perf record` + `perf script`, as scripts/profile runs them) names DVM's
+/// own work by ordinary symbols: the interpreter and the worker loop.
+#[test]
+fn host_perf_names_dvm_phases() {
+    let dir = scratch("host");
+    let loads = kmeans_input(&dir, 20_000, 4, 8, 3, 2);
+    let data = dir.join("perf.data");
+    let record = Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-F",
+            "499",
+            "-e",
+            "cpu-clock",
+            "-g",
+            "--call-graph",
+            "dwarf,8192",
+            "-o",
+        ])
+        .arg(&data)
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_dvm"))
+        .args(["run", "--workers", "1"])
+        .arg(repo("examples/kmeans.dasm"))
+        .args(&loads)
+        .output()
+        .expect("perf runs (scripts/install-deps installs linux-perf)");
+    assert!(
+        record.status.success(),
+        "perf record failed: {}",
+        text(&record.stderr)
+    );
+    assert!(text(&record.stdout).starts_with("checksum "));
+    let script = Command::new("perf")
+        .args(["script", "-i"])
+        .arg(&data)
+        .output()
+        .expect("perf script runs");
+    assert!(script.status.success(), "{}", text(&script.stderr));
+    let perf_script = text(&script.stdout);
+    for symbol in ["dvm_engine::interp::Exec::run", "dvm_engine::sched::work"] {
+        assert!(
+            perf_script.contains(symbol),
+            "perf script does not name {symbol}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

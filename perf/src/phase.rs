@@ -14,8 +14,9 @@
 //! 3% of a worker, more than the samples themselves.
 //!
 //! Cost: a phase change is one relaxed load and store (by the owner, the only writer); with
-//! timing or sampling on, also a read of the monotonic clock (vDSO, ~25 ns) — which is why
-//! they are on only when the run asked for statistics or a profile.
+//! timing on, also a read of the time-stamp counter (`stamp`, ~8 ns); with sampling on, a read
+//! of the monotonic clock (vDSO, ~25 ns). Both are on only when the run asked for statistics or
+//! a profile.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
