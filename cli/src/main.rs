@@ -90,7 +90,11 @@ enum Command {
     /// Read a profile (`dvm run --profile`, or `perf script` output of a host `perf record`):
     /// the widest frames, and on request a flame graph or folded stacks.
     #[command(
-        after_help = "The profile is `perf script` text, so other tools read it too:                       inferno-collapse-perf, stackcollapse-perf.pl, speedscope, the Firefox                       profiler. Frames in [brackets] are DVM's own work outside the program                       (commit, starting runners, waiting for pages, idle) or work thrown away                       ([aborted attempt], [failed commit])."
+        after_help = "The profile is `perf script` text, so other tools read it too: \
+                      inferno-collapse-perf, stackcollapse-perf.pl, speedscope, the Firefox \
+                      profiler. Frames in [brackets] are DVM's own work outside the program \
+                      (commit, starting runners, waiting for pages, idle) or work thrown away \
+                      ([aborted attempt], [failed commit])."
     )]
     Profile(profile::ProfileArgs),
 }
