@@ -199,6 +199,42 @@ fn calls_and_returns_make_call_stacks() {
 }
 
 #[test]
+fn aborted_work_is_a_frame_of_its_own() {
+    let dir = scratch("abort");
+    let program = dir.join("abort.dasm");
+    let source = ".equ N, 0x200000018\nmain:\n    mov $400000:ue, N:ue\n.Lspin:\n    sub:ue N, $1, N\n    br:nz,ue,a N, $.Lspin\n    exit:a\n";
+    std::fs::write(&program, source).expect("the program");
+    let profile = dir.join("abort.perf");
+    run_ok(
+        dvm()
+            .args([
+                "run",
+                "--workers",
+                "1",
+                "--profile-hz",
+                "10000",
+                "--profile",
+            ])
+            .arg(&profile)
+            .arg(&program),
+    );
+    let stacks = folded(&profile);
+    assert!(
+        stacks
+            .iter()
+            .any(|(stack, count)| stack == "dvm;[aborted attempt];main;main/.Lspin" && *count > 0),
+        "{stacks:?}"
+    );
+    assert!(
+        stacks
+            .iter()
+            .all(|(stack, _)| !stack.starts_with("dvm;main")),
+        "work of an aborted runner is never shown as committed work: {stacks:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn an_unwritable_profile_fails_before_the_program_runs() {
     let output = dvm()
         .args([
