@@ -155,7 +155,7 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
     /// Samples per second per worker with --profile.
-    #[arg(long, value_name = "HZ", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=i64::from(dvm_perf::phase::MAX_HZ)))]
+    #[arg(long, value_name = "HZ", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=i64::from(dvm_perf::meter::MAX_HZ)))]
     profile_hz: u32,
     /// With --profile: also draw the flame graph into this SVG file.
     #[arg(long, value_name = "SVG", requires = "profile")]

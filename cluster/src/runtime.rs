@@ -335,9 +335,9 @@ impl Runtime {
         // A worker waiting on another node: a page wait says so itself, anything else (a
         // remote prepare, a control request) is network time.
         let waiting_for_page =
-            dvm_perf::phase::with_current(|meter| meter.phase() == Phase::WaitPage);
+            dvm_perf::meter::with_current(|meter| meter.phase() == Phase::WaitPage);
         let _network =
-            (waiting_for_page == Some(false)).then(|| dvm_perf::phase::enter(Phase::Network));
+            (waiting_for_page == Some(false)).then(|| dvm_perf::meter::enter(Phase::Network));
         loop {
             match receiver.recv_timeout(WAIT_SLICE) {
                 Ok(reply) => return Some(reply),
@@ -853,7 +853,7 @@ impl ClusterReader {
                 (req, *page, rt.waiter(Wait::Read(req)))
             })
             .collect();
-        let _wait = dvm_perf::phase::enter(Phase::WaitPage);
+        let _wait = dvm_perf::meter::enter(Phase::WaitPage);
         rt.with_node(|node| {
             for (req, page, _) in &requests {
                 node.read(*req, *page, snapshot_ts);
@@ -915,7 +915,7 @@ impl PageRead for ClusterReader {
             return Ok(hit);
         }
         rt.remote_reads.fetch_add(1, Ordering::Relaxed);
-        let _wait = dvm_perf::phase::enter(Phase::WaitPage);
+        let _wait = dvm_perf::meter::enter(Phase::WaitPage);
         let started = Instant::now();
         tracing::trace!(
             page = format_args!("{:#x}", key << 12),

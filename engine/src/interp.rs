@@ -26,7 +26,7 @@ use crate::codec::{Instr, Operand};
 use crate::image::LoadedImage;
 use crate::isa::{Cond, ExitMode, ExpBase, Op, Ty};
 use crate::view::{region_of, AccessError, Range, Region, View};
-use dvm_perf::phase::WorkerMeter;
+use dvm_perf::meter::WorkerMeter;
 use dvm_perf::profile::{Attempt, Sample, Symbols, What, MAX_STACK_DEPTH};
 use std::fmt;
 use std::sync::Arc;

@@ -31,7 +31,8 @@ use crate::page::{MemoryAccount, PageSource};
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 use dvm_numa::{PagePool, Topology, WorkerSlot};
 use dvm_perf::hw::{HwCounts, WorkerCounters};
-use dvm_perf::phase::{Phase, TimeSplit, WorkerMeter};
+use dvm_perf::meter::WorkerMeter;
+use dvm_perf::phase::{Phase, TimeSplit};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -233,7 +234,7 @@ pub fn run_workers<E: Executor>(
                         let counters = hw.then(WorkerCounters::start);
                         // Code far from the scheduler (a cluster backend waiting for a page)
                         // finds the meter through the thread.
-                        dvm_perf::phase::install(meter.clone());
+                        dvm_perf::meter::install(meter.clone());
                         if let Some(pages) = pages {
                             let mut ctx = WorkerCtx {
                                 local,
@@ -243,7 +244,7 @@ pub fn run_workers<E: Executor>(
                             };
                             work(&*shared, &mut ctx, slot.node, injector, stealers, &mut info);
                         }
-                        dvm_perf::phase::install(None);
+                        dvm_perf::meter::install(None);
                         if let Some(meter) = &meter {
                             meter.settle();
                             info.time = meter.time_split();

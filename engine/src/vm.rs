@@ -32,7 +32,8 @@ use crate::slots::SlotPool;
 use crate::store::{Change, PageKey, PageStore, PageWrite, Publication, Scope};
 use crate::view::{canonical, page_key, Access, Range, RangeSet, View};
 use dvm_numa::WorkerSlot;
-use dvm_perf::phase::{Phase, WorkerMeter, WorkerPlace};
+use dvm_perf::meter::WorkerMeter;
+use dvm_perf::phase::{Phase, WorkerPlace};
 use dvm_perf::profile::Attempt;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -271,7 +272,7 @@ pub struct Report {
     pub stderr: Vec<u8>,
     /// `--profile`: this node's samples, in no particular order.
     pub profile: Vec<dvm_perf::profile::Sample>,
-    /// Samples not kept (a worker reached `dvm_perf::phase::MAX_SAMPLES_PER_WORKER`).
+    /// Samples not kept (a worker reached `dvm_perf::meter::MAX_SAMPLES_PER_WORKER`).
     pub profile_dropped: u64,
 }
 

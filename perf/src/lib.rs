@@ -1,9 +1,11 @@
 //! DVM's measurement: where the workers' time goes and where the program's time goes.
 //!
-//! - `phase`: what each worker is doing right now (interpreting, committing, idle, …), kept in
-//!   one atomic byte per worker that the worker writes and anyone may read; with timing on,
-//!   the time spent in each phase (the per-worker time split of `--stats`); with sampling on,
-//!   the guest profiler's clock (each worker samples itself, no sampler thread).
+//! - `phase`: the vocabulary: what a worker is doing (interpreting, committing, idle, …), where
+//!   it runs, its time per phase.
+//! - `meter`: each worker's phase, kept in one atomic byte that the worker writes and anyone may
+//!   read; with timing on, the time spent in each phase (the per-worker time split of
+//!   `--stats`); with sampling on, the guest profiler's clock (each worker samples itself, no
+//!   sampler thread).
 //! - `profile`: samples, their wire form (a cluster gathers them at node 0), and the `perf
 //!   script` text that `inferno-collapse-perf`, `stackcollapse-perf.pl`, speedscope and the
 //!   Firefox profiler read unchanged.
@@ -15,5 +17,6 @@
 
 pub mod flame;
 pub mod hw;
+pub mod meter;
 pub mod phase;
 pub mod profile;
