@@ -8,11 +8,11 @@
 //! divided by I - I_base, is the steady-state traffic of one iteration (iterations after the
 //! first, which also fetches the points).
 
-use crate::data;
-use crate::harness::{
+use crate::common::{
     answer, dvm_stats, example_program, markdown_table, measure_once, median, params_file,
     path_str, s,
 };
+use crate::data;
 use crate::measure::Outcome;
 use serde_json::Value;
 use std::path::Path;

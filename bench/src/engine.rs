@@ -14,11 +14,11 @@
 //! - bytes retained per finished runner: the difference of the processes' peak RSS (getrusage),
 //!   and of DVM's page-memory peak (`peak_memory_bytes`), per runner.
 
-use crate::data;
-use crate::harness::{
+use crate::common::{
     dvm_run_argv, dvm_stats, example_program, markdown_table, measure_once, median, params_file,
     path_str, s,
 };
+use crate::data;
 use crate::measure::Outcome;
 use serde_json::Value;
 use std::path::{Path, PathBuf};

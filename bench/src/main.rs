@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod cluster;
+mod common;
 mod data;
 mod engine;
 mod harness;

@@ -77,9 +77,8 @@
 
 use crate::page::{
     first_overlap, is_empty, mark, merge_masked, Mask, MemoryLimit, Page, PageHash, PageSource,
-    EMPTY_MASK, PAGE_BYTES, PAGE_SHIFT,
+    EMPTY_MASK, PAGE_BYTES,
 };
-use crate::view::Access;
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
@@ -505,20 +504,7 @@ pub enum Scope {
 }
 
 impl Scope {
-    /// The pages of a runner's access rule (its ranges are canonical).
-    pub fn of(access: &Access) -> Scope {
-        if access.everything {
-            return Scope::Everything;
-        }
-        Scope::pages(
-            access
-                .allowed
-                .iter()
-                .filter(|r| r.end > r.start)
-                .map(|r| (r.start >> PAGE_SHIFT)..((r.end - 1) >> PAGE_SHIFT) + 1),
-        )
-    }
-
+    /// The scope of these page-key ranges (in any order, possibly overlapping).
     pub fn pages(ranges: impl IntoIterator<Item = std::ops::Range<PageKey>>) -> Scope {
         let mut ranges: Vec<_> = ranges.into_iter().filter(|r| r.end > r.start).collect();
         ranges.sort_by_key(|r| r.start);

@@ -23,7 +23,7 @@
 use crate::abi;
 use crate::page::PageHash;
 use crate::page::{MemoryLimit, PageSource, PAGE_BYTES, PAGE_OFFSET_MASK, PAGE_SHIFT};
-use crate::store::{PageKey, PageRead, PageWrite};
+use crate::store::{PageKey, PageRead, PageWrite, Scope};
 use crate::tlb::{Frame, Tlb};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -209,6 +209,20 @@ pub struct Access {
 }
 
 impl Access {
+    /// The pages this access rule lets a runner read: what pruning keeps for its snapshot (the
+    /// rule's ranges are canonical).
+    pub fn scope(&self) -> Scope {
+        if self.everything {
+            return Scope::Everything;
+        }
+        Scope::pages(
+            self.allowed
+                .iter()
+                .filter(|r| r.end > r.start)
+                .map(|r| (r.start >> PAGE_SHIFT)..((r.end - 1) >> PAGE_SHIFT) + 1),
+        )
+    }
+
     pub fn everything() -> Access {
         Access {
             everything: true,

@@ -847,7 +847,7 @@ impl Shared {
 
     /// What pruning keeps for `task`'s snapshot: the pages its access rule starts with.
     fn scope_for(&self, task: &Task) -> Scope {
-        Scope::of(&self.access_for(task))
+        self.access_for(task).scope()
     }
 
     fn access_for(&self, task: &Task) -> Access {
@@ -906,9 +906,7 @@ impl Shared {
         let access = self.access_for(&task);
         let snapshot = match task.snapshot {
             Some(snapshot) => snapshot,
-            None => self
-                .store
-                .begin_snapshot(task.exit_id(), Scope::of(&access)),
+            None => self.store.begin_snapshot(task.exit_id(), access.scope()),
         };
         bump(&self.counters.started, 1);
         if task.is_instance() {
