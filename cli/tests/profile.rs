@@ -378,3 +378,24 @@ fn host_perf_names_dvm_phases() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn stats_json_has_each_nodes_time_split() {
+    let output = run_ok(
+        dvm()
+            .args(["run", "--nodes", "2", "--workers", "1", "--stats=json"])
+            .arg(repo("examples/hello.dasm")),
+    );
+    let stderr = text(&output.stderr);
+    let line = stderr
+        .lines()
+        .find(|line| line.starts_with("{\"dvm_stats\""))
+        .expect("the JSON line");
+    // One split per node row (node 1's travelled in its report), one per node 0 worker.
+    assert_eq!(
+        line.matches("\"time_ms\": {\"idle\": ").count(),
+        3,
+        "{line}"
+    );
+    assert!(line.contains("\"waiting_for_pages\": "), "{line}");
+}

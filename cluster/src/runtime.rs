@@ -30,12 +30,13 @@ use dvm_engine::page::{MemoryLimit, Page, PageSource};
 use dvm_engine::report::{decode_ended, decode_task, encode_ended, encode_task};
 use dvm_engine::runner::{Outcome, Task};
 use dvm_engine::sched::Executor;
+use dvm_engine::sched::WorkerInfo;
 use dvm_engine::store::{
     Conflict, ConflictWith, PageKey, PageRead, PageStore, PageWrite, Publication, TxnId,
 };
 use dvm_engine::view::{canonical, Range};
 use dvm_engine::vm::{Config, Machine, MachineParts, Report, Resources, RunError, Shared, Stats};
-use dvm_perf::phase::Phase;
+use dvm_perf::phase::{Phase, TimeSplit};
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
 use dvm_transport::{Event, PeerCounters, Transport, TransportError};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -169,6 +170,8 @@ pub struct NodeRow {
     /// The prepare of a commit whose pages are all homed on the node, or not all.
     pub prepare_local: Latency,
     pub prepare_remote: Latency,
+    /// The node's workers' time per phase, summed (ns; `None` unless `--stats` measured it).
+    pub time: Option<TimeSplit>,
 }
 
 /// What a node's part of a run did. On node 0, `report` is the run's (its console, its exit
@@ -1017,11 +1020,12 @@ impl Control for RemoteControl {
     }
 }
 
-const ROW_WORDS: usize = 31;
+/// The row's words: 31 counters, a flag saying whether a time split follows, its phases.
+const ROW_WORDS: usize = 32 + Phase::COUNT;
 
 fn encode_row(row: &NodeRow) -> Vec<u8> {
     let s = &row.stats;
-    let words: [u64; ROW_WORDS] = [
+    let words: [u64; 31] = [
         u64::from(row.rank),
         s.workers,
         s.instructions,
@@ -1054,7 +1058,14 @@ fn encode_row(row: &NodeRow) -> Vec<u8> {
         u64::from(row.prepare_remote.p99_us),
         row.workers_pinned,
     ];
-    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    let time = row.time.unwrap_or_default();
+    words
+        .iter()
+        .copied()
+        .chain([u64::from(row.time.is_some())])
+        .chain(time.ns)
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
 }
 
 /// Profile samples in wire chunks of at most `MAX_PROFILE_CHUNK_BYTES`.
@@ -1111,6 +1122,13 @@ fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
         prepare_local: latency(&w[24..27])?,
         prepare_remote: latency(&w[27..30])?,
         workers_pinned: w[30],
+        time: match w[31] {
+            0 => None,
+            1 => Some(TimeSplit {
+                ns: std::array::from_fn(|i| w[32 + i]),
+            }),
+            _ => return None,
+        },
     })
 }
 
@@ -1123,7 +1141,7 @@ fn latency(words: &[u64]) -> Option<Latency> {
 }
 
 impl Runtime {
-    fn row(&self, mut stats: Stats) -> NodeRow {
+    fn row(&self, mut stats: Stats, workers: &[WorkerInfo]) -> NodeRow {
         let counters = self.transport.counters();
         let account = self.pages.account();
         stats.workers = stats.workers.max(self.workers_per_node);
@@ -1143,6 +1161,12 @@ impl Runtime {
             remote_read: self.read_latency.summary(),
             prepare_local: self.prepare_local_latency.summary(),
             prepare_remote: self.prepare_remote_latency.summary(),
+            time: workers
+                .iter()
+                .filter_map(|worker| worker.time)
+                .reduce(|a, b| TimeSplit {
+                    ns: std::array::from_fn(|i| a.ns[i] + b.ns[i]),
+                }),
         }
     }
 
@@ -1384,7 +1408,7 @@ pub fn run(
         for chunk in profile_chunks(machine.take_profile()) {
             runtime.send(0, &Msg::ProfileSamples { samples: chunk });
         }
-        let row = runtime.row(machine.shared().counters_now());
+        let row = runtime.row(machine.shared().counters_now(), &workers);
         runtime.send(
             0,
             &Msg::NodeReport {
@@ -1398,7 +1422,7 @@ pub fn run(
     let transport = runtime.transport.counters();
     let rows = lock(&runtime.reports).clone();
     let others_samples = std::mem::take(&mut *lock(&runtime.profiles));
-    let me = runtime.row(report.stats.clone());
+    let me = runtime.row(report.stats.clone(), &report.workers);
     // The VM is gone, and with it every other owner of the runtime: leave the mesh cleanly.
     match Arc::try_unwrap(runtime) {
         Ok(runtime) => runtime.transport.close(),
