@@ -6,6 +6,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dvm_engine::{asm, disasm, image, isa, vm};
+use dvm_transport::verbs;
 
 mod launcher;
 mod profile;
@@ -87,6 +88,13 @@ enum Command {
     },
     /// Print the instruction set table (the same table the toolchain is generated from).
     Isa,
+    /// Show the RDMA devices, their ports, states, MTUs and GIDs, and the transport `dvm run`
+    /// would use between nodes, and why.
+    #[command(
+        after_help = "Like ibv_devinfo, but about DVM's use: the GID marked `<- DVM` is the one \
+                      DVM addresses peers by (IPv4-mapped, RoCE v2). Nothing is contacted."
+    )]
+    Transport,
     /// Read a profile (`dvm run --profile`, or `perf script` output of a host `perf record`):
     /// the widest frames, and on request a flame graph or folded stacks.
     #[command(
@@ -160,6 +168,29 @@ struct RunArgs {
     /// With --profile: also draw the flame graph into this SVG file.
     #[arg(long, value_name = "SVG", requires = "profile")]
     profile_svg: Option<PathBuf>,
+    /// The transport between nodes: `auto` uses RDMA verbs when a device with an active port is
+    /// present and the RDMA cluster transport exists, TCP (io_uring) otherwise, and says why
+    /// (DVM_LOG=info); `rdma` fails before any work when it cannot be had (`dvm transport` says
+    /// why).
+    #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
+    transport: TransportArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    Auto,
+    Rdma,
+    Tcp,
+}
+
+impl From<TransportArg> for verbs::Preference {
+    fn from(arg: TransportArg) -> Self {
+        match arg {
+            TransportArg::Auto => verbs::Preference::Auto,
+            TransportArg::Rdma => verbs::Preference::Rdma,
+            TransportArg::Tcp => verbs::Preference::Tcp,
+        }
+    }
 }
 
 /// `4096`, `64K`, `512M`, `4G`, `1T` (binary units).
@@ -305,6 +336,10 @@ fn load_program(path: &Path) -> Result<image::LoadedImage, Failure> {
 const CHILD_RANK_VAR: &str = "DVM_RANK";
 
 fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
+    // A transport that cannot be had is refused before anything is read or started.
+    if args.transport == TransportArg::Rdma {
+        verbs::choose_here(verbs::Preference::Rdma).map_err(|err| user(err.to_string()))?;
+    }
     // The input is read and checked before any local node starts, so that bad input is
     // refused once, by this process, as the user's error (a node refusing it would end the
     // job as a cluster failure).
@@ -398,6 +433,14 @@ fn cmd_run_on(
             Vec::new(),
         ),
         Some(launch) => {
+            let choice =
+                verbs::choose_here(args.transport.into()).map_err(|err| user(err.to_string()))?;
+            // Said once per job: the nodes a launcher starts on one host would all repeat it.
+            if launch.rank == 0 {
+                tracing::info!("transport: {choice}");
+            } else {
+                tracing::debug!("transport: {choice}");
+            }
             let options = dvm_cluster::runtime::ClusterOptions {
                 peer_timeout_ms: args.peer_timeout_ms,
                 connect_timeout_ms: args.connect_timeout_ms,
@@ -504,6 +547,58 @@ fn cmd_topology(
     Ok(())
 }
 
+/// `dvm transport`: what `verbs::probe` found, and the choice `dvm run` would make.
+fn cmd_transport() {
+    let probe = verbs::probe();
+    match &probe {
+        verbs::Probe::Unavailable(why) => println!("no RDMA: {why}; dvm run uses TCP (io_uring)"),
+        verbs::Probe::Available(devices) => {
+            for device in devices {
+                print!("RDMA device {}", device.name);
+                if !device.firmware.is_empty() {
+                    print!(" (firmware {})", device.firmware);
+                }
+                println!();
+                if let Some(err) = &device.error {
+                    println!("  unusable: {err}");
+                }
+                for port in &device.ports {
+                    println!(
+                        "  port {}: {}, link layer {}, MTU {} (max {}), LID {}, GID table {} entries",
+                        port.number,
+                        port.state,
+                        port.link_layer,
+                        port.active_mtu,
+                        port.max_mtu,
+                        port.lid,
+                        port.gid_table_len
+                    );
+                    let dvm_gid = port.ipv4_mapped_gid();
+                    for (index, gid) in &port.gids {
+                        let mark = if Some(*index) == dvm_gid {
+                            "  <- DVM (IPv4-mapped, RoCE v2)"
+                        } else {
+                            ""
+                        };
+                        println!("    GID[{index}] {gid}{mark}");
+                    }
+                    if dvm_gid.is_none() {
+                        println!(
+                            "    no IPv4-mapped GID: DVM cannot address peers through this port"
+                        );
+                    }
+                }
+            }
+            if let Ok(choice) = verbs::choose(verbs::Preference::Auto, &probe) {
+                println!("dvm run uses {choice}");
+            }
+        }
+    }
+    if let Err(err) = verbs::choose(verbs::Preference::Rdma, &probe) {
+        println!("dvm run --transport rdma would fail: {err}");
+    }
+}
+
 fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
         Command::Asm {
@@ -520,6 +615,10 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             rank,
         } => {
             cmd_topology(workers, nodes, hosts.as_deref(), rank.as_deref())?;
+            Ok(0)
+        }
+        Command::Transport => {
+            cmd_transport();
             Ok(0)
         }
         Command::Isa => {

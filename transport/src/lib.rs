@@ -10,7 +10,8 @@
 //! - every queue is bounded (frame size, per-peer outbound bytes, inbound event bytes).
 //!
 //! Implementations: [`tcp::TcpTransport`] (io_uring over TCP). An RDMA verbs implementation is
-//! expected to follow behind the same trait. `sim` is not an implementation of the trait: it is
+//! expected to follow behind the same trait; [`verbs`] holds what exists of it so far (device
+//! discovery, the transport choice, and queue-pair endpoints). `sim` is not an implementation of the trait: it is
 //! the deterministic simulated network that protocol simulations drive step by step.
 
 pub mod crc32c;
@@ -18,6 +19,7 @@ pub mod handshake;
 pub mod sim;
 pub mod tcp;
 mod uring;
+pub mod verbs;
 pub mod wire;
 
 use std::net::SocketAddr;
