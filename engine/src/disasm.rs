@@ -188,13 +188,17 @@ pub fn disassemble(loaded: &LoadedImage) -> String {
     for used in &image.uses {
         uses_at.entry(used.at).or_default().push(&used.name);
     }
-    let name_in = |at: Option<u64>, addr: u64| -> Option<String> {
+    // `nth`: the operands of this instruction naming `addr` before this one (the assembler
+    // recorded the uses in operand order).
+    let name_in = |at: Option<u64>, addr: u64, nth: usize| -> Option<String> {
         let list = defined.get(&addr)?;
         at.and_then(|at| uses_at.get(&at))
             .and_then(|names| {
-                names
+                let mut here = names
                     .iter()
-                    .find(|name| list.iter().any(|label| label == *name))
+                    .filter(|name| list.iter().any(|label| label == **name));
+                let first = here.clone().next();
+                here.nth(nth).or(first)
             })
             .map(|name| name.to_string())
             .or_else(|| list.last().cloned())
@@ -226,13 +230,19 @@ pub fn disassemble(loaded: &LoadedImage) -> String {
     }
     out.push_str(".text\n");
     if image.entry != abi::CODE_BASE {
-        let entry = name_in(None, image.entry).unwrap_or_else(|| format!("{:#x}", image.entry));
+        let entry = name_in(None, image.entry, 0).unwrap_or_else(|| format!("{:#x}", image.entry));
         let _ = writeln!(out, ".entry {entry}");
     }
     for (offset, instr) in &loaded.code {
         let at = abi::CODE_BASE + u64::from(*offset);
         emit_labels(&mut out, at);
-        let text = format_instr(instr, at, &|addr| name_in(Some(at), addr));
+        let seen = std::cell::RefCell::new(Vec::<u64>::new());
+        let text = format_instr(instr, at, &|addr| {
+            let mut seen = seen.borrow_mut();
+            let nth = seen.iter().filter(|earlier| **earlier == addr).count();
+            seen.push(addr);
+            name_in(Some(at), addr, nth)
+        });
         let _ = writeln!(out, "    {text:<56} # {at:#x}");
     }
     emit_labels(&mut out, text_end);

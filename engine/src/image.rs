@@ -270,11 +270,13 @@ impl LoadedImage {
     /// for reports and listings. Labels may share an address (`a:` and `b:` on one
     /// instruction); the rule that picks one:
     /// 1. the label the source wrote in that instruction's operand, when it is one at `addr`
-    ///    (the assembler keeps these, `Image::uses`, and ELF images carry them);
+    ///    (the assembler keeps these, `Image::uses`, and ELF images carry them); `nth` counts
+    ///    the instruction's operands that name `addr` before this one, so that `newr $a, $b`
+    ///    with `a:` and `b:` on one word names each operand as written;
     /// 2. otherwise the one defined last, i.e. the label written next to the instruction or
     ///    data it names (`a:`, `b:`, then the instruction: `b`). The image keeps labels at one
     ///    address in the order the source defined them, which is what tells.
-    pub fn label_for(&self, at: Option<u64>, addr: u64) -> Option<&str> {
+    pub fn label_for(&self, at: Option<u64>, addr: u64, nth: usize) -> Option<&str> {
         let symbols = &self.image.symbols;
         let defined_here = |name: &str| {
             symbols
@@ -282,10 +284,13 @@ impl LoadedImage {
                 .any(|symbol| symbol.addr == addr && symbol.name == name)
         };
         at.and_then(|at| {
-            self.image
+            let mut here = self
+                .image
                 .uses
                 .iter()
-                .find(|used| used.at == at && defined_here(&used.name))
+                .filter(|used| used.at == at && defined_here(&used.name));
+            let first = here.clone().next();
+            here.nth(nth).or(first)
         })
         .map(|used| used.name.as_str())
         .or_else(|| {
@@ -1078,13 +1083,13 @@ mod tests {
             load(&write(&loaded.image, Format::Elf).expect("writes")).expect("loads"),
         ] {
             // Rule 1: what the operand said.
-            assert_eq!(loaded.label_for(Some(jump_to_b), addr("b")), Some("b"));
-            assert_eq!(loaded.label_for(Some(jump_to_a), addr("a")), Some("a"));
-            assert_eq!(loaded.label_for(Some(load_q), addr("q")), Some("q"));
+            assert_eq!(loaded.label_for(Some(jump_to_b), addr("b"), 0), Some("b"));
+            assert_eq!(loaded.label_for(Some(jump_to_a), addr("a"), 0), Some("a"));
+            assert_eq!(loaded.label_for(Some(load_q), addr("q"), 0), Some("q"));
             // Rule 2: elsewhere, the label defined last (next to what it labels).
-            assert_eq!(loaded.label_for(None, addr("a")), Some("b"));
-            assert_eq!(loaded.label_for(Some(load_q), addr("a")), Some("b"));
-            assert_eq!(loaded.label_for(None, addr("p")), Some("q"));
+            assert_eq!(loaded.label_for(None, addr("a"), 0), Some("b"));
+            assert_eq!(loaded.label_for(Some(load_q), addr("a"), 0), Some("b"));
+            assert_eq!(loaded.label_for(None, addr("p"), 0), Some("q"));
             assert_eq!(loaded.symbolize(addr("a")).as_deref(), Some("b"));
             let listing = crate::disasm::disassemble(&loaded);
             assert!(
@@ -1107,8 +1112,36 @@ mod tests {
             crate::asm::assemble("swapped.dasm", &swapped).expect("assembles"),
         )
         .expect("valid");
-        assert_eq!(loaded.label_for(None, addr("a")), Some("a"));
-        assert_eq!(loaded.label_for(Some(jump_to_b), addr("a")), Some("b"));
+        assert_eq!(loaded.label_for(None, addr("a"), 0), Some("a"));
+        assert_eq!(loaded.label_for(Some(jump_to_b), addr("a"), 0), Some("b"));
+    }
+
+    /// Found by fuzzing: two operands of one instruction naming one word through two labels.
+    #[test]
+    fn each_operand_keeps_its_label_through_a_listing() {
+        let source = "main:\n    newr $s, $u, $w, $f\n    exit:c\n.data\ns: .quad 0, 0\nu: .quad 0\nw:\nf: .quad main\n";
+        let loaded = validate(
+            Format::Elf,
+            crate::asm::assemble("two-names.dasm", source).expect("assembles"),
+        )
+        .expect("valid");
+        let listing = crate::disasm::disassemble(&loaded);
+        assert!(listing.contains("newr $s, $u, $w, $f"), "{listing}");
+        let again = crate::asm::assemble("listing.dasm", &listing).expect("reassembles");
+        assert_eq!(
+            write(&again, Format::Elf).expect("writes"),
+            write(&loaded.image, Format::Elf).expect("writes")
+        );
+        let pc = CODE_BASE;
+        let f = loaded
+            .image
+            .symbols
+            .iter()
+            .find(|symbol| symbol.name == "f")
+            .map(|symbol| symbol.addr)
+            .expect("f");
+        assert_eq!(loaded.label_for(Some(pc), f, 0), Some("w"));
+        assert_eq!(loaded.label_for(Some(pc), f, 1), Some("f"));
     }
 
     #[test]

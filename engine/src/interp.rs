@@ -303,8 +303,17 @@ impl Program {
     pub fn disassemble_at(&self, pc: u64) -> Option<String> {
         let index = self.index_of(pc)?;
         let d = &self.decoded[index];
-        // Of labels sharing an address, the one the source used here (`label_for`'s rule).
-        let name = |addr: u64| self.image.label_for(Some(d.addr), addr).map(str::to_string);
+        // Of labels sharing an address, the one the source used here (`label_for`'s rule);
+        // operands are named in order, each counting those before it that name its address.
+        let seen = std::cell::RefCell::new(Vec::<u64>::new());
+        let name = |addr: u64| {
+            let mut seen = seen.borrow_mut();
+            let nth = seen.iter().filter(|earlier| **earlier == addr).count();
+            seen.push(addr);
+            self.image
+                .label_for(Some(d.addr), addr, nth)
+                .map(str::to_string)
+        };
         Some(crate::disasm::format_instr(&d.instr, d.addr, &name))
     }
 }
