@@ -433,13 +433,23 @@ fn cmd_run_on(
             Vec::new(),
         ),
         Some(launch) => {
-            let choice =
-                verbs::choose_here(args.transport.into()).map_err(|err| user(err.to_string()))?;
-            // Said once per job: the nodes a launcher starts on one host would all repeat it.
-            if launch.rank == 0 {
-                tracing::info!("transport: {choice}");
-            } else {
-                tracing::debug!("transport: {choice}");
+            let preference: verbs::Preference = args.transport.into();
+            let probe = match preference {
+                verbs::Preference::Tcp => verbs::Probe::Available(Vec::new()),
+                _ => verbs::probe(),
+            };
+            let choice = verbs::choose(preference, &probe).map_err(|err| user(err.to_string()))?;
+            // Said once per job: the nodes a launcher starts on one host would all repeat it. A
+            // host with a usable RDMA device whose run goes over TCP anyway is worth a warning
+            // (an InfiniBand cluster running over IPoIB is a surprise at 3 a.m.); a host without
+            // RDMA, or `--transport tcp`, is the expected case.
+            let rdma_unused = args.transport == TransportArg::Auto
+                && matches!(probe, verbs::Probe::Available(_))
+                && choice.transport == verbs::Chosen::Tcp;
+            match (launch.rank, rdma_unused) {
+                (0, true) => tracing::warn!("transport: {choice}"),
+                (0, false) => tracing::info!("transport: {choice}"),
+                _ => tracing::debug!("transport: {choice}"),
             }
             let options = dvm_cluster::runtime::ClusterOptions {
                 peer_timeout_ms: args.peer_timeout_ms,
@@ -653,6 +663,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colours for a terminal only: a job's log file (srun, mpirun) gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match std::panic::catch_unwind(|| run(cli)) {
         Ok(Ok(code)) => ExitCode::from(code),
