@@ -271,12 +271,18 @@ impl Drop for ProtectionDomain {
         // SAFETY: allocated by ibv_alloc_pd, freed once; every QP and MR of it holds an Arc of
         // it and is therefore gone already.
         let rc = unsafe { sys::ibv_dealloc_pd(self.pd.as_ptr()) };
-        if rc != 0 {
-            tracing::warn!(
-                "ibv_dealloc_pd: {}",
-                std::io::Error::from_raw_os_error(errno_of(rc))
-            );
-        }
+        warn_teardown("ibv_dealloc_pd", rc);
+    }
+}
+
+/// A teardown call that failed cannot be retried or reported to anyone but the log (it runs in
+/// `Drop`): say which and why.
+fn warn_teardown(call: &str, rc: c_int) {
+    if rc != 0 {
+        tracing::warn!(
+            "{call}: {}",
+            std::io::Error::from_raw_os_error(errno_of(rc))
+        );
     }
 }
 
@@ -318,12 +324,7 @@ impl Drop for CompletionQueue {
         // SAFETY: created by ibv_create_cq, destroyed once; the QPs using it hold an Arc of it
         // and are destroyed already.
         let rc = unsafe { sys::ibv_destroy_cq(self.cq.as_ptr()) };
-        if rc != 0 {
-            tracing::warn!(
-                "ibv_destroy_cq: {}",
-                std::io::Error::from_raw_os_error(errno_of(rc))
-            );
-        }
+        warn_teardown("ibv_destroy_cq", rc);
     }
 }
 
@@ -451,11 +452,8 @@ impl Drop for MemoryRegion {
         // SAFETY: registered by ibv_reg_mr, deregistered once; the QP that could target it is
         // destroyed first (the Endpoint declares it first).
         let rc = unsafe { sys::ibv_dereg_mr(self.mr.as_ptr()) };
+        warn_teardown("ibv_dereg_mr", rc);
         if rc != 0 {
-            tracing::warn!(
-                "ibv_dereg_mr: {}",
-                std::io::Error::from_raw_os_error(errno_of(rc))
-            );
             // The NIC may still reach the buffer: leaking it is the only safe choice.
             return;
         }
@@ -549,12 +547,7 @@ impl Drop for QueuePair {
         // SAFETY: created by ibv_create_qp and destroyed once; outstanding work requests are
         // flushed by the library and nothing polls for them afterwards.
         let rc = unsafe { sys::ibv_destroy_qp(self.qp.as_ptr()) };
-        if rc != 0 {
-            tracing::warn!(
-                "ibv_destroy_qp: {}",
-                std::io::Error::from_raw_os_error(errno_of(rc))
-            );
-        }
+        warn_teardown("ibv_destroy_qp", rc);
     }
 }
 
