@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long rank 0 waits for its children to exit after the run.
@@ -31,16 +32,24 @@ fn random_token() -> Result<String, Failure> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The local ranks started by [`start_local_nodes`], and rank 0's coordinator socket.
+pub struct LocalNodes {
+    pub children: Vec<(u32, Child)>,
+    /// Bound before the children start and kept until rank 0's rendezvous accepts on it:
+    /// a port chosen, released and bound again could be taken in between by another job.
+    pub coordinator_socket: Arc<TcpListener>,
+}
+
 /// Starts ranks 1..nodes; fills `env` with what makes this process rank 0.
 pub fn start_local_nodes(
     nodes: u32,
     env: &mut BTreeMap<String, String>,
-) -> Result<Vec<(u32, Child)>, Failure> {
-    // A free port for rank 0's rendezvous: the kernel picks it, we let it go right away.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map_err(|err| cluster(format!("--nodes: no free port on 127.0.0.1: {err}")))?
-        .port();
+) -> Result<LocalNodes, Failure> {
+    // The kernel picks the port; the socket stays open (close-on-exec, so the children do not
+    // hold it) and the children's hellos wait in its backlog until rank 0 accepts.
+    let no_port = |err| cluster(format!("--nodes: no free port on 127.0.0.1: {err}"));
+    let socket = TcpListener::bind("127.0.0.1:0").map_err(no_port)?;
+    let port = socket.local_addr().map_err(no_port)?.port();
     let token = random_token()?;
     let exe = std::env::current_exe()
         .map_err(|err| cluster(format!("--nodes: cannot find the dvm executable: {err}")))?;
@@ -64,7 +73,10 @@ pub fn start_local_nodes(
     env.insert("DVM_WORLD".into(), nodes.to_string());
     env.insert("DVM_COORD".into(), coordinator);
     env.insert("DVM_JOB_TOKEN".into(), token);
-    Ok(children)
+    Ok(LocalNodes {
+        children,
+        coordinator_socket: Arc::new(socket),
+    })
 }
 
 /// Waits for the children (bounded); a child that failed while the run succeeded is an error.

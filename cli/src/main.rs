@@ -356,12 +356,16 @@ fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
     };
     vm::check_initial_memory(&program, &placement).map_err(|err| user(err.to_string()))?;
     let mut env = dvm_cluster::launch::process_env();
-    let mut children = Vec::new();
+    let mut local = None;
     if let Some(nodes) = args.nodes.filter(|n| *n > 1) {
         if !env.contains_key(CHILD_RANK_VAR) {
-            children = launcher::start_local_nodes(nodes, &mut env)?;
+            local = Some(launcher::start_local_nodes(nodes, &mut env)?);
         }
     }
+    let (children, coordinator_socket) = match local {
+        Some(local) => (local.children, Some(local.coordinator_socket)),
+        None => (Vec::new(), None),
+    };
     let explicit = dvm_cluster::launch::Explicit {
         hosts: args.hosts.as_deref(),
         rank: args.rank.as_deref(),
@@ -374,7 +378,13 @@ fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
                 ))
             })?
             .filter(|launch| launch.world > 1);
-    let result = cmd_run_on(args, launch.as_ref(), program, placement.loads);
+    let result = cmd_run_on(
+        args,
+        launch.as_ref(),
+        coordinator_socket,
+        program,
+        placement.loads,
+    );
     launcher::wait_for(children, result.is_ok())?;
     result
 }
@@ -382,6 +392,7 @@ fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
 fn cmd_run_on(
     args: RunArgs,
     launch: Option<&dvm_cluster::launch::Launch>,
+    coordinator_socket: Option<std::sync::Arc<std::net::TcpListener>>,
     program: image::LoadedImage,
     loads: Vec<(u64, Vec<u8>, String)>,
 ) -> Result<u8, Failure> {
@@ -454,6 +465,7 @@ fn cmd_run_on(
             let options = dvm_cluster::runtime::ClusterOptions {
                 peer_timeout_ms: args.peer_timeout_ms,
                 connect_timeout_ms: args.connect_timeout_ms,
+                coordinator_socket,
             };
             let run =
                 dvm_cluster::runtime::run(program, config, launch, &options).map_err(|err| {

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 fn dvm() -> Command {
@@ -34,11 +35,21 @@ fn wait_bounded(mut child: Child, limit: Duration) -> (Output, Duration) {
     (output, elapsed)
 }
 
+/// A port for a `--hosts` list, which separate processes must bind after this returns. It is
+/// taken below Linux's ephemeral range (32768 and up), which the kernel hands out for
+/// `bind(:0)` and outgoing connections: another test's socket cannot be given it meanwhile.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Spread by process, so concurrent test binaries rarely try the same ports.
+    let start = (std::process::id() % 1000) as u16 * 10;
+    for _ in 0..10_000 {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 10_000;
+        let port = 20_000 + (start + offset) % 10_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..30000 on 127.0.0.1");
 }
 
 fn text(bytes: &[u8]) -> String {

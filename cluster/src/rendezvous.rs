@@ -555,6 +555,19 @@ pub fn rendezvous(
     my_listen: SocketAddr,
     deadline_ms: u64,
 ) -> Result<Vec<SocketAddr>, RendezvousError> {
+    rendezvous_on(launch, my_listen, deadline_ms, None)
+}
+
+/// [`rendezvous`], with rank 0 accepting on `coordinator_socket` when given: a socket the
+/// launcher bound to the coordinator address before starting the other ranks. Holding it from
+/// then on closes the window in which another process could take a port that was chosen,
+/// released and bound again (seen in CI with many jobs on one host).
+pub fn rendezvous_on(
+    launch: &Launch,
+    my_listen: SocketAddr,
+    deadline_ms: u64,
+    coordinator_socket: Option<&TcpListener>,
+) -> Result<Vec<SocketAddr>, RendezvousError> {
     let deadline = Instant::now() + Duration::from_millis(deadline_ms);
     if launch.world <= 1 {
         let ip = if my_listen.ip().is_unspecified() {
@@ -565,7 +578,7 @@ pub fn rendezvous(
         return Ok(vec![SocketAddr::new(ip, my_listen.port())]);
     }
     if launch.rank == 0 {
-        coordinate(launch, my_listen, deadline)
+        coordinate(launch, my_listen, deadline, coordinator_socket)
     } else {
         join(launch, my_listen, deadline)
     }
@@ -718,6 +731,7 @@ fn coordinate(
     launch: &Launch,
     my_listen: SocketAddr,
     deadline: Instant,
+    bound: Option<&TcpListener>,
 ) -> Result<Vec<SocketAddr>, RendezvousError> {
     let start = Instant::now();
     let coordinator = launch.coordinator.to_string();
@@ -739,7 +753,14 @@ fn coordinate(
         coordinator: coordinator.clone(),
         source,
     };
-    let listener = TcpListener::bind(bind_addr).map_err(bind_err)?;
+    let own;
+    let listener = match bound {
+        Some(listener) => listener,
+        None => {
+            own = TcpListener::bind(bind_addr).map_err(bind_err)?;
+            &own
+        }
+    };
     // Non-blocking accept, so the deadline is checked between connections.
     listener.set_nonblocking(true).map_err(bind_err)?;
     let world = launch.world as usize;
@@ -997,6 +1018,30 @@ mod tests {
         for h in [r0, r1, r2] {
             assert_eq!(finish(h).expect("rendezvous succeeds"), want);
         }
+    }
+
+    #[test]
+    fn rank_0_accepts_on_a_socket_its_launcher_holds() {
+        // The launcher's socket holds the port, so binding it again fails...
+        let held = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = held.local_addr().expect("addr").port();
+        let again = rendezvous(&launch(port, 0, 2, b"t"), data_addr(0), 200);
+        assert!(
+            matches!(again, Err(RendezvousError::Bind { .. })),
+            "{again:?}"
+        );
+        // ...and rank 0 uses it instead; a peer's hello waits in its backlog until then.
+        let r1 = spawn_rank(port, 1, 2, b"t");
+        std::thread::sleep(Duration::from_millis(100));
+        let r0 = rendezvous_on(
+            &launch(port, 0, 2, b"t"),
+            data_addr(0),
+            DEADLINE_MS,
+            Some(&held),
+        );
+        let want = expected_table(2);
+        assert_eq!(r0.expect("rank 0"), want);
+        assert_eq!(finish(r1).expect("rank 1"), want);
     }
 
     #[test]

@@ -23,7 +23,7 @@
 use crate::launch::Launch;
 use crate::msg::{Msg, PageDelta};
 use crate::node::{home_of, Done, Node, NodeConfig, NodeId};
-use crate::rendezvous::{rendezvous, RendezvousError};
+use crate::rendezvous::{rendezvous_on, RendezvousError};
 use dvm_engine::backend::{Apply, Backend, Control, Finishing};
 use dvm_engine::image::LoadedImage;
 use dvm_engine::page::{MemoryLimit, Page, PageSource};
@@ -40,7 +40,7 @@ use dvm_perf::phase::{Phase, TimeSplit};
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
 use dvm_transport::{Event, PeerCounters, Transport, TransportError};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -99,6 +99,9 @@ pub struct ClusterOptions {
     pub peer_timeout_ms: u64,
     /// Joining the job (rendezvous and mesh) fails after this long, naming who is missing.
     pub connect_timeout_ms: u64,
+    /// Node 0's coordinator socket, already bound by a launcher that chose the port (see
+    /// [`crate::rendezvous::rendezvous_on`]); `None` binds the coordinator address.
+    pub coordinator_socket: Option<Arc<TcpListener>>,
 }
 
 impl Default for ClusterOptions {
@@ -106,6 +109,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             peer_timeout_ms: 5_000,
             connect_timeout_ms: 30_000,
+            coordinator_socket: None,
         }
     }
 }
@@ -1305,7 +1309,12 @@ pub fn run(
     tcp.peer_timeout_ms = options.peer_timeout_ms;
     tcp.heartbeat_ms = (options.peer_timeout_ms / 4).max(50);
     let bound = TcpTransport::bind(tcp)?;
-    let peers = rendezvous(launch, bound.local_addr(), options.connect_timeout_ms)?;
+    let peers = rendezvous_on(
+        launch,
+        bound.local_addr(),
+        options.connect_timeout_ms,
+        options.coordinator_socket.as_deref(),
+    )?;
     tracing::info!(
         "node {rank} of {world} ({}): peers {peers:?}",
         launch.source
