@@ -260,3 +260,345 @@ fn creating_and_dropping_100_pairs_leaks_nothing() {
         _ => eprintln!("`rdma resource show` unavailable: checked file descriptors only"),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The cluster transport over verbs.
+
+use dvm_transport::tcp::{TcpConfig, TcpTransport};
+use dvm_transport::verbs::{VerbsConfig, VerbsTransport};
+use dvm_transport::{
+    Event, LossReason, PageVersion, PageVersionRef, Transport, TransportError, MASK_WORDS,
+    PAGE_BYTES,
+};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A small ring and small SENDs, so that flow control, fragmentation and slot reuse are
+/// exercised by modest traffic.
+fn tight() -> VerbsConfig {
+    let mut config = VerbsConfig::default();
+    config.endpoint.message_bytes = 4096;
+    config.endpoint.receive_slots = 8;
+    config.endpoint.send_slots = 8;
+    config.signal_every = 4;
+    config
+}
+
+/// `world` verbs transports on 127.0.0.1, each established on its own thread; rank `r` uses
+/// `tokens[r]`.
+fn verbs_mesh(
+    tokens: &[&[u8]],
+    config: VerbsConfig,
+) -> Vec<Result<VerbsTransport, TransportError>> {
+    let world = tokens.len() as u32;
+    let same_token = tokens.windows(2).all(|w| w[0] == w[1]);
+    let bounds: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .map(|(r, token)| {
+            let mut tcp = TcpConfig::new(r as u32, world, "127.0.0.1:0".parse().unwrap(), token);
+            // A refused rank never connects: its peers give up sooner.
+            tcp.connect_timeout_ms = if same_token { 20_000 } else { 2_000 };
+            tcp.heartbeat_ms = 200;
+            tcp.peer_timeout_ms = 10_000;
+            TcpTransport::bind(tcp).unwrap()
+        })
+        .collect();
+    let addrs: Vec<_> = bounds.iter().map(|b| b.local_addr()).collect();
+    let threads: Vec<_> = bounds
+        .into_iter()
+        .map(|bound| {
+            let addrs = addrs.clone();
+            let config = config.clone();
+            std::thread::spawn(move || VerbsTransport::establish(bound, addrs, config))
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+fn connected(world: usize, config: VerbsConfig) -> Vec<VerbsTransport> {
+    let tokens: Vec<&[u8]> = (0..world).map(|_| &b"job-token"[..]).collect();
+    verbs_mesh(&tokens, config)
+        .into_iter()
+        .map(|t| t.unwrap())
+        .collect()
+}
+
+/// Polls `t` until `done` holds for what arrived, or panics after `WAIT`.
+fn collect_until(t: &VerbsTransport, mut done: impl FnMut(&[Event]) -> bool) -> Vec<Event> {
+    let start = Instant::now();
+    let mut events = Vec::new();
+    while !done(&events) {
+        assert!(
+            start.elapsed() < WAIT,
+            "node {}: waited {WAIT:?}; got {} events: {:?}",
+            t.local(),
+            events.len(),
+            events.iter().rev().take(3).collect::<Vec<_>>()
+        );
+        t.poll(&mut events, Duration::from_millis(100)).unwrap();
+    }
+    events
+}
+
+fn message(from: u32, to: u32, seq: usize) -> Vec<u8> {
+    // Sizes cross the inline limit, one SEND, and several SENDs of a 4 KiB ring.
+    let len = match seq % 5 {
+        0 => 0,
+        1 => 40,
+        2 => 3000,
+        3 => 9000,
+        _ => 20_000 + seq,
+    };
+    let mut v = Vec::with_capacity(len + 12);
+    v.extend_from_slice(&(seq as u32).to_le_bytes());
+    v.extend_from_slice(&from.to_le_bytes());
+    v.extend_from_slice(&to.to_le_bytes());
+    v.extend((0..len).map(|i| {
+        (i as u32)
+            .wrapping_mul(2_654_435_761)
+            .wrapping_add(seq as u32 + from * 7 + to) as u8
+    }));
+    v
+}
+
+fn page(seed: u64) -> PageVersion {
+    let mut data = Box::new([0u8; PAGE_BYTES]);
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i as u64).wrapping_mul(seed | 1).wrapping_add(seed >> 3) as u8;
+    }
+    let mut mask = Box::new([0u64; MASK_WORDS]);
+    for (i, w) in mask.iter_mut().enumerate() {
+        *w = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+    }
+    PageVersion {
+        page: 0x4000_0000 + seed,
+        ts: 1000 + seed,
+        data,
+        mask,
+    }
+}
+
+#[test]
+fn verbs_transport_without_rdma_fails_to_establish_with_the_reason() {
+    if matches!(verbs::probe(), Probe::Available(_)) {
+        return; // covered by the guest tests below
+    }
+    for result in verbs_mesh(&[b"t", b"t"], VerbsConfig::default()) {
+        let err = result.err().expect("no RDMA, no verbs transport");
+        assert!(err.to_string().contains("no RDMA"), "{err}");
+    }
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn verbs_mesh_of_three_keeps_order_through_fragments_and_flow_control() {
+    const N: usize = 150;
+    let nodes = connected(3, tight());
+    assert!(nodes.iter().all(|n| n.name() == "rdma-verbs"));
+    let big: Vec<u8> = (0..4 << 20).map(|i: u32| (i ^ (i >> 13)) as u8).collect();
+    std::thread::scope(|s| {
+        for t in &nodes {
+            let big = &big;
+            s.spawn(move || {
+                let me = t.local();
+                for seq in 0..N {
+                    for to in (0..3).filter(|&r| r != me) {
+                        t.send(to, &message(me, to, seq)).unwrap();
+                    }
+                }
+                for to in (0..3).filter(|&r| r != me) {
+                    // A frame of the largest size, then a request and pages behind it.
+                    t.send(to, big).unwrap();
+                    t.request(to, b"ping?").unwrap();
+                    let pages = [page(u64::from(me)), page(u64::from(me) + 10)];
+                    let refs: Vec<PageVersionRef<'_>> =
+                        pages.iter().map(PageVersion::as_ref).collect();
+                    t.push_pages(to, &refs).unwrap();
+                }
+                t.flush().unwrap();
+            });
+        }
+    });
+    let mut answered = [0usize; 3];
+    for t in &nodes {
+        let me = t.local();
+        let events = collect_until(t, |ev| {
+            ev.iter()
+                .filter(|e| matches!(e, Event::Pages { .. }))
+                .count()
+                == 2
+        });
+        let mut next = [0usize; 3];
+        let mut got_big = [false; 3];
+        for e in &events {
+            match e {
+                Event::Message { from, payload } if payload.len() == big.len() => {
+                    assert_eq!(
+                        next[*from as usize], N,
+                        "the big frame overtook smaller ones"
+                    );
+                    assert!(payload == &big, "the 4 MiB frame arrived altered");
+                    got_big[*from as usize] = true;
+                }
+                Event::Message { from, payload } => {
+                    let seq = next[*from as usize];
+                    assert_eq!(payload, &message(*from, me, seq), "from {from} seq {seq}");
+                    next[*from as usize] += 1;
+                }
+                Event::Request { from, id, payload } => {
+                    assert!(
+                        got_big[*from as usize],
+                        "the request overtook the big frame"
+                    );
+                    assert_eq!(payload, b"ping?");
+                    t.respond(*from, *id, b"pong").unwrap();
+                }
+                // An earlier node already answered this node's request.
+                Event::Response { payload, .. } => {
+                    assert_eq!(payload, b"pong");
+                    answered[me as usize] += 1;
+                }
+                Event::Pages { from, pages } => {
+                    assert_eq!(
+                        pages,
+                        &vec![page(u64::from(*from)), page(u64::from(*from) + 10)]
+                    );
+                }
+                other => panic!("node {me}: unexpected {other:?}"),
+            }
+        }
+        for r in (0..3).filter(|&r| r != me) {
+            assert_eq!(next[r as usize], N, "node {me} from {r}");
+            assert!(got_big[r as usize]);
+        }
+    }
+    for t in &nodes {
+        let me = t.local() as usize;
+        let events = collect_until(t, |ev| ev.len() + answered[me] == 2);
+        for e in &events {
+            assert!(
+                matches!(e, Event::Response { payload, .. } if payload == b"pong"),
+                "{e:?}"
+            );
+            answered[me] += 1;
+        }
+        for c in t.counters() {
+            assert_eq!(c.messages_received, N as u64 + 3 + 1, "{c:?}");
+            assert_eq!(c.queue_depth_bytes, 0, "{c:?}");
+        }
+        let v = t.verbs_counters();
+        // Each node sent > 2 x 4 MiB in 4 KiB SENDs: credits must have come back many times.
+        assert!(v.work_requests_posted > 2 * 1024, "{v:?}");
+        assert!(v.receives > 2 * 1024, "{v:?}");
+        // Selective signalling: about one completion per `signal_every` SENDs.
+        assert!(
+            v.signalled_completions * 3 < v.work_requests_posted,
+            "{v:?}"
+        );
+        assert!(v.signalled_completions > 0, "{v:?}");
+        assert!(v.inline_sends > 0, "{v:?}");
+        assert_eq!(v.rdma_reads, 0, "{v:?}");
+    }
+    assert_eq!(answered, [2, 2, 2]);
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn close_is_peer_left_and_abort_is_peer_lost_once() {
+    let mut nodes = connected(3, VerbsConfig::default());
+    let n2 = nodes.pop().unwrap();
+    let n1 = nodes.pop().unwrap();
+    let n0 = nodes.pop().unwrap();
+    n2.send(0, b"last words").unwrap();
+    n2.close();
+    let events = collect_until(&n0, |ev| {
+        ev.iter().any(|e| matches!(e, Event::PeerLeft { .. }))
+    });
+    assert_eq!(
+        events,
+        vec![
+            Event::Message {
+                from: 2,
+                payload: b"last words".to_vec()
+            },
+            Event::PeerLeft { peer: 2 }
+        ]
+    );
+    let events = collect_until(&n1, |ev| !ev.is_empty());
+    assert_eq!(events, vec![Event::PeerLeft { peer: 2 }]);
+    assert!(matches!(
+        n0.send(2, b"x"),
+        Err(TransportError::PeerGone { peer: 2, .. })
+    ));
+
+    n1.abort();
+    let events = collect_until(&n0, |ev| !ev.is_empty());
+    assert!(
+        matches!(
+            &events[..],
+            [Event::PeerLost {
+                peer: 1,
+                reason: LossReason::Closed { .. } | LossReason::Rdma(_)
+            }]
+        ),
+        "{events:?}"
+    );
+    // Exactly once: nothing more arrives about it.
+    let mut more = Vec::new();
+    n0.poll(&mut more, Duration::from_millis(1500)).unwrap();
+    assert!(more.is_empty(), "{more:?}");
+    n0.close();
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn a_wrong_job_token_is_refused_before_any_queue_pair() {
+    let results = verbs_mesh(&[b"right", b"wrong"], VerbsConfig::default());
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+        .collect();
+    assert!(errors.iter().any(|e| e.contains("refused")), "{errors:?}");
+    assert!(results.iter().all(Result::is_err), "{errors:?}");
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn creating_and_dropping_verbs_transports_leaks_nothing() {
+    drop(connected(2, tight()));
+    let fds = open_fds();
+    let resources = kernel_resources();
+    for i in 0..15u32 {
+        let nodes = connected(2, tight());
+        nodes[0].send(1, &i.to_le_bytes()).unwrap();
+        let events = collect_until(&nodes[1], |ev| !ev.is_empty());
+        assert_eq!(
+            events,
+            vec![Event::Message {
+                from: 0,
+                payload: i.to_le_bytes().to_vec()
+            }]
+        );
+        let mut nodes = nodes.into_iter();
+        let (a, b) = (nodes.next().unwrap(), nodes.next().unwrap());
+        if i % 2 == 0 {
+            a.close();
+            b.abort();
+        } else {
+            b.close();
+            drop(a);
+        }
+    }
+    assert_eq!(open_fds(), fds, "file descriptors leaked");
+    match (resources, kernel_resources()) {
+        (Some(before), Some(after)) => {
+            assert_eq!(after, before, "verbs resources leaked (rdma resource show)")
+        }
+        _ if std::env::var_os("DVM_RDMA_GUEST").is_some() => {
+            panic!("`rdma resource show` failed inside the guest")
+        }
+        _ => eprintln!("`rdma resource show` unavailable: checked file descriptors only"),
+    }
+}

@@ -1,23 +1,25 @@
 //! RDMA verbs (InfiniBand, RoCE, soft-RoCE) through `rdma-sys`: device discovery, the choice of
-//! the cluster transport, and the endpoint layer the verbs transport is built on.
+//! the cluster transport, the endpoint layer, and the cluster transport over it.
 //!
-//! What exists (step 1 of the RDMA work): [`probe`] lists devices and ports or says, typed, why
-//! this host has no usable RDMA; [`choose`] turns that and the user's `--transport` into the
-//! transport a run uses; [`Endpoint`] is one reliable-connected queue pair with its protection
-//! domain, completion queue and memory regions, connected to a peer over a TCP socket, doing RDMA
-//! WRITE, RDMA READ and SEND/RECV. The cluster's [`crate::Transport`] over verbs comes later; until
-//! then a run that asks for RDMA is refused, never silently served by TCP.
+//! [`probe`] lists devices and ports or says, typed, why this host has no usable RDMA; [`choose`]
+//! turns that and the user's `--transport` into the transport a run uses; [`Endpoint`] is one
+//! reliable-connected queue pair with its protection domain, completion queue (optionally with a
+//! completion channel) and memory regions, doing RDMA WRITE, RDMA READ and SEND/RECV;
+//! [`VerbsTransport`] is the cluster's [`crate::Transport`] over one endpoint per peer. A run that
+//! asks for RDMA on a host without it is refused, never silently served by TCP.
 //!
 //! Every `unsafe` block of DVM's verbs code lives in this module tree (`sys`-facing code in
-//! `device.rs` and `endpoint.rs`), each with a `// SAFETY:` comment.
+//! `device.rs` and `endpoint.rs`, epoll in `transport.rs`), each with a `// SAFETY:` comment.
 
 mod device;
 mod endpoint;
+mod transport;
 
 pub use device::{probe, Device, Gid, Port, PortState, Probe};
 pub use endpoint::{
     Completion, CompletionKind, Endpoint, EndpointConfig, PeerInfo, QpState, RemoteRegion,
 };
+pub use transport::{VerbsConfig, VerbsCounters, VerbsTransport};
 
 use std::fmt;
 use std::time::Duration;
