@@ -477,10 +477,7 @@ impl Bound {
     /// The mesh of [`Bound::establish`] without the I/O thread: one handshaken socket per peer
     /// (non-blocking, its decoder past the Hello exchange). The verbs transport bootstraps its
     /// queue pairs over these.
-    pub(crate) fn mesh(
-        &self,
-        peers: &[SocketAddr],
-    ) -> Result<(Mesh, Refusals), TransportError> {
+    pub(crate) fn mesh(&self, peers: &[SocketAddr]) -> Result<(Mesh, Refusals), TransportError> {
         let cfg = &self.config;
         if peers.len() != cfg.world as usize {
             return Err(TransportError::Config(format!(

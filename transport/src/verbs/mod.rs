@@ -84,18 +84,10 @@ impl fmt::Display for Choice {
 pub enum ChoiceError {
     #[error("--transport rdma: no RDMA: {0}")]
     NoRdma(NoRdma),
-    /// A device is present but this build has no cluster transport over it yet.
-    #[error(
-        "--transport rdma: the RDMA cluster transport is not available in this build yet \
-         (device {device} is present); use --transport tcp or auto"
-    )]
-    NotBuiltYet { device: String },
 }
 
-/// Chooses the cluster transport from the user's preference and what [`probe`] found.
-///
-/// With a usable device, `Auto` still chooses TCP, saying so: the cluster transport over verbs
-/// does not exist yet, and a run must never claim RDMA it does not use.
+/// Chooses the cluster transport from the user's preference and what [`probe`] found: RDMA
+/// whenever a device with an active port is present, unless TCP is asked for.
 pub fn choose(preference: Preference, probe: &Probe) -> Result<Choice, ChoiceError> {
     match (preference, probe) {
         (Preference::Tcp, _) => Ok(Choice {
@@ -107,15 +99,16 @@ pub fn choose(preference: Preference, probe: &Probe) -> Result<Choice, ChoiceErr
             reason: format!("no RDMA: {why}"),
         }),
         (Preference::Auto, Probe::Available(devices)) => Ok(Choice {
-            transport: Chosen::Tcp,
-            reason: format!(
-                "RDMA device {} is usable, but the RDMA cluster transport is not available in this build yet",
-                usable_device_name(devices)
-            ),
+            transport: Chosen::Rdma,
+            reason: format!("device {} has an active port", usable_device_name(devices)),
         }),
         (Preference::Rdma, Probe::Unavailable(why)) => Err(ChoiceError::NoRdma(why.clone())),
-        (Preference::Rdma, Probe::Available(devices)) => Err(ChoiceError::NotBuiltYet {
-            device: usable_device_name(devices),
+        (Preference::Rdma, Probe::Available(devices)) => Ok(Choice {
+            transport: Chosen::Rdma,
+            reason: format!(
+                "asked for with --transport rdma; device {} has an active port",
+                usable_device_name(devices)
+            ),
         }),
     }
 }
@@ -220,23 +213,19 @@ mod tests {
     }
 
     #[test]
-    fn rdma_is_refused_with_the_reason_or_because_it_is_not_built() {
+    fn rdma_is_refused_without_a_device_and_chosen_with_one() {
         let err =
             choose(Preference::Rdma, &Probe::Unavailable(NoRdma::NoDevices)).expect_err("refused");
         assert_eq!(err, ChoiceError::NoRdma(NoRdma::NoDevices));
         assert!(err.to_string().contains("no RDMA devices"), "{err}");
-        let err =
-            choose(Preference::Rdma, &Probe::Available(vec![device(true)])).expect_err("refused");
-        assert!(
-            err.to_string()
-                .contains("the RDMA cluster transport is not available in this build yet"),
-            "{err}"
-        );
-        // A present device must not make `auto` claim RDMA it does not use.
+        let choice =
+            choose(Preference::Rdma, &Probe::Available(vec![device(true)])).expect("chosen");
+        assert_eq!(choice.transport, Chosen::Rdma);
+        assert!(choice.reason.contains("rxe0"), "{}", choice.reason);
         let choice =
             choose(Preference::Auto, &Probe::Available(vec![device(true)])).expect("chosen");
-        assert_eq!(choice.transport, Chosen::Tcp);
-        assert!(choice.reason.contains("rxe0"), "{}", choice.reason);
+        assert_eq!(choice.transport, Chosen::Rdma);
+        assert!(choice.to_string().starts_with("RDMA verbs"), "{choice}");
     }
 
     #[test]
