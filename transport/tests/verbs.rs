@@ -267,7 +267,7 @@ fn creating_and_dropping_100_pairs_leaks_nothing() {
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
 use dvm_transport::verbs::{VerbsConfig, VerbsTransport};
 use dvm_transport::{
-    Event, LossReason, PageVersion, PageVersionRef, Transport, TransportError, MASK_WORDS,
+    wire, Event, LossReason, PageVersion, PageVersionRef, Transport, TransportError, MASK_WORDS,
     PAGE_BYTES,
 };
 use std::time::{Duration, Instant};
@@ -291,6 +291,15 @@ fn verbs_mesh(
     tokens: &[&[u8]],
     config: VerbsConfig,
 ) -> Vec<Result<VerbsTransport, TransportError>> {
+    verbs_mesh_tuned(tokens, config, |_| {})
+}
+
+/// [`verbs_mesh`] with the bootstrap configuration (queue limits, timeouts) adjusted by `tune`.
+fn verbs_mesh_tuned(
+    tokens: &[&[u8]],
+    config: VerbsConfig,
+    tune: impl Fn(&mut TcpConfig),
+) -> Vec<Result<VerbsTransport, TransportError>> {
     let world = tokens.len() as u32;
     let same_token = tokens.windows(2).all(|w| w[0] == w[1]);
     let bounds: Vec<_> = tokens
@@ -302,6 +311,7 @@ fn verbs_mesh(
             tcp.connect_timeout_ms = if same_token { 20_000 } else { 2_000 };
             tcp.heartbeat_ms = 200;
             tcp.peer_timeout_ms = 10_000;
+            tune(&mut tcp);
             TcpTransport::bind(tcp).unwrap()
         })
         .collect();
@@ -601,4 +611,66 @@ fn creating_and_dropping_verbs_transports_leaks_nothing() {
         }
         _ => eprintln!("`rdma resource show` unavailable: checked file descriptors only"),
     }
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn a_receiver_that_stops_polling_pushes_back_to_the_sender() {
+    const LEN: usize = 8000;
+    const FRAME_MAX: u64 = (wire::HEADER_BYTES + wire::MAX_PAYLOAD_BYTES) as u64;
+    let mut nodes: Vec<VerbsTransport> = verbs_mesh_tuned(&[b"t", b"t"], tight(), |tcp| {
+        // The smallest limits allowed: one largest frame.
+        tcp.max_inbound_bytes = FRAME_MAX;
+        tcp.max_queue_bytes = FRAME_MAX;
+        tcp.send_timeout_ms = 1500;
+    })
+    .into_iter()
+    .map(|t| t.unwrap())
+    .collect();
+    let n1 = nodes.pop().unwrap();
+    let n0 = nodes.pop().unwrap();
+    let payload = |seq: u32| {
+        let mut v = vec![(seq % 251) as u8; LEN];
+        v[..4].copy_from_slice(&seq.to_le_bytes());
+        v
+    };
+    // Node 1 does not poll: past 4 MiB of undelivered events it stops taking receives, so no
+    // credits return and node 0's queue fills.
+    let mut sent = 0u32;
+    let err = loop {
+        match n0.send(1, &payload(sent)) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 10_000, "the sender was never held back");
+    };
+    assert!(
+        matches!(err, TransportError::QueueFull { peer: 1, .. }),
+        "{err}"
+    );
+    // Bounded: the inbox limit, one ring of receives, the queue limit and one frame over each.
+    assert!(
+        (sent as usize) * LEN < 2 * FRAME_MAX as usize + (1 << 20),
+        "{sent} messages accepted"
+    );
+    let events = collect_until(&n1, |ev| ev.len() == sent as usize);
+    for (seq, e) in events.iter().enumerate() {
+        assert_eq!(
+            e,
+            &Event::Message {
+                from: 0,
+                payload: payload(seq as u32)
+            }
+        );
+    }
+    // The path works again once drained.
+    n0.send(1, b"again").unwrap();
+    let events = collect_until(&n1, |ev| !ev.is_empty());
+    assert_eq!(
+        events,
+        vec![Event::Message {
+            from: 0,
+            payload: b"again".to_vec()
+        }]
+    );
 }
