@@ -9,6 +9,7 @@
 // A failed step is a failed test: unwrapping says where.
 #![allow(clippy::unwrap_used)]
 
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -673,4 +674,107 @@ fn a_receiver_that_stops_polling_pushes_back_to_the_sender() {
             payload: b"again".to_vec()
         }]
     );
+}
+
+/// Rank 1 of a 2-node job played by hand against a real rank 0: the Hello, the queue pair
+/// exchange and the confirmation exactly as the transport does them, after which the test makes
+/// it misbehave. Returns the real node, the fake's bootstrap socket and its endpoint.
+fn real_and_fake(peer_timeout_ms: u64) -> (VerbsTransport, TcpStream, Endpoint) {
+    use dvm_transport::handshake::Policy;
+    use dvm_transport::wire::{Decoder, Frame};
+    let token = b"fake-peer-test";
+    let mut tcp = TcpConfig::new(0, 2, "127.0.0.1:0".parse().unwrap(), token);
+    tcp.heartbeat_ms = 100;
+    tcp.peer_timeout_ms = peer_timeout_ms;
+    let bound = TcpTransport::bind(tcp).unwrap();
+    let addr = bound.local_addr();
+    let real = std::thread::spawn(move || {
+        VerbsTransport::establish(bound, vec![addr, addr], VerbsConfig::default())
+    });
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let policy = Policy {
+        local: 1,
+        world: 2,
+        token,
+    };
+    let mut decoder = Decoder::new();
+    let mut next = |stream: &mut TcpStream| loop {
+        if let Some(frame) = decoder.next_frame().unwrap() {
+            return frame;
+        }
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "rank 0 closed the bootstrap socket");
+        decoder.feed(&buf[..n]);
+    };
+    let send = |stream: &mut TcpStream, frame: Frame| {
+        stream.write_all(&frame.to_bytes().unwrap()).unwrap();
+    };
+    send(&mut stream, Frame::Hello(policy.hello()));
+    assert!(matches!(next(&mut stream), Frame::HelloAck { rank: 0, .. }));
+    let mut endpoint = Endpoint::create(EndpointConfig::default()).unwrap();
+    send(
+        &mut stream,
+        Frame::Message(endpoint.local_info().encode().to_vec()),
+    );
+    let Frame::Message(info) = next(&mut stream) else {
+        panic!("no queue pair information from rank 0");
+    };
+    let info = verbs::PeerInfo::decode(&info.try_into().unwrap()).unwrap();
+    endpoint.connect(&info).unwrap();
+    send(&mut stream, Frame::Ping);
+    assert_eq!(next(&mut stream), Frame::Ping);
+    (real.join().unwrap().unwrap(), stream, endpoint)
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn a_silent_peer_is_lost_after_the_peer_timeout() {
+    let (real, _stream, _endpoint) = real_and_fake(1000);
+    let start = Instant::now();
+    // The fake neither pings nor sends: rank 0 must give up on it, once.
+    let events = collect_until(&real, |ev| !ev.is_empty());
+    assert!(
+        matches!(&events[..], [Event::PeerLost { peer: 1, reason: LossReason::Timeout { silent_ms } }] if *silent_ms >= 1000),
+        "{events:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(matches!(
+        real.send(1, b"x"),
+        Err(TransportError::PeerGone { peer: 1, .. })
+    ));
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn a_send_without_a_credit_header_or_with_garbage_ends_only_that_peer() {
+    // Two bytes: shorter than the credit header.
+    let (real, _stream, mut endpoint) = real_and_fake(10_000);
+    endpoint.send(&[1, 2]).unwrap();
+    let events = collect_until(&real, |ev| !ev.is_empty());
+    assert!(
+        matches!(&events[..], [Event::PeerLost { peer: 1, reason: LossReason::Rdma(why) }] if why.contains("credit header")),
+        "{events:?}"
+    );
+    real.close();
+    // A valid header, then bytes that are not a frame.
+    let (real, _stream, mut endpoint) = real_and_fake(10_000);
+    let mut garbage = 0u32.to_le_bytes().to_vec();
+    garbage.extend_from_slice(b"not a DVM frame at all");
+    endpoint.send(&garbage).unwrap();
+    let events = collect_until(&real, |ev| !ev.is_empty());
+    assert!(
+        matches!(
+            &events[..],
+            [Event::PeerLost {
+                peer: 1,
+                reason: LossReason::Protocol(wire::WireError::BadMagic { offset: 0, .. })
+            }]
+        ),
+        "{events:?}"
+    );
+    real.close();
 }
