@@ -10,9 +10,11 @@
 //! at any time while it is registered, so DVM never hands out Rust references into one: data moves
 //! in and out by copies ([`Endpoint::copy_in`], [`Endpoint::copy_out`]).
 //!
-//! One completion queue serves sends and receives. Completions are reaped by polling, on the
-//! caller's thread, with a deadline: a short spin, then sleeps (there is no thread per queue pair
-//! and no unbounded busy wait).
+//! One completion queue serves sends and receives. The blocking operations (`send`, `recv`,
+//! `read`, `write`) reap completions by polling on the caller's thread with a deadline: a short
+//! spin, then sleeps (no thread per queue pair, no unbounded busy wait). The verbs transport
+//! instead posts without waiting (`post_message`, `try_recv`) and sleeps on the completion
+//! channel an endpoint can be created with (`arm`, `channel_fd`, `take_channel_events`).
 
 use std::alloc::Layout;
 use std::collections::hash_map::RandomState;
