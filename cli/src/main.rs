@@ -169,9 +169,8 @@ struct RunArgs {
     #[arg(long, value_name = "SVG", requires = "profile")]
     profile_svg: Option<PathBuf>,
     /// The transport between nodes: `auto` uses RDMA verbs when a device with an active port is
-    /// present and the RDMA cluster transport exists, TCP (io_uring) otherwise, and says why
-    /// (DVM_LOG=info); `rdma` fails before any work when it cannot be had (`dvm transport` says
-    /// why).
+    /// present, TCP (io_uring) otherwise, and says why (DVM_LOG=info); `rdma` fails before any
+    /// work when it cannot be had (`dvm transport` says why).
     #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
     transport: TransportArg,
 }
@@ -450,22 +449,18 @@ fn cmd_run_on(
                 _ => verbs::probe(),
             };
             let choice = verbs::choose(preference, &probe).map_err(|err| user(err.to_string()))?;
-            // Said once per job: the nodes a launcher starts on one host would all repeat it. A
-            // host with a usable RDMA device whose run goes over TCP anyway is worth a warning
-            // (an InfiniBand cluster running over IPoIB is a surprise at 3 a.m.); a host without
-            // RDMA, or `--transport tcp`, is the expected case.
-            let rdma_unused = args.transport == TransportArg::Auto
-                && matches!(probe, verbs::Probe::Available(_))
-                && choice.transport == verbs::Chosen::Tcp;
-            match (launch.rank, rdma_unused) {
-                (0, true) => tracing::warn!("transport: {choice}"),
-                (0, false) => tracing::info!("transport: {choice}"),
-                _ => tracing::debug!("transport: {choice}"),
+            // Said once per job: the nodes a launcher starts on one host would all repeat it. Each
+            // node then logs the transport it built (DVM_LOG=info).
+            if launch.rank == 0 {
+                tracing::info!("transport: {choice}");
+            } else {
+                tracing::debug!("transport: {choice}");
             }
             let options = dvm_cluster::runtime::ClusterOptions {
                 peer_timeout_ms: args.peer_timeout_ms,
                 connect_timeout_ms: args.connect_timeout_ms,
                 coordinator_socket,
+                transport: choice.transport,
             };
             let run =
                 dvm_cluster::runtime::run(program, config, launch, &options).map_err(|err| {

@@ -38,6 +38,7 @@ use dvm_engine::view::{canonical, Range};
 use dvm_engine::vm::{Config, Machine, MachineParts, Report, Resources, RunError, Shared, Stats};
 use dvm_perf::phase::{Phase, TimeSplit};
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
+use dvm_transport::verbs::{Chosen, VerbsConfig, VerbsTransport};
 use dvm_transport::{Event, PeerCounters, Transport, TransportError};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
@@ -102,6 +103,8 @@ pub struct ClusterOptions {
     /// Node 0's coordinator socket, already bound by a launcher that chose the port (see
     /// [`crate::rendezvous::rendezvous_on`]); `None` binds the coordinator address.
     pub coordinator_socket: Option<Arc<TcpListener>>,
+    /// The transport between nodes, as `dvm_transport::verbs::choose` decided it.
+    pub transport: Chosen,
 }
 
 impl Default for ClusterOptions {
@@ -109,6 +112,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             peer_timeout_ms: 5_000,
             connect_timeout_ms: 30_000,
+            transport: Chosen::Tcp,
             coordinator_socket: None,
         }
     }
@@ -257,11 +261,38 @@ impl Cache {
     }
 }
 
+/// The transport a node runs over. Both serve the same cluster code through [`Transport`]; only
+/// building and closing differ.
+enum NodeTransport {
+    Tcp(TcpTransport),
+    Verbs(VerbsTransport),
+}
+
+impl NodeTransport {
+    fn close(self) {
+        match self {
+            NodeTransport::Tcp(t) => t.close(),
+            NodeTransport::Verbs(t) => t.close(),
+        }
+    }
+}
+
+impl std::ops::Deref for NodeTransport {
+    type Target = dyn Transport;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            NodeTransport::Tcp(t) => t,
+            NodeTransport::Verbs(t) => t,
+        }
+    }
+}
+
 struct Runtime {
     rank: usize,
     world: usize,
     peers: Vec<SocketAddr>,
-    transport: TcpTransport,
+    transport: NodeTransport,
     node: Mutex<Node>,
     applying: Mutex<ApplyState>,
     waiters: Mutex<HashMap<Wait, SyncSender<Reply>>>,
@@ -1319,7 +1350,24 @@ pub fn run(
         "node {rank} of {world} ({}): peers {peers:?}",
         launch.source
     );
-    let transport = bound.establish(peers.clone())?;
+    let transport = match options.transport {
+        Chosen::Tcp => NodeTransport::Tcp(bound.establish(peers.clone())?),
+        Chosen::Rdma => NodeTransport::Verbs(VerbsTransport::establish(
+            bound,
+            peers.clone(),
+            VerbsConfig::default(),
+        )?),
+    };
+    match &transport {
+        NodeTransport::Verbs(verbs) => tracing::info!(
+            "node {rank} of {world}: transport {} (device {})",
+            verbs.name(),
+            verbs.device()
+        ),
+        NodeTransport::Tcp(tcp) => {
+            tracing::info!("node {rank} of {world}: transport {}", tcp.name())
+        }
+    }
 
     let resources = Resources::new(&config)?;
     let store = Arc::new(PageStore::new());

@@ -9,10 +9,11 @@
 //!   (or is refused at the handshake) and the other peers keep working;
 //! - every queue is bounded (frame size, per-peer outbound bytes, inbound event bytes).
 //!
-//! Implementations: [`tcp::TcpTransport`] (io_uring over TCP). An RDMA verbs implementation is
-//! expected to follow behind the same trait; [`verbs`] holds what exists of it so far (device
-//! discovery, the transport choice, and queue-pair endpoints). `sim` is not an implementation of the trait: it is
-//! the deterministic simulated network that protocol simulations drive step by step.
+//! Implementations: [`tcp::TcpTransport`] (io_uring over TCP) and [`verbs::VerbsTransport`]
+//! (SEND/RECV over RDMA verbs RC queue pairs, bootstrapped over the same TCP mesh); [`verbs`]
+//! also holds device discovery and the transport choice. `sim` is not an implementation of the
+//! trait: it is the deterministic simulated network that protocol simulations drive step by
+//! step.
 
 pub mod crc32c;
 pub mod handshake;
@@ -97,6 +98,10 @@ pub enum LossReason {
     Protocol(#[from] WireError),
     #[error("unexpected {kind} frame at stream byte {offset} after the handshake")]
     UnexpectedFrame { kind: &'static str, offset: u64 },
+    /// The RDMA path to the peer failed: a completion in error (its queue pair is then in the
+    /// error state), a failed post, or a malformed SEND.
+    #[error("RDMA: {0}")]
+    Rdma(String),
     /// This node closed the connection itself. Recorded when the transport shuts down; no
     /// event is delivered for it, since nobody polls a closed transport.
     #[error("closed by this node")]
@@ -236,7 +241,7 @@ pub trait Transport: Send + Sync {
     fn local(&self) -> NodeId;
     /// Number of nodes in the job.
     fn world(&self) -> u32;
-    /// The implementation, for logs: "io_uring-tcp" (later "rdma-verbs").
+    /// The implementation, for logs: "io_uring-tcp" or "rdma-verbs".
     fn name(&self) -> &'static str;
 
     /// Queue a one-way message. When the peer's outbound queue is full (a bounded number of

@@ -382,6 +382,9 @@ impl TcpTransport {
     }
 }
 
+/// Per rank, the handshaken socket to it and its decoder (`None` for this node's own rank).
+pub(crate) type Mesh = Vec<Option<(TcpStream, Decoder)>>;
+
 /// A connection in handshake during establish.
 struct Incoming {
     stream: TcpStream,
@@ -462,6 +465,19 @@ impl Bound {
     /// after `connect_timeout_ms` naming every peer not reached, or at once if a peer refuses
     /// our Hello (a configuration mismatch retrying cannot fix).
     pub fn establish(self, peers: Vec<SocketAddr>) -> Result<TcpTransport, TransportError> {
+        let (connected, refusals) = self.mesh(&peers)?;
+        self.start(peers, connected, refusals)
+    }
+
+    /// The configuration this listener was bound with.
+    pub fn config(&self) -> &TcpConfig {
+        &self.config
+    }
+
+    /// The mesh of [`Bound::establish`] without the I/O thread: one handshaken socket per peer
+    /// (non-blocking, its decoder past the Hello exchange). The verbs transport bootstraps its
+    /// queue pairs over these.
+    pub(crate) fn mesh(&self, peers: &[SocketAddr]) -> Result<(Mesh, Refusals), TransportError> {
         let cfg = &self.config;
         if peers.len() != cfg.world as usize {
             return Err(TransportError::Config(format!(
@@ -757,7 +773,7 @@ impl Bound {
                 },
             );
         }
-        self.start(peers, connected, refusals)
+        Ok((connected, refusals))
     }
 
     fn start(

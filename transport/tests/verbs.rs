@@ -9,6 +9,7 @@
 // A failed step is a failed test: unwrapping says where.
 #![allow(clippy::unwrap_used)]
 
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -259,4 +260,521 @@ fn creating_and_dropping_100_pairs_leaks_nothing() {
         }
         _ => eprintln!("`rdma resource show` unavailable: checked file descriptors only"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cluster transport over verbs.
+
+use dvm_transport::tcp::{TcpConfig, TcpTransport};
+use dvm_transport::verbs::{VerbsConfig, VerbsTransport};
+use dvm_transport::{
+    wire, Event, LossReason, PageVersion, PageVersionRef, Transport, TransportError, MASK_WORDS,
+    PAGE_BYTES,
+};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A small ring and small SENDs, so that flow control, fragmentation and slot reuse are
+/// exercised by modest traffic.
+fn tight() -> VerbsConfig {
+    let mut config = VerbsConfig::default();
+    config.endpoint.message_bytes = 4096;
+    config.endpoint.receive_slots = 8;
+    config.endpoint.send_slots = 8;
+    config.signal_every = 4;
+    config
+}
+
+/// `world` verbs transports on 127.0.0.1, each established on its own thread; rank `r` uses
+/// `tokens[r]`.
+fn verbs_mesh(
+    tokens: &[&[u8]],
+    config: VerbsConfig,
+) -> Vec<Result<VerbsTransport, TransportError>> {
+    verbs_mesh_tuned(tokens, config, |_| {})
+}
+
+/// [`verbs_mesh`] with the bootstrap configuration (queue limits, timeouts) adjusted by `tune`.
+fn verbs_mesh_tuned(
+    tokens: &[&[u8]],
+    config: VerbsConfig,
+    tune: impl Fn(&mut TcpConfig),
+) -> Vec<Result<VerbsTransport, TransportError>> {
+    let world = tokens.len() as u32;
+    let same_token = tokens.windows(2).all(|w| w[0] == w[1]);
+    let bounds: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .map(|(r, token)| {
+            let mut tcp = TcpConfig::new(r as u32, world, "127.0.0.1:0".parse().unwrap(), token);
+            // A refused rank never connects: its peers give up sooner.
+            tcp.connect_timeout_ms = if same_token { 20_000 } else { 2_000 };
+            tcp.heartbeat_ms = 200;
+            tcp.peer_timeout_ms = 10_000;
+            tune(&mut tcp);
+            TcpTransport::bind(tcp).unwrap()
+        })
+        .collect();
+    let addrs: Vec<_> = bounds.iter().map(|b| b.local_addr()).collect();
+    let threads: Vec<_> = bounds
+        .into_iter()
+        .map(|bound| {
+            let addrs = addrs.clone();
+            let config = config.clone();
+            std::thread::spawn(move || VerbsTransport::establish(bound, addrs, config))
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+fn connected(world: usize, config: VerbsConfig) -> Vec<VerbsTransport> {
+    let tokens: Vec<&[u8]> = (0..world).map(|_| &b"job-token"[..]).collect();
+    verbs_mesh(&tokens, config)
+        .into_iter()
+        .map(|t| t.unwrap())
+        .collect()
+}
+
+/// Polls `t` until `done` holds for what arrived, or panics after `WAIT`.
+fn collect_until(t: &VerbsTransport, mut done: impl FnMut(&[Event]) -> bool) -> Vec<Event> {
+    let start = Instant::now();
+    let mut events = Vec::new();
+    while !done(&events) {
+        assert!(
+            start.elapsed() < WAIT,
+            "node {}: waited {WAIT:?}; got {} events: {:?}",
+            t.local(),
+            events.len(),
+            events.iter().rev().take(3).collect::<Vec<_>>()
+        );
+        t.poll(&mut events, Duration::from_millis(100)).unwrap();
+    }
+    events
+}
+
+fn message(from: u32, to: u32, seq: usize) -> Vec<u8> {
+    // Sizes cross the inline limit, one SEND, and several SENDs of a 4 KiB ring.
+    let len = match seq % 5 {
+        0 => 0,
+        1 => 40,
+        2 => 3000,
+        3 => 9000,
+        _ => 20_000 + seq,
+    };
+    let mut v = Vec::with_capacity(len + 12);
+    v.extend_from_slice(&(seq as u32).to_le_bytes());
+    v.extend_from_slice(&from.to_le_bytes());
+    v.extend_from_slice(&to.to_le_bytes());
+    v.extend((0..len).map(|i| {
+        (i as u32)
+            .wrapping_mul(2_654_435_761)
+            .wrapping_add(seq as u32 + from * 7 + to) as u8
+    }));
+    v
+}
+
+fn page(seed: u64) -> PageVersion {
+    let mut data = Box::new([0u8; PAGE_BYTES]);
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i as u64).wrapping_mul(seed | 1).wrapping_add(seed >> 3) as u8;
+    }
+    let mut mask = Box::new([0u64; MASK_WORDS]);
+    for (i, w) in mask.iter_mut().enumerate() {
+        *w = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+    }
+    PageVersion {
+        page: 0x4000_0000 + seed,
+        ts: 1000 + seed,
+        data,
+        mask,
+    }
+}
+
+#[test]
+fn verbs_transport_without_rdma_fails_to_establish_with_the_reason() {
+    if matches!(verbs::probe(), Probe::Available(_)) {
+        return; // covered by the guest tests below
+    }
+    for result in verbs_mesh(&[b"t", b"t"], VerbsConfig::default()) {
+        let err = result.err().expect("no RDMA, no verbs transport");
+        assert!(err.to_string().contains("no RDMA"), "{err}");
+    }
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn verbs_mesh_of_three_keeps_order_through_fragments_and_flow_control() {
+    const N: usize = 150;
+    let nodes = connected(3, tight());
+    assert!(nodes.iter().all(|n| n.name() == "rdma-verbs"));
+    let big: Vec<u8> = (0..4 << 20).map(|i: u32| (i ^ (i >> 13)) as u8).collect();
+    std::thread::scope(|s| {
+        for t in &nodes {
+            let big = &big;
+            s.spawn(move || {
+                let me = t.local();
+                for seq in 0..N {
+                    for to in (0..3).filter(|&r| r != me) {
+                        t.send(to, &message(me, to, seq)).unwrap();
+                    }
+                }
+                for to in (0..3).filter(|&r| r != me) {
+                    // A frame of the largest size, then a request and pages behind it.
+                    t.send(to, big).unwrap();
+                    t.request(to, b"ping?").unwrap();
+                    let pages = [page(u64::from(me)), page(u64::from(me) + 10)];
+                    let refs: Vec<PageVersionRef<'_>> =
+                        pages.iter().map(PageVersion::as_ref).collect();
+                    t.push_pages(to, &refs).unwrap();
+                }
+                t.flush().unwrap();
+            });
+        }
+    });
+    let mut answered = [0usize; 3];
+    for t in &nodes {
+        let me = t.local();
+        let events = collect_until(t, |ev| {
+            ev.iter()
+                .filter(|e| matches!(e, Event::Pages { .. }))
+                .count()
+                == 2
+        });
+        let mut next = [0usize; 3];
+        let mut got_big = [false; 3];
+        for e in &events {
+            match e {
+                Event::Message { from, payload } if payload.len() == big.len() => {
+                    assert_eq!(
+                        next[*from as usize], N,
+                        "the big frame overtook smaller ones"
+                    );
+                    assert!(payload == &big, "the 4 MiB frame arrived altered");
+                    got_big[*from as usize] = true;
+                }
+                Event::Message { from, payload } => {
+                    let seq = next[*from as usize];
+                    assert_eq!(payload, &message(*from, me, seq), "from {from} seq {seq}");
+                    next[*from as usize] += 1;
+                }
+                Event::Request { from, id, payload } => {
+                    assert!(
+                        got_big[*from as usize],
+                        "the request overtook the big frame"
+                    );
+                    assert_eq!(payload, b"ping?");
+                    t.respond(*from, *id, b"pong").unwrap();
+                }
+                // An earlier node already answered this node's request.
+                Event::Response { payload, .. } => {
+                    assert_eq!(payload, b"pong");
+                    answered[me as usize] += 1;
+                }
+                Event::Pages { from, pages } => {
+                    assert_eq!(
+                        pages,
+                        &vec![page(u64::from(*from)), page(u64::from(*from) + 10)]
+                    );
+                }
+                other => panic!("node {me}: unexpected {other:?}"),
+            }
+        }
+        for r in (0..3).filter(|&r| r != me) {
+            assert_eq!(next[r as usize], N, "node {me} from {r}");
+            assert!(got_big[r as usize]);
+        }
+    }
+    for t in &nodes {
+        let me = t.local() as usize;
+        let events = collect_until(t, |ev| ev.len() + answered[me] == 2);
+        for e in &events {
+            assert!(
+                matches!(e, Event::Response { payload, .. } if payload == b"pong"),
+                "{e:?}"
+            );
+            answered[me] += 1;
+        }
+        for c in t.counters() {
+            assert_eq!(c.messages_received, N as u64 + 3 + 1, "{c:?}");
+            assert_eq!(c.queue_depth_bytes, 0, "{c:?}");
+        }
+        let v = t.verbs_counters();
+        // Each node sent > 2 x 4 MiB in 4 KiB SENDs: credits must have come back many times.
+        assert!(v.work_requests_posted > 2 * 1024, "{v:?}");
+        assert!(v.receives > 2 * 1024, "{v:?}");
+        // Selective signalling: about one completion per `signal_every` SENDs.
+        assert!(
+            v.signalled_completions * 3 < v.work_requests_posted,
+            "{v:?}"
+        );
+        assert!(v.signalled_completions > 0, "{v:?}");
+        assert!(v.inline_sends > 0, "{v:?}");
+        assert_eq!(v.rdma_reads, 0, "{v:?}");
+    }
+    assert_eq!(answered, [2, 2, 2]);
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn close_is_peer_left_and_abort_is_peer_lost_once() {
+    let mut nodes = connected(3, VerbsConfig::default());
+    let n2 = nodes.pop().unwrap();
+    let n1 = nodes.pop().unwrap();
+    let n0 = nodes.pop().unwrap();
+    n2.send(0, b"last words").unwrap();
+    n2.close();
+    let events = collect_until(&n0, |ev| {
+        ev.iter().any(|e| matches!(e, Event::PeerLeft { .. }))
+    });
+    assert_eq!(
+        events,
+        vec![
+            Event::Message {
+                from: 2,
+                payload: b"last words".to_vec()
+            },
+            Event::PeerLeft { peer: 2 }
+        ]
+    );
+    let events = collect_until(&n1, |ev| !ev.is_empty());
+    assert_eq!(events, vec![Event::PeerLeft { peer: 2 }]);
+    assert!(matches!(
+        n0.send(2, b"x"),
+        Err(TransportError::PeerGone { peer: 2, .. })
+    ));
+
+    n1.abort();
+    let events = collect_until(&n0, |ev| !ev.is_empty());
+    assert!(
+        matches!(
+            &events[..],
+            [Event::PeerLost {
+                peer: 1,
+                reason: LossReason::Closed { .. } | LossReason::Rdma(_)
+            }]
+        ),
+        "{events:?}"
+    );
+    // Exactly once: nothing more arrives about it.
+    let mut more = Vec::new();
+    n0.poll(&mut more, Duration::from_millis(1500)).unwrap();
+    assert!(more.is_empty(), "{more:?}");
+    n0.close();
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn a_wrong_job_token_is_refused_before_any_queue_pair() {
+    let results = verbs_mesh(&[b"right", b"wrong"], VerbsConfig::default());
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+        .collect();
+    assert!(errors.iter().any(|e| e.contains("refused")), "{errors:?}");
+    assert!(results.iter().all(Result::is_err), "{errors:?}");
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn creating_and_dropping_verbs_transports_leaks_nothing() {
+    drop(connected(2, tight()));
+    let fds = open_fds();
+    let resources = kernel_resources();
+    for i in 0..15u32 {
+        let nodes = connected(2, tight());
+        nodes[0].send(1, &i.to_le_bytes()).unwrap();
+        let events = collect_until(&nodes[1], |ev| !ev.is_empty());
+        assert_eq!(
+            events,
+            vec![Event::Message {
+                from: 0,
+                payload: i.to_le_bytes().to_vec()
+            }]
+        );
+        let mut nodes = nodes.into_iter();
+        let (a, b) = (nodes.next().unwrap(), nodes.next().unwrap());
+        if i % 2 == 0 {
+            a.close();
+            b.abort();
+        } else {
+            b.close();
+            drop(a);
+        }
+    }
+    assert_eq!(open_fds(), fds, "file descriptors leaked");
+    match (resources, kernel_resources()) {
+        (Some(before), Some(after)) => {
+            assert_eq!(after, before, "verbs resources leaked (rdma resource show)")
+        }
+        _ if std::env::var_os("DVM_RDMA_GUEST").is_some() => {
+            panic!("`rdma resource show` failed inside the guest")
+        }
+        _ => eprintln!("`rdma resource show` unavailable: checked file descriptors only"),
+    }
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn a_receiver_that_stops_polling_pushes_back_to_the_sender() {
+    const LEN: usize = 8000;
+    const FRAME_MAX: u64 = (wire::HEADER_BYTES + wire::MAX_PAYLOAD_BYTES) as u64;
+    let mut nodes: Vec<VerbsTransport> = verbs_mesh_tuned(&[b"t", b"t"], tight(), |tcp| {
+        // The smallest limits allowed: one largest frame.
+        tcp.max_inbound_bytes = FRAME_MAX;
+        tcp.max_queue_bytes = FRAME_MAX;
+        tcp.send_timeout_ms = 1500;
+    })
+    .into_iter()
+    .map(|t| t.unwrap())
+    .collect();
+    let n1 = nodes.pop().unwrap();
+    let n0 = nodes.pop().unwrap();
+    let payload = |seq: u32| {
+        let mut v = vec![(seq % 251) as u8; LEN];
+        v[..4].copy_from_slice(&seq.to_le_bytes());
+        v
+    };
+    // Node 1 does not poll: past 4 MiB of undelivered events it stops taking receives, so no
+    // credits return and node 0's queue fills.
+    let mut sent = 0u32;
+    let err = loop {
+        match n0.send(1, &payload(sent)) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 10_000, "the sender was never held back");
+    };
+    assert!(
+        matches!(err, TransportError::QueueFull { peer: 1, .. }),
+        "{err}"
+    );
+    // Bounded: the inbox limit, one ring of receives, the queue limit and one frame over each.
+    assert!(
+        (sent as usize) * LEN < 2 * FRAME_MAX as usize + (1 << 20),
+        "{sent} messages accepted"
+    );
+    let events = collect_until(&n1, |ev| ev.len() == sent as usize);
+    for (seq, e) in events.iter().enumerate() {
+        assert_eq!(
+            e,
+            &Event::Message {
+                from: 0,
+                payload: payload(seq as u32)
+            }
+        );
+    }
+    // The path works again once drained.
+    n0.send(1, b"again").unwrap();
+    let events = collect_until(&n1, |ev| !ev.is_empty());
+    assert_eq!(
+        events,
+        vec![Event::Message {
+            from: 0,
+            payload: b"again".to_vec()
+        }]
+    );
+}
+
+/// Rank 1 of a 2-node job played by hand against a real rank 0: the Hello, the queue pair
+/// exchange and the confirmation exactly as the transport does them, after which the test makes
+/// it misbehave. Returns the real node, the fake's bootstrap socket and its endpoint.
+fn real_and_fake(peer_timeout_ms: u64) -> (VerbsTransport, TcpStream, Endpoint) {
+    use dvm_transport::handshake::Policy;
+    use dvm_transport::wire::{Decoder, Frame};
+    let token = b"fake-peer-test";
+    let mut tcp = TcpConfig::new(0, 2, "127.0.0.1:0".parse().unwrap(), token);
+    tcp.heartbeat_ms = 100;
+    tcp.peer_timeout_ms = peer_timeout_ms;
+    let bound = TcpTransport::bind(tcp).unwrap();
+    let addr = bound.local_addr();
+    let real = std::thread::spawn(move || {
+        VerbsTransport::establish(bound, vec![addr, addr], VerbsConfig::default())
+    });
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let policy = Policy {
+        local: 1,
+        world: 2,
+        token,
+    };
+    let mut decoder = Decoder::new();
+    let mut next = |stream: &mut TcpStream| loop {
+        if let Some(frame) = decoder.next_frame().unwrap() {
+            return frame;
+        }
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "rank 0 closed the bootstrap socket");
+        decoder.feed(&buf[..n]);
+    };
+    let send = |stream: &mut TcpStream, frame: Frame| {
+        stream.write_all(&frame.to_bytes().unwrap()).unwrap();
+    };
+    send(&mut stream, Frame::Hello(policy.hello()));
+    assert!(matches!(next(&mut stream), Frame::HelloAck { rank: 0, .. }));
+    let mut endpoint = Endpoint::create(EndpointConfig::default()).unwrap();
+    send(
+        &mut stream,
+        Frame::Message(endpoint.local_info().encode().to_vec()),
+    );
+    let Frame::Message(info) = next(&mut stream) else {
+        panic!("no queue pair information from rank 0");
+    };
+    let info = verbs::PeerInfo::decode(&info.try_into().unwrap()).unwrap();
+    endpoint.connect(&info).unwrap();
+    send(&mut stream, Frame::Ping);
+    assert_eq!(next(&mut stream), Frame::Ping);
+    (real.join().unwrap().unwrap(), stream, endpoint)
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn a_silent_peer_is_lost_after_the_peer_timeout() {
+    let (real, _stream, _endpoint) = real_and_fake(1000);
+    let start = Instant::now();
+    // The fake neither pings nor sends: rank 0 must give up on it, once.
+    let events = collect_until(&real, |ev| !ev.is_empty());
+    assert!(
+        matches!(&events[..], [Event::PeerLost { peer: 1, reason: LossReason::Timeout { silent_ms } }] if *silent_ms >= 1000),
+        "{events:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(matches!(
+        real.send(1, b"x"),
+        Err(TransportError::PeerGone { peer: 1, .. })
+    ));
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn a_send_without_a_credit_header_or_with_garbage_ends_only_that_peer() {
+    // Two bytes: shorter than the credit header.
+    let (real, _stream, mut endpoint) = real_and_fake(10_000);
+    endpoint.send(&[1, 2]).unwrap();
+    let events = collect_until(&real, |ev| !ev.is_empty());
+    assert!(
+        matches!(&events[..], [Event::PeerLost { peer: 1, reason: LossReason::Rdma(why) }] if why.contains("credit header")),
+        "{events:?}"
+    );
+    real.close();
+    // A valid header, then bytes that are not a frame.
+    let (real, _stream, mut endpoint) = real_and_fake(10_000);
+    let mut garbage = 0u32.to_le_bytes().to_vec();
+    garbage.extend_from_slice(b"not a DVM frame at all");
+    endpoint.send(&garbage).unwrap();
+    let events = collect_until(&real, |ev| !ev.is_empty());
+    assert!(
+        matches!(
+            &events[..],
+            [Event::PeerLost {
+                peer: 1,
+                reason: LossReason::Protocol(wire::WireError::BadMagic { offset: 0, .. })
+            }]
+        ),
+        "{events:?}"
+    );
+    real.close();
 }

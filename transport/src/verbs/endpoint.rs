@@ -10,9 +10,11 @@
 //! at any time while it is registered, so DVM never hands out Rust references into one: data moves
 //! in and out by copies ([`Endpoint::copy_in`], [`Endpoint::copy_out`]).
 //!
-//! One completion queue serves sends and receives. Completions are reaped by polling, on the
-//! caller's thread, with a deadline: a short spin, then sleeps (there is no thread per queue pair
-//! and no unbounded busy wait).
+//! One completion queue serves sends and receives. The blocking operations (`send`, `recv`,
+//! `read`, `write`) reap completions by polling on the caller's thread with a deadline: a short
+//! spin, then sleeps (no thread per queue pair, no unbounded busy wait). The verbs transport
+//! instead posts without waiting (`post_message`, `try_recv`) and sleeps on the completion
+//! channel an endpoint can be created with (`arm`, `channel_fd`, `take_channel_events`).
 
 use std::alloc::Layout;
 use std::collections::hash_map::RandomState;
@@ -49,6 +51,15 @@ pub struct EndpointConfig {
     pub receive_slots: u32,
     /// How long one operation (or the connection exchange) may take.
     pub timeout: Duration,
+    /// Send slots for [`Endpoint::post_message`] (pipelined SENDs; [`Endpoint::send`] uses the
+    /// first).
+    pub send_slots: u32,
+    /// Inline data to ask the queue pair for (`IBV_SEND_INLINE`); 0 for none. A device that
+    /// refuses the size gets a queue pair without inline sends.
+    pub max_inline: u32,
+    /// Attach a completion channel to the completion queue, so that a thread can sleep on its
+    /// descriptor ([`Endpoint::channel_fd`]) instead of polling.
+    pub completion_channel: bool,
 }
 
 impl Default for EndpointConfig {
@@ -62,6 +73,9 @@ impl Default for EndpointConfig {
             message_bytes: 4096,
             receive_slots: 16,
             timeout: Duration::from_secs(20),
+            send_slots: 1,
+            max_inline: 0,
+            completion_channel: false,
         }
     }
 }
@@ -286,9 +300,67 @@ fn warn_teardown(call: &str, rc: c_int) {
     }
 }
 
+/// A completion channel: a descriptor that becomes readable when an armed completion queue
+/// gets a completion. Destroyed on drop, after the completion queue using it (which holds an
+/// `Arc` of it).
+struct CompletionChannel {
+    channel: NonNull<sys::ibv_comp_channel>,
+    _ctx: Arc<RawContext>,
+}
+
+// SAFETY: as for ProtectionDomain: the channel is used through thread-safe verbs calls, and its
+// descriptor through non-blocking reads made by the endpoint's owner.
+unsafe impl Send for CompletionChannel {}
+// SAFETY: as above.
+unsafe impl Sync for CompletionChannel {}
+
+impl CompletionChannel {
+    fn new(ctx: &Arc<RawContext>) -> Result<Arc<CompletionChannel>, VerbsError> {
+        // SAFETY: the context is open (the Arc keeps it so); NULL with errno on failure.
+        let channel = unsafe { sys::ibv_create_comp_channel(ctx.ctx.as_ptr()) };
+        let channel = NonNull::new(channel).ok_or_else(|| null_error("ibv_create_comp_channel"))?;
+        let channel = Arc::new(CompletionChannel {
+            channel,
+            _ctx: Arc::clone(ctx),
+        });
+        // The owner drains events after its sleep ends; a blocking read there could hang it.
+        let fd = channel.fd();
+        // SAFETY: plain fcntl calls on the channel's descriptor, which lives as long as `channel`.
+        let rc = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags < 0 {
+                flags
+            } else {
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
+            }
+        };
+        if rc < 0 {
+            return Err(null_error("fcntl(completion channel, O_NONBLOCK)"));
+        }
+        Ok(channel)
+    }
+
+    fn fd(&self) -> c_int {
+        // SAFETY: the channel is alive; `fd` is fixed at creation.
+        unsafe { (*self.channel.as_ptr()).fd }
+    }
+}
+
+impl Drop for CompletionChannel {
+    fn drop(&mut self) {
+        // SAFETY: created by ibv_create_comp_channel and destroyed once; the CQ attached to it
+        // holds an Arc of it and is destroyed already.
+        let rc = unsafe { sys::ibv_destroy_comp_channel(self.channel.as_ptr()) };
+        warn_teardown("ibv_destroy_comp_channel", rc);
+    }
+}
+
 /// A completion queue; destroyed on drop.
 struct CompletionQueue {
     cq: NonNull<sys::ibv_cq>,
+    /// Declared after `cq` but destroyed after it in any case: `Drop` destroys the CQ before the
+    /// fields are dropped.
+    channel: Option<Arc<CompletionChannel>>,
     _ctx: Arc<RawContext>,
 }
 
@@ -298,22 +370,30 @@ unsafe impl Send for CompletionQueue {}
 unsafe impl Sync for CompletionQueue {}
 
 impl CompletionQueue {
-    fn new(ctx: &Arc<RawContext>, depth: u32) -> Result<Arc<CompletionQueue>, VerbsError> {
+    fn new(
+        ctx: &Arc<RawContext>,
+        depth: u32,
+        channel: Option<Arc<CompletionChannel>>,
+    ) -> Result<Arc<CompletionQueue>, VerbsError> {
         let depth = c_int::try_from(depth).unwrap_or(c_int::MAX);
-        // SAFETY: the context is open; no completion channel (we poll) and vector 0; NULL with
-        // errno on failure.
+        let raw_channel = channel
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |c| c.channel.as_ptr());
+        // SAFETY: the context is open; the channel, if any, is alive and outlives the CQ (the
+        // CQ holds its Arc); vector 0; NULL with errno on failure.
         let cq = unsafe {
             sys::ibv_create_cq(
                 ctx.ctx.as_ptr(),
                 depth,
                 std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                raw_channel,
                 0,
             )
         };
         let cq = NonNull::new(cq).ok_or_else(|| null_error("ibv_create_cq"))?;
         Ok(Arc::new(CompletionQueue {
             cq,
+            channel,
             _ctx: Arc::clone(ctx),
         }))
     }
@@ -322,7 +402,8 @@ impl CompletionQueue {
 impl Drop for CompletionQueue {
     fn drop(&mut self) {
         // SAFETY: created by ibv_create_cq, destroyed once; the QPs using it hold an Arc of it
-        // and are destroyed already.
+        // and are destroyed already; every channel event taken for it was acknowledged when it
+        // was taken (ibv_destroy_cq waits for unacknowledged ones).
         let rc = unsafe { sys::ibv_destroy_cq(self.cq.as_ptr()) };
         warn_teardown("ibv_destroy_cq", rc);
     }
@@ -479,7 +560,8 @@ impl QueuePair {
         cq: &Arc<CompletionQueue>,
         send_wr: u32,
         recv_wr: u32,
-    ) -> Result<QueuePair, VerbsError> {
+        max_inline: u32,
+    ) -> Result<(QueuePair, u32), VerbsError> {
         // SAFETY: a plain C struct of pointers and integers; all zeros (NULL, 0) is valid.
         let mut init: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         init.send_cq = cq.cq.as_ptr();
@@ -488,17 +570,21 @@ impl QueuePair {
         init.cap.max_recv_wr = recv_wr;
         init.cap.max_send_sge = 1;
         init.cap.max_recv_sge = 1;
+        init.cap.max_inline_data = max_inline;
         init.qp_type = sys::ibv_qp_type::IBV_QPT_RC;
         init.sq_sig_all = 0;
         // SAFETY: PD and CQ are alive (Arcs kept by the QP); `init` is a live struct the call
         // reads and updates (granted capacities). NULL with errno on failure.
         let qp = unsafe { sys::ibv_create_qp(pd.pd.as_ptr(), &mut init) };
         let qp = NonNull::new(qp).ok_or_else(|| null_error("ibv_create_qp"))?;
-        Ok(QueuePair {
-            qp,
-            _cq: Arc::clone(cq),
-            _pd: Arc::clone(pd),
-        })
+        Ok((
+            QueuePair {
+                qp,
+                _cq: Arc::clone(cq),
+                _pd: Arc::clone(pd),
+            },
+            init.cap.max_inline_data,
+        ))
     }
 
     fn qpn(&self) -> u32 {
@@ -575,6 +661,8 @@ pub struct Endpoint {
     received: VecDeque<(u32, u32)>,
     next_wr: u64,
     broken: bool,
+    /// Inline bytes the queue pair granted.
+    max_inline: u32,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -683,15 +771,26 @@ impl Endpoint {
         let path_mtu = config.max_mtu.min(mtu_bytes(port_attr.active_mtu)).max(256);
         let max_rd_atomic = u8::try_from(device_attr.max_qp_rd_atom.clamp(1, 16)).unwrap_or(1);
         let pd = ProtectionDomain::new(&ctx)?;
-        // Sends, reads and writes are waited for one at a time today; a few spare slots keep a
-        // later pipelined caller within the queue.
-        let send_wr = 16;
-        let cq = CompletionQueue::new(&ctx, send_wr + config.receive_slots + 16)?;
+        // Every send slot may be in flight at once, plus a few RDMA READs/WRITEs.
+        let send_slots = config.send_slots.max(1);
+        let send_wr = (send_slots + 8).max(16);
+        let channel = if config.completion_channel {
+            Some(CompletionChannel::new(&ctx)?)
+        } else {
+            None
+        };
+        let cq = CompletionQueue::new(&ctx, send_wr + config.receive_slots + 16, channel)?;
         let data = MemoryRegion::new(&pd, config.region_bytes, true)?;
-        // Receive slots, then one slot for the message being sent.
-        let slots = config.receive_slots as usize + 1;
+        // Receive slots, then the slots of messages being sent.
+        let slots = config.receive_slots as usize + send_slots as usize;
         let messages = MemoryRegion::new(&pd, config.message_bytes.max(1) * slots, false)?;
-        let qp = QueuePair::new(&pd, &cq, send_wr, config.receive_slots.max(1))?;
+        let recv_wr = config.receive_slots.max(1);
+        let (qp, max_inline) = match QueuePair::new(&pd, &cq, send_wr, recv_wr, config.max_inline) {
+            Ok(granted) => granted,
+            // Inline sends are an optimisation: a device refusing the size still serves.
+            Err(_) if config.max_inline > 0 => QueuePair::new(&pd, &cq, send_wr, recv_wr, 0)?,
+            Err(err) => return Err(err),
+        };
         let mut endpoint = Endpoint {
             qp,
             data,
@@ -710,6 +809,7 @@ impl Endpoint {
             received: VecDeque::new(),
             next_wr: 0,
             broken: false,
+            max_inline,
             config,
         };
         endpoint.move_to_init()?;
@@ -917,11 +1017,24 @@ impl Endpoint {
         local: (u64, u32, u32),
         remote: Option<(u64, u32)>,
     ) -> Result<u64, VerbsError> {
+        self.next_wr += 1;
+        let wr_id = kind.wr_id(self.next_wr);
+        let flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0 as c_uint;
+        self.post_send_raw(wr_id, flags, opcode, local, remote)?;
+        Ok(wr_id)
+    }
+
+    fn post_send_raw(
+        &mut self,
+        wr_id: u64,
+        send_flags: c_uint,
+        opcode: sys::ibv_wr_opcode::Type,
+        local: (u64, u32, u32),
+        remote: Option<(u64, u32)>,
+    ) -> Result<(), VerbsError> {
         if self.broken {
             return Err(VerbsError::QpInError);
         }
-        self.next_wr += 1;
-        let wr_id = kind.wr_id(self.next_wr);
         let mut sge = sys::ibv_sge {
             addr: local.0,
             length: local.1,
@@ -934,19 +1047,19 @@ impl Endpoint {
         wr.sg_list = &mut sge;
         wr.num_sge = 1;
         wr.opcode = opcode;
-        wr.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0 as c_uint;
+        wr.send_flags = send_flags;
         if let Some((remote_addr, rkey)) = remote {
             wr.wr.rdma = sys::rdma_t { remote_addr, rkey };
         }
         let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
         // SAFETY: the QP is alive; `wr` and `sge` live across the call (the provider copies
-        // them into its queue); the local range was checked to lie in a registered region.
-        // ibv_post_send returns the error number directly.
+        // them into its queue, and inline data out of the buffer); the local range was checked
+        // to lie in a registered region. ibv_post_send returns the error number directly.
         let rc = unsafe { sys::ibv_post_send(self.qp.qp.as_ptr(), &mut wr, &mut bad) };
         if rc != 0 {
             return Err(call_error("ibv_post_send", rc));
         }
-        Ok(wr_id)
+        Ok(())
     }
 
     /// Reaps whatever completions are ready, without waiting. Receive completions are queued for
@@ -1192,5 +1305,139 @@ impl Endpoint {
         self.messages.copy_out(slot as usize * size, &mut message)?;
         self.post_recv(slot)?;
         Ok(message)
+    }
+
+    /// Inline bytes the queue pair accepts (0: no inline sends).
+    pub fn max_inline(&self) -> u32 {
+        self.max_inline
+    }
+
+    /// Bytes of one message slot.
+    pub fn message_bytes(&self) -> usize {
+        self.config.message_bytes
+    }
+
+    /// Whether a failed completion put the queue pair in the error state.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// The completion channel's descriptor (readable after [`Endpoint::arm`] once a completion
+    /// arrives), when the endpoint was created with one.
+    pub fn channel_fd(&self) -> Option<c_int> {
+        self.cq.channel.as_ref().map(|c| c.fd())
+    }
+
+    /// Asks for one channel event at the next completion (`ibv_req_notify_cq`). Poll the queue
+    /// once more after arming: a completion that arrived just before is not signalled.
+    pub fn arm(&mut self) -> Result<(), VerbsError> {
+        // SAFETY: the CQ is alive; any completion (not only solicited ones).
+        let rc = unsafe { sys::ibv_req_notify_cq(self.cq.cq.as_ptr(), 0) };
+        if rc != 0 {
+            return Err(call_error("ibv_req_notify_cq", rc));
+        }
+        Ok(())
+    }
+
+    /// Takes and acknowledges every pending channel event without blocking; returns how many.
+    pub fn take_channel_events(&mut self) -> Result<u32, VerbsError> {
+        let Some(channel) = self.cq.channel.clone() else {
+            return Ok(0);
+        };
+        let mut taken = 0;
+        loop {
+            let mut cq: *mut sys::ibv_cq = std::ptr::null_mut();
+            let mut context: *mut std::ffi::c_void = std::ptr::null_mut();
+            // SAFETY: the channel is alive and non-blocking; both out-pointers are live locals.
+            let rc =
+                unsafe { sys::ibv_get_cq_event(channel.channel.as_ptr(), &mut cq, &mut context) };
+            if rc != 0 {
+                let err = std::io::Error::last_os_error();
+                return match err.raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(taken),
+                    Some(errno) => Err(VerbsError::Call {
+                        call: "ibv_get_cq_event",
+                        errno,
+                    }),
+                    None => Ok(taken),
+                };
+            }
+            // SAFETY: the event names our CQ (the only one on this channel); acknowledging it
+            // at once keeps ibv_destroy_cq from waiting on it.
+            unsafe { sys::ibv_ack_cq_events(cq, 1) };
+            taken += 1;
+        }
+    }
+
+    /// Posts one SEND of `message` from send slot `slot` without waiting. Messages up to
+    /// [`Endpoint::max_inline`] bytes go inline. Only a `signalled` send produces a completion
+    /// (with `wr_id` from `tag`); on an RC queue pair, its completion means every earlier send
+    /// completed too, so their slots are free again.
+    pub fn post_message(
+        &mut self,
+        slot: u32,
+        message: &[u8],
+        signalled: bool,
+        tag: u64,
+    ) -> Result<u64, VerbsError> {
+        let size = self.config.message_bytes;
+        if message.len() > size {
+            return Err(VerbsError::MessageTooLarge {
+                len: message.len(),
+                max: size,
+            });
+        }
+        if slot >= self.config.send_slots.max(1) {
+            return Err(VerbsError::OutOfBounds {
+                what: "send slot",
+                offset: u64::from(slot),
+                len: 1,
+                size: u64::from(self.config.send_slots.max(1)),
+            });
+        }
+        let offset = (self.config.receive_slots as usize + slot as usize) * size;
+        let mut flags = 0;
+        if signalled {
+            flags |= sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        }
+        if !message.is_empty() && message.len() <= self.max_inline as usize {
+            flags |= sys::ibv_send_flags::IBV_SEND_INLINE.0;
+        }
+        self.messages.copy_in(offset, message)?;
+        let local = (
+            self.messages.addr() + offset as u64,
+            message.len() as u32,
+            self.messages.lkey(),
+        );
+        let wr_id = CompletionKind::Send.wr_id(tag);
+        self.post_send_raw(
+            wr_id,
+            flags as c_uint,
+            sys::ibv_wr_opcode::IBV_WR_SEND,
+            local,
+            None,
+        )?;
+        Ok(wr_id)
+    }
+
+    /// The next received message if one has completed (see [`Endpoint::poll`]), without
+    /// waiting. Its receive is posted again before this returns.
+    pub fn try_recv(&mut self) -> Result<Option<Vec<u8>>, VerbsError> {
+        if self.broken {
+            return Err(VerbsError::QpInError);
+        }
+        let Some((slot, bytes)) = self.received.pop_front() else {
+            return Ok(None);
+        };
+        let size = self.config.message_bytes;
+        let mut message = vec![0u8; (bytes as usize).min(size)];
+        self.messages.copy_out(slot as usize * size, &mut message)?;
+        self.post_recv(slot)?;
+        Ok(Some(message))
+    }
+
+    /// Receives completed and not yet taken.
+    pub fn received_len(&self) -> usize {
+        self.received.len()
     }
 }

@@ -1,23 +1,25 @@
 //! RDMA verbs (InfiniBand, RoCE, soft-RoCE) through `rdma-sys`: device discovery, the choice of
-//! the cluster transport, and the endpoint layer the verbs transport is built on.
+//! the cluster transport, the endpoint layer, and the cluster transport over it.
 //!
-//! What exists (step 1 of the RDMA work): [`probe`] lists devices and ports or says, typed, why
-//! this host has no usable RDMA; [`choose`] turns that and the user's `--transport` into the
-//! transport a run uses; [`Endpoint`] is one reliable-connected queue pair with its protection
-//! domain, completion queue and memory regions, connected to a peer over a TCP socket, doing RDMA
-//! WRITE, RDMA READ and SEND/RECV. The cluster's [`crate::Transport`] over verbs comes later; until
-//! then a run that asks for RDMA is refused, never silently served by TCP.
+//! [`probe`] lists devices and ports or says, typed, why this host has no usable RDMA; [`choose`]
+//! turns that and the user's `--transport` into the transport a run uses; [`Endpoint`] is one
+//! reliable-connected queue pair with its protection domain, completion queue (optionally with a
+//! completion channel) and memory regions, doing RDMA WRITE, RDMA READ and SEND/RECV;
+//! [`VerbsTransport`] is the cluster's [`crate::Transport`] over one endpoint per peer. A run that
+//! asks for RDMA on a host without it is refused, never silently served by TCP.
 //!
 //! Every `unsafe` block of DVM's verbs code lives in this module tree (`sys`-facing code in
-//! `device.rs` and `endpoint.rs`), each with a `// SAFETY:` comment.
+//! `device.rs` and `endpoint.rs`, epoll in `transport.rs`), each with a `// SAFETY:` comment.
 
 mod device;
 mod endpoint;
+mod transport;
 
 pub use device::{probe, Device, Gid, Port, PortState, Probe};
 pub use endpoint::{
     Completion, CompletionKind, Endpoint, EndpointConfig, PeerInfo, QpState, RemoteRegion,
 };
+pub use transport::{VerbsConfig, VerbsCounters, VerbsTransport};
 
 use std::fmt;
 use std::time::Duration;
@@ -82,18 +84,10 @@ impl fmt::Display for Choice {
 pub enum ChoiceError {
     #[error("--transport rdma: no RDMA: {0}")]
     NoRdma(NoRdma),
-    /// A device is present but this build has no cluster transport over it yet.
-    #[error(
-        "--transport rdma: the RDMA cluster transport is not available in this build yet \
-         (device {device} is present); use --transport tcp or auto"
-    )]
-    NotBuiltYet { device: String },
 }
 
-/// Chooses the cluster transport from the user's preference and what [`probe`] found.
-///
-/// With a usable device, `Auto` still chooses TCP, saying so: the cluster transport over verbs
-/// does not exist yet, and a run must never claim RDMA it does not use.
+/// Chooses the cluster transport from the user's preference and what [`probe`] found: RDMA
+/// whenever a device with an active port is present, unless TCP is asked for.
 pub fn choose(preference: Preference, probe: &Probe) -> Result<Choice, ChoiceError> {
     match (preference, probe) {
         (Preference::Tcp, _) => Ok(Choice {
@@ -105,15 +99,16 @@ pub fn choose(preference: Preference, probe: &Probe) -> Result<Choice, ChoiceErr
             reason: format!("no RDMA: {why}"),
         }),
         (Preference::Auto, Probe::Available(devices)) => Ok(Choice {
-            transport: Chosen::Tcp,
-            reason: format!(
-                "RDMA device {} is usable, but the RDMA cluster transport is not available in this build yet",
-                usable_device_name(devices)
-            ),
+            transport: Chosen::Rdma,
+            reason: format!("device {} has an active port", usable_device_name(devices)),
         }),
         (Preference::Rdma, Probe::Unavailable(why)) => Err(ChoiceError::NoRdma(why.clone())),
-        (Preference::Rdma, Probe::Available(devices)) => Err(ChoiceError::NotBuiltYet {
-            device: usable_device_name(devices),
+        (Preference::Rdma, Probe::Available(devices)) => Ok(Choice {
+            transport: Chosen::Rdma,
+            reason: format!(
+                "asked for with --transport rdma; device {} has an active port",
+                usable_device_name(devices)
+            ),
         }),
     }
 }
@@ -218,23 +213,19 @@ mod tests {
     }
 
     #[test]
-    fn rdma_is_refused_with_the_reason_or_because_it_is_not_built() {
+    fn rdma_is_refused_without_a_device_and_chosen_with_one() {
         let err =
             choose(Preference::Rdma, &Probe::Unavailable(NoRdma::NoDevices)).expect_err("refused");
         assert_eq!(err, ChoiceError::NoRdma(NoRdma::NoDevices));
         assert!(err.to_string().contains("no RDMA devices"), "{err}");
-        let err =
-            choose(Preference::Rdma, &Probe::Available(vec![device(true)])).expect_err("refused");
-        assert!(
-            err.to_string()
-                .contains("the RDMA cluster transport is not available in this build yet"),
-            "{err}"
-        );
-        // A present device must not make `auto` claim RDMA it does not use.
+        let choice =
+            choose(Preference::Rdma, &Probe::Available(vec![device(true)])).expect("chosen");
+        assert_eq!(choice.transport, Chosen::Rdma);
+        assert!(choice.reason.contains("rxe0"), "{}", choice.reason);
         let choice =
             choose(Preference::Auto, &Probe::Available(vec![device(true)])).expect("chosen");
-        assert_eq!(choice.transport, Chosen::Tcp);
-        assert!(choice.reason.contains("rxe0"), "{}", choice.reason);
+        assert_eq!(choice.transport, Chosen::Rdma);
+        assert!(choice.to_string().starts_with("RDMA verbs"), "{choice}");
     }
 
     #[test]

@@ -1,0 +1,1302 @@
+//! The cluster [`Transport`] over RDMA verbs ("rdma-verbs").
+//!
+//! Bootstrap: the TCP transport's listener and mesh ([`crate::tcp::Bound`]) connect one socket
+//! per pair of ranks and check the job token with the same Hello handshake. Over each socket the
+//! two sides exchange their endpoints' [`PeerInfo`] (as a Message frame), bring their RC queue
+//! pairs to RTS, and confirm with a Ping, so neither SENDs before the other can receive. The
+//! socket then stays open as the liveness channel: Pings on it are the heartbeats, its closing is
+//! a lost peer.
+//!
+//! Data: frames are encoded exactly as over TCP and form one byte stream per peer, carried in
+//! SENDs of at most one receive slot each. Each SEND is `[credits returned: u32 LE][stream
+//! bytes]`; the receiver feeds the bytes to the same incremental decoder as TCP, so a frame of
+//! any size is fragmented and reassembled, and per-peer FIFO follows from the RC queue pair's
+//! ordering. The Goodbye travels in the stream too, after everything queued before it.
+//!
+//! Flow control: the receiver keeps `receive_slots` receives posted; a sender starts with that
+//! many credits and spends one per SEND. The receiver reposts a slot when it has decoded it and
+//! returns the credit piggybacked on its next SEND, or in a credit-only SEND (no stream bytes)
+//! once half the ring is owed and nothing else flows. A data SEND needs two credits and a
+//! credit-only SEND one, so the last credit is kept for returning credits: the two sides can
+//! never both wait for credits the other holds. A sender without credits leaves frames in its
+//! bounded outbound queue; callers block (bounded) on a full queue and then get `QueueFull`.
+//! While undelivered events exceed `max_inbound_bytes`, received slots are not decoded, so no
+//! credits return and the peer's queue fills: back-pressure reaches the sending caller.
+//!
+//! Completions: SENDs are signalled every `signal_every`-th one (and the last before a Goodbye);
+//! on an RC queue pair a completion means every earlier SEND completed, which frees their send
+//! slots. One I/O thread owns every endpoint: it drains the completion queues, then arms them
+//! (`ibv_req_notify_cq`) and sleeps in epoll on their completion channels, the bootstrap sockets
+//! and a wake eventfd, until the next heartbeat is due. It never spins while idle. The thread
+//! (rather than the caller of `poll`) does this so that heartbeats and credit returns flow while
+//! the cluster code is busy elsewhere, as the TCP transport's I/O thread does.
+//!
+//! Loss: a closed bootstrap socket without a Goodbye in the stream (after a short grace for the
+//! stream's last SENDs to be reaped), a completion in error (the queue pair is then in the error
+//! state), a protocol error in the stream, or silence past `peer_timeout_ms` yields exactly one
+//! [`Event::PeerLost`]; a Goodbye yields [`Event::PeerLeft`]. The peer's verbs objects are
+//! destroyed at once on either.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{Endpoint, EndpointConfig, PeerInfo, VerbsError};
+use crate::tcp::Bound;
+use crate::uring::EventFd;
+use crate::wire::{self, Decoder, Frame, FrameKind};
+use crate::{
+    Event, LossReason, NodeId, PageVersionRef, PeerCounters, RequestId, Transport, TransportError,
+};
+
+const RUN: u8 = 0;
+const STOP_GRACEFUL: u8 = 1;
+const STOP_ABORT: u8 = 2;
+
+const LIVE: u8 = 0;
+const GONE: u8 = 1;
+
+/// Bytes of the credit header of every SEND.
+const CREDIT_BYTES: usize = 4;
+/// How long a closed bootstrap socket waits for the Goodbye still in the verbs stream.
+const EOF_GRACE: Duration = Duration::from_millis(500);
+/// How long a graceful close waits for queued frames and the Goodbye to complete.
+const CLOSE_DRAIN: Duration = Duration::from_millis(2000);
+/// Rough per-event overhead counted against `max_inbound_bytes`.
+const EVENT_OVERHEAD_BYTES: u64 = 64;
+/// Largest bootstrap frame (a PeerInfo in a Message).
+const MAX_BOOTSTRAP_PAYLOAD_BYTES: usize = 1024;
+
+/// Settings of the verbs transport beyond the bootstrap's [`crate::tcp::TcpConfig`].
+#[derive(Clone, Debug)]
+pub struct VerbsConfig {
+    /// Device, port, GID and the sizes of each peer's endpoint. `message_bytes` is one SEND
+    /// (credit header included), `receive_slots` the receives kept posted (the credits a peer
+    /// starts with), `send_slots` the SENDs in flight at most.
+    pub endpoint: EndpointConfig,
+    /// Every this many SENDs one is signalled; divides `send_slots`.
+    pub signal_every: u32,
+}
+
+impl Default for VerbsConfig {
+    fn default() -> Self {
+        VerbsConfig {
+            endpoint: EndpointConfig {
+                // One RDMA READ target per peer for now: the page-read path does not use it.
+                region_bytes: 4096,
+                message_bytes: 16 * 1024,
+                receive_slots: 32,
+                send_slots: 32,
+                max_inline: 128,
+                completion_channel: true,
+                ..EndpointConfig::default()
+            },
+            signal_every: 8,
+        }
+    }
+}
+
+impl VerbsConfig {
+    fn validate(&self) -> Result<(), TransportError> {
+        let e = &self.endpoint;
+        let bad = |s: String| Err(TransportError::Config(s));
+        if e.message_bytes <= CREDIT_BYTES || e.message_bytes > 1 << 24 {
+            return bad(format!(
+                "message_bytes {} outside 5..=16 MiB",
+                e.message_bytes
+            ));
+        }
+        if e.receive_slots < 4 {
+            return bad(format!("receive_slots {} below 4", e.receive_slots));
+        }
+        if self.signal_every == 0 || e.send_slots == 0 || e.send_slots % self.signal_every != 0 {
+            return bad(format!(
+                "send_slots {} is not a multiple of signal_every {}",
+                e.send_slots, self.signal_every
+            ));
+        }
+        if !e.completion_channel {
+            return bad(
+                "the transport sleeps on completion channels: completion_channel must be set"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Verbs work counted over the transport's life (all peers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerbsCounters {
+    /// Work requests posted to send queues (SENDs, RDMA READs and WRITEs).
+    pub work_requests_posted: u64,
+    /// SENDs posted inline.
+    pub inline_sends: u64,
+    /// SENDs carrying only returned credits.
+    pub credit_messages: u64,
+    /// Signalled send completions reaped.
+    pub signalled_completions: u64,
+    /// RDMA READs posted.
+    pub rdma_reads: u64,
+    /// Receive completions taken (each reposted).
+    pub receives: u64,
+}
+
+#[derive(Default)]
+struct OutQueue {
+    /// Encoded frames not yet taken by the I/O thread.
+    pending: Vec<u8>,
+    enqueued_total: u64,
+    /// Bytes posted in SENDs.
+    posted_total: u64,
+    max_depth: u64,
+}
+
+struct PeerShared {
+    addr: SocketAddr,
+    out: Mutex<OutQueue>,
+    out_cv: Condvar,
+    state: AtomicU8,
+    messages_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    messages_received: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
+#[derive(Default)]
+struct Inbox {
+    events: VecDeque<Event>,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct AtomicCounters {
+    posted: AtomicU64,
+    inline: AtomicU64,
+    credit: AtomicU64,
+    signalled: AtomicU64,
+    reads: AtomicU64,
+    receives: AtomicU64,
+}
+
+struct Shared {
+    rank: NodeId,
+    world: u32,
+    peers: Vec<PeerShared>,
+    inbox: Mutex<Inbox>,
+    inbox_cv: Condvar,
+    eventfd: EventFd,
+    stop: AtomicU8,
+    rx_paused: AtomicBool,
+    next_request: AtomicU64,
+    max_queue_bytes: u64,
+    send_timeout: Duration,
+    max_inbound_bytes: u64,
+    verbs: AtomicCounters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn event_bytes(e: &Event) -> u64 {
+    EVENT_OVERHEAD_BYTES
+        + match e {
+            Event::Message { payload, .. }
+            | Event::Request { payload, .. }
+            | Event::Response { payload, .. } => payload.len() as u64,
+            Event::PageData { .. } => wire::PAGE_RECORD_BYTES as u64,
+            Event::Pages { pages, .. } => (pages.len() * wire::PAGE_RECORD_BYTES) as u64,
+            _ => 0,
+        }
+}
+
+impl Shared {
+    fn peer(&self, to: NodeId) -> Result<&PeerShared, TransportError> {
+        if to == self.rank {
+            return Err(TransportError::ToSelf(to));
+        }
+        self.peers
+            .get(to as usize)
+            .ok_or(TransportError::UnknownPeer {
+                peer: to,
+                world: self.world,
+            })
+    }
+
+    /// Append frames to `to`'s queue, blocking (bounded) while it is full; as the TCP transport.
+    fn enqueue(
+        &self,
+        to: NodeId,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(usize, u64), wire::WireError>,
+    ) -> Result<(), TransportError> {
+        let peer = self.peer(to)?;
+        let deadline = Instant::now() + self.send_timeout;
+        let mut q = lock(&peer.out);
+        loop {
+            if self.stop.load(Ordering::Acquire) != RUN {
+                return Err(TransportError::Closed);
+            }
+            if peer.state.load(Ordering::Acquire) != LIVE {
+                return Err(TransportError::PeerGone {
+                    peer: to,
+                    addr: peer.addr,
+                });
+            }
+            let depth = q.enqueued_total - q.posted_total;
+            if depth < self.max_queue_bytes {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TransportError::QueueFull {
+                    peer: to,
+                    addr: peer.addr,
+                    queued_bytes: depth,
+                    limit_bytes: self.max_queue_bytes,
+                    waited_ms: self.send_timeout.as_millis() as u64,
+                });
+            }
+            q = peer
+                .out_cv
+                .wait_timeout(q, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let (len, frames) = encode(&mut q.pending)?;
+        q.enqueued_total += len as u64;
+        let depth = q.enqueued_total - q.posted_total;
+        q.max_depth = q.max_depth.max(depth);
+        drop(q);
+        if frames > 0 {
+            peer.messages_sent.fetch_add(frames, Ordering::Relaxed);
+            peer.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
+        }
+        self.eventfd.signal();
+        Ok(())
+    }
+
+    fn push_events(&self, events: &mut Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut inbox = lock(&self.inbox);
+        for e in events.drain(..) {
+            inbox.bytes += event_bytes(&e);
+            inbox.events.push_back(e);
+        }
+        if inbox.bytes > self.max_inbound_bytes {
+            self.rx_paused.store(true, Ordering::Release);
+        }
+        drop(inbox);
+        self.inbox_cv.notify_all();
+    }
+
+    fn next_id(&self) -> u64 {
+        // Starts at 1; 0 stays reserved for one-way frames.
+        self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The RDMA verbs transport. Dropping it closes it gracefully (see [`VerbsTransport::close`]).
+pub struct VerbsTransport {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    device: String,
+}
+
+fn verbs_err(what: &'static str) -> impl FnOnce(VerbsError) -> TransportError {
+    move |e| TransportError::Io {
+        what,
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> TransportError {
+    move |source| TransportError::Io { what, source }
+}
+
+/// Reads from a blocking socket (with a read timeout set) until `decoder` yields a frame.
+fn read_frame(stream: &mut TcpStream, decoder: &mut Decoder) -> io::Result<Frame> {
+    let mut buf = [0u8; 512];
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => return Ok(frame),
+            Ok(None) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the bootstrap connection",
+            ));
+        }
+        decoder.feed(buf.get(..n).unwrap_or(&[]));
+    }
+}
+
+fn write_frame(stream: &mut TcpStream, frame: &Frame) -> io::Result<()> {
+    let bytes = frame
+        .to_bytes()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    stream.write_all(&bytes)
+}
+
+impl VerbsTransport {
+    /// Builds the mesh over the bootstrap listener `bound` (see [`Bound::establish`] for `peers`
+    /// and the handshake), then one connected queue pair per peer, and starts the I/O thread.
+    pub fn establish(
+        bound: Bound,
+        peers: Vec<SocketAddr>,
+        config: VerbsConfig,
+    ) -> Result<VerbsTransport, TransportError> {
+        config.validate()?;
+        let tcp = bound.config().clone();
+        let (connected, _refusals) = bound.mesh(&peers)?;
+        // The listener closes here: no rank joins later, and late Hellos are refused by the
+        // kernel instead.
+        drop(bound);
+        let timeout = Duration::from_millis(tcp.connect_timeout_ms.max(1000));
+        let mut endpoint_config = config.endpoint.clone();
+        endpoint_config.timeout = timeout;
+
+        struct Boot {
+            rank: usize,
+            stream: TcpStream,
+            decoder: Decoder,
+            endpoint: Endpoint,
+        }
+        let mut boots = Vec::new();
+        for (rank, c) in connected.into_iter().enumerate() {
+            let Some((mut stream, mut decoder)) = c else {
+                continue;
+            };
+            stream
+                .set_nonblocking(false)
+                .map_err(io_err("bootstrap socket to blocking"))?;
+            stream
+                .set_read_timeout(Some(timeout))
+                .map_err(io_err("bootstrap socket read timeout"))?;
+            stream
+                .set_write_timeout(Some(timeout))
+                .map_err(io_err("bootstrap socket write timeout"))?;
+            decoder.set_max_payload(MAX_BOOTSTRAP_PAYLOAD_BYTES);
+            let endpoint = Endpoint::create(endpoint_config.clone())
+                .map_err(verbs_err("creating a queue pair"))?;
+            // Every side writes before it reads, in each phase: the small frames fit the socket
+            // buffers, so the order of peers cannot deadlock.
+            write_frame(
+                &mut stream,
+                &Frame::Message(endpoint.local_info().encode().to_vec()),
+            )
+            .map_err(io_err("sending queue pair information"))?;
+            boots.push(Boot {
+                rank,
+                stream,
+                decoder,
+                endpoint,
+            });
+        }
+        for b in &mut boots {
+            let info = match read_frame(&mut b.stream, &mut b.decoder)
+                .map_err(io_err("receiving queue pair information"))?
+            {
+                Frame::Message(bytes) => {
+                    let bytes: [u8; 56] = bytes.as_slice().try_into().map_err(|_| {
+                        TransportError::Config(format!(
+                            "rank {}: queue pair information of {} bytes",
+                            b.rank,
+                            bytes.len()
+                        ))
+                    })?;
+                    PeerInfo::decode(&bytes).map_err(verbs_err("the peer's queue pair"))?
+                }
+                other => {
+                    return Err(TransportError::Config(format!(
+                        "rank {}: a {} frame instead of queue pair information",
+                        b.rank,
+                        other.kind()
+                    )))
+                }
+            };
+            b.endpoint
+                .connect(&info)
+                .map_err(verbs_err("connecting a queue pair"))?;
+            write_frame(&mut b.stream, &Frame::Ping)
+                .map_err(io_err("confirming the queue pair"))?;
+        }
+        for b in &mut boots {
+            match read_frame(&mut b.stream, &mut b.decoder)
+                .map_err(io_err("waiting for the peer's queue pair"))?
+            {
+                Frame::Ping => {}
+                other => {
+                    return Err(TransportError::Config(format!(
+                        "rank {}: a {} frame instead of the queue pair confirmation",
+                        b.rank,
+                        other.kind()
+                    )))
+                }
+            }
+            b.stream
+                .set_nonblocking(true)
+                .map_err(io_err("bootstrap socket to non-blocking"))?;
+        }
+        let device = boots
+            .first()
+            .map_or_else(|| "-".into(), |b| b.endpoint.device_name().to_string());
+
+        let eventfd = EventFd::new().map_err(io_err("creating the wake eventfd"))?;
+        let shared = Arc::new(Shared {
+            rank: tcp.rank,
+            world: tcp.world,
+            peers: peers
+                .iter()
+                .map(|&addr| PeerShared {
+                    addr,
+                    out: Mutex::new(OutQueue::default()),
+                    out_cv: Condvar::new(),
+                    state: AtomicU8::new(LIVE),
+                    messages_sent: AtomicU64::new(0),
+                    bytes_sent: AtomicU64::new(0),
+                    messages_received: AtomicU64::new(0),
+                    bytes_received: AtomicU64::new(0),
+                })
+                .collect(),
+            inbox: Mutex::new(Inbox::default()),
+            inbox_cv: Condvar::new(),
+            eventfd,
+            stop: AtomicU8::new(RUN),
+            rx_paused: AtomicBool::new(false),
+            next_request: AtomicU64::new(1),
+            max_queue_bytes: tcp.max_queue_bytes,
+            send_timeout: Duration::from_millis(tcp.send_timeout_ms),
+            max_inbound_bytes: tcp.max_inbound_bytes,
+            verbs: AtomicCounters::default(),
+        });
+        let epoll = Epoll::new().map_err(io_err("creating the epoll set"))?;
+        epoll
+            .add(shared.eventfd.raw(), token(TOKEN_WAKE, 0))
+            .map_err(io_err("watching the wake eventfd"))?;
+        let now = Instant::now();
+        let mut links: Vec<Option<Link>> = (0..tcp.world).map(|_| None).collect();
+        for b in boots {
+            let fd = b.endpoint.channel_fd().ok_or_else(|| {
+                TransportError::Config("an endpoint without a completion channel".into())
+            })?;
+            epoll
+                .add(fd, token(TOKEN_CHANNEL, b.rank))
+                .map_err(io_err("watching a completion channel"))?;
+            epoll
+                .add(b.stream.as_raw_fd(), token(TOKEN_SOCKET, b.rank))
+                .map_err(io_err("watching a bootstrap socket"))?;
+            let mut tcp_decoder = b.decoder;
+            tcp_decoder.set_max_payload(MAX_BOOTSTRAP_PAYLOAD_BYTES);
+            let rank = b.rank;
+            links[rank] = Some(Link {
+                rank,
+                endpoint: b.endpoint,
+                stream: b.stream,
+                tcp_decoder,
+                tcp_offset_eof: None,
+                stream_decoder: Decoder::new(),
+                sending: Vec::new(),
+                send_off: 0,
+                credits: config.endpoint.receive_slots,
+                to_return: 0,
+                next_seq: 0,
+                done_seq: 0,
+                last_rx: now,
+                last_tx: now,
+                goodbye_queued: false,
+            });
+        }
+        let mut io = IoThread {
+            shared: Arc::clone(&shared),
+            epoll,
+            links,
+            receive_slots: config.endpoint.receive_slots,
+            send_slots: config.endpoint.send_slots,
+            signal_every: u64::from(config.signal_every),
+            heartbeat: Duration::from_millis(tcp.heartbeat_ms.max(1)),
+            peer_timeout: Duration::from_millis(tcp.peer_timeout_ms.max(1)),
+            message_bytes: config.endpoint.message_bytes,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("dvm-verbs-io-{}", tcp.rank))
+            .spawn(move || io.run())
+            .map_err(io_err("spawning the I/O thread"))?;
+        tracing::info!(node = tcp.rank, %device, "rdma-verbs transport connected");
+        Ok(VerbsTransport {
+            shared,
+            thread: Some(thread),
+            device,
+        })
+    }
+
+    /// The RDMA device the queue pairs use.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Verbs work so far.
+    pub fn verbs_counters(&self) -> VerbsCounters {
+        let v = &self.shared.verbs;
+        VerbsCounters {
+            work_requests_posted: v.posted.load(Ordering::Relaxed),
+            inline_sends: v.inline.load(Ordering::Relaxed),
+            credit_messages: v.credit.load(Ordering::Relaxed),
+            signalled_completions: v.signalled.load(Ordering::Relaxed),
+            rdma_reads: v.reads.load(Ordering::Relaxed),
+            receives: v.receives.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Leave gracefully: queue a Goodbye to every live peer, wait (bounded) until everything
+    /// queued has completed, destroy every verbs object and join the I/O thread.
+    pub fn close(mut self) {
+        self.stop(false);
+    }
+
+    /// Leave abruptly, as a crash would: no Goodbye, queued frames dropped.
+    pub fn abort(mut self) {
+        self.stop(true);
+    }
+
+    fn stop(&mut self, abort: bool) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.shared.stop.store(
+            if abort { STOP_ABORT } else { STOP_GRACEFUL },
+            Ordering::Release,
+        );
+        self.shared.eventfd.signal();
+        if thread.join().is_err() {
+            tracing::error!(node = self.shared.rank, "the verbs I/O thread panicked");
+        }
+        self.shared.inbox_cv.notify_all();
+        for p in &self.shared.peers {
+            p.out_cv.notify_all();
+        }
+    }
+
+    fn check_running(&self) -> Result<(), TransportError> {
+        if self.shared.stop.load(Ordering::Acquire) != RUN {
+            return Err(TransportError::Closed);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for VerbsTransport {
+    fn drop(&mut self) {
+        self.stop(false);
+    }
+}
+
+impl Transport for VerbsTransport {
+    fn local(&self) -> NodeId {
+        self.shared.rank
+    }
+
+    fn world(&self) -> u32 {
+        self.shared.world
+    }
+
+    fn name(&self) -> &'static str {
+        "rdma-verbs"
+    }
+
+    fn send(&self, to: NodeId, payload: &[u8]) -> Result<(), TransportError> {
+        self.shared.enqueue(to, |out| {
+            Ok((wire::encode_data(out, FrameKind::Message, 0, payload)?, 1))
+        })
+    }
+
+    fn request(&self, to: NodeId, payload: &[u8]) -> Result<RequestId, TransportError> {
+        let id = self.shared.next_id();
+        self.shared.enqueue(to, |out| {
+            Ok((wire::encode_data(out, FrameKind::Request, id, payload)?, 1))
+        })?;
+        Ok(RequestId(id))
+    }
+
+    fn respond(&self, to: NodeId, id: RequestId, payload: &[u8]) -> Result<(), TransportError> {
+        self.shared.enqueue(to, |out| {
+            Ok((
+                wire::encode_data(out, FrameKind::Response, id.0, payload)?,
+                1,
+            ))
+        })
+    }
+
+    fn read_page(
+        &self,
+        home: NodeId,
+        page: u64,
+        snapshot_ts: u64,
+    ) -> Result<RequestId, TransportError> {
+        // The home's CPU answers, as over TCP: one-sided page reads need the page pools
+        // registered and published, which this transport does not do yet.
+        let id = self.shared.next_id();
+        self.shared.enqueue(home, |out| {
+            Ok((wire::encode_read_page(out, id, page, snapshot_ts)?, 1))
+        })?;
+        Ok(RequestId(id))
+    }
+
+    fn respond_page(
+        &self,
+        to: NodeId,
+        id: RequestId,
+        version: PageVersionRef<'_>,
+    ) -> Result<(), TransportError> {
+        self.shared.enqueue(to, |out| {
+            Ok((wire::encode_page_data(out, id.0, &version)?, 1))
+        })
+    }
+
+    fn push_pages(&self, to: NodeId, pages: &[PageVersionRef<'_>]) -> Result<(), TransportError> {
+        for chunk in pages.chunks(wire::MAX_PAGES_PER_FRAME) {
+            self.shared
+                .enqueue(to, |out| Ok((wire::encode_push_pages(out, chunk)?, 1)))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until everything queued before the call has been posted to the send queues.
+    fn flush(&self) -> Result<(), TransportError> {
+        self.check_running()?;
+        self.shared.eventfd.signal();
+        let deadline = Instant::now() + self.shared.send_timeout;
+        for (rank, peer) in self.shared.peers.iter().enumerate() {
+            if rank as NodeId == self.shared.rank {
+                continue;
+            }
+            let mut q = lock(&peer.out);
+            let target = q.enqueued_total;
+            while q.posted_total < target && peer.state.load(Ordering::Acquire) == LIVE {
+                let now = Instant::now();
+                if now >= deadline || self.shared.stop.load(Ordering::Acquire) != RUN {
+                    return Err(TransportError::FlushTimeout {
+                        peer: rank as NodeId,
+                        addr: peer.addr,
+                        pending_bytes: target - q.posted_total,
+                        waited_ms: self.shared.send_timeout.as_millis() as u64,
+                    });
+                }
+                q = peer
+                    .out_cv
+                    .wait_timeout(q, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        Ok(())
+    }
+
+    fn poll(&self, events: &mut Vec<Event>, timeout: Duration) -> Result<(), TransportError> {
+        let deadline = Instant::now() + timeout;
+        let mut inbox = lock(&self.shared.inbox);
+        while inbox.events.is_empty() {
+            if self.shared.stop.load(Ordering::Acquire) != RUN {
+                return Err(TransportError::Closed);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            inbox = self
+                .shared
+                .inbox_cv
+                .wait_timeout(inbox, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        events.extend(inbox.events.drain(..));
+        inbox.bytes = 0;
+        drop(inbox);
+        if self.shared.rx_paused.swap(false, Ordering::AcqRel) {
+            self.shared.eventfd.signal();
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<PeerCounters> {
+        self.shared
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(r, _)| *r as NodeId != self.shared.rank)
+            .map(|(r, p)| {
+                let q = lock(&p.out);
+                PeerCounters {
+                    peer: r as NodeId,
+                    messages_sent: p.messages_sent.load(Ordering::Relaxed),
+                    bytes_sent: p.bytes_sent.load(Ordering::Relaxed),
+                    messages_received: p.messages_received.load(Ordering::Relaxed),
+                    bytes_received: p.bytes_received.load(Ordering::Relaxed),
+                    queue_depth_bytes: q.enqueued_total - q.posted_total,
+                    queue_max_bytes: q.max_depth,
+                }
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// epoll
+
+const TOKEN_WAKE: u64 = 1;
+const TOKEN_CHANNEL: u64 = 2;
+const TOKEN_SOCKET: u64 = 3;
+
+fn token(kind: u64, rank: usize) -> u64 {
+    (kind << 32) | rank as u64
+}
+
+struct Epoll(std::os::fd::OwnedFd);
+
+impl Epoll {
+    fn new() -> io::Result<Epoll> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        Ok(Epoll(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: libc::c_int, data: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: data,
+        };
+        // SAFETY: `ev` is a live struct the call reads; both descriptors are open.
+        let rc = unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd, &mut ev) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn add(&self, fd: libc::c_int, data: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, data)
+    }
+
+    fn remove(&self, fd: libc::c_int) {
+        // Removal fails only for a descriptor not in the set; nothing to undo then.
+        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0);
+    }
+
+    fn wait(&self, out: &mut [libc::epoll_event], timeout: Duration) -> io::Result<usize> {
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `out` is a live, writable array of `out.len()` events.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.0.as_raw_fd(),
+                out.as_mut_ptr(),
+                libc::c_int::try_from(out.len()).unwrap_or(1),
+                ms,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(err);
+        }
+        Ok(n as usize)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The I/O thread
+
+/// One live peer: its queue pair and its bootstrap socket.
+struct Link {
+    rank: usize,
+    endpoint: Endpoint,
+    stream: TcpStream,
+    tcp_decoder: Decoder,
+    /// Set when the bootstrap socket closed: (when, stream offset).
+    tcp_offset_eof: Option<(Instant, u64)>,
+    /// Decodes the frames of the verbs stream.
+    stream_decoder: Decoder,
+    /// Bytes taken from the outbound queue and not yet all posted.
+    sending: Vec<u8>,
+    send_off: usize,
+    /// SENDs the peer has receives posted for.
+    credits: u32,
+    /// Receives reposted whose credits the peer has not been told about.
+    to_return: u32,
+    /// Sequence number of the next SEND; those below `done_seq` have completed.
+    next_seq: u64,
+    done_seq: u64,
+    last_rx: Instant,
+    last_tx: Instant,
+    goodbye_queued: bool,
+}
+
+struct IoThread {
+    shared: Arc<Shared>,
+    epoll: Epoll,
+    links: Vec<Option<Link>>,
+    receive_slots: u32,
+    send_slots: u32,
+    signal_every: u64,
+    heartbeat: Duration,
+    peer_timeout: Duration,
+    message_bytes: usize,
+}
+
+/// What ends a link.
+enum End {
+    Left,
+    Lost(LossReason),
+}
+
+fn rdma_loss(e: &VerbsError) -> LossReason {
+    LossReason::Rdma(e.to_string())
+}
+
+impl IoThread {
+    fn run(&mut self) {
+        let mut events = Vec::new();
+        let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        loop {
+            match self.shared.stop.load(Ordering::Acquire) {
+                RUN => {}
+                STOP_GRACEFUL => {
+                    self.close_gracefully();
+                    break;
+                }
+                _ => break,
+            }
+            let busy = self.turn(&mut events);
+            self.shared.push_events(&mut events);
+            let timeout = if busy {
+                Duration::ZERO
+            } else {
+                self.next_timer()
+            };
+            let n = match self.epoll.wait(&mut ready, timeout) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(node = self.shared.rank, "epoll_wait: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    0
+                }
+            };
+            for ev in &ready[..n] {
+                let data = ev.u64;
+                let rank = (data & 0xffff_ffff) as usize;
+                match data >> 32 {
+                    TOKEN_WAKE => drain_eventfd(self.shared.eventfd.raw()),
+                    TOKEN_CHANNEL => {
+                        if let Some(link) = self.links.get_mut(rank).and_then(Option::as_mut) {
+                            if let Err(e) = link.endpoint.take_channel_events() {
+                                let reason = rdma_loss(&e);
+                                self.end_link(rank, End::Lost(reason), &mut events);
+                            }
+                        }
+                    }
+                    // Sockets are read in every turn.
+                    _ => {}
+                }
+            }
+        }
+        // Every link's verbs objects are destroyed here (Endpoint's drop order).
+        for rank in 0..self.links.len() {
+            if let Some(link) = self.links.get_mut(rank).and_then(Option::take) {
+                self.forget(link);
+            }
+        }
+        let v = &self.shared.verbs;
+        tracing::info!(
+            node = self.shared.rank,
+            "rdma-verbs transport closed: work requests posted {}, inline sends {}, credit messages {}, signalled completions {}, receives {}, RDMA READs {}",
+            v.posted.load(Ordering::Relaxed),
+            v.inline.load(Ordering::Relaxed),
+            v.credit.load(Ordering::Relaxed),
+            v.signalled.load(Ordering::Relaxed),
+            v.receives.load(Ordering::Relaxed),
+            v.reads.load(Ordering::Relaxed),
+        );
+    }
+
+    /// Time until the next heartbeat or timeout check.
+    fn next_timer(&self) -> Duration {
+        let now = Instant::now();
+        let mut next = self.heartbeat;
+        for link in self.links.iter().flatten() {
+            next = next.min((link.last_tx + self.heartbeat).saturating_duration_since(now));
+            next = next.min((link.last_rx + self.peer_timeout).saturating_duration_since(now));
+            if let Some((at, _)) = link.tcp_offset_eof {
+                next = next.min((at + EOF_GRACE).saturating_duration_since(now));
+            }
+        }
+        next.max(Duration::from_millis(1))
+    }
+
+    /// One pass over every link: completions, receives, sends, the socket, timers. Returns
+    /// whether anything happened that may allow more work at once.
+    fn turn(&mut self, events: &mut Vec<Event>) -> bool {
+        let mut busy = false;
+        for rank in 0..self.links.len() {
+            if self.links.get(rank).is_none_or(Option::is_none) {
+                continue;
+            }
+            match self.service(rank, events) {
+                Ok(progress) => busy |= progress,
+                Err(end) => self.end_link(rank, end, events),
+            }
+        }
+        busy
+    }
+
+    fn service(&mut self, rank: usize, events: &mut Vec<Event>) -> Result<bool, End> {
+        let paused = self.shared.rx_paused.load(Ordering::Acquire);
+        let shared = Arc::clone(&self.shared);
+        let (receive_slots, send_slots, signal_every, message_bytes) = (
+            self.receive_slots,
+            self.send_slots,
+            self.signal_every,
+            self.message_bytes,
+        );
+        let heartbeat = self.heartbeat;
+        let peer_timeout = self.peer_timeout;
+        let Some(link) = self.links.get_mut(rank).and_then(Option::as_mut) else {
+            return Ok(false);
+        };
+        let peer = &shared.peers[rank];
+        let mut progress = false;
+        let now = Instant::now();
+
+        // Completions: arm first, then poll, so a completion arriving in between still wakes
+        // the thread (through the channel) or is seen by this poll.
+        link.endpoint.arm().map_err(|e| End::Lost(rdma_loss(&e)))?;
+        let mut done = Vec::new();
+        link.endpoint
+            .poll(&mut done)
+            .map_err(|e| End::Lost(rdma_loss(&e)))?;
+        for c in &done {
+            let seq = c.wr_id & ((1 << 56) - 1);
+            link.done_seq = link.done_seq.max(seq + 1);
+            shared.verbs.signalled.fetch_add(1, Ordering::Relaxed);
+            progress = true;
+        }
+
+        // Receives.
+        if !paused {
+            while let Some(message) = link
+                .endpoint
+                .try_recv()
+                .map_err(|e| End::Lost(rdma_loss(&e)))?
+            {
+                progress = true;
+                shared.verbs.receives.fetch_add(1, Ordering::Relaxed);
+                link.last_rx = now;
+                link.to_return += 1;
+                let Some((head, bytes)) = message.split_first_chunk::<CREDIT_BYTES>() else {
+                    return Err(End::Lost(LossReason::Rdma(format!(
+                        "a SEND of {} bytes, shorter than its credit header",
+                        message.len()
+                    ))));
+                };
+                let returned = u32::from_le_bytes(*head);
+                if returned > receive_slots {
+                    return Err(End::Lost(LossReason::Rdma(format!(
+                        "{returned} credits returned at once (ring of {receive_slots})"
+                    ))));
+                }
+                link.credits = (link.credits + returned).min(receive_slots);
+                if !bytes.is_empty() {
+                    link.stream_decoder.feed(bytes);
+                    if let Some(end) = decode_stream(link, peer, rank as NodeId, events) {
+                        return Err(end);
+                    }
+                }
+            }
+        }
+
+        // Sends.
+        let mut posted_bytes = 0u64;
+        loop {
+            if link.send_off >= link.sending.len() {
+                link.sending.clear();
+                link.send_off = 0;
+                let mut q = lock(&peer.out);
+                if q.pending.is_empty() {
+                    break;
+                }
+                std::mem::swap(&mut link.sending, &mut q.pending);
+            }
+            let in_flight = link.next_seq - link.done_seq;
+            if link.credits < 2 || in_flight >= u64::from(send_slots) {
+                break;
+            }
+            let chunk = (link.sending.len() - link.send_off).min(message_bytes - CREDIT_BYTES);
+            let mut message = Vec::with_capacity(CREDIT_BYTES + chunk);
+            message.extend_from_slice(&link.to_return.to_le_bytes());
+            message.extend_from_slice(&link.sending[link.send_off..link.send_off + chunk]);
+            let last = link.send_off + chunk == link.sending.len() && link.goodbye_queued;
+            let signalled = (link.next_seq + 1) % signal_every == 0 || last;
+            post(link, &shared, &message, signalled, send_slots)?;
+            link.to_return = 0;
+            link.credits -= 1;
+            link.send_off += chunk;
+            posted_bytes += chunk as u64;
+            progress = true;
+        }
+        if posted_bytes > 0 {
+            let mut q = lock(&peer.out);
+            q.posted_total += posted_bytes;
+            drop(q);
+            peer.out_cv.notify_all();
+        }
+        // Credits owed and nothing to carry them: a credit-only SEND once half the ring is owed.
+        // Not while closing: the last SEND before a Goodbye must be the signalled one.
+        if link.to_return >= receive_slots / 2
+            && !link.goodbye_queued
+            && link.credits >= 1
+            && link.next_seq - link.done_seq < u64::from(send_slots)
+        {
+            let message = link.to_return.to_le_bytes();
+            let signalled = (link.next_seq + 1) % signal_every == 0;
+            post(link, &shared, &message, signalled, send_slots)?;
+            shared.verbs.credit.fetch_add(1, Ordering::Relaxed);
+            link.to_return = 0;
+            link.credits -= 1;
+            progress = true;
+        }
+
+        // The liveness channel.
+        let mut buf = [0u8; 512];
+        loop {
+            match link.stream.read(&mut buf) {
+                Ok(0) => {
+                    if link.tcp_offset_eof.is_none() {
+                        link.tcp_offset_eof = Some((now, link.tcp_decoder.offset()));
+                        // A closed socket stays readable: unwatched, it cannot spin the thread
+                        // through the grace (the timer ends it).
+                        self.epoll.remove(link.stream.as_raw_fd());
+                    }
+                    break;
+                }
+                Ok(n) => {
+                    link.last_rx = now;
+                    link.tcp_decoder.feed(buf.get(..n).unwrap_or(&[]));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(End::Lost(LossReason::Io {
+                        op: "reading the bootstrap socket",
+                        errno: e.raw_os_error().unwrap_or(libc::EIO),
+                    }))
+                }
+            }
+        }
+        loop {
+            let offset = link.tcp_decoder.offset();
+            match link.tcp_decoder.next_frame() {
+                Ok(None) => break,
+                Ok(Some(Frame::Ping)) => {}
+                Ok(Some(other)) => {
+                    return Err(End::Lost(LossReason::UnexpectedFrame {
+                        kind: other.kind().name(),
+                        offset,
+                    }))
+                }
+                Err(e) => return Err(End::Lost(LossReason::Protocol(e))),
+            }
+        }
+        if let Some((at, offset)) = link.tcp_offset_eof {
+            // The Goodbye, if the peer sent one, is in the verbs stream; its SEND completed
+            // before the peer closed the socket, so it is reaped within the grace.
+            if now.duration_since(at) >= EOF_GRACE {
+                return Err(End::Lost(LossReason::Closed { offset }));
+            }
+        }
+        if now.duration_since(link.last_rx) >= peer_timeout {
+            return Err(End::Lost(LossReason::Timeout {
+                silent_ms: now.duration_since(link.last_rx).as_millis() as u64,
+            }));
+        }
+        if now.duration_since(link.last_tx) >= heartbeat {
+            // A full socket buffer means the peer is not reading; its own timeout judges it.
+            if let Ok(bytes) = Frame::Ping.to_bytes() {
+                let _ = link.stream.write(&bytes);
+            }
+            link.last_tx = now;
+        }
+        Ok(progress)
+    }
+
+    fn end_link(&mut self, rank: usize, end: End, events: &mut Vec<Event>) {
+        let Some(link) = self.links.get_mut(rank).and_then(Option::take) else {
+            return;
+        };
+        let peer = rank as NodeId;
+        match end {
+            End::Left => events.push(Event::PeerLeft { peer }),
+            End::Lost(reason) => {
+                tracing::warn!(node = self.shared.rank, peer, "peer lost: {reason}");
+                events.push(Event::PeerLost { peer, reason });
+            }
+        }
+        self.forget(link);
+    }
+
+    /// Stops watching a link, marks its peer gone (waking blocked senders) and destroys its
+    /// verbs objects.
+    fn forget(&mut self, link: Link) {
+        if let Some(fd) = link.endpoint.channel_fd() {
+            self.epoll.remove(fd);
+        }
+        self.epoll.remove(link.stream.as_raw_fd());
+        if let Some(p) = self.shared.peers.get(link.rank) {
+            p.state.store(GONE, Ordering::Release);
+            // Taking the lock orders the store before any sender's wait: none misses the wake.
+            drop(lock(&p.out));
+            p.out_cv.notify_all();
+        }
+        let _ = link.stream.shutdown(std::net::Shutdown::Both);
+        drop(link);
+    }
+
+    /// Queues a Goodbye behind every live peer's frames, drives the links until all of it has
+    /// completed (bounded by [`CLOSE_DRAIN`]), then closes the bootstrap sockets.
+    fn close_gracefully(&mut self) {
+        for (rank, link) in self.links.iter_mut().enumerate() {
+            let Some(link) = link.as_mut() else { continue };
+            let mut q = lock(&self.shared.peers[rank].out);
+            if let Ok(n) = Frame::Goodbye.encode(&mut q.pending) {
+                q.enqueued_total += n as u64;
+            }
+            link.goodbye_queued = true;
+        }
+        let deadline = Instant::now() + CLOSE_DRAIN;
+        let mut events = Vec::new();
+        while Instant::now() < deadline {
+            self.turn(&mut events);
+            let all_done = self.links.iter().enumerate().all(|(rank, l)| {
+                l.as_ref().is_none_or(|l| {
+                    l.send_off >= l.sending.len()
+                        && l.next_seq == l.done_seq
+                        && lock(&self.shared.peers[rank].out).pending.is_empty()
+                })
+            });
+            if all_done {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // Events of a closing transport have no reader: drop them.
+    }
+}
+
+/// Posts one SEND from the next send slot.
+fn post(
+    link: &mut Link,
+    shared: &Shared,
+    message: &[u8],
+    signalled: bool,
+    send_slots: u32,
+) -> Result<(), End> {
+    let slot = (link.next_seq % u64::from(send_slots)) as u32;
+    link.endpoint
+        .post_message(slot, message, signalled, link.next_seq)
+        .map_err(|e| End::Lost(rdma_loss(&e)))?;
+    link.next_seq += 1;
+    shared.verbs.posted.fetch_add(1, Ordering::Relaxed);
+    if message.len() <= link.endpoint.max_inline() as usize {
+        shared.verbs.inline.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Turns the frames the stream decoder holds into events; returns how the link ends, if it does.
+fn decode_stream(
+    link: &mut Link,
+    peer: &PeerShared,
+    from: NodeId,
+    events: &mut Vec<Event>,
+) -> Option<End> {
+    loop {
+        let offset = link.stream_decoder.offset();
+        let frame = match link.stream_decoder.next_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => return None,
+            Err(e) => return Some(End::Lost(LossReason::Protocol(e))),
+        };
+        let kind = frame.kind();
+        if kind.is_data() {
+            peer.messages_received.fetch_add(1, Ordering::Relaxed);
+            peer.bytes_received
+                .fetch_add(link.stream_decoder.offset() - offset, Ordering::Relaxed);
+        }
+        match frame {
+            Frame::Message(payload) => events.push(Event::Message { from, payload }),
+            Frame::Request { id, payload } => events.push(Event::Request {
+                from,
+                id: RequestId(id),
+                payload,
+            }),
+            Frame::Response { id, payload } => events.push(Event::Response {
+                from,
+                id: RequestId(id),
+                payload,
+            }),
+            Frame::ReadPage {
+                id,
+                page,
+                snapshot_ts,
+            } => events.push(Event::ReadPage {
+                from,
+                id: RequestId(id),
+                page,
+                snapshot_ts,
+            }),
+            Frame::PageData { id, version } => events.push(Event::PageData {
+                from,
+                id: RequestId(id),
+                version,
+            }),
+            Frame::PushPages(pages) => events.push(Event::Pages { from, pages }),
+            Frame::Ping => {}
+            Frame::Goodbye => return Some(End::Left),
+            Frame::Hello(_) | Frame::HelloAck { .. } | Frame::Refuse(_) => {
+                return Some(End::Lost(LossReason::UnexpectedFrame {
+                    kind: kind.name(),
+                    offset,
+                }))
+            }
+        }
+    }
+}
+
+fn drain_eventfd(fd: libc::c_int) {
+    let mut value = 0u64;
+    // SAFETY: reads 8 bytes into a live u64 from the eventfd this transport owns; the eventfd is
+    // blocking but readable (epoll said so), and a failed read leaves nothing to undo.
+    let _ = unsafe {
+        libc::read(
+            fd,
+            std::ptr::addr_of_mut!(value).cast(),
+            std::mem::size_of::<u64>(),
+        )
+    };
+}
