@@ -461,6 +461,7 @@ fn cmd_run_on(
                 connect_timeout_ms: args.connect_timeout_ms,
                 coordinator_socket,
                 transport: choice.transport,
+                transport_reason: choice.reason.clone(),
             };
             let run =
                 dvm_cluster::runtime::run(program, config, launch, &options).map_err(|err| {

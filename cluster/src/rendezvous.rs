@@ -27,6 +27,7 @@
 //! Address: `u8 family` (4 or 6), 4 or 16 address bytes, `u16 port`.
 
 use crate::launch::{Launch, MAX_TOKEN_BYTES, MAX_WORLD};
+use dvm_transport::verbs::Chosen;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -35,7 +36,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 const MAGIC: &[u8; 4] = b"DVMR";
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Sent in the hello so that ranks running different builds are refused by name.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -44,13 +45,30 @@ const KIND_TABLE: u8 = 2;
 const KIND_REFUSED: u8 = 3;
 
 const MAX_VERSION_BYTES: usize = 64;
+/// Longest host name and transport reason in a hello's preflight.
+const MAX_HOST_BYTES: usize = 255;
+const MAX_TRANSPORT_REASON_BYTES: usize = 512;
+const MAX_PROBLEM_BYTES: usize = 1024;
 const MAX_REASON_BYTES: usize = 1024;
 /// Largest encoded address: family, IPv6, port.
 const MAX_ADDR_BYTES: usize = 1 + 16 + 2;
 /// Header: magic, version, kind.
 const HEADER_BYTES: usize = 4 + 2 + 1;
-pub const MAX_HELLO_BYTES: usize =
-    HEADER_BYTES + 1 + MAX_VERSION_BYTES + 2 + MAX_TOKEN_BYTES + 4 + 4 + MAX_ADDR_BYTES;
+pub const MAX_HELLO_BYTES: usize = HEADER_BYTES
+    + 1
+    + MAX_VERSION_BYTES
+    + 2
+    + MAX_TOKEN_BYTES
+    + 4
+    + 4
+    + MAX_ADDR_BYTES
+    + 1
+    + 1
+    + MAX_HOST_BYTES
+    + 2
+    + MAX_TRANSPORT_REASON_BYTES
+    + 2
+    + MAX_PROBLEM_BYTES;
 pub const MAX_REPLY_BYTES: usize = HEADER_BYTES + 4 + MAX_WORLD as usize * MAX_ADDR_BYTES;
 
 /// How long rank 0 waits for the hello of a peer that connected.
@@ -87,6 +105,8 @@ pub enum WireError {
     Trailing { extra: usize },
     #[error("address family {found}, expected 4 or 6")]
     Family { found: u8 },
+    #[error("transport {found}, expected 0 (TCP) or 1 (RDMA)")]
+    Transport { found: u8 },
     #[error("{field} is not UTF-8")]
     NotUtf8 { field: &'static str },
 }
@@ -99,6 +119,49 @@ pub struct Hello {
     pub rank: u32,
     pub world: u32,
     pub data_addr: SocketAddr,
+    pub preflight: Preflight,
+}
+
+/// What a rank decided about itself before joining, which every rank must agree on: checked by
+/// rank 0 before any work, so a job whose hosts differ fails at once, naming them, instead of
+/// hanging in a mesh whose two ends speak different transports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preflight {
+    /// The host the rank runs on (for the message).
+    pub host: String,
+    /// The transport it will use, and why (`dvm_transport::verbs::choose`'s reason).
+    pub transport: Chosen,
+    pub transport_reason: String,
+    /// What this rank found wrong with itself that makes the job impossible (e.g. a
+    /// locked-memory limit below what RDMA registration needs), in words that say what to
+    /// change; empty when nothing.
+    pub problem: String,
+}
+
+impl Preflight {
+    /// A rank that uses TCP (tests; callers that never consider RDMA).
+    pub fn tcp() -> Preflight {
+        Preflight {
+            host: local_host_name(),
+            transport: Chosen::Tcp,
+            transport_reason: String::new(),
+            problem: String::new(),
+        }
+    }
+}
+
+/// This host's name, as the kernel has it (`/proc/sys/kernel/hostname`), or "?".
+pub fn local_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "?".to_string())
+}
+
+fn transport_name(transport: Chosen) -> &'static str {
+    match transport {
+        Chosen::Tcp => "TCP",
+        Chosen::Rdma => "RDMA",
+    }
 }
 
 impl fmt::Debug for Hello {
@@ -109,6 +172,7 @@ impl fmt::Debug for Hello {
             .field("rank", &self.rank)
             .field("world", &self.world)
             .field("data_addr", &self.data_addr)
+            .field("preflight", &self.preflight)
             .finish()
     }
 }
@@ -175,6 +239,22 @@ pub enum RendezvousError {
         expected: u32,
         peer: SocketAddr,
         said: u32,
+    },
+    #[error("rank {rank} on host {host} cannot take part: {problem}")]
+    Preflight {
+        rank: u32,
+        host: String,
+        problem: String,
+    },
+    #[error("rank {rank} on host {host} would use {} ({reason}), but rank 0 on host {host0} uses {} ({reason0}): every node of a job uses one transport; give every rank --transport tcp, or make RDMA usable on {host}", transport_name(*.transport), transport_name(*.transport0))]
+    TransportMismatch {
+        rank: u32,
+        host: String,
+        transport: Chosen,
+        reason: String,
+        host0: String,
+        transport0: Chosen,
+        reason0: String,
     },
     #[error("rank 0 waited {waited_ms} ms but {} never joined{}", list_ranks(.missing), list_refusals(.refused))]
     Timeout {
@@ -268,6 +348,21 @@ pub fn encode_hello(hello: &Hello) -> Result<Vec<u8>, WireError> {
     out.extend_from_slice(&hello.rank.to_be_bytes());
     out.extend_from_slice(&hello.world.to_be_bytes());
     put_addr(&mut out, hello.data_addr);
+    let pre = &hello.preflight;
+    out.push(match pre.transport {
+        Chosen::Tcp => 0,
+        Chosen::Rdma => 1,
+    });
+    // Words for a person: shortened rather than refused.
+    let host = shortened(&pre.host, MAX_HOST_BYTES);
+    out.push(host.len() as u8);
+    out.extend_from_slice(host.as_bytes());
+    let reason = shortened(&pre.transport_reason, MAX_TRANSPORT_REASON_BYTES);
+    out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    out.extend_from_slice(reason.as_bytes());
+    let problem = shortened(&pre.problem, MAX_PROBLEM_BYTES);
+    out.extend_from_slice(&(problem.len() as u16).to_be_bytes());
+    out.extend_from_slice(problem.as_bytes());
     Ok(out)
 }
 
@@ -290,18 +385,23 @@ pub fn encode_reply(reply: &Reply) -> Result<Vec<u8>, WireError> {
             Ok(out)
         }
         Reply::Refused(reason) => {
-            // Reasons are ours; shorten rather than fail, on a character boundary.
-            let mut end = reason.len().min(MAX_REASON_BYTES);
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            let text = reason.get(..end).unwrap_or_default().as_bytes();
+            // Reasons are ours; shorten rather than fail.
+            let text = shortened(reason, MAX_REASON_BYTES).as_bytes();
             let mut out = header(KIND_REFUSED);
             out.extend_from_slice(&(text.len() as u16).to_be_bytes());
             out.extend_from_slice(text);
             Ok(out)
         }
     }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn shortened(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or_default()
 }
 
 // ---- decoding ----
@@ -351,6 +451,13 @@ impl<'a> Reader<'a> {
             return Err(WireError::TooLong { field, len, max });
         }
         self.take(len, field)
+    }
+
+    fn text(&mut self, len: usize, max: usize, field: &'static str) -> Result<String, WireError> {
+        let bytes = self.bytes_with_len(len, max, field)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_string)
+            .map_err(|_| WireError::NotUtf8 { field })
     }
 
     fn addr(&mut self) -> Result<SocketAddr, WireError> {
@@ -408,6 +515,17 @@ pub fn decode_hello(bytes: &[u8]) -> Result<Hello, WireError> {
     let rank = r.u32("rank")?;
     let world = r.u32("world")?;
     let data_addr = r.addr()?;
+    let transport = match r.u8("transport")? {
+        0 => Chosen::Tcp,
+        1 => Chosen::Rdma,
+        found => return Err(WireError::Transport { found }),
+    };
+    let host_len = usize::from(r.u8("host name length")?);
+    let host = r.text(host_len, MAX_HOST_BYTES, "host name")?;
+    let reason_len = usize::from(r.u16("transport reason length")?);
+    let transport_reason = r.text(reason_len, MAX_TRANSPORT_REASON_BYTES, "transport reason")?;
+    let problem_len = usize::from(r.u16("problem length")?);
+    let problem = r.text(problem_len, MAX_PROBLEM_BYTES, "problem")?;
     r.finish()?;
     Ok(Hello {
         software_version,
@@ -415,6 +533,12 @@ pub fn decode_hello(bytes: &[u8]) -> Result<Hello, WireError> {
         rank,
         world,
         data_addr,
+        preflight: Preflight {
+            host,
+            transport,
+            transport_reason,
+            problem,
+        },
     })
 }
 
@@ -438,11 +562,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply, WireError> {
         }
         KIND_REFUSED => {
             let len = usize::from(r.u16("reason length")?);
-            let text = r.bytes_with_len(len, MAX_REASON_BYTES, "reason")?;
-            let reason = std::str::from_utf8(text)
-                .map_err(|_| WireError::NotUtf8 { field: "reason" })?
-                .to_string();
-            Reply::Refused(reason)
+            Reply::Refused(r.text(len, MAX_REASON_BYTES, "reason")?)
         }
         found => {
             return Err(WireError::Kind {
@@ -555,18 +675,20 @@ pub fn rendezvous(
     my_listen: SocketAddr,
     deadline_ms: u64,
 ) -> Result<Vec<SocketAddr>, RendezvousError> {
-    rendezvous_on(launch, my_listen, deadline_ms, None)
+    rendezvous_on(launch, my_listen, deadline_ms, None, &Preflight::tcp())
 }
 
-/// [`rendezvous`], with rank 0 accepting on `coordinator_socket` when given: a socket the
-/// launcher bound to the coordinator address before starting the other ranks. Holding it from
-/// then on closes the window in which another process could take a port that was chosen,
-/// released and bound again (seen in CI with many jobs on one host).
+/// [`rendezvous`], with this rank's `preflight` (rank 0 refuses the job if the ranks disagree)
+/// and with rank 0 accepting on `coordinator_socket` when given: a socket the launcher bound to
+/// the coordinator address before starting the other ranks. Holding it from then on closes the
+/// window in which another process could take a port that was chosen, released and bound
+/// again (seen in CI with many jobs on one host).
 pub fn rendezvous_on(
     launch: &Launch,
     my_listen: SocketAddr,
     deadline_ms: u64,
     coordinator_socket: Option<&TcpListener>,
+    preflight: &Preflight,
 ) -> Result<Vec<SocketAddr>, RendezvousError> {
     let deadline = Instant::now() + Duration::from_millis(deadline_ms);
     if launch.world <= 1 {
@@ -578,9 +700,9 @@ pub fn rendezvous_on(
         return Ok(vec![SocketAddr::new(ip, my_listen.port())]);
     }
     if launch.rank == 0 {
-        coordinate(launch, my_listen, deadline, coordinator_socket)
+        coordinate(launch, my_listen, deadline, coordinator_socket, preflight)
     } else {
-        join(launch, my_listen, deadline)
+        join(launch, my_listen, deadline, preflight)
     }
 }
 
@@ -589,6 +711,7 @@ fn join(
     launch: &Launch,
     my_listen: SocketAddr,
     deadline: Instant,
+    preflight: &Preflight,
 ) -> Result<Vec<SocketAddr>, RendezvousError> {
     let start = Instant::now();
     let coordinator = launch.coordinator.to_string();
@@ -642,6 +765,7 @@ fn join(
         rank: launch.rank,
         world: launch.world,
         data_addr: advertised(my_listen, local_ip),
+        preflight: preflight.clone(),
     };
     let body = encode_hello(&hello).map_err(|source| RendezvousError::BadHello {
         rank: launch.rank,
@@ -717,13 +841,13 @@ enum Outcome {
     /// Refuse this peer, keep waiting for the legitimate ones.
     Refused(TcpStream, String),
     /// Refuse and give up: the job is misconfigured.
-    Fatal(TcpStream, RendezvousError, String),
+    Fatal(TcpStream, Box<RendezvousError>, String),
 }
 
 /// Why a hello with a readable body is not accepted.
 enum Rejection {
     Refuse(String),
-    Fatal(RendezvousError, String),
+    Fatal(Box<RendezvousError>, String),
 }
 
 /// Rank 0: listen, collect a hello from every other rank, send everyone the table.
@@ -732,6 +856,7 @@ fn coordinate(
     my_listen: SocketAddr,
     deadline: Instant,
     bound: Option<&TcpListener>,
+    mine: &Preflight,
 ) -> Result<Vec<SocketAddr>, RendezvousError> {
     let start = Instant::now();
     let coordinator = launch.coordinator.to_string();
@@ -796,7 +921,7 @@ fn coordinate(
                 continue;
             }
         };
-        match examine(launch, &joined, stream, peer, deadline) {
+        match examine(launch, mine, &joined, stream, peer, deadline) {
             Outcome::Ignored => {}
             Outcome::Accepted(rank, j) => {
                 if let Some(slot) = joined.get_mut(rank as usize) {
@@ -815,7 +940,7 @@ fn coordinate(
                 warn!(%peer, %reason, "rendezvous failed");
                 let _ = send_reply(&mut stream, &Reply::Refused(reason.clone()));
                 abort_all(&mut joined, &format!("rank 0 gave up: {reason}"));
-                return Err(error);
+                return Err(*error);
             }
         }
     }
@@ -858,6 +983,7 @@ fn abort_all(joined: &mut [Option<Joined>], reason: &str) {
 /// Reads and judges one peer's hello.
 fn examine(
     launch: &Launch,
+    mine: &Preflight,
     joined: &[Option<Joined>],
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -883,7 +1009,7 @@ fn examine(
         Ok(h) => h,
         Err(e) => return Outcome::Refused(stream, format!("bad hello: {e}")),
     };
-    match judge(launch, joined, &hello, peer) {
+    match judge(launch, mine, joined, &hello, peer) {
         Err(Rejection::Refuse(reason)) => Outcome::Refused(stream, reason),
         Err(Rejection::Fatal(error, reason)) => Outcome::Fatal(stream, error, reason),
         Ok(()) => match stream.local_addr() {
@@ -907,6 +1033,7 @@ fn examine(
 /// Whether a well-formed hello may join.
 fn judge(
     launch: &Launch,
+    mine: &Preflight,
     joined: &[Option<Joined>],
     hello: &Hello,
     peer: SocketAddr,
@@ -930,7 +1057,7 @@ fn judge(
             said: hello.world,
         };
         let reason = error.to_string();
-        return Err(Rejection::Fatal(error, reason));
+        return Err(Rejection::Fatal(Box::new(error), reason));
     }
     if hello.rank == 0 || hello.rank >= launch.world {
         return Err(Rejection::Refuse(format!(
@@ -943,6 +1070,34 @@ fn judge(
             "rank {} already joined from {}; a second one came from {peer}",
             hello.rank, first.peer
         )));
+    }
+    // Last: a legitimate rank of this job that cannot take part, or whose host differs, is the
+    // job's problem, not a stray to ignore. Rank 0's own problem is told to the first rank to
+    // join, which ends the job for all.
+    let theirs = &hello.preflight;
+    for (rank, pre) in [(0, mine), (hello.rank, theirs)] {
+        if !pre.problem.is_empty() {
+            let error = RendezvousError::Preflight {
+                rank,
+                host: pre.host.clone(),
+                problem: pre.problem.clone(),
+            };
+            let reason = error.to_string();
+            return Err(Rejection::Fatal(Box::new(error), reason));
+        }
+    }
+    if theirs.transport != mine.transport {
+        let error = RendezvousError::TransportMismatch {
+            rank: hello.rank,
+            host: theirs.host.clone(),
+            transport: theirs.transport,
+            reason: theirs.transport_reason.clone(),
+            host0: mine.host.clone(),
+            transport0: mine.transport,
+            reason0: mine.transport_reason.clone(),
+        };
+        let reason = error.to_string();
+        return Err(Rejection::Fatal(Box::new(error), reason));
     }
     Ok(())
 }
@@ -1038,6 +1193,7 @@ mod tests {
             data_addr(0),
             DEADLINE_MS,
             Some(&held),
+            &Preflight::tcp(),
         );
         let want = expected_table(2);
         assert_eq!(r0.expect("rank 0"), want);
@@ -1253,6 +1409,12 @@ mod tests {
             rank: 3,
             world: 4,
             data_addr: "[fd00::7]:9000".parse().expect("valid address"),
+            preflight: Preflight {
+                host: "node-7.cluster".to_string(),
+                transport: Chosen::Rdma,
+                transport_reason: "mlx5_0 port 1 is ACTIVE — InfiniBand".to_string(),
+                problem: "locked memory".to_string(),
+            },
         }
     }
 
@@ -1294,6 +1456,99 @@ mod tests {
             Err(WireError::TooLong { field: "token", .. })
         ));
         assert!(format!("{hello:?}").contains("<6 bytes>"));
+        // Words for a person are shortened on a character boundary, not refused.
+        let wordy = Hello {
+            preflight: Preflight {
+                host: "h".repeat(300),
+                transport: Chosen::Tcp,
+                transport_reason: "é".repeat(400),
+                problem: "x".repeat(2000),
+            },
+            ..sample_hello()
+        };
+        let back = decode_hello(&encode_hello(&wordy).expect("encodes")).expect("decodes");
+        assert_eq!(back.preflight.host.len(), MAX_HOST_BYTES);
+        assert_eq!(
+            back.preflight.transport_reason.len(),
+            MAX_TRANSPORT_REASON_BYTES
+        );
+        assert_eq!(back.preflight.problem.len(), MAX_PROBLEM_BYTES);
+        assert!(encode_hello(&wordy).expect("encodes").len() <= MAX_HELLO_BYTES);
+    }
+
+    #[test]
+    fn a_rank_that_cannot_take_part_fails_the_job_naming_it() {
+        let port = free_port();
+        let l0 = launch(port, 0, 3, b"t");
+        let r0 = std::thread::spawn(move || {
+            rendezvous_on(&l0, data_addr(0), DEADLINE_MS, None, &Preflight::tcp())
+        });
+        let r1 = spawn_rank(port, 1, 3, b"t");
+        let broken = Preflight {
+            host: "node-2".to_string(),
+            problem: "RDMA needs 96.0 MiB of locked memory".to_string(),
+            ..Preflight::tcp()
+        };
+        let l2 = launch(port, 2, 3, b"t");
+        let r2 = std::thread::spawn(move || {
+            rendezvous_on(&l2, data_addr(2), DEADLINE_MS, None, &broken)
+        });
+        let e0 = finish(r0).expect_err("rank 0 ends the job");
+        assert!(
+            matches!(&e0, RendezvousError::Preflight { rank: 2, .. }),
+            "{e0}"
+        );
+        assert!(e0.to_string().contains("node-2") && e0.to_string().contains("locked memory"));
+        // Both other ranks are told, whichever joined first.
+        for r in [r1, r2] {
+            match finish(r).expect_err("told") {
+                RendezvousError::Refused { reason, .. } => {
+                    assert!(reason.contains("locked memory"), "{reason}")
+                }
+                other => panic!("expected a refusal, got {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn ranks_that_chose_different_transports_fail_the_job_naming_both() {
+        let port = free_port();
+        let pre = |host: &str, transport, reason: &str| Preflight {
+            host: host.to_string(),
+            transport,
+            transport_reason: reason.to_string(),
+            problem: String::new(),
+        };
+        let zero = pre("ib-01", Chosen::Rdma, "mlx5_0 port 1 ACTIVE");
+        let one = pre("eth-02", Chosen::Tcp, "no RDMA device");
+        let l0 = launch(port, 0, 2, b"t");
+        let r0 =
+            std::thread::spawn(move || rendezvous_on(&l0, data_addr(0), DEADLINE_MS, None, &zero));
+        let l1 = launch(port, 1, 2, b"t");
+        let r1 =
+            std::thread::spawn(move || rendezvous_on(&l1, data_addr(1), DEADLINE_MS, None, &one));
+        let e0 = finish(r0).expect_err("rank 0 refuses the job");
+        assert!(
+            matches!(&e0, RendezvousError::TransportMismatch { rank: 1, .. }),
+            "{e0}"
+        );
+        let text = e0.to_string();
+        for part in [
+            "ib-01",
+            "eth-02",
+            "RDMA",
+            "TCP",
+            "no RDMA device",
+            "--transport tcp",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from: {text}");
+        }
+        match finish(r1).expect_err("rank 1 is told") {
+            RendezvousError::Refused { reason, .. } => {
+                assert!(reason.contains("eth-02"), "{reason}")
+            }
+            other => panic!("expected a refusal, got {other}"),
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@
 use crate::launch::Launch;
 use crate::msg::{Msg, PageDelta};
 use crate::node::{home_of, Done, Node, NodeConfig, NodeId};
-use crate::rendezvous::{rendezvous_on, RendezvousError};
+use crate::rendezvous::{local_host_name, rendezvous_on, Preflight, RendezvousError};
 use dvm_engine::backend::{Apply, Backend, Control, Finishing};
 use dvm_engine::image::LoadedImage;
 use dvm_engine::page::{MemoryLimit, Page, PageSource};
@@ -38,6 +38,7 @@ use dvm_engine::view::{canonical, Range};
 use dvm_engine::vm::{Config, Machine, MachineParts, Report, Resources, RunError, Shared, Stats};
 use dvm_perf::phase::{Phase, TimeSplit};
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
+use dvm_transport::verbs::memlock::{registered_bytes, LockLimit};
 use dvm_transport::verbs::{Chosen, VerbsConfig, VerbsTransport};
 use dvm_transport::{Event, PeerCounters, Transport, TransportError};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -103,8 +104,10 @@ pub struct ClusterOptions {
     /// Node 0's coordinator socket, already bound by a launcher that chose the port (see
     /// [`crate::rendezvous::rendezvous_on`]); `None` binds the coordinator address.
     pub coordinator_socket: Option<Arc<TcpListener>>,
-    /// The transport between nodes, as `dvm_transport::verbs::choose` decided it.
+    /// The transport between nodes, as `dvm_transport::verbs::choose` decided it, and why
+    /// (every rank must have decided alike: rank 0 checks it when they join).
     pub transport: Chosen,
+    pub transport_reason: String,
 }
 
 impl Default for ClusterOptions {
@@ -113,6 +116,7 @@ impl Default for ClusterOptions {
             peer_timeout_ms: 5_000,
             connect_timeout_ms: 30_000,
             transport: Chosen::Tcp,
+            transport_reason: String::new(),
             coordinator_socket: None,
         }
     }
@@ -1345,6 +1349,17 @@ pub fn run(
         bound.local_addr(),
         options.connect_timeout_ms,
         options.coordinator_socket.as_deref(),
+        &Preflight {
+            host: local_host_name(),
+            transport: options.transport,
+            transport_reason: options.transport_reason.clone(),
+            problem: match options.transport {
+                Chosen::Rdma => LockLimit::current()
+                    .refuses(registered_bytes(&VerbsConfig::default(), launch.world))
+                    .unwrap_or_default(),
+                Chosen::Tcp => String::new(),
+            },
+        },
     )?;
     tracing::info!(
         "node {rank} of {world} ({}): peers {peers:?}",

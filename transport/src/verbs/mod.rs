@@ -13,6 +13,7 @@
 
 mod device;
 mod endpoint;
+pub mod memlock;
 mod transport;
 
 pub use device::{probe, Device, Gid, Port, PortState, Probe};

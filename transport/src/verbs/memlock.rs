@@ -1,0 +1,121 @@
+//! Locked memory: what the verbs transport registers, against what this process may lock.
+//!
+//! Every memory region the transport registers is pinned, and pinned pages count against
+//! `RLIMIT_MEMLOCK` unless the process holds `CAP_IPC_LOCK`. Debian's default limit is 8 MiB,
+//! which a job of a dozen nodes exceeds; registration then fails deep inside the mesh set-up
+//! with `ENOMEM`, on one node, after the others started. Checking before any work lets the job
+//! fail at once with what to change.
+
+use super::VerbsConfig;
+
+/// `CAP_IPC_LOCK`'s bit in the capability sets of `/proc/self/status`.
+const CAP_IPC_LOCK: u32 = 14;
+
+/// Bytes the verbs transport registers (pins) on one node of a job of `world` nodes: each
+/// peer's endpoint has its region and its send and receive rings.
+pub fn registered_bytes(config: &VerbsConfig, world: u32) -> u64 {
+    let e = &config.endpoint;
+    let rings = u64::from(e.receive_slots) + u64::from(e.send_slots);
+    let per_peer = e.region_bytes as u64 + rings * e.message_bytes as u64;
+    per_peer.saturating_mul(u64::from(world.saturating_sub(1)))
+}
+
+/// What this process may lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockLimit {
+    /// `CAP_IPC_LOCK` (root, usually) or an unlimited `RLIMIT_MEMLOCK`.
+    Unlimited,
+    Bytes(u64),
+}
+
+impl LockLimit {
+    /// This process's limit. An unreadable limit is taken as unlimited: the registration
+    /// itself still reports a failure, only later.
+    pub fn current() -> LockLimit {
+        if has_ipc_lock() {
+            return LockLimit::Unlimited;
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `getrlimit` writes one `rlimit` through the pointer, which points at a live,
+        // properly aligned local of that type.
+        let status = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
+        if status != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+            LockLimit::Unlimited
+        } else {
+            LockLimit::Bytes(limit.rlim_cur)
+        }
+    }
+
+    /// Why `needed` bytes cannot be registered under this limit, in words that say what to do,
+    /// or `None` when they can.
+    pub fn refuses(self, needed: u64) -> Option<String> {
+        match self {
+            LockLimit::Bytes(limit) if needed > limit => Some(format!(
+                "RDMA needs {} of locked memory on this node but its limit (ulimit -l, \
+                 RLIMIT_MEMLOCK) is {}: raise it to at least {} KiB (`ulimit -l unlimited` in \
+                 the job script, `* - memlock unlimited` in /etc/security/limits.conf, and \
+                 PropagateResourceLimits under Slurm), or run with --transport tcp",
+                mib(needed),
+                mib(limit),
+                needed.div_ceil(1024)
+            )),
+            _ => None,
+        }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Whether the effective capabilities include `CAP_IPC_LOCK`.
+fn has_ipc_lock() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_job_registers_grows_with_its_peers() {
+        let config = VerbsConfig::default();
+        assert_eq!(
+            registered_bytes(&config, 1),
+            0,
+            "a node alone registers nothing"
+        );
+        let two = registered_bytes(&config, 2);
+        assert!(two > 0);
+        assert_eq!(registered_bytes(&config, 17), 16 * two);
+    }
+
+    #[test]
+    fn a_limit_below_the_need_says_what_to_raise() {
+        let config = VerbsConfig::default();
+        let needed = registered_bytes(&config, 64);
+        let why = LockLimit::Bytes(8 << 20)
+            .refuses(needed)
+            .expect("64 nodes need more than Debian's 8 MiB default");
+        assert!(
+            why.contains("ulimit -l") && why.contains("--transport tcp"),
+            "{why}"
+        );
+        assert!(
+            why.contains(&format!("{} KiB", needed.div_ceil(1024))),
+            "{why}"
+        );
+        assert_eq!(LockLimit::Bytes(needed).refuses(needed), None);
+        assert_eq!(LockLimit::Unlimited.refuses(u64::MAX), None);
+    }
+}
