@@ -13,6 +13,7 @@ mod data;
 mod engine;
 mod harness;
 mod measure;
+mod transport;
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +66,16 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Two nodes in this process over each transport this host has (TCP; RDMA with a device):
+    /// round trips, page fetch latency and bandwidth, message rate, side by side.
+    Transport {
+        #[arg(long, default_value_t = 20_000)]
+        round_trips: usize,
+        #[arg(long, default_value_t = 20_000)]
+        pages: usize,
+        #[arg(long, default_value_t = 200_000)]
+        messages: usize,
+    },
     /// Run the benchmark suite and print the comparison table (also target/bench/latest.md).
     Run(Box<harness::RunArgs>),
 }
@@ -108,6 +119,15 @@ fn real_main() -> Result<ExitCode, String> {
             let outcome = measure::measure(&command, limit)?;
             println!("{}", outcome.to_json());
         }
+        Command::Transport {
+            round_trips,
+            pages,
+            messages,
+        } => transport::run(transport::Sizes {
+            round_trips,
+            pages,
+            messages,
+        })?,
         Command::Run(args) => return harness::run(*args),
     }
     Ok(ExitCode::SUCCESS)
