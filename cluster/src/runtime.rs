@@ -180,6 +180,21 @@ pub struct NodeRow {
     pub prepare_remote: Latency,
     /// The node's workers' time per phase, summed (ns; `None` unless `--stats` measured it).
     pub time: Option<TimeSplit>,
+    /// The RDMA verbs work of the node's transport; `None` over TCP.
+    pub verbs: Option<VerbsRow>,
+}
+
+/// A node's RDMA verbs work over the run, taken when it reports (before its Goodbyes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerbsRow {
+    /// Work requests posted to send queues (SENDs, RDMA READs and WRITEs).
+    pub work_requests: u64,
+    /// Signalled send completions reaped (selective signalling: one SEND in several).
+    pub signalled_completions: u64,
+    /// RDMA READs posted.
+    pub rdma_reads: u64,
+    /// Page reads sent to the page's home as a `Read` message (served by the home's CPU).
+    pub page_read_messages: u64,
 }
 
 /// What a node's part of a run did. On node 0, `report` is the run's (its console, its exit
@@ -326,6 +341,8 @@ struct Runtime {
     fragments: Mutex<HashMap<(usize, u64), Vec<u8>>>,
     next_fragment: AtomicU64,
     remote_reads: AtomicU64,
+    /// `Msg::Read`s this node sent to a page's home.
+    read_messages: AtomicU64,
     cache_hits: AtomicU64,
     workers_pinned: AtomicU64,
     read_latency: Samples,
@@ -897,6 +914,8 @@ impl ClusterReader {
                 node.read(*req, *page, snapshot_ts);
             }
         });
+        rt.read_messages
+            .fetch_add(requests.len() as u64, Ordering::Relaxed);
         for (_, key, receiver) in requests {
             let Some(Reply::Done(Done::Read {
                 version_ts,
@@ -963,6 +982,7 @@ impl PageRead for ClusterReader {
         let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
         let receiver = rt.waiter(Wait::Read(req));
         rt.with_node(|node| node.read(req, key, snapshot_ts));
+        rt.read_messages.fetch_add(1, Ordering::Relaxed);
         let Some(Reply::Done(Done::Read {
             version_ts,
             valid_to,
@@ -1055,8 +1075,10 @@ impl Control for RemoteControl {
     }
 }
 
-/// The row's words: 31 counters, a flag saying whether a time split follows, its phases.
-const ROW_WORDS: usize = 32 + Phase::COUNT;
+/// The row's words: 31 counters, a flag saying whether a time split follows, its phases, a flag
+/// saying whether verbs counters follow, and `VERBS_WORDS` of them.
+const ROW_WORDS: usize = 32 + Phase::COUNT + 1 + VERBS_WORDS;
+const VERBS_WORDS: usize = 4;
 
 fn encode_row(row: &NodeRow) -> Vec<u8> {
     let s = &row.stats;
@@ -1094,11 +1116,20 @@ fn encode_row(row: &NodeRow) -> Vec<u8> {
         row.workers_pinned,
     ];
     let time = row.time.unwrap_or_default();
+    let verbs = row.verbs.unwrap_or_default();
+    let verbs_words: [u64; VERBS_WORDS] = [
+        verbs.work_requests,
+        verbs.signalled_completions,
+        verbs.rdma_reads,
+        verbs.page_read_messages,
+    ];
     words
         .iter()
         .copied()
         .chain([u64::from(row.time.is_some())])
         .chain(time.ns)
+        .chain([u64::from(row.verbs.is_some())])
+        .chain(verbs_words)
         .flat_map(|w| w.to_le_bytes())
         .collect()
 }
@@ -1164,6 +1195,19 @@ fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
             }),
             _ => return None,
         },
+        verbs: {
+            let at = 32 + Phase::COUNT;
+            match w[at] {
+                0 => None,
+                1 => Some(VerbsRow {
+                    work_requests: w[at + 1],
+                    signalled_completions: w[at + 2],
+                    rdma_reads: w[at + 3],
+                    page_read_messages: w[at + 4],
+                }),
+                _ => return None,
+            }
+        },
     })
 }
 
@@ -1202,6 +1246,18 @@ impl Runtime {
                 .reduce(|a, b| TimeSplit {
                     ns: std::array::from_fn(|i| a.ns[i] + b.ns[i]),
                 }),
+            verbs: match &self.transport {
+                NodeTransport::Tcp(_) => None,
+                NodeTransport::Verbs(t) => {
+                    let v = t.verbs_counters();
+                    Some(VerbsRow {
+                        work_requests: v.work_requests_posted,
+                        signalled_completions: v.signalled_completions,
+                        rdma_reads: v.rdma_reads,
+                        page_read_messages: self.read_messages.load(Ordering::Relaxed),
+                    })
+                }
+            },
         }
     }
 
@@ -1409,6 +1465,7 @@ pub fn run(
         fragments: Mutex::new(HashMap::new()),
         next_fragment: AtomicU64::new(0),
         remote_reads: AtomicU64::new(0),
+        read_messages: AtomicU64::new(0),
         cache_hits: AtomicU64::new(0),
         workers_pinned: AtomicU64::new(0),
         read_latency: Samples::default(),
@@ -1517,4 +1574,52 @@ pub fn run(
         nodes,
         transport,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(verbs: Option<VerbsRow>) -> NodeRow {
+        NodeRow {
+            rank: 2,
+            remote_reads: 7,
+            cache_hits: 9,
+            messages_sent: 11,
+            time: Some(TimeSplit {
+                ns: std::array::from_fn(|i| 100 + i as u64),
+            }),
+            verbs,
+            ..NodeRow::default()
+        }
+    }
+
+    #[test]
+    fn node_rows_round_trip_with_and_without_verbs_counters() {
+        for verbs in [
+            None,
+            Some(VerbsRow {
+                work_requests: 40,
+                signalled_completions: 5,
+                rdma_reads: 0,
+                page_read_messages: 12,
+            }),
+        ] {
+            let row = row(verbs);
+            let bytes = encode_row(&row);
+            assert_eq!(bytes.len(), ROW_WORDS * 8);
+            assert_eq!(decode_row(&bytes), Some(row));
+        }
+    }
+
+    #[test]
+    fn a_node_row_with_a_bad_verbs_flag_or_length_is_refused() {
+        let mut bytes = encode_row(&row(None));
+        let flag = (32 + Phase::COUNT) * 8;
+        bytes[flag] = 2;
+        assert_eq!(decode_row(&bytes), None);
+        bytes[flag] = 0;
+        bytes.truncate(bytes.len() - 8);
+        assert_eq!(decode_row(&bytes), None);
+    }
 }
