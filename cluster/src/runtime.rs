@@ -38,7 +38,8 @@ use dvm_engine::view::{canonical, Range};
 use dvm_engine::vm::{Config, Machine, MachineParts, Report, Resources, RunError, Shared, Stats};
 use dvm_perf::phase::{Phase, TimeSplit};
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
-use dvm_transport::verbs::{Chosen, VerbsConfig, VerbsTransport};
+use dvm_transport::verbs::published::{self, Judgement};
+use dvm_transport::verbs::{Chosen, SlotBytes, VerbsConfig, VerbsTransport};
 use dvm_transport::{Event, PeerCounters, Transport, TransportError};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
@@ -191,8 +192,15 @@ pub struct VerbsRow {
     pub work_requests: u64,
     /// Signalled send completions reaped (selective signalling: one SEND in several).
     pub signalled_completions: u64,
-    /// RDMA READs posted.
+    /// RDMA READs posted (published page slots).
     pub rdma_reads: u64,
+    /// READs repeated because the first saw the slot being written (torn).
+    pub read_retries: u64,
+    /// Page fetches served by a READ, with no message to the home.
+    pub read_hits: u64,
+    /// Page fetches whose READ could not be used (another page's slot, a version newer than
+    /// the snapshot, two torn READs, no answer): they went to the home as a message.
+    pub read_fallbacks: u64,
     /// Page reads sent to the page's home as a `Read` message (served by the home's CPU).
     pub page_read_messages: u64,
 }
@@ -343,6 +351,10 @@ struct Runtime {
     remote_reads: AtomicU64,
     /// `Msg::Read`s this node sent to a page's home.
     read_messages: AtomicU64,
+    /// One-sided fetches: READs repeated after a torn one, served, and given up on.
+    read_retries: AtomicU64,
+    read_hits: AtomicU64,
+    read_fallbacks: AtomicU64,
     cache_hits: AtomicU64,
     workers_pinned: AtomicU64,
     read_latency: Samples,
@@ -871,6 +883,34 @@ struct ClusterReader {
     runtime: Arc<Runtime>,
 }
 
+/// The verbs transport's settings: the defaults, with the published table's slots from
+/// `DVM_RDMA_PUBLISHED_SLOTS` when set (0: no table; every page read goes to the home's CPU).
+fn verbs_config() -> Result<VerbsConfig, ClusterError> {
+    let mut config = VerbsConfig::default();
+    if let Some(value) = std::env::var_os("DVM_RDMA_PUBLISHED_SLOTS") {
+        config.published_slots = value
+            .to_str()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|slots| *slots <= 1 << 24)
+            .ok_or_else(|| {
+                ClusterError::Transport(TransportError::Config(format!(
+                    "DVM_RDMA_PUBLISHED_SLOTS={value:?}: want a number of slots up to 16777216"
+                )))
+            })?;
+    }
+    Ok(config)
+}
+
+/// An RDMA READ of a published slot in flight, and the change feed's horizon when it was posted.
+struct PendingRead {
+    feed_ts: u64,
+    receiver: Receiver<SlotBytes>,
+}
+
+/// How long a reader waits for one RDMA READ before asking the home instead (a READ that does
+/// not complete ends its queue pair, and the peer is lost, well within the peer timeout).
+const READ_WAIT: Duration = Duration::from_secs(5);
+
 /// Pages a runner's start fetches at most (its using ranges may be far larger than what it
 /// touches).
 const PREFETCH_MAX_PAGES: usize = 1024;
@@ -901,6 +941,25 @@ impl ClusterReader {
         if wanted.is_empty() {
             return;
         }
+        let _wait = dvm_perf::meter::enter(Phase::WaitPage);
+        // Every READ in flight at once first; what they cannot serve goes to the homes.
+        let reads: Vec<(u64, Option<PendingRead>)> = wanted
+            .iter()
+            .map(|page| (*page, self.start_read(*page)))
+            .collect();
+        let mut wanted = Vec::new();
+        for (page, receiver) in reads {
+            match receiver.and_then(|r| self.finish_read(page, snapshot_ts, r)) {
+                Some((version_ts, valid_to, data)) => {
+                    rt.remote_reads.fetch_add(1, Ordering::Relaxed);
+                    let _ = self.keep(page, version_ts, valid_to, Some(data));
+                }
+                None => wanted.push(page),
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
         let requests: Vec<(u64, u64, Receiver<Reply>)> = wanted
             .iter()
             .map(|page| {
@@ -908,7 +967,6 @@ impl ClusterReader {
                 (req, *page, rt.waiter(Wait::Read(req)))
             })
             .collect();
-        let _wait = dvm_perf::meter::enter(Phase::WaitPage);
         rt.with_node(|node| {
             for (req, page, _) in &requests {
                 node.read(*req, *page, snapshot_ts);
@@ -930,6 +988,63 @@ impl ClusterReader {
             // Out of page memory: the runner will ask again, and fault if it must.
             let _ = self.keep(key, version_ts, valid_to, data);
         }
+    }
+
+    /// Starts the RDMA READ of `page`'s slot in its home's published table; `None` over TCP or
+    /// when the home publishes nothing.
+    fn start_read(&self, page: u64) -> Option<PendingRead> {
+        let rt = &self.runtime;
+        let NodeTransport::Verbs(verbs) = &rt.transport else {
+            return None;
+        };
+        // Taken before the READ is posted: every commit the feed covers then was published
+        // before the READ reads the slot.
+        let feed_ts = lock(&rt.cache).feed_ts;
+        let home = home_of(page, rt.world);
+        let receiver = verbs.read_published(home as u32, page).ok().flatten()?;
+        Some(PendingRead { feed_ts, receiver })
+    }
+
+    /// Judges the READ started by `start_read` for a reader at `snapshot_ts`; a torn slot is
+    /// read once more. The version, the last snapshot it holds for, and its contents; `None`
+    /// means: ask the home.
+    ///
+    /// Why an accepted slot is the version visible at `snapshot_ts` (`docs/CLUSTER.md`,
+    /// "One-sided page reads"): the home republishes a page's newest version after every
+    /// install of it and before acknowledging the install; a snapshot exists only once every
+    /// commit at or below it was acknowledged by every home; so every version at or below the
+    /// snapshot was published before this READ was posted, and a valid slot of this page with
+    /// `version_ts <= snapshot_ts` has no version in (`version_ts`, `snapshot_ts`], nor up to
+    /// the change feed's horizon, whose commits were acknowledged before it reached this node.
+    fn finish_read(
+        &self,
+        page: u64,
+        snapshot_ts: u64,
+        pending: PendingRead,
+    ) -> Option<(u64, u64, Box<[u8; dvm_engine::page::PAGE_BYTES]>)> {
+        let rt = &self.runtime;
+        let mut pending = pending;
+        for attempt in 0..2 {
+            let Ok(bytes) = pending.receiver.recv_timeout(READ_WAIT) else {
+                break;
+            };
+            match published::judge(&bytes, page, snapshot_ts) {
+                Judgement::Accept { version_ts, data } => {
+                    rt.read_hits.fetch_add(1, Ordering::Relaxed);
+                    return Some((version_ts, snapshot_ts.max(pending.feed_ts), data));
+                }
+                Judgement::Torn if attempt == 0 => {
+                    rt.read_retries.fetch_add(1, Ordering::Relaxed);
+                    match self.start_read(page) {
+                        Some(again) => pending = again,
+                        None => break,
+                    }
+                }
+                _ => break,
+            }
+        }
+        rt.read_fallbacks.fetch_add(1, Ordering::Relaxed);
+        None
     }
 
     /// A home's answer as a page of this node's memory, cached for the snapshots it holds for.
@@ -979,6 +1094,13 @@ impl PageRead for ClusterReader {
             snapshot_ts,
             "remote read"
         );
+        if let Some((version_ts, valid_to, data)) = self
+            .start_read(key)
+            .and_then(|receiver| self.finish_read(key, snapshot_ts, receiver))
+        {
+            rt.read_latency.record(started);
+            return self.keep(key, version_ts, valid_to, Some(data));
+        }
         let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
         let receiver = rt.waiter(Wait::Read(req));
         rt.with_node(|node| node.read(req, key, snapshot_ts));
@@ -1078,7 +1200,7 @@ impl Control for RemoteControl {
 /// The row's words: 31 counters, a flag saying whether a time split follows, its phases, a flag
 /// saying whether verbs counters follow, and `VERBS_WORDS` of them.
 const ROW_WORDS: usize = 32 + Phase::COUNT + 1 + VERBS_WORDS;
-const VERBS_WORDS: usize = 4;
+const VERBS_WORDS: usize = 7;
 
 fn encode_row(row: &NodeRow) -> Vec<u8> {
     let s = &row.stats;
@@ -1121,6 +1243,9 @@ fn encode_row(row: &NodeRow) -> Vec<u8> {
         verbs.work_requests,
         verbs.signalled_completions,
         verbs.rdma_reads,
+        verbs.read_retries,
+        verbs.read_hits,
+        verbs.read_fallbacks,
         verbs.page_read_messages,
     ];
     words
@@ -1203,7 +1328,10 @@ fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
                     work_requests: w[at + 1],
                     signalled_completions: w[at + 2],
                     rdma_reads: w[at + 3],
-                    page_read_messages: w[at + 4],
+                    read_retries: w[at + 4],
+                    read_hits: w[at + 5],
+                    read_fallbacks: w[at + 6],
+                    page_read_messages: w[at + 7],
                 }),
                 _ => return None,
             }
@@ -1254,6 +1382,9 @@ impl Runtime {
                         work_requests: v.work_requests_posted,
                         signalled_completions: v.signalled_completions,
                         rdma_reads: v.rdma_reads,
+                        read_retries: self.read_retries.load(Ordering::Relaxed),
+                        read_hits: self.read_hits.load(Ordering::Relaxed),
+                        read_fallbacks: self.read_fallbacks.load(Ordering::Relaxed),
                         page_read_messages: self.read_messages.load(Ordering::Relaxed),
                     })
                 }
@@ -1411,7 +1542,7 @@ pub fn run(
         Chosen::Rdma => NodeTransport::Verbs(VerbsTransport::establish(
             bound,
             peers.clone(),
-            VerbsConfig::default(),
+            verbs_config()?,
         )?),
     };
     match &transport {
@@ -1438,6 +1569,10 @@ pub fn run(
         Arc::clone(&store),
         resources.pages().clone(),
     );
+    let mut node = node;
+    if let NodeTransport::Verbs(verbs) = &transport {
+        node.set_published(verbs.table());
+    }
     let runtime = Arc::new(Runtime {
         rank,
         world,
@@ -1466,6 +1601,9 @@ pub fn run(
         next_fragment: AtomicU64::new(0),
         remote_reads: AtomicU64::new(0),
         read_messages: AtomicU64::new(0),
+        read_retries: AtomicU64::new(0),
+        read_hits: AtomicU64::new(0),
+        read_fallbacks: AtomicU64::new(0),
         cache_hits: AtomicU64::new(0),
         workers_pinned: AtomicU64::new(0),
         read_latency: Samples::default(),
@@ -1601,7 +1739,10 @@ mod tests {
             Some(VerbsRow {
                 work_requests: 40,
                 signalled_completions: 5,
-                rdma_reads: 0,
+                rdma_reads: 30,
+                read_retries: 2,
+                read_hits: 25,
+                read_fallbacks: 3,
                 page_read_messages: 12,
             }),
         ] {

@@ -13,13 +13,14 @@
 
 mod device;
 mod endpoint;
+pub mod published;
 mod transport;
 
 pub use device::{probe, Device, Gid, Port, PortState, Probe};
 pub use endpoint::{
     Completion, CompletionKind, Endpoint, EndpointConfig, PeerInfo, QpState, RemoteRegion,
 };
-pub use transport::{VerbsConfig, VerbsCounters, VerbsTransport};
+pub use transport::{SlotBytes, VerbsConfig, VerbsCounters, VerbsTransport};
 
 use std::fmt;
 use std::time::Duration;
