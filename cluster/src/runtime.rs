@@ -883,6 +883,26 @@ struct ClusterReader {
     runtime: Arc<Runtime>,
 }
 
+/// Over RDMA, publishes the pages this node loaded (its part of the image and the `--load`
+/// files, at timestamp 0) before it serves anyone, so that peers READ even their first fetch.
+/// Only when they all fit the table (a larger load would mostly evict itself, and listing it
+/// would copy it): otherwise each is published when first asked for (`Node::home_read`).
+fn publish_loaded(runtime: &Runtime) {
+    let NodeTransport::Verbs(verbs) = &runtime.transport else {
+        return;
+    };
+    let Some(table) = verbs.table() else {
+        return;
+    };
+    let store = &runtime.store;
+    if store.version_count() > table.slots() {
+        return;
+    }
+    for (page, _) in store.newest_pages_in(0..u64::MAX) {
+        table.publish_with(page, || store.read_version(page, u64::MAX).version);
+    }
+}
+
 /// The verbs transport's settings: the defaults, with the published table's slots from
 /// `DVM_RDMA_PUBLISHED_SLOTS` when set (0: no table; every page read goes to the home's CPU).
 fn verbs_config() -> Result<VerbsConfig, ClusterError> {
@@ -1631,6 +1651,7 @@ pub fn run(
         home_of(key, world) == rank
     })?;
     let _ = runtime.shared.set(Arc::downgrade(machine.shared()));
+    publish_loaded(&runtime);
     let root = if rank == 0 {
         let root = machine.root_task()?;
         runtime.outstanding[0].fetch_add(1, Ordering::AcqRel);

@@ -1539,10 +1539,12 @@ mod tests {
         };
         let bytes = encode_table_info(Some((region, 64)));
         assert_eq!(bytes.len(), TABLE_INFO_BYTES);
-        let table = decode_table_info(&bytes).unwrap().unwrap();
+        let table = decode_table_info(&bytes)
+            .expect("valid information")
+            .expect("a table");
         assert_eq!((table.region, table.slots), (region, 64));
         assert!(decode_table_info(&encode_table_info(None))
-            .unwrap()
+            .expect("valid information")
             .is_none());
         let short = RemoteRegion {
             len: (64 * SLOT_BYTES - 1) as u64,
