@@ -903,6 +903,17 @@ fn publish_loaded(runtime: &Runtime) {
     }
 }
 
+/// What a READ's slot showed, for logs.
+fn judgement_name(j: &Judgement) -> &'static str {
+    match j {
+        Judgement::Accept { .. } => "accept",
+        Judgement::Empty => "empty",
+        Judgement::Torn => "torn twice",
+        Judgement::OtherPage => "another page",
+        Judgement::Newer => "newer than the snapshot",
+    }
+}
+
 /// The verbs transport's settings: the defaults, with the published table's slots from
 /// `DVM_RDMA_PUBLISHED_SLOTS` when set (0: no table; every page read goes to the home's CPU).
 fn verbs_config() -> Result<VerbsConfig, ClusterError> {
@@ -1060,7 +1071,15 @@ impl ClusterReader {
                         None => break,
                     }
                 }
-                _ => break,
+                other => {
+                    tracing::debug!(
+                        page = format_args!("{:#x}", page << 12),
+                        snapshot_ts,
+                        slot = judgement_name(&other),
+                        "page READ not usable: asking the home"
+                    );
+                    break;
+                }
             }
         }
         rt.read_fallbacks.fetch_add(1, Ordering::Relaxed);
