@@ -233,13 +233,18 @@ impl Node {
         self.published = table;
     }
 
-    /// Writes `page`'s newest installed version into the published table. The store is read
-    /// under the table's lock, so of two publications of a page the later one read the store
-    /// later: the slot never goes back to a version older than one already installed and
-    /// published.
+    /// Writes `page`'s newest installed version into the published table (or that it has
+    /// none: zeros, at timestamp 0). The store is read under the table's lock, so of two
+    /// publications of a page the later one read the store later: the slot never goes back to
+    /// a version older than one already installed and published.
     fn publish_newest(&self, page: u64) {
         if let Some(table) = &self.published {
-            table.publish_with(page, || self.store.read_version(page, u64::MAX).version);
+            table.publish_with(page, || {
+                Some(match self.store.read_version(page, u64::MAX).version {
+                    Some((ts, data)) => (ts, Some(data)),
+                    None => (0, None),
+                })
+            });
         }
     }
 

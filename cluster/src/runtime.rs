@@ -899,7 +899,12 @@ fn publish_loaded(runtime: &Runtime) {
         return;
     }
     for (page, _) in store.newest_pages_in(0..u64::MAX) {
-        table.publish_with(page, || store.read_version(page, u64::MAX).version);
+        table.publish_with(page, || {
+            store
+                .read_version(page, u64::MAX)
+                .version
+                .map(|(ts, data)| (ts, Some(data)))
+        });
     }
 }
 
@@ -931,6 +936,9 @@ fn verbs_config() -> Result<VerbsConfig, ClusterError> {
     }
     Ok(config)
 }
+
+/// A page version's bytes as a home gives them (`None`: it holds no version, zeros).
+type Contents = Option<Box<[u8; dvm_engine::page::PAGE_BYTES]>>;
 
 /// An RDMA READ of a published slot in flight, and the change feed's horizon when it was posted.
 struct PendingRead {
@@ -983,7 +991,7 @@ impl ClusterReader {
             match receiver.and_then(|r| self.finish_read(page, snapshot_ts, r)) {
                 Some((version_ts, valid_to, data)) => {
                     rt.remote_reads.fetch_add(1, Ordering::Relaxed);
-                    let _ = self.keep(page, version_ts, valid_to, Some(data));
+                    let _ = self.keep(page, version_ts, valid_to, data);
                 }
                 None => wanted.push(page),
             }
@@ -1052,7 +1060,7 @@ impl ClusterReader {
         page: u64,
         snapshot_ts: u64,
         pending: PendingRead,
-    ) -> Option<(u64, u64, Box<[u8; dvm_engine::page::PAGE_BYTES]>)> {
+    ) -> Option<(u64, u64, Contents)> {
         let rt = &self.runtime;
         let mut pending = pending;
         for attempt in 0..2 {
@@ -1138,7 +1146,7 @@ impl PageRead for ClusterReader {
             .and_then(|receiver| self.finish_read(key, snapshot_ts, receiver))
         {
             rt.read_latency.record(started);
-            return self.keep(key, version_ts, valid_to, Some(data));
+            return self.keep(key, version_ts, valid_to, data);
         }
         let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
         let receiver = rt.waiter(Wait::Read(req));

@@ -819,14 +819,14 @@ fn a_published_version_is_read_back_and_judged_against_the_snapshot() {
         judge(&read_slot(&nodes[0], 1, page), page, 10),
         Judgement::Empty
     );
-    table.publish_with(page, || Some((7, filled(7))));
+    table.publish_with(page, || Some((7, Some(filled(7)))));
     for reader in [0, 2] {
         let bytes = read_slot(&nodes[reader], 1, page);
         assert_eq!(
             judge(&bytes, page, 7),
             Judgement::Accept {
                 version_ts: 7,
-                data: filled(7)
+                data: Some(filled(7))
             }
         );
         assert_eq!(judge(&bytes, page, 6), Judgement::Newer);
@@ -835,7 +835,7 @@ fn a_published_version_is_read_back_and_judged_against_the_snapshot() {
     let other = (page + 1..)
         .find(|p| published::slot_of(*p, table.slots()) == published::slot_of(page, table.slots()))
         .unwrap();
-    table.publish_with(other, || Some((9, filled(9))));
+    table.publish_with(other, || Some((9, Some(filled(9)))));
     let bytes = read_slot(&nodes[0], 1, page);
     assert_eq!(judge(&bytes, page, 100), Judgement::OtherPage);
     assert!(matches!(
@@ -852,12 +852,22 @@ fn a_published_version_is_read_back_and_judged_against_the_snapshot() {
             judge(&bytes, other, 9),
             Judgement::Accept {
                 version_ts: 9,
-                data: filled(9)
+                data: Some(filled(9))
             }
         );
     }
+    // A page the home holds no version of is published as absent (zeros at timestamp 0).
+    let absent = page + 0x1000;
+    table.publish_with(absent, || Some((0, None)));
+    assert_eq!(
+        judge(&read_slot(&nodes[2], 1, absent), absent, 3),
+        Judgement::Accept {
+            version_ts: 0,
+            data: None
+        }
+    );
     let counters = nodes[2].verbs_counters();
-    assert!(counters.rdma_reads >= 41, "{counters:?}");
+    assert!(counters.rdma_reads >= 42, "{counters:?}");
     // Messages still flow on the same queue pairs.
     nodes[0].send(1, b"after reads").unwrap();
     let events = collect_until(&nodes[1], |ev| !ev.is_empty());
@@ -882,7 +892,7 @@ fn reads_racing_a_home_that_rewrites_the_slot_never_accept_a_mixed_version() {
     let nodes = connected(2, tight());
     let table = nodes[1].table().expect("a table");
     let page = 0x77;
-    table.publish_with(page, || Some((1, filled(1))));
+    table.publish_with(page, || Some((1, Some(filled(1)))));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let table = table.clone();
@@ -891,7 +901,7 @@ fn reads_racing_a_home_that_rewrites_the_slot_never_accept_a_mixed_version() {
             let mut ts = 1;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 ts += 1;
-                table.publish_with(page, || Some((ts, filled(ts))));
+                table.publish_with(page, || Some((ts, Some(filled(ts)))));
             }
             ts
         })
@@ -903,7 +913,11 @@ fn reads_racing_a_home_that_rewrites_the_slot_never_accept_a_mixed_version() {
         match judge(&bytes, page, u64::MAX) {
             Judgement::Accept { version_ts, data } => {
                 // The contents are exactly those written with that timestamp.
-                assert_eq!(data, filled(version_ts), "a mixed version was accepted");
+                assert_eq!(
+                    data,
+                    Some(filled(version_ts)),
+                    "a mixed version was accepted"
+                );
                 accepted += 1;
             }
             Judgement::Torn => torn += 1,

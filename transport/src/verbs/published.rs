@@ -7,10 +7,11 @@
 //! A slot is
 //!
 //! ```text
-//! [seq: u64][page: u64][version ts: u64][4096 bytes][seq again: u64][crc32c: u32][0: u32]
+//! [seq: u64][page: u64][version ts: u64][4096 bytes][seq again: u64][crc32c: u32][flags: u32]
 //! ```
 //!
-//! little-endian. The crc32c covers everything before it. The home is the only writer and
+//! little-endian. The crc32c covers everything but itself. Flag `ABSENT`: the home holds no
+//! version of the page (it reads as zeros, and the 4096 bytes are zeros). The home is the only writer and
 //! writes a slot under the table's lock: it marks the slot busy (first `seq` odd), writes the
 //! rest with the final `seq` (even) in the second place and the check word, then sets the first
 //! `seq` to the final value. A READ may sample the bytes in any order while this happens, so a
@@ -35,8 +36,10 @@ const OFF_TS: usize = 16;
 const OFF_DATA: usize = 24;
 const OFF_SEQ_END: usize = OFF_DATA + PAGE_BYTES;
 const OFF_CHECK: usize = OFF_SEQ_END + 8;
+const OFF_FLAGS: usize = OFF_CHECK + 4;
 /// Bytes of one slot (a multiple of 8).
-pub const SLOT_BYTES: usize = OFF_CHECK + 8;
+pub const SLOT_BYTES: usize = OFF_FLAGS + 4;
+const ABSENT: u32 = 1;
 /// Slots of a table unless configured otherwise (about 66 MiB).
 pub const DEFAULT_SLOTS: usize = 16 * 1024;
 
@@ -58,16 +61,33 @@ fn word(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(raw)
 }
 
-/// The final image of a slot holding version `ts` of `page` as write number `seq` (even, not 0).
-pub fn encode_slot(seq: u64, page: u64, ts: u64, data: &[u8; PAGE_BYTES]) -> Box<[u8; SLOT_BYTES]> {
+fn check_word(image: &[u8; SLOT_BYTES]) -> u32 {
+    crc32c::update(crc32c::checksum(&image[..OFF_CHECK]), &image[OFF_FLAGS..])
+}
+
+/// The final image of a slot holding version `ts` of `page` (`None`: the home holds no version)
+/// as write number `seq` (even, not 0).
+pub fn encode_slot(
+    seq: u64,
+    page: u64,
+    ts: u64,
+    data: Option<&[u8; PAGE_BYTES]>,
+) -> Box<[u8; SLOT_BYTES]> {
     let mut out = Box::new([0u8; SLOT_BYTES]);
     out[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
     out[OFF_PAGE..OFF_PAGE + 8].copy_from_slice(&page.to_le_bytes());
     out[OFF_TS..OFF_TS + 8].copy_from_slice(&ts.to_le_bytes());
-    out[OFF_DATA..OFF_SEQ_END].copy_from_slice(data);
+    let flags = match data {
+        Some(data) => {
+            out[OFF_DATA..OFF_SEQ_END].copy_from_slice(data);
+            0
+        }
+        None => ABSENT,
+    };
     out[OFF_SEQ_END..OFF_CHECK].copy_from_slice(&seq.to_le_bytes());
-    let check = crc32c::checksum(&out[..OFF_CHECK]);
-    out[OFF_CHECK..OFF_CHECK + 4].copy_from_slice(&check.to_le_bytes());
+    out[OFF_FLAGS..].copy_from_slice(&flags.to_le_bytes());
+    let check = check_word(&out);
+    out[OFF_CHECK..OFF_FLAGS].copy_from_slice(&check.to_le_bytes());
     out
 }
 
@@ -75,10 +95,10 @@ pub fn encode_slot(seq: u64, page: u64, ts: u64, data: &[u8; PAGE_BYTES]) -> Box
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Judgement {
     /// A consistent slot holding the version of the page visible at the snapshot (given the
-    /// snapshot rule): its timestamp and contents.
+    /// snapshot rule): its timestamp and contents (`None`: the home holds no version; zeros).
     Accept {
         version_ts: u64,
-        data: Box<[u8; PAGE_BYTES]>,
+        data: Option<Box<[u8; PAGE_BYTES]>>,
     },
     /// Nothing was ever published in the slot (both sequence words 0, which no write leaves):
     /// ask the home, no second READ.
@@ -106,10 +126,12 @@ pub fn judge(bytes: &[u8; SLOT_BYTES], page: u64, snapshot_ts: u64) -> Judgement
         return Judgement::Torn;
     }
     let mut raw = [0u8; 4];
-    raw.copy_from_slice(&bytes[OFF_CHECK..OFF_CHECK + 4]);
-    if crc32c::checksum(&bytes[..OFF_CHECK]) != u32::from_le_bytes(raw) {
+    raw.copy_from_slice(&bytes[OFF_CHECK..OFF_FLAGS]);
+    if check_word(bytes) != u32::from_le_bytes(raw) {
         return Judgement::Torn;
     }
+    raw.copy_from_slice(&bytes[OFF_FLAGS..]);
+    let flags = u32::from_le_bytes(raw);
     if word(bytes, OFF_PAGE) != page {
         return Judgement::OtherPage;
     }
@@ -117,9 +139,18 @@ pub fn judge(bytes: &[u8; SLOT_BYTES], page: u64, snapshot_ts: u64) -> Judgement
     if version_ts > snapshot_ts {
         return Judgement::Newer;
     }
+    if flags & ABSENT != 0 {
+        return Judgement::Accept {
+            version_ts,
+            data: None,
+        };
+    }
     let mut data = Box::new([0u8; PAGE_BYTES]);
     data.copy_from_slice(&bytes[OFF_DATA..OFF_SEQ_END]);
-    Judgement::Accept { version_ts, data }
+    Judgement::Accept {
+        version_ts,
+        data: Some(data),
+    }
 }
 
 /// A home's table. Writes go through [`PublishedTable::publish`]; peers' NICs read it.
@@ -165,10 +196,12 @@ impl PublishedTable {
     /// Writes version `ts` of `page` into its slot, under the table's lock. `contents` is
     /// called under that lock, so a caller that reads the newest version there publishes the
     /// newest one even when several threads publish the same page: the last writer read last.
+    /// It returns the version's timestamp and bytes (`None`: the home holds no version), or
+    /// `None` to leave the slot as it is.
     pub fn publish_with(
         &self,
         page: u64,
-        contents: impl FnOnce() -> Option<(u64, Box<[u8; PAGE_BYTES]>)>,
+        contents: impl FnOnce() -> Option<(u64, Option<Box<[u8; PAGE_BYTES]>>)>,
     ) {
         let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let Some((ts, data)) = contents() else {
@@ -182,7 +215,7 @@ impl PublishedTable {
         // SAFETY: as above.
         let old = unsafe { std::ptr::read_volatile(at.cast::<u64>()) };
         let seq = (old | 1) + 1;
-        let image = encode_slot(seq, page, ts, &data);
+        let image = encode_slot(seq, page, ts, data.as_deref());
         // SAFETY: the slot lies in the buffer (above); the image is a distinct allocation.
         unsafe {
             std::ptr::write_volatile(at.cast::<u64>(), old | 1);
@@ -230,12 +263,12 @@ mod tests {
 
     #[test]
     fn a_written_slot_validates_and_holds_its_version() {
-        let image = encode_slot(2, 77, 5, &page_of(9));
+        let image = encode_slot(2, 77, 5, Some(&page_of(9)));
         assert_eq!(
             judge(&image, 77, 5),
             Judgement::Accept {
                 version_ts: 5,
-                data: page_of(9)
+                data: Some(page_of(9))
             }
         );
         assert!(matches!(judge(&image, 77, 100), Judgement::Accept { .. }));
@@ -244,10 +277,26 @@ mod tests {
     }
 
     #[test]
+    fn a_page_the_home_holds_no_version_of_reads_as_absent() {
+        let image = encode_slot(2, 40, 0, None);
+        assert_eq!(
+            judge(&image, 40, 0),
+            Judgement::Accept {
+                version_ts: 0,
+                data: None
+            }
+        );
+        // The flag is covered by the check word: a present page never turns absent.
+        let mut flipped = encode_slot(2, 40, 0, Some(&page_of(0)));
+        flipped[OFF_FLAGS] = 1;
+        assert_eq!(judge(&flipped, 40, 0), Judgement::Torn);
+    }
+
+    #[test]
     fn an_untouched_slot_never_validates() {
         assert_eq!(judge(&Box::new([0u8; SLOT_BYTES]), 0, 0), Judgement::Empty);
         // The first write to a slot, caught half way: torn, not empty.
-        let first = encode_slot(2, 5, 1, &page_of(3));
+        let first = encode_slot(2, 5, 1, Some(&page_of(3)));
         let mut half = Box::new([0u8; SLOT_BYTES]);
         half[OFF_DATA..].copy_from_slice(&first[OFF_DATA..]);
         assert_eq!(judge(&half, 5, 1), Judgement::Torn);
@@ -255,8 +304,8 @@ mod tests {
 
     #[test]
     fn any_mix_of_two_writes_or_a_flipped_byte_is_torn() {
-        let old = encode_slot(2, 77, 5, &page_of(1));
-        let new = encode_slot(4, 77, 6, &page_of(2));
+        let old = encode_slot(2, 77, 5, Some(&page_of(1)));
+        let new = encode_slot(4, 77, 6, Some(&page_of(2)));
         // A READ that sampled part of the slot before a write and the rest after it.
         for cut in (0..SLOT_BYTES).step_by(8).skip(1) {
             let mut mixed = old.clone();
@@ -270,7 +319,7 @@ mod tests {
         let mut busy = new.clone();
         busy[0..8].copy_from_slice(&3u64.to_le_bytes());
         assert_eq!(judge(&busy, 77, 10), Judgement::Torn);
-        for at in [0, 9, 17, 100, OFF_SEQ_END + 1, OFF_CHECK] {
+        for at in [0, 9, 17, 100, OFF_SEQ_END + 1, OFF_CHECK, OFF_FLAGS] {
             let mut flipped = new.clone();
             flipped[at] ^= 0x10;
             assert_eq!(judge(&flipped, 77, 10), Judgement::Torn, "byte {at}");
@@ -281,16 +330,16 @@ mod tests {
     fn the_table_publishes_into_the_page_slot_with_growing_even_sequence_numbers() {
         let table = PublishedTable::new(64).expect("table");
         let slot = slot_of(1234, 64);
-        table.publish_with(1234, || Some((3, page_of(7))));
+        table.publish_with(1234, || Some((3, Some(page_of(7)))));
         let first = table.copy_slot(slot).expect("slot");
         assert_eq!(
             judge(&first, 1234, 3),
             Judgement::Accept {
                 version_ts: 3,
-                data: page_of(7)
+                data: Some(page_of(7))
             }
         );
-        table.publish_with(1234, || Some((8, page_of(8))));
+        table.publish_with(1234, || Some((8, Some(page_of(8)))));
         let second = table.copy_slot(slot).expect("slot");
         assert!(word(&second[..], 0) > word(&first[..], 0));
         assert_eq!(word(&second[..], 0) % 2, 0);
