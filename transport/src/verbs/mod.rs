@@ -5,11 +5,13 @@
 //! turns that and the user's `--transport` into the transport a run uses; [`Endpoint`] is one
 //! reliable-connected queue pair with its protection domain, completion queue (optionally with a
 //! completion channel) and memory regions, doing RDMA WRITE, RDMA READ and SEND/RECV;
-//! [`VerbsTransport`] is the cluster's [`crate::Transport`] over one endpoint per peer. A run that
+//! [`VerbsTransport`] is the cluster's [`crate::Transport`] over one endpoint per peer, and
+//! [`published`] the table of page versions peers fetch with one RDMA READ. A run that
 //! asks for RDMA on a host without it is refused, never silently served by TCP.
 //!
 //! Every `unsafe` block of DVM's verbs code lives in this module tree (`sys`-facing code in
-//! `device.rs` and `endpoint.rs`, epoll in `transport.rs`), each with a `// SAFETY:` comment.
+//! `device.rs` and `endpoint.rs`, epoll in `transport.rs`, the published table's buffer in
+//! `published.rs`), each with a `// SAFETY:` comment.
 
 mod device;
 mod endpoint;

@@ -31,6 +31,13 @@
 //! (rather than the caller of `poll`) does this so that heartbeats and credit returns flow while
 //! the cluster code is busy elsewhere, as the TCP transport's I/O thread does.
 //!
+//! Page reads: each node may publish a table of page versions ([`published`]), registered
+//! once per peer's protection domain for remote READ; its address, rkey and slot count follow
+//! the queue pair information over the bootstrap socket. [`VerbsTransport::read_published`]
+//! queues one RDMA READ of a slot; the I/O thread posts it (signalled, into one of
+//! `READ_TARGETS` parts of the peer endpoint's region, counted against the send queue like a
+//! SEND) and hands the bytes back when the READ's completion (or a later one) passes it.
+//!
 //! Loss: a closed bootstrap socket without a Goodbye in the stream (after a short grace for the
 //! stream's last SENDs to be reaped), a completion in error (the queue pair is then in the error
 //! state), a protocol error in the stream, or silence past `peer_timeout_ms` yields exactly one
@@ -815,8 +822,9 @@ impl Transport for VerbsTransport {
         page: u64,
         snapshot_ts: u64,
     ) -> Result<RequestId, TransportError> {
-        // The home's CPU answers, as over TCP: one-sided page reads need the page pools
-        // registered and published, which this transport does not do yet.
+        // The home's CPU answers, as over TCP. The one-sided fetch is `read_published`: it
+        // needs the snapshot rule of the cluster layer to judge what it read, which this
+        // trait's answer (a version, no validity) cannot carry.
         let id = self.shared.next_id();
         self.shared.enqueue(home, |out| {
             Ok((wire::encode_read_page(out, id, page, snapshot_ts)?, 1))
