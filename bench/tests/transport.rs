@@ -14,7 +14,10 @@ fn the_transport_table_has_a_figure_in_every_tcp_row() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| ")).collect();
-    assert!(rows[0].contains("io_uring TCP") && rows[0].contains("RDMA verbs"), "{stdout}");
+    assert!(
+        rows[0].contains("io_uring TCP") && rows[0].contains("RDMA verbs"),
+        "{stdout}"
+    );
     let figures: Vec<&str> = rows[1..]
         .iter()
         .filter(|row| !row.contains("per operation"))
@@ -22,7 +25,9 @@ fn the_transport_table_has_a_figure_in_every_tcp_row() {
         .collect();
     assert_eq!(figures.len(), 7, "{stdout}");
     for figure in figures {
-        let value: f64 = figure.parse().unwrap_or_else(|_| panic!("{figure:?} in\n{stdout}"));
+        let value: f64 = figure
+            .parse()
+            .unwrap_or_else(|_| panic!("{figure:?} in\n{stdout}"));
         assert!(value > 0.0, "{stdout}");
     }
     if stdout.contains("| n/a |") {

@@ -1,7 +1,7 @@
 //! `dvm run --stats`: the run's counters as a table for people and as one JSON line for tools.
 //! The JSON keys are a stable interface (the conformance suite and benchmarks read them).
 
-use dvm_cluster::runtime::NodeRow;
+use dvm_cluster::runtime::{NodeRow, VerbsRow};
 use dvm_engine::sched::WorkerInfo;
 use dvm_engine::vm::Report;
 use dvm_perf::phase::{Phase, TimeSplit};
@@ -100,13 +100,30 @@ fn worker_detail(out: &mut String, w: &WorkerInfo) {
     }
 }
 
+/// `, "verbs": {...}` for a node whose transport is RDMA verbs; nothing over TCP, whose rows
+/// stay as they were.
+fn verbs_json(verbs: Option<VerbsRow>) -> String {
+    verbs.map_or_else(String::new, |v| {
+        format!(
+            ", \"verbs\": {{\"work_requests\": {}, \"signalled_completions\": {}, \"rdma_reads\": {}, \"read_retries\": {}, \"read_hits\": {}, \"read_fallbacks\": {}, \"page_read_messages\": {}}}",
+            v.work_requests,
+            v.signalled_completions,
+            v.rdma_reads,
+            v.read_retries,
+            v.read_hits,
+            v.read_fallbacks,
+            v.page_read_messages
+        )
+    })
+}
+
 /// Per-node rows of a multi-node run, as a JSON array (empty on one node).
 fn nodes_json(nodes: &[NodeRow]) -> String {
     let rows: Vec<String> = nodes
         .iter()
         .map(|n| {
             format!(
-                "{{\"rank\": {}, \"workers\": {}, \"instructions\": {}, \"runners_started\": {}, \"remote_reads\": {}, \"cache_hits\": {}, \"messages_sent\": {}, \"messages_received\": {}, \"bytes_sent\": {}, \"bytes_received\": {}, \"peak_memory_bytes\": {}, \"remote_read_p50_us\": {}, \"remote_read_p99_us\": {}, \"prepare_local_count\": {}, \"prepare_local_p50_us\": {}, \"prepare_local_p99_us\": {}, \"prepare_remote_count\": {}, \"prepare_remote_p50_us\": {}, \"prepare_remote_p99_us\": {}, \"time_ms\": {}}}",
+                "{{\"rank\": {}, \"workers\": {}, \"instructions\": {}, \"runners_started\": {}, \"remote_reads\": {}, \"cache_hits\": {}, \"messages_sent\": {}, \"messages_received\": {}, \"bytes_sent\": {}, \"bytes_received\": {}, \"peak_memory_bytes\": {}, \"remote_read_p50_us\": {}, \"remote_read_p99_us\": {}, \"prepare_local_count\": {}, \"prepare_local_p50_us\": {}, \"prepare_local_p99_us\": {}, \"prepare_remote_count\": {}, \"prepare_remote_p50_us\": {}, \"prepare_remote_p99_us\": {}, \"time_ms\": {}{}}}",
                 n.rank,
                 n.stats.workers,
                 n.stats.instructions,
@@ -126,7 +143,8 @@ fn nodes_json(nodes: &[NodeRow]) -> String {
                 n.prepare_remote.count,
                 n.prepare_remote.p50_us,
                 n.prepare_remote.p99_us,
-                split_json(n.time)
+                split_json(n.time),
+                verbs_json(n.verbs)
             )
         })
         .collect();
@@ -244,10 +262,90 @@ pub fn table(report: &Report, nodes: &[NodeRow]) -> String {
                     split_percent(&split)
                 );
             }
+            if let Some(v) = n.verbs {
+                let _ = writeln!(
+                    out,
+                    "              rdma verbs: {} work requests, {} signalled completions, {} RDMA READs ({} retries after a torn read); page fetches: {} by READ, {} READs not usable, {} by message to the home",
+                    v.work_requests,
+                    v.signalled_completions,
+                    v.rdma_reads,
+                    v.read_retries,
+                    v.read_hits,
+                    v.read_fallbacks,
+                    v.page_read_messages
+                );
+            }
         }
     }
     for note in &report.placement_notes {
         let _ = writeln!(out, "  note: {note}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dvm_engine::vm::Stats;
+
+    fn report() -> Report {
+        Report {
+            stats: Stats::default(),
+            workers: Vec::new(),
+            placement_notes: Vec::new(),
+            internal_errors: 0,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            profile: Vec::new(),
+            profile_dropped: 0,
+        }
+    }
+
+    fn node(rank: u32, verbs: Option<VerbsRow>) -> NodeRow {
+        NodeRow {
+            rank,
+            verbs,
+            ..NodeRow::default()
+        }
+    }
+
+    #[test]
+    fn tcp_rows_show_no_verbs_counters() {
+        let nodes = [node(0, None), node(1, None)];
+        let json = json(&report(), &nodes);
+        assert!(!json.contains("verbs"), "{json}");
+        assert!(json.contains("\"time_ms\": null}"), "{json}");
+        let table = table(&report(), &nodes);
+        assert!(!table.contains("rdma verbs"), "{table}");
+    }
+
+    #[test]
+    fn verbs_rows_show_their_counters_per_node() {
+        let verbs = |base: u64| VerbsRow {
+            work_requests: base + 1,
+            signalled_completions: base + 2,
+            rdma_reads: base + 3,
+            read_retries: base + 4,
+            read_hits: base + 5,
+            read_fallbacks: base + 6,
+            page_read_messages: base + 7,
+        };
+        let nodes = [node(0, Some(verbs(10))), node(1, Some(verbs(20)))];
+        let json = json(&report(), &nodes);
+        assert!(
+            json.contains("\"rank\": 1,") && json.contains(
+                "\"verbs\": {\"work_requests\": 21, \"signalled_completions\": 22, \"rdma_reads\": 23, \"read_retries\": 24, \"read_hits\": 25, \"read_fallbacks\": 26, \"page_read_messages\": 27}"
+            ),
+            "{json}"
+        );
+        assert!(json.contains("\"work_requests\": 11,"), "{json}");
+        let table = table(&report(), &nodes);
+        assert!(
+            table.contains(
+                "rdma verbs: 11 work requests, 12 signalled completions, 13 RDMA READs (14 retries after a torn read); page fetches: 15 by READ, 16 READs not usable, 17 by message to the home"
+            ),
+            "{table}"
+        );
+        assert_eq!(table.matches("rdma verbs:").count(), 2, "{table}");
+    }
 }

@@ -35,6 +35,7 @@ use dvm_engine::page::{PageSource, PAGE_BYTES};
 use dvm_engine::store::{
     Conflict, ConflictWith, PageBytes, PageStore, PageWrite, Publication, TxnId,
 };
+use dvm_transport::verbs::published::PublishedTable;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
@@ -199,6 +200,10 @@ pub struct Node {
     local: VecDeque<Msg>,
     outbox: Vec<(NodeId, Msg)>,
     done: Vec<Done>,
+    /// Home, over RDMA: the table peers READ page versions from (`docs/CLUSTER.md`, "One-sided
+    /// page reads"). Every install of a page republishes its newest version before the
+    /// install is acknowledged.
+    published: Option<Arc<PublishedTable>>,
 }
 
 impl Node {
@@ -219,6 +224,27 @@ impl Node {
             local: VecDeque::new(),
             outbox: Vec::new(),
             done: Vec::new(),
+            published: None,
+        }
+    }
+
+    /// Publishes the newest version of every page this node installs (or serves) in `table`.
+    pub fn set_published(&mut self, table: Option<Arc<PublishedTable>>) {
+        self.published = table;
+    }
+
+    /// Writes `page`'s newest installed version into the published table (or that it has
+    /// none: zeros, at timestamp 0). The store is read under the table's lock, so of two
+    /// publications of a page the later one read the store later: the slot never goes back to
+    /// a version older than one already installed and published.
+    fn publish_newest(&self, page: u64) {
+        if let Some(table) = &self.published {
+            table.publish_with(page, || {
+                Some(match self.store.read_version(page, u64::MAX).version {
+                    Some((ts, data)) => (ts, Some(data)),
+                    None => (0, None),
+                })
+            });
         }
     }
 
@@ -516,6 +542,9 @@ impl Node {
     // ---- home ----
 
     fn home_read(&mut self, from: NodeId, req: u64, page: u64, snapshot_ts: u64) {
+        // Pages loaded at timestamp 0 are published when first asked for, so the next reader
+        // of this page (on any node) READs it.
+        self.publish_newest(page);
         let found = self.store.read_version(page, snapshot_ts);
         // Every timestamp at or below the watermark is installed here, so with no newer
         // version installed, none can appear at or below it.
@@ -609,7 +638,9 @@ impl Node {
                 return;
             }
             None => {
+                let mut installed: Vec<u64> = forced.iter().map(|delta| delta.page).collect();
                 if let Some(writes) = self.prepared.remove(&txn) {
+                    installed.extend(writes.iter().map(|write| write.key));
                     if self.config.broken_skip_conflict_check {
                         for write in writes {
                             self.store.publish(
@@ -641,6 +672,13 @@ impl Node {
                             },
                         };
                     self.store.publish(last, publication, &self.pages);
+                }
+                // Before `Installed` leaves: a snapshot that includes this commit is taken
+                // only after every home acknowledged it, so its readers find it published.
+                installed.sort_unstable();
+                installed.dedup();
+                for page in installed {
+                    self.publish_newest(page);
                 }
                 self.decided.insert(txn, Decided::Committed);
             }

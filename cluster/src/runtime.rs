@@ -39,7 +39,8 @@ use dvm_engine::vm::{Config, Machine, MachineParts, Report, Resources, RunError,
 use dvm_perf::phase::{Phase, TimeSplit};
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
 use dvm_transport::verbs::memlock::{registered_bytes, LockLimit};
-use dvm_transport::verbs::{Chosen, VerbsConfig, VerbsTransport};
+use dvm_transport::verbs::published::{self, Judgement};
+use dvm_transport::verbs::{Chosen, SlotBytes, VerbsConfig, VerbsTransport};
 use dvm_transport::{Event, PeerCounters, Transport, TransportError};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
@@ -184,6 +185,28 @@ pub struct NodeRow {
     pub prepare_remote: Latency,
     /// The node's workers' time per phase, summed (ns; `None` unless `--stats` measured it).
     pub time: Option<TimeSplit>,
+    /// The RDMA verbs work of the node's transport; `None` over TCP.
+    pub verbs: Option<VerbsRow>,
+}
+
+/// A node's RDMA verbs work over the run, taken when it reports (before its Goodbyes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerbsRow {
+    /// Work requests posted to send queues (SENDs, RDMA READs and WRITEs).
+    pub work_requests: u64,
+    /// Signalled send completions reaped (selective signalling: one SEND in several).
+    pub signalled_completions: u64,
+    /// RDMA READs posted (published page slots).
+    pub rdma_reads: u64,
+    /// READs repeated because the first saw the slot being written (torn).
+    pub read_retries: u64,
+    /// Page fetches served by a READ, with no message to the home.
+    pub read_hits: u64,
+    /// Page fetches whose READ could not be used (another page's slot, a version newer than
+    /// the snapshot, two torn READs, no answer): they went to the home as a message.
+    pub read_fallbacks: u64,
+    /// Page reads sent to the page's home as a `Read` message (served by the home's CPU).
+    pub page_read_messages: u64,
 }
 
 /// What a node's part of a run did. On node 0, `report` is the run's (its console, its exit
@@ -330,6 +353,12 @@ struct Runtime {
     fragments: Mutex<HashMap<(usize, u64), Vec<u8>>>,
     next_fragment: AtomicU64,
     remote_reads: AtomicU64,
+    /// `Msg::Read`s this node sent to a page's home.
+    read_messages: AtomicU64,
+    /// One-sided fetches: READs repeated after a torn one, served, and given up on.
+    read_retries: AtomicU64,
+    read_hits: AtomicU64,
+    read_fallbacks: AtomicU64,
     cache_hits: AtomicU64,
     workers_pinned: AtomicU64,
     read_latency: Samples,
@@ -858,6 +887,73 @@ struct ClusterReader {
     runtime: Arc<Runtime>,
 }
 
+/// Over RDMA, publishes the pages this node loaded (its part of the image and the `--load`
+/// files, at timestamp 0) before it serves anyone, so that peers READ even their first fetch.
+/// Only when they all fit the table (a larger load would mostly evict itself, and listing it
+/// would copy it): otherwise each is published when first asked for (`Node::home_read`).
+fn publish_loaded(runtime: &Runtime) {
+    let NodeTransport::Verbs(verbs) = &runtime.transport else {
+        return;
+    };
+    let Some(table) = verbs.table() else {
+        return;
+    };
+    let store = &runtime.store;
+    if store.version_count() > table.slots() {
+        return;
+    }
+    for (page, _) in store.newest_pages_in(0..u64::MAX) {
+        table.publish_with(page, || {
+            store
+                .read_version(page, u64::MAX)
+                .version
+                .map(|(ts, data)| (ts, Some(data)))
+        });
+    }
+}
+
+/// What a READ's slot showed, for logs.
+fn judgement_name(j: &Judgement) -> &'static str {
+    match j {
+        Judgement::Accept { .. } => "accept",
+        Judgement::Empty => "empty",
+        Judgement::Torn => "torn twice",
+        Judgement::OtherPage => "another page",
+        Judgement::Newer => "newer than the snapshot",
+    }
+}
+
+/// The verbs transport's settings: the defaults, with the published table's slots from
+/// `DVM_RDMA_PUBLISHED_SLOTS` when set (0: no table; every page read goes to the home's CPU).
+fn verbs_config() -> Result<VerbsConfig, ClusterError> {
+    let mut config = VerbsConfig::default();
+    if let Some(value) = std::env::var_os("DVM_RDMA_PUBLISHED_SLOTS") {
+        config.published_slots = value
+            .to_str()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|slots| *slots <= 1 << 24)
+            .ok_or_else(|| {
+                ClusterError::Transport(TransportError::Config(format!(
+                    "DVM_RDMA_PUBLISHED_SLOTS={value:?}: want a number of slots up to 16777216"
+                )))
+            })?;
+    }
+    Ok(config)
+}
+
+/// A page version's bytes as a home gives them (`None`: it holds no version, zeros).
+type Contents = Option<Box<[u8; dvm_engine::page::PAGE_BYTES]>>;
+
+/// An RDMA READ of a published slot in flight, and the change feed's horizon when it was posted.
+struct PendingRead {
+    feed_ts: u64,
+    receiver: Receiver<SlotBytes>,
+}
+
+/// How long a reader waits for one RDMA READ before asking the home instead (a READ that does
+/// not complete ends its queue pair, and the peer is lost, well within the peer timeout).
+const READ_WAIT: Duration = Duration::from_secs(5);
+
 /// Pages a runner's start fetches at most (its using ranges may be far larger than what it
 /// touches).
 const PREFETCH_MAX_PAGES: usize = 1024;
@@ -888,6 +984,25 @@ impl ClusterReader {
         if wanted.is_empty() {
             return;
         }
+        let _wait = dvm_perf::meter::enter(Phase::WaitPage);
+        // Every READ in flight at once first; what they cannot serve goes to the homes.
+        let reads: Vec<(u64, Option<PendingRead>)> = wanted
+            .iter()
+            .map(|page| (*page, self.start_read(*page)))
+            .collect();
+        let mut wanted = Vec::new();
+        for (page, receiver) in reads {
+            match receiver.and_then(|r| self.finish_read(page, snapshot_ts, r)) {
+                Some((version_ts, valid_to, data)) => {
+                    rt.remote_reads.fetch_add(1, Ordering::Relaxed);
+                    let _ = self.keep(page, version_ts, valid_to, data);
+                }
+                None => wanted.push(page),
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
         let requests: Vec<(u64, u64, Receiver<Reply>)> = wanted
             .iter()
             .map(|page| {
@@ -895,12 +1010,13 @@ impl ClusterReader {
                 (req, *page, rt.waiter(Wait::Read(req)))
             })
             .collect();
-        let _wait = dvm_perf::meter::enter(Phase::WaitPage);
         rt.with_node(|node| {
             for (req, page, _) in &requests {
                 node.read(*req, *page, snapshot_ts);
             }
         });
+        rt.read_messages
+            .fetch_add(requests.len() as u64, Ordering::Relaxed);
         for (_, key, receiver) in requests {
             let Some(Reply::Done(Done::Read {
                 version_ts,
@@ -915,6 +1031,71 @@ impl ClusterReader {
             // Out of page memory: the runner will ask again, and fault if it must.
             let _ = self.keep(key, version_ts, valid_to, data);
         }
+    }
+
+    /// Starts the RDMA READ of `page`'s slot in its home's published table; `None` over TCP or
+    /// when the home publishes nothing.
+    fn start_read(&self, page: u64) -> Option<PendingRead> {
+        let rt = &self.runtime;
+        let NodeTransport::Verbs(verbs) = &rt.transport else {
+            return None;
+        };
+        // Taken before the READ is posted: every commit the feed covers then was published
+        // before the READ reads the slot.
+        let feed_ts = lock(&rt.cache).feed_ts;
+        let home = home_of(page, rt.world);
+        let receiver = verbs.read_published(home as u32, page).ok().flatten()?;
+        Some(PendingRead { feed_ts, receiver })
+    }
+
+    /// Judges the READ started by `start_read` for a reader at `snapshot_ts`; a torn slot is
+    /// read once more. The version, the last snapshot it holds for, and its contents; `None`
+    /// means: ask the home.
+    ///
+    /// Why an accepted slot is the version visible at `snapshot_ts` (`docs/CLUSTER.md`,
+    /// "One-sided page reads"): the home republishes a page's newest version after every
+    /// install of it and before acknowledging the install; a snapshot exists only once every
+    /// commit at or below it was acknowledged by every home; so every version at or below the
+    /// snapshot was published before this READ was posted, and a valid slot of this page with
+    /// `version_ts <= snapshot_ts` has no version in (`version_ts`, `snapshot_ts`], nor up to
+    /// the change feed's horizon, whose commits were acknowledged before it reached this node.
+    fn finish_read(
+        &self,
+        page: u64,
+        snapshot_ts: u64,
+        pending: PendingRead,
+    ) -> Option<(u64, u64, Contents)> {
+        let rt = &self.runtime;
+        let mut pending = pending;
+        for attempt in 0..2 {
+            let Ok(bytes) = pending.receiver.recv_timeout(READ_WAIT) else {
+                break;
+            };
+            match published::judge(&bytes, page, snapshot_ts) {
+                Judgement::Accept { version_ts, data } => {
+                    rt.read_hits.fetch_add(1, Ordering::Relaxed);
+                    return Some((version_ts, snapshot_ts.max(pending.feed_ts), data));
+                }
+                Judgement::Torn if attempt == 0 => {
+                    rt.read_retries.fetch_add(1, Ordering::Relaxed);
+                    match self.start_read(page) {
+                        Some(again) => pending = again,
+                        None => break,
+                    }
+                }
+                other => {
+                    tracing::debug!(
+                        page = format_args!("{:#x}", page << 12),
+                        snapshot_ts,
+                        slot = judgement_name(&other),
+                        "page READ not usable: asking the home"
+                    );
+                    break;
+                }
+            }
+        }
+        rt.read_fallbacks.fetch_add(1, Ordering::Relaxed);
+        None
     }
 
     /// A home's answer as a page of this node's memory, cached for the snapshots it holds for.
@@ -964,9 +1145,17 @@ impl PageRead for ClusterReader {
             snapshot_ts,
             "remote read"
         );
+        if let Some((version_ts, valid_to, data)) = self
+            .start_read(key)
+            .and_then(|receiver| self.finish_read(key, snapshot_ts, receiver))
+        {
+            rt.read_latency.record(started);
+            return self.keep(key, version_ts, valid_to, data);
+        }
         let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
         let receiver = rt.waiter(Wait::Read(req));
         rt.with_node(|node| node.read(req, key, snapshot_ts));
+        rt.read_messages.fetch_add(1, Ordering::Relaxed);
         let Some(Reply::Done(Done::Read {
             version_ts,
             valid_to,
@@ -1059,8 +1248,10 @@ impl Control for RemoteControl {
     }
 }
 
-/// The row's words: 31 counters, a flag saying whether a time split follows, its phases.
-const ROW_WORDS: usize = 32 + Phase::COUNT;
+/// The row's words: 31 counters, a flag saying whether a time split follows, its phases, a flag
+/// saying whether verbs counters follow, and `VERBS_WORDS` of them.
+const ROW_WORDS: usize = 32 + Phase::COUNT + 1 + VERBS_WORDS;
+const VERBS_WORDS: usize = 7;
 
 fn encode_row(row: &NodeRow) -> Vec<u8> {
     let s = &row.stats;
@@ -1098,11 +1289,23 @@ fn encode_row(row: &NodeRow) -> Vec<u8> {
         row.workers_pinned,
     ];
     let time = row.time.unwrap_or_default();
+    let verbs = row.verbs.unwrap_or_default();
+    let verbs_words: [u64; VERBS_WORDS] = [
+        verbs.work_requests,
+        verbs.signalled_completions,
+        verbs.rdma_reads,
+        verbs.read_retries,
+        verbs.read_hits,
+        verbs.read_fallbacks,
+        verbs.page_read_messages,
+    ];
     words
         .iter()
         .copied()
         .chain([u64::from(row.time.is_some())])
         .chain(time.ns)
+        .chain([u64::from(row.verbs.is_some())])
+        .chain(verbs_words)
         .flat_map(|w| w.to_le_bytes())
         .collect()
 }
@@ -1168,6 +1371,22 @@ fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
             }),
             _ => return None,
         },
+        verbs: {
+            let at = 32 + Phase::COUNT;
+            match w[at] {
+                0 => None,
+                1 => Some(VerbsRow {
+                    work_requests: w[at + 1],
+                    signalled_completions: w[at + 2],
+                    rdma_reads: w[at + 3],
+                    read_retries: w[at + 4],
+                    read_hits: w[at + 5],
+                    read_fallbacks: w[at + 6],
+                    page_read_messages: w[at + 7],
+                }),
+                _ => return None,
+            }
+        },
     })
 }
 
@@ -1206,6 +1425,21 @@ impl Runtime {
                 .reduce(|a, b| TimeSplit {
                     ns: std::array::from_fn(|i| a.ns[i] + b.ns[i]),
                 }),
+            verbs: match &self.transport {
+                NodeTransport::Tcp(_) => None,
+                NodeTransport::Verbs(t) => {
+                    let v = t.verbs_counters();
+                    Some(VerbsRow {
+                        work_requests: v.work_requests_posted,
+                        signalled_completions: v.signalled_completions,
+                        rdma_reads: v.rdma_reads,
+                        read_retries: self.read_retries.load(Ordering::Relaxed),
+                        read_hits: self.read_hits.load(Ordering::Relaxed),
+                        read_fallbacks: self.read_fallbacks.load(Ordering::Relaxed),
+                        page_read_messages: self.read_messages.load(Ordering::Relaxed),
+                    })
+                }
+            },
         }
     }
 
@@ -1344,6 +1578,12 @@ pub fn run(
     tcp.peer_timeout_ms = options.peer_timeout_ms;
     tcp.heartbeat_ms = (options.peer_timeout_ms / 4).max(50);
     let bound = TcpTransport::bind(tcp)?;
+    // Read before the rendezvous: a bad setting is this node's error, and what it registers
+    // is checked against the locked-memory limit in the preflight.
+    let verbs = match options.transport {
+        Chosen::Rdma => Some(verbs_config()?),
+        Chosen::Tcp => None,
+    };
     let peers = rendezvous_on(
         launch,
         bound.local_addr(),
@@ -1353,25 +1593,23 @@ pub fn run(
             host: local_host_name(),
             transport: options.transport,
             transport_reason: options.transport_reason.clone(),
-            problem: match options.transport {
-                Chosen::Rdma => LockLimit::current()
-                    .refuses(registered_bytes(&VerbsConfig::default(), launch.world))
-                    .unwrap_or_default(),
-                Chosen::Tcp => String::new(),
-            },
+            problem: verbs
+                .as_ref()
+                .and_then(|config| {
+                    LockLimit::current().refuses(registered_bytes(config, launch.world))
+                })
+                .unwrap_or_default(),
         },
     )?;
     tracing::info!(
         "node {rank} of {world} ({}): peers {peers:?}",
         launch.source
     );
-    let transport = match options.transport {
-        Chosen::Tcp => NodeTransport::Tcp(bound.establish(peers.clone())?),
-        Chosen::Rdma => NodeTransport::Verbs(VerbsTransport::establish(
-            bound,
-            peers.clone(),
-            VerbsConfig::default(),
-        )?),
+    let transport = match verbs {
+        None => NodeTransport::Tcp(bound.establish(peers.clone())?),
+        Some(config) => {
+            NodeTransport::Verbs(VerbsTransport::establish(bound, peers.clone(), config)?)
+        }
     };
     match &transport {
         NodeTransport::Verbs(verbs) => tracing::info!(
@@ -1397,6 +1635,10 @@ pub fn run(
         Arc::clone(&store),
         resources.pages().clone(),
     );
+    let mut node = node;
+    if let NodeTransport::Verbs(verbs) = &transport {
+        node.set_published(verbs.table());
+    }
     let runtime = Arc::new(Runtime {
         rank,
         world,
@@ -1424,6 +1666,10 @@ pub fn run(
         fragments: Mutex::new(HashMap::new()),
         next_fragment: AtomicU64::new(0),
         remote_reads: AtomicU64::new(0),
+        read_messages: AtomicU64::new(0),
+        read_retries: AtomicU64::new(0),
+        read_hits: AtomicU64::new(0),
+        read_fallbacks: AtomicU64::new(0),
         cache_hits: AtomicU64::new(0),
         workers_pinned: AtomicU64::new(0),
         read_latency: Samples::default(),
@@ -1451,6 +1697,7 @@ pub fn run(
         home_of(key, world) == rank
     })?;
     let _ = runtime.shared.set(Arc::downgrade(machine.shared()));
+    publish_loaded(&runtime);
     let root = if rank == 0 {
         let root = machine.root_task()?;
         runtime.outstanding[0].fetch_add(1, Ordering::AcqRel);
@@ -1532,4 +1779,55 @@ pub fn run(
         nodes,
         transport,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(verbs: Option<VerbsRow>) -> NodeRow {
+        NodeRow {
+            rank: 2,
+            remote_reads: 7,
+            cache_hits: 9,
+            messages_sent: 11,
+            time: Some(TimeSplit {
+                ns: std::array::from_fn(|i| 100 + i as u64),
+            }),
+            verbs,
+            ..NodeRow::default()
+        }
+    }
+
+    #[test]
+    fn node_rows_round_trip_with_and_without_verbs_counters() {
+        for verbs in [
+            None,
+            Some(VerbsRow {
+                work_requests: 40,
+                signalled_completions: 5,
+                rdma_reads: 30,
+                read_retries: 2,
+                read_hits: 25,
+                read_fallbacks: 3,
+                page_read_messages: 12,
+            }),
+        ] {
+            let row = row(verbs);
+            let bytes = encode_row(&row);
+            assert_eq!(bytes.len(), ROW_WORDS * 8);
+            assert_eq!(decode_row(&bytes), Some(row));
+        }
+    }
+
+    #[test]
+    fn a_node_row_with_a_bad_verbs_flag_or_length_is_refused() {
+        let mut bytes = encode_row(&row(None));
+        let flag = (32 + Phase::COUNT) * 8;
+        bytes[flag] = 2;
+        assert_eq!(decode_row(&bytes), None);
+        bytes[flag] = 0;
+        bytes.truncate(bytes.len() - 8);
+        assert_eq!(decode_row(&bytes), None);
+    }
 }

@@ -283,6 +283,7 @@ fn tight() -> VerbsConfig {
     config.endpoint.receive_slots = 8;
     config.endpoint.send_slots = 8;
     config.signal_every = 4;
+    config.published_slots = 256;
     config
 }
 
@@ -720,9 +721,15 @@ fn real_and_fake(peer_timeout_ms: u64) -> (VerbsTransport, TcpStream, Endpoint) 
         &mut stream,
         Frame::Message(endpoint.local_info().encode().to_vec()),
     );
+    // No published table on this side: 32 zero bytes.
+    send(&mut stream, Frame::Message(vec![0; 32]));
     let Frame::Message(info) = next(&mut stream) else {
         panic!("no queue pair information from rank 0");
     };
+    let Frame::Message(table) = next(&mut stream) else {
+        panic!("no published-table information from rank 0");
+    };
+    assert_eq!(table.len(), 32);
     let info = verbs::PeerInfo::decode(&info.try_into().unwrap()).unwrap();
     endpoint.connect(&info).unwrap();
     send(&mut stream, Frame::Ping);
@@ -777,4 +784,149 @@ fn a_send_without_a_credit_header_or_with_garbage_ends_only_that_peer() {
         "{events:?}"
     );
     real.close();
+}
+
+// ---------------------------------------------------------------------------------------------
+// One-sided page reads of the published table.
+
+use dvm_transport::verbs::published::{self, judge, Judgement};
+use dvm_transport::verbs::SlotBytes;
+
+fn filled(ts: u64) -> Box<[u8; PAGE_BYTES]> {
+    let mut page = Box::new([0u8; PAGE_BYTES]);
+    for (i, chunk) in page.chunks_exact_mut(8).enumerate() {
+        chunk.copy_from_slice(&(ts.wrapping_mul(0x100) + i as u64).to_le_bytes());
+    }
+    page
+}
+
+fn read_slot(t: &VerbsTransport, home: u32, page: u64) -> SlotBytes {
+    t.read_published(home, page)
+        .unwrap()
+        .expect("the home publishes a table")
+        .recv_timeout(WAIT)
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn a_published_version_is_read_back_and_judged_against_the_snapshot() {
+    let nodes = connected(3, tight());
+    let table = nodes[1].table().expect("a table");
+    let page = 0x4000_0123;
+    // Before anything is published the slot never validates.
+    assert_eq!(
+        judge(&read_slot(&nodes[0], 1, page), page, 10),
+        Judgement::Empty
+    );
+    table.publish_with(page, || Some((7, Some(filled(7)))));
+    for reader in [0, 2] {
+        let bytes = read_slot(&nodes[reader], 1, page);
+        assert_eq!(
+            judge(&bytes, page, 7),
+            Judgement::Accept {
+                version_ts: 7,
+                data: Some(filled(7))
+            }
+        );
+        assert_eq!(judge(&bytes, page, 6), Judgement::Newer);
+    }
+    // A page sharing the slot evicts it: readers of the first see another page's slot.
+    let other = (page + 1..)
+        .find(|p| published::slot_of(*p, table.slots()) == published::slot_of(page, table.slots()))
+        .unwrap();
+    table.publish_with(other, || Some((9, Some(filled(9)))));
+    let bytes = read_slot(&nodes[0], 1, page);
+    assert_eq!(judge(&bytes, page, 100), Judgement::OtherPage);
+    assert!(matches!(
+        judge(&bytes, other, 9),
+        Judgement::Accept { version_ts: 9, .. }
+    ));
+    // Many READs in flight at once (more than the targets of one peer) all come back right.
+    let receivers: Vec<_> = (0..40)
+        .map(|_| nodes[2].read_published(1, other).unwrap().unwrap())
+        .collect();
+    for r in receivers {
+        let bytes = r.recv_timeout(WAIT).unwrap();
+        assert_eq!(
+            judge(&bytes, other, 9),
+            Judgement::Accept {
+                version_ts: 9,
+                data: Some(filled(9))
+            }
+        );
+    }
+    // A page the home holds no version of is published as absent (zeros at timestamp 0).
+    let absent = page + 0x1000;
+    table.publish_with(absent, || Some((0, None)));
+    assert_eq!(
+        judge(&read_slot(&nodes[2], 1, absent), absent, 3),
+        Judgement::Accept {
+            version_ts: 0,
+            data: None
+        }
+    );
+    let counters = nodes[2].verbs_counters();
+    assert!(counters.rdma_reads >= 42, "{counters:?}");
+    // Messages still flow on the same queue pairs.
+    nodes[0].send(1, b"after reads").unwrap();
+    let events = collect_until(&nodes[1], |ev| !ev.is_empty());
+    assert_eq!(
+        events,
+        vec![Event::Message {
+            from: 0,
+            payload: b"after reads".to_vec()
+        }]
+    );
+    // A home without a table: readers are told so, and ask its CPU instead.
+    let mut config = tight();
+    config.published_slots = 0;
+    let plain = connected(2, config);
+    assert!(plain[1].table().is_none());
+    assert!(plain[0].read_published(1, page).unwrap().is_none());
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn reads_racing_a_home_that_rewrites_the_slot_never_accept_a_mixed_version() {
+    let nodes = connected(2, tight());
+    let table = nodes[1].table().expect("a table");
+    let page = 0x77;
+    table.publish_with(page, || Some((1, Some(filled(1)))));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let table = table.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut ts = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                ts += 1;
+                table.publish_with(page, || Some((ts, Some(filled(ts)))));
+            }
+            ts
+        })
+    };
+    let (mut accepted, mut torn) = (0u64, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (accepted < 200 || torn == 0) && Instant::now() < deadline {
+        let bytes = read_slot(&nodes[0], 1, page);
+        match judge(&bytes, page, u64::MAX) {
+            Judgement::Accept { version_ts, data } => {
+                // The contents are exactly those written with that timestamp.
+                assert_eq!(
+                    data,
+                    Some(filled(version_ts)),
+                    "a mixed version was accepted"
+                );
+                accepted += 1;
+            }
+            Judgement::Torn => torn += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    eprintln!("{accepted} READs accepted, {torn} torn, {written} versions written");
+    assert!(accepted >= 200, "{accepted} accepted");
+    assert!(written > 2);
 }

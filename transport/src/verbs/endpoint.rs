@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use rdma_sys as sys;
 
 use super::device::{errno_of, mtu_bytes, DeviceList, Gid, RawContext};
+use super::published::PublishedTable;
 use super::{NoRdma, VerbsError};
 
 /// Settings of an [`Endpoint`]. The defaults work under soft-RoCE (rxe) on loopback.
@@ -416,6 +417,9 @@ struct MemoryRegion {
     buf: NonNull<u8>,
     layout: Layout,
     _pd: Arc<ProtectionDomain>,
+    /// A published-page table registered here: the table owns the buffer (and outlives the
+    /// registration through this `Arc`), so drop only deregisters.
+    table: Option<Arc<PublishedTable>>,
 }
 
 // SAFETY: the buffer is owned by this value; the pointers are used through verbs calls (thread-
@@ -466,6 +470,36 @@ impl MemoryRegion {
             buf,
             layout,
             _pd: Arc::clone(pd),
+            table: None,
+        })
+    }
+
+    /// Registers a published-page table for remote READs only (peers never write it).
+    fn over_table(
+        pd: &Arc<ProtectionDomain>,
+        table: &Arc<PublishedTable>,
+    ) -> Result<MemoryRegion, VerbsError> {
+        let (ptr, len) = table.raw();
+        let buf = NonNull::new(ptr).ok_or(VerbsError::Call {
+            call: "registering the published table",
+            errno: libc::EINVAL,
+        })?;
+        let layout = Layout::from_size_align(len, 4096).map_err(|_| VerbsError::Call {
+            call: "table layout",
+            errno: libc::EINVAL,
+        })?;
+        let access = sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
+        // SAFETY: the PD is alive (Arc); the table's buffer of `len` bytes stays allocated while
+        // this region holds the table's Arc, i.e. until after deregistration. NULL with errno on
+        // failure.
+        let mr = unsafe { sys::ibv_reg_mr(pd.pd.as_ptr(), ptr.cast(), len, access.0 as c_int) };
+        let mr = NonNull::new(mr).ok_or_else(|| null_error("ibv_reg_mr"))?;
+        Ok(MemoryRegion {
+            mr,
+            buf,
+            layout,
+            _pd: Arc::clone(pd),
+            table: Some(Arc::clone(table)),
         })
     }
 
@@ -536,6 +570,13 @@ impl Drop for MemoryRegion {
         warn_teardown("ibv_dereg_mr", rc);
         if rc != 0 {
             // The NIC may still reach the buffer: leaking it is the only safe choice.
+            if let Some(table) = self.table.take() {
+                std::mem::forget(table);
+            }
+            return;
+        }
+        if self.table.is_some() {
+            // The table owns its buffer and frees it when its last Arc goes.
             return;
         }
         // SAFETY: allocated with this layout in `new`; no longer registered, so nothing else
@@ -645,6 +686,8 @@ pub struct Endpoint {
     qp: QueuePair,
     data: MemoryRegion,
     messages: MemoryRegion,
+    /// This node's published-page table, registered in this endpoint's protection domain.
+    published: Option<MemoryRegion>,
     cq: Arc<CompletionQueue>,
     _pd: Arc<ProtectionDomain>,
     ctx: Arc<RawContext>,
@@ -795,6 +838,7 @@ impl Endpoint {
             qp,
             data,
             messages,
+            published: None,
             cq,
             _pd: pd,
             ctx,
@@ -863,6 +907,67 @@ impl Endpoint {
             rkey: self.data.rkey(),
             len: self.data.len() as u64,
         }
+    }
+
+    /// Registers `table` (once for this endpoint) so the peer can READ it; where it is, for
+    /// the peer.
+    pub fn register_table(
+        &mut self,
+        table: &Arc<PublishedTable>,
+    ) -> Result<RemoteRegion, VerbsError> {
+        let region = MemoryRegion::over_table(&self._pd, table)?;
+        let remote = RemoteRegion {
+            addr: region.addr(),
+            rkey: region.rkey(),
+            len: region.len() as u64,
+        };
+        self.published = Some(region);
+        Ok(remote)
+    }
+
+    /// Posts a signalled RDMA READ of `len` bytes at `remote_offset` of `remote` into
+    /// `local_offset` of the data region, without waiting; its completion carries `wr_id` from
+    /// `tag` (as [`Endpoint::post_message`]'s, so on an RC queue pair it also completes every
+    /// earlier send).
+    pub fn post_read(
+        &mut self,
+        remote: RemoteRegion,
+        local_offset: usize,
+        remote_offset: u64,
+        len: usize,
+        tag: u64,
+    ) -> Result<u64, VerbsError> {
+        self.data.check("RDMA READ target", local_offset, len)?;
+        if remote_offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > remote.len)
+        {
+            return Err(VerbsError::OutOfBounds {
+                what: "the peer's region",
+                offset: remote_offset,
+                len: len as u64,
+                size: remote.len,
+            });
+        }
+        let len32 = u32::try_from(len).map_err(|_| VerbsError::OutOfBounds {
+            what: "RDMA READ length",
+            offset: 0,
+            len: len as u64,
+            size: u64::from(u32::MAX),
+        })?;
+        let wr_id = CompletionKind::Send.wr_id(tag);
+        self.post_send_raw(
+            wr_id,
+            sys::ibv_send_flags::IBV_SEND_SIGNALED.0 as c_uint,
+            sys::ibv_wr_opcode::IBV_WR_RDMA_READ,
+            (
+                self.data.addr() + local_offset as u64,
+                len32,
+                self.data.lkey(),
+            ),
+            Some((remote.addr + remote_offset, remote.rkey)),
+        )?;
+        Ok(wr_id)
     }
 
     /// The connected peer's data region.

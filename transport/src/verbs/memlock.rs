@@ -6,17 +6,21 @@
 //! with `ENOMEM`, on one node, after the others started. Checking before any work lets the job
 //! fail at once with what to change.
 
+use super::published::SLOT_BYTES;
 use super::VerbsConfig;
 
 /// `CAP_IPC_LOCK`'s bit in the capability sets of `/proc/self/status`.
 const CAP_IPC_LOCK: u32 = 14;
 
 /// Bytes the verbs transport registers (pins) on one node of a job of `world` nodes: each
-/// peer's endpoint has its region and its send and receive rings.
+/// peer's endpoint has its region and its send and receive rings, and the published page table
+/// is registered once per peer (each peer's endpoint has a protection domain of its own), and
+/// the kernel counts every registration.
 pub fn registered_bytes(config: &VerbsConfig, world: u32) -> u64 {
     let e = &config.endpoint;
     let rings = u64::from(e.receive_slots) + u64::from(e.send_slots);
-    let per_peer = e.region_bytes as u64 + rings * e.message_bytes as u64;
+    let table = (config.published_slots as u64 * SLOT_BYTES as u64).next_multiple_of(4096);
+    let per_peer = e.region_bytes as u64 + rings * e.message_bytes as u64 + table;
     per_peer.saturating_mul(u64::from(world.saturating_sub(1)))
 }
 
@@ -107,6 +111,14 @@ mod tests {
         let why = LockLimit::Bytes(8 << 20)
             .refuses(needed)
             .expect("64 nodes need more than Debian's 8 MiB default");
+        let no_table = VerbsConfig {
+            published_slots: 0,
+            ..VerbsConfig::default()
+        };
+        assert!(
+            registered_bytes(&no_table, 64) < needed / 10,
+            "the table dominates"
+        );
         assert!(
             why.contains("ulimit -l") && why.contains("--transport tcp"),
             "{why}"

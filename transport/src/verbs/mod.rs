@@ -5,22 +5,25 @@
 //! turns that and the user's `--transport` into the transport a run uses; [`Endpoint`] is one
 //! reliable-connected queue pair with its protection domain, completion queue (optionally with a
 //! completion channel) and memory regions, doing RDMA WRITE, RDMA READ and SEND/RECV;
-//! [`VerbsTransport`] is the cluster's [`crate::Transport`] over one endpoint per peer. A run that
+//! [`VerbsTransport`] is the cluster's [`crate::Transport`] over one endpoint per peer, and
+//! [`published`] the table of page versions peers fetch with one RDMA READ. A run that
 //! asks for RDMA on a host without it is refused, never silently served by TCP.
 //!
 //! Every `unsafe` block of DVM's verbs code lives in this module tree (`sys`-facing code in
-//! `device.rs` and `endpoint.rs`, epoll in `transport.rs`), each with a `// SAFETY:` comment.
+//! `device.rs` and `endpoint.rs`, epoll in `transport.rs`, the published table's buffer in
+//! `published.rs`), each with a `// SAFETY:` comment.
 
 mod device;
 mod endpoint;
 pub mod memlock;
+pub mod published;
 mod transport;
 
 pub use device::{probe, Device, Gid, Port, PortState, Probe};
 pub use endpoint::{
     Completion, CompletionKind, Endpoint, EndpointConfig, PeerInfo, QpState, RemoteRegion,
 };
-pub use transport::{VerbsConfig, VerbsCounters, VerbsTransport};
+pub use transport::{SlotBytes, VerbsConfig, VerbsCounters, VerbsTransport};
 
 use std::fmt;
 use std::time::Duration;

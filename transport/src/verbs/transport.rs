@@ -31,6 +31,13 @@
 //! (rather than the caller of `poll`) does this so that heartbeats and credit returns flow while
 //! the cluster code is busy elsewhere, as the TCP transport's I/O thread does.
 //!
+//! Page reads: each node may publish a table of page versions ([`published`]), registered
+//! once per peer's protection domain for remote READ; its address, rkey and slot count follow
+//! the queue pair information over the bootstrap socket. [`VerbsTransport::read_published`]
+//! queues one RDMA READ of a slot; the I/O thread posts it (signalled, into one of
+//! `READ_TARGETS` parts of the peer endpoint's region, counted against the send queue like a
+//! SEND) and hands the bytes back when the READ's completion (or a later one) passes it.
+//!
 //! Loss: a closed bootstrap socket without a Goodbye in the stream (after a short grace for the
 //! stream's last SENDs to be reaped), a completion in error (the queue pair is then in the error
 //! state), a protocol error in the stream, or silence past `peer_timeout_ms` yields exactly one
@@ -42,11 +49,13 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Endpoint, EndpointConfig, PeerInfo, VerbsError};
+use super::published::{self, PublishedTable, SLOT_BYTES};
+use super::{Endpoint, EndpointConfig, PeerInfo, RemoteRegion, VerbsError};
 use crate::tcp::Bound;
 use crate::uring::EventFd;
 use crate::wire::{self, Decoder, Frame, FrameKind};
@@ -71,6 +80,74 @@ const CLOSE_DRAIN: Duration = Duration::from_millis(2000);
 const EVENT_OVERHEAD_BYTES: u64 = 64;
 /// Largest bootstrap frame (a PeerInfo in a Message).
 const MAX_BOOTSTRAP_PAYLOAD_BYTES: usize = 1024;
+/// RDMA READs of published slots in flight per peer (each lands in its own part of the
+/// endpoint's data region).
+const READ_TARGETS: usize = 8;
+/// Bytes of the bootstrap frame that says where a node's published table is.
+const TABLE_INFO_BYTES: usize = 32;
+
+/// One slot's bytes as an RDMA READ returned them.
+pub type SlotBytes = Box<[u8; SLOT_BYTES]>;
+
+/// A READ of a peer's published slot, waiting for the I/O thread.
+struct ReadJob {
+    slot: usize,
+    reply: SyncSender<SlotBytes>,
+}
+
+/// Where a peer's published table is: its region and its number of slots.
+#[derive(Clone, Copy, Debug)]
+struct PeerTable {
+    region: RemoteRegion,
+    slots: usize,
+}
+
+fn encode_table_info(table: Option<(RemoteRegion, usize)>) -> Vec<u8> {
+    let (region, slots) = table.unwrap_or((
+        RemoteRegion {
+            addr: 0,
+            rkey: 0,
+            len: 0,
+        },
+        0,
+    ));
+    let mut out = Vec::with_capacity(TABLE_INFO_BYTES);
+    out.extend_from_slice(&region.addr.to_le_bytes());
+    out.extend_from_slice(&u64::from(region.rkey).to_le_bytes());
+    out.extend_from_slice(&region.len.to_le_bytes());
+    out.extend_from_slice(&(slots as u64).to_le_bytes());
+    out
+}
+
+/// `None` for a peer without a table; an error for a table that does not hold its slots.
+fn decode_table_info(bytes: &[u8]) -> Result<Option<PeerTable>, String> {
+    if bytes.len() != TABLE_INFO_BYTES {
+        return Err(format!(
+            "published-table information of {} bytes",
+            bytes.len()
+        ));
+    }
+    let w = |i: usize| {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(raw)
+    };
+    let (addr, rkey, len, slots) = (w(0), w(1), w(2), w(3));
+    if slots == 0 {
+        return Ok(None);
+    }
+    let rkey = u32::try_from(rkey).map_err(|_| format!("table rkey {rkey}"))?;
+    if slots
+        .checked_mul(SLOT_BYTES as u64)
+        .is_none_or(|need| need > len)
+    {
+        return Err(format!("a table of {slots} slots in {len} bytes"));
+    }
+    Ok(Some(PeerTable {
+        region: RemoteRegion { addr, rkey, len },
+        slots: usize::try_from(slots).map_err(|_| format!("{slots} slots"))?,
+    }))
+}
 
 /// Settings of the verbs transport beyond the bootstrap's [`crate::tcp::TcpConfig`].
 #[derive(Clone, Debug)]
@@ -81,6 +158,9 @@ pub struct VerbsConfig {
     pub endpoint: EndpointConfig,
     /// Every this many SENDs one is signalled; divides `send_slots`.
     pub signal_every: u32,
+    /// Slots of this node's published-page table (see [`published`]); 0: no table, peers ask
+    /// this node's CPU for every page.
+    pub published_slots: usize,
 }
 
 impl Default for VerbsConfig {
@@ -97,6 +177,7 @@ impl Default for VerbsConfig {
                 ..EndpointConfig::default()
             },
             signal_every: 8,
+            published_slots: published::DEFAULT_SLOTS,
         }
     }
 }
@@ -166,6 +247,8 @@ struct PeerShared {
     bytes_sent: AtomicU64,
     messages_received: AtomicU64,
     bytes_received: AtomicU64,
+    table: Option<PeerTable>,
+    reads: Mutex<ReadQueue>,
 }
 
 #[derive(Default)]
@@ -184,6 +267,14 @@ struct AtomicCounters {
     receives: AtomicU64,
 }
 
+/// Per peer: READs of its published table waiting to be posted.
+#[derive(Default)]
+struct ReadQueue {
+    jobs: VecDeque<ReadJob>,
+    /// Set (under the lock) when the peer's link ends: no job is queued after that.
+    closed: bool,
+}
+
 struct Shared {
     rank: NodeId,
     world: u32,
@@ -198,6 +289,7 @@ struct Shared {
     send_timeout: Duration,
     max_inbound_bytes: u64,
     verbs: AtomicCounters,
+    table: Option<Arc<PublishedTable>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -366,12 +458,20 @@ impl VerbsTransport {
         let timeout = Duration::from_millis(tcp.connect_timeout_ms.max(1000));
         let mut endpoint_config = config.endpoint.clone();
         endpoint_config.timeout = timeout;
+        endpoint_config.region_bytes = endpoint_config.region_bytes.max(READ_TARGETS * SLOT_BYTES);
+        let table = match config.published_slots {
+            0 => None,
+            slots => Some(Arc::new(PublishedTable::new(slots).ok_or_else(|| {
+                TransportError::Config(format!("a published table of {slots} slots"))
+            })?)),
+        };
 
         struct Boot {
             rank: usize,
             stream: TcpStream,
             decoder: Decoder,
             endpoint: Endpoint,
+            peer_table: Option<PeerTable>,
         }
         let mut boots = Vec::new();
         for (rank, c) in connected.into_iter().enumerate() {
@@ -388,8 +488,17 @@ impl VerbsTransport {
                 .set_write_timeout(Some(timeout))
                 .map_err(io_err("bootstrap socket write timeout"))?;
             decoder.set_max_payload(MAX_BOOTSTRAP_PAYLOAD_BYTES);
-            let endpoint = Endpoint::create(endpoint_config.clone())
+            let mut endpoint = Endpoint::create(endpoint_config.clone())
                 .map_err(verbs_err("creating a queue pair"))?;
+            let local_table = match &table {
+                Some(t) => Some((
+                    endpoint
+                        .register_table(t)
+                        .map_err(verbs_err("registering the published table"))?,
+                    t.slots(),
+                )),
+                None => None,
+            };
             // Every side writes before it reads, in each phase: the small frames fit the socket
             // buffers, so the order of peers cannot deadlock.
             write_frame(
@@ -397,11 +506,14 @@ impl VerbsTransport {
                 &Frame::Message(endpoint.local_info().encode().to_vec()),
             )
             .map_err(io_err("sending queue pair information"))?;
+            write_frame(&mut stream, &Frame::Message(encode_table_info(local_table)))
+                .map_err(io_err("sending published-table information"))?;
             boots.push(Boot {
                 rank,
                 stream,
                 decoder,
                 endpoint,
+                peer_table: None,
             });
         }
         for b in &mut boots {
@@ -421,6 +533,19 @@ impl VerbsTransport {
                 other => {
                     return Err(TransportError::Config(format!(
                         "rank {}: a {} frame instead of queue pair information",
+                        b.rank,
+                        other.kind()
+                    )))
+                }
+            };
+            b.peer_table = match read_frame(&mut b.stream, &mut b.decoder)
+                .map_err(io_err("receiving published-table information"))?
+            {
+                Frame::Message(bytes) => decode_table_info(&bytes)
+                    .map_err(|e| TransportError::Config(format!("rank {}: {e}", b.rank)))?,
+                other => {
+                    return Err(TransportError::Config(format!(
+                        "rank {}: a {} frame instead of published-table information",
                         b.rank,
                         other.kind()
                     )))
@@ -453,13 +578,20 @@ impl VerbsTransport {
             .first()
             .map_or_else(|| "-".into(), |b| b.endpoint.device_name().to_string());
 
+        let mut peer_tables: Vec<Option<PeerTable>> = peers.iter().map(|_| None).collect();
+        for b in &boots {
+            if let Some(slot) = peer_tables.get_mut(b.rank) {
+                *slot = b.peer_table;
+            }
+        }
         let eventfd = EventFd::new().map_err(io_err("creating the wake eventfd"))?;
         let shared = Arc::new(Shared {
             rank: tcp.rank,
             world: tcp.world,
             peers: peers
                 .iter()
-                .map(|&addr| PeerShared {
+                .zip(peer_tables)
+                .map(|(&addr, table)| PeerShared {
                     addr,
                     out: Mutex::new(OutQueue::default()),
                     out_cv: Condvar::new(),
@@ -468,6 +600,8 @@ impl VerbsTransport {
                     bytes_sent: AtomicU64::new(0),
                     messages_received: AtomicU64::new(0),
                     bytes_received: AtomicU64::new(0),
+                    table,
+                    reads: Mutex::new(ReadQueue::default()),
                 })
                 .collect(),
             inbox: Mutex::new(Inbox::default()),
@@ -480,6 +614,7 @@ impl VerbsTransport {
             send_timeout: Duration::from_millis(tcp.send_timeout_ms),
             max_inbound_bytes: tcp.max_inbound_bytes,
             verbs: AtomicCounters::default(),
+            table,
         });
         let epoll = Epoll::new().map_err(io_err("creating the epoll set"))?;
         epoll
@@ -516,6 +651,7 @@ impl VerbsTransport {
                 last_rx: now,
                 last_tx: now,
                 goodbye_queued: false,
+                reads_in_flight: Vec::new(),
             });
         }
         let mut io = IoThread {
@@ -544,6 +680,48 @@ impl VerbsTransport {
     /// The RDMA device the queue pairs use.
     pub fn device(&self) -> &str {
         &self.device
+    }
+
+    /// Whether this node has a published-page table (peers READ it).
+    pub fn publishes(&self) -> bool {
+        self.shared.table.is_some()
+    }
+
+    /// This node's published-page table, for the home code that writes it (see
+    /// [`PublishedTable::publish_with`]); `None` when it has none.
+    pub fn table(&self) -> Option<Arc<PublishedTable>> {
+        self.shared.table.clone()
+    }
+
+    /// Starts one RDMA READ of the slot of `page` in `home`'s published table; the slot's bytes
+    /// arrive on the returned channel (judge them with [`published::judge`]). `Ok(None)`: the
+    /// home publishes no table. The channel closes without an answer if the peer goes away.
+    pub fn read_published(
+        &self,
+        home: NodeId,
+        page: u64,
+    ) -> Result<Option<Receiver<SlotBytes>>, TransportError> {
+        self.check_running()?;
+        let peer = self.shared.peer(home)?;
+        let Some(table) = peer.table else {
+            return Ok(None);
+        };
+        let (reply, receiver) = sync_channel(1);
+        {
+            let mut q = lock(&peer.reads);
+            if q.closed || peer.state.load(Ordering::Acquire) != LIVE {
+                return Err(TransportError::PeerGone {
+                    peer: home,
+                    addr: peer.addr,
+                });
+            }
+            q.jobs.push_back(ReadJob {
+                slot: published::slot_of(page, table.slots),
+                reply,
+            });
+        }
+        self.shared.eventfd.signal();
+        Ok(Some(receiver))
     }
 
     /// Verbs work so far.
@@ -644,8 +822,9 @@ impl Transport for VerbsTransport {
         page: u64,
         snapshot_ts: u64,
     ) -> Result<RequestId, TransportError> {
-        // The home's CPU answers, as over TCP: one-sided page reads need the page pools
-        // registered and published, which this transport does not do yet.
+        // The home's CPU answers, as over TCP. The one-sided fetch is `read_published`: it
+        // needs the snapshot rule of the cluster layer to judge what it read, which this
+        // trait's answer (a version, no validity) cannot carry.
         let id = self.shared.next_id();
         self.shared.enqueue(home, |out| {
             Ok((wire::encode_read_page(out, id, page, snapshot_ts)?, 1))
@@ -847,6 +1026,8 @@ struct Link {
     last_rx: Instant,
     last_tx: Instant,
     goodbye_queued: bool,
+    /// Posted READs of the peer's table: (sequence number, target in the data region, job).
+    reads_in_flight: Vec<(u64, usize, ReadJob)>,
 }
 
 struct IoThread {
@@ -996,6 +1177,53 @@ impl IoThread {
             link.done_seq = link.done_seq.max(seq + 1);
             shared.verbs.signalled.fetch_add(1, Ordering::Relaxed);
             progress = true;
+        }
+        // READs complete in order with the sends on an RC queue pair: those below `done_seq`
+        // have placed their bytes.
+        if !link.reads_in_flight.is_empty() {
+            let done_seq = link.done_seq;
+            let mut i = 0;
+            while i < link.reads_in_flight.len() {
+                if link.reads_in_flight[i].0 >= done_seq {
+                    i += 1;
+                    continue;
+                }
+                let (_, target, job) = link.reads_in_flight.swap_remove(i);
+                let mut bytes = Box::new([0u8; SLOT_BYTES]);
+                link.endpoint
+                    .copy_out(target * SLOT_BYTES, &mut bytes[..])
+                    .map_err(|e| End::Lost(rdma_loss(&e)))?;
+                // A reader that gave up has dropped its receiver; nothing to do then.
+                let _ = job.reply.try_send(bytes);
+            }
+        }
+        // New READs, while a target and a send-queue entry are free.
+        if let Some(table) = peer.table {
+            while link.reads_in_flight.len() < READ_TARGETS
+                && link.next_seq - link.done_seq < u64::from(send_slots)
+                && !link.goodbye_queued
+            {
+                let Some(job) = lock(&peer.reads).jobs.pop_front() else {
+                    break;
+                };
+                let target = (0..READ_TARGETS)
+                    .find(|t| link.reads_in_flight.iter().all(|(_, used, _)| used != t))
+                    .unwrap_or(0);
+                link.endpoint
+                    .post_read(
+                        table.region,
+                        target * SLOT_BYTES,
+                        published::slot_offset(job.slot),
+                        SLOT_BYTES,
+                        link.next_seq,
+                    )
+                    .map_err(|e| End::Lost(rdma_loss(&e)))?;
+                link.reads_in_flight.push((link.next_seq, target, job));
+                link.next_seq += 1;
+                shared.verbs.posted.fetch_add(1, Ordering::Relaxed);
+                shared.verbs.reads.fetch_add(1, Ordering::Relaxed);
+                progress = true;
+            }
         }
 
         // Receives.
@@ -1168,6 +1396,11 @@ impl IoThread {
         }
         self.epoll.remove(link.stream.as_raw_fd());
         if let Some(p) = self.shared.peers.get(link.rank) {
+            // Queued READs are dropped: their readers see the channel close.
+            let mut reads = lock(&p.reads);
+            reads.closed = true;
+            reads.jobs.clear();
+            drop(reads);
             p.state.store(GONE, Ordering::Release);
             // Taking the lock orders the store before any sender's wait: none misses the wake.
             drop(lock(&p.out));
@@ -1299,4 +1532,36 @@ fn drain_eventfd(fd: libc::c_int) {
             std::mem::size_of::<u64>(),
         )
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_information_round_trips_and_a_table_too_small_for_its_slots_is_refused() {
+        let region = RemoteRegion {
+            addr: 0x7f00_1234_0000,
+            rkey: 0xdead_beef,
+            len: (64 * SLOT_BYTES) as u64,
+        };
+        let bytes = encode_table_info(Some((region, 64)));
+        assert_eq!(bytes.len(), TABLE_INFO_BYTES);
+        let table = decode_table_info(&bytes)
+            .expect("valid information")
+            .expect("a table");
+        assert_eq!((table.region, table.slots), (region, 64));
+        assert!(decode_table_info(&encode_table_info(None))
+            .expect("valid information")
+            .is_none());
+        let short = RemoteRegion {
+            len: (64 * SLOT_BYTES - 1) as u64,
+            ..region
+        };
+        assert!(decode_table_info(&encode_table_info(Some((short, 64)))).is_err());
+        assert!(decode_table_info(&bytes[..31]).is_err());
+        let mut big_rkey = bytes.clone();
+        big_rkey[12] = 1;
+        assert!(decode_table_info(&big_rkey).is_err());
+    }
 }

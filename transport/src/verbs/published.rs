@@ -1,0 +1,361 @@
+//! The published-page table: where a home lays out the newest version of each page it homes so
+//! that a reader can fetch it with one RDMA READ and validate it without the home's CPU.
+//!
+//! The table is one page-aligned buffer, registered once per peer's protection domain (never
+//! per page). It is direct-mapped: `slot_of(page)` picks the one slot a page can be in, so two
+//! pages that hash alike evict each other (a reader of the evicted one asks the home instead).
+//! A slot is
+//!
+//! ```text
+//! [seq: u64][page: u64][version ts: u64][4096 bytes][seq again: u64][crc32c: u32][flags: u32]
+//! ```
+//!
+//! little-endian. The crc32c covers everything but itself. Flag `ABSENT`: the home holds no
+//! version of the page (it reads as zeros, and the 4096 bytes are zeros). The home is the only writer and
+//! writes a slot under the table's lock: it marks the slot busy (first `seq` odd), writes the
+//! rest with the final `seq` (even) in the second place and the check word, then sets the first
+//! `seq` to the final value. A READ may sample the bytes in any order while this happens, so a
+//! reader accepts a slot only when both `seq`s are equal and even and the crc32c matches (see
+//! [`judge`]); anything else is a torn read. `seq` 0 is never written, so an untouched (zeroed)
+//! slot never validates: it is reported as empty rather than torn, so nobody READs it twice.
+//!
+//! What a valid slot may be used for (the snapshot rule) is the caller's: see
+//! `docs/CLUSTER.md`, "One-sided page reads".
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Mutex;
+
+use crate::crc32c;
+use crate::PAGE_BYTES;
+
+const OFF_SEQ: usize = 0;
+const OFF_PAGE: usize = 8;
+const OFF_TS: usize = 16;
+const OFF_DATA: usize = 24;
+const OFF_SEQ_END: usize = OFF_DATA + PAGE_BYTES;
+const OFF_CHECK: usize = OFF_SEQ_END + 8;
+const OFF_FLAGS: usize = OFF_CHECK + 4;
+/// Bytes of one slot (a multiple of 8).
+pub const SLOT_BYTES: usize = OFF_FLAGS + 4;
+const ABSENT: u32 = 1;
+/// Slots of a table unless configured otherwise (about 66 MiB).
+pub const DEFAULT_SLOTS: usize = 16 * 1024;
+
+/// The slot `page` is published in, of `slots`.
+pub fn slot_of(page: u64, slots: usize) -> usize {
+    // Pages of one chunk are neighbours; a multiplicative hash spreads them over the table.
+    let hash = page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 20;
+    (hash % slots.max(1) as u64) as usize
+}
+
+/// Byte offset of slot `slot` in the table.
+pub fn slot_offset(slot: usize) -> u64 {
+    (slot * SLOT_BYTES) as u64
+}
+
+fn word(bytes: &[u8], at: usize) -> u64 {
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(raw)
+}
+
+fn check_word(image: &[u8; SLOT_BYTES]) -> u32 {
+    crc32c::update(crc32c::checksum(&image[..OFF_CHECK]), &image[OFF_FLAGS..])
+}
+
+/// The final image of a slot holding version `ts` of `page` (`None`: the home holds no version)
+/// as write number `seq` (even, not 0).
+pub fn encode_slot(
+    seq: u64,
+    page: u64,
+    ts: u64,
+    data: Option<&[u8; PAGE_BYTES]>,
+) -> Box<[u8; SLOT_BYTES]> {
+    let mut out = Box::new([0u8; SLOT_BYTES]);
+    out[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
+    out[OFF_PAGE..OFF_PAGE + 8].copy_from_slice(&page.to_le_bytes());
+    out[OFF_TS..OFF_TS + 8].copy_from_slice(&ts.to_le_bytes());
+    let flags = match data {
+        Some(data) => {
+            out[OFF_DATA..OFF_SEQ_END].copy_from_slice(data);
+            0
+        }
+        None => ABSENT,
+    };
+    out[OFF_SEQ_END..OFF_CHECK].copy_from_slice(&seq.to_le_bytes());
+    out[OFF_FLAGS..].copy_from_slice(&flags.to_le_bytes());
+    let check = check_word(&out);
+    out[OFF_CHECK..OFF_FLAGS].copy_from_slice(&check.to_le_bytes());
+    out
+}
+
+/// What a reader may do with the bytes one READ of a slot returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Judgement {
+    /// A consistent slot holding the version of the page visible at the snapshot (given the
+    /// snapshot rule): its timestamp and contents (`None`: the home holds no version; zeros).
+    Accept {
+        version_ts: u64,
+        data: Option<Box<[u8; PAGE_BYTES]>>,
+    },
+    /// Nothing was ever published in the slot (both sequence words 0, which no write leaves):
+    /// ask the home, no second READ.
+    Empty,
+    /// The sequence words differ or are odd, or the check word does not match: the READ saw a
+    /// write in progress. Read again.
+    Torn,
+    /// A consistent slot of another page (a collision): ask the home.
+    OtherPage,
+    /// A consistent slot of this page whose version is newer than the snapshot: ask the home.
+    Newer,
+}
+
+/// Validates `bytes` (one READ of the slot of `page`) for a reader at `snapshot_ts`. The slot
+/// always holds the newest version its home had installed when it was written; accepting it for
+/// `snapshot_ts` needs only `version_ts <= snapshot_ts` because every version at or below a
+/// snapshot was published before the snapshot existed (the caller's argument, in the docs).
+pub fn judge(bytes: &[u8; SLOT_BYTES], page: u64, snapshot_ts: u64) -> Judgement {
+    let seq = word(bytes, OFF_SEQ);
+    let seq_end = word(bytes, OFF_SEQ_END);
+    if seq == 0 && seq_end == 0 {
+        return Judgement::Empty;
+    }
+    if seq == 0 || seq % 2 != 0 || seq_end != seq {
+        return Judgement::Torn;
+    }
+    let mut raw = [0u8; 4];
+    raw.copy_from_slice(&bytes[OFF_CHECK..OFF_FLAGS]);
+    if check_word(bytes) != u32::from_le_bytes(raw) {
+        return Judgement::Torn;
+    }
+    raw.copy_from_slice(&bytes[OFF_FLAGS..]);
+    let flags = u32::from_le_bytes(raw);
+    if word(bytes, OFF_PAGE) != page {
+        return Judgement::OtherPage;
+    }
+    let version_ts = word(bytes, OFF_TS);
+    if version_ts > snapshot_ts {
+        return Judgement::Newer;
+    }
+    if flags & ABSENT != 0 {
+        return Judgement::Accept {
+            version_ts,
+            data: None,
+        };
+    }
+    let mut data = Box::new([0u8; PAGE_BYTES]);
+    data.copy_from_slice(&bytes[OFF_DATA..OFF_SEQ_END]);
+    Judgement::Accept {
+        version_ts,
+        data: Some(data),
+    }
+}
+
+/// A home's table. Writes go through [`PublishedTable::publish`]; peers' NICs read it.
+pub struct PublishedTable {
+    buf: NonNull<u8>,
+    layout: Layout,
+    slots: usize,
+    /// Serialises writers; a slot's write is then never interleaved with another.
+    writer: Mutex<()>,
+}
+
+// SAFETY: the buffer is owned by the table; Rust code touches it only through raw-pointer
+// copies made under `writer` (writes) or of whole words the writer alone changes; remote NICs
+// only read it.
+unsafe impl Send for PublishedTable {}
+// SAFETY: as above: shared access never creates references into the buffer.
+unsafe impl Sync for PublishedTable {}
+
+impl PublishedTable {
+    /// A zeroed table of `slots` slots (no slot valid).
+    pub fn new(slots: usize) -> Option<PublishedTable> {
+        let bytes = slots.checked_mul(SLOT_BYTES)?.max(4096);
+        let layout = Layout::from_size_align(bytes, 4096).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let buf = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        Some(PublishedTable {
+            buf,
+            layout,
+            slots: slots.max(1),
+            writer: Mutex::new(()),
+        })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Start and length of the buffer, for registering it.
+    pub fn raw(&self) -> (*mut u8, usize) {
+        (self.buf.as_ptr(), self.layout.size())
+    }
+
+    /// Writes version `ts` of `page` into its slot, under the table's lock. `contents` is
+    /// called under that lock, so a caller that reads the newest version there publishes the
+    /// newest one even when several threads publish the same page: the last writer read last.
+    /// It returns the version's timestamp and bytes (`None`: the home holds no version), or
+    /// `None` to leave the slot as it is.
+    pub fn publish_with(
+        &self,
+        page: u64,
+        contents: impl FnOnce() -> Option<(u64, Option<Box<[u8; PAGE_BYTES]>>)>,
+    ) {
+        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((ts, data)) = contents() else {
+            return;
+        };
+        let slot = slot_of(page, self.slots);
+        // SAFETY: `slot < slots`, so the slot lies inside the buffer; the buffer's pointer is
+        // 4096-aligned and SLOT_BYTES a multiple of 8, so the word is aligned; only writers
+        // (serialised by `writer`) change it.
+        let at = unsafe { self.buf.as_ptr().add(slot * SLOT_BYTES) };
+        // SAFETY: as above.
+        let old = unsafe { std::ptr::read_volatile(at.cast::<u64>()) };
+        let seq = (old | 1) + 1;
+        let image = encode_slot(seq, page, ts, data.as_deref());
+        // SAFETY: the slot lies in the buffer (above); the image is a distinct allocation.
+        unsafe {
+            std::ptr::write_volatile(at.cast::<u64>(), old | 1);
+            fence(Ordering::SeqCst);
+            std::ptr::copy_nonoverlapping(image.as_ptr().add(8), at.add(8), SLOT_BYTES - 8);
+            fence(Ordering::SeqCst);
+            std::ptr::write_volatile(at.cast::<u64>(), seq);
+        }
+    }
+
+    /// A copy of slot `slot` (tests and local checks).
+    pub fn copy_slot(&self, slot: usize) -> Option<Box<[u8; SLOT_BYTES]>> {
+        if slot >= self.slots {
+            return None;
+        }
+        let mut out = Box::new([0u8; SLOT_BYTES]);
+        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the slot lies in the buffer; `out` is distinct.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.buf.as_ptr().add(slot * SLOT_BYTES),
+                out.as_mut_ptr(),
+                SLOT_BYTES,
+            )
+        };
+        Some(out)
+    }
+}
+
+impl Drop for PublishedTable {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout; every memory region registered over it
+        // holds an `Arc` of the table, so none is registered any more.
+        unsafe { std::alloc::dealloc(self.buf.as_ptr(), self.layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page_of(fill: u8) -> Box<[u8; PAGE_BYTES]> {
+        Box::new([fill; PAGE_BYTES])
+    }
+
+    #[test]
+    fn a_written_slot_validates_and_holds_its_version() {
+        let image = encode_slot(2, 77, 5, Some(&page_of(9)));
+        assert_eq!(
+            judge(&image, 77, 5),
+            Judgement::Accept {
+                version_ts: 5,
+                data: Some(page_of(9))
+            }
+        );
+        assert!(matches!(judge(&image, 77, 100), Judgement::Accept { .. }));
+        assert_eq!(judge(&image, 77, 4), Judgement::Newer);
+        assert_eq!(judge(&image, 78, 5), Judgement::OtherPage);
+    }
+
+    #[test]
+    fn a_page_the_home_holds_no_version_of_reads_as_absent() {
+        let image = encode_slot(2, 40, 0, None);
+        assert_eq!(
+            judge(&image, 40, 0),
+            Judgement::Accept {
+                version_ts: 0,
+                data: None
+            }
+        );
+        // The flag is covered by the check word: a present page never turns absent.
+        let mut flipped = encode_slot(2, 40, 0, Some(&page_of(0)));
+        flipped[OFF_FLAGS] = 1;
+        assert_eq!(judge(&flipped, 40, 0), Judgement::Torn);
+    }
+
+    #[test]
+    fn an_untouched_slot_never_validates() {
+        assert_eq!(judge(&Box::new([0u8; SLOT_BYTES]), 0, 0), Judgement::Empty);
+        // The first write to a slot, caught half way: torn, not empty.
+        let first = encode_slot(2, 5, 1, Some(&page_of(3)));
+        let mut half = Box::new([0u8; SLOT_BYTES]);
+        half[OFF_DATA..].copy_from_slice(&first[OFF_DATA..]);
+        assert_eq!(judge(&half, 5, 1), Judgement::Torn);
+    }
+
+    #[test]
+    fn any_mix_of_two_writes_or_a_flipped_byte_is_torn() {
+        let old = encode_slot(2, 77, 5, Some(&page_of(1)));
+        let new = encode_slot(4, 77, 6, Some(&page_of(2)));
+        // A READ that sampled part of the slot before a write and the rest after it.
+        for cut in (0..SLOT_BYTES).step_by(8).skip(1) {
+            let mut mixed = old.clone();
+            mixed[cut..].copy_from_slice(&new[cut..]);
+            assert_eq!(judge(&mixed, 77, 10), Judgement::Torn, "cut at {cut}");
+            let mut mixed = new.clone();
+            mixed[cut..].copy_from_slice(&old[cut..]);
+            assert_eq!(judge(&mixed, 77, 10), Judgement::Torn, "cut at {cut}");
+        }
+        // The writer's busy mark: odd first word, everything else already final.
+        let mut busy = new.clone();
+        busy[0..8].copy_from_slice(&3u64.to_le_bytes());
+        assert_eq!(judge(&busy, 77, 10), Judgement::Torn);
+        for at in [0, 9, 17, 100, OFF_SEQ_END + 1, OFF_CHECK, OFF_FLAGS] {
+            let mut flipped = new.clone();
+            flipped[at] ^= 0x10;
+            assert_eq!(judge(&flipped, 77, 10), Judgement::Torn, "byte {at}");
+        }
+    }
+
+    #[test]
+    fn the_table_publishes_into_the_page_slot_with_growing_even_sequence_numbers() {
+        let table = PublishedTable::new(64).expect("table");
+        let slot = slot_of(1234, 64);
+        table.publish_with(1234, || Some((3, Some(page_of(7)))));
+        let first = table.copy_slot(slot).expect("slot");
+        assert_eq!(
+            judge(&first, 1234, 3),
+            Judgement::Accept {
+                version_ts: 3,
+                data: Some(page_of(7))
+            }
+        );
+        table.publish_with(1234, || Some((8, Some(page_of(8)))));
+        let second = table.copy_slot(slot).expect("slot");
+        assert!(word(&second[..], 0) > word(&first[..], 0));
+        assert_eq!(word(&second[..], 0) % 2, 0);
+        assert_eq!(judge(&second, 1234, 7), Judgement::Newer);
+        // Nothing to publish leaves the slot as it was.
+        table.publish_with(1234, || None);
+        assert_eq!(table.copy_slot(slot), Some(second));
+        assert_eq!(table.copy_slot(64), None);
+    }
+
+    #[test]
+    fn slots_spread_a_chunk_of_pages() {
+        let slots = 1024;
+        let used: std::collections::HashSet<usize> =
+            (0..512u64).map(|p| slot_of((7 << 9) + p, slots)).collect();
+        assert!(used.len() > 300, "{} distinct slots", used.len());
+        assert!(used.iter().all(|s| *s < slots));
+    }
+}
