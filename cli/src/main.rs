@@ -206,6 +206,7 @@ fn make_jit(args: &RunArgs) -> Result<Option<Arc<dvm_jit::DvmJit>>, Failure> {
     let options = dvm_jit::JitOptions {
         threshold,
         perf_map: true,
+        local_labels: profile::local_labels(&args.program),
     };
     match dvm_jit::DvmJit::new(options) {
         Ok(jit) => Ok(Some(Arc::new(jit))),

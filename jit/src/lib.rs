@@ -22,6 +22,7 @@ mod emit;
 
 use dvm_engine::interp::Program;
 use dvm_engine::native::{Jit, NativeExit, NativeState};
+use dvm_perf::profile::Symbols;
 use std::fmt;
 use std::io::Write;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -45,6 +46,9 @@ pub struct JitOptions {
     pub threshold: u32,
     /// Append a line per compiled region to `/tmp/perf-<pid>.map` (for `perf`).
     pub perf_map: bool,
+    /// The program's local labels (`(name, address)`; an image has none, its source does), so
+    /// perf map entries name loops as profiles do (`partition/.Lcoord`).
+    pub local_labels: Vec<(String, u64)>,
 }
 
 impl Default for JitOptions {
@@ -52,6 +56,7 @@ impl Default for JitOptions {
         JitOptions {
             threshold: DEFAULT_THRESHOLD,
             perf_map: true,
+            local_labels: Vec::new(),
         }
     }
 }
@@ -153,11 +158,7 @@ impl DvmJit {
                 self.region_instructions
                     .fetch_add((end - start) as u64, Ordering::Relaxed);
                 if self.options.perf_map {
-                    let addr = program.code()[start].addr;
-                    let name = program
-                        .image
-                        .symbolize(addr)
-                        .unwrap_or_else(|| format!("{addr:#x}"));
+                    let name = region_name(program, &self.options.local_labels, start);
                     write_perf_map(&entry, &name);
                 }
                 Some(entry)
@@ -170,6 +171,29 @@ impl DvmJit {
                 None
             }
         }
+    }
+}
+
+/// A region's name in profiles: its DISA function and local label, as `dvm profile` names
+/// frames (`partition/.Lcoord`), else the function and offset.
+pub fn region_name(program: &Program, local_labels: &[(String, u64)], start: usize) -> String {
+    let addr = program.code().get(start).map_or(0, |d| d.addr);
+    let symbols = Symbols::new(
+        "",
+        program
+            .image
+            .image
+            .symbols
+            .iter()
+            .map(|symbol| (symbol.name.clone(), symbol.addr))
+            .chain(local_labels.iter().cloned()),
+    );
+    match (symbols.function(addr), symbols.label(addr)) {
+        (Some((function, _)), Some((label, 0))) => format!("{function}/{label}"),
+        (Some((function, _)), Some((label, off))) => format!("{function}/{label}+{off:#x}"),
+        (Some((function, 0)), None) => function.to_string(),
+        (Some((function, off)), None) => format!("{function}+{off:#x}"),
+        (None, _) => format!("{addr:#x}"),
     }
 }
 

@@ -46,6 +46,7 @@ pub fn jit(threshold: u32) -> Arc<DvmJit> {
         DvmJit::new(JitOptions {
             threshold,
             perf_map: false,
+            local_labels: Vec::new(),
         })
         .expect("the JIT sets up on this host"),
     )
