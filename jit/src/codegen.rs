@@ -17,7 +17,7 @@
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, AbiParam, Block, InstBuilder, MemFlagsData, Signature, Value};
-use cranelift_frontend::FunctionBuilder;
+use cranelift_frontend::{FunctionBuilder, Variable};
 use dvm_engine::codec::Operand;
 use dvm_engine::interp::{Decoded, Program};
 use dvm_engine::isa::{Cond, Op, Ty};
@@ -28,6 +28,19 @@ use std::collections::HashMap;
 /// Most instructions in one region (bounds compile time; a longer loop body hands back and
 /// re-enters through its own headers).
 pub const MAX_REGION: usize = 512;
+
+/// Most pages of constant addresses (direct operands, pointer words) probed once per call.
+const MAX_CACHED_PAGES: usize = 16;
+
+/// A constant page's TLB entry fields, probed once when native code is entered: the entries
+/// cannot change while it runs (it never calls out and the view is borrowed for the call), so
+/// a hit stays a hit and a miss (all zero) stays a miss for the whole call.
+#[derive(Clone, Copy)]
+struct CachedPage {
+    read: Value,
+    write: Value,
+    mask: Value,
+}
 
 /// Field offsets of `emit::Ctx`.
 pub const CTX_ENTRIES: i32 = 0;
@@ -123,13 +136,66 @@ pub struct Translator<'b, 'f> {
     code: &'b [Decoded],
     start: usize,
     end: usize,
-    ctx: Value,
     entries: Value,
     gen_tag: Value,
     blocks: Vec<Block>,
     exit: Block,
     /// Blocks that count the run starting at an index, then go there.
     entered: HashMap<usize, Block>,
+    /// The instruction count, kept in a register and written back on every exit.
+    count: Variable,
+    check_at: Value,
+    pages: HashMap<u64, CachedPage>,
+}
+
+/// The pages of the constant addresses of `code`, most used first.
+fn constant_pages(code: &[Decoded]) -> Vec<u64> {
+    let mut uses: HashMap<u64, usize> = HashMap::new();
+    for d in code {
+        for k in 0..3 {
+            let at = match d.instr.operand(k) {
+                Operand::Direct(addr) => addr,
+                Operand::Indirect(at) => at,
+                Operand::BaseDisp { base, .. } => base,
+                Operand::Imm(_) => continue,
+            };
+            *uses.entry(at >> PAGE_SHIFT).or_default() += 1;
+        }
+    }
+    let mut pages: Vec<(u64, usize)> = uses.into_iter().collect();
+    pages.sort_by_key(|(page, count)| (std::cmp::Reverse(*count), *page));
+    pages.into_iter().map(|(page, _)| page).collect()
+}
+
+/// Probes the TLB entry of constant `page` without branching: its read, write and mask
+/// pointers on a hit, zeros on a miss (both ways are always valid memory to read).
+fn probe_constant(
+    b: &mut FunctionBuilder<'_>,
+    entries: Value,
+    gen_tag: Value,
+    page: u64,
+) -> CachedPage {
+    let set = page.wrapping_mul(SET_HASH) >> SET_SHIFT;
+    let page_value = b.ins().iconst(types::I64, page as i64);
+    let key = b.ins().bor(page_value, gen_tag);
+    let way0 = b.ins().iadd_imm_s(entries, (set as i64) * 2 * ENTRY_BYTES);
+    let way1 = b.ins().iadd_imm_s(way0, ENTRY_BYTES);
+    let tag0 = b.ins().load(types::I64, trusted(), way0, ENTRY_TAG);
+    let tag1 = b.ins().load(types::I64, trusted(), way1, ENTRY_TAG);
+    let hit0 = b.ins().icmp(IntCC::Equal, tag0, key);
+    let hit1 = b.ins().icmp(IntCC::Equal, tag1, key);
+    let entry = b.ins().select(hit0, way0, way1);
+    let hit = b.ins().bor(hit0, hit1);
+    let zero = b.ins().iconst(types::I64, 0);
+    let mut field = |offset: i32| {
+        let value = b.ins().load(types::I64, trusted(), entry, offset);
+        b.ins().select(hit, value, zero)
+    };
+    CachedPage {
+        read: field(ENTRY_READ),
+        write: field(ENTRY_WRITE),
+        mask: field(ENTRY_MASK),
+    }
 }
 
 /// Flags for the context and the TLB entries (aligned fields that are always there).
@@ -155,8 +221,21 @@ impl<'b, 'f> Translator<'b, 'f> {
         let ctx = b.block_params(entry)[0];
         let entries = b.ins().load(types::I64, trusted(), ctx, CTX_ENTRIES);
         let gen_tag = b.ins().load(types::I64, trusted(), ctx, CTX_GEN_TAG);
+        let count = b.declare_var(types::I64);
+        let instructions = b.ins().load(types::I64, trusted(), ctx, CTX_INSTRUCTIONS);
+        b.def_var(count, instructions);
+        let check_at = b.ins().load(types::I64, trusted(), ctx, CTX_CHECK_AT);
+        let mut pages = HashMap::new();
+        let code = program.code();
+        for page in constant_pages(&code[start..end])
+            .into_iter()
+            .take(MAX_CACHED_PAGES)
+        {
+            pages.insert(page, probe_constant(b, entries, gen_tag, page));
+        }
         let blocks: Vec<Block> = (start..end).map(|_| b.create_block()).collect();
         let exit = b.create_block();
+        b.append_block_param(exit, types::I64);
         b.append_block_param(exit, types::I64);
         b.ins().jump(blocks[0], &[]);
         let mut t = Translator {
@@ -164,12 +243,14 @@ impl<'b, 'f> Translator<'b, 'f> {
             code: program.code(),
             start,
             end,
-            ctx,
             entries,
             gen_tag,
             blocks,
             exit,
             entered: HashMap::new(),
+            count,
+            check_at,
+            pages,
         };
         for index in start..end {
             let block = t.blocks[index - start];
@@ -178,13 +259,17 @@ impl<'b, 'f> Translator<'b, 'f> {
         }
         t.b.switch_to_block(exit);
         let value = t.b.block_params(exit)[0];
+        let instructions = t.b.block_params(exit)[1];
+        t.b.ins()
+            .store(trusted(), instructions, ctx, CTX_INSTRUCTIONS);
         t.b.ins().return_(&[value]);
         t.b.seal_all_blocks();
     }
 
     fn exit_to(&mut self, index: usize, counted: bool) {
         let value = self.b.ins().iconst(types::I64, encode_exit(index, counted));
-        self.b.ins().jump(self.exit, &[value.into()]);
+        let count = self.b.use_var(self.count);
+        self.b.ins().jump(self.exit, &[value.into(), count.into()]);
     }
 
     /// A block that hands back at `index` with its run counted (none of its effects done).
@@ -216,26 +301,20 @@ impl<'b, 'f> Translator<'b, 'f> {
         self.entered.insert(index, block);
         self.b.ins().jump(block, &[]);
         self.b.switch_to_block(block);
-        let count = self
-            .b
-            .ins()
-            .load(types::I64, trusted(), self.ctx, CTX_INSTRUCTIONS);
+        let count = self.b.use_var(self.count);
         let len = i64::from(self.code[index].run_len());
         let next = self.b.ins().iadd_imm_s(count, len);
-        let limit = self
+        let over = self
             .b
             .ins()
-            .load(types::I64, trusted(), self.ctx, CTX_CHECK_AT);
-        let over = self.b.ins().icmp(IntCC::UnsignedGreaterThan, next, limit);
+            .icmp(IntCC::UnsignedGreaterThan, next, self.check_at);
         let give_up = self.b.create_block();
         let go = self.b.create_block();
         self.b.ins().brif(over, give_up, &[], go, &[]);
         self.b.switch_to_block(give_up);
         self.exit_to(index, false);
         self.b.switch_to_block(go);
-        self.b
-            .ins()
-            .store(trusted(), next, self.ctx, CTX_INSTRUCTIONS);
+        self.b.def_var(self.count, next);
         let target = self.blocks[index - self.start];
         self.b.ins().jump(target, &[]);
     }
@@ -286,12 +365,36 @@ impl<'b, 'f> Translator<'b, 'f> {
         (entry, offset)
     }
 
-    /// Loads `size` bytes at `addr`, zero-extended (a TLB hit; else `miss`).
-    fn load(&mut self, addr: Value, size: u32, miss: Block) -> Value {
-        let (entry, offset) = self.probe(addr, size, miss);
+    /// The cached entry of a constant address's page, if the access stays inside the page.
+    fn cached(&self, addr: Option<u64>, size: u32) -> Option<CachedPage> {
+        let addr = addr?;
+        let offset = addr & (PAGE_BYTES as u64 - 1);
+        if offset + u64::from(size) > PAGE_BYTES as u64 {
+            return None;
+        }
+        self.pages.get(&(addr >> PAGE_SHIFT)).copied()
+    }
+
+    /// Loads `size` bytes at `addr` (`constant`: its value, when known here), zero-extended
+    /// (a TLB hit; else `miss`).
+    fn load(&mut self, addr: Value, constant: Option<u64>, size: u32, miss: Block) -> Value {
+        let at = match (self.cached(constant, size), constant) {
+            (Some(page), Some(known)) => {
+                let b = &mut *self.b;
+                let hit = b.create_block();
+                b.ins().brif(page.read, hit, &[], miss, &[]);
+                b.switch_to_block(hit);
+                b.ins()
+                    .iadd_imm_s(page.read, (known & (PAGE_BYTES as u64 - 1)) as i64)
+            }
+            _ => {
+                let (entry, offset) = self.probe(addr, size, miss);
+                let b = &mut *self.b;
+                let base = b.ins().load(types::I64, trusted(), entry, ENTRY_READ);
+                b.ins().iadd(base, offset)
+            }
+        };
         let b = &mut *self.b;
-        let base = b.ins().load(types::I64, trusted(), entry, ENTRY_READ);
-        let at = b.ins().iadd(base, offset);
         match size {
             1 => b.ins().uload8(types::I64, heap(), at, 0),
             4 => b.ins().uload32(heap(), at, 0),
@@ -301,14 +404,27 @@ impl<'b, 'f> Translator<'b, 'f> {
 
     /// Stores the low `size` bytes of `value` at `addr` and marks them in the page's store
     /// mask, as `Tlb::store` does; `miss` (before any effect) for anything else.
-    fn store(&mut self, addr: Value, size: u32, value: Value, miss: Block) {
-        let (entry, offset) = self.probe(addr, size, miss);
+    fn store(&mut self, addr: Value, constant: Option<u64>, size: u32, value: Value, miss: Block) {
+        let (base, offset, mask) = match (self.cached(constant, size), constant) {
+            (Some(page), Some(known)) => {
+                let b = &mut *self.b;
+                let offset = b
+                    .ins()
+                    .iconst(types::I64, (known & (PAGE_BYTES as u64 - 1)) as i64);
+                (page.write, offset, page.mask)
+            }
+            _ => {
+                let (entry, offset) = self.probe(addr, size, miss);
+                let b = &mut *self.b;
+                let base = b.ins().load(types::I64, trusted(), entry, ENTRY_WRITE);
+                let mask = b.ins().load(types::I64, trusted(), entry, ENTRY_MASK);
+                (base, offset, mask)
+            }
+        };
         let b = &mut *self.b;
-        let base = b.ins().load(types::I64, trusted(), entry, ENTRY_WRITE);
         let writable = b.create_block();
         b.ins().brif(base, writable, &[], miss, &[]);
         b.switch_to_block(writable);
-        let mask = b.ins().load(types::I64, trusted(), entry, ENTRY_MASK);
         let bit = b.ins().band_imm_s(offset, 63);
         let bit_end = b.ins().iadd_imm_s(bit, i64::from(size));
         // A store whose bits cross two mask words is left to the interpreter (rare: unaligned).
@@ -342,20 +458,21 @@ impl<'b, 'f> Translator<'b, 'f> {
         b.switch_to_block(done);
     }
 
-    /// The address an operand names (direct, or through its pointer word).
-    fn address(&mut self, operand: Operand, miss: Block) -> Value {
+    /// The address an operand names (direct, or through its pointer word), and the address
+    /// itself when it is a constant.
+    fn address(&mut self, operand: Operand, miss: Block) -> (Value, Option<u64>) {
         match operand {
             Operand::Direct(addr) | Operand::Imm(addr) => {
-                self.b.ins().iconst(types::I64, addr as i64)
+                (self.b.ins().iconst(types::I64, addr as i64), Some(addr))
             }
             Operand::Indirect(at) => {
-                let at = self.b.ins().iconst(types::I64, at as i64);
-                self.load(at, 8, miss)
+                let at_value = self.b.ins().iconst(types::I64, at as i64);
+                (self.load(at_value, Some(at), 8, miss), None)
             }
             Operand::BaseDisp { disp, base } => {
                 let at = self.b.ins().iconst(types::I64, base as i64);
-                let pointer = self.load(at, 8, miss);
-                self.b.ins().iadd_imm_s(pointer, i64::from(disp))
+                let pointer = self.load(at, Some(base), 8, miss);
+                (self.b.ins().iadd_imm_s(pointer, i64::from(disp)), None)
             }
         }
     }
@@ -369,13 +486,13 @@ impl<'b, 'f> Translator<'b, 'f> {
             };
             return self.b.ins().iconst(types::I64, value as i64);
         }
-        let addr = self.address(operand, miss);
-        self.load(addr, size, miss)
+        let (addr, constant) = self.address(operand, miss);
+        self.load(addr, constant, size, miss)
     }
 
     fn write(&mut self, operand: Operand, size: u32, value: Value, miss: Block) {
-        let addr = self.address(operand, miss);
-        self.store(addr, size, value, miss);
+        let (addr, constant) = self.address(operand, miss);
+        self.store(addr, constant, size, value, miss);
     }
 
     fn mask(&mut self, value: Value, ty: Ty) -> Value {
