@@ -180,7 +180,7 @@ struct RunArgs {
     /// cannot be set up on this host; `on` compiles every loop at its first entry unless
     /// --jit-threshold says otherwise, and fails when the JIT cannot be set up; `off`
     /// interprets. Not used with --profile.
-    #[arg(long, value_enum, default_value_t = JitArg::Off)]
+    #[arg(long, value_enum, default_value_t = JitArg::Auto)]
     jit: JitArg,
     /// Entries of a loop header before its loop is compiled
     /// [default: 50 with --jit auto, 1 with --jit on].
