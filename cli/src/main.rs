@@ -13,6 +13,7 @@ mod profile;
 mod stats;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -173,6 +174,79 @@ struct RunArgs {
     /// work when it cannot be had (`dvm transport` says why).
     #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
     transport: TransportArg,
+    /// Compile hot loops to native code (Cranelift; docs/ENGINE.md, "The JIT"): `auto` compiles
+    /// a loop once it was entered --jit-threshold times and interprets everything if the JIT
+    /// cannot be set up on this host; `on` compiles every loop at its first entry unless
+    /// --jit-threshold says otherwise, and fails when the JIT cannot be set up; `off`
+    /// interprets. Not used with --profile.
+    #[arg(long, value_enum, default_value_t = JitArg::Auto)]
+    jit: JitArg,
+    /// Entries of a loop header before its loop is compiled
+    /// [default: 50 with --jit auto, 1 with --jit on].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    jit_threshold: Option<u32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum JitArg {
+    Auto,
+    On,
+    Off,
+}
+
+/// The JIT a run asks for, or `None` to interpret.
+fn make_jit(args: &RunArgs) -> Result<Option<Arc<dvm_jit::DvmJit>>, Failure> {
+    let threshold = match (args.jit, args.jit_threshold) {
+        (JitArg::Off, _) => return Ok(None),
+        (_, Some(threshold)) => threshold,
+        (JitArg::Auto, None) => dvm_jit::DEFAULT_THRESHOLD,
+        (JitArg::On, None) => 1,
+    };
+    let options = dvm_jit::JitOptions {
+        threshold,
+        perf_map: true,
+        local_labels: profile::local_labels(&args.program),
+    };
+    match dvm_jit::DvmJit::new(options) {
+        Ok(jit) => Ok(Some(Arc::new(jit))),
+        Err(err) if args.jit == JitArg::Auto => {
+            tracing::info!("{err}; interpreting");
+            Ok(None)
+        }
+        Err(err) => Err(user(format!("--jit on: {err}"))),
+    }
+}
+
+/// `--stats` rows (table) or fields (JSON) of what the JIT did.
+fn jit_stats(jit: &dvm_jit::DvmJit, instructions: u64) -> (String, String) {
+    let s = jit.stats();
+    let share = if instructions > 0 {
+        100.0 * s.native_instructions as f64 / instructions as f64
+    } else {
+        0.0
+    };
+    let compile_ms = s.compile_ns as f64 / 1e6;
+    let mut table = format!(
+        "  jit regions compiled    {} ({} instructions, {compile_ms:.3} ms)\n  \
+         jit native instructions {} ({share:.1}% of all)\n",
+        s.regions, s.region_instructions, s.native_instructions
+    );
+    if let Some(error) = jit.last_error() {
+        table.push_str(&format!(
+            "  jit failures            {} (last: {error})\n",
+            s.failures
+        ));
+    }
+    let json = format!(
+        "\"jit\": {{\"regions\": {}, \"region_instructions\": {}, \"compile_ms\": {compile_ms:.3}, \
+         \"native_instructions\": {}, \"native_share\": {:.4}, \"failures\": {}}}",
+        s.regions,
+        s.region_instructions,
+        s.native_instructions,
+        share / 100.0,
+        s.failures
+    );
+    (table, json)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -416,6 +490,7 @@ fn cmd_run_on(
         (cores / launch.local_size.max(1) as usize).max(1)
     });
     let workers = args.workers.map(|n| n as usize).or(default_workers);
+    let jit = make_jit(&args)?;
     let mut config = vm::Config {
         workers,
         first_worker_slot: launch.map_or(0, |launch| {
@@ -428,6 +503,9 @@ fn cmd_run_on(
         persist_dir: args.persist,
         profile_hz: args.profile.is_some().then_some(args.profile_hz),
         measure_workers: args.stats.is_some(),
+        jit: jit
+            .clone()
+            .map(|jit| jit as Arc<dyn dvm_engine::native::Jit>),
         ..vm::Config::default()
     };
     if let Some(bytes) = args.max_memory {
@@ -484,9 +562,25 @@ fn cmd_run_on(
     if let Some(out) = profile_out {
         out.write(&report, args.profile_hz, nodes.len().max(1) as u32)?;
     }
+    let jit_rows = jit
+        .as_deref()
+        .map(|jit| jit_stats(jit, report.stats.instructions));
     match args.stats.as_deref() {
-        Some("json") => eprintln!("{}", stats::json(&report, &nodes)),
-        Some(_) => eprint!("{}", stats::table(&report, &nodes)),
+        Some("json") => {
+            let mut line = stats::json(&report, &nodes);
+            if let Some((_, fields)) = &jit_rows {
+                // The line ends with the two braces closing `dvm_stats` and the object.
+                line.truncate(line.len().saturating_sub(2));
+                line.push_str(&format!(", {fields}}}}}"));
+            }
+            eprintln!("{line}");
+        }
+        Some(_) => {
+            eprint!("{}", stats::table(&report, &nodes));
+            if let Some((rows, _)) = &jit_rows {
+                eprint!("{rows}");
+            }
+        }
         None => {}
     }
     let code = report.exit_code();

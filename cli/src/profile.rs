@@ -125,7 +125,7 @@ impl Output {
 }
 
 /// A `.dasm` program's local labels (an image has none), so the profile shows loops.
-fn local_labels(program: &Path) -> Vec<(String, u64)> {
+pub(crate) fn local_labels(program: &Path) -> Vec<(String, u64)> {
     if program.extension().is_none_or(|ext| ext != "dasm") {
         return Vec::new();
     }

@@ -121,13 +121,14 @@ fn children_of(pid: u32) -> Vec<u32> {
 
 #[test]
 fn a_node_killed_mid_run_ends_the_run_with_a_report_naming_it() {
-    // Six runners that count to 3*10^8 each: long enough to be killed in the middle.
+    // Six runners that count to 3*10^11 each (minutes even compiled by the JIT): long enough
+    // to be killed in the middle; the run ends on the lost node, not on the count.
     let dir = std::env::temp_dir().join(format!("dvm-kill-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temporary directory");
     let program = dir.join("spin.dasm");
     std::fs::write(
         &program,
-        ".equ K, 0x200000000\nmain:\n    mov $0:ue, K:ue\nagain:\n    newr $auto_stack, $no_use, $no_watch, $s_entry\n    add:ue K, $1, K\n    br:l,ue,a K, $6, $again\n    exit:c\nspin:\n    mov $0:ue, K:ue\nloop:\n    add:ue K, $1, K\n    br:l,ue,a K, $300000000, $loop\n    exit:c\n.rodata\nauto_stack: .quad 0, 0\nno_watch: .quad 0\nno_use: .quad 0\ns_entry: .quad spin\n",
+        ".equ K, 0x200000000\nmain:\n    mov $0:ue, K:ue\nagain:\n    newr $auto_stack, $no_use, $no_watch, $s_entry\n    add:ue K, $1, K\n    br:l,ue,a K, $6, $again\n    exit:c\nspin:\n    mov $0:ue, K:ue\nloop:\n    add:ue K, $1, K\n    br:l,ue,a K, $300000000000, $loop\n    exit:c\n.rodata\nauto_stack: .quad 0, 0\nno_watch: .quad 0\nno_use: .quad 0\ns_entry: .quad spin\n",
     )
     .expect("the program");
     let child = dvm()

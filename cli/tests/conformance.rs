@@ -240,15 +240,21 @@ fn wait_with_timeout(child: &mut Child) -> Result<(Option<ExitStatus>, bool), St
 struct Shape {
     workers: usize,
     nodes: u32,
+    /// `--jit on`: every loop compiled at its first entry.
+    jit: bool,
 }
 
 impl std::fmt::Display for Shape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.nodes > 1 {
-            write!(f, "{} nodes x {} worker", self.nodes, self.workers)
+            write!(f, "{} nodes x {} worker", self.nodes, self.workers)?;
         } else {
-            write!(f, "{} worker(s)", self.workers)
+            write!(f, "{} worker(s)", self.workers)?;
         }
+        if self.jit {
+            write!(f, ", --jit on")?;
+        }
+        Ok(())
     }
 }
 
@@ -262,6 +268,9 @@ fn run(program: &Program, shape: Shape) -> Result<Outcome, String> {
         .arg(shape.workers.to_string());
     if shape.nodes > 1 {
         command.arg("--nodes").arg(shape.nodes.to_string());
+    }
+    if shape.jit {
+        command.arg("--jit").arg("on");
     }
     command.args(
         program
@@ -488,11 +497,13 @@ fn conformance_suite() {
         let mut shapes = vec![Shape {
             workers: 1,
             nodes: 1,
+            jit: false,
         }];
         if !program.expect.one_worker_only {
             shapes.push(Shape {
                 workers: all_workers,
                 nodes: 1,
+                jit: false,
             });
         }
         shapes
@@ -510,8 +521,37 @@ fn conformance_suite_on_nodes() {
         }
         [2, 4]
             .into_iter()
-            .map(|nodes| Shape { workers: 1, nodes })
+            .map(|nodes| Shape {
+                workers: 1,
+                nodes,
+                jit: false,
+            })
             .collect()
+    });
+}
+
+/// The same programs with `--jit on` (every loop compiled at its first entry), one worker and
+/// every core: the same stdout, exit status, stderr fragments and statistics as interpreted.
+#[test]
+fn conformance_suite_with_jit() {
+    let all_workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2);
+    run_suite(|program| {
+        let mut shapes = vec![Shape {
+            workers: 1,
+            nodes: 1,
+            jit: true,
+        }];
+        if !program.expect.one_worker_only {
+            shapes.push(Shape {
+                workers: all_workers,
+                nodes: 1,
+                jit: true,
+            });
+        }
+        shapes
     });
 }
 

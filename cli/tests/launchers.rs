@@ -134,13 +134,14 @@ fn mpirun_across_three_namespace_hosts_prints_what_one_node_prints() {
     check_same_output(&run(&mut cmd), &expected);
 }
 
-/// A program whose six runners each count to 3*10^8: long enough to cut a link under it.
+/// A program whose six runners each count to 3*10^11 (minutes even compiled by the JIT): long
+/// enough to cut a link under it.
 fn spin_program() -> PathBuf {
     let path = repo().join("target/cluster-spin.dasm");
     std::fs::create_dir_all(repo().join("target")).expect("target/");
     std::fs::write(
         &path,
-        ".equ K, 0x200000000\nmain:\n    mov $0:ue, K:ue\nagain:\n    newr $auto_stack, $no_use, $no_watch, $s_entry\n    add:ue K, $1, K\n    br:l,ue,a K, $6, $again\n    exit:c\nspin:\n    mov $0:ue, K:ue\nloop:\n    add:ue K, $1, K\n    br:l,ue,a K, $300000000, $loop\n    exit:c\n.rodata\nauto_stack: .quad 0, 0\nno_watch: .quad 0\nno_use: .quad 0\ns_entry: .quad spin\n",
+        ".equ K, 0x200000000\nmain:\n    mov $0:ue, K:ue\nagain:\n    newr $auto_stack, $no_use, $no_watch, $s_entry\n    add:ue K, $1, K\n    br:l,ue,a K, $6, $again\n    exit:c\nspin:\n    mov $0:ue, K:ue\nloop:\n    add:ue K, $1, K\n    br:l,ue,a K, $300000000000, $loop\n    exit:c\n.rodata\nauto_stack: .quad 0, 0\nno_watch: .quad 0\nno_use: .quad 0\ns_entry: .quad spin\n",
     )
     .expect("the program");
     path

@@ -25,6 +25,7 @@ use crate::abi;
 use crate::codec::{Instr, Operand};
 use crate::image::LoadedImage;
 use crate::isa::{Cond, ExitMode, ExpBase, Op, Ty};
+use crate::native::{Jit, NativeState};
 use crate::view::{region_of, AccessError, Range, Region, View};
 use dvm_perf::meter::WorkerMeter;
 use dvm_perf::profile::{Attempt, Sample, Symbols, What, MAX_STACK_DEPTH};
@@ -88,6 +89,21 @@ pub struct Decoded {
     handler: Handler,
     /// A handler for this instruction alone (exact per-instruction counting).
     single: Handler,
+    /// The handler `handler` replaced where native code may take over (`Program::attach_jit`).
+    unhooked: Handler,
+}
+
+impl Decoded {
+    /// The index of the immediate branch target, if it is an instruction.
+    pub fn target(&self) -> Option<usize> {
+        (self.target != NO_TARGET).then_some(self.target as usize)
+    }
+
+    /// Instructions from here to the end of this straight-line run (the next branch), this one
+    /// included: what entering a run here counts.
+    pub fn run_len(&self) -> u32 {
+        self.run_len
+    }
 }
 
 impl fmt::Debug for Decoded {
@@ -110,6 +126,8 @@ pub struct Program {
     /// With call tracking (profiling): the plain handler of each instruction, which the
     /// tracking handlers call. Empty otherwise.
     original: Vec<Handler>,
+    /// Native code that may run the program's loops (`attach_jit`).
+    jit: Option<Arc<dyn Jit>>,
 }
 
 /// Access width of operand `k` of `instr` (the immediates are masked to it at decode time).
@@ -178,6 +196,7 @@ impl Program {
                     ops,
                     handler: single,
                     single,
+                    unhooked: single,
                 }
             })
             .collect();
@@ -221,6 +240,7 @@ impl Program {
             ops: [Opnd::default(); 3],
             handler: handlers::past_end_h,
             single: handlers::past_end_h,
+            unhooked: handlers::past_end_h,
         };
         past_end.addr = decoded.last().map_or(abi::CODE_BASE, |d| d.addr);
         decoded.push(past_end);
@@ -228,7 +248,35 @@ impl Program {
             image,
             decoded,
             original: Vec::new(),
+            jit: None,
         }
+    }
+
+    /// Lets `jit` run the program's loops: the handler of every loop header (the target of a
+    /// branch at or after it) first asks `jit` for native code, which runs from there until it
+    /// hands back. Not with call tracking: native code keeps no shadow call stack.
+    pub fn attach_jit(&mut self, jit: Arc<dyn Jit>) {
+        if !self.original.is_empty() {
+            return;
+        }
+        let count = self.decoded.len().saturating_sub(1);
+        for index in 0..count {
+            let target = self.decoded[index].target;
+            if target == NO_TARGET || target as usize > index {
+                continue;
+            }
+            let header = &mut self.decoded[target as usize];
+            if header.handler as usize != header_h as Handler as usize {
+                header.unhooked = header.handler;
+                header.handler = header_h;
+            }
+        }
+        self.jit = Some(jit);
+    }
+
+    /// The decoded instructions, without the sentinel past the end.
+    pub fn code(&self) -> &[Decoded] {
+        self.instructions()
     }
 
     /// The program's code symbols, for naming profile frames.
@@ -574,6 +622,32 @@ impl ExecProfile {
             sample
         }));
     }
+}
+
+/// A loop header with a JIT attached: runs native code from here if there is some. Native code
+/// that hands back at its own entry (its first access missed the TLB) leaves the instruction
+/// to the handler it replaced, so every call makes progress.
+fn header_h(e: &mut Exec<'_>, d: &Decoded, index: usize) -> usize {
+    let program = e.program;
+    if let (Some(jit), false) = (program.jit.as_deref(), e.stepping) {
+        let mut state = NativeState {
+            tlb: e.view.tlb_access(),
+            instructions: e.instructions,
+            check_at: e.check_at,
+        };
+        let exit = jit.run(program, index, &mut state);
+        e.instructions = state.instructions;
+        if let Some(exit) = exit {
+            if !exit.counted {
+                let len = program.decoded.get(exit.index).map_or(0, |n| n.run_len);
+                return e.enter(exit.index, len);
+            }
+            if exit.index != index {
+                return exit.index;
+            }
+        }
+    }
+    (d.unhooked)(e, d, index)
 }
 
 /// Profiling: a tracked call (see `Program::track_calls`).

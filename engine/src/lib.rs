@@ -16,6 +16,7 @@ pub mod disasm;
 pub mod image;
 pub mod interp;
 pub mod isa;
+pub mod native;
 pub mod order;
 pub mod page;
 pub mod persist;

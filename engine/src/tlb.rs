@@ -34,7 +34,9 @@ use std::sync::Arc;
 
 /// Sets of two ways each: 256 entries, 1 MiB of working set.
 pub const TLB_SETS: usize = 128;
-const SET_SHIFT: u32 = 64 - TLB_SETS.trailing_zeros();
+/// `set_of`'s shift and multiplier (generated code computes the set the same way).
+pub const SET_SHIFT: u32 = 64 - TLB_SETS.trailing_zeros();
+pub const SET_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
 /// Page numbers of 64-bit addresses fit in 52 bits; the generation takes the 12 above.
 const GEN_SHIFT: u32 = 64 - PAGE_SHIFT;
 const GEN_LIMIT: u64 = 1 << PAGE_SHIFT;
@@ -125,7 +127,7 @@ unsafe impl Send for Tlb {}
 fn set_of(page: u64) -> usize {
     // A multiplicative hash, not the low bits: region bases are aligned to large powers of two,
     // so their first pages would otherwise share a set.
-    (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> SET_SHIFT) as usize
+    (page.wrapping_mul(SET_HASH) >> SET_SHIFT) as usize
 }
 
 /// Marks bytes `offset .. offset + len` (`len <= 8`, inside the page) in the mask at `mask`.
@@ -199,6 +201,13 @@ impl Tlb {
             private: Vec::new(),
             dirty: Vec::new(),
         }
+    }
+
+    /// The entries (`TLB_SETS` sets of two) and the current generation's tag, for generated
+    /// code that probes like `probe`. The pointer is valid, and the entries unchanged, until
+    /// the next `&mut self` call.
+    pub fn raw_parts(&self) -> (*const TlbEntry, u64) {
+        (self.sets.as_ptr() as *const TlbEntry, self.gen_tag)
     }
 
     /// The entry for `addr`'s page, if cached in this generation.

@@ -406,6 +406,12 @@ impl View {
         }
     }
 
+    /// Lends the TLB to native code for as long as the view stays borrowed.
+    pub fn tlb_access(&mut self) -> crate::native::TlbAccess<'_> {
+        let (entries, gen_tag) = self.tlb.raw_parts();
+        crate::native::TlbAccess::new(entries, gen_tag)
+    }
+
     /// The load fast path: a TLB hit, the access inside the page. `None` means "take the slow
     /// path" (miss, page crossing, uncached page), never an error.
     #[inline(always)]

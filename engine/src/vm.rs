@@ -141,6 +141,9 @@ pub struct Config {
     pub measure_workers: bool,
     /// This node's index in a cluster (0 alone), as profile samples name it.
     pub node_index: u32,
+    /// Native code for the program's loops (`--jit`); `None` interprets everything. Not used
+    /// with `profile_hz` (native code keeps no shadow call stack).
+    pub jit: Option<Arc<dyn crate::native::Jit>>,
 }
 
 impl Default for Config {
@@ -161,6 +164,7 @@ impl Default for Config {
             profile_hz: None,
             measure_workers: false,
             node_index: 0,
+            jit: None,
         }
     }
 }
@@ -1740,6 +1744,8 @@ impl Machine {
                 let mut program = Program::new(image);
                 if config.profile_hz.is_some() {
                     program.track_calls();
+                } else if let Some(jit) = &config.jit {
+                    program.attach_jit(Arc::clone(jit));
                 }
                 program
             },

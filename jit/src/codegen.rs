@@ -1,0 +1,775 @@
+//! Translation of one region of decoded DISA instructions into Cranelift IR (safe code: it only
+//! builds IR; `emit` turns it into machine code and calls it).
+//!
+//! A region starts at a loop header and covers the instructions after it up to the first one
+//! this translation does not handle (or `MAX_REGION` instructions). Each instruction does
+//! exactly what the interpreter's fast path does, on the same values: raw bits of its type in
+//! an `i64`, integers zero-extended, floats as IEEE bits. Every access goes through an inlined
+//! probe of the runner's TLB; anything the fast path would leave to the slow path (a miss, a
+//! page crossing, a read-only page, a mask word crossing) and anything that would fault
+//! (division by zero, `MIN / -1`) jumps to the instruction's hand-back, which returns its index
+//! before any of its effects: the interpreter then runs it, faults included.
+//!
+//! Counting: the interpreter counts a straight-line run when it enters it. Native code does
+//! the same: a jump inside the region to a run start adds that run's length to the count in the
+//! context, unless that would pass `check_at`, in which case it hands back "uncounted" and the
+//! interpreter enters the run itself (progress report, profile, `--max-instructions`).
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{types, AbiParam, Block, InstBuilder, MemFlagsData, Signature, Value};
+use cranelift_frontend::{FunctionBuilder, Variable};
+use dvm_engine::codec::Operand;
+use dvm_engine::interp::{Decoded, Program};
+use dvm_engine::isa::{Cond, Op, Ty};
+use dvm_engine::page::{PAGE_BYTES, PAGE_SHIFT};
+use dvm_engine::tlb::{SET_HASH, SET_SHIFT};
+use std::collections::HashMap;
+
+/// Most instructions in one region (bounds compile time; a longer loop body hands back and
+/// re-enters through its own headers).
+pub const MAX_REGION: usize = 512;
+
+/// Most pages of constant addresses (direct operands, pointer words) probed once per call.
+const MAX_CACHED_PAGES: usize = 16;
+
+/// A constant page's TLB entry fields, probed once when native code is entered: the entries
+/// cannot change while it runs (it never calls out and the view is borrowed for the call), so
+/// a hit stays a hit and a miss (all zero) stays a miss for the whole call.
+#[derive(Clone, Copy)]
+struct CachedPage {
+    read: Value,
+    write: Value,
+    mask: Value,
+}
+
+/// Field offsets of `emit::Ctx`.
+pub const CTX_ENTRIES: i32 = 0;
+pub const CTX_GEN_TAG: i32 = 8;
+pub const CTX_INSTRUCTIONS: i32 = 16;
+pub const CTX_CHECK_AT: i32 = 24;
+
+/// Field offsets and size of `dvm_engine::tlb::TlbEntry` (`#[repr(C)]`).
+const ENTRY_TAG: i32 = 0;
+const ENTRY_READ: i32 = 8;
+const ENTRY_WRITE: i32 = 16;
+const ENTRY_MASK: i32 = 24;
+const ENTRY_BYTES: i64 = 32;
+
+/// The return value of native code: `index << 1 | counted`.
+pub fn encode_exit(index: usize, counted: bool) -> i64 {
+    ((index as i64) << 1) | i64::from(counted)
+}
+
+pub fn signature(call_conv: cranelift_codegen::isa::CallConv) -> Signature {
+    let mut sig = Signature::new(call_conv);
+    sig.params.push(AbiParam::new(types::I64));
+    sig.returns.push(AbiParam::new(types::I64));
+    sig
+}
+
+fn ty_size(ty: Ty) -> u32 {
+    ty.size_bytes()
+}
+
+fn mask_of(ty: Ty) -> i64 {
+    match ty.size_bytes() {
+        1 => 0xff,
+        4 => 0xffff_ffff,
+        _ => -1,
+    }
+}
+
+fn signed_min(ty: Ty) -> i64 {
+    match ty.size_bytes() {
+        1 => i64::from(i8::MIN),
+        4 => i64::from(i32::MIN),
+        _ => i64::MIN,
+    }
+}
+
+fn is_destination(operand: Operand) -> bool {
+    !matches!(operand, Operand::Imm(_))
+}
+
+/// Whether this translation handles `d` exactly (anything else ends the region, and the
+/// interpreter runs it).
+pub fn supported(d: &Decoded) -> bool {
+    let instr = &d.instr;
+    let ty = instr.tys[0];
+    match instr.op {
+        Op::Nop => true,
+        Op::Add | Op::Sub | Op::Mul | Op::Div => is_destination(instr.operand(2)),
+        Op::And | Op::Or | Op::Xor | Op::Rem | Op::Shl | Op::Shr => {
+            !ty.is_float() && is_destination(instr.operand(2))
+        }
+        Op::Conv => {
+            let (from, to) = (instr.tys[0], instr.tys[1]);
+            let ok = match (from.is_float(), to.is_float()) {
+                (false, false) | (true, true) => true,
+                // `u64 -> float` rounds in a way only the interpreter's conversion defines here.
+                (false, true) => from != Ty::U64,
+                (true, false) => matches!(to, Ty::S64 | Ty::S32),
+            };
+            ok && is_destination(instr.operand(1))
+        }
+        Op::Br => match instr.cond {
+            Cond::Ji => false,
+            _ => d.target().is_some(),
+        },
+        _ => false,
+    }
+}
+
+/// The end of the region starting at `start` (exclusive); `start` when it has none.
+pub fn region_end(program: &Program, start: usize) -> usize {
+    let code = program.code();
+    let mut end = start;
+    while end < code.len() && end - start < MAX_REGION && supported(&code[end]) {
+        end += 1;
+    }
+    end
+}
+
+/// Builds the function for instructions `start..end` of `program`.
+pub struct Translator<'b, 'f> {
+    b: &'b mut FunctionBuilder<'f>,
+    code: &'b [Decoded],
+    start: usize,
+    end: usize,
+    entries: Value,
+    gen_tag: Value,
+    blocks: Vec<Block>,
+    exit: Block,
+    /// Blocks that count the run starting at an index, then go there.
+    entered: HashMap<usize, Block>,
+    /// The instruction count, kept in a register and written back on every exit.
+    count: Variable,
+    check_at: Value,
+    pages: HashMap<u64, CachedPage>,
+}
+
+/// The pages of the constant addresses of `code`, most used first.
+fn constant_pages(code: &[Decoded]) -> Vec<u64> {
+    let mut uses: HashMap<u64, usize> = HashMap::new();
+    for d in code {
+        for k in 0..3 {
+            let at = match d.instr.operand(k) {
+                Operand::Direct(addr) => addr,
+                Operand::Indirect(at) => at,
+                Operand::BaseDisp { base, .. } => base,
+                Operand::Imm(_) => continue,
+            };
+            *uses.entry(at >> PAGE_SHIFT).or_default() += 1;
+        }
+    }
+    let mut pages: Vec<(u64, usize)> = uses.into_iter().collect();
+    pages.sort_by_key(|(page, count)| (std::cmp::Reverse(*count), *page));
+    pages.into_iter().map(|(page, _)| page).collect()
+}
+
+/// Probes the TLB entry of constant `page` without branching: its read, write and mask
+/// pointers on a hit, zeros on a miss (both ways are always valid memory to read).
+fn probe_constant(
+    b: &mut FunctionBuilder<'_>,
+    entries: Value,
+    gen_tag: Value,
+    page: u64,
+) -> CachedPage {
+    let set = page.wrapping_mul(SET_HASH) >> SET_SHIFT;
+    let page_value = b.ins().iconst(types::I64, page as i64);
+    let key = b.ins().bor(page_value, gen_tag);
+    let way0 = b.ins().iadd_imm_s(entries, (set as i64) * 2 * ENTRY_BYTES);
+    let way1 = b.ins().iadd_imm_s(way0, ENTRY_BYTES);
+    let tag0 = b.ins().load(types::I64, trusted(), way0, ENTRY_TAG);
+    let tag1 = b.ins().load(types::I64, trusted(), way1, ENTRY_TAG);
+    let hit0 = b.ins().icmp(IntCC::Equal, tag0, key);
+    let hit1 = b.ins().icmp(IntCC::Equal, tag1, key);
+    let entry = b.ins().select(hit0, way0, way1);
+    let hit = b.ins().bor(hit0, hit1);
+    let zero = b.ins().iconst(types::I64, 0);
+    let mut field = |offset: i32| {
+        let value = b.ins().load(types::I64, trusted(), entry, offset);
+        b.ins().select(hit, value, zero)
+    };
+    CachedPage {
+        read: field(ENTRY_READ),
+        write: field(ENTRY_WRITE),
+        mask: field(ENTRY_MASK),
+    }
+}
+
+/// Flags for the context and the TLB entries (aligned fields that are always there).
+fn trusted() -> MemFlagsData {
+    MemFlagsData::trusted()
+}
+
+/// Flags for program memory through a TLB pointer (valid, but possibly unaligned).
+fn heap() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+impl<'b, 'f> Translator<'b, 'f> {
+    pub fn translate(
+        b: &'b mut FunctionBuilder<'f>,
+        program: &'b Program,
+        start: usize,
+        end: usize,
+    ) {
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let ctx = b.block_params(entry)[0];
+        let entries = b.ins().load(types::I64, trusted(), ctx, CTX_ENTRIES);
+        let gen_tag = b.ins().load(types::I64, trusted(), ctx, CTX_GEN_TAG);
+        let count = b.declare_var(types::I64);
+        let instructions = b.ins().load(types::I64, trusted(), ctx, CTX_INSTRUCTIONS);
+        b.def_var(count, instructions);
+        let check_at = b.ins().load(types::I64, trusted(), ctx, CTX_CHECK_AT);
+        let mut pages = HashMap::new();
+        let code = program.code();
+        for page in constant_pages(&code[start..end])
+            .into_iter()
+            .take(MAX_CACHED_PAGES)
+        {
+            pages.insert(page, probe_constant(b, entries, gen_tag, page));
+        }
+        let blocks: Vec<Block> = (start..end).map(|_| b.create_block()).collect();
+        let exit = b.create_block();
+        b.append_block_param(exit, types::I64);
+        b.append_block_param(exit, types::I64);
+        b.ins().jump(blocks[0], &[]);
+        let mut t = Translator {
+            b,
+            code: program.code(),
+            start,
+            end,
+            entries,
+            gen_tag,
+            blocks,
+            exit,
+            entered: HashMap::new(),
+            count,
+            check_at,
+            pages,
+        };
+        for index in start..end {
+            let block = t.blocks[index - start];
+            t.b.switch_to_block(block);
+            t.instruction(index);
+        }
+        t.b.switch_to_block(exit);
+        let value = t.b.block_params(exit)[0];
+        let instructions = t.b.block_params(exit)[1];
+        t.b.ins()
+            .store(trusted(), instructions, ctx, CTX_INSTRUCTIONS);
+        t.b.ins().return_(&[value]);
+        t.b.seal_all_blocks();
+    }
+
+    fn exit_to(&mut self, index: usize, counted: bool) {
+        let value = self.b.ins().iconst(types::I64, encode_exit(index, counted));
+        let count = self.b.use_var(self.count);
+        self.b.ins().jump(self.exit, &[value.into(), count.into()]);
+    }
+
+    /// A block that hands back at `index` with its run counted (none of its effects done).
+    fn hand_back(&mut self, index: usize) -> Block {
+        let block = self.b.create_block();
+        let current = self.b.current_block();
+        self.b.switch_to_block(block);
+        self.exit_to(index, true);
+        if let Some(current) = current {
+            self.b.switch_to_block(current);
+        }
+        block
+    }
+
+    /// Continues at run start `index` (after a branch): counted inside the region, else
+    /// handed back uncounted.
+    fn enter_run(&mut self, index: usize) {
+        if !(self.start..self.end).contains(&index) {
+            self.exit_to(index, false);
+            return;
+        }
+        if let Some(block) = self.entered.get(&index) {
+            let block = *block;
+            self.b.ins().jump(block, &[]);
+            return;
+        }
+        // The current block ends with this jump, so the new block can be filled right away.
+        let block = self.b.create_block();
+        self.entered.insert(index, block);
+        self.b.ins().jump(block, &[]);
+        self.b.switch_to_block(block);
+        let count = self.b.use_var(self.count);
+        let len = i64::from(self.code[index].run_len());
+        let next = self.b.ins().iadd_imm_s(count, len);
+        let over = self
+            .b
+            .ins()
+            .icmp(IntCC::UnsignedGreaterThan, next, self.check_at);
+        let give_up = self.b.create_block();
+        let go = self.b.create_block();
+        self.b.ins().brif(over, give_up, &[], go, &[]);
+        self.b.switch_to_block(give_up);
+        self.exit_to(index, false);
+        self.b.switch_to_block(go);
+        self.b.def_var(self.count, next);
+        let target = self.blocks[index - self.start];
+        self.b.ins().jump(target, &[]);
+    }
+
+    /// Continues with the next instruction of the same run (already counted).
+    fn fall_through(&mut self, index: usize) {
+        let next = index + 1;
+        if next < self.end {
+            let block = self.blocks[next - self.start];
+            self.b.ins().jump(block, &[]);
+        } else {
+            self.exit_to(next, true);
+        }
+    }
+
+    /// The TLB entry for `addr`'s page if the access `addr .. addr + size` is inside one
+    /// page and the page is cached in this generation; else jumps to `miss`. Returns the
+    /// entry's address and the offset in the page.
+    fn probe(&mut self, addr: Value, size: u32, miss: Block) -> (Value, Value) {
+        let b = &mut *self.b;
+        let offset = b.ins().band_imm_s(addr, (PAGE_BYTES - 1) as i64);
+        let last = b.ins().iadd_imm_s(offset, i64::from(size));
+        let crosses = b
+            .ins()
+            .icmp_imm_s(IntCC::UnsignedGreaterThan, last, PAGE_BYTES as i64);
+        let inside = b.create_block();
+        b.ins().brif(crosses, miss, &[], inside, &[]);
+        b.switch_to_block(inside);
+        let page = b.ins().ushr_imm_s(addr, i64::from(PAGE_SHIFT));
+        let key = b.ins().bor(page, self.gen_tag);
+        let hash = b.ins().imul_imm_s(page, SET_HASH as i64);
+        let set = b.ins().ushr_imm_s(hash, i64::from(SET_SHIFT));
+        let set_offset = b.ins().imul_imm_s(set, 2 * ENTRY_BYTES);
+        let way0 = b.ins().iadd(self.entries, set_offset);
+        let tag0 = b.ins().load(types::I64, trusted(), way0, ENTRY_TAG);
+        let hit0 = b.ins().icmp(IntCC::Equal, tag0, key);
+        let found = b.create_block();
+        b.append_block_param(found, types::I64);
+        let second = b.create_block();
+        b.ins().brif(hit0, found, &[way0.into()], second, &[]);
+        b.switch_to_block(second);
+        let way1 = b.ins().iadd_imm_s(way0, ENTRY_BYTES);
+        let tag1 = b.ins().load(types::I64, trusted(), way1, ENTRY_TAG);
+        let hit1 = b.ins().icmp(IntCC::Equal, tag1, key);
+        b.ins().brif(hit1, found, &[way1.into()], miss, &[]);
+        b.switch_to_block(found);
+        let entry = b.block_params(found)[0];
+        (entry, offset)
+    }
+
+    /// The cached entry of a constant address's page, if the access stays inside the page.
+    fn cached(&self, addr: Option<u64>, size: u32) -> Option<CachedPage> {
+        let addr = addr?;
+        let offset = addr & (PAGE_BYTES as u64 - 1);
+        if offset + u64::from(size) > PAGE_BYTES as u64 {
+            return None;
+        }
+        self.pages.get(&(addr >> PAGE_SHIFT)).copied()
+    }
+
+    /// Loads `size` bytes at `addr` (`constant`: its value, when known here), zero-extended
+    /// (a TLB hit; else `miss`).
+    fn load(&mut self, addr: Value, constant: Option<u64>, size: u32, miss: Block) -> Value {
+        let at = match (self.cached(constant, size), constant) {
+            (Some(page), Some(known)) => {
+                let b = &mut *self.b;
+                let hit = b.create_block();
+                b.ins().brif(page.read, hit, &[], miss, &[]);
+                b.switch_to_block(hit);
+                b.ins()
+                    .iadd_imm_s(page.read, (known & (PAGE_BYTES as u64 - 1)) as i64)
+            }
+            _ => {
+                let (entry, offset) = self.probe(addr, size, miss);
+                let b = &mut *self.b;
+                let base = b.ins().load(types::I64, trusted(), entry, ENTRY_READ);
+                b.ins().iadd(base, offset)
+            }
+        };
+        let b = &mut *self.b;
+        match size {
+            1 => b.ins().uload8(types::I64, heap(), at, 0),
+            4 => b.ins().uload32(heap(), at, 0),
+            _ => b.ins().load(types::I64, heap(), at, 0),
+        }
+    }
+
+    /// Stores the low `size` bytes of `value` at `addr` and marks them in the page's store
+    /// mask, as `Tlb::store` does; `miss` (before any effect) for anything else.
+    fn store(&mut self, addr: Value, constant: Option<u64>, size: u32, value: Value, miss: Block) {
+        let (base, offset, mask) = match (self.cached(constant, size), constant) {
+            (Some(page), Some(known)) => {
+                let b = &mut *self.b;
+                let offset = b
+                    .ins()
+                    .iconst(types::I64, (known & (PAGE_BYTES as u64 - 1)) as i64);
+                (page.write, offset, page.mask)
+            }
+            _ => {
+                let (entry, offset) = self.probe(addr, size, miss);
+                let b = &mut *self.b;
+                let base = b.ins().load(types::I64, trusted(), entry, ENTRY_WRITE);
+                let mask = b.ins().load(types::I64, trusted(), entry, ENTRY_MASK);
+                (base, offset, mask)
+            }
+        };
+        let b = &mut *self.b;
+        let writable = b.create_block();
+        b.ins().brif(base, writable, &[], miss, &[]);
+        b.switch_to_block(writable);
+        let bit = b.ins().band_imm_s(offset, 63);
+        let bit_end = b.ins().iadd_imm_s(bit, i64::from(size));
+        // A store whose bits cross two mask words is left to the interpreter (rare: unaligned).
+        let crosses = b.ins().icmp_imm_s(IntCC::UnsignedGreaterThan, bit_end, 64);
+        let has_mask = b.ins().icmp_imm_s(IntCC::NotEqual, mask, 0);
+        let split = b.ins().band(crosses, has_mask);
+        let fits = b.create_block();
+        b.ins().brif(split, miss, &[], fits, &[]);
+        b.switch_to_block(fits);
+        let at = b.ins().iadd(base, offset);
+        match size {
+            1 => b.ins().istore8(heap(), value, at, 0),
+            4 => b.ins().istore32(heap(), value, at, 0),
+            _ => b.ins().store(heap(), value, at, 0),
+        };
+        let mark = b.create_block();
+        let done = b.create_block();
+        b.ins().brif(mask, mark, &[], done, &[]);
+        b.switch_to_block(mark);
+        let word = b.ins().ushr_imm_s(offset, 6);
+        let word_offset = b.ins().ishl_imm_s(word, 3);
+        let word_at = b.ins().iadd(mask, word_offset);
+        let old = b.ins().load(types::I64, trusted(), word_at, 0);
+        let bits = b
+            .ins()
+            .iconst(types::I64, if size >= 64 { -1 } else { (1i64 << size) - 1 });
+        let shifted = b.ins().ishl(bits, bit);
+        let new = b.ins().bor(old, shifted);
+        b.ins().store(trusted(), new, word_at, 0);
+        b.ins().jump(done, &[]);
+        b.switch_to_block(done);
+    }
+
+    /// The address an operand names (direct, or through its pointer word), and the address
+    /// itself when it is a constant.
+    fn address(&mut self, operand: Operand, miss: Block) -> (Value, Option<u64>) {
+        match operand {
+            Operand::Direct(addr) | Operand::Imm(addr) => {
+                (self.b.ins().iconst(types::I64, addr as i64), Some(addr))
+            }
+            Operand::Indirect(at) => {
+                let at_value = self.b.ins().iconst(types::I64, at as i64);
+                (self.load(at_value, Some(at), 8, miss), None)
+            }
+            Operand::BaseDisp { disp, base } => {
+                let at = self.b.ins().iconst(types::I64, base as i64);
+                let pointer = self.load(at, Some(base), 8, miss);
+                (self.b.ins().iadd_imm_s(pointer, i64::from(disp)), None)
+            }
+        }
+    }
+
+    fn read(&mut self, operand: Operand, size: u32, miss: Block) -> Value {
+        if let Operand::Imm(raw) = operand {
+            let value = if size >= 8 {
+                raw
+            } else {
+                raw & ((1u64 << (size * 8)) - 1)
+            };
+            return self.b.ins().iconst(types::I64, value as i64);
+        }
+        let (addr, constant) = self.address(operand, miss);
+        self.load(addr, constant, size, miss)
+    }
+
+    fn write(&mut self, operand: Operand, size: u32, value: Value, miss: Block) {
+        let (addr, constant) = self.address(operand, miss);
+        self.store(addr, constant, size, value, miss);
+    }
+
+    fn mask(&mut self, value: Value, ty: Ty) -> Value {
+        match ty.size_bytes() {
+            1 | 4 => self.b.ins().band_imm_s(value, mask_of(ty)),
+            _ => value,
+        }
+    }
+
+    fn sign_extend(&mut self, value: Value, ty: Ty) -> Value {
+        match ty.size_bytes() {
+            1 => {
+                let narrow = self.b.ins().ireduce(types::I8, value);
+                self.b.ins().sextend(types::I64, narrow)
+            }
+            4 => {
+                let narrow = self.b.ins().ireduce(types::I32, value);
+                self.b.ins().sextend(types::I64, narrow)
+            }
+            _ => value,
+        }
+    }
+
+    /// Integer bits of `ty` widened as the interpreter widens them (sign or zero).
+    fn widen(&mut self, value: Value, ty: Ty) -> Value {
+        if ty.is_signed() {
+            self.sign_extend(value, ty)
+        } else {
+            self.mask(value, ty)
+        }
+    }
+
+    /// Raw float bits of `ty` as an `f64` (an `f32` is widened exactly, as `as_f64` does).
+    fn as_f64(&mut self, value: Value, ty: Ty) -> Value {
+        if ty == Ty::F32 {
+            let x = self.as_f32(value);
+            self.b.ins().fpromote(types::F64, x)
+        } else {
+            self.b.ins().bitcast(types::F64, MemFlagsData::new(), value)
+        }
+    }
+
+    fn as_f32(&mut self, value: Value) -> Value {
+        let bits = self.b.ins().ireduce(types::I32, value);
+        self.b.ins().bitcast(types::F32, MemFlagsData::new(), bits)
+    }
+
+    fn f64_bits(&mut self, x: Value) -> Value {
+        self.b.ins().bitcast(types::I64, MemFlagsData::new(), x)
+    }
+
+    fn f32_bits(&mut self, x: Value) -> Value {
+        let bits = self.b.ins().bitcast(types::I32, MemFlagsData::new(), x);
+        self.b.ins().uextend(types::I64, bits)
+    }
+
+    /// Jumps to `miss` when `condition` holds, else continues in a new block.
+    fn miss_if(&mut self, condition: Value, miss: Block) {
+        let cont = self.b.create_block();
+        self.b.ins().brif(condition, miss, &[], cont, &[]);
+        self.b.switch_to_block(cont);
+    }
+
+    fn arith(&mut self, op: Op, ty: Ty, a: Value, b: Value, miss: Block) -> Value {
+        if ty.is_float() {
+            let (x, y) = if ty == Ty::F32 {
+                (self.as_f32(a), self.as_f32(b))
+            } else {
+                (
+                    self.b.ins().bitcast(types::F64, MemFlagsData::new(), a),
+                    self.b.ins().bitcast(types::F64, MemFlagsData::new(), b),
+                )
+            };
+            let r = match op {
+                Op::Add => self.b.ins().fadd(x, y),
+                Op::Sub => self.b.ins().fsub(x, y),
+                Op::Mul => self.b.ins().fmul(x, y),
+                _ => self.b.ins().fdiv(x, y),
+            };
+            return if ty == Ty::F32 {
+                self.f32_bits(r)
+            } else {
+                self.f64_bits(r)
+            };
+        }
+        let bits = i64::from(ty.size_bytes() * 8);
+        let result = match op {
+            Op::Add => self.b.ins().iadd(a, b),
+            Op::Sub => self.b.ins().isub(a, b),
+            Op::Mul => self.b.ins().imul(a, b),
+            Op::And => self.b.ins().band(a, b),
+            Op::Or => self.b.ins().bor(a, b),
+            Op::Xor => self.b.ins().bxor(a, b),
+            Op::Shl => {
+                let count = self.b.ins().urem_imm_s(b, bits);
+                let x = self.mask(a, ty);
+                self.b.ins().ishl(x, count)
+            }
+            Op::Shr => {
+                let count = self.b.ins().urem_imm_s(b, bits);
+                if ty.is_signed() {
+                    let x = self.sign_extend(a, ty);
+                    self.b.ins().sshr(x, count)
+                } else {
+                    let x = self.mask(a, ty);
+                    self.b.ins().ushr(x, count)
+                }
+            }
+            _ => {
+                // Div, Rem: the cases that fault are the interpreter's to report.
+                if ty.is_signed() {
+                    let x = self.sign_extend(a, ty);
+                    let y = self.sign_extend(b, ty);
+                    let zero = self.b.ins().icmp_imm_s(IntCC::Equal, y, 0);
+                    self.miss_if(zero, miss);
+                    let is_min = self.b.ins().icmp_imm_s(IntCC::Equal, x, signed_min(ty));
+                    let minus_one = self.b.ins().icmp_imm_s(IntCC::Equal, y, -1);
+                    let overflow = self.b.ins().band(is_min, minus_one);
+                    self.miss_if(overflow, miss);
+                    if op == Op::Div {
+                        self.b.ins().sdiv(x, y)
+                    } else {
+                        self.b.ins().srem(x, y)
+                    }
+                } else {
+                    let x = self.mask(a, ty);
+                    let y = self.mask(b, ty);
+                    let zero = self.b.ins().icmp_imm_s(IntCC::Equal, y, 0);
+                    self.miss_if(zero, miss);
+                    if op == Op::Div {
+                        self.b.ins().udiv(x, y)
+                    } else {
+                        self.b.ins().urem(x, y)
+                    }
+                }
+            }
+        };
+        self.mask(result, ty)
+    }
+
+    fn convert(&mut self, value: Value, from: Ty, to: Ty) -> Value {
+        match (from.is_float(), to.is_float()) {
+            (false, false) => {
+                let wide = self.widen(value, from);
+                self.mask(wide, to)
+            }
+            (false, true) => {
+                // Unsigned sources here are at most 32 bits wide: as signed 64-bit integers
+                // they convert to the same value, rounded once.
+                let x = self.widen(value, from);
+                if to == Ty::F32 {
+                    let r = self.b.ins().fcvt_from_sint(types::F32, x);
+                    self.f32_bits(r)
+                } else {
+                    let r = self.b.ins().fcvt_from_sint(types::F64, x);
+                    self.f64_bits(r)
+                }
+            }
+            (true, false) => {
+                // Saturating, NaN to 0: Rust's `as`, which the interpreter uses.
+                let x = self.as_f64(value, from);
+                if to == Ty::S32 {
+                    let r = self.b.ins().fcvt_to_sint_sat(types::I32, x);
+                    self.b.ins().uextend(types::I64, r)
+                } else {
+                    self.b.ins().fcvt_to_sint_sat(types::I64, x)
+                }
+            }
+            (true, true) => match (from, to) {
+                (Ty::F32, Ty::F64) => {
+                    let x = self.as_f32(value);
+                    let r = self.b.ins().fpromote(types::F64, x);
+                    self.f64_bits(r)
+                }
+                (Ty::F64, Ty::F32) => {
+                    let x = self.b.ins().bitcast(types::F64, MemFlagsData::new(), value);
+                    let r = self.b.ins().fdemote(types::F32, x);
+                    self.f32_bits(r)
+                }
+                _ => value,
+            },
+        }
+    }
+
+    fn compare(&mut self, cond: Cond, ty: Ty, a: Value, b: Value) -> Value {
+        if ty.is_float() {
+            let x = self.as_f64(a, ty);
+            let y = self.as_f64(b, ty);
+            let cc = match cond {
+                Cond::L => FloatCC::LessThan,
+                Cond::Le => FloatCC::LessThanOrEqual,
+                Cond::E => FloatCC::Equal,
+                _ => FloatCC::NotEqual,
+            };
+            return self.b.ins().fcmp(cc, x, y);
+        }
+        let x = self.widen(a, ty);
+        let y = self.widen(b, ty);
+        let signed = ty.is_signed();
+        let cc = match cond {
+            Cond::L if signed => IntCC::SignedLessThan,
+            Cond::L => IntCC::UnsignedLessThan,
+            Cond::Le if signed => IntCC::SignedLessThanOrEqual,
+            Cond::Le => IntCC::UnsignedLessThanOrEqual,
+            Cond::E => IntCC::Equal,
+            _ => IntCC::NotEqual,
+        };
+        self.b.ins().icmp(cc, x, y)
+    }
+
+    fn is_zero(&mut self, ty: Ty, a: Value) -> Value {
+        if ty.is_float() {
+            let x = self.as_f64(a, ty);
+            let zero = self.b.ins().f64const(0.0);
+            self.b.ins().fcmp(FloatCC::Equal, x, zero)
+        } else {
+            let x = self.mask(a, ty);
+            self.b.ins().icmp_imm_s(IntCC::Equal, x, 0)
+        }
+    }
+
+    fn instruction(&mut self, index: usize) {
+        let d = &self.code[index];
+        let instr = d.instr;
+        let miss = self.hand_back(index);
+        match instr.op {
+            Op::Nop => self.fall_through(index),
+            Op::Conv => {
+                let (from, to) = (instr.tys[0], instr.tys[1]);
+                let value = self.read(instr.operand(0), ty_size(from), miss);
+                let converted = self.convert(value, from, to);
+                self.write(instr.operand(1), ty_size(to), converted, miss);
+                self.fall_through(index);
+            }
+            Op::Br => {
+                let ty = instr.tys[0];
+                let size = ty_size(ty);
+                let taken = match instr.cond {
+                    Cond::J => None,
+                    Cond::Z | Cond::Nz => {
+                        let a = self.read(instr.operand(0), size, miss);
+                        let zero = self.is_zero(ty, a);
+                        Some(if instr.cond == Cond::Z {
+                            zero
+                        } else {
+                            self.b.ins().bxor_imm_s(zero, 1)
+                        })
+                    }
+                    cond => {
+                        let a = self.read(instr.operand(0), size, miss);
+                        let b = self.read(instr.operand(1), size, miss);
+                        Some(self.compare(cond, ty, a, b))
+                    }
+                };
+                let target = d.target().unwrap_or(self.code.len());
+                match taken {
+                    None => self.enter_run(target),
+                    Some(taken) => {
+                        let yes = self.b.create_block();
+                        let no = self.b.create_block();
+                        self.b.ins().brif(taken, yes, &[], no, &[]);
+                        self.b.switch_to_block(yes);
+                        self.enter_run(target);
+                        self.b.switch_to_block(no);
+                        self.enter_run(index + 1);
+                    }
+                }
+            }
+            op => {
+                let ty = instr.tys[0];
+                let size = ty_size(ty);
+                let a = self.read(instr.operand(0), size, miss);
+                let b = self.read(instr.operand(1), size, miss);
+                let c = self.arith(op, ty, a, b, miss);
+                self.write(instr.operand(2), size, c, miss);
+                self.fall_through(index);
+            }
+        }
+    }
+}

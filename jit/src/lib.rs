@@ -1,0 +1,256 @@
+//! dvm-jit: compiles a DISA program's hot loops to native code with Cranelift.
+//!
+//! Why a crate of its own: it is the only place besides the TLB, the transport, `numa` and
+//! `ffi` that emits or calls native code, and the engine stays `deny(unsafe_code)` and free of
+//! a code generator. The engine defines the hook (`dvm_engine::native::Jit`): at every loop
+//! header the interpreter asks it whether there is native code from that instruction on, and
+//! lends it the runner's TLB and instruction count. This crate implements the hook: it counts
+//! the entries of each loop header (shared by every runner and worker of the run), compiles a
+//! header's region once when the count reaches the threshold (`codegen`), keeps the code for
+//! the whole run (immutable, never invalidated: `emit::Arena` owns it), and calls it.
+//!
+//! Exactness: compiled code does only what the interpreter's fast path does, through the same
+//! TLB; everything else (a miss, a fault, an instruction it does not compile, the count
+//! reaching a check point) returns to the interpreter at that instruction before any of its
+//! effects, so outputs, outcomes, fault reports and instruction counts are the interpreter's.
+//! `--jit off` and `--jit on` are compared by the differential tests in `tests/`.
+//!
+//! `unsafe` lives only in `emit` (the module that turns IR into machine code and calls it).
+
+mod codegen;
+mod emit;
+
+use dvm_engine::interp::Program;
+use dvm_engine::native::{Jit, NativeExit, NativeState};
+use dvm_perf::profile::Symbols;
+use std::fmt;
+use std::io::Write;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+pub use codegen::{region_end, supported, MAX_REGION};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JitError {
+    #[error("cannot set up the JIT: {0}")]
+    Setup(String),
+    #[error("cannot compile a region: {0}")]
+    Compile(String),
+}
+
+/// How the JIT runs.
+#[derive(Clone, Debug)]
+pub struct JitOptions {
+    /// Entries of a loop header before its region is compiled (1: at the first entry).
+    pub threshold: u32,
+    /// Append a line per compiled region to `/tmp/perf-<pid>.map` (for `perf`).
+    pub perf_map: bool,
+    /// The program's local labels (`(name, address)`; an image has none, its source does), so
+    /// perf map entries name loops as profiles do (`partition/.Lcoord`).
+    pub local_labels: Vec<(String, u64)>,
+}
+
+impl Default for JitOptions {
+    fn default() -> Self {
+        JitOptions {
+            threshold: DEFAULT_THRESHOLD,
+            perf_map: true,
+            local_labels: Vec::new(),
+        }
+    }
+}
+
+/// Loop entries before compiling, by default: enough that code run a few times (set-up loops)
+/// is not worth a compilation, little enough that any real loop nest gets compiled early.
+pub const DEFAULT_THRESHOLD: u32 = 50;
+
+/// What the JIT did during a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JitStats {
+    pub regions: u64,
+    /// Instructions in compiled regions.
+    pub region_instructions: u64,
+    pub compile_ns: u64,
+    /// Instructions executed by native code (the rest were interpreted).
+    pub native_instructions: u64,
+    /// Regions that could not be compiled (their loops stay interpreted).
+    pub failures: u64,
+}
+
+#[derive(Default)]
+struct Slot {
+    entries: AtomicU32,
+    code: OnceLock<Option<emit::Entry>>,
+}
+
+/// The JIT of one run: create one per program run and hand it to `vm::Config::jit`.
+pub struct DvmJit {
+    options: JitOptions,
+    /// One slot per instruction, made at the first call (when the program is known).
+    slots: OnceLock<Vec<Slot>>,
+    /// Owns all compiled code; `None` if the JIT could not be set up (everything interprets).
+    arena: Mutex<Option<emit::Arena>>,
+    regions: AtomicU64,
+    region_instructions: AtomicU64,
+    compile_ns: AtomicU64,
+    native_instructions: AtomicU64,
+    failures: AtomicU64,
+    /// The last compilation error, for `--stats`.
+    last_error: Mutex<Option<String>>,
+}
+
+impl fmt::Debug for DvmJit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DvmJit")
+            .field("options", &self.options)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl DvmJit {
+    pub fn new(options: JitOptions) -> Result<DvmJit, JitError> {
+        Ok(DvmJit {
+            options,
+            slots: OnceLock::new(),
+            arena: Mutex::new(Some(emit::Arena::new()?)),
+            regions: AtomicU64::new(0),
+            region_instructions: AtomicU64::new(0),
+            compile_ns: AtomicU64::new(0),
+            native_instructions: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        })
+    }
+
+    pub fn stats(&self) -> JitStats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        JitStats {
+            regions: get(&self.regions),
+            region_instructions: get(&self.region_instructions),
+            compile_ns: get(&self.compile_ns),
+            native_instructions: get(&self.native_instructions),
+            failures: get(&self.failures),
+        }
+    }
+
+    /// Why the last region that failed to compile failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|error| error.clone())
+    }
+
+    fn compile(&self, program: &Program, start: usize) -> Option<emit::Entry> {
+        let end = codegen::region_end(program, start);
+        if end == start {
+            return None;
+        }
+        let began = Instant::now();
+        let compiled = {
+            let mut arena = self.arena.lock().ok()?;
+            arena.as_mut()?.compile(program, start, end)
+        };
+        self.compile_ns
+            .fetch_add(began.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match compiled {
+            Ok(entry) => {
+                self.regions.fetch_add(1, Ordering::Relaxed);
+                self.region_instructions
+                    .fetch_add((end - start) as u64, Ordering::Relaxed);
+                if self.options.perf_map {
+                    let name = region_name(program, &self.options.local_labels, start);
+                    write_perf_map(&entry, &name);
+                }
+                Some(entry)
+            }
+            Err(err) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut last) = self.last_error.lock() {
+                    *last = Some(err.to_string());
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A region's name in profiles: its DISA function and local label, as `dvm profile` names
+/// frames (`partition/.Lcoord`), else the function and offset.
+pub fn region_name(program: &Program, local_labels: &[(String, u64)], start: usize) -> String {
+    let addr = program.code().get(start).map_or(0, |d| d.addr);
+    let symbols = Symbols::new(
+        "",
+        program
+            .image
+            .image
+            .symbols
+            .iter()
+            .map(|symbol| (symbol.name.clone(), symbol.addr))
+            .chain(local_labels.iter().cloned()),
+    );
+    match (symbols.function(addr), symbols.label(addr)) {
+        (Some((function, _)), Some((label, 0))) => format!("{function}/{label}"),
+        (Some((function, _)), Some((label, off))) => format!("{function}/{label}+{off:#x}"),
+        (Some((function, 0)), None) => function.to_string(),
+        (Some((function, off)), None) => format!("{function}+{off:#x}"),
+        (None, _) => format!("{addr:#x}"),
+    }
+}
+
+/// The perf map of this process (`perf` reads it to name JIT code).
+pub fn perf_map_path() -> String {
+    format!("/tmp/perf-{}.map", std::process::id())
+}
+
+/// Best effort: a profile without names is still a profile, so a failure to write is ignored.
+fn write_perf_map(entry: &emit::Entry, name: &str) {
+    let line = format!("{:x} {:x} dvm:{name}\n", entry.start, entry.size.max(1));
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(perf_map_path())
+    {
+        let _ = file.write_all(line.as_bytes());
+    }
+}
+
+impl Jit for DvmJit {
+    fn run(
+        &self,
+        program: &Program,
+        index: usize,
+        state: &mut NativeState<'_>,
+    ) -> Option<NativeExit> {
+        let code = program.code();
+        let slots = self
+            .slots
+            .get_or_init(|| (0..code.len()).map(|_| Slot::default()).collect());
+        let slot = slots.get(index)?;
+        let entry = match slot.code.get() {
+            Some(entry) => (*entry)?,
+            None => {
+                let seen = slot
+                    .entries
+                    .fetch_add(1, Ordering::Relaxed)
+                    .saturating_add(1);
+                if seen < self.options.threshold {
+                    return None;
+                }
+                (*slot.code.get_or_init(|| self.compile(program, index)))?
+            }
+        };
+        let before = state.instructions;
+        let (next, counted) = entry.call(state);
+        // Instructions run natively: the entered run (counted by the interpreter) and every
+        // run native code counted, less what it counted but handed back.
+        let run_len = |at: usize| code.get(at).map_or(0, |d| u64::from(d.run_len()));
+        let handed_back = if counted { run_len(next) } else { 0 };
+        let native = (run_len(index) + (state.instructions - before)).saturating_sub(handed_back);
+        self.native_instructions
+            .fetch_add(native, Ordering::Relaxed);
+        Some(NativeExit {
+            index: next.min(code.len()),
+            counted,
+        })
+    }
+}

@@ -1,0 +1,66 @@
+//! Runs a DISA source with and without the JIT and compares everything observable.
+
+use dvm_engine::image::{self, Format};
+use dvm_engine::vm::{self, Config, OutputMode};
+use dvm_jit::{DvmJit, JitOptions, JitStats};
+use std::sync::Arc;
+
+/// What a run shows: output, fault reports, outcome counters and the instruction count.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub stdout: String,
+    pub stderr: String,
+    pub instructions: u64,
+    pub committed: u64,
+    pub aborted: u64,
+    pub faulted: u64,
+    pub exit_code: u8,
+}
+
+pub fn run(source: &str, max_instructions: u64, jit: Option<Arc<DvmJit>>) -> Observed {
+    let image = dvm_engine::asm::assemble("generated.dasm", source)
+        .unwrap_or_else(|err| panic!("the program assembles: {err}\n{source}"));
+    let image = image::validate(Format::Elf, image).expect("the program validates");
+    let config = Config {
+        output: OutputMode::Capture,
+        workers: Some(1),
+        pin_workers: false,
+        max_instructions,
+        jit: jit.map(|jit| jit as Arc<dyn dvm_engine::native::Jit>),
+        ..Config::default()
+    };
+    let report = vm::run(image, config).expect("the program runs");
+    Observed {
+        stdout: String::from_utf8_lossy(&report.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&report.stderr).into_owned(),
+        instructions: report.stats.instructions,
+        committed: report.stats.runners_committed,
+        aborted: report.stats.runners_aborted,
+        faulted: report.stats.runners_faulted,
+        exit_code: report.exit_code(),
+    }
+}
+
+pub fn jit(threshold: u32) -> Arc<DvmJit> {
+    Arc::new(
+        DvmJit::new(JitOptions {
+            threshold,
+            perf_map: false,
+            local_labels: Vec::new(),
+        })
+        .expect("the JIT sets up on this host"),
+    )
+}
+
+/// Runs `source` interpreted and with the JIT (compiling at `threshold`); panics on any
+/// difference. Returns what the JIT did.
+pub fn same_with_jit(source: &str, max_instructions: u64, threshold: u32) -> (Observed, JitStats) {
+    let interpreted = run(source, max_instructions, None);
+    let jit = jit(threshold);
+    let compiled = run(source, max_instructions, Some(Arc::clone(&jit)));
+    assert_eq!(
+        interpreted, compiled,
+        "--jit off (left) and --jit on (right) differ (max instructions {max_instructions}) for:\n{source}"
+    );
+    (interpreted, jit.stats())
+}
