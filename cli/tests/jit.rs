@@ -174,6 +174,30 @@ fn compiled_loops_are_named_in_the_perf_map() {
 }
 
 #[test]
+fn under_perf_every_map_entry_has_the_disa_name() {
+    // `perf record` sets PERF_BUILDID_DIR in the child, and then Cranelift writes perf map
+    // entries of its own for each function it defines, ahead of DVM's: their names must be the
+    // DISA names too, or `perf script` shows those instead.
+    let dir = scratch("perfenv");
+    let loads = inputs(&dir, "primes");
+    let (output, map) = run_command(
+        dvm()
+            .args(["run", "--workers", "1", "--jit", "on"])
+            .arg(repo("examples/primes.dasm"))
+            .args(&loads)
+            .env("PERF_BUILDID_DIR", &dir),
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(map.lines().count() > 1, "{map}");
+    for line in map.lines() {
+        assert!(
+            line.contains(" dvm:"),
+            "an entry without a DISA name: {line}\n{map}"
+        );
+    }
+}
+
+#[test]
 fn stats_table_reports_the_jit() {
     // `sum` (100 iterations) and `digits` (4) reach the threshold; `scale` (3 entries) does not.
     let (output, _) = run_command(

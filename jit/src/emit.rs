@@ -104,13 +104,20 @@ impl Arena {
     }
 
     /// Compiles instructions `start..end` of `program` into native code.
+    /// Compiles `start..end` as a function named `name` (or `name#N` if a region of that name
+    /// exists): the name Cranelift itself writes to the perf map when run under `perf`, so it
+    /// must be the one `perf script` should show.
     pub fn compile(
         &mut self,
         program: &Program,
         start: usize,
         end: usize,
-    ) -> Result<Entry, JitError> {
-        let name = format!("region{}", self.functions);
+        name: &str,
+    ) -> Result<(Entry, String), JitError> {
+        let mut name = name.to_string();
+        if self.module.get_name(&name).is_some() {
+            name = format!("{name}#{}", self.functions);
+        }
         self.functions += 1;
         let signature = codegen::signature(self.module.isa().default_call_conv());
         let id = self
@@ -141,10 +148,11 @@ impl Arena {
         // function just defined with `codegen::signature`: one pointer-sized integer in, one
         // out, in the platform's default calling convention, which is `extern "C"`.
         let function = unsafe { std::mem::transmute::<*const u8, NativeFn>(code) };
-        Ok(Entry {
+        let entry = Entry {
             function,
             start: code as usize,
             size,
-        })
+        };
+        Ok((entry, name))
     }
 }

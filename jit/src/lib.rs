@@ -146,19 +146,22 @@ impl DvmJit {
             return None;
         }
         let began = Instant::now();
+        let name = format!(
+            "dvm:{}",
+            region_name(program, &self.options.local_labels, start)
+        );
         let compiled = {
             let mut arena = self.arena.lock().ok()?;
-            arena.as_mut()?.compile(program, start, end)
+            arena.as_mut()?.compile(program, start, end, &name)
         };
         self.compile_ns
             .fetch_add(began.elapsed().as_nanos() as u64, Ordering::Relaxed);
         match compiled {
-            Ok(entry) => {
+            Ok((entry, name)) => {
                 self.regions.fetch_add(1, Ordering::Relaxed);
                 self.region_instructions
                     .fetch_add((end - start) as u64, Ordering::Relaxed);
                 if self.options.perf_map {
-                    let name = region_name(program, &self.options.local_labels, start);
                     write_perf_map(&entry, &name);
                 }
                 Some(entry)
@@ -204,7 +207,7 @@ pub fn perf_map_path() -> String {
 
 /// Best effort: a profile without names is still a profile, so a failure to write is ignored.
 fn write_perf_map(entry: &emit::Entry, name: &str) {
-    let line = format!("{:x} {:x} dvm:{name}\n", entry.start, entry.size.max(1));
+    let line = format!("{:x} {:x} {name}\n", entry.start, entry.size.max(1));
     if let Ok(mut file) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
