@@ -505,7 +505,7 @@ fn cmd_run_on(
         measure_workers: args.stats.is_some(),
         jit: jit
             .clone()
-            .map(|jit| jit as Arc<dyn dvm_engine::native::Jit>),
+            .map(|jit| jit as Arc<dyn dvm_engine::interp::Jit>),
         ..vm::Config::default()
     };
     if let Some(bytes) = args.max_memory {

@@ -25,7 +25,7 @@ use crate::abi;
 use crate::codec::{Instr, Operand};
 use crate::image::LoadedImage;
 use crate::isa::{Cond, ExitMode, ExpBase, Op, Ty};
-use crate::native::{Jit, NativeState};
+use crate::native::{NativeExit, NativeState};
 use crate::view::{region_of, AccessError, Range, Region, View};
 use dvm_perf::meter::WorkerMeter;
 use dvm_perf::profile::{Attempt, Sample, Symbols, What, MAX_STACK_DEPTH};
@@ -622,6 +622,24 @@ impl ExecProfile {
             sample
         }));
     }
+}
+
+/// Native code for a program, shared by every runner and worker of a run: the hook through
+/// which the `dvm-jit` crate runs loops (`crate::native` holds what it is lent and gives back).
+pub trait Jit: Send + Sync + fmt::Debug {
+    /// Runs native code for the region starting at instruction `index` of `program`, if there
+    /// is (or, this entry being hot enough, now is) some; `None`: the interpreter runs `index`.
+    ///
+    /// On entry the instructions of the run containing `index` are already counted in
+    /// `state.instructions` (the interpreter counts a straight-line run when it enters it);
+    /// native code counts every run it enters itself, and only while the count stays at or
+    /// below `state.check_at`.
+    fn run(
+        &self,
+        program: &Program,
+        index: usize,
+        state: &mut NativeState<'_>,
+    ) -> Option<NativeExit>;
 }
 
 /// A loop header with a JIT attached: runs native code from here if there is some. Native code

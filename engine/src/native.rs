@@ -1,5 +1,6 @@
-//! The hook through which native code compiled from a program (the `dvm-jit` crate) runs
-//! parts of it inside the interpreter.
+//! What native code compiled from a program (the `dvm-jit` crate) is lent and gives back when
+//! the interpreter lets it run part of the program (the hook itself is `interp::Jit`, next to
+//! the `Program` it is given).
 //!
 //! The engine stays free of `unsafe` and of any code generator: it only says where native code
 //! may take over (loop headers, see `Program::attach_jit`) and hands the compiled code what it
@@ -10,27 +11,8 @@
 //! a fault, an instruction it does not compile) hands control back at that instruction, before
 //! any of its effects, and the interpreter runs it.
 
-use crate::interp::Program;
 use crate::tlb::TlbEntry;
-use std::fmt;
 use std::marker::PhantomData;
-
-/// Native code for a program, shared by every runner and worker of a run.
-pub trait Jit: Send + Sync + fmt::Debug {
-    /// Runs native code for the region starting at instruction `index` of `program`, if there
-    /// is (or, this entry being hot enough, now is) some; `None`: the interpreter runs `index`.
-    ///
-    /// On entry the instructions of the run containing `index` are already counted in
-    /// `state.instructions` (the interpreter counts a straight-line run when it enters it);
-    /// native code counts every run it enters itself, and only while the count stays at or
-    /// below `state.check_at`.
-    fn run(
-        &self,
-        program: &Program,
-        index: usize,
-        state: &mut NativeState<'_>,
-    ) -> Option<NativeExit>;
-}
 
 /// Where native code handed control back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

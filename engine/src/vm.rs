@@ -143,7 +143,7 @@ pub struct Config {
     pub node_index: u32,
     /// Native code for the program's loops (`--jit`); `None` interprets everything. Not used
     /// with `profile_hz` (native code keeps no shadow call stack).
-    pub jit: Option<Arc<dyn crate::native::Jit>>,
+    pub jit: Option<Arc<dyn crate::interp::Jit>>,
 }
 
 impl Default for Config {

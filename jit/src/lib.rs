@@ -2,7 +2,7 @@
 //!
 //! Why a crate of its own: it is the only place besides the TLB, the transport, `numa` and
 //! `ffi` that emits or calls native code, and the engine stays `deny(unsafe_code)` and free of
-//! a code generator. The engine defines the hook (`dvm_engine::native::Jit`): at every loop
+//! a code generator. The engine defines the hook (`dvm_engine::interp::Jit`): at every loop
 //! header the interpreter asks it whether there is native code from that instruction on, and
 //! lends it the runner's TLB and instruction count. This crate implements the hook: it counts
 //! the entries of each loop header (shared by every runner and worker of the run), compiles a
@@ -20,8 +20,9 @@
 mod codegen;
 mod emit;
 
+use dvm_engine::interp::Jit;
 use dvm_engine::interp::Program;
-use dvm_engine::native::{Jit, NativeExit, NativeState};
+use dvm_engine::native::{NativeExit, NativeState};
 use dvm_perf::profile::Symbols;
 use std::fmt;
 use std::io::Write;

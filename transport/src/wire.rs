@@ -18,7 +18,6 @@
 //! and what was found there. After an error the decoder stays failed: a byte stream has no
 //! resynchronisation point, so the connection must be dropped.
 
-use crate::handshake::RefuseReason;
 use crate::{crc32c, PageVersion, PageVersionRef, MASK_BYTES, MASK_WORDS, PAGE_BYTES};
 
 pub const MAGIC: [u8; 4] = *b"DVMT";
@@ -716,6 +715,66 @@ impl Decoder {
         let frame = parse_payload(kind, id, payload, offset + HEADER_BYTES as u64)?;
         self.start += HEADER_BYTES + len;
         Ok(Some(frame))
+    }
+}
+
+/// Why a Hello was refused (`handshake` decides it). Travels in the Refuse frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RefuseReason {
+    #[error("wrong job token")]
+    BadToken,
+    #[error("protocol version {theirs} (we speak {ours})")]
+    ProtocolVersion { ours: u16, theirs: u16 },
+    #[error("world size {theirs} (ours is {ours})")]
+    WorldSize { ours: u32, theirs: u32 },
+    #[error("rank {rank} out of range for world {world}")]
+    RankOutOfRange { rank: u32, world: u32 },
+    #[error("rank {rank} is already connected")]
+    AlreadyConnected { rank: u32 },
+    #[error("rank {rank} is not expected to connect to this node")]
+    Unexpected { rank: u32 },
+    #[error("malformed or missing hello")]
+    Malformed,
+    #[error("too many handshakes in progress")]
+    Busy,
+    #[error("unknown refusal code {code}")]
+    Other { code: u8 },
+}
+
+impl RefuseReason {
+    pub(crate) fn to_wire(self) -> (u8, u32, u32) {
+        match self {
+            RefuseReason::BadToken => (1, 0, 0),
+            RefuseReason::ProtocolVersion { ours, theirs } => {
+                (2, u32::from(ours), u32::from(theirs))
+            }
+            RefuseReason::WorldSize { ours, theirs } => (3, ours, theirs),
+            RefuseReason::RankOutOfRange { rank, world } => (4, rank, world),
+            RefuseReason::AlreadyConnected { rank } => (5, rank, 0),
+            RefuseReason::Unexpected { rank } => (6, rank, 0),
+            RefuseReason::Malformed => (7, 0, 0),
+            RefuseReason::Busy => (8, 0, 0),
+            RefuseReason::Other { code } => (code, 0, 0),
+        }
+    }
+
+    pub(crate) fn from_wire(code: u8, a: u32, b: u32) -> RefuseReason {
+        // Versions travel widened to u32; a value that does not fit is shown saturated.
+        let v = |x: u32| u16::try_from(x).unwrap_or(u16::MAX);
+        match code {
+            1 => RefuseReason::BadToken,
+            2 => RefuseReason::ProtocolVersion {
+                ours: v(a),
+                theirs: v(b),
+            },
+            3 => RefuseReason::WorldSize { ours: a, theirs: b },
+            4 => RefuseReason::RankOutOfRange { rank: a, world: b },
+            5 => RefuseReason::AlreadyConnected { rank: a },
+            6 => RefuseReason::Unexpected { rank: a },
+            7 => RefuseReason::Malformed,
+            8 => RefuseReason::Busy,
+            code => RefuseReason::Other { code },
+        }
     }
 }
 

@@ -26,7 +26,7 @@ pub fn run(source: &str, max_instructions: u64, jit: Option<Arc<DvmJit>>) -> Obs
         workers: Some(1),
         pin_workers: false,
         max_instructions,
-        jit: jit.map(|jit| jit as Arc<dyn dvm_engine::native::Jit>),
+        jit: jit.map(|jit| jit as Arc<dyn dvm_engine::interp::Jit>),
         ..Config::default()
     };
     let report = vm::run(image, config).expect("the program runs");
