@@ -3,48 +3,15 @@
 
 mod common;
 
-use common::{collect_until, mesh};
+use common::{collect_until, mesh, page, tagged as pattern};
 use dvm_transport::tcp::ZeroCopy;
 use dvm_transport::{
     Event, LossReason, PageVersion, PageVersionRef, RequestId, Transport, TransportError,
-    MASK_WORDS, PAGE_BYTES,
 };
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn pattern(from: u32, to: u32, seq: usize, len: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 12);
-    v.extend_from_slice(&(seq as u32).to_le_bytes());
-    v.extend_from_slice(&from.to_le_bytes());
-    v.extend_from_slice(&to.to_le_bytes());
-    for i in 0..len {
-        v.push(
-            (i as u32)
-                .wrapping_mul(2654435761)
-                .wrapping_add(seq as u32 + from * 7 + to) as u8,
-        );
-    }
-    v
-}
-
-fn page(seed: u64) -> PageVersion {
-    let mut data = Box::new([0u8; PAGE_BYTES]);
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = (i as u64).wrapping_mul(seed | 1).wrapping_add(seed >> 3) as u8;
-    }
-    let mut mask = Box::new([0u64; MASK_WORDS]);
-    for (i, w) in mask.iter_mut().enumerate() {
-        *w = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
-    }
-    PageVersion {
-        page: 0x4000_0000 + seed,
-        ts: 1000 + seed,
-        data,
-        mask,
-    }
-}
 
 #[test]
 fn all_to_all_messages_keep_per_peer_order() {

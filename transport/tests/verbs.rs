@@ -9,6 +9,8 @@
 // A failed step is a failed test: unwrapping says where.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -220,6 +222,22 @@ fn kernel_resources() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The process's file descriptors and the kernel's verbs objects are as they were before.
+fn assert_nothing_leaked(fds: usize, resources: Option<String>) {
+    assert_eq!(open_fds(), fds, "file descriptors leaked");
+    match (resources, kernel_resources()) {
+        (Some(before), Some(after)) => {
+            assert_eq!(after, before, "verbs resources leaked (rdma resource show)")
+        }
+        // scripts/rdma-guest puts iproute2's `rdma` in the guest and says so: there the
+        // kernel's own counts must be compared, not skipped.
+        _ if std::env::var_os("DVM_RDMA_GUEST").is_some() => {
+            panic!("`rdma resource show` failed inside the guest")
+        }
+        _ => eprintln!("`rdma resource show` unavailable: checked file descriptors only"),
+    }
+}
+
 #[test]
 #[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
 fn creating_and_dropping_100_pairs_leaks_nothing() {
@@ -248,18 +266,7 @@ fn creating_and_dropping_100_pairs_leaks_nothing() {
             drop(a);
         }
     }
-    assert_eq!(open_fds(), fds, "file descriptors leaked");
-    match (resources, kernel_resources()) {
-        (Some(before), Some(after)) => {
-            assert_eq!(after, before, "verbs resources leaked (rdma resource show)")
-        }
-        // scripts/rdma-guest puts iproute2's `rdma` in the guest and says so: there the
-        // kernel's own counts must be compared, not skipped.
-        _ if std::env::var_os("DVM_RDMA_GUEST").is_some() => {
-            panic!("`rdma resource show` failed inside the guest")
-        }
-        _ => eprintln!("`rdma resource show` unavailable: checked file descriptors only"),
-    }
+    assert_nothing_leaked(fds, resources);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -268,8 +275,7 @@ fn creating_and_dropping_100_pairs_leaks_nothing() {
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
 use dvm_transport::verbs::{VerbsConfig, VerbsTransport};
 use dvm_transport::{
-    wire, Event, LossReason, PageVersion, PageVersionRef, Transport, TransportError, MASK_WORDS,
-    PAGE_BYTES,
+    wire, Event, LossReason, PageVersion, PageVersionRef, Transport, TransportError, PAGE_BYTES,
 };
 use std::time::{Duration, Instant};
 
@@ -363,33 +369,7 @@ fn message(from: u32, to: u32, seq: usize) -> Vec<u8> {
         3 => 9000,
         _ => 20_000 + seq,
     };
-    let mut v = Vec::with_capacity(len + 12);
-    v.extend_from_slice(&(seq as u32).to_le_bytes());
-    v.extend_from_slice(&from.to_le_bytes());
-    v.extend_from_slice(&to.to_le_bytes());
-    v.extend((0..len).map(|i| {
-        (i as u32)
-            .wrapping_mul(2_654_435_761)
-            .wrapping_add(seq as u32 + from * 7 + to) as u8
-    }));
-    v
-}
-
-fn page(seed: u64) -> PageVersion {
-    let mut data = Box::new([0u8; PAGE_BYTES]);
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = (i as u64).wrapping_mul(seed | 1).wrapping_add(seed >> 3) as u8;
-    }
-    let mut mask = Box::new([0u64; MASK_WORDS]);
-    for (i, w) in mask.iter_mut().enumerate() {
-        *w = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
-    }
-    PageVersion {
-        page: 0x4000_0000 + seed,
-        ts: 1000 + seed,
-        data,
-        mask,
-    }
+    common::tagged(from, to, seq, len)
 }
 
 #[test]
@@ -424,7 +404,10 @@ fn verbs_mesh_of_three_keeps_order_through_fragments_and_flow_control() {
                     // A frame of the largest size, then a request and pages behind it.
                     t.send(to, big).unwrap();
                     t.request(to, b"ping?").unwrap();
-                    let pages = [page(u64::from(me)), page(u64::from(me) + 10)];
+                    let pages = [
+                        common::page(u64::from(me)),
+                        common::page(u64::from(me) + 10),
+                    ];
                     let refs: Vec<PageVersionRef<'_>> =
                         pages.iter().map(PageVersion::as_ref).collect();
                     t.push_pages(to, &refs).unwrap();
@@ -475,7 +458,10 @@ fn verbs_mesh_of_three_keeps_order_through_fragments_and_flow_control() {
                 Event::Pages { from, pages } => {
                     assert_eq!(
                         pages,
-                        &vec![page(u64::from(*from)), page(u64::from(*from) + 10)]
+                        &vec![
+                            common::page(u64::from(*from)),
+                            common::page(u64::from(*from) + 10)
+                        ]
                     );
                 }
                 other => panic!("node {me}: unexpected {other:?}"),
@@ -603,16 +589,7 @@ fn creating_and_dropping_verbs_transports_leaks_nothing() {
             drop(a);
         }
     }
-    assert_eq!(open_fds(), fds, "file descriptors leaked");
-    match (resources, kernel_resources()) {
-        (Some(before), Some(after)) => {
-            assert_eq!(after, before, "verbs resources leaked (rdma resource show)")
-        }
-        _ if std::env::var_os("DVM_RDMA_GUEST").is_some() => {
-            panic!("`rdma resource show` failed inside the guest")
-        }
-        _ => eprintln!("`rdma resource show` unavailable: checked file descriptors only"),
-    }
+    assert_nothing_leaked(fds, resources);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
-use dvm_transport::{Event, Transport};
+use dvm_transport::{Event, PageVersion, Transport, MASK_WORDS, PAGE_BYTES};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -77,4 +77,37 @@ pub fn collect_until(
             .expect("poll");
     }
     events
+}
+
+/// A payload that says where it belongs: `seq`, `from` and `to` (little-endian u32 each), then
+/// `len` bytes derived from them, so a misrouted, reordered or corrupted message shows.
+pub fn tagged(from: u32, to: u32, seq: usize, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 12);
+    v.extend_from_slice(&(seq as u32).to_le_bytes());
+    v.extend_from_slice(&from.to_le_bytes());
+    v.extend_from_slice(&to.to_le_bytes());
+    v.extend((0..len).map(|i| {
+        (i as u32)
+            .wrapping_mul(2_654_435_761)
+            .wrapping_add(seq as u32 + from * 7 + to) as u8
+    }));
+    v
+}
+
+/// A page version whose bytes and mask are derived from `seed`.
+pub fn page(seed: u64) -> PageVersion {
+    let mut data = Box::new([0u8; PAGE_BYTES]);
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i as u64).wrapping_mul(seed | 1).wrapping_add(seed >> 3) as u8;
+    }
+    let mut mask = Box::new([0u64; MASK_WORDS]);
+    for (i, w) in mask.iter_mut().enumerate() {
+        *w = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+    }
+    PageVersion {
+        page: 0x4000_0000 + seed,
+        ts: 1000 + seed,
+        data,
+        mask,
+    }
 }
