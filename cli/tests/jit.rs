@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, SystemTime};
 
 fn dvm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dvm"))
@@ -72,8 +73,10 @@ fn inputs(dir: &Path, example: &str) -> Vec<String> {
     args
 }
 
-/// Runs `command`; returns its output and the perf map it wrote (removed from /tmp).
+/// Runs `command`; returns its output and the perf map it wrote (removed from /tmp). A map
+/// not written during the run is another process's, left behind under a reused pid.
 fn run_command(command: &mut Command) -> (Output, String) {
+    let started = SystemTime::now() - Duration::from_secs(1);
     let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -82,8 +85,16 @@ fn run_command(command: &mut Command) -> (Output, String) {
         .expect("dvm starts");
     let map_path = format!("/tmp/perf-{}.map", child.id());
     let output = child.wait_with_output().expect("dvm runs");
-    let map = std::fs::read_to_string(&map_path).unwrap_or_default();
-    let _ = std::fs::remove_file(&map_path);
+    let written_now = std::fs::metadata(&map_path)
+        .and_then(|meta| meta.modified())
+        .is_ok_and(|modified| modified >= started);
+    let map = if written_now {
+        let map = std::fs::read_to_string(&map_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&map_path);
+        map
+    } else {
+        String::new()
+    };
     (output, map)
 }
 

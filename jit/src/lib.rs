@@ -206,14 +206,27 @@ pub fn perf_map_path() -> String {
     format!("/tmp/perf-{}.map", std::process::id())
 }
 
+/// Whether this process has written its perf map yet; held while writing, so lines of regions
+/// compiled on different threads neither interleave nor fall before the truncation.
+static PERF_MAP_STARTED: Mutex<bool> = Mutex::new(false);
+
 /// Best effort: a profile without names is still a profile, so a failure to write is ignored.
+/// The first write of the process truncates the file: a map left by an earlier process with
+/// the same pid would otherwise name this one's code.
 fn write_perf_map(entry: &emit::Entry, name: &str) {
     let line = format!("{:x} {:x} {name}\n", entry.start, entry.size.max(1));
-    if let Ok(mut file) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(perf_map_path())
-    {
+    let mut started = PERF_MAP_STARTED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true);
+    if *started {
+        options.append(true);
+    } else {
+        options.write(true).truncate(true);
+    }
+    if let Ok(mut file) = options.open(perf_map_path()) {
+        *started = true;
         let _ = file.write_all(line.as_bytes());
     }
 }

@@ -1,4 +1,5 @@
 //! Runs a DISA source with and without the JIT and compares everything observable.
+#![allow(dead_code)] // each test binary uses a part
 
 use dvm_engine::image::{self, Format};
 use dvm_engine::vm::{self, Config, OutputMode};
