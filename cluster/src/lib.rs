@@ -8,8 +8,10 @@
 //! - `rendezvous`: the one-time exchange, through rank 0, that gives every rank the data
 //!   address of every other rank.
 //! - `msg`: the protocol's messages and their byte encoding.
-//! - `node`: one node's side of the protocol (home, coordinator, sequencer) as a sans-IO state
-//!   machine, run by the deterministic simulation (`tests/simulation.rs`) and the real nodes.
+//! - `view`: membership (epochs, dead nodes) and which nodes hold each page.
+//! - `node`: one node's side of the protocol (holder, coordinator, sequencer, membership) as a
+//!   sans-IO state machine, run by the deterministic simulation (`tests/simulation.rs`) and
+//!   the real nodes.
 //!
 //! Safe Rust only: everything here parses input from the environment or the network.
 #![forbid(unsafe_code)]
@@ -20,3 +22,4 @@ pub mod msg;
 pub mod node;
 pub mod rendezvous;
 pub mod runtime;
+pub mod view;

@@ -85,8 +85,11 @@ pub enum Msg {
         valid_to: u64,
         data: Option<Box<[u8; PAGE_BYTES]>>,
     },
+    /// To every holder of the pages: check and hold (the home) or keep (a backup) these
+    /// deltas. Handled only by a node whose view is `epoch` (`crate::view`).
     Prepare {
         txn: TxnId,
+        epoch: u64,
         snapshot_ts: u64,
         deltas: Vec<PageDelta>,
     },
@@ -97,8 +100,8 @@ pub enum Msg {
         txn: TxnId,
         conflict: Conflict,
     },
-    /// Install `txn`'s prepared deltas at `first` and `forced` (its exit record, never
-    /// conflict-checked) at `last`.
+    /// From node 0, to every holder of `txn`'s pages: install its prepared deltas at `first`
+    /// and `forced` (its exit record, never conflict-checked) at `last`.
     Commit {
         txn: TxnId,
         first: u64,
@@ -114,28 +117,43 @@ pub enum Msg {
     Aborted {
         txn: TxnId,
     },
-    /// To the sequencer: timestamps for these transactions, `count` each.
+    /// To node 0: commit these prepared transactions (node 0 decides, then drives the
+    /// installs).
     TsRequest {
-        txns: Vec<(TxnId, u64)>,
+        txns: Vec<TsItem>,
     },
-    /// From the sequencer: the first of each transaction's timestamps.
+    /// From node 0: the first of each transaction's timestamps, or 0: not committed, because
+    /// a node it prepared at was lost (nothing of it is installed; the runner runs again).
     TsGrant {
         grants: Vec<(TxnId, u64)>,
     },
-    /// To the sequencer: `txn`'s timestamps are installed everywhere; `effects` (opaque
-    /// here) take effect at node 0 in timestamp order.
-    Complete {
-        txn: TxnId,
-        first: u64,
-        count: u64,
-        effects: Vec<u8>,
-    },
+    /// From node 0: `txn` is installed at every live holder and counted for the watermark.
     CompleteAck {
         txn: TxnId,
     },
-    /// From the sequencer: every timestamp at or below `ts` is installed everywhere.
+    /// From the sequencer: every timestamp at or below `ts` is installed at every live holder
+    /// of view `epoch` (ignored by a node that has not adopted that view yet).
     Watermark {
         ts: u64,
+        epoch: u64,
+    },
+    /// To node 0, every tick: this node is alive, in view `epoch`.
+    Heartbeat {
+        epoch: u64,
+    },
+    /// From node 0: view `epoch`, with these nodes dead (to a node in an older view, or one
+    /// declared dead: it then knows it is fenced).
+    View {
+        epoch: u64,
+        dead: Vec<u64>,
+    },
+    /// To node 0, every tick, from a node that started again without its state: the node it
+    /// was is gone (node 0 declares it dead; the new one is not admitted, only fenced).
+    Rejoin,
+    /// To node 0: these transactions, held here, were coordinated by a node now dead; were
+    /// they committed? (Node 0 answers `Abort` for those it never granted.)
+    Resolve {
+        txns: Vec<TxnId>,
     },
     /// From node 0: run this runner (an engine task, encoded by the engine).
     RunTask {
@@ -169,6 +187,23 @@ pub enum Msg {
         horizon: u64,
         pages: Vec<u64>,
     },
+}
+
+/// One prepared transaction a coordinator asks node 0 to commit: everything node 0 needs to
+/// finish it without its coordinator (`docs/CLUSTER.md`, "The commit").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TsItem {
+    pub txn: TxnId,
+    /// Timestamps it takes: 2 (commit, exit record) or 1 (exit record only).
+    pub count: u64,
+    /// The view its prepares were made in; node 0 grants only in that same view.
+    pub epoch: u64,
+    /// The pages it prepared (their holders install its deltas).
+    pub pages: Vec<u64>,
+    /// Installed at the last timestamp without a check (the exit record).
+    pub forced: Vec<PageDelta>,
+    /// The ending's effects, handed out at node 0 in timestamp order (opaque here).
+    pub effects: Vec<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -292,6 +327,39 @@ impl Reader<'_> {
         (0..count).map(|_| Ok((self.u64()?, self.u64()?))).collect()
     }
 
+    fn words(&mut self, what: &'static str, limit: usize) -> Result<Vec<u64>, MsgDecodeError> {
+        let count = self.count(what, limit)?;
+        // Refuse counts the message cannot hold before allocating.
+        if self.bytes.len() - self.offset < count * 8 {
+            return Err(MsgDecodeError::Truncated {
+                offset: self.offset,
+            });
+        }
+        (0..count).map(|_| self.u64()).collect()
+    }
+
+    fn ts_items(&mut self) -> Result<Vec<TsItem>, MsgDecodeError> {
+        let count = self.count("timestamp request", MAX_BATCH)?;
+        // An item is at least 48 bytes.
+        if self.bytes.len() - self.offset < count * 48 {
+            return Err(MsgDecodeError::Truncated {
+                offset: self.offset,
+            });
+        }
+        (0..count)
+            .map(|_| {
+                Ok(TsItem {
+                    txn: self.u64()?,
+                    count: self.u64()?,
+                    epoch: self.u64()?,
+                    pages: self.words("prepared page", MAX_DELTAS)?,
+                    forced: self.deltas()?,
+                    effects: self.blob("effects")?,
+                })
+            })
+            .collect()
+    }
+
     fn blob(&mut self, what: &'static str) -> Result<Vec<u8>, MsgDecodeError> {
         let len = self.count(what, MAX_BLOB_BYTES)?;
         Ok(self.take(len)?.to_vec())
@@ -387,6 +455,13 @@ fn put_deltas(out: &mut Vec<u8>, deltas: &[PageDelta]) {
     }
 }
 
+fn put_words(out: &mut Vec<u8>, words: &[u64]) {
+    put(out, words.len() as u64);
+    for word in words {
+        put(out, *word);
+    }
+}
+
 fn put_pairs(out: &mut Vec<u8>, pairs: &[(u64, u64)]) {
     put(out, pairs.len() as u64);
     for (a, b) in pairs {
@@ -428,11 +503,13 @@ impl Msg {
             }
             Msg::Prepare {
                 txn,
+                epoch,
                 snapshot_ts,
                 deltas,
             } => {
                 out.push(3);
                 put(&mut out, *txn);
+                put(&mut out, *epoch);
                 put(&mut out, *snapshot_ts);
                 put_deltas(&mut out, deltas);
             }
@@ -471,32 +548,43 @@ impl Msg {
             }
             Msg::TsRequest { txns } => {
                 out.push(10);
-                put_pairs(&mut out, txns);
+                put(&mut out, txns.len() as u64);
+                for item in txns {
+                    put(&mut out, item.txn);
+                    put(&mut out, item.count);
+                    put(&mut out, item.epoch);
+                    put_words(&mut out, &item.pages);
+                    put_deltas(&mut out, &item.forced);
+                    put_blob(&mut out, &item.effects);
+                }
             }
             Msg::TsGrant { grants } => {
                 out.push(11);
                 put_pairs(&mut out, grants);
             }
-            Msg::Complete {
-                txn,
-                first,
-                count,
-                effects,
-            } => {
-                out.push(12);
-                put(&mut out, *txn);
-                put(&mut out, *first);
-                put(&mut out, *count);
-                put_blob(&mut out, effects);
-            }
             Msg::CompleteAck { txn } => {
                 out.push(13);
                 put(&mut out, *txn);
             }
-            Msg::Watermark { ts } => {
+            Msg::Watermark { ts, epoch } => {
                 out.push(14);
                 put(&mut out, *ts);
+                put(&mut out, *epoch);
             }
+            Msg::Heartbeat { epoch } => {
+                out.push(22);
+                put(&mut out, *epoch);
+            }
+            Msg::View { epoch, dead } => {
+                out.push(23);
+                put(&mut out, *epoch);
+                put_words(&mut out, dead);
+            }
+            Msg::Resolve { txns } => {
+                out.push(24);
+                put_words(&mut out, txns);
+            }
+            Msg::Rejoin => out.push(25),
             Msg::RunTask { task } => {
                 out.push(15);
                 put_blob(&mut out, task);
@@ -559,10 +647,12 @@ impl Msg {
             },
             3 => {
                 let txn = r.u64()?;
+                let epoch = r.u64()?;
                 let snapshot_ts = r.u64()?;
                 let deltas = r.deltas()?;
                 Msg::Prepare {
                     txn,
+                    epoch,
                     snapshot_ts,
                     deltas,
                 }
@@ -586,19 +676,25 @@ impl Msg {
             8 => Msg::Abort { txn: r.u64()? },
             9 => Msg::Aborted { txn: r.u64()? },
             10 => Msg::TsRequest {
-                txns: r.pairs("timestamp request")?,
+                txns: r.ts_items()?,
             },
             11 => Msg::TsGrant {
                 grants: r.pairs("timestamp grant")?,
             },
-            12 => Msg::Complete {
-                txn: r.u64()?,
-                first: r.u64()?,
-                count: r.u64()?,
-                effects: r.blob("effects")?,
-            },
             13 => Msg::CompleteAck { txn: r.u64()? },
-            14 => Msg::Watermark { ts: r.u64()? },
+            14 => Msg::Watermark {
+                ts: r.u64()?,
+                epoch: r.u64()?,
+            },
+            22 => Msg::Heartbeat { epoch: r.u64()? },
+            23 => Msg::View {
+                epoch: r.u64()?,
+                dead: r.words("dead node", MAX_BATCH)?,
+            },
+            24 => Msg::Resolve {
+                txns: r.words("transaction to resolve", MAX_BATCH)?,
+            },
+            25 => Msg::Rejoin,
             15 => Msg::RunTask {
                 task: r.blob("task")?,
             },
@@ -683,6 +779,7 @@ mod tests {
             },
             Msg::Prepare {
                 txn: 8,
+                epoch: 1,
                 snapshot_ts: 2,
                 deltas: vec![delta(3, 0, 8, 1), delta(4, 4000, 96, 2)],
             },
@@ -698,19 +795,37 @@ mod tests {
             Msg::Abort { txn: 8 },
             Msg::Aborted { txn: 8 },
             Msg::TsRequest {
-                txns: vec![(8, 2), (9, 1)],
+                txns: vec![
+                    TsItem {
+                        txn: 8,
+                        count: 2,
+                        epoch: 0,
+                        pages: vec![3, 4],
+                        forced: vec![delta(5, 4088, 8, 1)],
+                        effects: vec![1, 2, 3],
+                    },
+                    TsItem {
+                        txn: 9,
+                        count: 1,
+                        epoch: 0,
+                        pages: vec![],
+                        forced: vec![],
+                        effects: vec![],
+                    },
+                ],
             },
             Msg::TsGrant {
                 grants: vec![(8, 12)],
             },
-            Msg::Complete {
-                txn: 8,
-                first: 12,
-                count: 2,
-                effects: vec![1, 2, 3],
-            },
             Msg::CompleteAck { txn: 8 },
-            Msg::Watermark { ts: 13 },
+            Msg::Watermark { ts: 13, epoch: 2 },
+            Msg::Heartbeat { epoch: 2 },
+            Msg::View {
+                epoch: 2,
+                dead: vec![1, 3],
+            },
+            Msg::Resolve { txns: vec![8, 9] },
+            Msg::Rejoin,
             Msg::RunTask { task: vec![4; 40] },
             Msg::Control {
                 req: 3,
@@ -823,7 +938,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_messages_never_panic(index in 0usize..21, at in any::<usize>(), byte in any::<u8>()) {
+        fn mutated_messages_never_panic(index in 0usize..25, at in any::<usize>(), byte in any::<u8>()) {
             let mut bytes = samples()[index].encode();
             let at = at % bytes.len();
             bytes[at] = byte;

@@ -1,63 +1,92 @@
 //! One cluster node's side of the commit protocol (`docs/CLUSTER.md`), as a sans-IO state
 //! machine: messages and timer ticks in, messages and completed operations out. The same code
 //! runs over the real transport and inside the deterministic simulation, which is why it owns
-//! no thread, socket or clock.
+//! no thread, socket or clock (time comes in with `tick`).
 //!
-//! A node plays three roles:
-//! - **home** of the pages `home_of` gives it: serves reads at a snapshot, prepares (intents,
-//!   conflict check — `dvm_engine::store::PageStore::prepare`), commits at a timestamp, aborts;
-//! - **coordinator** of the endings of runners that ran on it, in two calls: `prepare` (at
-//!   every home of a page the runner stored to; refused on a conflict, and then aborted at
-//!   every home), then `finish` (timestamps from the sequencer, commit at every home — prepared
-//!   deltas at the first timestamp, the exit record at the last — and completion, with the
-//!   ending's effects, to the sequencer);
-//! - **sequencer**, on node 0 only: allocates timestamps (batched requests), tracks completed
-//!   timestamp ranges, advances the global watermark over their contiguous prefix, and hands
-//!   the effects of each range out in timestamp order (`Done::Applied`).
+//! A node plays up to four roles:
+//! - **holder** (`home.rs`) of the pages whose ring (`crate::view`) it is in: the first live
+//!   holder of a page is its **home**, which serves reads and checks conflicts (intents,
+//!   `dvm_engine::store::PageStore::prepare`); the others are **backups**, which keep the
+//!   prepared deltas without a check. Every holder installs a commit's versions;
+//! - **coordinator** of the endings of runners that ran on it (this file): `prepare` at every
+//!   holder of the pages the runner stored to (refused on a conflict, and then aborted at every
+//!   holder), then `finish`, which hands the transaction — its pages, exit record and effects —
+//!   to node 0;
+//! - **sequencer**, on node 0 only (`sequencer.rs`): decides each commit by granting its
+//!   timestamps, then drives the installs at every live holder itself, so a commit's fate never
+//!   depends on its coordinator surviving; advances the global watermark over the contiguous
+//!   prefix of installed ranges and hands out their effects in timestamp order
+//!   (`Done::Applied`);
+//! - **membership**, on node 0 only (`sequencer.rs`): heartbeats, declaring a silent node dead
+//!   in a new epoch, and sending the view to everyone.
 //!
 //! Messages may be lost with their connection and so are retried on every `tick`; every
 //! handler is idempotent, which is what makes retries safe:
-//! - a home remembers each transaction it decided (`decided`), so a repeated `Prepare` never
-//!   prepares twice and a `Prepare` that arrives after its `Abort` is refused;
-//! - the sequencer remembers each grant, so a repeated `TsRequest` gets the same timestamps;
-//! - completions are keyed by transaction, so a repeated `Complete` counts once.
+//! - a holder remembers each transaction it decided (`decided`), so a repeated `Prepare`
+//!   never prepares twice and a `Prepare` that arrives after its `Abort` is refused;
+//! - the sequencer remembers each grant and refusal, so a repeated `TsRequest` gets the same
+//!   answer;
+//! - installs are keyed by transaction, so a repeated `Commit` installs once.
 //!
 //! Invariants (checked by the simulation against a serial execution):
 //! - a timestamp is granted to exactly one transaction; granted timestamps are dense;
-//! - the watermark passes `T` only after the transaction holding `T` installed at every home;
-//! - of two transactions in flight storing a common byte, the later-prepared is refused.
+//! - the watermark passes `T` only after the transaction holding `T` installed at every holder
+//!   live when it completed;
+//! - of two transactions in flight storing a common byte, the later-prepared is refused;
+//! - a transaction is granted only in the view it was prepared in, so no intent it relies on
+//!   was lost with a node;
+//! - a node declared dead is fenced: every live node drops its messages once it has the view,
+//!   node 0 (the only one that grants) at once.
 //!
 //! Not yet bounded (noted in `docs/CLUSTER.md`): `decided` and the sequencer's grants grow
 //! with the number of transactions; they need a low-water mark from each coordinator.
 
-use crate::msg::{Msg, PageDelta};
+mod home;
+mod sequencer;
+
+use crate::msg::{Msg, PageDelta, TsItem};
+pub use crate::view::{home_of, NodeId, View};
 use dvm_engine::page::{PageSource, PAGE_BYTES};
-use dvm_engine::store::{
-    Conflict, ConflictWith, PageBytes, PageStore, PageWrite, Publication, TxnId,
-};
+use dvm_engine::store::{Conflict, PageStore, TxnId};
 use dvm_transport::verbs::published::PublishedTable;
+use home::Held;
+use sequencer::Sequencer;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
-
-pub type NodeId = usize;
-
-/// The node that homes `page`: a hash of its 2 MiB chunk, so a chunk's pages live together.
-pub fn home_of(page: u64, world: usize) -> NodeId {
-    let chunk = page >> 9;
-    let hash = chunk.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
-    (hash % world.max(1) as u64) as NodeId
-}
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub id: NodeId,
     pub world: usize,
+    /// Nodes holding each page (1: no backup).
+    pub replicas: usize,
+    /// Node 0 declares a node dead after this long without a message from it (`None`: never;
+    /// a runtime that treats any lost connection as the end of the run).
+    pub failure_timeout_us: Option<u64>,
     /// A deliberately broken protocol, for showing that the simulation catches it: this home
     /// installs whatever it is asked to, without checking conflicts or holding intents.
     pub broken_skip_conflict_check: bool,
+    /// Another: node 0 counts a commit as installed once its homes have it, and sends it to
+    /// the backups once, never again (a commit acknowledged before its backup has it).
+    pub broken_ack_before_backup: bool,
     /// The sequencer sends `Watermark` to every node each time it moves. A runtime that tells
     /// the nodes itself (with each batch of applied endings' changes) turns this off.
     pub broadcast_watermark: bool,
+}
+
+impl NodeConfig {
+    /// A correct node of a `world`-node cluster, one holder per page, no failure detection.
+    pub fn new(id: NodeId, world: usize) -> NodeConfig {
+        NodeConfig {
+            id,
+            world,
+            replicas: 1,
+            failure_timeout_us: None,
+            broken_skip_conflict_check: false,
+            broken_ack_before_backup: false,
+            broadcast_watermark: true,
+        }
+    }
 }
 
 /// What a node tells its runners (or the simulation driving it).
@@ -75,8 +104,12 @@ pub enum Done {
         txn: TxnId,
         result: Result<(), Conflict>,
     },
-    /// `finish` is done: installed at every home at `first..=last`, completion acknowledged.
+    /// `finish` is done: installed at every holder at `first..=last`, counted by node 0.
     Finished { txn: TxnId, first: u64 },
+    /// `txn` was not committed because a node it prepared at was lost: nothing of it is
+    /// installed or held anywhere, and its runner must run again from its snapshot (it cannot
+    /// have had an effect). Comes instead of `Prepare` or `Finished`.
+    Lost { txn: TxnId },
     /// On node 0: the effects of the range `first..=last`, in timestamp order.
     Applied {
         txn: TxnId,
@@ -84,14 +117,15 @@ pub enum Done {
         last: u64,
         effects: Vec<u8>,
     },
-}
-
-/// What a home decided about a transaction; kept so that retried messages get the same answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Decided {
-    Committed,
-    Refused(Conflict),
-    Aborted,
+    /// On node 0: `node` was declared dead; from `epoch` on its pages are served by their
+    /// backups, and the runners it was running must run again elsewhere (those whose commit
+    /// node 0 had granted are finished by node 0: `granted`).
+    NodeLost { node: NodeId, epoch: u64 },
+    /// On node 0: every node of a ring is dead (more nodes lost than `replicas - 1` of one
+    /// ring): the pages they held are gone and the run cannot go on.
+    DataLost { nodes: Vec<NodeId>, epoch: u64 },
+    /// This node learned that node 0 declared it dead: it has stopped and drops every message.
+    Fenced { epoch: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,100 +135,60 @@ enum TxnState {
     },
     /// Prepared everywhere; waiting for `finish`.
     Prepared,
+    /// Handed to node 0; waiting for its grant.
     AwaitTs,
-    Committing {
-        first: u64,
-        waiting: BTreeSet<NodeId>,
-    },
-    Completing {
+    /// Granted at `first`; node 0 installs it and acknowledges.
+    Committed {
         first: u64,
     },
+    /// Releasing what the holders keep, then reporting `outcome`.
     Aborting {
-        conflict: Conflict,
+        outcome: AbortOutcome,
         waiting: BTreeSet<NodeId>,
     },
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AbortOutcome {
+    Refused(Conflict),
+    Lost,
+}
+
 struct Txn {
+    epoch: u64,
     snapshot_ts: u64,
-    /// Conflict-checked deltas, by home.
+    /// Conflict-checked deltas, by holder (every holder of each page gets it).
     checked: BTreeMap<NodeId, Vec<PageDelta>>,
-    /// Exit-record deltas, installed at the last timestamp without a check, by home.
-    forced: BTreeMap<NodeId, Vec<PageDelta>>,
+    pages: Vec<u64>,
+    forced: Vec<PageDelta>,
     count: u64,
     effects: Vec<u8>,
     state: TxnState,
 }
 
-impl Txn {
-    fn homes(&self) -> BTreeSet<NodeId> {
-        self.checked
-            .keys()
-            .chain(self.forced.keys())
-            .copied()
-            .collect()
-    }
-}
-
-#[derive(Default)]
-struct Sequencer {
-    next_ts: u64,
-    /// Every grant, so that a retried request gets the same timestamps.
-    grants: BTreeMap<TxnId, (u64, u64)>,
-    /// Completed ranges above the watermark: first -> (count, transaction, effects).
-    parked: BTreeMap<u64, (u64, TxnId, Vec<u8>)>,
-    completed: BTreeSet<TxnId>,
-    watermark: u64,
-    /// Transactions in the order their ranges passed the watermark (commit order).
-    applied: Vec<(TxnId, u64)>,
-}
-
-impl Sequencer {
-    fn grant(&mut self, txn: TxnId, count: u64) -> u64 {
-        let next_ts = &mut self.next_ts;
-        self.grants
-            .entry(txn)
-            .or_insert_with(|| {
-                let first = *next_ts + 1;
-                *next_ts += count;
-                (first, count)
-            })
-            .0
-    }
-
-    /// Records a completion; returns the ranges that passed the watermark, in order.
-    fn complete(&mut self, txn: TxnId, first: u64, count: u64, effects: Vec<u8>) -> Vec<Done> {
-        if self.grants.get(&txn) != Some(&(first, count)) || !self.completed.insert(txn) {
-            return Vec::new();
-        }
-        self.parked.insert(first, (count, txn, effects));
-        let mut applied = Vec::new();
-        while let Some((count, txn, effects)) = self.parked.remove(&(self.watermark + 1)) {
-            let first = self.watermark + 1;
-            self.applied.push((txn, first));
-            self.watermark += count;
-            applied.push(Done::Applied {
-                txn,
-                first,
-                last: self.watermark,
-                effects,
-            });
-        }
-        applied
-    }
-}
-
 pub struct Node {
     config: NodeConfig,
+    view: View,
+    /// Set once this node learned it was declared dead: it does nothing from then on.
+    fenced: bool,
+    /// Started again without the state it had (`restarted`): it acts on nothing until node 0
+    /// has declared its former self dead, and then it is fenced.
+    rejoining: bool,
+    /// The last `tick`'s time: failure detection's clock.
+    now_us: u64,
     store: Arc<PageStore>,
     pages: PageSource,
-    /// Home: transactions holding intents here, and what was decided.
-    prepared: BTreeMap<TxnId, Vec<PageWrite>>,
-    decided: BTreeMap<TxnId, Decided>,
+    /// Holder: transactions holding intents or staged deltas here, by transaction, and the
+    /// staged ones by page (for the conflict check of a backup that became home).
+    held: BTreeMap<TxnId, Held>,
+    staged_pages: BTreeMap<u64, BTreeSet<TxnId>>,
+    decided: BTreeMap<TxnId, home::Decided>,
+    /// Held transactions whose coordinator died, until node 0 says what became of them.
+    orphans: BTreeSet<TxnId>,
     /// Coordinator: this node's endings in flight, and remote reads in flight.
     txns: BTreeMap<TxnId, Txn>,
-    reads: BTreeMap<u64, (NodeId, u64, u64)>,
-    ts_batch: Vec<(TxnId, u64)>,
+    reads: BTreeMap<u64, (u64, u64)>,
+    ts_batch: Vec<TsItem>,
     sequencer: Option<Sequencer>,
     watermark: u64,
     local: VecDeque<Msg>,
@@ -207,15 +201,21 @@ pub struct Node {
 }
 
 impl Node {
-    /// `store` holds the pages this node homes; `pages` is where their page memory comes from.
+    /// `store` holds the pages this node holds; `pages` is where their page memory comes from.
     pub fn new(config: NodeConfig, store: Arc<PageStore>, pages: PageSource) -> Node {
-        let sequencer = (config.id == 0).then(Sequencer::default);
+        let sequencer = (config.id == 0).then(|| Sequencer::new(config.world));
         Node {
+            view: View::new(config.world, config.replicas),
             config,
+            fenced: false,
+            rejoining: false,
+            now_us: 0,
             store,
             pages,
-            prepared: BTreeMap::new(),
+            held: BTreeMap::new(),
+            staged_pages: BTreeMap::new(),
             decided: BTreeMap::new(),
+            orphans: BTreeSet::new(),
             txns: BTreeMap::new(),
             reads: BTreeMap::new(),
             ts_batch: Vec::new(),
@@ -228,24 +228,18 @@ impl Node {
         }
     }
 
+    /// The node `config.id` started again after a crash, with nothing of its state: it asks
+    /// node 0 to declare the node it was dead, and serves no one meanwhile (an empty store
+    /// must not answer for pages its former self held).
+    pub fn restarted(config: NodeConfig, store: Arc<PageStore>, pages: PageSource) -> Node {
+        let mut node = Node::new(config, store, pages);
+        node.rejoining = node.config.id != 0;
+        node
+    }
+
     /// Publishes the newest version of every page this node installs (or serves) in `table`.
     pub fn set_published(&mut self, table: Option<Arc<PublishedTable>>) {
         self.published = table;
-    }
-
-    /// Writes `page`'s newest installed version into the published table (or that it has
-    /// none: zeros, at timestamp 0). The store is read under the table's lock, so of two
-    /// publications of a page the later one read the store later: the slot never goes back to
-    /// a version older than one already installed and published.
-    fn publish_newest(&self, page: u64) {
-        if let Some(table) = &self.published {
-            table.publish_with(page, || {
-                Some(match self.store.read_version(page, u64::MAX).version {
-                    Some((ts, data)) => (ts, Some(data)),
-                    None => (0, None),
-                })
-            });
-        }
     }
 
     pub fn id(&self) -> NodeId {
@@ -256,19 +250,48 @@ impl Node {
         self.config.world
     }
 
+    /// This node's view of who is alive.
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+
+    /// Whether this node learned that it was declared dead.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+
     /// The global watermark as this node last heard it: snapshots are taken here.
     pub fn watermark(&self) -> u64 {
         self.watermark
     }
 
-    /// The home's store.
+    /// The holder's store.
     pub fn store(&self) -> &Arc<PageStore> {
         &self.store
+    }
+
+    /// Transactions this node holds intents or deltas for, undecided.
+    pub fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The transactions behind `held_count`, with their coordinators (for reports).
+    pub fn held_txns(&self) -> Vec<(TxnId, NodeId)> {
+        self.held
+            .iter()
+            .map(|(txn, held)| (*txn, held.coordinator()))
+            .collect()
     }
 
     /// On the sequencer: committed transactions in commit order, with their first timestamps.
     pub fn commit_order(&self) -> Option<&[(TxnId, u64)]> {
         self.sequencer.as_ref().map(|seq| seq.applied.as_slice())
+    }
+
+    /// On the sequencer: the first timestamp granted to `txn`, if it was granted (so it will
+    /// commit, whatever becomes of its coordinator).
+    pub fn granted(&self, txn: TxnId) -> Option<u64> {
+        self.sequencer.as_ref().and_then(|seq| seq.granted(txn))
     }
 
     /// Endings this node coordinates that have not finished (for progress reports and tests).
@@ -286,25 +309,48 @@ impl Node {
 
     /// Reads `page` at `snapshot_ts` from its home; the answer comes as `Done::Read`.
     pub fn read(&mut self, req: u64, page: u64, snapshot_ts: u64) {
-        let home = home_of(page, self.config.world);
-        self.reads.insert(req, (home, page, snapshot_ts));
-        self.send(
-            home,
-            Msg::Read {
-                req,
-                page,
-                snapshot_ts,
-            },
-        );
+        self.reads.insert(req, (page, snapshot_ts));
+        self.send_read(req, page, snapshot_ts);
         self.drain_local();
     }
 
-    /// Prepares the deltas of `txn`, made at `snapshot_ts`, at their homes; the answer comes as
-    /// `Done::Prepare`. After an `Ok`, call `finish`; after an `Err`, nothing is held anywhere.
+    fn send_read(&mut self, req: u64, page: u64, snapshot_ts: u64) {
+        // Any live holder has every version at or below the snapshot (`crate::view`); with
+        // none, nothing can be read and node 0 reports the loss (`Done::DataLost`).
+        if let Some(home) = self.view.home(page) {
+            let msg = Msg::Read {
+                req,
+                page,
+                snapshot_ts,
+            };
+            self.send(home, msg);
+        }
+    }
+
+    /// Prepares the deltas of `txn`, made at `snapshot_ts`, at every holder of their pages; the
+    /// answer comes as `Done::Prepare` (or `Done::Lost`). After an `Ok`, call `finish`; after an
+    /// `Err`, nothing is held anywhere.
     pub fn prepare(&mut self, txn: TxnId, snapshot_ts: u64, deltas: Vec<PageDelta>) {
-        let checked = self.by_home(deltas);
+        let mut checked: BTreeMap<NodeId, Vec<PageDelta>> = BTreeMap::new();
+        let mut pages = Vec::with_capacity(deltas.len());
+        let mut orphaned = false;
+        for delta in deltas {
+            let holders = self.view.holders(delta.page);
+            orphaned |= holders.is_empty();
+            pages.push(delta.page);
+            for holder in holders {
+                checked.entry(holder).or_default().push(delta.clone());
+            }
+        }
+        pages.sort_unstable();
+        pages.dedup();
         let waiting: BTreeSet<NodeId> = checked.keys().copied().collect();
-        let state = if waiting.is_empty() {
+        let state = if orphaned {
+            TxnState::Aborting {
+                outcome: AbortOutcome::Lost,
+                waiting,
+            }
+        } else if waiting.is_empty() {
             self.done.push(Done::Prepare {
                 txn,
                 result: Ok(()),
@@ -314,33 +360,44 @@ impl Node {
             TxnState::Preparing { waiting }
         };
         let t = Txn {
+            epoch: self.view.epoch(),
             snapshot_ts,
             checked,
-            forced: BTreeMap::new(),
+            pages,
+            forced: Vec::new(),
             count: 1,
             effects: Vec::new(),
             state,
         };
         self.txns.insert(txn, t);
         self.resend(txn);
+        self.conclude_abort(txn);
         self.drain_local();
     }
 
     /// Finishes `txn` — prepared, or never prepared (an ending that only publishes its exit
     /// record): `count` timestamps; prepared deltas installed at the first, `forced` at the
-    /// last; `effects` handed out at node 0 in timestamp order. Answered by `Done::Finished`.
+    /// last; `effects` handed out at node 0 in timestamp order. Answered by `Done::Finished`
+    /// (or `Done::Lost`).
     pub fn finish(&mut self, txn: TxnId, forced: Vec<PageDelta>, count: u64, effects: Vec<u8>) {
-        let forced = self.by_home(forced);
+        let epoch = self.view.epoch();
         let t = self.txns.entry(txn).or_insert_with(|| Txn {
+            epoch,
             snapshot_ts: 0,
             checked: BTreeMap::new(),
-            forced: BTreeMap::new(),
+            pages: Vec::new(),
+            forced: Vec::new(),
             count: 1,
             effects: Vec::new(),
             state: TxnState::Prepared,
         });
         if t.state != TxnState::Prepared {
-            debug_assert!(false, "finish of txn {txn} in state {:?}", t.state);
+            // Lost in between (a view change): `Done::Lost` answers instead.
+            debug_assert!(
+                matches!(t.state, TxnState::Aborting { .. }),
+                "finish of txn {txn} in state {:?}",
+                t.state
+            );
             return;
         }
         t.forced = forced;
@@ -351,34 +408,33 @@ impl Node {
         self.drain_local();
     }
 
-    /// Retries everything in flight (lost messages are lost with their connection).
-    pub fn tick(&mut self) {
-        let reads: Vec<(u64, (NodeId, u64, u64))> =
+    /// Retries everything in flight (lost messages are lost with their connection), sends
+    /// heartbeats, and on node 0 declares silent nodes dead. `now_us` is any monotonic clock.
+    pub fn tick(&mut self, now_us: u64) {
+        self.now_us = self.now_us.max(now_us);
+        if self.fenced {
+            return;
+        }
+        let reads: Vec<(u64, (u64, u64))> =
             self.reads.iter().map(|(req, read)| (*req, *read)).collect();
-        for (req, (home, page, snapshot_ts)) in reads {
-            self.send(
-                home,
-                Msg::Read {
-                    req,
-                    page,
-                    snapshot_ts,
-                },
-            );
+        for (req, (page, snapshot_ts)) in reads {
+            self.send_read(req, page, snapshot_ts);
         }
         let txns: Vec<TxnId> = self.txns.keys().copied().collect();
         for txn in txns {
             self.resend(txn);
         }
-        if let Some(seq) = self
-            .sequencer
-            .as_ref()
-            .filter(|_| self.config.broadcast_watermark)
-        {
-            let ts = seq.watermark;
-            for node in 0..self.config.world {
-                self.send(node, Msg::Watermark { ts });
-            }
+        if !self.orphans.is_empty() {
+            let txns = self.orphans.iter().copied().collect();
+            self.send(0, Msg::Resolve { txns });
         }
+        if self.rejoining {
+            self.outbox.push((0, Msg::Rejoin));
+        } else if self.config.id != 0 {
+            let epoch = self.view.epoch();
+            self.send(0, Msg::Heartbeat { epoch });
+        }
+        self.sequencer_tick();
         self.drain_local();
     }
 
@@ -389,21 +445,10 @@ impl Node {
         handled
     }
 
-    fn by_home(&self, deltas: Vec<PageDelta>) -> BTreeMap<NodeId, Vec<PageDelta>> {
-        let mut by_home: BTreeMap<NodeId, Vec<PageDelta>> = BTreeMap::new();
-        for delta in deltas {
-            by_home
-                .entry(home_of(delta.page, self.config.world))
-                .or_default()
-                .push(delta);
-        }
-        by_home
-    }
-
     fn send(&mut self, to: NodeId, msg: Msg) {
         if to == self.config.id {
             self.local.push_back(msg);
-        } else {
+        } else if self.view.is_live(to) || matches!(msg, Msg::View { .. }) {
             self.outbox.push((to, msg));
         }
     }
@@ -427,50 +472,32 @@ impl Node {
         let mut out = Vec::new();
         match &t.state {
             TxnState::Preparing { waiting } => {
-                for home in waiting {
-                    let deltas = t.checked.get(home).cloned().unwrap_or_default();
-                    let snapshot_ts = t.snapshot_ts;
+                for holder in waiting {
+                    let deltas = t.checked.get(holder).cloned().unwrap_or_default();
                     out.push((
-                        *home,
+                        *holder,
                         Msg::Prepare {
                             txn,
-                            snapshot_ts,
+                            epoch: t.epoch,
+                            snapshot_ts: t.snapshot_ts,
                             deltas,
                         },
                     ));
                 }
             }
             TxnState::Prepared => {}
-            TxnState::AwaitTs => self.ts_batch.push((txn, t.count)),
-            TxnState::Committing { first, waiting } => {
-                let last = first + t.count - 1;
-                for home in waiting {
-                    let forced = t.forced.get(home).cloned().unwrap_or_default();
-                    out.push((
-                        *home,
-                        Msg::Commit {
-                            txn,
-                            first: *first,
-                            last,
-                            forced,
-                        },
-                    ));
-                }
-            }
-            TxnState::Completing { first } => {
-                let (first, count, effects) = (*first, t.count, t.effects.clone());
-                out.push((
-                    0,
-                    Msg::Complete {
-                        txn,
-                        first,
-                        count,
-                        effects,
-                    },
-                ));
-            }
+            // Also once granted: node 0 answers a repeated request with the grant, and with
+            // `CompleteAck` once installed, so a lost acknowledgement is asked for again.
+            TxnState::AwaitTs | TxnState::Committed { .. } => self.ts_batch.push(TsItem {
+                txn,
+                count: t.count,
+                epoch: t.epoch,
+                pages: t.pages.clone(),
+                forced: t.forced.clone(),
+                effects: t.effects.clone(),
+            }),
             TxnState::Aborting { waiting, .. } => {
-                out.extend(waiting.iter().map(|home| (*home, Msg::Abort { txn })));
+                out.extend(waiting.iter().map(|holder| (*holder, Msg::Abort { txn })));
             }
         }
         for (to, msg) in out {
@@ -479,6 +506,41 @@ impl Node {
     }
 
     fn handle(&mut self, from: NodeId, msg: Msg) -> bool {
+        if matches!(
+            msg,
+            Msg::RunTask { .. }
+                | Msg::Control { .. }
+                | Msg::ControlReply { .. }
+                | Msg::Shutdown
+                | Msg::NodeReport { .. }
+                | Msg::ProfileSamples { .. }
+                | Msg::Changes { .. }
+        ) {
+            return false;
+        }
+        if self.fenced {
+            return true;
+        }
+        if self.rejoining {
+            if let (0, Msg::View { epoch, dead }) = (from, &msg) {
+                // Only a view that names this node dead ends the wait (and fences it).
+                if dead.contains(&(self.config.id as u64)) {
+                    self.fenced = true;
+                    self.done.push(Done::Fenced { epoch: *epoch });
+                }
+            }
+            return true;
+        }
+        if !self.view.is_live(from) {
+            // Fencing: nothing from a node declared dead is acted on. Node 0 tells it so.
+            if self.sequencer.is_some() && matches!(msg, Msg::Heartbeat { .. } | Msg::Rejoin) {
+                self.send_view(from);
+            }
+            return true;
+        }
+        if let Some(seq) = &mut self.sequencer {
+            seq.heard(from, self.now_us);
+        }
         match msg {
             Msg::Read {
                 req,
@@ -504,9 +566,10 @@ impl Node {
             }
             Msg::Prepare {
                 txn,
+                epoch,
                 snapshot_ts,
                 deltas,
-            } => self.home_prepare(from, txn, snapshot_ts, deltas),
+            } => self.home_prepare(from, txn, epoch, snapshot_ts, deltas),
             Msg::Commit {
                 txn,
                 first,
@@ -516,18 +579,41 @@ impl Node {
             Msg::Abort { txn } => self.home_abort(from, txn),
             Msg::Prepared { txn } => self.on_prepared(from, txn),
             Msg::Refused { txn, conflict } => self.on_refused(txn, conflict),
-            Msg::Installed { txn } => self.on_installed(from, txn),
+            Msg::Installed { txn } => self.sequencer_installed(from, txn),
             Msg::Aborted { txn } => self.on_aborted(from, txn),
-            Msg::TsRequest { txns } => self.sequencer_grant(from, txns),
+            Msg::TsRequest { txns } => self.sequencer_request(from, txns),
             Msg::TsGrant { grants } => self.on_grants(grants),
-            Msg::Complete {
-                txn,
-                first,
-                count,
-                effects,
-            } => self.sequencer_complete(from, txn, first, count, effects),
             Msg::CompleteAck { txn } => self.on_complete_ack(txn),
-            Msg::Watermark { ts } => self.watermark = self.watermark.max(ts),
+            Msg::Watermark { ts, epoch } => {
+                // A watermark of a newer view may count installs this node's view would look
+                // for at a dead holder: wait for the view (node 0 sends it with heartbeats).
+                if epoch <= self.view.epoch() {
+                    self.watermark = self.watermark.max(ts);
+                }
+            }
+            Msg::Heartbeat { epoch } => {
+                if epoch < self.view.epoch() && self.sequencer.is_some() {
+                    self.send_view(from);
+                }
+            }
+            Msg::View { epoch, dead } => {
+                if from == 0 {
+                    let dead: Vec<NodeId> = dead
+                        .iter()
+                        .filter_map(|node| usize::try_from(*node).ok())
+                        .collect();
+                    if self.view.adopt(epoch, &dead) {
+                        self.on_view();
+                    }
+                }
+            }
+            Msg::Resolve { txns } => self.sequencer_resolve(from, txns),
+            Msg::Rejoin => {
+                if self.sequencer.is_some() {
+                    self.declare_dead(from);
+                    self.send_view(from);
+                }
+            }
             Msg::RunTask { .. }
             | Msg::Control { .. }
             | Msg::ControlReply { .. }
@@ -539,162 +625,45 @@ impl Node {
         true
     }
 
-    // ---- home ----
-
-    fn home_read(&mut self, from: NodeId, req: u64, page: u64, snapshot_ts: u64) {
-        // Pages loaded at timestamp 0 are published when first asked for, so the next reader
-        // of this page (on any node) READs it.
-        self.publish_newest(page);
-        let found = self.store.read_version(page, snapshot_ts);
-        // Every timestamp at or below the watermark is installed here, so with no newer
-        // version installed, none can appear at or below it.
-        let valid_to = match found.next_ts {
-            Some(next) => next - 1,
-            None => snapshot_ts.max(self.watermark),
+    fn send_view(&mut self, to: NodeId) {
+        let msg = Msg::View {
+            epoch: self.view.epoch(),
+            dead: self.view.dead().iter().map(|node| *node as u64).collect(),
         };
-        let (version_ts, data) = match found.version {
-            Some((ts, data)) => (ts, Some(data)),
-            None => (0, None),
-        };
-        let msg = Msg::ReadReply {
-            req,
-            page,
-            version_ts,
-            valid_to,
-            data,
-        };
-        self.send(from, msg);
+        self.send(to, msg);
     }
 
-    fn home_prepare(&mut self, from: NodeId, txn: TxnId, snapshot_ts: u64, deltas: Vec<PageDelta>) {
-        let answer = match self.decided.get(&txn) {
-            Some(Decided::Refused(conflict)) => Msg::Refused {
-                txn,
-                conflict: *conflict,
-            },
-            Some(Decided::Aborted) => Msg::Aborted { txn },
-            Some(Decided::Committed) => Msg::Prepared { txn },
-            None if self.prepared.contains_key(&txn) => Msg::Prepared { txn },
-            None => match self.prepare_here(txn, snapshot_ts, &deltas) {
-                Ok(writes) => {
-                    self.prepared.insert(txn, writes);
-                    Msg::Prepared { txn }
-                }
-                Err(conflict) => {
-                    self.decided.insert(txn, Decided::Refused(conflict));
-                    Msg::Refused { txn, conflict }
-                }
-            },
-        };
-        self.send(from, answer);
-    }
-
-    /// Page writes of deltas: zeros with the stored bytes in place (only those are installed).
-    fn writes_of(&self, txn: TxnId, deltas: &[PageDelta]) -> Result<Vec<PageWrite>, Conflict> {
-        let mut writes = Vec::with_capacity(deltas.len());
-        for delta in deltas {
-            // Out of page memory at a home: the commit cannot be held, so it is refused as if
-            // it conflicted with itself at the page's first byte.
-            let mut data = self.pages.zeroed().map_err(|_| Conflict {
-                key: delta.page,
-                offset: 0,
-                with: ConflictWith::Prepared { txn },
-            })?;
-            delta.to_page(&mut data);
-            writes.push(PageWrite {
-                key: delta.page,
-                data,
-                stored: delta.mask.clone(),
-            });
+    /// A newer view was adopted (or, on node 0, made).
+    fn on_view(&mut self) {
+        let epoch = self.view.epoch();
+        if !self.view.is_live(self.config.id) {
+            self.fenced = true;
+            self.done.push(Done::Fenced { epoch });
+            return;
         }
-        Ok(writes)
-    }
-
-    fn prepare_here(
-        &self,
-        txn: TxnId,
-        snapshot_ts: u64,
-        deltas: &[PageDelta],
-    ) -> Result<Vec<PageWrite>, Conflict> {
-        let writes = self.writes_of(txn, deltas)?;
-        if !self.config.broken_skip_conflict_check {
-            self.store.prepare(txn, snapshot_ts, &writes)?;
-        }
-        Ok(writes)
-    }
-
-    fn home_commit(
-        &mut self,
-        from: NodeId,
-        txn: TxnId,
-        first: u64,
-        last: u64,
-        forced: Vec<PageDelta>,
-    ) {
-        match self.decided.get(&txn) {
-            Some(Decided::Committed) => {}
-            Some(_) => {
-                debug_assert!(false, "commit of txn {txn}, refused or aborted here");
-                return;
+        // Coordinator: a transaction still preparing in an older view can never be granted
+        // (node 0 grants only in the view of the prepares), so it is released now.
+        let txns: Vec<TxnId> = self.txns.keys().copied().collect();
+        for txn in txns {
+            let live = |node: &NodeId| self.view.is_live(*node);
+            let Some(t) = self.txns.get_mut(&txn) else {
+                continue;
+            };
+            match &mut t.state {
+                TxnState::Preparing { .. } if t.epoch < epoch => {
+                    let waiting = t.checked.keys().copied().filter(live).collect();
+                    t.state = TxnState::Aborting {
+                        outcome: AbortOutcome::Lost,
+                        waiting,
+                    };
+                    self.resend(txn);
+                }
+                TxnState::Aborting { waiting, .. } => waiting.retain(live),
+                _ => {}
             }
-            None => {
-                let mut installed: Vec<u64> = forced.iter().map(|delta| delta.page).collect();
-                if let Some(writes) = self.prepared.remove(&txn) {
-                    installed.extend(writes.iter().map(|write| write.key));
-                    if self.config.broken_skip_conflict_check {
-                        for write in writes {
-                            self.store.publish(
-                                first,
-                                Publication::Page {
-                                    write,
-                                    base_ts: None,
-                                },
-                                &self.pages,
-                            );
-                        }
-                    } else {
-                        self.store.commit(txn, None, first, writes, &self.pages);
-                    }
-                }
-                // An exit record: a few bytes go without a page; if the page memory a larger
-                // one needs cannot be had, the record is lost but the run goes on (as on one
-                // node).
-                for delta in &forced {
-                    let publication =
-                        match PageBytes::from_mask(delta.page, &delta.mask, &delta.bytes) {
-                            Some(bytes) => Publication::Bytes(bytes),
-                            None => match self.writes_of(txn, std::slice::from_ref(delta)) {
-                                Ok(mut writes) if writes.len() == 1 => Publication::Page {
-                                    write: writes.remove(0),
-                                    base_ts: None,
-                                },
-                                _ => continue,
-                            },
-                        };
-                    self.store.publish(last, publication, &self.pages);
-                }
-                // Before `Installed` leaves: a snapshot that includes this commit is taken
-                // only after every home acknowledged it, so its readers find it published.
-                installed.sort_unstable();
-                installed.dedup();
-                for page in installed {
-                    self.publish_newest(page);
-                }
-                self.decided.insert(txn, Decided::Committed);
-            }
+            self.conclude_abort(txn);
         }
-        self.send(from, Msg::Installed { txn });
-    }
-
-    fn home_abort(&mut self, from: NodeId, txn: TxnId) {
-        if let Some(writes) = self.prepared.remove(&txn) {
-            if !self.config.broken_skip_conflict_check {
-                self.store.abort(txn, writes.iter().map(|w| w.key));
-            }
-        }
-        debug_assert_ne!(self.decided.get(&txn), Some(&Decided::Committed));
-        self.decided.entry(txn).or_insert(Decided::Aborted);
-        self.send(from, Msg::Aborted { txn });
+        self.home_on_view();
     }
 
     // ---- coordinator ----
@@ -720,8 +689,17 @@ impl Node {
             return;
         };
         if matches!(t.state, TxnState::Preparing { .. }) {
-            let waiting = t.checked.keys().copied().collect();
-            t.state = TxnState::Aborting { conflict, waiting };
+            let view = &self.view;
+            let waiting = t
+                .checked
+                .keys()
+                .copied()
+                .filter(|n| view.is_live(*n))
+                .collect();
+            t.state = TxnState::Aborting {
+                outcome: AbortOutcome::Refused(conflict),
+                waiting,
+            };
             self.resend(txn);
         }
     }
@@ -731,99 +709,73 @@ impl Node {
             let Some(t) = self.txns.get_mut(&txn) else {
                 continue;
             };
-            if t.state == TxnState::AwaitTs {
-                let waiting = t.homes();
-                t.state = if waiting.is_empty() {
-                    TxnState::Completing { first }
-                } else {
-                    TxnState::Committing { first, waiting }
+            if t.state != TxnState::AwaitTs {
+                continue;
+            }
+            if first == 0 {
+                // Not granted: a node it prepared at was lost. Release the others.
+                let view = &self.view;
+                let waiting = t
+                    .checked
+                    .keys()
+                    .copied()
+                    .filter(|n| view.is_live(*n))
+                    .collect();
+                t.state = TxnState::Aborting {
+                    outcome: AbortOutcome::Lost,
+                    waiting,
                 };
                 self.resend(txn);
-            }
-        }
-    }
-
-    fn on_installed(&mut self, from: NodeId, txn: TxnId) {
-        let Some(t) = self.txns.get_mut(&txn) else {
-            return;
-        };
-        if let TxnState::Committing { first, waiting } = &mut t.state {
-            waiting.remove(&from);
-            if waiting.is_empty() {
-                t.state = TxnState::Completing { first: *first };
-                self.resend(txn);
+                self.conclude_abort(txn);
+            } else {
+                t.state = TxnState::Committed { first };
             }
         }
     }
 
     fn on_aborted(&mut self, from: NodeId, txn: TxnId) {
-        let Some(t) = self.txns.get_mut(&txn) else {
+        if let Some(Txn {
+            state: TxnState::Aborting { waiting, .. },
+            ..
+        }) = self.txns.get_mut(&txn)
+        {
+            waiting.remove(&from);
+        }
+        self.conclude_abort(txn);
+    }
+
+    /// Reports an abort once every live holder released the transaction.
+    fn conclude_abort(&mut self, txn: TxnId) {
+        let Some(Txn {
+            state: TxnState::Aborting { outcome, waiting },
+            ..
+        }) = self.txns.get(&txn)
+        else {
             return;
         };
-        if let TxnState::Aborting { conflict, waiting } = &mut t.state {
-            waiting.remove(&from);
-            if waiting.is_empty() {
-                let conflict = *conflict;
-                self.txns.remove(&txn);
-                self.done.push(Done::Prepare {
-                    txn,
-                    result: Err(conflict),
-                });
-            }
+        if !waiting.is_empty() {
+            return;
         }
+        let outcome = *outcome;
+        self.txns.remove(&txn);
+        self.done.push(match outcome {
+            AbortOutcome::Refused(conflict) => Done::Prepare {
+                txn,
+                result: Err(conflict),
+            },
+            AbortOutcome::Lost => Done::Lost { txn },
+        });
     }
 
     fn on_complete_ack(&mut self, txn: TxnId) {
         if let Some(Txn {
-            state: TxnState::Completing { first },
+            state: TxnState::Committed { first },
             ..
         }) = self.txns.get(&txn)
         {
             let first = *first;
             self.txns.remove(&txn);
             self.done.push(Done::Finished { txn, first });
-        }
-    }
-
-    // ---- sequencer ----
-
-    fn sequencer_grant(&mut self, from: NodeId, txns: Vec<(TxnId, u64)>) {
-        let Some(seq) = &mut self.sequencer else {
-            return;
-        };
-        let grants = txns
-            .into_iter()
-            .map(|(txn, count)| (txn, seq.grant(txn, count.max(1))))
-            .collect();
-        self.send(from, Msg::TsGrant { grants });
-    }
-
-    fn sequencer_complete(
-        &mut self,
-        from: NodeId,
-        txn: TxnId,
-        first: u64,
-        count: u64,
-        effects: Vec<u8>,
-    ) {
-        let Some(seq) = &mut self.sequencer else {
-            return;
-        };
-        let applied = seq.complete(txn, first, count, effects);
-        let ts = seq.watermark;
-        let acknowledged = seq.completed.contains(&txn);
-        if acknowledged {
-            self.send(from, Msg::CompleteAck { txn });
-        }
-        if !applied.is_empty() {
-            self.done.extend(applied);
-            if self.config.broadcast_watermark {
-                for node in 0..self.config.world {
-                    self.send(node, Msg::Watermark { ts });
-                }
-            } else {
-                self.watermark = self.watermark.max(ts);
-            }
         }
     }
 }

@@ -448,8 +448,15 @@ impl Runtime {
         for done in done {
             match done {
                 Done::Read { req, .. } => self.answer(Wait::Read(req), Reply::Done(done)),
-                Done::Prepare { txn, .. } => self.answer(Wait::Prepare(txn), Reply::Done(done)),
+                Done::Prepare { txn, .. } | Done::Lost { txn } => {
+                    self.answer(Wait::Prepare(txn), Reply::Done(done))
+                }
                 Done::Finished { .. } | Done::Applied { .. } => {}
+                // Real nodes do not detect failures through the protocol yet (a lost peer
+                // ends the run: `ClusterError::NodeLost`), so no view ever changes here.
+                Done::NodeLost { .. } | Done::DataLost { .. } | Done::Fenced { .. } => {
+                    tracing::error!("membership change without failure detection: {done:?}")
+                }
             }
         }
         self.apply_pending();
@@ -724,7 +731,7 @@ impl Runtime {
                 // Snapshots are registered on node 0 only: here the watermark is the horizon.
                 self.store.advance_watermark(horizon);
                 self.with_node(|node| {
-                    node.on_message(0, Msg::Watermark { ts: upto });
+                    node.on_message(0, Msg::Watermark { ts: upto, epoch: 0 });
                 });
             }
             Msg::ProfileSamples { samples } => match dvm_perf::profile::decode(&samples) {
@@ -1626,11 +1633,13 @@ pub fn run(
     let store = Arc::new(PageStore::new());
     let node = Node::new(
         NodeConfig {
-            id: rank,
-            world,
-            broken_skip_conflict_check: false,
+            // One holder per page and no failure detection in the protocol yet: a lost peer
+            // ends the run (`docs/CLUSTER.md`, "Replicas and the loss of a node").
+            replicas: 1,
+            failure_timeout_us: None,
             // `Changes` carries the watermark to the nodes.
             broadcast_watermark: false,
+            ..NodeConfig::new(rank, world)
         },
         Arc::clone(&store),
         resources.pages().clone(),

@@ -1,0 +1,395 @@
+//! Node 0's roles: the sequencer, which decides commits and drives their installs, and the
+//! membership service, which declares silent nodes dead.
+//!
+//! A commit is decided when the sequencer grants its timestamps, and only in the view its
+//! prepares were made in (so no intent it relies on died with a node). From then on the
+//! sequencer, not the coordinator, sends `Commit` to every live holder of its pages (retried
+//! every tick) and counts it complete when all of them installed it; a coordinator that dies
+//! after the grant changes nothing. A transaction never granted whose coordinator died is
+//! refused for good when a holder asks (`Resolve`), and its holders release it.
+//!
+//! Failure detection: every node sends a heartbeat each tick; a node silent for
+//! `failure_timeout_us` is declared dead in a new epoch (`crate::view`). The timeout is
+//! measured on node 0's ticks, so a node busy computing is never declared dead as long as
+//! whatever calls its `tick` keeps running (a thread of its own in a runtime).
+
+use super::{Done, Node, NodeId};
+use crate::msg::{Msg, PageDelta, TsItem};
+use dvm_engine::store::TxnId;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A granted transaction being installed at its holders.
+struct Installing {
+    coordinator: NodeId,
+    first: u64,
+    count: u64,
+    effects: Vec<u8>,
+    /// Sent to each holder, the part it holds.
+    forced: Vec<PageDelta>,
+    /// The live holders that have not acknowledged their install.
+    waiting: BTreeSet<NodeId>,
+    /// Broken on purpose (`broken_ack_before_backup`): backups sent the commit only after it
+    /// counted as complete.
+    trailing: BTreeSet<NodeId>,
+}
+
+pub(super) struct Sequencer {
+    next_ts: u64,
+    /// Every grant, so that a retried request gets the same timestamps.
+    grants: BTreeMap<TxnId, (u64, u64)>,
+    /// Transactions that will never be granted (prepared in an older view, or orphaned).
+    refused: BTreeSet<TxnId>,
+    installing: BTreeMap<TxnId, Installing>,
+    /// Broken on purpose: completed transactions still being sent to their backups.
+    trailing: BTreeMap<TxnId, Installing>,
+    /// Completed ranges above the watermark: first -> (count, transaction, effects).
+    parked: BTreeMap<u64, (u64, TxnId, Vec<u8>)>,
+    completed: BTreeSet<TxnId>,
+    watermark: u64,
+    /// Transactions in the order their ranges passed the watermark (commit order).
+    pub(super) applied: Vec<(TxnId, u64)>,
+    /// When each node was last heard from (node 0's clock), for failure detection.
+    last_heard_us: Vec<Option<u64>>,
+    data_lost_reported: bool,
+}
+
+impl Sequencer {
+    pub(super) fn new(world: usize) -> Sequencer {
+        Sequencer {
+            next_ts: 0,
+            grants: BTreeMap::new(),
+            refused: BTreeSet::new(),
+            installing: BTreeMap::new(),
+            trailing: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            completed: BTreeSet::new(),
+            watermark: 0,
+            applied: Vec::new(),
+            last_heard_us: vec![None; world],
+            data_lost_reported: false,
+        }
+    }
+
+    pub(super) fn granted(&self, txn: TxnId) -> Option<u64> {
+        self.grants.get(&txn).map(|(first, _)| *first)
+    }
+
+    pub(super) fn heard(&mut self, node: NodeId, now_us: u64) {
+        if let Some(at) = self.last_heard_us.get_mut(node) {
+            *at = Some(now_us);
+        }
+    }
+
+    fn grant(&mut self, txn: TxnId, count: u64) -> u64 {
+        let first = self.next_ts + 1;
+        self.next_ts += count;
+        self.grants.insert(txn, (first, count));
+        first
+    }
+
+    /// Records a completion; returns the ranges that passed the watermark, in order.
+    fn complete(&mut self, txn: TxnId, first: u64, count: u64, effects: Vec<u8>) -> Vec<Done> {
+        if self.grants.get(&txn) != Some(&(first, count)) || !self.completed.insert(txn) {
+            return Vec::new();
+        }
+        self.parked.insert(first, (count, txn, effects));
+        let mut applied = Vec::new();
+        while let Some((count, txn, effects)) = self.parked.remove(&(self.watermark + 1)) {
+            let first = self.watermark + 1;
+            self.applied.push((txn, first));
+            self.watermark += count;
+            applied.push(Done::Applied {
+                txn,
+                first,
+                last: self.watermark,
+                effects,
+            });
+        }
+        applied
+    }
+}
+
+impl Node {
+    pub(super) fn sequencer_request(&mut self, from: NodeId, items: Vec<TsItem>) {
+        let epoch = self.view.epoch();
+        let Some(seq) = self.sequencer.as_mut() else {
+            return;
+        };
+        let mut grants = Vec::with_capacity(items.len());
+        let mut acks = Vec::new();
+        let mut started = Vec::new();
+        for item in items {
+            let txn = item.txn;
+            let first = match seq.granted(txn) {
+                Some(first) => first,
+                None if seq.refused.contains(&txn) || item.epoch != epoch => {
+                    seq.refused.insert(txn);
+                    0
+                }
+                None => {
+                    let count = item.count.max(1);
+                    let first = seq.grant(txn, count);
+                    started.push((txn, first, count, item));
+                    first
+                }
+            };
+            grants.push((txn, first));
+            if seq.completed.contains(&txn) {
+                acks.push(txn);
+            }
+        }
+        self.send(from, Msg::TsGrant { grants });
+        for txn in acks {
+            self.send(from, Msg::CompleteAck { txn });
+        }
+        for (txn, first, count, item) in started {
+            self.start_installing(from, txn, first, count, item);
+        }
+    }
+
+    fn start_installing(
+        &mut self,
+        coordinator: NodeId,
+        txn: TxnId,
+        first: u64,
+        count: u64,
+        item: TsItem,
+    ) {
+        let mut holders = BTreeSet::new();
+        let mut homes = BTreeSet::new();
+        let forced_pages = item.forced.iter().map(|delta| delta.page);
+        for page in item.pages.iter().copied().chain(forced_pages) {
+            let page_holders = self.view.holders(page);
+            match page_holders.first() {
+                Some(home) => homes.insert(*home),
+                None => {
+                    self.report_data_lost();
+                    continue;
+                }
+            };
+            holders.extend(page_holders);
+        }
+        // Broken on purpose: counted complete once the homes have it; the backups get it
+        // after that (`trailing`).
+        let (waiting, trailing) = match self.config.broken_ack_before_backup {
+            true => {
+                let backups = holders.difference(&homes).copied().collect();
+                (homes, backups)
+            }
+            false => (holders, BTreeSet::new()),
+        };
+        let installing = Installing {
+            coordinator,
+            first,
+            count,
+            effects: item.effects,
+            forced: item.forced,
+            waiting,
+            trailing,
+        };
+        if let Some(seq) = &mut self.sequencer {
+            seq.installing.insert(txn, installing);
+        }
+        self.send_commits(txn);
+        self.complete_if_installed(txn);
+    }
+
+    /// `Commit` to every holder `txn` still waits for, each with the forced deltas it holds.
+    fn send_commits(&mut self, txn: TxnId) {
+        let Some(installing) = self
+            .sequencer
+            .as_ref()
+            .and_then(|s| s.installing.get(&txn).or_else(|| s.trailing.get(&txn)))
+        else {
+            return;
+        };
+        let last = installing.first + installing.count - 1;
+        let mut out = Vec::new();
+        for holder in &installing.waiting {
+            let forced = installing
+                .forced
+                .iter()
+                .filter(|delta| self.view.holders(delta.page).contains(holder))
+                .cloned()
+                .collect();
+            out.push((
+                *holder,
+                Msg::Commit {
+                    txn,
+                    first: installing.first,
+                    last,
+                    forced,
+                },
+            ));
+        }
+        for (to, msg) in out {
+            self.send(to, msg);
+        }
+    }
+
+    pub(super) fn sequencer_installed(&mut self, from: NodeId, txn: TxnId) {
+        if let Some(seq) = self.sequencer.as_mut() {
+            if let Some(installing) = seq.installing.get_mut(&txn) {
+                installing.waiting.remove(&from);
+            }
+            if let Some(trailing) = seq.trailing.get_mut(&txn) {
+                trailing.waiting.remove(&from);
+                if trailing.waiting.is_empty() {
+                    seq.trailing.remove(&txn);
+                }
+            }
+        }
+        self.complete_if_installed(txn);
+    }
+
+    fn complete_if_installed(&mut self, txn: TxnId) {
+        let Some(seq) = &mut self.sequencer else {
+            return;
+        };
+        if !seq
+            .installing
+            .get(&txn)
+            .is_some_and(|installing| installing.waiting.is_empty())
+        {
+            return;
+        }
+        let Some(mut done) = seq.installing.remove(&txn) else {
+            return;
+        };
+        let effects = std::mem::take(&mut done.effects);
+        let applied = seq.complete(txn, done.first, done.count, effects);
+        let ts = seq.watermark;
+        let coordinator = done.coordinator;
+        if !done.trailing.is_empty() {
+            done.waiting = std::mem::take(&mut done.trailing);
+            seq.trailing.insert(txn, done);
+            self.send_commits(txn);
+        }
+        self.send(coordinator, Msg::CompleteAck { txn });
+        if !applied.is_empty() {
+            self.done.extend(applied);
+            if self.config.broadcast_watermark {
+                let epoch = self.view.epoch();
+                let live: Vec<NodeId> = self.view.live().collect();
+                for node in live {
+                    self.send(node, Msg::Watermark { ts, epoch });
+                }
+            } else {
+                self.watermark = self.watermark.max(ts);
+            }
+        }
+    }
+
+    /// A holder asks about transactions whose coordinator died: those never granted are
+    /// refused for good and released; the others are being installed (their `Commit` is
+    /// sent again).
+    pub(super) fn sequencer_resolve(&mut self, from: NodeId, txns: Vec<TxnId>) {
+        let Some(seq) = &mut self.sequencer else {
+            return;
+        };
+        let mut aborts = Vec::new();
+        let mut commits = Vec::new();
+        for txn in txns {
+            if seq.granted(txn).is_some() {
+                commits.push(txn);
+            } else {
+                seq.refused.insert(txn);
+                aborts.push(txn);
+            }
+        }
+        for txn in aborts {
+            self.send(from, Msg::Abort { txn });
+        }
+        for txn in commits {
+            self.send_commits(txn);
+        }
+    }
+
+    /// Node 0's part of `tick`: installs retried, silent nodes declared dead, the watermark
+    /// repeated.
+    pub(super) fn sequencer_tick(&mut self) {
+        let Some(seq) = &mut self.sequencer else {
+            return;
+        };
+        let installing: Vec<TxnId> = seq
+            .installing
+            .keys()
+            .chain(seq.trailing.keys())
+            .copied()
+            .collect();
+        let mut silent = Vec::new();
+        if let Some(timeout_us) = self.config.failure_timeout_us {
+            for node in self.view.live().filter(|node| *node != 0) {
+                if let Some(at) = seq.last_heard_us.get_mut(node) {
+                    let last = *at.get_or_insert(self.now_us);
+                    if self.now_us.saturating_sub(last) > timeout_us {
+                        silent.push(node);
+                    }
+                }
+            }
+        }
+        let ts = seq.watermark;
+        for txn in installing {
+            self.send_commits(txn);
+        }
+        for node in silent {
+            self.declare_dead(node);
+        }
+        if self.config.broadcast_watermark {
+            let epoch = self.view.epoch();
+            let live: Vec<NodeId> = self.view.live().collect();
+            for node in live {
+                self.send(node, Msg::Watermark { ts, epoch });
+            }
+        }
+    }
+
+    /// Declares `node` dead in a new epoch (node 0 only; never itself): its installs are no
+    /// longer waited for, everyone is sent the view, and this node applies it too.
+    pub fn declare_dead(&mut self, node: NodeId) {
+        if self.sequencer.is_none() || node == 0 || !self.view.declare_dead(node) {
+            return;
+        }
+        let epoch = self.view.epoch();
+        tracing::warn!("node {node} declared dead; view {epoch}");
+        self.done.push(Done::NodeLost { node, epoch });
+        self.report_data_lost();
+        let mut txns = Vec::new();
+        if let Some(seq) = &mut self.sequencer {
+            for (txn, installing) in seq.installing.iter_mut() {
+                installing.waiting.remove(&node);
+                installing.trailing.remove(&node);
+                txns.push(*txn);
+            }
+            for trailing in seq.trailing.values_mut() {
+                trailing.waiting.remove(&node);
+            }
+            seq.trailing
+                .retain(|_, trailing| !trailing.waiting.is_empty());
+        }
+        let everyone: Vec<NodeId> = (1..self.config.world).collect();
+        for to in everyone {
+            self.send_view(to);
+        }
+        self.on_view();
+        for txn in txns {
+            self.complete_if_installed(txn);
+        }
+    }
+
+    /// Reports (once) a ring whose every member is dead: its pages are gone.
+    fn report_data_lost(&mut self) {
+        let (world, replicas) = (self.view.world(), self.view.replicas());
+        let lost = (0..world)
+            .find(|start| (0..replicas).all(|step| !self.view.is_live((start + step) % world)));
+        let Some(start) = lost else { return };
+        let epoch = self.view.epoch();
+        let Some(seq) = &mut self.sequencer else {
+            return;
+        };
+        if !std::mem::replace(&mut seq.data_lost_reported, true) {
+            let nodes = (0..replicas).map(|step| (start + step) % world).collect();
+            self.done.push(Done::DataLost { nodes, epoch });
+        }
+    }
+}
