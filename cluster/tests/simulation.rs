@@ -161,12 +161,22 @@ enum Fault {
         after_events: u64,
         restart_after_events: Option<u64>,
     },
+    /// Cuts `node` off from `from` (node 0, another non-root node, or everyone) for a while.
     Partition {
         node: NodeId,
-        from_everyone: bool,
+        from: Cut,
         after_events: u64,
         duration_us: u64,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cut {
+    /// From node 0 only: its heartbeats stop reaching node 0.
+    Root,
+    /// From another non-root node only: node 0 hears it, the pair cannot talk (a link down).
+    Peer(NodeId),
+    Everyone,
 }
 
 /// A protocol broken on purpose, to show the checks catch it.
@@ -204,7 +214,11 @@ impl Sim {
         let net = SimNet::new(config).expect("sim config");
         let victim = 1 + probe.below(world as u64 - 1) as usize;
         let after_events = 20 + probe.below(4_000);
-        let fault = match probe.below(6) {
+        let peer = match (victim + 1) % world {
+            0 => 1,
+            other => other,
+        };
+        let fault = match probe.below(7) {
             0 | 1 => Fault::None,
             2 | 3 => Fault::Crash {
                 node: victim,
@@ -216,7 +230,11 @@ impl Sim {
             },
             kind => Fault::Partition {
                 node: victim,
-                from_everyone: kind == 5,
+                from: match kind {
+                    4 => Cut::Root,
+                    5 => Cut::Everyone,
+                    _ => Cut::Peer(peer),
+                },
                 after_events,
                 // Half shorter than the failure timeout (survived in place), half longer.
                 duration_us: [50_000, 150_000, 400_000, 1_000_000][probe.below(4) as usize],
@@ -681,13 +699,18 @@ impl Sim {
             }
             Fault::Partition {
                 node,
-                from_everyone,
+                from,
                 after_events,
                 duration_us,
             } if self.events == after_events => {
                 let until = self.net.now_us() + duration_us;
-                for other in 0..self.nodes.len() {
-                    if other != node && (other == 0 || from_everyone) {
+                for other in (0..self.nodes.len()).filter(|other| *other != node) {
+                    let cut = match from {
+                        Cut::Root => other == 0,
+                        Cut::Peer(peer) => other == peer,
+                        Cut::Everyone => true,
+                    };
+                    if cut {
                         self.net.partition(node, other, until).expect("partition");
                     }
                 }
@@ -813,12 +836,13 @@ impl Sim {
             }
         }
         match self.fault {
-            Fault::None if !self.declared.is_empty() => {
-                return Err(format!(
-                    "nodes {:?} declared dead without a fault",
-                    self.declared
-                ))
-            }
+            Fault::None
+            | Fault::Partition {
+                from: Cut::Peer(_), ..
+            } if !self.declared.is_empty() => return Err(format!(
+                "nodes {:?} declared dead without a fault that cuts a node off from node 0 ({:?})",
+                self.declared, self.fault
+            )),
             Fault::Crash { node, .. }
                 if self.crashed.contains(&node) && !self.declared.contains(&node) =>
             {
@@ -878,7 +902,7 @@ fn seeds() -> std::ops::Range<u64> {
 fn thousands_of_seeds_match_a_serial_execution() {
     let pages = pages();
     let (mut commits, mut refused, mut lost, mut dropped) = (0, 0, 0, 0);
-    let (mut crashed, mut fenced, mut rerun, mut restarted) = (0, 0, 0, 0);
+    let (mut crashed, mut fenced, mut rerun, mut restarted, mut links) = (0, 0, 0, 0, 0);
     let seeds = seeds();
     for seed in seeds.clone() {
         match run_seed(seed, Broken::No, &pages) {
@@ -892,6 +916,9 @@ fn thousands_of_seeds_match_a_serial_execution() {
                 match outcome.fault {
                     Fault::Crash { .. } if !outcome.declared.is_empty() => crashed += 1,
                     Fault::Partition { .. } if !outcome.declared.is_empty() => fenced += 1,
+                    Fault::Partition {
+                        from: Cut::Peer(_), ..
+                    } => links += 1,
                     _ => {}
                 }
             }
@@ -904,6 +931,7 @@ fn thousands_of_seeds_match_a_serial_execution() {
         "simulated seeds {seeds:?}: {commits} commits, {refused} refused by a conflict and retried, \
          {lost} connections lost, {dropped} frames dropped; {crashed} runs lost a node to a crash, \
          {restarted} of them started it again (fenced); {fenced} declared a cut-off node dead; \
+         {links} had a link between two nodes down; \
          {rerun} runners ran again after a loss"
     );
     // The runs must exercise what they claim to: contention, lost connections, and both
