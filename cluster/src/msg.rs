@@ -122,8 +122,7 @@ pub enum Msg {
     TsRequest {
         txns: Vec<TsItem>,
     },
-    /// From node 0: the first of each transaction's timestamps, or 0: not committed, because
-    /// a node it prepared at was lost (nothing of it is installed; the runner runs again).
+    /// From node 0: the first of each transaction's timestamps.
     TsGrant {
         grants: Vec<(TxnId, u64)>,
     },
@@ -196,8 +195,6 @@ pub struct TsItem {
     pub txn: TxnId,
     /// Timestamps it takes: 2 (commit, exit record) or 1 (exit record only).
     pub count: u64,
-    /// The view its prepares were made in; node 0 grants only in that same view.
-    pub epoch: u64,
     /// The pages it prepared (their holders install its deltas).
     pub pages: Vec<u64>,
     /// Installed at the last timestamp without a check (the exit record).
@@ -340,8 +337,8 @@ impl Reader<'_> {
 
     fn ts_items(&mut self) -> Result<Vec<TsItem>, MsgDecodeError> {
         let count = self.count("timestamp request", MAX_BATCH)?;
-        // An item is at least 48 bytes.
-        if self.bytes.len() - self.offset < count * 48 {
+        // An item is at least 40 bytes.
+        if self.bytes.len() - self.offset < count * 40 {
             return Err(MsgDecodeError::Truncated {
                 offset: self.offset,
             });
@@ -351,7 +348,6 @@ impl Reader<'_> {
                 Ok(TsItem {
                     txn: self.u64()?,
                     count: self.u64()?,
-                    epoch: self.u64()?,
                     pages: self.words("prepared page", MAX_DELTAS)?,
                     forced: self.deltas()?,
                     effects: self.blob("effects")?,
@@ -552,7 +548,6 @@ impl Msg {
                 for item in txns {
                     put(&mut out, item.txn);
                     put(&mut out, item.count);
-                    put(&mut out, item.epoch);
                     put_words(&mut out, &item.pages);
                     put_deltas(&mut out, &item.forced);
                     put_blob(&mut out, &item.effects);
@@ -799,7 +794,6 @@ mod tests {
                     TsItem {
                         txn: 8,
                         count: 2,
-                        epoch: 0,
                         pages: vec![3, 4],
                         forced: vec![delta(5, 4088, 8, 1)],
                         effects: vec![1, 2, 3],
@@ -807,7 +801,6 @@ mod tests {
                     TsItem {
                         txn: 9,
                         count: 1,
-                        epoch: 0,
                         pages: vec![],
                         forced: vec![],
                         effects: vec![],

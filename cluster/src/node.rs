@@ -33,8 +33,9 @@
 //! - the watermark passes `T` only after the transaction holding `T` installed at every holder
 //!   live when it completed;
 //! - of two transactions in flight storing a common byte, the later-prepared is refused;
-//! - a transaction is granted only in the view it was prepared in, so no intent it relies on
-//!   was lost with a node;
+//! - a transaction is granted only once every holder of its pages answered its prepare, so
+//!   each holder has its deltas: if its home dies, the backup that becomes home checks new
+//!   prepares against them as the intents were checked (`home.rs`);
 //! - a node declared dead is fenced: every live node drops its messages once it has the view,
 //!   node 0 (the only one that grants) at once.
 //!
@@ -47,7 +48,7 @@ mod sequencer;
 use crate::msg::{Msg, PageDelta, TsItem};
 pub use crate::view::{home_of, NodeId, View};
 use dvm_engine::page::{PageSource, PAGE_BYTES};
-use dvm_engine::store::{Conflict, PageStore, TxnId};
+use dvm_engine::store::{Conflict, ConflictWith, PageStore, TxnId};
 use dvm_transport::verbs::published::PublishedTable;
 use home::Held;
 use sequencer::Sequencer;
@@ -106,10 +107,6 @@ pub enum Done {
     },
     /// `finish` is done: installed at every holder at `first..=last`, counted by node 0.
     Finished { txn: TxnId, first: u64 },
-    /// `txn` was not committed because a node it prepared at was lost: nothing of it is
-    /// installed or held anywhere, and its runner must run again from its snapshot (it cannot
-    /// have had an effect). Comes instead of `Prepare` or `Finished`.
-    Lost { txn: TxnId },
     /// On node 0: the effects of the range `first..=last`, in timestamp order.
     Applied {
         txn: TxnId,
@@ -151,12 +148,36 @@ enum TxnState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AbortOutcome {
     Refused(Conflict),
-    Lost,
+    /// A node it was preparing at died before answering: released, then prepared again in
+    /// the new view, under the next attempt's id.
+    Retry,
+}
+
+/// Bits of a transaction id that number the attempts of one prepare (`attempt_id`): the ids a
+/// caller hands to `prepare` and `finish` keep them clear.
+pub const ATTEMPT_SHIFT: u32 = 40;
+const ATTEMPT_MASK: u64 = 0x7f << ATTEMPT_SHIFT;
+/// Prepares of one transaction before it is refused as if it conflicted (each attempt needs a
+/// node to die while it prepares).
+const MAX_ATTEMPTS: u64 = 0x7f;
+
+/// The id the caller gave a transaction, whatever attempt carries it now.
+pub fn original_txn(txn: TxnId) -> TxnId {
+    txn & !ATTEMPT_MASK
+}
+
+fn attempt_id(original: TxnId, attempt: u64) -> TxnId {
+    original | (attempt << ATTEMPT_SHIFT)
 }
 
 struct Txn {
+    /// The view its prepares were sent in (a holder ahead of it handles them by its own
+    /// view; one behind waits until it has the view).
     epoch: u64,
+    attempt: u64,
     snapshot_ts: u64,
+    /// Every delta, to prepare again in a new view.
+    deltas: Vec<PageDelta>,
     /// Conflict-checked deltas, by holder (every holder of each page gets it).
     checked: BTreeMap<NodeId, Vec<PageDelta>>,
     pages: Vec<u64>,
@@ -185,8 +206,12 @@ pub struct Node {
     decided: BTreeMap<TxnId, home::Decided>,
     /// Held transactions whose coordinator died, until node 0 says what became of them.
     orphans: BTreeSet<TxnId>,
-    /// Coordinator: this node's endings in flight, and remote reads in flight.
+    /// Coordinator: this node's endings in flight, by the id of their current attempt (and
+    /// that id by the caller's, once an attempt was retried), and remote reads in flight.
     txns: BTreeMap<TxnId, Txn>,
+    attempts: BTreeMap<TxnId, TxnId>,
+    /// Prepares made again in a new view (for reports and tests).
+    retried: u64,
     reads: BTreeMap<u64, (u64, u64)>,
     ts_batch: Vec<TsItem>,
     sequencer: Option<Sequencer>,
@@ -217,6 +242,8 @@ impl Node {
             decided: BTreeMap::new(),
             orphans: BTreeSet::new(),
             txns: BTreeMap::new(),
+            attempts: BTreeMap::new(),
+            retried: 0,
             reads: BTreeMap::new(),
             ts_batch: Vec::new(),
             sequencer,
@@ -288,10 +315,16 @@ impl Node {
         self.sequencer.as_ref().map(|seq| seq.applied.as_slice())
     }
 
-    /// On the sequencer: the first timestamp granted to `txn`, if it was granted (so it will
-    /// commit, whatever becomes of its coordinator).
+    /// On the sequencer: the first timestamp granted to an attempt of the caller's `txn`, if
+    /// one was granted (so it will commit, whatever becomes of its coordinator).
     pub fn granted(&self, txn: TxnId) -> Option<u64> {
-        self.sequencer.as_ref().and_then(|seq| seq.granted(txn))
+        let seq = self.sequencer.as_ref()?;
+        (0..=MAX_ATTEMPTS).find_map(|attempt| seq.granted(attempt_id(original_txn(txn), attempt)))
+    }
+
+    /// Prepares this node made again because a holder died before answering.
+    pub fn retried_prepares(&self) -> u64 {
+        self.retried
     }
 
     /// Endings this node coordinates that have not finished (for progress reports and tests).
@@ -328,62 +361,91 @@ impl Node {
     }
 
     /// Prepares the deltas of `txn`, made at `snapshot_ts`, at every holder of their pages; the
-    /// answer comes as `Done::Prepare` (or `Done::Lost`). After an `Ok`, call `finish`; after an
-    /// `Err`, nothing is held anywhere.
+    /// answer comes as `Done::Prepare`. After an `Ok`, call `finish`; after an `Err`, nothing
+    /// is held anywhere. If a holder dies before it answers, the prepare is released and made
+    /// again in the new view, which the caller does not see: the same deltas at the same
+    /// snapshot are what running the runner again would produce.
     pub fn prepare(&mut self, txn: TxnId, snapshot_ts: u64, deltas: Vec<PageDelta>) {
+        debug_assert_eq!(original_txn(txn), txn, "txn {txn:#x} uses the attempt bits");
+        let mut pages: Vec<u64> = deltas.iter().map(|delta| delta.page).collect();
+        pages.sort_unstable();
+        pages.dedup();
+        let t = Txn {
+            epoch: self.view.epoch(),
+            attempt: 0,
+            snapshot_ts,
+            deltas,
+            checked: BTreeMap::new(),
+            pages,
+            forced: Vec::new(),
+            count: 1,
+            effects: Vec::new(),
+            state: TxnState::Prepared,
+        };
+        self.start_attempt(txn, t);
+        self.drain_local();
+    }
+
+    /// Sends `t`'s prepares, in this node's view, under attempt `t.attempt` of `original`.
+    fn start_attempt(&mut self, original: TxnId, mut t: Txn) {
+        let txn = attempt_id(original, t.attempt);
         let mut checked: BTreeMap<NodeId, Vec<PageDelta>> = BTreeMap::new();
-        let mut pages = Vec::with_capacity(deltas.len());
         let mut orphaned = false;
-        for delta in deltas {
+        for delta in &t.deltas {
             let holders = self.view.holders(delta.page);
             orphaned |= holders.is_empty();
-            pages.push(delta.page);
             for holder in holders {
                 checked.entry(holder).or_default().push(delta.clone());
             }
         }
-        pages.sort_unstable();
-        pages.dedup();
         let waiting: BTreeSet<NodeId> = checked.keys().copied().collect();
-        let state = if orphaned {
+        t.epoch = self.view.epoch();
+        t.checked = checked;
+        t.state = if orphaned || t.attempt > MAX_ATTEMPTS {
+            // Every holder of a page is dead (node 0 reports the data lost), or nodes kept
+            // dying under it: the commit cannot be made.
+            let page = t.pages.first().copied().unwrap_or(0);
             TxnState::Aborting {
-                outcome: AbortOutcome::Lost,
+                outcome: AbortOutcome::Refused(Conflict {
+                    key: page,
+                    offset: 0,
+                    with: ConflictWith::Prepared { txn },
+                }),
                 waiting,
             }
         } else if waiting.is_empty() {
             self.done.push(Done::Prepare {
-                txn,
+                txn: original,
                 result: Ok(()),
             });
             TxnState::Prepared
         } else {
             TxnState::Preparing { waiting }
         };
-        let t = Txn {
-            epoch: self.view.epoch(),
-            snapshot_ts,
-            checked,
-            pages,
-            forced: Vec::new(),
-            count: 1,
-            effects: Vec::new(),
-            state,
-        };
+        if t.attempt > 0 {
+            self.attempts.insert(original, txn);
+        }
         self.txns.insert(txn, t);
         self.resend(txn);
         self.conclude_abort(txn);
-        self.drain_local();
+    }
+
+    /// The id of `original`'s current attempt.
+    fn current(&self, original: TxnId) -> TxnId {
+        self.attempts.get(&original).copied().unwrap_or(original)
     }
 
     /// Finishes `txn` — prepared, or never prepared (an ending that only publishes its exit
     /// record): `count` timestamps; prepared deltas installed at the first, `forced` at the
-    /// last; `effects` handed out at node 0 in timestamp order. Answered by `Done::Finished`
-    /// (or `Done::Lost`).
+    /// last; `effects` handed out at node 0 in timestamp order. Answered by `Done::Finished`.
     pub fn finish(&mut self, txn: TxnId, forced: Vec<PageDelta>, count: u64, effects: Vec<u8>) {
         let epoch = self.view.epoch();
+        let txn = self.current(txn);
         let t = self.txns.entry(txn).or_insert_with(|| Txn {
             epoch,
+            attempt: 0,
             snapshot_ts: 0,
+            deltas: Vec::new(),
             checked: BTreeMap::new(),
             pages: Vec::new(),
             forced: Vec::new(),
@@ -392,12 +454,7 @@ impl Node {
             state: TxnState::Prepared,
         });
         if t.state != TxnState::Prepared {
-            // Lost in between (a view change): `Done::Lost` answers instead.
-            debug_assert!(
-                matches!(t.state, TxnState::Aborting { .. }),
-                "finish of txn {txn} in state {:?}",
-                t.state
-            );
+            debug_assert!(false, "finish of txn {txn} in state {:?}", t.state);
             return;
         }
         t.forced = forced;
@@ -491,7 +548,6 @@ impl Node {
             TxnState::AwaitTs | TxnState::Committed { .. } => self.ts_batch.push(TsItem {
                 txn,
                 count: t.count,
-                epoch: t.epoch,
                 pages: t.pages.clone(),
                 forced: t.forced.clone(),
                 effects: t.effects.clone(),
@@ -641,8 +697,10 @@ impl Node {
             self.done.push(Done::Fenced { epoch });
             return;
         }
-        // Coordinator: a transaction still preparing in an older view can never be granted
-        // (node 0 grants only in the view of the prepares), so it is released now.
+        // Coordinator: a transaction still waiting for a holder that died is released and
+        // prepared again in this view (`AbortOutcome::Retry`). One fully prepared needs
+        // nothing: its intents at a dead home are stood for by its staged deltas at the new
+        // home (`home.rs`).
         let txns: Vec<TxnId> = self.txns.keys().copied().collect();
         for txn in txns {
             let live = |node: &NodeId| self.view.is_live(*node);
@@ -650,10 +708,10 @@ impl Node {
                 continue;
             };
             match &mut t.state {
-                TxnState::Preparing { .. } if t.epoch < epoch => {
+                TxnState::Preparing { waiting } if !waiting.iter().all(live) => {
                     let waiting = t.checked.keys().copied().filter(live).collect();
                     t.state = TxnState::Aborting {
-                        outcome: AbortOutcome::Lost,
+                        outcome: AbortOutcome::Retry,
                         waiting,
                     };
                     self.resend(txn);
@@ -677,7 +735,7 @@ impl Node {
             if waiting.is_empty() {
                 t.state = TxnState::Prepared;
                 self.done.push(Done::Prepare {
-                    txn,
+                    txn: original_txn(txn),
                     result: Ok(()),
                 });
             }
@@ -709,25 +767,7 @@ impl Node {
             let Some(t) = self.txns.get_mut(&txn) else {
                 continue;
             };
-            if t.state != TxnState::AwaitTs {
-                continue;
-            }
-            if first == 0 {
-                // Not granted: a node it prepared at was lost. Release the others.
-                let view = &self.view;
-                let waiting = t
-                    .checked
-                    .keys()
-                    .copied()
-                    .filter(|n| view.is_live(*n))
-                    .collect();
-                t.state = TxnState::Aborting {
-                    outcome: AbortOutcome::Lost,
-                    waiting,
-                };
-                self.resend(txn);
-                self.conclude_abort(txn);
-            } else {
+            if t.state == TxnState::AwaitTs && first != 0 {
                 t.state = TxnState::Committed { first };
             }
         }
@@ -744,7 +784,8 @@ impl Node {
         self.conclude_abort(txn);
     }
 
-    /// Reports an abort once every live holder released the transaction.
+    /// Reports an abort once every live holder released the transaction, or prepares it
+    /// again if it was released for a retry.
     fn conclude_abort(&mut self, txn: TxnId) {
         let Some(Txn {
             state: TxnState::Aborting { outcome, waiting },
@@ -757,14 +798,24 @@ impl Node {
             return;
         }
         let outcome = *outcome;
-        self.txns.remove(&txn);
-        self.done.push(match outcome {
-            AbortOutcome::Refused(conflict) => Done::Prepare {
-                txn,
-                result: Err(conflict),
-            },
-            AbortOutcome::Lost => Done::Lost { txn },
-        });
+        let Some(mut t) = self.txns.remove(&txn) else {
+            return;
+        };
+        let original = original_txn(txn);
+        match outcome {
+            AbortOutcome::Refused(conflict) => {
+                self.attempts.remove(&original);
+                self.done.push(Done::Prepare {
+                    txn: original,
+                    result: Err(conflict),
+                });
+            }
+            AbortOutcome::Retry => {
+                t.attempt += 1;
+                self.retried += 1;
+                self.start_attempt(original, t);
+            }
+        }
     }
 
     fn on_complete_ack(&mut self, txn: TxnId) {
@@ -775,7 +826,12 @@ impl Node {
         {
             let first = *first;
             self.txns.remove(&txn);
-            self.done.push(Done::Finished { txn, first });
+            let original = original_txn(txn);
+            self.attempts.remove(&original);
+            self.done.push(Done::Finished {
+                txn: original,
+                first,
+            });
         }
     }
 }

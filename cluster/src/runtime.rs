@@ -448,9 +448,7 @@ impl Runtime {
         for done in done {
             match done {
                 Done::Read { req, .. } => self.answer(Wait::Read(req), Reply::Done(done)),
-                Done::Prepare { txn, .. } | Done::Lost { txn } => {
-                    self.answer(Wait::Prepare(txn), Reply::Done(done))
-                }
+                Done::Prepare { txn, .. } => self.answer(Wait::Prepare(txn), Reply::Done(done)),
                 Done::Finished { .. } | Done::Applied { .. } => {}
                 // Real nodes do not detect failures through the protocol yet (a lost peer
                 // ends the run: `ClusterError::NodeLost`), so no view ever changes here.

@@ -25,7 +25,7 @@
 #![allow(clippy::unwrap_used)]
 
 use dvm_cluster::msg::{Msg, PageDelta};
-use dvm_cluster::node::{Done, Node, NodeConfig, NodeId};
+use dvm_cluster::node::{original_txn, Done, Node, NodeConfig, NodeId};
 use dvm_engine::page::{mark, MemoryAccount, PageSource, EMPTY_MASK, PAGE_BYTES};
 use dvm_engine::store::PageStore;
 use dvm_transport::sim::{SimConfig, SimEvent, SimNet};
@@ -200,6 +200,8 @@ struct Outcome {
     rerun: u64,
     /// A crashed node was started again, fresh, and ended fenced.
     restarted: bool,
+    /// Prepares made again in a new view, on live nodes.
+    retried: u64,
 }
 
 impl Sim {
@@ -421,11 +423,6 @@ impl Sim {
                 self.pump(node);
             }
             Done::Finished { txn, first } => self.finished(txn, first),
-            Done::Lost { txn } => {
-                if let Some(runner) = self.txn_owner.remove(&txn) {
-                    self.run_again(runner);
-                }
-            }
             Done::NodeLost { node, .. } => self.node_lost(node),
             Done::DataLost { .. } | Done::Fenced { .. } => {}
             Done::Applied {
@@ -434,6 +431,9 @@ impl Sim {
                 effects,
                 ..
             } => {
+                // The commit order names the attempt that committed; the runners know the
+                // transaction by the id they gave it.
+                let txn = original_txn(txn);
                 let named = u64::from_le_bytes(effects.try_into().unwrap_or([0; 8]));
                 assert_eq!(named, txn, "effects handed out with their own transaction");
                 self.applied.push((txn, first));
@@ -720,9 +720,13 @@ impl Sim {
     }
 
     fn check(&self) -> Result<(), String> {
-        let order = self.nodes[0]
+        let order: Vec<(u64, u64)> = self.nodes[0]
             .commit_order()
-            .ok_or("node 0 is no sequencer")?;
+            .ok_or("node 0 is no sequencer")?
+            .iter()
+            .map(|(txn, first)| (original_txn(*txn), *first))
+            .collect();
+        let order = &order;
         let mut by_txn: BTreeMap<u64, &Record> = BTreeMap::new();
         for record in &self.records {
             if by_txn.insert(record.txn, record).is_some() {
@@ -748,7 +752,7 @@ impl Sim {
             }
             next += count;
         }
-        if self.applied != order {
+        if &self.applied != order {
             return Err("node 0 handed out effects out of commit order".into());
         }
         let mut history: BTreeMap<Word, Vec<(u64, u64)>> = BTreeMap::new();
@@ -839,10 +843,12 @@ impl Sim {
             Fault::None
             | Fault::Partition {
                 from: Cut::Peer(_), ..
-            } if !self.declared.is_empty() => return Err(format!(
+            } if !self.declared.is_empty() => {
+                return Err(format!(
                 "nodes {:?} declared dead without a fault that cuts a node off from node 0 ({:?})",
                 self.declared, self.fault
-            )),
+            ))
+            }
             Fault::Crash { node, .. }
                 if self.crashed.contains(&node) && !self.declared.contains(&node) =>
             {
@@ -866,6 +872,12 @@ impl Sim {
             frames_dropped: self.net.stats().frames_dropped,
             declared: self.declared.clone(),
             rerun: self.rerun,
+            retried: self
+                .nodes
+                .iter()
+                .filter(|node| self.is_live(node.id()))
+                .map(|node| node.retried_prepares())
+                .sum(),
             fault: self.fault,
             restarted: self.crashed.iter().any(|node| {
                 self.net.is_crashed(*node) == Ok(false) && self.nodes[*node].is_fenced()
@@ -903,6 +915,7 @@ fn thousands_of_seeds_match_a_serial_execution() {
     let pages = pages();
     let (mut commits, mut refused, mut lost, mut dropped) = (0, 0, 0, 0);
     let (mut crashed, mut fenced, mut rerun, mut restarted, mut links) = (0, 0, 0, 0, 0);
+    let mut retried = 0;
     let seeds = seeds();
     for seed in seeds.clone() {
         match run_seed(seed, Broken::No, &pages) {
@@ -912,6 +925,7 @@ fn thousands_of_seeds_match_a_serial_execution() {
                 lost += outcome.connections_lost;
                 dropped += outcome.frames_dropped;
                 rerun += outcome.rerun;
+                retried += outcome.retried;
                 restarted += u64::from(outcome.restarted);
                 match outcome.fault {
                     Fault::Crash { .. } if !outcome.declared.is_empty() => crashed += 1,
@@ -932,7 +946,7 @@ fn thousands_of_seeds_match_a_serial_execution() {
          {lost} connections lost, {dropped} frames dropped; {crashed} runs lost a node to a crash, \
          {restarted} of them started it again (fenced); {fenced} declared a cut-off node dead; \
          {links} had a link between two nodes down; \
-         {rerun} runners ran again after a loss"
+         {rerun} runners of lost nodes ran again, {retried} prepares were made again in a new view"
     );
     // The runs must exercise what they claim to: contention, lost connections, and both
     // kinds of node loss survived with runners run again.

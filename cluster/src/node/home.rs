@@ -94,10 +94,12 @@ impl Node {
         snapshot_ts: u64,
         deltas: Vec<PageDelta>,
     ) {
-        // Only in the coordinator's view: behind, this node could take itself for a backup
-        // of a page it is now home of; ahead, the transaction is lost anyway (the coordinator
-        // learns it with the view and releases it). Either way no answer: it is retried.
-        if epoch != self.view.epoch() {
+        // Not ahead of this node's view: behind the coordinator, this node could take itself
+        // for a backup of a page it is now home of, and skip the check. It answers once it
+        // has the view (node 0 sends it with heartbeats; the prepare is retried). Behind this
+        // node, the prepare is handled by this node's view: holders only ever drop out, so
+        // this node holds what it was sent, and checks what it is now home of.
+        if epoch > self.view.epoch() {
             return;
         }
         let answer = match self.decided.get(&txn) {

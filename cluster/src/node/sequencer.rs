@@ -1,8 +1,8 @@
 //! Node 0's roles: the sequencer, which decides commits and drives their installs, and the
 //! membership service, which declares silent nodes dead.
 //!
-//! A commit is decided when the sequencer grants its timestamps, and only in the view its
-//! prepares were made in (so no intent it relies on died with a node). From then on the
+//! A commit is decided when the sequencer grants its timestamps (asked only once every holder
+//! of its pages has its deltas: `node.rs`, `home.rs`). From then on the
 //! sequencer, not the coordinator, sends `Commit` to every live holder of its pages (retried
 //! every tick) and counts it complete when all of them installed it; a coordinator that dies
 //! after the grant changes nothing. A transaction never granted whose coordinator died is
@@ -111,7 +111,6 @@ impl Sequencer {
 
 impl Node {
     pub(super) fn sequencer_request(&mut self, from: NodeId, items: Vec<TsItem>) {
-        let epoch = self.view.epoch();
         let Some(seq) = self.sequencer.as_mut() else {
             return;
         };
@@ -122,10 +121,8 @@ impl Node {
             let txn = item.txn;
             let first = match seq.granted(txn) {
                 Some(first) => first,
-                None if seq.refused.contains(&txn) || item.epoch != epoch => {
-                    seq.refused.insert(txn);
-                    0
-                }
+                // Released for good (its coordinator was declared dead first): no answer.
+                None if seq.refused.contains(&txn) => continue,
                 None => {
                     let count = item.count.max(1);
                     let first = seq.grant(txn, count);
