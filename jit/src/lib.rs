@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-pub use codegen::{region_end, supported, MAX_REGION};
+pub use codegen::{region_end, supported, HandBack, HAND_BACK_REASONS, MAX_REGION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JitError {
@@ -77,6 +77,10 @@ pub struct JitStats {
     pub native_instructions: u64,
     /// Regions that could not be compiled (their loops stay interpreted).
     pub failures: u64,
+    /// Calls of native code, and why each handed back (`HandBack` order: left the region,
+    /// count check, miss or fault, entry refused).
+    pub calls: u64,
+    pub hand_backs: [u64; HAND_BACK_REASONS],
 }
 
 #[derive(Default)]
@@ -97,6 +101,7 @@ pub struct DvmJit {
     compile_ns: AtomicU64,
     native_instructions: AtomicU64,
     failures: AtomicU64,
+    hand_backs: [AtomicU64; HAND_BACK_REASONS],
     /// The last compilation error, for `--stats`.
     last_error: Mutex<Option<String>>,
 }
@@ -121,6 +126,7 @@ impl DvmJit {
             compile_ns: AtomicU64::new(0),
             native_instructions: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            hand_backs: Default::default(),
             last_error: Mutex::new(None),
         })
     }
@@ -133,6 +139,8 @@ impl DvmJit {
             compile_ns: get(&self.compile_ns),
             native_instructions: get(&self.native_instructions),
             failures: get(&self.failures),
+            calls: self.hand_backs.iter().map(get).sum(),
+            hand_backs: std::array::from_fn(|reason| get(&self.hand_backs[reason])),
         }
     }
 
@@ -257,7 +265,10 @@ impl Jit for DvmJit {
             }
         };
         let before = state.instructions;
-        let (next, counted) = entry.call(state);
+        let (next, counted, reason) = entry.call(state);
+        if let Some(counter) = self.hand_backs.get(reason as usize) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         // Instructions run natively: the entered run (counted by the interpreter) and every
         // run native code counted, less what it counted but handed back.
         let run_len = |at: usize| code.get(at).map_or(0, |d| u64::from(d.run_len()));
