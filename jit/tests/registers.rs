@@ -119,3 +119,22 @@ fn a_fault_inside_the_region_sees_the_written_back_words() {
         );
     }
 }
+
+#[test]
+fn a_constant_alias_of_a_register_page_refuses_entry() {
+    // The private region is the same memory in every space: space 1's address of `S` is a
+    // different constant page on the same frame, so holding `S` in a register would hide its
+    // stores from that address. Entry is refused and the loop runs interpreted, exactly.
+    let alias = (1u64 << 46) | S;
+    let body = format!(
+        "    add:ue {S:#x}, $3, {S:#x}\n    add:ue {T:#x}, {alias:#x}, {T:#x}\n    add:ue {alias:#x}, $1, {alias:#x}"
+    );
+    let source = program("", &body, 30);
+    let (observed, stats) = common::same_with_jit(&source, u64::MAX, 1);
+    assert_eq!(observed.faulted, 0, "{}", observed.stderr);
+    assert!(stats.regions > 0, "compiled: {stats:?}");
+    assert!(
+        hand_backs(&stats, HandBack::Refused) > 0,
+        "entry refused: {stats:?}"
+    );
+}
