@@ -197,6 +197,8 @@ pub struct Translator<'b, 'f> {
     /// a cache would only compete for registers with the inner loop's).
     depth: Vec<u32>,
     cache_sites: bool,
+    /// The page variable of every site cache (defined as "none" on entry).
+    site_pages: Vec<Variable>,
 }
 
 /// A page of register-held words: no access of the region may reach its memory except through
@@ -231,7 +233,7 @@ fn constant_pages(code: &[Decoded]) -> Vec<u64> {
 /// Most words held in variables in one region, and most pages they may lie on: with more,
 /// the variables of an inner loop no longer fit the host's registers, and spilled ones cost
 /// what memory did (every one is live in the whole region, for the write-back on exit).
-const MAX_REG_WORDS: usize = 8;
+const MAX_REG_WORDS: usize = 6;
 const MAX_REG_PAGES: usize = 2;
 
 /// Every constant address `d` accesses: `(address, bytes, written)`, the pointer words of
@@ -506,7 +508,10 @@ impl<'b, 'f> Translator<'b, 'f> {
         let exit = b.create_block();
         b.append_block_param(exit, types::I64);
         b.append_block_param(exit, types::I64);
-        b.ins().jump(blocks[0], &[]);
+        // The site caches start empty: their variables are defined here once every site is
+        // known (after the translation below; blocks are sealed only at the end).
+        let prologue = b.create_block();
+        b.ins().jump(prologue, &[]);
         let mut t = Translator {
             b,
             code: program.code(),
@@ -525,6 +530,7 @@ impl<'b, 'f> Translator<'b, 'f> {
             reg_pages,
             depth: loop_depths(&code[start..end], start),
             cache_sites: false,
+            site_pages: Vec::new(),
         };
         let innermost = t.depth.iter().copied().max().unwrap_or(0);
         for index in start..end {
@@ -533,6 +539,14 @@ impl<'b, 'f> Translator<'b, 'f> {
             t.b.switch_to_block(block);
             t.instruction(index);
         }
+        t.b.switch_to_block(prologue);
+        // No page number is all ones (addresses have 64 bits, pages 52).
+        let none = t.b.ins().iconst(types::I64, -1);
+        for var in std::mem::take(&mut t.site_pages) {
+            t.b.def_var(var, none);
+        }
+        let first = t.blocks[0];
+        t.b.ins().jump(first, &[]);
         t.b.switch_to_block(exit);
         let value = t.b.block_params(exit)[0];
         let instructions = t.b.block_params(exit)[1];
@@ -621,9 +635,9 @@ impl<'b, 'f> Translator<'b, 'f> {
     }
 
     /// The page of a computed address, through a cache of one page per access site: the
-    /// TLB cannot change during a call, so the page a site last used (its tag, with the
-    /// generation, and pointers) stays valid and a pointer walking through a page skips the
-    /// hash and the probe. Returns the read (load) or write (store) pointer, the mask pointer
+    /// TLB cannot change during a call, so the page a site last used (its number and
+    /// pointers) stays valid and a pointer walking through a page skips the hash and the
+    /// probe. Only in innermost loops (`cache_sites`). Returns the read (load) or write (store) pointer, the mask pointer
     /// (stores) and the offset in the page; `miss` if the access crosses the page, misses
     /// the TLB, is a store to a page without a write pointer, or reaches the memory of a page
     /// whose words are held in variables.
@@ -644,19 +658,22 @@ impl<'b, 'f> Translator<'b, 'f> {
             let (base, mask) = self.entry_pointers(entry, store, miss);
             return (base, mask, offset);
         }
-        // Undefined variables read as 0 (cranelift-frontend), and 0 is never a valid tag
-        // (generations start at 1): the first use of a site always fills it.
-        let site_key = b.declare_var(types::I64);
+        let site_page = b.declare_var(types::I64);
         let site_base = b.declare_var(types::I64);
-        let site_mask = b.declare_var(types::I64);
-        let cached_key = b.use_var(site_key);
-        let hit = b.ins().icmp(IntCC::Equal, key, cached_key);
+        let site_mask = store.then(|| b.declare_var(types::I64));
+        self.site_pages.push(site_page);
+        let cached_page = b.use_var(site_page);
+        let hit = b.ins().icmp(IntCC::Equal, page, cached_page);
         let found = b.create_block();
         b.append_block_param(found, types::I64);
         b.append_block_param(found, types::I64);
         let fill = b.create_block();
         let cached_base = b.use_var(site_base);
-        let cached_mask = b.use_var(site_mask);
+        // A load's mask is never used: a constant, not a variable that would take a register.
+        let cached_mask = match site_mask {
+            Some(var) => b.use_var(var),
+            None => b.ins().iconst(types::I64, 0),
+        };
         b.ins().brif(
             hit,
             found,
@@ -668,9 +685,11 @@ impl<'b, 'f> Translator<'b, 'f> {
         let entry = self.probe_page(page, key, miss);
         let (base, mask) = self.entry_pointers(entry, store, miss);
         let b = &mut *self.b;
-        b.def_var(site_key, key);
+        b.def_var(site_page, page);
         b.def_var(site_base, base);
-        b.def_var(site_mask, mask);
+        if let Some(var) = site_mask {
+            b.def_var(var, mask);
+        }
         b.ins().jump(found, &[base.into(), mask.into()]);
         b.switch_to_block(found);
         let base = b.block_params(found)[0];
