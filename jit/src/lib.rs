@@ -97,7 +97,7 @@ struct Slot {
 
 /// Calls that make no progress in a row before a header is left to the interpreter for
 /// `BACK_OFF` entries: each such call costs the entry of native code and its counting for
-/// nothing (k-means: 5 million calls per run, 12% of its time, at the edge pages of the
+/// nothing (k-means: 5 million calls per run, 9% of its time, at the edge pages of the
 /// partitions' slices).
 const BACK_OFF_AFTER: u32 = 8;
 const BACK_OFF: u32 = 64;
