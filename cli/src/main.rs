@@ -231,6 +231,12 @@ fn jit_stats(jit: &dvm_jit::DvmJit, instructions: u64) -> (String, String) {
          jit native instructions {} ({share:.1}% of all)\n",
         s.regions, s.region_instructions, s.native_instructions
     );
+    let [left, check, miss, refused] = s.hand_backs;
+    table.push_str(&format!(
+        "  jit calls               {} (handed back: {left} left the region, {check} at a count \
+         check, {miss} at a miss or fault, {refused} refused at entry)\n",
+        s.calls
+    ));
     if let Some(error) = jit.last_error() {
         table.push_str(&format!(
             "  jit failures            {} (last: {error})\n",
@@ -239,12 +245,15 @@ fn jit_stats(jit: &dvm_jit::DvmJit, instructions: u64) -> (String, String) {
     }
     let json = format!(
         "\"jit\": {{\"regions\": {}, \"region_instructions\": {}, \"compile_ms\": {compile_ms:.3}, \
-         \"native_instructions\": {}, \"native_share\": {:.4}, \"failures\": {}}}",
+         \"native_instructions\": {}, \"native_share\": {:.4}, \"failures\": {}, \
+         \"calls\": {}, \"hand_backs\": {{\"left\": {left}, \"check\": {check}, \
+         \"miss\": {miss}, \"refused\": {refused}}}}}",
         s.regions,
         s.region_instructions,
         s.native_instructions,
         share / 100.0,
-        s.failures
+        s.failures,
+        s.calls
     );
     (table, json)
 }

@@ -10,6 +10,17 @@
 //! (division by zero, `MIN / -1`) jumps to the instruction's hand-back, which returns its index
 //! before any of its effects: the interpreter then runs it, faults included.
 //!
+//! Two caches make the hot loops cheaper than one probe per operand, both valid for a whole
+//! call because the TLB cannot change while native code runs:
+//! - A pointer access in an innermost loop of the region keeps the last page it used (tag and
+//!   pointers) in variables: while a pointer walks through one page, an access is a compare
+//!   and a load (`site`).
+//! - Private scratch words that the loop uses whole (8 bytes, direct operands and pointer
+//!   words) are held in variables (`register_words`): loaded when native code is entered,
+//!   written back on every exit, so the interpreter and fault reports see memory exactly as
+//!   if every store had been made. Accesses that could reach their memory any other way hand
+//!   back (a pointer into their page) or refuse entry (a constant page sharing their frame).
+//!
 //! Counting: the interpreter counts a straight-line run when it enters it. Native code does
 //! the same: a jump inside the region to a run start adds that run's length to the count in the
 //! context, unless that would pass `check_at`, in which case it hands back "uncounted" and the
@@ -55,9 +66,36 @@ const ENTRY_WRITE: i32 = 16;
 const ENTRY_MASK: i32 = 24;
 const ENTRY_BYTES: i64 = 32;
 
-/// The return value of native code: `index << 1 | counted`.
-pub fn encode_exit(index: usize, counted: bool) -> i64 {
-    ((index as i64) << 1) | i64::from(counted)
+/// Why native code handed back (`--stats` counts each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandBack {
+    /// A branch or the end of the region left it.
+    Left = 0,
+    /// Entering a run would pass `check_at` (a progress report, a profile sample, the limit).
+    Check = 1,
+    /// An instruction the fast path cannot do: a TLB miss, a page crossing, a store to a
+    /// read-only or unwritten page, a mask word crossing, a fault.
+    Miss = 2,
+    /// Entry refused: a page of the words held in variables missed or may alias.
+    Refused = 3,
+}
+
+pub const HAND_BACK_REASONS: usize = 4;
+
+impl HandBack {
+    pub fn from_code(code: u64) -> HandBack {
+        match code & 3 {
+            0 => HandBack::Left,
+            1 => HandBack::Check,
+            2 => HandBack::Miss,
+            _ => HandBack::Refused,
+        }
+    }
+}
+
+/// The return value of native code: `index << 3 | reason << 1 | counted`.
+pub fn encode_exit(index: usize, counted: bool, reason: HandBack) -> i64 {
+    ((index as i64) << 3) | ((reason as i64) << 1) | i64::from(counted)
 }
 
 pub fn signature(call_conv: cranelift_codegen::isa::CallConv) -> Signature {
@@ -146,6 +184,31 @@ pub struct Translator<'b, 'f> {
     count: Variable,
     check_at: Value,
     pages: HashMap<u64, CachedPage>,
+    /// Private scratch words held in variables for the whole call (`register_words`), and
+    /// whether the variable is an `f64`.
+    regs: HashMap<u64, (Variable, bool)>,
+    /// The `f64` each `i64` made by `f64_bits` holds: the bits of a float result or variable
+    /// go straight back into float operations without a move through an integer register.
+    float_of: HashMap<Value, Value>,
+    /// The pages holding them, as probed on entry.
+    reg_pages: Vec<RegPage>,
+    /// Loop depth of each instruction of the region, and whether the current instruction is
+    /// in an innermost loop (its pointer accesses get a site cache; elsewhere the variables of
+    /// a cache would only compete for registers with the inner loop's).
+    depth: Vec<u32>,
+    cache_sites: bool,
+    /// The page variable of every site cache (defined as "none" on entry).
+    site_pages: Vec<Variable>,
+}
+
+/// A page of register-held words: no access of the region may reach its memory except through
+/// those words' variables (checked on entry for constant pages, and whenever a pointer
+/// access fills its site cache).
+#[derive(Clone, Copy)]
+struct RegPage {
+    read: Value,
+    /// Some word on it is written in the region (its variable is written back on every exit).
+    written: bool,
 }
 
 /// The pages of the constant addresses of `code`, most used first.
@@ -165,6 +228,147 @@ fn constant_pages(code: &[Decoded]) -> Vec<u64> {
     let mut pages: Vec<(u64, usize)> = uses.into_iter().collect();
     pages.sort_by_key(|(page, count)| (std::cmp::Reverse(*count), *page));
     pages.into_iter().map(|(page, _)| page).collect()
+}
+
+/// Most words held in variables in one region, and most pages they may lie on: with more,
+/// the variables of an inner loop no longer fit the host's registers, and spilled ones cost
+/// what memory did (every one is live in the whole region, for the write-back on exit).
+const MAX_REG_WORDS: usize = 6;
+const MAX_REG_PAGES: usize = 2;
+
+/// Every constant address `d` accesses: `(address, bytes, written)`, the pointer words of
+/// indirect operands included (read as 8 bytes).
+fn direct_accesses(d: &Decoded) -> Vec<(u64, u32, bool, bool)> {
+    let instr = &d.instr;
+    let ty = instr.tys[0];
+    let (tys, dest): ([Ty; 3], Option<usize>) = match instr.op {
+        Op::Conv => ([ty, instr.tys[1], ty], Some(1)),
+        Op::Br => ([ty; 3], None),
+        Op::Nop => ([Ty::U64; 3], None),
+        _ => ([ty; 3], Some(2)),
+    };
+    // Every operand counts, even one this translation never reads (a branch target): an
+    // access too many only keeps a word in memory.
+    let mut out = Vec::new();
+    for (k, ty) in tys.into_iter().enumerate() {
+        match instr.operand(k) {
+            Operand::Direct(addr) => {
+                out.push((addr, ty_size(ty), dest == Some(k), ty == Ty::F64));
+            }
+            Operand::Indirect(at) | Operand::BaseDisp { base: at, .. } => {
+                out.push((at, 8, false, false));
+            }
+            Operand::Imm(_) => {}
+        }
+    }
+    out
+}
+
+/// How many loops of the region (back edges inside it) enclose each of its instructions.
+fn loop_depths(code: &[Decoded], start: usize) -> Vec<u32> {
+    let mut depth = vec![0u32; code.len()];
+    for (at, d) in code.iter().enumerate() {
+        if let Some(target) = d.target() {
+            if (start..=start + at).contains(&target) {
+                for level in &mut depth[target - start..=at] {
+                    *level += 1;
+                }
+            }
+        }
+    }
+    depth
+}
+
+/// The private scratch words a region may keep in variables: 8-byte aligned words in the
+/// private region (not on the page of the ABI and console words, which are device registers
+/// the TLB never caches), that every constant access of the region reads or writes whole, as
+/// 8 bytes, on at most `MAX_REG_PAGES` pages. Returns `(address, written, float)`, `float`:
+/// every access is an `f64` (the variable is one, so it lives in a float register).
+///
+/// Why this is exact: the runner's private pages are its own (no other runner sees them) and
+/// carry no store mask, so a word's value lives in a variable while native code runs and is
+/// stored back on every exit, before the interpreter or anyone else can look. What remains is
+/// aliasing inside the region, which the translation rules out at run time: an access through
+/// a pointer that reaches a register page's memory hands back before its effects (after the
+/// write-back), and entry is refused when a constant page of the region shares memory with a
+/// register page.
+///
+/// Only words the loop itself uses are candidates (the region's instructions up to its last
+/// branch back into it, `start` being region index 0): their pages were all touched by the
+/// interpreted iterations before the region was entered, so entry is not refused for a page
+/// only the code after the loop touches.
+fn register_words(code: &[Decoded], start: usize) -> Vec<(u64, bool, bool)> {
+    let depth = loop_depths(code, start);
+    const SPACE_OFFSET_MASK: u64 = (1 << dvm_engine::abi::SPACE_SHIFT) - 1;
+    let abi_page = (dvm_engine::abi::PR_STACK_BASE & SPACE_OFFSET_MASK) >> PAGE_SHIFT;
+    let back_edge = code.iter().enumerate().rev().find(|(at, d)| {
+        d.target()
+            .is_some_and(|target| (start..=start + at).contains(&target))
+    });
+    let Some((loop_end, _)) = back_edge else {
+        return Vec::new();
+    };
+    let accesses: Vec<(u64, u32, bool, bool)> = code.iter().flat_map(direct_accesses).collect();
+    // Each use weighs 16 per loop level around it: the innermost loop's words come first.
+    let in_loop: Vec<(u64, u32, bool, u64)> = code[..=loop_end]
+        .iter()
+        .zip(&depth)
+        .flat_map(|(d, &level)| {
+            direct_accesses(d)
+                .into_iter()
+                .map(move |(addr, size, written, _)| {
+                    (addr, size, written, 1u64 << (4 * level.min(15)))
+                })
+        })
+        .collect();
+    let mut words: Vec<(u64, bool, bool, u64)> = Vec::new();
+    for &(addr, size, _, _) in &in_loop {
+        let offset = addr & SPACE_OFFSET_MASK;
+        let private =
+            (dvm_engine::abi::PRIVATE_BASE..dvm_engine::abi::PRIVATE_END).contains(&offset);
+        if size != 8 || addr % 8 != 0 || !private || offset >> PAGE_SHIFT == abi_page {
+            continue;
+        }
+        if addr >> dvm_engine::abi::SPACE_SHIFT >= dvm_engine::abi::SPACE_COUNT {
+            continue;
+        }
+        if words.iter().any(|w| w.0 == addr) {
+            continue;
+        }
+        let overlapped = accesses.iter().any(|&(other, other_size, ..)| {
+            let disjoint = other.saturating_add(u64::from(other_size)) <= addr || other >= addr + 8;
+            !disjoint && (other, other_size) != (addr, 8)
+        });
+        if overlapped {
+            continue;
+        }
+        let written = accesses.iter().any(|&(a, _, w, _)| w && a == addr);
+        let float = accesses.iter().all(|&(a, _, _, f)| f || a != addr);
+        let weight = in_loop
+            .iter()
+            .filter(|&&(a, ..)| a == addr)
+            .map(|&(.., weight)| weight)
+            .sum();
+        words.push((addr, written, float, weight));
+    }
+    // The most used words first, on the pages most of them share.
+    words.sort_by_key(|&(addr, .., weight)| (std::cmp::Reverse(weight), addr));
+    let mut pages: Vec<u64> = Vec::new();
+    let mut out = Vec::new();
+    for (addr, written, float, _) in words {
+        let page = addr >> PAGE_SHIFT;
+        if !pages.contains(&page) {
+            if pages.len() == MAX_REG_PAGES {
+                continue;
+            }
+            pages.push(page);
+        }
+        out.push((addr, written, float));
+        if out.len() == MAX_REG_WORDS {
+            break;
+        }
+    }
+    out
 }
 
 /// Probes the TLB entry of constant `page` without branching: its read, write and mask
@@ -233,11 +437,81 @@ impl<'b, 'f> Translator<'b, 'f> {
         {
             pages.insert(page, probe_constant(b, entries, gen_tag, page));
         }
+        let words: Vec<(u64, bool, bool)> = register_words(&code[start..end], start)
+            .into_iter()
+            .filter(|(addr, ..)| pages.contains_key(&(addr >> PAGE_SHIFT)))
+            .collect();
+        let mut reg_page_numbers: Vec<u64> = Vec::new();
+        for (addr, ..) in &words {
+            if !reg_page_numbers.contains(&(addr >> PAGE_SHIFT)) {
+                reg_page_numbers.push(addr >> PAGE_SHIFT);
+            }
+        }
+        let mut reg_pages = Vec::new();
+        let mut refuse = Vec::new();
+        for &page in &reg_page_numbers {
+            let cached = pages[&page];
+            let written = words
+                .iter()
+                .any(|&(addr, w, _)| w && addr >> PAGE_SHIFT == page);
+            // Present for reads; writable, without a store mask, if a word on it is written
+            // (the write-back on exit must not fail, and a private page has no mask).
+            refuse.push(b.ins().icmp_imm_s(IntCC::Equal, cached.read, 0));
+            if written {
+                refuse.push(b.ins().icmp_imm_s(IntCC::Equal, cached.write, 0));
+                refuse.push(b.ins().icmp_imm_s(IntCC::NotEqual, cached.mask, 0));
+            }
+            // Any other constant page of the region sharing its memory: an alias the
+            // variables would not see.
+            for (&other, other_cached) in &pages {
+                if other == page {
+                    continue;
+                }
+                refuse.push(b.ins().icmp(IntCC::Equal, other_cached.write, cached.read));
+                if written {
+                    refuse.push(b.ins().icmp(IntCC::Equal, other_cached.read, cached.read));
+                }
+            }
+            reg_pages.push(RegPage {
+                read: cached.read,
+                written,
+            });
+        }
+        let mut regs = HashMap::new();
+        if !refuse.is_empty() {
+            let any = refuse
+                .into_iter()
+                .reduce(|acc, flag| b.ins().bor(acc, flag))
+                .unwrap_or_else(|| b.ins().iconst(types::I8, 0));
+            let refused = b.create_block();
+            let load = b.create_block();
+            b.ins().brif(any, refused, &[], load, &[]);
+            // Handing back at the entry runs it in the interpreter (which fills the TLB);
+            // nothing has changed yet, so the count goes back as it came.
+            b.switch_to_block(refused);
+            let value = b
+                .ins()
+                .iconst(types::I64, encode_exit(start, true, HandBack::Refused));
+            b.ins().return_(&[value]);
+            b.switch_to_block(load);
+            for &(addr, _, float) in &words {
+                let page = pages[&(addr >> PAGE_SHIFT)];
+                let offset = (addr & (PAGE_BYTES as u64 - 1)) as i32;
+                let ty = if float { types::F64 } else { types::I64 };
+                let value = b.ins().load(ty, heap(), page.read, offset);
+                let var = b.declare_var(ty);
+                b.def_var(var, value);
+                regs.insert(addr, (var, float));
+            }
+        }
         let blocks: Vec<Block> = (start..end).map(|_| b.create_block()).collect();
         let exit = b.create_block();
         b.append_block_param(exit, types::I64);
         b.append_block_param(exit, types::I64);
-        b.ins().jump(blocks[0], &[]);
+        // The site caches start empty: their variables are defined here once every site is
+        // known (after the translation below; blocks are sealed only at the end).
+        let prologue = b.create_block();
+        b.ins().jump(prologue, &[]);
         let mut t = Translator {
             b,
             code: program.code(),
@@ -251,23 +525,53 @@ impl<'b, 'f> Translator<'b, 'f> {
             count,
             check_at,
             pages,
+            regs,
+            float_of: HashMap::new(),
+            reg_pages,
+            depth: loop_depths(&code[start..end], start),
+            cache_sites: false,
+            site_pages: Vec::new(),
         };
+        let innermost = t.depth.iter().copied().max().unwrap_or(0);
         for index in start..end {
+            t.cache_sites = innermost > 0 && t.depth[index - start] == innermost;
             let block = t.blocks[index - start];
             t.b.switch_to_block(block);
             t.instruction(index);
         }
+        t.b.switch_to_block(prologue);
+        // No page number is all ones (addresses have 64 bits, pages 52).
+        let none = t.b.ins().iconst(types::I64, -1);
+        for var in std::mem::take(&mut t.site_pages) {
+            t.b.def_var(var, none);
+        }
+        let first = t.blocks[0];
+        t.b.ins().jump(first, &[]);
         t.b.switch_to_block(exit);
         let value = t.b.block_params(exit)[0];
         let instructions = t.b.block_params(exit)[1];
+        // Every exit stores the written register words back (the entry checked their pages
+        // writable and maskless); a word not written since entry gets its own value back.
+        for &(addr, written, _) in &words {
+            if !written {
+                continue;
+            }
+            let page = t.pages[&(addr >> PAGE_SHIFT)];
+            let value = t.b.use_var(t.regs[&addr].0);
+            let offset = (addr & (PAGE_BYTES as u64 - 1)) as i32;
+            t.b.ins().store(heap(), value, page.write, offset);
+        }
         t.b.ins()
             .store(trusted(), instructions, ctx, CTX_INSTRUCTIONS);
         t.b.ins().return_(&[value]);
         t.b.seal_all_blocks();
     }
 
-    fn exit_to(&mut self, index: usize, counted: bool) {
-        let value = self.b.ins().iconst(types::I64, encode_exit(index, counted));
+    fn exit_to(&mut self, index: usize, counted: bool, reason: HandBack) {
+        let value = self
+            .b
+            .ins()
+            .iconst(types::I64, encode_exit(index, counted, reason));
         let count = self.b.use_var(self.count);
         self.b.ins().jump(self.exit, &[value.into(), count.into()]);
     }
@@ -277,7 +581,7 @@ impl<'b, 'f> Translator<'b, 'f> {
         let block = self.b.create_block();
         let current = self.b.current_block();
         self.b.switch_to_block(block);
-        self.exit_to(index, true);
+        self.exit_to(index, true, HandBack::Miss);
         if let Some(current) = current {
             self.b.switch_to_block(current);
         }
@@ -288,7 +592,7 @@ impl<'b, 'f> Translator<'b, 'f> {
     /// handed back uncounted.
     fn enter_run(&mut self, index: usize) {
         if !(self.start..self.end).contains(&index) {
-            self.exit_to(index, false);
+            self.exit_to(index, false, HandBack::Left);
             return;
         }
         if let Some(block) = self.entered.get(&index) {
@@ -312,7 +616,7 @@ impl<'b, 'f> Translator<'b, 'f> {
         let go = self.b.create_block();
         self.b.ins().brif(over, give_up, &[], go, &[]);
         self.b.switch_to_block(give_up);
-        self.exit_to(index, false);
+        self.exit_to(index, false, HandBack::Check);
         self.b.switch_to_block(go);
         self.b.def_var(self.count, next);
         let target = self.blocks[index - self.start];
@@ -326,14 +630,18 @@ impl<'b, 'f> Translator<'b, 'f> {
             let block = self.blocks[next - self.start];
             self.b.ins().jump(block, &[]);
         } else {
-            self.exit_to(next, true);
+            self.exit_to(next, true, HandBack::Left);
         }
     }
 
-    /// The TLB entry for `addr`'s page if the access `addr .. addr + size` is inside one
-    /// page and the page is cached in this generation; else jumps to `miss`. Returns the
-    /// entry's address and the offset in the page.
-    fn probe(&mut self, addr: Value, size: u32, miss: Block) -> (Value, Value) {
+    /// The page of a computed address, through a cache of one page per access site: the
+    /// TLB cannot change during a call, so the page a site last used (its number and
+    /// pointers) stays valid and a pointer walking through a page skips the hash and the
+    /// probe. Only in innermost loops (`cache_sites`). Returns the read (load) or write (store) pointer, the mask pointer
+    /// (stores) and the offset in the page; `miss` if the access crosses the page, misses
+    /// the TLB, is a store to a page without a write pointer, or reaches the memory of a page
+    /// whose words are held in variables.
+    fn site(&mut self, addr: Value, size: u32, store: bool, miss: Block) -> (Value, Value, Value) {
         let b = &mut *self.b;
         let offset = b.ins().band_imm_s(addr, (PAGE_BYTES - 1) as i64);
         let last = b.ins().iadd_imm_s(offset, i64::from(size));
@@ -345,6 +653,79 @@ impl<'b, 'f> Translator<'b, 'f> {
         b.switch_to_block(inside);
         let page = b.ins().ushr_imm_s(addr, i64::from(PAGE_SHIFT));
         let key = b.ins().bor(page, self.gen_tag);
+        if !self.cache_sites {
+            let entry = self.probe_page(page, key, miss);
+            let (base, mask) = self.entry_pointers(entry, store, miss);
+            return (base, mask, offset);
+        }
+        let site_page = b.declare_var(types::I64);
+        let site_base = b.declare_var(types::I64);
+        let site_mask = store.then(|| b.declare_var(types::I64));
+        self.site_pages.push(site_page);
+        let cached_page = b.use_var(site_page);
+        let hit = b.ins().icmp(IntCC::Equal, page, cached_page);
+        let found = b.create_block();
+        b.append_block_param(found, types::I64);
+        b.append_block_param(found, types::I64);
+        let fill = b.create_block();
+        let cached_base = b.use_var(site_base);
+        // A load's mask is never used: a constant, not a variable that would take a register.
+        let cached_mask = match site_mask {
+            Some(var) => b.use_var(var),
+            None => b.ins().iconst(types::I64, 0),
+        };
+        b.ins().brif(
+            hit,
+            found,
+            &[cached_base.into(), cached_mask.into()],
+            fill,
+            &[],
+        );
+        b.switch_to_block(fill);
+        let entry = self.probe_page(page, key, miss);
+        let (base, mask) = self.entry_pointers(entry, store, miss);
+        let b = &mut *self.b;
+        b.def_var(site_page, page);
+        b.def_var(site_base, base);
+        if let Some(var) = site_mask {
+            b.def_var(var, mask);
+        }
+        b.ins().jump(found, &[base.into(), mask.into()]);
+        b.switch_to_block(found);
+        let base = b.block_params(found)[0];
+        let mask = b.block_params(found)[1];
+        (base, mask, offset)
+    }
+
+    /// A TLB entry's read pointer (loads) or write and mask pointers (stores); `miss` for a
+    /// store to a page without a write pointer, or an access that reaches the memory of a
+    /// register page: a store would not be seen by its variables, and a load from one whose
+    /// words are written would miss their newer values.
+    fn entry_pointers(&mut self, entry: Value, store: bool, miss: Block) -> (Value, Value) {
+        let b = &mut *self.b;
+        let (base, mask) = if store {
+            let base = b.ins().load(types::I64, trusted(), entry, ENTRY_WRITE);
+            let writable = b.create_block();
+            b.ins().brif(base, writable, &[], miss, &[]);
+            b.switch_to_block(writable);
+            let mask = b.ins().load(types::I64, trusted(), entry, ENTRY_MASK);
+            (base, mask)
+        } else {
+            let base = b.ins().load(types::I64, trusted(), entry, ENTRY_READ);
+            (base, b.ins().iconst(types::I64, 0))
+        };
+        for reg_page in self.reg_pages.clone() {
+            if store || reg_page.written {
+                let alias = self.b.ins().icmp(IntCC::Equal, base, reg_page.read);
+                self.miss_if(alias, miss);
+            }
+        }
+        (base, mask)
+    }
+
+    /// The TLB entry of `page` (`key`: its tag in this generation), or `miss`.
+    fn probe_page(&mut self, page: Value, key: Value, miss: Block) -> Value {
+        let b = &mut *self.b;
         let hash = b.ins().imul_imm_s(page, SET_HASH as i64);
         let set = b.ins().ushr_imm_s(hash, i64::from(SET_SHIFT));
         let set_offset = b.ins().imul_imm_s(set, 2 * ENTRY_BYTES);
@@ -361,8 +742,7 @@ impl<'b, 'f> Translator<'b, 'f> {
         let hit1 = b.ins().icmp(IntCC::Equal, tag1, key);
         b.ins().brif(hit1, found, &[way1.into()], miss, &[]);
         b.switch_to_block(found);
-        let entry = b.block_params(found)[0];
-        (entry, offset)
+        b.block_params(found)[0]
     }
 
     /// The cached entry of a constant address's page, if the access stays inside the page.
@@ -388,10 +768,8 @@ impl<'b, 'f> Translator<'b, 'f> {
                     .iadd_imm_s(page.read, (known & (PAGE_BYTES as u64 - 1)) as i64)
             }
             _ => {
-                let (entry, offset) = self.probe(addr, size, miss);
-                let b = &mut *self.b;
-                let base = b.ins().load(types::I64, trusted(), entry, ENTRY_READ);
-                b.ins().iadd(base, offset)
+                let (base, _, offset) = self.site(addr, size, false, miss);
+                self.b.ins().iadd(base, offset)
             }
         };
         let b = &mut *self.b;
@@ -414,10 +792,7 @@ impl<'b, 'f> Translator<'b, 'f> {
                 (page.write, offset, page.mask)
             }
             _ => {
-                let (entry, offset) = self.probe(addr, size, miss);
-                let b = &mut *self.b;
-                let base = b.ins().load(types::I64, trusted(), entry, ENTRY_WRITE);
-                let mask = b.ins().load(types::I64, trusted(), entry, ENTRY_MASK);
+                let (base, mask, offset) = self.site(addr, size, true, miss);
                 (base, offset, mask)
             }
         };
@@ -465,16 +840,22 @@ impl<'b, 'f> Translator<'b, 'f> {
             Operand::Direct(addr) | Operand::Imm(addr) => {
                 (self.b.ins().iconst(types::I64, addr as i64), Some(addr))
             }
-            Operand::Indirect(at) => {
-                let at_value = self.b.ins().iconst(types::I64, at as i64);
-                (self.load(at_value, Some(at), 8, miss), None)
-            }
+            Operand::Indirect(at) => (self.word(at, miss), None),
             Operand::BaseDisp { disp, base } => {
-                let at = self.b.ins().iconst(types::I64, base as i64);
-                let pointer = self.load(at, Some(base), 8, miss);
+                let pointer = self.word(base, miss);
                 (self.b.ins().iadd_imm_s(pointer, i64::from(disp)), None)
             }
         }
+    }
+
+    /// The 8-byte word at constant `at` (a pointer): its variable, or memory.
+    fn word(&mut self, at: u64, miss: Block) -> Value {
+        if let Some(&(var, float)) = self.regs.get(&at) {
+            let value = self.b.use_var(var);
+            return if float { self.f64_bits(value) } else { value };
+        }
+        let at_value = self.b.ins().iconst(types::I64, at as i64);
+        self.load(at_value, Some(at), 8, miss)
     }
 
     fn read(&mut self, operand: Operand, size: u32, miss: Block) -> Value {
@@ -486,11 +867,28 @@ impl<'b, 'f> Translator<'b, 'f> {
             };
             return self.b.ins().iconst(types::I64, value as i64);
         }
+        if let (Operand::Direct(at), 8) = (operand, size) {
+            if let Some(&(var, float)) = self.regs.get(&at) {
+                let value = self.b.use_var(var);
+                return if float { self.f64_bits(value) } else { value };
+            }
+        }
         let (addr, constant) = self.address(operand, miss);
         self.load(addr, constant, size, miss)
     }
 
     fn write(&mut self, operand: Operand, size: u32, value: Value, miss: Block) {
+        if let (Operand::Direct(at), 8) = (operand, size) {
+            if let Some(&(var, float)) = self.regs.get(&at) {
+                let value = if float {
+                    self.float_value(value)
+                } else {
+                    value
+                };
+                self.b.def_var(var, value);
+                return;
+            }
+        }
         let (addr, constant) = self.address(operand, miss);
         self.store(addr, constant, size, value, miss);
     }
@@ -531,7 +929,7 @@ impl<'b, 'f> Translator<'b, 'f> {
             let x = self.as_f32(value);
             self.b.ins().fpromote(types::F64, x)
         } else {
-            self.b.ins().bitcast(types::F64, MemFlagsData::new(), value)
+            self.float_value(value)
         }
     }
 
@@ -541,7 +939,17 @@ impl<'b, 'f> Translator<'b, 'f> {
     }
 
     fn f64_bits(&mut self, x: Value) -> Value {
-        self.b.ins().bitcast(types::I64, MemFlagsData::new(), x)
+        let bits = self.b.ins().bitcast(types::I64, MemFlagsData::new(), x);
+        self.float_of.insert(bits, x);
+        bits
+    }
+
+    /// `f64` bits as an `f64`.
+    fn float_value(&mut self, bits: Value) -> Value {
+        match self.float_of.get(&bits) {
+            Some(x) => *x,
+            None => self.b.ins().bitcast(types::F64, MemFlagsData::new(), bits),
+        }
     }
 
     fn f32_bits(&mut self, x: Value) -> Value {
@@ -561,10 +969,7 @@ impl<'b, 'f> Translator<'b, 'f> {
             let (x, y) = if ty == Ty::F32 {
                 (self.as_f32(a), self.as_f32(b))
             } else {
-                (
-                    self.b.ins().bitcast(types::F64, MemFlagsData::new(), a),
-                    self.b.ins().bitcast(types::F64, MemFlagsData::new(), b),
-                )
+                (self.float_value(a), self.float_value(b))
             };
             let r = match op {
                 Op::Add => self.b.ins().fadd(x, y),
@@ -668,7 +1073,7 @@ impl<'b, 'f> Translator<'b, 'f> {
                     self.f64_bits(r)
                 }
                 (Ty::F64, Ty::F32) => {
-                    let x = self.b.ins().bitcast(types::F64, MemFlagsData::new(), value);
+                    let x = self.float_value(value);
                     let r = self.b.ins().fdemote(types::F32, x);
                     self.f32_bits(r)
                 }

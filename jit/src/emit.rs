@@ -6,7 +6,7 @@
 //! that made it; `DvmJit` keeps both together.
 #![allow(unsafe_code)]
 
-use crate::codegen::{self, CTX_CHECK_AT, CTX_ENTRIES, CTX_GEN_TAG, CTX_INSTRUCTIONS};
+use crate::codegen::{self, HandBack, CTX_CHECK_AT, CTX_ENTRIES, CTX_GEN_TAG, CTX_INSTRUCTIONS};
 use crate::JitError;
 use cranelift_codegen::ir::UserFuncName;
 use cranelift_codegen::settings::{self, Configurable};
@@ -49,8 +49,9 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Runs the region; returns `(index, counted)` as `codegen::encode_exit` encoded them.
-    pub fn call(&self, state: &mut NativeState<'_>) -> (usize, bool) {
+    /// Runs the region; returns `(index, counted, reason)` as `codegen::encode_exit` encoded
+    /// them.
+    pub fn call(&self, state: &mut NativeState<'_>) -> (usize, bool, HandBack) {
         let mut ctx = Ctx {
             entries: state.tlb.entries() as u64,
             gen_tag: state.tlb.gen_tag(),
@@ -66,7 +67,11 @@ impl Entry {
         // on the code `Arena::compile` generated, which is why it lives in this module.
         let result = (self.function)(&mut ctx);
         state.instructions = ctx.instructions;
-        ((result >> 1) as usize, result & 1 == 1)
+        (
+            (result >> 3) as usize,
+            result & 1 == 1,
+            HandBack::from_code(result >> 1),
+        )
     }
 }
 
@@ -132,9 +137,20 @@ impl Arena {
             codegen::Translator::translate(&mut b, program, start, end);
             b.finalize(self.module.target_config());
         }
+        // `DVM_JIT_DUMP=part-of-a-name` prints the machine code of the regions so named (the
+        // way to see what the inner loops became; `perf` cannot annotate JIT code).
+        let dump = std::env::var("DVM_JIT_DUMP")
+            .ok()
+            .is_some_and(|n| name.contains(&n));
+        self.context.set_disasm(dump);
         self.module
             .define_function(id, &mut self.context)
             .map_err(|err| JitError::Compile(format!("{err:?}")))?;
+        if dump {
+            if let Some(code) = self.context.compiled_code() {
+                eprintln!("{name}:\n{}", code.vcode.clone().unwrap_or_default());
+            }
+        }
         let size = self
             .context
             .compiled_code()

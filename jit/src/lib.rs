@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-pub use codegen::{region_end, supported, MAX_REGION};
+pub use codegen::{region_end, supported, HandBack, HAND_BACK_REASONS, MAX_REGION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JitError {
@@ -77,13 +77,30 @@ pub struct JitStats {
     pub native_instructions: u64,
     /// Regions that could not be compiled (their loops stay interpreted).
     pub failures: u64,
+    /// Calls of native code, and why each handed back (`HandBack` order: left the region,
+    /// count check, miss or fault, entry refused).
+    pub calls: u64,
+    pub hand_backs: [u64; HAND_BACK_REASONS],
 }
 
 #[derive(Default)]
 struct Slot {
     entries: AtomicU32,
     code: OnceLock<Option<emit::Entry>>,
+    /// Calls in a row that handed back at the entry without running anything (the header's
+    /// first access misses the TLB each time, e.g. a pointer into a page the view only
+    /// partly allows, which it never caches), and entries still to leave to the interpreter
+    /// after `BACK_OFF_AFTER` of them. Plain loads and stores: a race only moves a heuristic.
+    misses: AtomicU32,
+    skip: AtomicU32,
 }
+
+/// Calls that make no progress in a row before a header is left to the interpreter for
+/// `BACK_OFF` entries: each such call costs the entry of native code and its counting for
+/// nothing (k-means: 5 million calls per run, 9% of its time, at the edge pages of the
+/// partitions' slices).
+const BACK_OFF_AFTER: u32 = 8;
+const BACK_OFF: u32 = 64;
 
 /// The JIT of one run: create one per program run and hand it to `vm::Config::jit`.
 pub struct DvmJit {
@@ -97,6 +114,7 @@ pub struct DvmJit {
     compile_ns: AtomicU64,
     native_instructions: AtomicU64,
     failures: AtomicU64,
+    hand_backs: [AtomicU64; HAND_BACK_REASONS],
     /// The last compilation error, for `--stats`.
     last_error: Mutex<Option<String>>,
 }
@@ -121,6 +139,7 @@ impl DvmJit {
             compile_ns: AtomicU64::new(0),
             native_instructions: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            hand_backs: Default::default(),
             last_error: Mutex::new(None),
         })
     }
@@ -133,6 +152,8 @@ impl DvmJit {
             compile_ns: get(&self.compile_ns),
             native_instructions: get(&self.native_instructions),
             failures: get(&self.failures),
+            calls: self.hand_backs.iter().map(get).sum(),
+            hand_backs: std::array::from_fn(|reason| get(&self.hand_backs[reason])),
         }
     }
 
@@ -256,15 +277,38 @@ impl Jit for DvmJit {
                 (*slot.code.get_or_init(|| self.compile(program, index)))?
             }
         };
+        let skip = slot.skip.load(Ordering::Relaxed);
+        if skip > 0 {
+            slot.skip.store(skip - 1, Ordering::Relaxed);
+            return None;
+        }
         let before = state.instructions;
-        let (next, counted) = entry.call(state);
-        // Instructions run natively: the entered run (counted by the interpreter) and every
-        // run native code counted, less what it counted but handed back.
-        let run_len = |at: usize| code.get(at).map_or(0, |d| u64::from(d.run_len()));
-        let handed_back = if counted { run_len(next) } else { 0 };
-        let native = (run_len(index) + (state.instructions - before)).saturating_sub(handed_back);
-        self.native_instructions
-            .fetch_add(native, Ordering::Relaxed);
+        let (next, counted, reason) = entry.call(state);
+        if let Some(counter) = self.hand_backs.get(reason as usize) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        let misses = slot.misses.load(Ordering::Relaxed);
+        if next == index && counted && state.instructions == before {
+            if misses + 1 >= BACK_OFF_AFTER {
+                slot.skip.store(BACK_OFF, Ordering::Relaxed);
+                slot.misses.store(0, Ordering::Relaxed);
+            } else {
+                slot.misses.store(misses + 1, Ordering::Relaxed);
+            }
+            // Nothing ran natively.
+        } else {
+            if misses > 0 {
+                slot.misses.store(0, Ordering::Relaxed);
+            }
+            // Instructions run natively: the entered run (counted by the interpreter) and
+            // every run native code counted, less what it counted but handed back.
+            let run_len = |at: usize| code.get(at).map_or(0, |d| u64::from(d.run_len()));
+            let handed_back = if counted { run_len(next) } else { 0 };
+            let native =
+                (run_len(index) + (state.instructions - before)).saturating_sub(handed_back);
+            self.native_instructions
+                .fetch_add(native, Ordering::Relaxed);
+        }
         Some(NativeExit {
             index: next.min(code.len()),
             counted,

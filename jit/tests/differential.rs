@@ -271,12 +271,16 @@ fn random_programs_match_the_interpreter() {
         .and_then(|text| text.parse().ok())
         .unwrap_or(1);
     let (mut native, mut faulted, mut limited, mut regions) = (0u64, 0u64, 0u64, 0u64);
+    let mut hand_backs = [0u64; dvm_jit::HAND_BACK_REASONS];
     for seed in first..first + count {
         let (source, max_instructions) = program(seed);
         let threshold = if seed % 3 == 0 { 2 } else { 1 };
         let (observed, stats) = common::same_with_jit(&source, max_instructions, threshold);
         native += stats.native_instructions;
         regions += stats.regions;
+        for (total, count) in hand_backs.iter_mut().zip(stats.hand_backs) {
+            *total += count;
+        }
         faulted += observed.faulted;
         limited += u64::from(observed.stderr.contains("instruction limit"));
         assert_eq!(
@@ -286,7 +290,8 @@ fn random_programs_match_the_interpreter() {
     }
     eprintln!(
         "{count} programs: {regions} regions compiled, {native} instructions native, \
-         {faulted} faulted, {limited} at the instruction limit"
+         {faulted} faulted, {limited} at the instruction limit; hand-backs (left, check, miss, \
+         refused) {hand_backs:?}"
     );
     // The generator must reach what it is for: compiled code, faults, the limit.
     assert!(regions >= count / 2, "too few regions compiled: {regions}");

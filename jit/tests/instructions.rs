@@ -301,3 +301,19 @@ fn faults_match() {
         }
     }
 }
+
+#[test]
+fn a_header_that_always_misses_is_left_to_the_interpreter() {
+    // Console words are never in the TLB: native code hands back at the loop's first
+    // instruction on every entry, so after a few such calls the header backs off.
+    let values = values();
+    let source = looped(&values, "    mov $0x41:ue, 0x100000208:ue\n    nop", 1000);
+    let (observed, stats) = common::same_with_jit(&source, u64::MAX, 1);
+    assert_eq!(observed.faulted, 0, "{}", observed.stderr);
+    assert!(stats.regions > 0, "compiled: {stats:?}");
+    assert!(
+        stats.calls > 0 && stats.calls < 200,
+        "most of the 1000 entries were left to the interpreter: {stats:?}"
+    );
+    assert_eq!(observed.stdout.matches('A').count(), 1000);
+}
