@@ -152,9 +152,17 @@ struct RunArgs {
     /// This process's rank in --hosts.
     #[arg(long, value_name = "R", requires = "hosts")]
     rank: Option<String>,
-    /// A node silent this long is declared lost and the run ends, naming it.
+    /// A node silent this long (or whose connection breaks) is lost. With --replicas 2 or more
+    /// the run goes on without it, unless it is node 0; otherwise the run ends, naming it.
     #[arg(long, value_name = "MS", default_value_t = 5_000)]
     peer_timeout_ms: u64,
+    /// Nodes holding each page of the shared memory: its home and N-1 backups, each with every
+    /// committed version. A run survives the loss of any node but node 0 as long as each page
+    /// keeps a holder (the default, 2, survives any one such loss); the lost node's runners run
+    /// again elsewhere and the output is the same. 1 keeps one copy: less memory and traffic,
+    /// and a lost node ends the run.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    replicas: u32,
     /// Joining the job fails after this long, naming the nodes that did not answer.
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     connect_timeout_ms: u64,
@@ -460,14 +468,16 @@ fn cmd_run(args: RunArgs) -> Result<u8, Failure> {
                 ))
             })?
             .filter(|launch| launch.world > 1);
+    let mut lost = Vec::new();
     let result = cmd_run_on(
         args,
         launch.as_ref(),
         coordinator_socket,
         program,
         placement.loads,
+        &mut lost,
     );
-    launcher::wait_for(children, result.is_ok())?;
+    launcher::wait_for(children, result.is_ok(), &lost)?;
     result
 }
 
@@ -477,6 +487,7 @@ fn cmd_run_on(
     coordinator_socket: Option<std::sync::Arc<std::net::TcpListener>>,
     program: image::LoadedImage,
     loads: Vec<(u64, Vec<u8>, String)>,
+    lost_out: &mut Vec<u32>,
 ) -> Result<u8, Failure> {
     // Before any work: a profile that cannot be written is an error now, not after the run.
     let profile_out = match (&args.profile, launch.is_none_or(|l| l.rank == 0)) {
@@ -549,6 +560,7 @@ fn cmd_run_on(
                 coordinator_socket,
                 transport: choice.transport,
                 transport_reason: choice.reason.clone(),
+                replicas: args.replicas as usize,
             };
             let run =
                 dvm_cluster::runtime::run(program, config, launch, &options).map_err(|err| {
@@ -557,6 +569,22 @@ fn cmd_run_on(
             if run.rank != 0 {
                 // Node 0 prints the program's output, its statistics and its exit status.
                 return Ok(0);
+            }
+            for lost in &run.lost {
+                eprintln!(
+                    "dvm: node {} ({}) was lost during the run ({}); the run went on without \
+                     it: its pages were served by their backups and {} runner(s) it was \
+                     running or had queued ran again on the other nodes{}",
+                    lost.rank,
+                    lost.addr,
+                    lost.reason,
+                    lost.rerun.len(),
+                    match lost.rerun.is_empty() {
+                        true => String::new(),
+                        false => format!(" (ids {:?})", lost.rerun),
+                    }
+                );
+                lost_out.push(lost.rank as u32);
             }
             (run.report, run.nodes)
         }

@@ -122,7 +122,8 @@ fn children_of(pid: u32) -> Vec<u32> {
 #[test]
 fn a_node_killed_mid_run_ends_the_run_with_a_report_naming_it() {
     // Six runners that count to 3*10^11 each (minutes even compiled by the JIT): long enough
-    // to be killed in the middle; the run ends on the lost node, not on the count.
+    // to be killed in the middle; the run ends on the lost node, not on the count. One holder
+    // per page (`--replicas 1`): the run cannot go on without the node.
     let dir = std::env::temp_dir().join(format!("dvm-kill-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temporary directory");
     let program = dir.join("spin.dasm");
@@ -140,6 +141,8 @@ fn a_node_killed_mid_run_ends_the_run_with_a_report_naming_it() {
             "1",
             "--peer-timeout-ms",
             "3000",
+            "--replicas",
+            "1",
         ])
         .arg(&program)
         .stdin(Stdio::null())

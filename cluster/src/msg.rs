@@ -141,19 +141,17 @@ pub enum Msg {
         epoch: u64,
     },
     /// From node 0: view `epoch`, with these nodes dead (to a node in an older view, or one
-    /// declared dead: it then knows it is fenced).
+    /// declared dead: it then knows it is fenced). `granted`: the transactions of dead
+    /// coordinators that node 0 granted and is still installing; a holder releases every
+    /// other transaction of a dead coordinator as it adopts the view (none can commit).
     View {
         epoch: u64,
         dead: Vec<u64>,
+        granted: Vec<TxnId>,
     },
     /// To node 0, every tick, from a node that started again without its state: the node it
     /// was is gone (node 0 declares it dead; the new one is not admitted, only fenced).
     Rejoin,
-    /// To node 0: these transactions, held here, were coordinated by a node now dead; were
-    /// they committed? (Node 0 answers `Abort` for those it never granted.)
-    Resolve {
-        txns: Vec<TxnId>,
-    },
     /// From node 0: run this runner (an engine task, encoded by the engine).
     RunTask {
         task: Vec<u8>,
@@ -570,14 +568,15 @@ impl Msg {
                 out.push(22);
                 put(&mut out, *epoch);
             }
-            Msg::View { epoch, dead } => {
+            Msg::View {
+                epoch,
+                dead,
+                granted,
+            } => {
                 out.push(23);
                 put(&mut out, *epoch);
                 put_words(&mut out, dead);
-            }
-            Msg::Resolve { txns } => {
-                out.push(24);
-                put_words(&mut out, txns);
+                put_words(&mut out, granted);
             }
             Msg::Rejoin => out.push(25),
             Msg::RunTask { task } => {
@@ -685,9 +684,7 @@ impl Msg {
             23 => Msg::View {
                 epoch: r.u64()?,
                 dead: r.words("dead node", MAX_BATCH)?,
-            },
-            24 => Msg::Resolve {
-                txns: r.words("transaction to resolve", MAX_BATCH)?,
+                granted: r.words("granted transaction", MAX_BATCH)?,
             },
             25 => Msg::Rejoin,
             15 => Msg::RunTask {
@@ -816,8 +813,8 @@ mod tests {
             Msg::View {
                 epoch: 2,
                 dead: vec![1, 3],
+                granted: vec![8, 9],
             },
-            Msg::Resolve { txns: vec![8, 9] },
             Msg::Rejoin,
             Msg::RunTask { task: vec![4; 40] },
             Msg::Control {
@@ -931,7 +928,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_messages_never_panic(index in 0usize..25, at in any::<usize>(), byte in any::<u8>()) {
+        fn mutated_messages_never_panic(index in 0usize..24, at in any::<usize>(), byte in any::<u8>()) {
             let mut bytes = samples()[index].encode();
             let at = at % bytes.len();
             bytes[at] = byte;

@@ -115,9 +115,14 @@ pub enum Done {
         effects: Vec<u8>,
     },
     /// On node 0: `node` was declared dead; from `epoch` on its pages are served by their
-    /// backups, and the runners it was running must run again elsewhere (those whose commit
-    /// node 0 had granted are finished by node 0: `granted`).
-    NodeLost { node: NodeId, epoch: u64 },
+    /// backups, and the runners it was running must run again elsewhere, except those whose
+    /// commit node 0 had granted: node 0 finishes those, and `granted` holds their effects
+    /// (in the order they will be handed out as `Applied`, after this).
+    NodeLost {
+        node: NodeId,
+        epoch: u64,
+        granted: Vec<Vec<u8>>,
+    },
     /// On node 0: every node of a ring is dead (more nodes lost than `replicas - 1` of one
     /// ring): the pages they held are gone and the run cannot go on.
     DataLost { nodes: Vec<NodeId>, epoch: u64 },
@@ -204,8 +209,6 @@ pub struct Node {
     held: BTreeMap<TxnId, Held>,
     staged_pages: BTreeMap<u64, BTreeSet<TxnId>>,
     decided: BTreeMap<TxnId, home::Decided>,
-    /// Held transactions whose coordinator died, until node 0 says what became of them.
-    orphans: BTreeSet<TxnId>,
     /// Coordinator: this node's endings in flight, by the id of their current attempt (and
     /// that id by the caller's, once an attempt was retried), and remote reads in flight.
     txns: BTreeMap<TxnId, Txn>,
@@ -240,7 +243,6 @@ impl Node {
             held: BTreeMap::new(),
             staged_pages: BTreeMap::new(),
             decided: BTreeMap::new(),
-            orphans: BTreeSet::new(),
             txns: BTreeMap::new(),
             attempts: BTreeMap::new(),
             retried: 0,
@@ -481,10 +483,6 @@ impl Node {
         for txn in txns {
             self.resend(txn);
         }
-        if !self.orphans.is_empty() {
-            let txns = self.orphans.iter().copied().collect();
-            self.send(0, Msg::Resolve { txns });
-        }
         if self.rejoining {
             self.outbox.push((0, Msg::Rejoin));
         } else if self.config.id != 0 {
@@ -578,7 +576,7 @@ impl Node {
             return true;
         }
         if self.rejoining {
-            if let (0, Msg::View { epoch, dead }) = (from, &msg) {
+            if let (0, Msg::View { epoch, dead, .. }) = (from, &msg) {
                 // Only a view that names this node dead ends the wait (and fences it).
                 if dead.contains(&(self.config.id as u64)) {
                     self.fenced = true;
@@ -652,18 +650,21 @@ impl Node {
                     self.send_view(from);
                 }
             }
-            Msg::View { epoch, dead } => {
+            Msg::View {
+                epoch,
+                dead,
+                granted,
+            } => {
                 if from == 0 {
                     let dead: Vec<NodeId> = dead
                         .iter()
                         .filter_map(|node| usize::try_from(*node).ok())
                         .collect();
                     if self.view.adopt(epoch, &dead) {
-                        self.on_view();
+                        self.on_view(&granted);
                     }
                 }
             }
-            Msg::Resolve { txns } => self.sequencer_resolve(from, txns),
             Msg::Rejoin => {
                 if self.sequencer.is_some() {
                     self.declare_dead(from);
@@ -685,12 +686,13 @@ impl Node {
         let msg = Msg::View {
             epoch: self.view.epoch(),
             dead: self.view.dead().iter().map(|node| *node as u64).collect(),
+            granted: self.granted_of_dead(),
         };
         self.send(to, msg);
     }
 
-    /// A newer view was adopted (or, on node 0, made).
-    fn on_view(&mut self) {
+    /// A newer view was adopted (or, on node 0, made); `granted` as in `Msg::View`.
+    fn on_view(&mut self, granted: &[TxnId]) {
         let epoch = self.view.epoch();
         if !self.view.is_live(self.config.id) {
             self.fenced = true;
@@ -721,7 +723,7 @@ impl Node {
             }
             self.conclude_abort(txn);
         }
-        self.home_on_view();
+        self.home_on_view(granted);
     }
 
     // ---- coordinator ----

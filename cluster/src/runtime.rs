@@ -49,11 +49,15 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-/// A transaction id is its coordinator's rank above this shift and a sequence below it.
+/// A transaction id is its coordinator's rank above this shift and a sequence below it (below
+/// `node::ATTEMPT_SHIFT`: the protocol numbers a prepare's attempts in the bits above that).
 const TXN_RANK_SHIFT: u32 = 48;
+const _: () = assert!(PUBLICATION_BIT >> crate::node::ATTEMPT_SHIFT > 0x7f);
 /// Set in the id of an ending's exit-record publication when it has no prepared commit: a
 /// refused transaction's id is spent at its homes.
 const PUBLICATION_BIT: u64 = 1 << 47;
+/// After a node is lost, how often the protocol retries what waited for it.
+const LOSS_TICK: Duration = Duration::from_millis(50);
 /// Largest transport payload used: larger messages are sent in fragments.
 const FRAGMENT_BYTES: usize = (4 << 20) - 4096;
 /// Largest reassembled message.
@@ -93,6 +97,23 @@ pub enum ClusterError {
     },
     #[error("node {rank} sent a message this node cannot use: {reason}")]
     Garbage { rank: usize, reason: String },
+    #[error(
+        "nodes {nodes:?} are lost, and they were every holder of some pages: committed data is \
+         gone (a run survives the loss of up to --replicas minus 1 of a page's holders)"
+    )]
+    DataLost { nodes: Vec<usize> },
+    #[error("node 0 declared this node dead (it was cut off from node 0 for too long)")]
+    Fenced,
+}
+
+/// A node lost during a run that went on without it (node 0's record).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostNode {
+    pub rank: usize,
+    pub addr: SocketAddr,
+    pub reason: String,
+    /// Runners it was running or had queued that ran again elsewhere.
+    pub rerun: Vec<u64>,
 }
 
 /// Settings of the cluster layer.
@@ -109,11 +130,16 @@ pub struct ClusterOptions {
     /// (every rank must have decided alike: rank 0 checks it when they join).
     pub transport: Chosen,
     pub transport_reason: String,
+    /// Nodes holding each page: its home and `replicas - 1` backups. With 2 or more a run goes
+    /// on when a non-root node is lost (`docs/CLUSTER.md`, "Replicas and the loss of a
+    /// node"); with 1 a lost node ends the run.
+    pub replicas: usize,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
+            replicas: 2,
             peer_timeout_ms: 5_000,
             connect_timeout_ms: 30_000,
             transport: Chosen::Tcp,
@@ -214,6 +240,8 @@ pub struct VerbsRow {
 pub struct ClusterRun {
     pub rank: u32,
     pub world: u32,
+    /// On node 0: the nodes lost during the run, which went on without them.
+    pub lost: Vec<LostNode>,
     pub report: Report,
     pub nodes: Vec<NodeRow>,
     pub transport: Vec<PeerCounters>,
@@ -334,6 +362,16 @@ struct Runtime {
     failed: AtomicBool,
     /// Node 0: runners placed on each node whose endings have not taken effect.
     outstanding: Vec<AtomicU64>,
+    /// Node 0: the runners placed on each other node, until their endings take effect: those
+    /// of a lost node run again.
+    placed: Mutex<Vec<HashMap<u64, Task>>>,
+    replicas: usize,
+    /// Nodes this node lost (node 0: declared dead), and, not on node 0, when and why, until
+    /// node 0's view says so too.
+    lost: Vec<AtomicBool>,
+    lost_waiting: Mutex<Vec<(usize, Instant, String)>>,
+    /// Node 0: the nodes lost so far, for the report.
+    lost_nodes: Mutex<Vec<LostNode>>,
     /// Node 0: runners waiting for room on a node, with the node they prefer.
     placement: Mutex<VecDeque<(Option<usize>, Task)>>,
     /// Node 0: where a runner using the same memory last ran (keyed by the start of its
@@ -431,10 +469,12 @@ impl Runtime {
             let mut node = lock(&self.node);
             f(&mut node);
             let outbox = node.take_outbox();
+            // A lost node is handled in the order of the endings around it: those applied
+            // before it are not run again.
             let (applied, done): (Vec<Done>, Vec<Done>) = node
                 .take_done()
                 .into_iter()
-                .partition(|done| matches!(done, Done::Applied { .. }));
+                .partition(|done| matches!(done, Done::Applied { .. } | Done::NodeLost { .. }));
             // Queued before the node lock goes, so endings keep the order they were handed
             // out in whichever threads pick them up.
             if !applied.is_empty() {
@@ -449,12 +489,9 @@ impl Runtime {
             match done {
                 Done::Read { req, .. } => self.answer(Wait::Read(req), Reply::Done(done)),
                 Done::Prepare { txn, .. } => self.answer(Wait::Prepare(txn), Reply::Done(done)),
-                Done::Finished { .. } | Done::Applied { .. } => {}
-                // Real nodes do not detect failures through the protocol yet (a lost peer
-                // ends the run: `ClusterError::NodeLost`), so no view ever changes here.
-                Done::NodeLost { .. } | Done::DataLost { .. } | Done::Fenced { .. } => {
-                    tracing::error!("membership change without failure detection: {done:?}")
-                }
+                Done::Finished { .. } | Done::Applied { .. } | Done::NodeLost { .. } => {}
+                Done::DataLost { nodes, .. } => self.fail(ClusterError::DataLost { nodes }),
+                Done::Fenced { .. } => self.fail(ClusterError::Fenced),
             }
         }
         self.apply_pending();
@@ -477,14 +514,21 @@ impl Runtime {
             drop(state);
             let mut endings = Vec::with_capacity(batch.len());
             for done in batch {
-                let Done::Applied {
-                    txn,
-                    first,
-                    last,
-                    effects,
-                } = done
-                else {
-                    continue;
+                let (txn, first, last, effects) = match done {
+                    Done::Applied {
+                        txn,
+                        first,
+                        last,
+                        effects,
+                    } => (txn, first, last, effects),
+                    Done::NodeLost { node, granted, .. } => {
+                        // Endings queued before this one are applied first (they leave
+                        // `placed`): what the lost node still holds runs again.
+                        self.apply_endings(&shared, std::mem::take(&mut endings));
+                        self.rerun_lost(node, &granted);
+                        continue;
+                    }
+                    _ => continue,
                 };
                 let coordinator = (txn >> TXN_RANK_SHIFT) as usize;
                 match decode_ended(&effects) {
@@ -495,49 +539,112 @@ impl Runtime {
                     }),
                 }
             }
-            // Before the endings create runners anywhere: which pages they changed.
-            if let Some((_, _, upto, _)) = endings.last() {
-                let upto = *upto;
-                let mut pages: Vec<PageKey> = endings
-                    .iter()
-                    .flat_map(|(_, _, _, ended)| {
-                        let committed = match &ended.outcome {
-                            Outcome::Committed { changes } => changes.as_slice(),
-                            _ => &[],
-                        };
-                        committed
-                            .iter()
-                            .chain(&ended.exit_changes)
-                            .map(|(key, _)| *key)
-                    })
-                    .collect();
-                pages.sort_unstable();
-                pages.dedup();
-                lock(&self.cache).note_changes(upto, &pages);
-                let horizon = self.store.prune_horizon();
-                for node in (0..self.world).filter(|node| *node != self.rank) {
-                    self.send(
-                        node,
-                        &Msg::Changes {
-                            upto,
-                            horizon,
-                            pages: pages.clone(),
-                        },
-                    );
-                }
-            }
-            for (coordinator, first, last, ended) in endings {
-                if let Some(count) = self.outstanding.get(coordinator) {
-                    count.fetch_sub(1, Ordering::AcqRel);
-                }
-                shared.apply_ended(first, last, ended, &mut |task| self.dispatch(task));
-            }
+            self.apply_endings(&shared, endings);
             self.place_queued();
             state = lock(&self.applying);
         }
     }
 
+    /// Applies decoded endings in order: the change feed first, then their effects.
+    fn apply_endings(
+        &self,
+        shared: &Arc<Shared>,
+        endings: Vec<(usize, u64, u64, dvm_engine::runner::Ended)>,
+    ) {
+        // Before the endings create runners anywhere: which pages they changed.
+        if let Some((_, _, upto, _)) = endings.last() {
+            let upto = *upto;
+            let mut pages: Vec<PageKey> = endings
+                .iter()
+                .flat_map(|(_, _, _, ended)| {
+                    let committed = match &ended.outcome {
+                        Outcome::Committed { changes } => changes.as_slice(),
+                        _ => &[],
+                    };
+                    committed
+                        .iter()
+                        .chain(&ended.exit_changes)
+                        .map(|(key, _)| *key)
+                })
+                .collect();
+            pages.sort_unstable();
+            pages.dedup();
+            lock(&self.cache).note_changes(upto, &pages);
+            let horizon = self.store.prune_horizon();
+            for node in (0..self.world).filter(|node| *node != self.rank) {
+                self.send(
+                    node,
+                    &Msg::Changes {
+                        upto,
+                        horizon,
+                        pages: pages.clone(),
+                    },
+                );
+            }
+        }
+        for (coordinator, first, last, ended) in endings {
+            if coordinator != self.rank {
+                if let Some(placed) = lock(&self.placed).get_mut(coordinator) {
+                    placed.remove(&ended.task.id);
+                }
+            }
+            // A lost node's count was reset when its runners were queued again.
+            if let Some(count) = self.outstanding.get(coordinator) {
+                let _ =
+                    count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            }
+            shared.apply_ended(first, last, ended, &mut |task| self.dispatch(task));
+        }
+    }
+
+    /// Node 0, in apply order: the runners `node` was running or had queued run again on the
+    /// other nodes from their snapshots, except those whose commit was granted (`granted`:
+    /// their endings are applied here all the same).
+    fn rerun_lost(&self, node: NodeId, granted: &[Vec<u8>]) {
+        let finishing: std::collections::BTreeSet<u64> = granted
+            .iter()
+            .filter_map(|effects| decode_ended(effects).ok())
+            .map(|ended| ended.task.id)
+            .collect();
+        let tasks: Vec<Task> = lock(&self.placed)
+            .get_mut(node)
+            .map(|placed| {
+                let mut tasks: Vec<Task> = placed
+                    .drain()
+                    .map(|(_, task)| task)
+                    .filter(|task| !finishing.contains(&task.id))
+                    .collect();
+                tasks.sort_by_key(|task| task.id);
+                tasks
+            })
+            .unwrap_or_default();
+        if let Some(count) = self.outstanding.get(node) {
+            count.store(0, Ordering::Release);
+        }
+        let ids: Vec<u64> = tasks.iter().map(|task| task.id).collect();
+        tracing::warn!(
+            "node {node}: {} runner(s) it was running or had queued run again on the other \
+             nodes from their snapshots {ids:?}; {} it had finished are applied",
+            ids.len(),
+            finishing.len()
+        );
+        if let Some(lost) = lock(&self.lost_nodes).iter_mut().find(|l| l.rank == node) {
+            lost.rerun = ids;
+        }
+        {
+            let mut queue = lock(&self.placement);
+            for task in tasks.into_iter().rev() {
+                let preferred = self.preferred_node(&task);
+                queue.push_front((preferred, task));
+            }
+        }
+        self.place_queued();
+    }
+
     fn send(&self, to: NodeId, msg: &Msg) {
+        if self.is_lost(to) {
+            return;
+        }
         let bytes = msg.encode();
         let result = if bytes.len() < FRAGMENT_BYTES {
             let mut payload = Vec::with_capacity(bytes.len() + 1);
@@ -563,10 +670,22 @@ impl Runtime {
                 })
         };
         if let Err(err) = result {
-            if !self.shutting_down.load(Ordering::Acquire) {
+            // A peer lost meanwhile is handled by its `PeerLost`.
+            if !self.shutting_down.load(Ordering::Acquire) && !self.may_lose(to) {
                 self.fail(ClusterError::Transport(err));
             }
         }
+    }
+
+    fn is_lost(&self, node: NodeId) -> bool {
+        self.lost
+            .get(node)
+            .is_some_and(|lost| lost.load(Ordering::Acquire))
+    }
+
+    /// Whether the run goes on without `node` if it is lost.
+    fn may_lose(&self, node: NodeId) -> bool {
+        self.replicas >= 2 && node != 0
     }
 
     /// A whole message from a payload, or `None` while fragments are missing.
@@ -620,8 +739,9 @@ impl Runtime {
                     return;
                 }
                 let load = |node: usize| self.outstanding[node].load(Ordering::Acquire);
+                let lost = |node: usize| self.is_lost(node);
                 let mut with_room: Vec<usize> = (0..self.world)
-                    .filter(|node| load(*node) < capacity)
+                    .filter(|node| !lost(*node) && load(*node) < capacity)
                     .collect();
                 with_room.sort_by_key(|node| (load(*node), *node));
                 // For the least busy node with room: a runner whose data lives there; else one
@@ -629,8 +749,9 @@ impl Runtime {
                 // ran there; else none, and the next node is asked: a node with room is not
                 // robbed, or data would move for nothing. A bounded look down the queue.
                 let last_ran = lock(&self.last_ran);
-                let stealable =
-                    |preferred: &Option<usize>| preferred.is_none_or(|node| load(node) >= capacity);
+                let stealable = |preferred: &Option<usize>| {
+                    preferred.is_none_or(|node| lost(node) || load(node) >= capacity)
+                };
                 let eligible = |target: usize| {
                     let window = || queue.iter().take(256);
                     window()
@@ -665,12 +786,13 @@ impl Runtime {
             if target == self.rank {
                 shared.inject(task);
             } else {
-                self.send(
-                    target,
-                    &Msg::RunTask {
-                        task: encode_task(&task),
-                    },
-                );
+                let encoded = encode_task(&task);
+                if self.may_lose(target) {
+                    if let Some(placed) = lock(&self.placed).get_mut(target) {
+                        placed.insert(task.id, task);
+                    }
+                }
+                self.send(target, &Msg::RunTask { task: encoded });
             }
         }
     }
@@ -1459,6 +1581,8 @@ impl Runtime {
     fn serve(self: &Arc<Self>) {
         let mut events = Vec::new();
         let mut report_deadline: Option<Instant> = None;
+        let started = Instant::now();
+        let mut last_tick = Instant::now();
         loop {
             events.clear();
             if let Err(err) = self.transport.poll(&mut events, Duration::from_millis(2)) {
@@ -1481,6 +1605,17 @@ impl Runtime {
                     });
                 }
             }
+            if last_tick.elapsed() >= LOSS_TICK
+                && (self.lost.iter().any(|lost| lost.load(Ordering::Acquire))
+                    || lock(&self.node).view().epoch() > 0)
+            {
+                // After a loss: what waited for the lost node goes to the new holders
+                // (retried reads, prepares made again, installs counted without it).
+                last_tick = Instant::now();
+                let now_us = started.elapsed().as_micros() as u64;
+                self.with_node(|node| node.tick(now_us));
+                self.check_lost_waiting();
+            }
             if self.failed.load(Ordering::Acquire) {
                 return;
             }
@@ -1497,7 +1632,12 @@ impl Runtime {
                     report_deadline = Some(Instant::now() + REPORT_WAIT);
                 }
                 if let Some(deadline) = report_deadline {
-                    let all = lock(&self.reports).len() + 1 >= self.world;
+                    let lost = self
+                        .lost
+                        .iter()
+                        .filter(|l| l.load(Ordering::Acquire))
+                        .count();
+                    let all = lock(&self.reports).len() + 1 + lost >= self.world;
                     if all || Instant::now() > deadline {
                         return;
                     }
@@ -1507,6 +1647,50 @@ impl Runtime {
                 return;
             }
         }
+    }
+
+    /// Not node 0: a peer lost here that node 0 has not declared dead within the peer timeout
+    /// (only the link between the two is down, say) cannot be done without: the run ends.
+    fn check_lost_waiting(&self) {
+        if self.rank == 0 {
+            return;
+        }
+        let dead = lock(&self.node).view().dead();
+        let mut waiting = lock(&self.lost_waiting);
+        waiting.retain(|(rank, _, _)| !dead.contains(rank));
+        let overdue = waiting
+            .iter()
+            .find(|(_, at, _)| at.elapsed() > self.left_grace)
+            .cloned();
+        drop(waiting);
+        if let Some((rank, _, reason)) = overdue {
+            self.fail(ClusterError::NodeLost {
+                rank,
+                addr: self.peer_addr(rank),
+                reason: format!("{reason}; node 0 still counts it alive"),
+            });
+        }
+    }
+
+    /// Node 0: `rank` is lost. It is declared dead (a new view for everyone); its pages are
+    /// served by their backups from now on, and its runners run again (`rerun_lost`, in the
+    /// order of the endings around the loss).
+    fn lose_node(&self, rank: usize, reason: String) {
+        if self.lost[rank].swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let addr = self.peer_addr(rank);
+        tracing::warn!(
+            "node {rank} ({addr}) was lost: {reason}; the run goes on without it: its pages are \
+             served by their backups"
+        );
+        lock(&self.lost_nodes).push(LostNode {
+            rank,
+            addr,
+            reason,
+            rerun: Vec::new(),
+        });
+        self.with_node(|node| node.declare_dead(rank));
     }
 
     fn on_event(self: &Arc<Self>, event: Event) {
@@ -1527,11 +1711,23 @@ impl Runtime {
             }
             Event::PeerLost { peer, reason } => {
                 let rank = peer as usize;
-                self.fail(ClusterError::NodeLost {
-                    rank,
-                    addr: self.peer_addr(rank),
-                    reason: reason.to_string(),
-                });
+                if !self.may_lose(rank) || self.shutting_down.load(Ordering::Acquire) {
+                    self.fail(ClusterError::NodeLost {
+                        rank,
+                        addr: self.peer_addr(rank),
+                        reason: reason.to_string(),
+                    });
+                } else if self.rank == 0 {
+                    self.lose_node(rank, reason.to_string());
+                } else if !self.lost[rank].swap(true, Ordering::AcqRel) {
+                    // Node 0 decides; if it does not declare the node dead soon, this node
+                    // cannot go on without it (`serve`).
+                    tracing::warn!(
+                        "node {rank} ({}) was lost: {reason}; waiting for node 0's view",
+                        self.peer_addr(rank)
+                    );
+                    lock(&self.lost_waiting).push((rank, Instant::now(), reason.to_string()));
+                }
             }
             Event::PeerLeft { peer } => {
                 // A clean departure is only expected once node 0 ended the run. Node 0 knows
@@ -1631,9 +1827,9 @@ pub fn run(
     let store = Arc::new(PageStore::new());
     let node = Node::new(
         NodeConfig {
-            // One holder per page and no failure detection in the protocol yet: a lost peer
-            // ends the run (`docs/CLUSTER.md`, "Replicas and the loss of a node").
-            replicas: 1,
+            replicas: options.replicas,
+            // The transport detects lost peers (its own thread, heartbeats on every
+            // connection); node 0 declares them dead (`lose_node`).
             failure_timeout_us: None,
             // `Changes` carries the watermark to the nodes.
             broadcast_watermark: false,
@@ -1662,6 +1858,11 @@ pub fn run(
         failure: Mutex::new(None),
         failed: AtomicBool::new(false),
         outstanding: (0..world).map(|_| AtomicU64::new(0)).collect(),
+        placed: Mutex::new((0..world).map(|_| HashMap::new()).collect()),
+        replicas: options.replicas.max(1),
+        lost: (0..world).map(|_| AtomicBool::new(false)).collect(),
+        lost_waiting: Mutex::new(Vec::new()),
+        lost_nodes: Mutex::new(Vec::new()),
         placement: Mutex::new(VecDeque::new()),
         last_ran: Mutex::new(HashMap::new()),
         workers_per_node: resources.slots.len() as u64,
@@ -1700,8 +1901,10 @@ pub fn run(
         backend,
         control,
     };
+    // Every holder of a page loads it (its home and its backups).
+    let view = crate::view::View::new(world, options.replicas);
     let machine = Machine::new(image, config, resources, parts, &|key| {
-        home_of(key, world) == rank
+        view.holders(key).contains(&rank)
     })?;
     let _ = runtime.shared.set(Arc::downgrade(machine.shared()));
     publish_loaded(&runtime);
@@ -1748,6 +1951,7 @@ pub fn run(
     let transport = runtime.transport.counters();
     let rows = lock(&runtime.reports).clone();
     let others_samples = std::mem::take(&mut *lock(&runtime.profiles));
+    let lost = lock(&runtime.lost_nodes).clone();
     let me = runtime.row(report.stats.clone(), &report.workers);
     // The VM is gone, and with it every other owner of the runtime: leave the mesh cleanly.
     match Arc::try_unwrap(runtime) {
@@ -1782,6 +1986,7 @@ pub fn run(
     Ok(ClusterRun {
         rank: launch.rank,
         world: launch.world,
+        lost,
         report,
         nodes,
         transport,

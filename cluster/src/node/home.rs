@@ -227,7 +227,6 @@ impl Node {
                 let mut installed: Vec<u64> = forced.iter().map(|delta| delta.page).collect();
                 if let Some(held) = self.held.remove(&txn) {
                     self.unstage(txn, &held);
-                    self.orphans.remove(&txn);
                     installed.extend(held.intents.iter().map(|write| write.key));
                     installed.extend(held.staged.iter().map(|write| write.key));
                     let mut unchecked = held.staged;
@@ -276,31 +275,35 @@ impl Node {
     }
 
     pub(super) fn home_abort(&mut self, from: NodeId, txn: TxnId) {
+        self.release(txn);
+        self.send(from, Msg::Aborted { txn });
+    }
+
+    /// Drops what this node holds of `txn`, for good.
+    fn release(&mut self, txn: TxnId) {
         if let Some(held) = self.held.remove(&txn) {
             self.unstage(txn, &held);
             if !self.config.broken_skip_conflict_check {
                 self.store.abort(txn, held.intents.iter().map(|w| w.key));
             }
         }
-        self.orphans.remove(&txn);
         debug_assert_ne!(self.decided.get(&txn), Some(&Decided::Committed));
         self.decided.entry(txn).or_insert(Decided::Aborted);
-        self.send(from, Msg::Aborted { txn });
     }
 
-    /// A newer view: transactions held here whose coordinator died are asked about at node 0
-    /// (on every tick until it answers with `Commit` or `Abort`).
-    pub(super) fn home_on_view(&mut self) {
+    /// A newer view: transactions held here whose coordinator died are released at once,
+    /// except those node 0 granted (`granted`): it is installing those, and their `Commit`
+    /// comes. Released before anything else of the view is acted on, so a runner of the dead
+    /// node that runs again never finds its own first attempt's intents in its way.
+    pub(super) fn home_on_view(&mut self, granted: &[TxnId]) {
         let orphans: Vec<TxnId> = self
             .held
             .iter()
-            .filter(|(_, held)| !self.view.is_live(held.coordinator))
+            .filter(|(txn, held)| !self.view.is_live(held.coordinator) && !granted.contains(txn))
             .map(|(txn, _)| *txn)
             .collect();
-        self.orphans.extend(orphans);
-        if self.config.id == 0 && !self.orphans.is_empty() {
-            let txns = self.orphans.iter().copied().collect();
-            self.local.push_back(Msg::Resolve { txns });
+        for txn in orphans {
+            self.release(txn);
         }
         // Nothing else to hand over: a backup that became home already holds every version
         // at or below the watermark and, staged, what the old home held as intents.

@@ -6,7 +6,8 @@
 //! sequencer, not the coordinator, sends `Commit` to every live holder of its pages (retried
 //! every tick) and counts it complete when all of them installed it; a coordinator that dies
 //! after the grant changes nothing. A transaction never granted whose coordinator died is
-//! refused for good when a holder asks (`Resolve`), and its holders release it.
+//! refused for good: the view that names its coordinator dead lists the dead coordinators'
+//! transactions still being installed, and holders release every other one.
 //!
 //! Failure detection: every node sends a heartbeat each tick; a node silent for
 //! `failure_timeout_us` is declared dead in a new epoch (`crate::view`). The timeout is
@@ -37,13 +38,12 @@ pub(super) struct Sequencer {
     next_ts: u64,
     /// Every grant, so that a retried request gets the same timestamps.
     grants: BTreeMap<TxnId, (u64, u64)>,
-    /// Transactions that will never be granted (prepared in an older view, or orphaned).
-    refused: BTreeSet<TxnId>,
     installing: BTreeMap<TxnId, Installing>,
     /// Broken on purpose: completed transactions still being sent to their backups.
     trailing: BTreeMap<TxnId, Installing>,
-    /// Completed ranges above the watermark: first -> (count, transaction, effects).
-    parked: BTreeMap<u64, (u64, TxnId, Vec<u8>)>,
+    /// Completed ranges above the watermark: first -> (count, transaction, effects,
+    /// coordinator).
+    parked: BTreeMap<u64, (u64, TxnId, Vec<u8>, NodeId)>,
     completed: BTreeSet<TxnId>,
     watermark: u64,
     /// Transactions in the order their ranges passed the watermark (commit order).
@@ -58,7 +58,6 @@ impl Sequencer {
         Sequencer {
             next_ts: 0,
             grants: BTreeMap::new(),
-            refused: BTreeSet::new(),
             installing: BTreeMap::new(),
             trailing: BTreeMap::new(),
             parked: BTreeMap::new(),
@@ -88,13 +87,15 @@ impl Sequencer {
     }
 
     /// Records a completion; returns the ranges that passed the watermark, in order.
-    fn complete(&mut self, txn: TxnId, first: u64, count: u64, effects: Vec<u8>) -> Vec<Done> {
+    fn complete(&mut self, done: Installing, txn: TxnId) -> Vec<Done> {
+        let (first, count) = (done.first, done.count);
         if self.grants.get(&txn) != Some(&(first, count)) || !self.completed.insert(txn) {
             return Vec::new();
         }
-        self.parked.insert(first, (count, txn, effects));
+        self.parked
+            .insert(first, (count, txn, done.effects, done.coordinator));
         let mut applied = Vec::new();
-        while let Some((count, txn, effects)) = self.parked.remove(&(self.watermark + 1)) {
+        while let Some((count, txn, effects, _)) = self.parked.remove(&(self.watermark + 1)) {
             let first = self.watermark + 1;
             self.applied.push((txn, first));
             self.watermark += count;
@@ -121,8 +122,6 @@ impl Node {
             let txn = item.txn;
             let first = match seq.granted(txn) {
                 Some(first) => first,
-                // Released for good (its coordinator was declared dead first): no answer.
-                None if seq.refused.contains(&txn) => continue,
                 None => {
                     let count = item.count.max(1);
                     let first = seq.grant(txn, count);
@@ -254,9 +253,18 @@ impl Node {
             return;
         };
         let effects = std::mem::take(&mut done.effects);
-        let applied = seq.complete(txn, done.first, done.count, effects);
-        let ts = seq.watermark;
         let coordinator = done.coordinator;
+        let parked = Installing {
+            coordinator,
+            first: done.first,
+            count: done.count,
+            effects,
+            forced: Vec::new(),
+            waiting: BTreeSet::new(),
+            trailing: BTreeSet::new(),
+        };
+        let applied = seq.complete(parked, txn);
+        let ts = seq.watermark;
         if !done.trailing.is_empty() {
             done.waiting = std::mem::take(&mut done.trailing);
             seq.trailing.insert(txn, done);
@@ -277,29 +285,16 @@ impl Node {
         }
     }
 
-    /// A holder asks about transactions whose coordinator died: those never granted are
-    /// refused for good and released; the others are being installed (their `Commit` is
-    /// sent again).
-    pub(super) fn sequencer_resolve(&mut self, from: NodeId, txns: Vec<TxnId>) {
-        let Some(seq) = &mut self.sequencer else {
-            return;
+    /// The transactions of dead coordinators that are granted and still being installed.
+    pub(super) fn granted_of_dead(&self) -> Vec<TxnId> {
+        let Some(seq) = &self.sequencer else {
+            return Vec::new();
         };
-        let mut aborts = Vec::new();
-        let mut commits = Vec::new();
-        for txn in txns {
-            if seq.granted(txn).is_some() {
-                commits.push(txn);
-            } else {
-                seq.refused.insert(txn);
-                aborts.push(txn);
-            }
-        }
-        for txn in aborts {
-            self.send(from, Msg::Abort { txn });
-        }
-        for txn in commits {
-            self.send_commits(txn);
-        }
+        seq.installing
+            .iter()
+            .filter(|(_, installing)| !self.view.is_live(installing.coordinator))
+            .map(|(txn, _)| *txn)
+            .collect()
     }
 
     /// Node 0's part of `tick`: installs retried, silent nodes declared dead, the watermark
@@ -349,7 +344,29 @@ impl Node {
         }
         let epoch = self.view.epoch();
         tracing::warn!("node {node} declared dead; view {epoch}");
-        self.done.push(Done::NodeLost { node, epoch });
+        let granted = self.sequencer.as_ref().map_or_else(Vec::new, |seq| {
+            // Not applied yet, in the order they will be: installing ones complete after the
+            // parked ones (whose timestamps are lower or whose turn comes first).
+            let parked = seq
+                .parked
+                .values()
+                .filter(|(_, _, _, coordinator)| *coordinator == node)
+                .map(|(_, _, effects, _)| effects.clone());
+            let mut installing: Vec<&Installing> = seq
+                .installing
+                .values()
+                .filter(|installing| installing.coordinator == node)
+                .collect();
+            installing.sort_by_key(|installing| installing.first);
+            parked
+                .chain(installing.into_iter().map(|i| i.effects.clone()))
+                .collect()
+        });
+        self.done.push(Done::NodeLost {
+            node,
+            epoch,
+            granted,
+        });
         self.report_data_lost();
         let mut txns = Vec::new();
         if let Some(seq) = &mut self.sequencer {
@@ -364,11 +381,13 @@ impl Node {
             seq.trailing
                 .retain(|_, trailing| !trailing.waiting.is_empty());
         }
+        // Refused for good: every transaction of the dead node not granted yet.
+        let granted = self.granted_of_dead();
         let everyone: Vec<NodeId> = (1..self.config.world).collect();
         for to in everyone {
             self.send_view(to);
         }
-        self.on_view();
+        self.on_view(&granted);
         for txn in txns {
             self.complete_if_installed(txn);
         }
