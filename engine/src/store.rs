@@ -110,6 +110,126 @@ pub trait PageRead: Send + Sync {
     /// that must copy the page (from a remote home, or to materialise a delta) can run out of
     /// page memory.
     fn read(&self, key: PageKey, snapshot_ts: u64) -> Result<Option<Arc<Page>>, MemoryLimit>;
+
+    /// `read`, except that a page holding only a few bytes over zeros may come back as those
+    /// bytes (`SnapshotPage::Sparse`) rather than as a page built for this read: an exit
+    /// record read once by its joiner, a child's frame read once by the child. A reader with
+    /// nothing cheaper to offer answers with `read`.
+    fn read_snapshot(&self, key: PageKey, snapshot_ts: u64) -> Result<SnapshotPage, MemoryLimit> {
+        Ok(match self.read(key, snapshot_ts)? {
+            Some(page) => SnapshotPage::Page(page),
+            None => SnapshotPage::Zero,
+        })
+    }
+}
+
+/// What `PageRead::read_snapshot` found.
+#[derive(Debug)]
+pub enum SnapshotPage {
+    Zero,
+    Page(Arc<Page>),
+    Sparse(SparsePage),
+}
+
+/// Runs a sparse page may hold (over all the deltas it was made from), and their bytes.
+const SPARSE_MAX_RUNS: usize = 4;
+const SPARSE_MAX_BYTES: usize = 64;
+
+/// A page that is zeros except for a few runs of bytes: the deltas of a chain with no full
+/// version, in installation order (a later run overrides an earlier one where they overlap).
+#[derive(Clone, Debug, Default)]
+pub struct SparsePage {
+    runs: SmallVec<[Run; 2]>,
+    /// The runs' bytes, one run after the other.
+    bytes: SmallVec<[u8; 24]>,
+}
+
+impl SparsePage {
+    /// `bytes` at `offset`, over zeros; `None` when they do not fit in the page or are too
+    /// many.
+    pub fn new(offset: usize, bytes: &[u8]) -> Option<SparsePage> {
+        let mut page = SparsePage::default();
+        page.push(offset, bytes).then_some(page)
+    }
+
+    /// Lays `bytes` at `offset` over the page; `false` (and nothing changed) when they do not
+    /// fit in the page or would make it more than a sparse page holds.
+    pub fn push(&mut self, offset: usize, bytes: &[u8]) -> bool {
+        let fits = offset
+            .checked_add(bytes.len())
+            .is_some_and(|end| end <= PAGE_BYTES);
+        if !fits
+            || bytes.is_empty()
+            || self.runs.len() == SPARSE_MAX_RUNS
+            || self.bytes.len() + bytes.len() > SPARSE_MAX_BYTES
+        {
+            return false;
+        }
+        self.runs.push(Run {
+            offset: offset as u16,
+            len: bytes.len() as u16,
+        });
+        self.bytes.extend_from_slice(bytes);
+        true
+    }
+
+    /// `len` (1..=8) bytes at `offset` (inside the page), little-endian, zero-extended.
+    pub fn load(&self, offset: usize, len: usize) -> u64 {
+        let mut out = [0u8; 8];
+        let len = len.min(8);
+        let wanted = offset..offset + len;
+        let mut next = 0;
+        for run in &self.runs {
+            let bytes = run.bytes();
+            let start = bytes.start.max(wanted.start);
+            let end = bytes.end.min(wanted.end);
+            if start < end {
+                let from = next + (start - bytes.start);
+                if let Some(source) = self.bytes.get(from..from + (end - start)) {
+                    out[start - offset..end - offset].copy_from_slice(source);
+                }
+            }
+            next += bytes.len();
+        }
+        u64::from_le_bytes(out)
+    }
+
+    /// Writes the runs into `page` (which holds zeros, or the bytes to lay them over).
+    pub fn write_into(&self, page: &mut [u8; PAGE_BYTES]) {
+        let mut next = 0;
+        for run in &self.runs {
+            let bytes = run.bytes();
+            let len = bytes.len();
+            if let Some(source) = self.bytes.get(next..next + len) {
+                page[bytes].copy_from_slice(source);
+            }
+            next += len;
+        }
+    }
+
+    /// The page as a delta chain's runs, or `None` when they are too many for a sparse page.
+    fn of_deltas(versions: &[Version]) -> Option<SparsePage> {
+        let mut page = SparsePage::default();
+        for version in versions {
+            let Body::Delta(bytes) = &version.body else {
+                return None;
+            };
+            let mut next = 0;
+            let mut fits = true;
+            version.stored.for_each_run(|run| {
+                let len = run.len();
+                fits = fits
+                    && bytes
+                        .get(next..next + len)
+                        .is_some_and(|source| page.push(run.start, source));
+                next += len;
+            });
+            if !fits {
+                return None;
+            }
+        }
+        Some(page)
+    }
 }
 
 /// Bytes `offset .. offset + len` of a page.
@@ -603,6 +723,10 @@ impl PageRead for PageStore {
     fn read(&self, key: PageKey, snapshot_ts: u64) -> Result<Option<Arc<Page>>, MemoryLimit> {
         PageStore::read(self, key, snapshot_ts)
     }
+
+    fn read_snapshot(&self, key: PageKey, snapshot_ts: u64) -> Result<SnapshotPage, MemoryLimit> {
+        PageStore::read_snapshot(self, key, snapshot_ts)
+    }
 }
 
 impl PageStore {
@@ -649,6 +773,39 @@ impl PageStore {
                 Ok(Some(Arc::new(page)))
             }
         }
+    }
+
+    /// `PageRead::read_snapshot`: a chain of deltas over zeros holding at most
+    /// `SPARSE_MAX_RUNS` runs and `SPARSE_MAX_BYTES` bytes comes back as those bytes, with no
+    /// page allocated, zeroed and freed for them.
+    pub fn read_snapshot(
+        &self,
+        key: PageKey,
+        snapshot_ts: u64,
+    ) -> Result<SnapshotPage, MemoryLimit> {
+        {
+            let shard = read_lock(&self.shards[shard_of(key)]);
+            let Some(chain) = shard.get(&key) else {
+                return Ok(SnapshotPage::Zero);
+            };
+            let Some(index) = chain.visible(snapshot_ts) else {
+                return Ok(SnapshotPage::Zero);
+            };
+            match &chain.versions[index].body {
+                Body::Full(page) => return Ok(SnapshotPage::Page(Arc::clone(page))),
+                Body::Delta(_) => {
+                    // Deltas with no full version below were installed over zeros (module
+                    // comment: a delta with no version below it).
+                    if let Some(sparse) = SparsePage::of_deltas(&chain.versions[..=index]) {
+                        return Ok(SnapshotPage::Sparse(sparse));
+                    }
+                }
+            }
+        }
+        Ok(match self.read(key, snapshot_ts)? {
+            Some(page) => SnapshotPage::Page(page),
+            None => SnapshotPage::Zero,
+        })
     }
 
     /// Like `read`, with the timestamp of the version returned and of the next version after
@@ -1258,6 +1415,71 @@ mod tests {
         PageSource::new(pool, MemoryAccount::new(1 << 30))
     }
 
+    /// Deltas over zeros come back as their bytes, with no page allocated; a later byte
+    /// overrides an earlier one; a full version, or more runs than a sparse page holds, comes
+    /// back as a page.
+    #[test]
+    fn read_snapshot_answers_deltas_over_zeros_without_a_page() {
+        let store = PageStore::new();
+        let pages = source();
+        let publish = |ts: u64, offset: usize, bytes: &[u8]| {
+            let bytes = PageBytes::new(7, offset, bytes).expect("fits");
+            store.publish(ts, Publication::Bytes(bytes), &pages);
+        };
+        publish(1, 0xff8, &1u64.to_le_bytes());
+        publish(2, 0xffc, &[9, 9]);
+        store.advance_watermark(2);
+        let live = pages.account().live_bytes();
+        let SnapshotPage::Sparse(sparse) = store.read_snapshot(7, 2).expect("read") else {
+            panic!("two small deltas over zeros are sparse");
+        };
+        assert_eq!(pages.account().live_bytes(), live, "no page made");
+        assert_eq!(sparse.load(0xff8, 8), 0x0000_0909_0000_0001);
+        assert_eq!(sparse.load(0xffb, 2), 0x0900);
+        assert_eq!(sparse.load(0x100, 8), 0);
+        let SnapshotPage::Sparse(older) = store.read_snapshot(7, 1).expect("read") else {
+            panic!("one delta is sparse");
+        };
+        assert_eq!(older.load(0xff8, 8), 1);
+        assert!(matches!(store.read_snapshot(7, 0), Ok(SnapshotPage::Zero)));
+        assert!(matches!(store.read_snapshot(8, 2), Ok(SnapshotPage::Zero)));
+
+        // More runs than a sparse page holds: a page, read as `read` reads it.
+        for (index, ts) in (3..3 + SPARSE_MAX_RUNS as u64).enumerate() {
+            publish(ts, 64 * index, &[ts as u8]);
+        }
+        let last = 2 + SPARSE_MAX_RUNS as u64;
+        store.advance_watermark(last);
+        let Ok(SnapshotPage::Page(page)) = store.read_snapshot(7, last) else {
+            panic!("too many runs for a sparse page");
+        };
+        let read = store.read(7, last).expect("read").expect("a page");
+        assert_eq!(**page, **read);
+
+        // A full version below: a page.
+        let mut data = pages.zeroed().expect("page");
+        data[5] = 5;
+        store.install_initial(9, data);
+        let Ok(SnapshotPage::Page(page)) = store.read_snapshot(9, last) else {
+            panic!("a full version is a page");
+        };
+        assert_eq!(page[5], 5);
+    }
+
+    #[test]
+    fn sparse_page_refuses_what_does_not_fit() {
+        assert!(SparsePage::new(PAGE_BYTES - 1, &[1, 2]).is_none());
+        assert!(SparsePage::new(0, &[]).is_none());
+        assert!(SparsePage::new(0, &[0; SPARSE_MAX_BYTES + 1]).is_none());
+        let mut page = SparsePage::new(PAGE_BYTES - 8, &[1; 8]).expect("fits");
+        assert_eq!(page.load(PAGE_BYTES - 4, 4), 0x0101_0101);
+        for run in 1..SPARSE_MAX_RUNS {
+            assert!(page.push(run * 8, &[2]), "run {run} fits");
+        }
+        assert!(!page.push(0x100, &[3]), "one run too many");
+        assert_eq!(page.load(0x100, 1), 0, "a refused push changes nothing");
+    }
+
     fn write(
         pages: &PageSource,
         key: PageKey,
@@ -1785,6 +2007,24 @@ mod tests {
         ]
     }
 
+    /// The page `read_snapshot` describes, whichever shape it came in.
+    fn snapshot_bytes(store: &PageStore, key: PageKey, snapshot: u64) -> [u8; PAGE_BYTES] {
+        match store.read_snapshot(key, snapshot).expect("read") {
+            SnapshotPage::Zero => [0; PAGE_BYTES],
+            SnapshotPage::Page(page) => **page,
+            SnapshotPage::Sparse(sparse) => {
+                let mut page = [0; PAGE_BYTES];
+                sparse.write_into(&mut page);
+                // Every load answers what the page holds.
+                for offset in (0..PAGE_BYTES).step_by(8) {
+                    let word = u64::from_le_bytes(page[offset..offset + 8].try_into().expect("8"));
+                    assert_eq!(sparse.load(offset, 8), word, "word at {offset}");
+                }
+                page
+            }
+        }
+    }
+
     fn check_reads(store: &PageStore, model: &Model, live: &[(u64, u64, Vec<PageKey>)]) {
         let watermark = store.watermark();
         for key in 0..3 {
@@ -1794,6 +2034,11 @@ mod tests {
                 got.map_or([0; PAGE_BYTES], |page| **page),
                 want,
                 "key {key} at the watermark"
+            );
+            assert_eq!(
+                snapshot_bytes(store, key, watermark),
+                want,
+                "read_snapshot of {key}"
             );
         }
         for (snapshot, _, scope) in live {
@@ -1805,6 +2050,7 @@ mod tests {
                     want,
                     "key {key} at {snapshot}"
                 );
+                assert_eq!(snapshot_bytes(store, *key, *snapshot), want);
                 let remote = store.read_version(*key, *snapshot);
                 assert_eq!(
                     remote.version.map_or([0; PAGE_BYTES], |(_, page)| *page),
