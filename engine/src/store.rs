@@ -248,8 +248,9 @@ impl Run {
 
 /// Which bytes of a page a version or an intent stored: one run (most commits store one word
 /// or one contiguous stretch, and an exit record's status is one word: no allocation), a few
-/// runs, or a mask when they are scattered.
-#[derive(Clone, Debug)]
+/// runs, or a mask when they are scattered. Made by `of_mask` (or as one run, or at most
+/// `DELTA_MAX_RUNS` runs), so a set of bytes has one representation and `==` compares sets.
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Stored {
     One(Run),
     /// Sorted, disjoint, not adjacent; never exactly one.
@@ -586,8 +587,8 @@ impl Publication {
     /// The bytes it changes (watchers test these).
     pub fn change(&self) -> Change {
         match self {
-            Publication::Page { write, .. } => (write.key, write.stored.clone()),
-            Publication::Bytes(bytes) => (bytes.key, bytes.mask()),
+            Publication::Page { write, .. } => (write.key, Changed::of_mask(&write.stored)),
+            Publication::Bytes(bytes) => (bytes.key, Changed(bytes.stored.clone())),
         }
     }
 }
@@ -653,7 +654,38 @@ pub struct VersionRead {
 }
 
 /// The bytes one commit changed on one page (watchers test these).
-pub type Change = (PageKey, Box<Mask>);
+pub type Change = (PageKey, Changed);
+
+/// Which bytes of a page a commit changed: runs (no allocation for one run, the common case:
+/// a word, an exit record's status), or a mask when they are scattered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Changed(Stored);
+
+impl Changed {
+    pub fn of_mask(mask: &Mask) -> Changed {
+        Changed(Stored::of_mask(mask))
+    }
+
+    pub fn to_mask(&self) -> Box<Mask> {
+        self.0.to_mask()
+    }
+
+    /// Whether a byte of `bytes` (offsets within the page) changed.
+    pub fn touches(&self, bytes: std::ops::Range<usize>) -> bool {
+        if bytes.start >= bytes.end {
+            return false;
+        }
+        match &self.0 {
+            Stored::Mask(mask) => next_bit(mask, bytes.start, true) < bytes.end,
+            Stored::One(_) | Stored::Runs(_) => self.0.runs().is_some_and(|runs| {
+                runs.iter().any(|run| {
+                    let own = run.bytes();
+                    own.start < bytes.end && bytes.start < own.end
+                })
+            }),
+        }
+    }
+}
 
 /// The pages a snapshot's runner may read: what pruning keeps for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1466,6 +1498,47 @@ mod tests {
         assert_eq!(page[5], 5);
     }
 
+    /// A change kept as runs or as a mask answers "was a byte of this window changed" as the
+    /// mask would, and one set of bytes has one representation.
+    #[test]
+    fn changed_bytes_answer_like_their_mask() {
+        let mut one = EMPTY_MASK;
+        mark(&mut one, 0xff8, 8);
+        let mut few = EMPTY_MASK;
+        mark(&mut few, 10, 3);
+        mark(&mut few, 200, 70);
+        let mut scattered = EMPTY_MASK;
+        for offset in (0..PAGE_BYTES).step_by(97) {
+            mark(&mut scattered, offset, 1);
+        }
+        for mask in [one, few, scattered, EMPTY_MASK] {
+            let changed = Changed::of_mask(&mask);
+            assert_eq!(*changed.to_mask(), mask);
+            assert_eq!(changed, Changed::of_mask(&changed.to_mask()));
+            for (from, to) in [
+                (0, 10),
+                (9, 11),
+                (12, 13),
+                (13, 200),
+                (269, 270),
+                (270, 4096),
+                (0xff0, 0xff9),
+                (5, 5),
+            ] {
+                let mut window = EMPTY_MASK;
+                if to > from {
+                    mark(&mut window, from, to - from);
+                }
+                assert_eq!(
+                    changed.touches(from..to),
+                    first_overlap(&window, &mask).is_some(),
+                    "{from:#x}..{to:#x} of {changed:?}"
+                );
+            }
+        }
+        assert_ne!(Changed::of_mask(&one), Changed::of_mask(&few));
+    }
+
     #[test]
     fn sparse_page_refuses_what_does_not_fit() {
         assert!(SparsePage::new(PAGE_BYTES - 1, &[1, 2]).is_none());
@@ -1823,7 +1896,7 @@ mod tests {
         assert_eq!(live_pages(&pages), 0, "nor kept");
         let mut expected = EMPTY_MASK;
         mark(&mut expected, 8, 8);
-        assert_eq!(change, (3, Box::new(expected)));
+        assert_eq!(change, (3, Changed::of_mask(&expected)));
         let page = store.read(3, 2).expect("read").expect("page");
         assert_eq!(&page[8..16], &7u64.to_le_bytes());
         assert_eq!(page[100], 5, "over the version below");
