@@ -1124,6 +1124,9 @@ impl PageStore {
                 if stored.is_small() && depth < DELTA_MAX_DEPTH {
                     // The runner's page is freed here: its stored bytes are all a delta needs.
                     let bytes = gather(&data, &stored);
+                    let mut runs: SmallVec<[std::ops::Range<usize>; 4]> = SmallVec::new();
+                    stored.for_each_run(|run| runs.push(run));
+                    data.free_clearing(runs);
                     (stored, Body::Delta(bytes))
                 } else {
                     let data = full_contents(below, data, &mask, base_ts, pages);

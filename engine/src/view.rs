@@ -571,7 +571,7 @@ impl View {
                         let pending = self.pending_abi_page(addr);
                         let page = self
                             .pages
-                            .zeroed()
+                            .zeroed_scratch()
                             .map_err(|limit| AccessError::Memory { addr, limit })?;
                         let index = self.tlb.add_private(page);
                         self.private_index.insert(private_page, index);
@@ -633,6 +633,12 @@ impl View {
                                         page
                                     })
                                 }
+                                // Every store to the copy marks its mask: it stays zeros
+                                // but for the stored bytes.
+                                Clean::Frame(Frame::Zero) => self.pages.zeroed().map(|mut page| {
+                                    page.set_zeros_but_stored();
+                                    page
+                                }),
                                 Clean::Frame(_) => self.pages.zeroed(),
                             }
                             .map_err(|limit| AccessError::Memory { addr, limit })?;
@@ -943,6 +949,55 @@ mod tests {
         v.release();
         assert!(v.sparse.is_empty());
         assert_eq!(v.load(other, 8), Ok(0x0202));
+    }
+
+    /// A copy of a page nobody wrote, committed as a delta, goes back to the pool as zeros
+    /// (debug builds check every such page as it is freed), and pages handed out afterwards
+    /// are zeros; a copy of a written page is freed as an ordinary page.
+    #[test]
+    fn committed_copies_of_unwritten_pages_are_freed_as_zeros() {
+        let store = Arc::new(PageStore::new());
+        let topology = dvm_numa::Topology::detect();
+        let pool = dvm_numa::PagePool::new(&topology, 0, 1 << 20).expect("pool");
+        let pages = PageSource::new(pool, MemoryAccount::new(1 << 30));
+        let snapshot = store.begin_snapshot(0, crate::store::Scope::Everything);
+        let mut v = View::new(
+            Arc::clone(&store) as Arc<dyn PageRead>,
+            snapshot,
+            pages.clone(),
+            Access::everything(),
+            Arc::new(RangeSet::default()),
+        );
+        for round in 0..3u64 {
+            for page in 0..4u64 {
+                let addr = 0x9_0000_0000 + (round * 4 + page) * 0x1000 + 8 * page;
+                v.store(addr, 8, u64::MAX).expect("store");
+                v.store(0x9_0000_0000 + 16, 8, round + 1).expect("store");
+            }
+            let (writes, _) = v.drain_writes(None);
+            store
+                .prepare(round, snapshot + round, &writes)
+                .expect("no conflict");
+            store.commit(
+                round,
+                Some(snapshot + round),
+                snapshot + round + 1,
+                writes,
+                &pages,
+            );
+            store.advance_watermark(snapshot + round + 1);
+            let fresh: Vec<_> = (0..8).map(|_| pages.zeroed().expect("page")).collect();
+            assert!(fresh.iter().all(|page| page.iter().all(|byte| *byte == 0)));
+            v.reset(
+                Arc::clone(&store) as Arc<dyn PageRead>,
+                snapshot + round + 1,
+                pages.clone(),
+                Access::everything(),
+                Arc::new(RangeSet::default()),
+            );
+        }
+        assert_eq!(v.load(0x9_0000_0000 + 16, 8), Ok(3));
+        assert_eq!(v.load(0x9_0000_0000 + 11 * 0x1000 + 24, 8), Ok(u64::MAX));
     }
 
     #[test]
