@@ -640,6 +640,8 @@ enum Incoming {
     Page {
         data: Page,
         stored: Box<Mask>,
+        /// `stored` as runs, when the caller has them (its intent's).
+        runs: Option<Stored>,
         base_ts: Option<u64>,
     },
     Bytes {
@@ -1035,7 +1037,7 @@ impl PageStore {
         for key in keys {
             let mut shard = write_lock(&self.shards[shard_of(key)]);
             if let Some(chain) = shard.get_mut(&key) {
-                remove_intent(chain, txn);
+                take_intent(chain, txn);
             }
         }
     }
@@ -1056,11 +1058,13 @@ impl PageStore {
         for write in writes {
             let mut shard = write_lock(&self.shards[shard_of(write.key)]);
             let chain = shard.entry(write.key).or_default();
-            let removed = remove_intent(chain, txn);
-            debug_assert!(removed, "commit without prepare");
+            let intent = take_intent(chain, txn);
+            debug_assert!(intent.is_some(), "commit without prepare");
             let incoming = Incoming::Page {
                 data: write.data,
                 stored: write.stored,
+                // The intent holds the same bytes as runs: no second pass over the mask.
+                runs: intent.map(|intent| intent.stored),
                 base_ts,
             };
             self.install(write.key, chain, ts, incoming, pages);
@@ -1078,6 +1082,7 @@ impl PageStore {
                 Incoming::Page {
                     data: write.data,
                     stored: write.stored,
+                    runs: None,
                     base_ts,
                 },
             ),
@@ -1118,9 +1123,10 @@ impl PageStore {
             Incoming::Page {
                 data,
                 stored: mask,
+                runs,
                 base_ts,
             } => {
-                let stored = Stored::of_mask(&mask);
+                let stored = runs.unwrap_or_else(|| Stored::of_mask(&mask));
                 if stored.is_small() && depth < DELTA_MAX_DEPTH {
                     // The runner's page is freed here: its stored bytes are all a delta needs.
                     let bytes = gather(&data, &stored);
@@ -1304,18 +1310,16 @@ fn gather(page: &[u8; PAGE_BYTES], stored: &Stored) -> SmallBytes {
     SmallBytes::new(&bytes)
 }
 
-/// Removes `txn`'s intent from `chain`; says whether there was one.
-fn remove_intent(chain: &mut Chain, txn: TxnId) -> bool {
+/// Removes `txn`'s intent from `chain` and returns it, if there was one.
+fn take_intent(chain: &mut Chain, txn: TxnId) -> Option<Intent> {
     // A commit leaves at most one intent on a page; `remove` keeps the others in prepare order.
-    let Some(at) = chain.intents.iter().position(|intent| intent.txn == txn) else {
-        return false;
-    };
-    chain.intents.remove(at);
+    let at = chain.intents.iter().position(|intent| intent.txn == txn)?;
+    let intent = chain.intents.remove(at);
     if chain.intents.is_empty() {
         // Back inline: a page that once had two intents at once keeps no buffer.
         chain.intents = SmallVec::new();
     }
-    true
+    Some(intent)
 }
 
 /// The contents of a full version made from a runner's copy `data` that stored `mask`, over
