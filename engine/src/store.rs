@@ -26,6 +26,9 @@
 //! materialises a page (the nearest full version below, or zeros, plus the deltas up to it);
 //! nothing is cached, so a finished runner's exit record, read once by its joiner, keeps no
 //! page. A run of deltas is at most `DELTA_MAX_DEPTH` long: the next version is full.
+//! `read_snapshot` answers a chain of deltas over zeros holding at most `SPARSE_MAX_RUNS`
+//! runs (`SparsePage`) with those bytes and builds no page at all: a view serves loads of an
+//! exit record or of a child's frame from them.
 //! Every version, either shape, knows exactly which bytes it stored (`Stored`: runs, or a mask
 //! when they are scattered), so conflict checks stay byte-exact.
 //!
