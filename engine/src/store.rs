@@ -471,7 +471,7 @@ struct Chain {
 /// A chain's stripped versions: timestamp -> stored bytes. Boxed, since few chains ever have
 /// one, and a chain is a shard map's entry: its size is what every lookup (cache lines) and
 /// every growth of the map (bytes moved, pages faulted in) pays. With it and `prune_at` in
-/// 32 bits, an entry is 128 bytes, two cache lines, not 144 (three).
+/// 32 bits, an entry is at most 128 bytes, two cache lines, not 144 (three).
 // The box is the point: 8 bytes in the entry where an empty `BTreeMap` takes 24.
 #[allow(clippy::box_collection)]
 #[derive(Debug, Default)]
@@ -1583,10 +1583,12 @@ mod tests {
         assert_ne!(Changed::of_mask(&one), Changed::of_mask(&few));
     }
 
-    /// A shard map's entry stays two cache lines (see `Stripped`).
+    /// A shard map's entry stays within two cache lines (see `Stripped`): 128 bytes, or less
+    /// where another crate of the build turns on smallvec's `union` feature.
     #[test]
     fn chain_entry_is_two_cache_lines() {
-        assert_eq!(std::mem::size_of::<(PageKey, Chain)>(), 128);
+        let size = std::mem::size_of::<(PageKey, Chain)>();
+        assert!(size <= 128, "a chain entry is {size} bytes");
     }
 
     #[test]
