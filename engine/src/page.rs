@@ -213,6 +213,14 @@ impl PageSource {
         self.counted(self.pool.alloc_zeroed())
     }
 
+    /// `zeroed`, for a page that will be written at will and freed with its bytes (a
+    /// runner's scratch page): a recently freed page, cheap to zero while it is in cache,
+    /// rather than one from the pool's list of zeros (see `dvm_numa::pool`).
+    pub fn zeroed_scratch(&self) -> Result<Page, MemoryLimit> {
+        self.account.reserve()?;
+        self.counted(self.pool.alloc_zeroed_recycled_first())
+    }
+
     pub fn copy_of(&self, from: &[u8; PAGE_BYTES]) -> Result<Page, MemoryLimit> {
         self.account.reserve()?;
         self.account.copied_total.fetch_add(1, Ordering::Relaxed);
@@ -226,6 +234,7 @@ impl PageSource {
             Ok(bytes) => Ok(Page {
                 bytes,
                 account: Arc::clone(&self.account),
+                zeros_but_stored: false,
             }),
             Err(_) => {
                 self.account.live_pages.fetch_sub(1, Ordering::Relaxed);
@@ -241,6 +250,31 @@ impl PageSource {
 pub struct Page {
     bytes: PageBox,
     account: Arc<MemoryAccount>,
+    /// Zeros but for the bytes its owner's mask records (`set_zeros_but_stored`).
+    zeros_but_stored: bool,
+}
+
+impl Page {
+    /// Declares that every byte of this page that its owner's mask will not record as stored
+    /// is zero: the view's copy of a page nobody wrote, every store to which marks its mask.
+    pub fn set_zeros_but_stored(&mut self) {
+        self.zeros_but_stored = true;
+    }
+
+    /// Frees the page, given the bytes its mask recorded: a page declared
+    /// `set_zeros_but_stored` has them cleared and goes to the pool's list of zeros, so a
+    /// later `zeroed` page costs the cache lines its owner writes, not a 4 KiB `memset` of
+    /// cold memory (a spawner's copy of each child's stack page, to write its frame).
+    pub fn free_clearing(mut self, stored: impl IntoIterator<Item = std::ops::Range<usize>>) {
+        if self.zeros_but_stored {
+            for bytes in stored {
+                if let Some(bytes) = self.bytes.get_mut(bytes) {
+                    bytes.fill(0);
+                }
+            }
+            self.bytes.set_free_as_zeros();
+        }
+    }
 }
 
 impl Drop for Page {

@@ -10,7 +10,7 @@ use crate::interp::{ChildSpec, Ending, Fault, FaultKind, MAX_OUTPUT_BYTES};
 use crate::isa::ExitMode;
 use crate::page::{Mask, EMPTY_MASK};
 use crate::runner::{Ended, Outcome, Task, TaskKind};
-use crate::store::{Change, Conflict, ConflictWith};
+use crate::store::{Change, Changed, Conflict, ConflictWith};
 use crate::view::Range;
 
 /// Most ranges, children or page changes in one encoded value.
@@ -143,7 +143,7 @@ impl Reader<'_> {
     fn changes(&mut self) -> Result<Vec<Change>, ReportDecodeError> {
         let count = self.count("page change", MAX_ITEMS)?;
         (0..count)
-            .map(|_| Ok((self.u64()?, self.mask()?)))
+            .map(|_| Ok((self.u64()?, Changed::of_mask(&*self.mask()?))))
             .collect()
     }
 
@@ -262,9 +262,10 @@ fn put_ranges(out: &mut Vec<u8>, ranges: &[Range]) {
 
 fn put_changes(out: &mut Vec<u8>, changes: &[Change]) {
     put_u64(out, changes.len() as u64);
-    for (key, mask) in changes {
+    for (key, changed) in changes {
         put_u64(out, *key);
-        for word in mask.iter() {
+        // As a mask: the wire format does not depend on how the engine keeps the bytes.
+        for word in changed.to_mask().iter() {
             put_u64(out, *word);
         }
     }
@@ -670,10 +671,10 @@ mod tests {
                 snapshot: 17,
                 ending: Ending::Exit(ExitMode::Commit),
                 outcome: Outcome::Committed {
-                    changes: vec![(9, mask.clone())],
+                    changes: vec![(9, Changed::of_mask(&mask))],
                 },
                 children: vec![child],
-                exit_changes: vec![(3, mask)],
+                exit_changes: vec![(3, Changed::of_mask(&mask))],
                 output: b"hello\n".to_vec(),
                 ends_template: false,
             },

@@ -26,6 +26,9 @@
 //! materialises a page (the nearest full version below, or zeros, plus the deltas up to it);
 //! nothing is cached, so a finished runner's exit record, read once by its joiner, keeps no
 //! page. A run of deltas is at most `DELTA_MAX_DEPTH` long: the next version is full.
+//! `read_snapshot` answers a chain of deltas over zeros holding at most `SPARSE_MAX_RUNS`
+//! runs (`SparsePage`) with those bytes and builds no page at all: a view serves loads of an
+//! exit record or of a child's frame from them.
 //! Every version, either shape, knows exactly which bytes it stored (`Stored`: runs, or a mask
 //! when they are scattered), so conflict checks stay byte-exact.
 //!
@@ -110,6 +113,126 @@ pub trait PageRead: Send + Sync {
     /// that must copy the page (from a remote home, or to materialise a delta) can run out of
     /// page memory.
     fn read(&self, key: PageKey, snapshot_ts: u64) -> Result<Option<Arc<Page>>, MemoryLimit>;
+
+    /// `read`, except that a page holding only a few bytes over zeros may come back as those
+    /// bytes (`SnapshotPage::Sparse`) rather than as a page built for this read: an exit
+    /// record read once by its joiner, a child's frame read once by the child. A reader with
+    /// nothing cheaper to offer answers with `read`.
+    fn read_snapshot(&self, key: PageKey, snapshot_ts: u64) -> Result<SnapshotPage, MemoryLimit> {
+        Ok(match self.read(key, snapshot_ts)? {
+            Some(page) => SnapshotPage::Page(page),
+            None => SnapshotPage::Zero,
+        })
+    }
+}
+
+/// What `PageRead::read_snapshot` found.
+#[derive(Debug)]
+pub enum SnapshotPage {
+    Zero,
+    Page(Arc<Page>),
+    Sparse(SparsePage),
+}
+
+/// Runs a sparse page may hold (over all the deltas it was made from), and their bytes.
+const SPARSE_MAX_RUNS: usize = 4;
+const SPARSE_MAX_BYTES: usize = 64;
+
+/// A page that is zeros except for a few runs of bytes: the deltas of a chain with no full
+/// version, in installation order (a later run overrides an earlier one where they overlap).
+#[derive(Clone, Debug, Default)]
+pub struct SparsePage {
+    runs: SmallVec<[Run; 2]>,
+    /// The runs' bytes, one run after the other.
+    bytes: SmallVec<[u8; 24]>,
+}
+
+impl SparsePage {
+    /// `bytes` at `offset`, over zeros; `None` when they do not fit in the page or are too
+    /// many.
+    pub fn new(offset: usize, bytes: &[u8]) -> Option<SparsePage> {
+        let mut page = SparsePage::default();
+        page.push(offset, bytes).then_some(page)
+    }
+
+    /// Lays `bytes` at `offset` over the page; `false` (and nothing changed) when they do not
+    /// fit in the page or would make it more than a sparse page holds.
+    pub fn push(&mut self, offset: usize, bytes: &[u8]) -> bool {
+        let fits = offset
+            .checked_add(bytes.len())
+            .is_some_and(|end| end <= PAGE_BYTES);
+        if !fits
+            || bytes.is_empty()
+            || self.runs.len() == SPARSE_MAX_RUNS
+            || self.bytes.len() + bytes.len() > SPARSE_MAX_BYTES
+        {
+            return false;
+        }
+        self.runs.push(Run {
+            offset: offset as u16,
+            len: bytes.len() as u16,
+        });
+        self.bytes.extend_from_slice(bytes);
+        true
+    }
+
+    /// `len` (1..=8) bytes at `offset` (inside the page), little-endian, zero-extended.
+    pub fn load(&self, offset: usize, len: usize) -> u64 {
+        let mut out = [0u8; 8];
+        let len = len.min(8);
+        let wanted = offset..offset + len;
+        let mut next = 0;
+        for run in &self.runs {
+            let bytes = run.bytes();
+            let start = bytes.start.max(wanted.start);
+            let end = bytes.end.min(wanted.end);
+            if start < end {
+                let from = next + (start - bytes.start);
+                if let Some(source) = self.bytes.get(from..from + (end - start)) {
+                    out[start - offset..end - offset].copy_from_slice(source);
+                }
+            }
+            next += bytes.len();
+        }
+        u64::from_le_bytes(out)
+    }
+
+    /// Writes the runs into `page` (which holds zeros, or the bytes to lay them over).
+    pub fn write_into(&self, page: &mut [u8; PAGE_BYTES]) {
+        let mut next = 0;
+        for run in &self.runs {
+            let bytes = run.bytes();
+            let len = bytes.len();
+            if let Some(source) = self.bytes.get(next..next + len) {
+                page[bytes].copy_from_slice(source);
+            }
+            next += len;
+        }
+    }
+
+    /// The page as a delta chain's runs, or `None` when they are too many for a sparse page.
+    fn of_deltas(versions: &[Version]) -> Option<SparsePage> {
+        let mut page = SparsePage::default();
+        for version in versions {
+            let Body::Delta(bytes) = &version.body else {
+                return None;
+            };
+            let mut next = 0;
+            let mut fits = true;
+            version.stored.for_each_run(|run| {
+                let len = run.len();
+                fits = fits
+                    && bytes
+                        .get(next..next + len)
+                        .is_some_and(|source| page.push(run.start, source));
+                next += len;
+            });
+            if !fits {
+                return None;
+            }
+        }
+        Some(page)
+    }
 }
 
 /// Bytes `offset .. offset + len` of a page.
@@ -128,12 +251,15 @@ impl Run {
 
 /// Which bytes of a page a version or an intent stored: one run (most commits store one word
 /// or one contiguous stretch, and an exit record's status is one word: no allocation), a few
-/// runs, or a mask when they are scattered.
-#[derive(Clone, Debug)]
+/// runs, or a mask when they are scattered. Made by `of_mask` (or as one run, or at most
+/// `DELTA_MAX_RUNS` runs), so a set of bytes has one representation and `==` compares sets.
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Stored {
     One(Run),
     /// Sorted, disjoint, not adjacent; never exactly one.
-    Runs(Box<[Run]>),
+    /// Thin-boxed, so a `Stored` is 16 bytes (it is in every version and intent, inline in
+    /// the shard maps' entries).
+    Runs(Box<Box<[Run]>>),
     Mask(Box<Mask>),
 }
 
@@ -149,7 +275,7 @@ impl Stored {
             }
         }
         match runs_of(mask, STORED_MAX_RUNS) {
-            Some(runs) => Stored::Runs(runs.into_boxed_slice()),
+            Some(runs) => Stored::Runs(Box::new(runs.into_boxed_slice())),
             None => Stored::Mask(Box::new(*mask)),
         }
     }
@@ -165,7 +291,7 @@ impl Stored {
     fn runs(&self) -> Option<&[Run]> {
         match self {
             Stored::One(run) => Some(std::slice::from_ref(run)),
-            Stored::Runs(runs) => Some(runs),
+            Stored::Runs(runs) => Some(&runs[..]),
             Stored::Mask(_) => None,
         }
     }
@@ -335,11 +461,51 @@ struct Chain {
     versions: SmallVec<[Version; 1]>,
     /// Versions whose contents no snapshot can read any more, for the conflict checks of the
     /// covering snapshots older than them: timestamp -> stored bytes.
-    stripped: BTreeMap<u64, Stored>,
+    stripped: Stripped,
     /// Rarely more than one at once: inline, so a commit allocates nothing for its intent.
     intents: SmallVec<[Intent; 1]>,
     /// `versions.len()` at which the next prune runs (at least `PRUNE_MIN_VERSIONS`).
-    prune_at: usize,
+    prune_at: u32,
+}
+
+/// A chain's stripped versions: timestamp -> stored bytes. Boxed, since few chains ever have
+/// one, and a chain is a shard map's entry: its size is what every lookup (cache lines) and
+/// every growth of the map (bytes moved, pages faulted in) pays. With it and `prune_at` in
+/// 32 bits, an entry is at most 128 bytes, two cache lines, not 144 (three).
+// The box is the point: 8 bytes in the entry where an empty `BTreeMap` takes 24.
+#[allow(clippy::box_collection)]
+#[derive(Debug, Default)]
+struct Stripped(Option<Box<BTreeMap<u64, Stored>>>);
+
+impl Stripped {
+    /// Those with a timestamp in `range`, oldest first.
+    fn range(&self, range: (Bound<u64>, Bound<u64>)) -> impl Iterator<Item = (&u64, &Stored)> + '_ {
+        self.0.iter().flat_map(move |map| map.range(range))
+    }
+
+    fn insert(&mut self, ts: u64, stored: Stored) {
+        self.0.get_or_insert_with(Box::default).insert(ts, stored);
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    /// Drops those at or below `ts`.
+    fn drop_through(&mut self, ts: u64) {
+        if let Some(map) = &mut self.0 {
+            if map.first_key_value().is_some_and(|(first, _)| *first <= ts) {
+                **map = map.split_off(&ts.saturating_add(1));
+            }
+            if map.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |map| map.len())
+    }
 }
 
 type Shard = RwLock<HashMap<PageKey, Chain, ChainHash>>;
@@ -423,7 +589,7 @@ impl PageBytes {
         let runs = runs_of(mask, DELTA_MAX_RUNS)?;
         let stored = match runs[..] {
             [run] => Stored::One(run),
-            _ => Stored::Runs(runs.into_boxed_slice()),
+            _ => Stored::Runs(Box::new(runs.into_boxed_slice())),
         };
         let count: usize = mask.iter().map(|word| word.count_ones() as usize).sum();
         (stored.is_small() && count == bytes.len() && count > 0).then(|| PageBytes {
@@ -466,8 +632,8 @@ impl Publication {
     /// The bytes it changes (watchers test these).
     pub fn change(&self) -> Change {
         match self {
-            Publication::Page { write, .. } => (write.key, write.stored.clone()),
-            Publication::Bytes(bytes) => (bytes.key, bytes.mask()),
+            Publication::Page { write, .. } => (write.key, Changed::of_mask(&write.stored)),
+            Publication::Bytes(bytes) => (bytes.key, Changed(bytes.stored.clone())),
         }
     }
 }
@@ -477,6 +643,8 @@ enum Incoming {
     Page {
         data: Page,
         stored: Box<Mask>,
+        /// `stored` as runs, when the caller has them (its intent's).
+        runs: Option<Stored>,
         base_ts: Option<u64>,
     },
     Bytes {
@@ -533,7 +701,38 @@ pub struct VersionRead {
 }
 
 /// The bytes one commit changed on one page (watchers test these).
-pub type Change = (PageKey, Box<Mask>);
+pub type Change = (PageKey, Changed);
+
+/// Which bytes of a page a commit changed: runs (no allocation for one run, the common case:
+/// a word, an exit record's status), or a mask when they are scattered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Changed(Stored);
+
+impl Changed {
+    pub fn of_mask(mask: &Mask) -> Changed {
+        Changed(Stored::of_mask(mask))
+    }
+
+    pub fn to_mask(&self) -> Box<Mask> {
+        self.0.to_mask()
+    }
+
+    /// Whether a byte of `bytes` (offsets within the page) changed.
+    pub fn touches(&self, bytes: std::ops::Range<usize>) -> bool {
+        if bytes.start >= bytes.end {
+            return false;
+        }
+        match &self.0 {
+            Stored::Mask(mask) => next_bit(mask, bytes.start, true) < bytes.end,
+            Stored::One(_) | Stored::Runs(_) => self.0.runs().is_some_and(|runs| {
+                runs.iter().any(|run| {
+                    let own = run.bytes();
+                    own.start < bytes.end && bytes.start < own.end
+                })
+            }),
+        }
+    }
+}
 
 /// The pages a snapshot's runner may read: what pruning keeps for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -603,6 +802,10 @@ impl PageRead for PageStore {
     fn read(&self, key: PageKey, snapshot_ts: u64) -> Result<Option<Arc<Page>>, MemoryLimit> {
         PageStore::read(self, key, snapshot_ts)
     }
+
+    fn read_snapshot(&self, key: PageKey, snapshot_ts: u64) -> Result<SnapshotPage, MemoryLimit> {
+        PageStore::read_snapshot(self, key, snapshot_ts)
+    }
 }
 
 impl PageStore {
@@ -649,6 +852,39 @@ impl PageStore {
                 Ok(Some(Arc::new(page)))
             }
         }
+    }
+
+    /// `PageRead::read_snapshot`: a chain of deltas over zeros holding at most
+    /// `SPARSE_MAX_RUNS` runs and `SPARSE_MAX_BYTES` bytes comes back as those bytes, with no
+    /// page allocated, zeroed and freed for them.
+    pub fn read_snapshot(
+        &self,
+        key: PageKey,
+        snapshot_ts: u64,
+    ) -> Result<SnapshotPage, MemoryLimit> {
+        {
+            let shard = read_lock(&self.shards[shard_of(key)]);
+            let Some(chain) = shard.get(&key) else {
+                return Ok(SnapshotPage::Zero);
+            };
+            let Some(index) = chain.visible(snapshot_ts) else {
+                return Ok(SnapshotPage::Zero);
+            };
+            match &chain.versions[index].body {
+                Body::Full(page) => return Ok(SnapshotPage::Page(Arc::clone(page))),
+                Body::Delta(_) => {
+                    // Deltas with no full version below were installed over zeros (module
+                    // comment: a delta with no version below it).
+                    if let Some(sparse) = SparsePage::of_deltas(&chain.versions[..=index]) {
+                        return Ok(SnapshotPage::Sparse(sparse));
+                    }
+                }
+            }
+        }
+        Ok(match self.read(key, snapshot_ts)? {
+            Some(page) => SnapshotPage::Page(page),
+            None => SnapshotPage::Zero,
+        })
     }
 
     /// Like `read`, with the timestamp of the version returned and of the next version after
@@ -804,7 +1040,7 @@ impl PageStore {
         for key in keys {
             let mut shard = write_lock(&self.shards[shard_of(key)]);
             if let Some(chain) = shard.get_mut(&key) {
-                remove_intent(chain, txn);
+                take_intent(chain, txn);
             }
         }
     }
@@ -825,11 +1061,13 @@ impl PageStore {
         for write in writes {
             let mut shard = write_lock(&self.shards[shard_of(write.key)]);
             let chain = shard.entry(write.key).or_default();
-            let removed = remove_intent(chain, txn);
-            debug_assert!(removed, "commit without prepare");
+            let intent = take_intent(chain, txn);
+            debug_assert!(intent.is_some(), "commit without prepare");
             let incoming = Incoming::Page {
                 data: write.data,
                 stored: write.stored,
+                // The intent holds the same bytes as runs: no second pass over the mask.
+                runs: intent.map(|intent| intent.stored),
                 base_ts,
             };
             self.install(write.key, chain, ts, incoming, pages);
@@ -847,6 +1085,7 @@ impl PageStore {
                 Incoming::Page {
                     data: write.data,
                     stored: write.stored,
+                    runs: None,
                     base_ts,
                 },
             ),
@@ -887,12 +1126,16 @@ impl PageStore {
             Incoming::Page {
                 data,
                 stored: mask,
+                runs,
                 base_ts,
             } => {
-                let stored = Stored::of_mask(&mask);
+                let stored = runs.unwrap_or_else(|| Stored::of_mask(&mask));
                 if stored.is_small() && depth < DELTA_MAX_DEPTH {
                     // The runner's page is freed here: its stored bytes are all a delta needs.
                     let bytes = gather(&data, &stored);
+                    let mut runs: SmallVec<[std::ops::Range<usize>; 4]> = SmallVec::new();
+                    stored.for_each_run(|run| runs.push(run));
+                    data.free_clearing(runs);
                     (stored, Body::Delta(bytes))
                 } else {
                     let data = full_contents(below, data, &mask, base_ts, pages);
@@ -920,7 +1163,7 @@ impl PageStore {
             lay_over_newer(&mut chain.versions[at..], &stored, &body, pages);
         }
         chain.versions.insert(at, Version { ts, stored, body });
-        if chain.versions.len() >= chain.prune_at.max(PRUNE_MIN_VERSIONS) {
+        if chain.versions.len() >= (chain.prune_at as usize).max(PRUNE_MIN_VERSIONS) {
             self.prune(key, chain);
         }
     }
@@ -957,18 +1200,10 @@ impl PageStore {
             }
         }
         match oldest_covering {
-            Some(oldest) => {
-                if chain
-                    .stripped
-                    .first_key_value()
-                    .is_some_and(|(ts, _)| *ts <= oldest)
-                {
-                    chain.stripped = chain.stripped.split_off(&oldest.saturating_add(1));
-                }
-            }
+            Some(oldest) => chain.stripped.drop_through(oldest),
             None => chain.stripped.clear(),
         }
-        chain.prune_at = (2 * chain.versions.len()).max(PRUNE_MIN_VERSIONS);
+        chain.prune_at = u32::try_from(2 * chain.versions.len()).unwrap_or(u32::MAX);
         if dropped > 0 {
             self.versions_pruned.fetch_add(dropped, Ordering::Relaxed);
         }
@@ -1078,18 +1313,16 @@ fn gather(page: &[u8; PAGE_BYTES], stored: &Stored) -> SmallBytes {
     SmallBytes::new(&bytes)
 }
 
-/// Removes `txn`'s intent from `chain`; says whether there was one.
-fn remove_intent(chain: &mut Chain, txn: TxnId) -> bool {
+/// Removes `txn`'s intent from `chain` and returns it, if there was one.
+fn take_intent(chain: &mut Chain, txn: TxnId) -> Option<Intent> {
     // A commit leaves at most one intent on a page; `remove` keeps the others in prepare order.
-    let Some(at) = chain.intents.iter().position(|intent| intent.txn == txn) else {
-        return false;
-    };
-    chain.intents.remove(at);
+    let at = chain.intents.iter().position(|intent| intent.txn == txn)?;
+    let intent = chain.intents.remove(at);
     if chain.intents.is_empty() {
         // Back inline: a page that once had two intents at once keeps no buffer.
         chain.intents = SmallVec::new();
     }
-    true
+    Some(intent)
 }
 
 /// The contents of a full version made from a runner's copy `data` that stored `mask`, over
@@ -1256,6 +1489,120 @@ mod tests {
         let topology = dvm_numa::Topology::detect();
         let pool = dvm_numa::PagePool::new(&topology, 0, 1 << 20).expect("pool");
         PageSource::new(pool, MemoryAccount::new(1 << 30))
+    }
+
+    /// Deltas over zeros come back as their bytes, with no page allocated; a later byte
+    /// overrides an earlier one; a full version, or more runs than a sparse page holds, comes
+    /// back as a page.
+    #[test]
+    fn read_snapshot_answers_deltas_over_zeros_without_a_page() {
+        let store = PageStore::new();
+        let pages = source();
+        let publish = |ts: u64, offset: usize, bytes: &[u8]| {
+            let bytes = PageBytes::new(7, offset, bytes).expect("fits");
+            store.publish(ts, Publication::Bytes(bytes), &pages);
+        };
+        publish(1, 0xff8, &1u64.to_le_bytes());
+        publish(2, 0xffc, &[9, 9]);
+        store.advance_watermark(2);
+        let live = pages.account().live_bytes();
+        let SnapshotPage::Sparse(sparse) = store.read_snapshot(7, 2).expect("read") else {
+            panic!("two small deltas over zeros are sparse");
+        };
+        assert_eq!(pages.account().live_bytes(), live, "no page made");
+        assert_eq!(sparse.load(0xff8, 8), 0x0000_0909_0000_0001);
+        assert_eq!(sparse.load(0xffb, 2), 0x0900);
+        assert_eq!(sparse.load(0x100, 8), 0);
+        let SnapshotPage::Sparse(older) = store.read_snapshot(7, 1).expect("read") else {
+            panic!("one delta is sparse");
+        };
+        assert_eq!(older.load(0xff8, 8), 1);
+        assert!(matches!(store.read_snapshot(7, 0), Ok(SnapshotPage::Zero)));
+        assert!(matches!(store.read_snapshot(8, 2), Ok(SnapshotPage::Zero)));
+
+        // More runs than a sparse page holds: a page, read as `read` reads it.
+        for (index, ts) in (3..3 + SPARSE_MAX_RUNS as u64).enumerate() {
+            publish(ts, 64 * index, &[ts as u8]);
+        }
+        let last = 2 + SPARSE_MAX_RUNS as u64;
+        store.advance_watermark(last);
+        let Ok(SnapshotPage::Page(page)) = store.read_snapshot(7, last) else {
+            panic!("too many runs for a sparse page");
+        };
+        let read = store.read(7, last).expect("read").expect("a page");
+        assert_eq!(**page, **read);
+
+        // A full version below: a page.
+        let mut data = pages.zeroed().expect("page");
+        data[5] = 5;
+        store.install_initial(9, data);
+        let Ok(SnapshotPage::Page(page)) = store.read_snapshot(9, last) else {
+            panic!("a full version is a page");
+        };
+        assert_eq!(page[5], 5);
+    }
+
+    /// A change kept as runs or as a mask answers "was a byte of this window changed" as the
+    /// mask would, and one set of bytes has one representation.
+    #[test]
+    fn changed_bytes_answer_like_their_mask() {
+        let mut one = EMPTY_MASK;
+        mark(&mut one, 0xff8, 8);
+        let mut few = EMPTY_MASK;
+        mark(&mut few, 10, 3);
+        mark(&mut few, 200, 70);
+        let mut scattered = EMPTY_MASK;
+        for offset in (0..PAGE_BYTES).step_by(97) {
+            mark(&mut scattered, offset, 1);
+        }
+        for mask in [one, few, scattered, EMPTY_MASK] {
+            let changed = Changed::of_mask(&mask);
+            assert_eq!(*changed.to_mask(), mask);
+            assert_eq!(changed, Changed::of_mask(&changed.to_mask()));
+            for (from, to) in [
+                (0, 10),
+                (9, 11),
+                (12, 13),
+                (13, 200),
+                (269, 270),
+                (270, 4096),
+                (0xff0, 0xff9),
+                (5, 5),
+            ] {
+                let mut window = EMPTY_MASK;
+                if to > from {
+                    mark(&mut window, from, to - from);
+                }
+                assert_eq!(
+                    changed.touches(from..to),
+                    first_overlap(&window, &mask).is_some(),
+                    "{from:#x}..{to:#x} of {changed:?}"
+                );
+            }
+        }
+        assert_ne!(Changed::of_mask(&one), Changed::of_mask(&few));
+    }
+
+    /// A shard map's entry stays within two cache lines (see `Stripped`): 128 bytes, or less
+    /// where another crate of the build turns on smallvec's `union` feature.
+    #[test]
+    fn chain_entry_is_two_cache_lines() {
+        let size = std::mem::size_of::<(PageKey, Chain)>();
+        assert!(size <= 128, "a chain entry is {size} bytes");
+    }
+
+    #[test]
+    fn sparse_page_refuses_what_does_not_fit() {
+        assert!(SparsePage::new(PAGE_BYTES - 1, &[1, 2]).is_none());
+        assert!(SparsePage::new(0, &[]).is_none());
+        assert!(SparsePage::new(0, &[0; SPARSE_MAX_BYTES + 1]).is_none());
+        let mut page = SparsePage::new(PAGE_BYTES - 8, &[1; 8]).expect("fits");
+        assert_eq!(page.load(PAGE_BYTES - 4, 4), 0x0101_0101);
+        for run in 1..SPARSE_MAX_RUNS {
+            assert!(page.push(run * 8, &[2]), "run {run} fits");
+        }
+        assert!(!page.push(0x100, &[3]), "one run too many");
+        assert_eq!(page.load(0x100, 1), 0, "a refused push changes nothing");
     }
 
     fn write(
@@ -1601,7 +1948,7 @@ mod tests {
         assert_eq!(live_pages(&pages), 0, "nor kept");
         let mut expected = EMPTY_MASK;
         mark(&mut expected, 8, 8);
-        assert_eq!(change, (3, Box::new(expected)));
+        assert_eq!(change, (3, Changed::of_mask(&expected)));
         let page = store.read(3, 2).expect("read").expect("page");
         assert_eq!(&page[8..16], &7u64.to_le_bytes());
         assert_eq!(page[100], 5, "over the version below");
@@ -1785,6 +2132,24 @@ mod tests {
         ]
     }
 
+    /// The page `read_snapshot` describes, whichever shape it came in.
+    fn snapshot_bytes(store: &PageStore, key: PageKey, snapshot: u64) -> [u8; PAGE_BYTES] {
+        match store.read_snapshot(key, snapshot).expect("read") {
+            SnapshotPage::Zero => [0; PAGE_BYTES],
+            SnapshotPage::Page(page) => **page,
+            SnapshotPage::Sparse(sparse) => {
+                let mut page = [0; PAGE_BYTES];
+                sparse.write_into(&mut page);
+                // Every load answers what the page holds.
+                for offset in (0..PAGE_BYTES).step_by(8) {
+                    let word = u64::from_le_bytes(page[offset..offset + 8].try_into().expect("8"));
+                    assert_eq!(sparse.load(offset, 8), word, "word at {offset}");
+                }
+                page
+            }
+        }
+    }
+
     fn check_reads(store: &PageStore, model: &Model, live: &[(u64, u64, Vec<PageKey>)]) {
         let watermark = store.watermark();
         for key in 0..3 {
@@ -1794,6 +2159,11 @@ mod tests {
                 got.map_or([0; PAGE_BYTES], |page| **page),
                 want,
                 "key {key} at the watermark"
+            );
+            assert_eq!(
+                snapshot_bytes(store, key, watermark),
+                want,
+                "read_snapshot of {key}"
             );
         }
         for (snapshot, _, scope) in live {
@@ -1805,6 +2175,7 @@ mod tests {
                     want,
                     "key {key} at {snapshot}"
                 );
+                assert_eq!(snapshot_bytes(store, *key, *snapshot), want);
                 let remote = store.read_version(*key, *snapshot);
                 assert_eq!(
                     remote.version.map_or([0; PAGE_BYTES], |(_, page)| *page),

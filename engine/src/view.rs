@@ -23,7 +23,7 @@
 use crate::abi;
 use crate::page::PageHash;
 use crate::page::{MemoryLimit, PageSource, PAGE_BYTES, PAGE_OFFSET_MASK, PAGE_SHIFT};
-use crate::store::{PageKey, PageRead, PageWrite, Scope};
+use crate::store::{PageKey, PageRead, PageWrite, Scope, SnapshotPage, SparsePage};
 use crate::tlb::{Frame, Tlb};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -260,6 +260,34 @@ pub struct View {
     /// Snapshot pages held that were made for this view alone (a version the store keeps as
     /// a delta, rebuilt on read): bounded by `MAX_MADE_FRAMES`.
     made_frames: usize,
+    /// Snapshot pages the store answered as a few bytes over zeros (exit records, a child's
+    /// frame), with the loads they served. Loads of them take the slow path (they have no
+    /// TLB entry, so no alias of them is ever cached); a page loaded more than
+    /// `SPARSE_MAX_LOADS` times is made a page, so a loop over it gets the fast path.
+    sparse: HashMap<PageKey, (SparsePage, u32), PageHash>,
+}
+
+/// Loads a sparse snapshot page answers before it is made a page: a joiner reads one word of
+/// each exit record, a child its few frame words, and a page built for them was most of their
+/// reading cost.
+const SPARSE_MAX_LOADS: u32 = 32;
+
+/// Sparse snapshot pages a view keeps at once (a joiner reading 10^5 exit records must not
+/// keep them all); past this they are forgotten and read again when next used.
+const MAX_SPARSE_PAGES: usize = 1024;
+
+/// Where `locate` found a page.
+enum Located {
+    Frame(Frame),
+    /// A sparse snapshot page of the view's `sparse` map (reads only).
+    Sparse(PageKey),
+}
+
+/// What `clean_frame` found.
+enum Clean {
+    Frame(Frame),
+    /// In the view's `sparse` map.
+    Sparse,
 }
 
 /// Snapshot pages made for one runner (rebuilt deltas, such as exit records) it may hold at
@@ -316,6 +344,7 @@ impl View {
             clean_amr_cached: false,
             made_frames: 0,
             abi_words: None,
+            sparse: HashMap::default(),
         }
     }
 
@@ -351,6 +380,7 @@ impl View {
         self.clean_amr_cached = false;
         self.made_frames = 0;
         self.abi_words = None;
+        self.sparse.clear();
     }
 
     /// Sets the ABI words a runner starts with (after `new` or `reset`). No page is made
@@ -430,8 +460,13 @@ impl View {
             // Not cached in the TLB (in any space): the page is still to be made.
             return Ok(abi_bytes(words, offset, len));
         }
-        let frame = self.locate(addr, false, len)?;
-        Ok(self.tlb.read_frame(frame, offset, len))
+        match self.locate(addr, false, len)? {
+            Located::Frame(frame) => Ok(self.tlb.read_frame(frame, offset, len)),
+            Located::Sparse(key) => Ok(self
+                .sparse
+                .get(&key)
+                .map_or(0, |(page, _)| page.load(offset, len))),
+        }
     }
 
     /// Stores the low `len` (1..=8) bytes of `value`, little-endian.
@@ -464,7 +499,7 @@ impl View {
         if offset + len > PAGE_BYTES {
             return self.store_split(addr, len, value);
         }
-        let frame = self.locate(addr, true, len)?;
+        let frame = self.locate_write(addr, len)?;
         let written = self.tlb.write_frame(frame, offset, len, value);
         debug_assert!(written, "locate() returns a writable frame for stores");
         Ok(())
@@ -498,7 +533,7 @@ impl View {
     fn store_split(&mut self, addr: u64, len: usize, value: u64) -> Result<(), AccessError> {
         // Check every byte first, so a refused store changes nothing.
         for index in 0..len {
-            self.locate(addr.wrapping_add(index as u64), true, 1)?;
+            self.locate_write(addr.wrapping_add(index as u64), 1)?;
         }
         for index in 0..len {
             self.store(addr.wrapping_add(index as u64), 1, value >> (8 * index))?;
@@ -512,9 +547,20 @@ impl View {
         self.clean_amr_cached = false;
     }
 
+    /// `locate` for a store: always a frame.
+    fn locate_write(&mut self, addr: u64, len: usize) -> Result<Frame, AccessError> {
+        match self.locate(addr, true, len)? {
+            Located::Frame(frame) => Ok(frame),
+            Located::Sparse(_) => {
+                debug_assert!(false, "a store located sparse bytes");
+                Err(AccessError::Unmapped { addr })
+            }
+        }
+    }
+
     /// Where the bytes of `addr`'s page are, checking the access rule; for a store, a page
     /// this view may write (created on first store). Caches the page in the TLB when it may be.
-    fn locate(&mut self, addr: u64, write: bool, len: usize) -> Result<Frame, AccessError> {
+    fn locate(&mut self, addr: u64, write: bool, len: usize) -> Result<Located, AccessError> {
         match region_of(addr) {
             Region::Unmapped => Err(AccessError::Unmapped { addr }),
             Region::Private => {
@@ -525,7 +571,7 @@ impl View {
                         let pending = self.pending_abi_page(addr);
                         let page = self
                             .pages
-                            .zeroed()
+                            .zeroed_scratch()
                             .map_err(|limit| AccessError::Memory { addr, limit })?;
                         let index = self.tlb.add_private(page);
                         self.private_index.insert(private_page, index);
@@ -548,7 +594,7 @@ impl View {
                     }
                     self.tlb.fill(addr, frame, true);
                 }
-                Ok(frame)
+                Ok(Located::Frame(frame))
             }
             Region::Shared => {
                 let key = page_key(addr);
@@ -569,14 +615,31 @@ impl View {
                 let frame = match self.dirty_index.get(&key) {
                     Some(index) => Frame::Dirty(*index),
                     None => {
-                        let clean = self.clean_frame(key, addr)?;
+                        let clean = self.clean_frame(key, addr, !write)?;
                         if write {
                             let copy = match clean {
-                                Frame::Clean(index) => match self.tlb.clean_page(index) {
-                                    Some(page) => self.pages.copy_of(page),
-                                    None => self.pages.zeroed(),
-                                },
-                                _ => self.pages.zeroed(),
+                                Clean::Frame(Frame::Clean(index)) => {
+                                    match self.tlb.clean_page(index) {
+                                        Some(page) => self.pages.copy_of(page),
+                                        None => self.pages.zeroed(),
+                                    }
+                                }
+                                Clean::Sparse => {
+                                    let sparse = self.sparse.remove(&key);
+                                    self.pages.zeroed().map(|mut page| {
+                                        if let Some((sparse, _)) = sparse {
+                                            sparse.write_into(&mut page);
+                                        }
+                                        page
+                                    })
+                                }
+                                // Every store to the copy marks its mask: it stays zeros
+                                // but for the stored bytes.
+                                Clean::Frame(Frame::Zero) => self.pages.zeroed().map(|mut page| {
+                                    page.set_zeros_but_stored();
+                                    page
+                                }),
+                                Clean::Frame(_) => self.pages.zeroed(),
                             }
                             .map_err(|limit| AccessError::Memory { addr, limit })?;
                             let index = self.tlb.add_dirty(key, copy);
@@ -587,7 +650,11 @@ impl View {
                             }
                             Frame::Dirty(index)
                         } else {
-                            clean
+                            match clean {
+                                Clean::Frame(frame) => frame,
+                                // Never in the TLB: each load asks the view.
+                                Clean::Sparse => return Ok(Located::Sparse(key)),
+                            }
                         }
                     }
                 };
@@ -597,22 +664,61 @@ impl View {
                     }
                     self.tlb.fill(addr, frame, writable);
                 }
-                Ok(frame)
+                Ok(Located::Frame(frame))
             }
         }
     }
 
     /// The snapshot's version of shared page `key` (needed for `addr`), read from the store
-    /// once per view.
-    fn clean_frame(&mut self, key: PageKey, addr: u64) -> Result<Frame, AccessError> {
+    /// once per view. A page the store answers as a few bytes stays those bytes (in `sparse`)
+    /// for a load (`sparse_load`) until it has served `SPARSE_MAX_LOADS` of them, and for a
+    /// store (which makes the dirty copy from them); otherwise it becomes a frame.
+    fn clean_frame(
+        &mut self,
+        key: PageKey,
+        addr: u64,
+        sparse_load: bool,
+    ) -> Result<Clean, AccessError> {
         if let Some(frame) = self.clean_index.get(&key) {
-            return Ok(*frame);
+            return Ok(Clean::Frame(*frame));
         }
-        let frame = match self
-            .store
-            .read(key, self.snapshot_ts)
-            .map_err(|limit| AccessError::Memory { addr, limit })?
-        {
+        let (read, from_store) = match self.sparse.get_mut(&key) {
+            Some((_, loads)) if !sparse_load || *loads < SPARSE_MAX_LOADS => {
+                *loads += 1;
+                return Ok(Clean::Sparse);
+            }
+            // Loaded often: made a page below.
+            Some(_) => match self.sparse.remove(&key) {
+                Some((sparse, _)) => (SnapshotPage::Sparse(sparse), false),
+                None => (SnapshotPage::Zero, false),
+            },
+            None => (
+                self.store
+                    .read_snapshot(key, self.snapshot_ts)
+                    .map_err(|limit| AccessError::Memory { addr, limit })?,
+                true,
+            ),
+        };
+        let page = match read {
+            SnapshotPage::Zero => None,
+            SnapshotPage::Page(page) => Some(page),
+            SnapshotPage::Sparse(sparse) if from_store => {
+                if self.sparse.len() >= MAX_SPARSE_PAGES {
+                    self.sparse.clear();
+                }
+                self.sparse.insert(key, (sparse, 1));
+                return Ok(Clean::Sparse);
+            }
+            SnapshotPage::Sparse(sparse) => {
+                let mut page = self
+                    .pages
+                    .zeroed()
+                    .map_err(|limit| AccessError::Memory { addr, limit })?;
+                sparse.write_into(&mut page);
+                Some(Arc::new(page))
+            }
+        };
+        let frame = match page {
             Some(page) => {
                 // Nobody else holds it: the store made it for this read.
                 if Arc::strong_count(&page) == 1 {
@@ -626,7 +732,7 @@ impl View {
             None => Frame::Zero,
         };
         self.clean_index.insert(key, frame);
-        Ok(frame)
+        Ok(Clean::Frame(frame))
     }
 
     /// Forgets every snapshot page read so far (they are read again when used).
@@ -779,6 +885,119 @@ mod tests {
         let addr = (first_key << PAGE_SHIFT) + 0xff0;
         v.store(addr, 8, 7).expect("store");
         assert_eq!(v.load(addr + 8, 8), Ok(1));
+    }
+
+    /// A page the store answers as a few bytes (an exit record's status word) is read without
+    /// a page; a page loaded often becomes one (and gets the fast path); a store to it copies
+    /// exactly its contents; AMR aliases read the same bytes.
+    #[test]
+    fn sparse_snapshot_pages_are_read_without_a_page() {
+        let store = Arc::new(PageStore::new());
+        let topology = dvm_numa::Topology::detect();
+        let pool = dvm_numa::PagePool::new(&topology, 0, 1 << 20).expect("pool");
+        let account = MemoryAccount::new(1 << 30);
+        let pages = PageSource::new(pool, Arc::clone(&account));
+        let record = 0x3d0_0000_0000u64 >> PAGE_SHIFT;
+        let amr = abi::AMR_BASE >> PAGE_SHIFT;
+        for (ts, key) in [(1u64, record), (2, record + 1), (3, amr)] {
+            let bytes = crate::store::PageBytes::new(key, 0xff8, &(ts * 0x0101).to_le_bytes())
+                .expect("one word fits");
+            store.publish(ts, crate::store::Publication::Bytes(bytes), &pages);
+        }
+        store.advance_watermark(3);
+        let snapshot = store.begin_snapshot(0, crate::store::Scope::Everything);
+        let mut v = View::new(
+            Arc::clone(&store) as Arc<dyn PageRead>,
+            snapshot,
+            pages,
+            Access::everything(),
+            Arc::new(RangeSet::default()),
+        );
+        let addr = (record << PAGE_SHIFT) + 0xff8;
+        assert_eq!(v.load(addr, 8), Ok(0x0101));
+        assert_eq!(v.load(addr + 1, 2), Ok(0x01));
+        assert_eq!(v.load(addr - 8, 8), Ok(0));
+        assert_eq!(v.load(addr + 4, 8), Ok(0), "across the page's end");
+        assert_eq!(account.live_bytes(), 0, "no page made for the reads");
+        assert_eq!(v.try_load(addr, 8), None, "no TLB entry for sparse bytes");
+        for _ in 0..SPARSE_MAX_LOADS {
+            assert_eq!(v.load(addr, 8), Ok(0x0101));
+        }
+        assert_eq!(
+            v.try_load(addr, 8),
+            Some(0x0101),
+            "loaded often: a page, cached"
+        );
+        assert_eq!(account.live_bytes(), PAGE_BYTES as u64);
+
+        // A store to a sparse page makes its copy from those bytes.
+        let other = ((record + 1) << PAGE_SHIFT) + 0xff8;
+        assert_eq!(v.load(other, 8), Ok(0x0202));
+        v.store(other - 8, 8, 5).expect("store");
+        assert_eq!(v.load(other, 8), Ok(0x0202));
+        assert_eq!(v.load(other - 8, 8), Ok(5));
+
+        // AMR: the same bytes through another space's alias, before and after a store.
+        let space1 = 1u64 << abi::SPACE_SHIFT;
+        let amr_addr = (amr << PAGE_SHIFT) + 0xff8;
+        assert_eq!(v.load(space1 + amr_addr, 8), Ok(0x0303));
+        v.store(amr_addr, 8, 6).expect("store");
+        assert_eq!(v.load(space1 + amr_addr, 8), Ok(6), "no stale alias");
+        assert!(v.tlb_is_consistent());
+
+        // The next runner on this view reads its own snapshot's bytes again.
+        v.release();
+        assert!(v.sparse.is_empty());
+        assert_eq!(v.load(other, 8), Ok(0x0202));
+    }
+
+    /// A copy of a page nobody wrote, committed as a delta, goes back to the pool as zeros
+    /// (debug builds check every such page as it is freed), and pages handed out afterwards
+    /// are zeros; a copy of a written page is freed as an ordinary page.
+    #[test]
+    fn committed_copies_of_unwritten_pages_are_freed_as_zeros() {
+        let store = Arc::new(PageStore::new());
+        let topology = dvm_numa::Topology::detect();
+        let pool = dvm_numa::PagePool::new(&topology, 0, 1 << 20).expect("pool");
+        let pages = PageSource::new(pool, MemoryAccount::new(1 << 30));
+        let snapshot = store.begin_snapshot(0, crate::store::Scope::Everything);
+        let mut v = View::new(
+            Arc::clone(&store) as Arc<dyn PageRead>,
+            snapshot,
+            pages.clone(),
+            Access::everything(),
+            Arc::new(RangeSet::default()),
+        );
+        for round in 0..3u64 {
+            for page in 0..4u64 {
+                let addr = 0x9_0000_0000 + (round * 4 + page) * 0x1000 + 8 * page;
+                v.store(addr, 8, u64::MAX).expect("store");
+                v.store(0x9_0000_0000 + 16, 8, round + 1).expect("store");
+            }
+            let (writes, _) = v.drain_writes(None);
+            store
+                .prepare(round, snapshot + round, &writes)
+                .expect("no conflict");
+            store.commit(
+                round,
+                Some(snapshot + round),
+                snapshot + round + 1,
+                writes,
+                &pages,
+            );
+            store.advance_watermark(snapshot + round + 1);
+            let fresh: Vec<_> = (0..8).map(|_| pages.zeroed().expect("page")).collect();
+            assert!(fresh.iter().all(|page| page.iter().all(|byte| *byte == 0)));
+            v.reset(
+                Arc::clone(&store) as Arc<dyn PageRead>,
+                snapshot + round + 1,
+                pages.clone(),
+                Access::everything(),
+                Arc::new(RangeSet::default()),
+            );
+        }
+        assert_eq!(v.load(0x9_0000_0000 + 16, 8), Ok(3));
+        assert_eq!(v.load(0x9_0000_0000 + 11 * 0x1000 + 24, 8), Ok(u64::MAX));
     }
 
     #[test]

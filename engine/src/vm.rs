@@ -24,12 +24,12 @@ use crate::clock::{Clock, SystemClock};
 use crate::image::{LoadedImage, SectionKind};
 use crate::interp::{ChildSpec, Ending, Exec, FaultKind, Program, Services};
 use crate::page::{
-    mark, MemoryAccount, Page, PageSource, EMPTY_MASK, PAGE_BYTES, PAGE_OFFSET_MASK, PAGE_SHIFT,
+    mark, MemoryAccount, Page, PageSource, PAGE_BYTES, PAGE_OFFSET_MASK, PAGE_SHIFT,
 };
 pub use crate::runner::{Ended, Outcome, Task, TaskKind};
 use crate::sched::{self, Executor, WorkerCtx, WorkerInfo};
 use crate::slots::SlotPool;
-use crate::store::{Change, PageKey, PageStore, PageWrite, Publication, Scope};
+use crate::store::{Change, Changed, PageKey, PageStore, PageWrite, Publication, Scope};
 use crate::view::{canonical, page_key, Access, Range, RangeSet, View};
 use dvm_numa::WorkerSlot;
 use dvm_perf::meter::WorkerMeter;
@@ -1033,7 +1033,7 @@ impl Shared {
                     Ok(()) => {
                         let changes = writes
                             .iter()
-                            .map(|write| (write.key, write.stored.clone()))
+                            .map(|write| (write.key, Changed::of_mask(&write.stored)))
                             .collect();
                         prepared = Some(writes);
                         Outcome::Committed { changes }
@@ -1239,11 +1239,7 @@ impl Shared {
         resets
     }
 
-    fn activate_watchers(
-        &self,
-        changes: &[(PageKey, Box<crate::page::Mask>)],
-        new_tasks: &mut Vec<Task>,
-    ) {
+    fn activate_watchers(&self, changes: &[Change], new_tasks: &mut Vec<Task>) {
         let mut templates = lock(&self.templates);
         for (id, template) in templates.iter_mut() {
             if template.state == TemplateState::Queued
@@ -1251,12 +1247,12 @@ impl Shared {
             {
                 continue;
             }
-            let fired = changes.iter().any(|(key, mask)| {
+            let fired = changes.iter().any(|(key, changed)| {
                 template
                     .spec
                     .watched
                     .iter()
-                    .any(|range| watched_bytes_stored(range, *key, mask))
+                    .any(|range| watched_bytes_stored(range, *key, changed))
             });
             if !fired {
                 continue;
@@ -1374,7 +1370,7 @@ fn instance_task(template: u64, spec: &ChildSpec) -> Task {
 }
 
 /// Did a commit that stored `mask` on page `key` store a byte inside `range`?
-fn watched_bytes_stored(range: &Range, key: PageKey, mask: &crate::page::Mask) -> bool {
+fn watched_bytes_stored(range: &Range, key: PageKey, changed: &Changed) -> bool {
     let start = canonical(range.start);
     let end = start + (range.end - range.start);
     let page_start = key << PAGE_SHIFT;
@@ -1384,9 +1380,7 @@ fn watched_bytes_stored(range: &Range, key: PageKey, mask: &crate::page::Mask) -
     }
     let from = (start.max(page_start) - page_start) as usize;
     let to = (end.min(page_end) - page_start) as usize;
-    let mut window = EMPTY_MASK;
-    mark(&mut window, from, to - from);
-    crate::page::first_overlap(&window, mask).is_some()
+    changed.touches(from..to)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -32,6 +32,16 @@
 //! - `alloc_zeroed` returns zeros without touching untouched pages (they are zero from mmap,
 //!   and writing zeros would only fault them in early); recycled pages are zeroed on the way
 //!   out. Pages on the free list keep their old bytes.
+//! - A second free list holds pages known to hold zeros: an owner that wrote a few known
+//!   bytes of a zeroed page and cleared them frees it there ([`PageBox::set_free_as_zeros`]),
+//!   and `alloc_zeroed` takes those first and writes nothing. Such a page then costs the
+//!   cache lines its owners write, not a 4 KiB `memset` of cold memory each time it is
+//!   reused. `alloc_zeroed_recycled_first` prefers the other list, for a caller whose pages
+//!   are written whole anyway and freed with their bytes (a runner's scratch page): a page
+//!   freed a moment ago is still in cache, so zeroing it is cheap, and the list of zeros is
+//!   left to the callers it helps. Both lists share the links (a free page is on exactly one
+//!   of them); either serves any allocation when the other is empty, so neither makes the
+//!   pool grow.
 //!
 //! # Why this shape
 //!
@@ -101,6 +111,8 @@ pub struct PageBox {
     index: u32,
     /// Keeps the chunk holding `page` mapped.
     pool: Arc<PoolInner>,
+    /// Set by `set_free_as_zeros`: the drop puts the page on the list of zeros.
+    free_as_zeros: bool,
 }
 
 /// A snapshot of a pool's use. Exact when no thread is allocating or dropping pages of the
@@ -164,6 +176,8 @@ enum Origin {
     Recycled,
     /// Never used: still zero from mmap.
     Untouched,
+    /// From the list of zeros: freed holding zeros.
+    Zeros,
 }
 
 /// The free list: a Treiber stack of page indexes, and the in-use count (on the same cache
@@ -204,6 +218,8 @@ enum Origin {
 #[repr(align(64))]
 struct FreeList {
     head: AtomicU64,
+    /// The list of pages holding zeros (same protocol as `head`).
+    zeros: AtomicU64,
     /// Pages owned by `PageBox`es. Relaxed: a statistic, not a synchronisation point.
     in_use: AtomicU64,
 }
@@ -262,6 +278,7 @@ impl PagePool {
             inner: Arc::new(PoolInner {
                 free: FreeList {
                     head: AtomicU64::new(pack(NIL, 0)),
+                    zeros: AtomicU64::new(pack(NIL, 0)),
                     in_use: AtomicU64::new(0),
                 },
                 node,
@@ -285,7 +302,20 @@ impl PagePool {
     /// [`NumaError::Mmap`] if a new chunk was needed and the kernel refused it,
     /// [`NumaError::PoolFull`] if the pool already holds the most pages it can index.
     pub fn alloc_zeroed(self: &Arc<Self>) -> Result<PageBox, NumaError> {
-        let (mut page, origin) = self.inner.take_page()?;
+        let (mut page, origin) = self.inner.take_page(true)?;
+        if origin == Origin::Recycled {
+            page.fill(0);
+        }
+        Ok(page)
+    }
+
+    /// `alloc_zeroed`, taking a page from the list of recycled pages before the list of
+    /// zeros (see the module documentation).
+    ///
+    /// # Errors
+    /// As [`alloc_zeroed`](Self::alloc_zeroed).
+    pub fn alloc_zeroed_recycled_first(self: &Arc<Self>) -> Result<PageBox, NumaError> {
+        let (mut page, origin) = self.inner.take_page(false)?;
         if origin == Origin::Recycled {
             page.fill(0);
         }
@@ -297,7 +327,7 @@ impl PagePool {
     /// # Errors
     /// As [`alloc_zeroed`](Self::alloc_zeroed).
     pub fn alloc_copy(self: &Arc<Self>, from: &[u8; PAGE_BYTES]) -> Result<PageBox, NumaError> {
-        let (mut page, _) = self.inner.take_page()?;
+        let (mut page, _) = self.inner.take_page(false)?;
         page.copy_from_slice(from);
         Ok(page)
     }
@@ -358,11 +388,12 @@ impl PoolInner {
         self.growth.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A page to own: recycled if the free list has one, else untouched (carving, and
-    /// reserving a chunk if needed). Counts it in use.
-    fn take_page(self: &Arc<Self>) -> Result<(PageBox, Origin), NumaError> {
-        let (index, page, origin) = match self.pop() {
-            Some((index, page)) => (index, page, Origin::Recycled),
+    /// A page to own: recycled if a free list has one (the list of zeros first when
+    /// `zeros_first`, last otherwise), else untouched (carving, and reserving a chunk if
+    /// needed). Counts it in use.
+    fn take_page(self: &Arc<Self>, zeros_first: bool) -> Result<(PageBox, Origin), NumaError> {
+        let (index, page, origin) = match self.pop_any(zeros_first) {
+            Some(found) => found,
             None => self.carve()?,
         };
         self.free.in_use.fetch_add(1, Ordering::Relaxed);
@@ -371,6 +402,7 @@ impl PoolInner {
                 page,
                 index,
                 pool: Arc::clone(self),
+                free_as_zeros: false,
             },
             origin,
         ))
@@ -392,8 +424,24 @@ impl PoolInner {
     }
 
     /// Take the top page off the free list (see [`FreeList`] for the orderings).
-    fn pop(&self) -> Option<(u32, NonNull<[u8; PAGE_BYTES]>)> {
-        let mut head = self.free.head.load(Ordering::Acquire);
+    /// A free page from either list, the list of zeros first when `zeros_first`.
+    fn pop_any(&self, zeros_first: bool) -> Option<(u32, NonNull<[u8; PAGE_BYTES]>, Origin)> {
+        let zeros = |(index, page)| (index, page, Origin::Zeros);
+        let recycled = |(index, page)| (index, page, Origin::Recycled);
+        if zeros_first {
+            self.pop(&self.free.zeros)
+                .map(zeros)
+                .or_else(|| self.pop(&self.free.head).map(recycled))
+        } else {
+            self.pop(&self.free.head)
+                .map(recycled)
+                .or_else(|| self.pop(&self.free.zeros).map(zeros))
+        }
+    }
+
+    /// Pops the top of the list whose head is `list` (`free.head` or `free.zeros`).
+    fn pop(&self, list: &AtomicU64) -> Option<(u32, NonNull<[u8; PAGE_BYTES]>)> {
+        let mut head = list.load(Ordering::Acquire);
         loop {
             let top = top_of(head);
             if top == NIL {
@@ -401,7 +449,7 @@ impl PoolInner {
             }
             let (chunk, page) = self.slot(top);
             let next = chunk.next[page].load(Ordering::Relaxed);
-            match self.free.head.compare_exchange_weak(
+            match list.compare_exchange_weak(
                 head,
                 pack(next, tag_of(head).wrapping_add(1)),
                 Ordering::Acquire,
@@ -415,13 +463,13 @@ impl PoolInner {
 
     /// Put page `index`, which the caller owned and no longer uses, on the free list (see
     /// [`FreeList`] for the orderings).
-    fn push(&self, index: u32) {
+    fn push(&self, list: &AtomicU64, index: u32) {
         let (chunk, page) = self.slot(index);
         let link = &chunk.next[page];
-        let mut head = self.free.head.load(Ordering::Relaxed);
+        let mut head = list.load(Ordering::Relaxed);
         loop {
             link.store(top_of(head), Ordering::Relaxed);
-            match self.free.head.compare_exchange_weak(
+            match list.compare_exchange_weak(
                 head,
                 pack(index, tag_of(head).wrapping_add(1)),
                 Ordering::Release,
@@ -438,8 +486,8 @@ impl PoolInner {
     fn carve(&self) -> Result<(u32, NonNull<[u8; PAGE_BYTES]>, Origin), NumaError> {
         let mut growth = self.lock_growth();
         // A page freed while we came here (or waited for the lock) is reused first.
-        if let Some((index, page)) = self.pop() {
-            return Ok((index, page, Origin::Recycled));
+        if let Some(found) = self.pop_any(false) {
+            return Ok(found);
         }
         let pages_per_chunk = u64::from(self.pages_per_chunk);
         let capacity = u64::from(growth.chunks) * pages_per_chunk;
@@ -524,6 +572,13 @@ impl ChunkTable {
 }
 
 impl PageBox {
+    /// Says the page holds only zeros and will not be written again: dropping it puts it on
+    /// the list of zeros, which `alloc_zeroed` hands out without writing. (A page holding
+    /// other bytes by then would give them to `alloc_zeroed`'s caller; debug builds check.)
+    pub fn set_free_as_zeros(&mut self) {
+        self.free_as_zeros = true;
+    }
+
     /// Dense index of the node of the pool this page comes from.
     pub fn node(&self) -> usize {
         self.pool.node
@@ -570,9 +625,18 @@ impl DerefMut for PageBox {
 impl Drop for PageBox {
     fn drop(&mut self) {
         self.pool.free.in_use.fetch_sub(1, Ordering::Relaxed);
+        let list = if self.free_as_zeros {
+            debug_assert!(
+                self.iter().all(|byte| *byte == 0),
+                "a page freed as zeros holds other bytes"
+            );
+            &self.pool.free.zeros
+        } else {
+            &self.pool.free.head
+        };
         // The last use of `page`: once pushed, another thread may own it. `pool` (and with it,
         // possibly, the chunks) is released after this, when the fields are dropped.
-        self.pool.push(self.index);
+        self.pool.push(list, self.index);
     }
 }
 

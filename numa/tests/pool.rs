@@ -532,3 +532,70 @@ fn free_list_survives_contention() {
     assert!(stats.chunks <= 3, "{stats:?}");
     eprintln!("contention: {stats:?}");
 }
+
+/// Pages freed as zeros are what `alloc_zeroed` hands out first; `alloc_zeroed_recycled_first`
+/// and `alloc_copy` take recycled pages first; each list serves when the other is empty, and
+/// neither makes the pool carve or grow.
+#[test]
+fn pages_freed_as_zeros_are_handed_out_by_alloc_zeroed_first() {
+    let topology = Topology::detect();
+    let pool = PagePool::new(&topology, 0, SMALL_CHUNK).unwrap();
+    let mut zeros = pool.alloc_zeroed().unwrap();
+    let mut written = pool.alloc_zeroed().unwrap();
+    let zeros_at = zeros.as_ptr();
+    let written_at = written.as_ptr();
+    zeros[100] = 7;
+    zeros[100] = 0;
+    zeros.set_free_as_zeros();
+    drop(zeros);
+    write_pattern(&mut written, 3);
+    drop(written); // the recycled list holds `written_at`, the list of zeros `zeros_at`
+    let carved = pool.stats().pages_never_used;
+
+    let first = pool.alloc_zeroed().unwrap();
+    assert_eq!(
+        first.as_ptr(),
+        zeros_at,
+        "the page freed as zeros comes first"
+    );
+    assert!(is_zero(&first));
+    let second = pool.alloc_zeroed().unwrap();
+    assert_eq!(second.as_ptr(), written_at, "then a recycled page, zeroed");
+    assert!(is_zero(&second));
+    drop(second); // recycled list: written_at
+    let mut first = first;
+    first.set_free_as_zeros();
+    drop(first); // zeros list: zeros_at
+
+    let scratch = pool.alloc_zeroed_recycled_first().unwrap();
+    assert_eq!(
+        scratch.as_ptr(),
+        written_at,
+        "scratch pages come from the recycled list"
+    );
+    assert!(is_zero(&scratch));
+    let copy = pool.alloc_copy(&[9; PAGE_BYTES]).unwrap();
+    assert_eq!(
+        copy.as_ptr(),
+        zeros_at,
+        "the list of zeros serves when the other is empty"
+    );
+    assert!(copy.iter().all(|&byte| byte == 9));
+    drop((scratch, copy));
+    assert_eq!(pool.stats().pages_never_used, carved, "nothing carved");
+    assert_eq!(pool.stats().pages_in_use, 0);
+}
+
+/// A page freed as zeros that is not is caught in debug builds (it would hand its bytes to
+/// `alloc_zeroed`'s caller).
+#[cfg(debug_assertions)]
+#[test]
+#[should_panic(expected = "a page freed as zeros holds other bytes")]
+fn a_page_freed_as_zeros_must_hold_zeros() {
+    let topology = Topology::detect();
+    let pool = PagePool::new(&topology, 0, SMALL_CHUNK).unwrap();
+    let mut page = pool.alloc_zeroed().unwrap();
+    page[5] = 1;
+    page.set_free_as_zeros();
+    drop(page);
+}
