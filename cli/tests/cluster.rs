@@ -1,6 +1,11 @@
 //! `dvm run` on several nodes, as real separate processes on loopback: the explicit
-//! `--hosts/--rank` launch, a node killed mid-run, and a node that never comes.
+//! `--hosts/--rank` launch, a node killed mid-run (the run goes on and prints what one node
+//! prints; with one holder per page it ends, naming the node), and a node that never comes.
 //! (`conformance.rs` runs the whole suite on 2 and 4 nodes with `--nodes`.)
+
+#[path = "../../cluster/tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -178,6 +183,64 @@ fn a_node_killed_mid_run_ends_the_run_with_a_report_naming_it() {
         stderr.contains("was lost") && (stderr.contains("node 1 (") || stderr.contains("node 2 (")),
         "the report names the lost node:\n{stderr}"
     );
+}
+
+/// `kill -9` of node 1 or 2 in the middle of a 3-node k-means, three times in a row: each run
+/// prints exactly the one-node output, and the report names the lost node and the runners
+/// that ran again.
+#[test]
+fn a_node_killed_mid_kmeans_changes_nothing_three_times_in_a_row() {
+    let dir = std::env::temp_dir().join(format!("dvm-kill-km-{}", std::process::id()));
+    let loads = common::kmeans_loads(&dir, 20_000, 8, 16, 100, 12);
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["run", "--workers", "1"].map(String::from).to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.push(repo("examples/kmeans.dasm").display().to_string());
+        for load in &loads {
+            args.extend(["--load".to_string(), load.clone()]);
+        }
+        args
+    };
+    let one = dvm().args(args(&[])).output().expect("a one-node run");
+    assert!(one.status.success(), "{}", text(&one.stderr));
+    let expected = text(&one.stdout);
+    assert!(expected.contains("checksum"), "{expected}");
+    for round in 0..3 {
+        let child = dvm()
+            .args(args(&["--nodes", "3", "--peer-timeout-ms", "3000"]))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("a 3-node run");
+        let started = Instant::now();
+        let nodes = loop {
+            let nodes = children_of(child.id());
+            if nodes.len() == 2 || started.elapsed() > Duration::from_secs(20) {
+                break nodes;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(nodes.len(), 2, "rank 0 started two nodes");
+        // In the middle of the iterations (one node takes several seconds for them).
+        std::thread::sleep(Duration::from_millis(1200 + 300 * round as u64));
+        let victim = nodes[round % 2];
+        let killed = Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let (output, _) = wait_bounded(child, Duration::from_secs(120));
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "round {round}:\n{stderr}");
+        assert_eq!(text(&output.stdout), expected, "round {round}:\n{stderr}");
+        let rank = round % 2 + 1;
+        assert!(
+            stderr.contains(&format!("dvm: node {rank} (")) && stderr.contains("ran again"),
+            "round {round}: the report names node {rank} and the runners that ran again:\n{stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -149,6 +149,11 @@ pub enum Msg {
         dead: Vec<u64>,
         granted: Vec<TxnId>,
     },
+    /// To node 0 (runtime): this node lost its connection to `node`; node 0 declares it dead
+    /// (if the run can go on without it), so that the rest go on without it.
+    Suspect {
+        node: u64,
+    },
     /// To node 0, every tick, from a node that started again without its state: the node it
     /// was is gone (node 0 declares it dead; the new one is not admitted, only fenced).
     Rejoin,
@@ -579,6 +584,10 @@ impl Msg {
                 put_words(&mut out, granted);
             }
             Msg::Rejoin => out.push(25),
+            Msg::Suspect { node } => {
+                out.push(26);
+                put(&mut out, *node);
+            }
             Msg::RunTask { task } => {
                 out.push(15);
                 put_blob(&mut out, task);
@@ -687,6 +696,7 @@ impl Msg {
                 granted: r.words("granted transaction", MAX_BATCH)?,
             },
             25 => Msg::Rejoin,
+            26 => Msg::Suspect { node: r.u64()? },
             15 => Msg::RunTask {
                 task: r.blob("task")?,
             },
@@ -928,7 +938,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_messages_never_panic(index in 0usize..24, at in any::<usize>(), byte in any::<u8>()) {
+        fn mutated_messages_never_panic(index in 0usize..25, at in any::<usize>(), byte in any::<u8>()) {
             let mut bytes = samples()[index].encode();
             let at = at % bytes.len();
             bytes[at] = byte;

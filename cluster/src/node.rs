@@ -569,6 +569,7 @@ impl Node {
                 | Msg::NodeReport { .. }
                 | Msg::ProfileSamples { .. }
                 | Msg::Changes { .. }
+                | Msg::Suspect { .. }
         ) {
             return false;
         }
@@ -677,7 +678,8 @@ impl Node {
             | Msg::Shutdown
             | Msg::NodeReport { .. }
             | Msg::ProfileSamples { .. }
-            | Msg::Changes { .. } => return false,
+            | Msg::Changes { .. }
+            | Msg::Suspect { .. } => return false,
         }
         true
     }

@@ -642,7 +642,9 @@ impl Runtime {
     }
 
     fn send(&self, to: NodeId, msg: &Msg) {
-        if self.is_lost(to) {
+        // A lost node is told nothing but the view that says so (if it still listens, it
+        // stops: `Done::Fenced`).
+        if self.is_lost(to) && !matches!(msg, Msg::View { .. }) {
             return;
         }
         let bytes = msg.encode();
@@ -854,6 +856,18 @@ impl Runtime {
                     node.on_message(0, Msg::Watermark { ts: upto, epoch: 0 });
                 });
             }
+            Msg::Suspect { node } => match usize::try_from(node) {
+                // Only from a node still in the run: a dead one's word does not count.
+                Ok(node)
+                    if self.rank == 0
+                        && node < self.world
+                        && !self.is_lost(from)
+                        && self.may_lose(node) =>
+                {
+                    self.lose_node(node, format!("node {from} lost its connection to it"));
+                }
+                _ => {}
+            },
             Msg::ProfileSamples { samples } => match dvm_perf::profile::decode(&samples) {
                 Ok(samples) => lock(&self.profiles).extend(samples),
                 Err(err) => self.fail(ClusterError::Garbage {
@@ -1652,7 +1666,7 @@ impl Runtime {
     /// Not node 0: a peer lost here that node 0 has not declared dead within the peer timeout
     /// (only the link between the two is down, say) cannot be done without: the run ends.
     fn check_lost_waiting(&self) {
-        if self.rank == 0 {
+        if self.rank == 0 || self.shutting_down.load(Ordering::Acquire) {
             return;
         }
         let dead = lock(&self.node).view().dead();
@@ -1676,7 +1690,9 @@ impl Runtime {
     /// served by their backups from now on, and its runners run again (`rerun_lost`, in the
     /// order of the endings around the loss).
     fn lose_node(&self, rank: usize, reason: String) {
-        if self.lost[rank].swap(true, Ordering::AcqRel) {
+        if self.shutting_down.load(Ordering::Acquire)
+            || self.lost[rank].swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let addr = self.peer_addr(rank);
@@ -1691,6 +1707,30 @@ impl Runtime {
             rerun: Vec::new(),
         });
         self.with_node(|node| node.declare_dead(rank));
+    }
+
+    /// A peer's connection is gone: the run goes on without it if it can (node 0 decides),
+    /// else it ends, naming the peer.
+    fn peer_lost(&self, rank: usize, reason: String) {
+        if !self.may_lose(rank) || self.shutting_down.load(Ordering::Acquire) {
+            self.fail(ClusterError::NodeLost {
+                rank,
+                addr: self.peer_addr(rank),
+                reason,
+            });
+        } else if self.rank == 0 {
+            self.lose_node(rank, reason);
+        } else if !self.lost[rank].swap(true, Ordering::AcqRel) {
+            // Node 0 decides, told by this node (only the link between the two may be down);
+            // if it does not declare the node dead soon, this node cannot go on without it
+            // (`check_lost_waiting`).
+            tracing::warn!(
+                "node {rank} ({}) was lost: {reason}; asking node 0 to go on without it",
+                self.peer_addr(rank)
+            );
+            lock(&self.lost_waiting).push((rank, Instant::now(), reason));
+            self.send(0, &Msg::Suspect { node: rank as u64 });
+        }
     }
 
     fn on_event(self: &Arc<Self>, event: Event) {
@@ -1709,31 +1749,15 @@ impl Runtime {
                     Err(reason) => self.fail(ClusterError::Garbage { rank: from, reason }),
                 }
             }
-            Event::PeerLost { peer, reason } => {
-                let rank = peer as usize;
-                if !self.may_lose(rank) || self.shutting_down.load(Ordering::Acquire) {
-                    self.fail(ClusterError::NodeLost {
-                        rank,
-                        addr: self.peer_addr(rank),
-                        reason: reason.to_string(),
-                    });
-                } else if self.rank == 0 {
-                    self.lose_node(rank, reason.to_string());
-                } else if !self.lost[rank].swap(true, Ordering::AcqRel) {
-                    // Node 0 decides; if it does not declare the node dead soon, this node
-                    // cannot go on without it (`serve`).
-                    tracing::warn!(
-                        "node {rank} ({}) was lost: {reason}; waiting for node 0's view",
-                        self.peer_addr(rank)
-                    );
-                    lock(&self.lost_waiting).push((rank, Instant::now(), reason.to_string()));
-                }
-            }
+            Event::PeerLost { peer, reason } => self.peer_lost(peer as usize, reason.to_string()),
             Event::PeerLeft { peer } => {
                 // A clean departure is only expected once node 0 ended the run. Node 0 knows
                 // when that is; another node may hear of it after a node told before it left.
+                // A node that leaves early (it gave up on its own) is lost like any other.
                 let rank = peer as usize;
                 if self.shutting_down.load(Ordering::Acquire) {
+                } else if self.may_lose(rank) {
+                    self.peer_lost(rank, "it left before the run ended".into());
                 } else if self.rank != 0 && rank != 0 {
                     lock(&self.left_early).get_or_insert((rank, Instant::now()));
                 } else {

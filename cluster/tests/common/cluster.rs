@@ -295,6 +295,16 @@ impl Hosts {
         launch_command(&prefix, program, args, limit_s)
     }
 
+    /// Drops `percent`% of the packets `host` receives, at random (0: none).
+    pub fn loss(&self, host: &str, percent: u32) {
+        let mut cmd = script_command("loss", 10);
+        cmd.args([host, &percent.to_string()])
+            .env("DVM_NETNS_DIR", state_dir("netns"));
+        if let Err(why) = run_script(&mut cmd) {
+            panic!("loss {host} {percent}: {why}");
+        }
+    }
+
     pub fn link(&self, state: &str, host: &str) {
         let mut cmd = script_command(&format!("link-{state}"), 10);
         cmd.arg(host).env("DVM_NETNS_DIR", state_dir("netns"));

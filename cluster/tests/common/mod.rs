@@ -270,3 +270,31 @@ pub fn check_job(ran: &Ran, world: u32, source: &str) -> Vec<String> {
     }
     table
 }
+
+/// k-means input for runs long enough to lose a node in the middle: `examples/kmeans.dasm`'s
+/// parameters (N points of D dimensions, K clusters, I iterations, P partitions) and N*D
+/// coordinates from a fixed generator, written under `dir`; returns the `--load` arguments.
+pub fn kmeans_loads(dir: &Path, n: u64, d: u64, k: u64, iterations: u64, p: u64) -> [String; 2] {
+    std::fs::create_dir_all(dir).expect("the data directory");
+    let params = dir.join("kmeans-params.bin");
+    let points = dir.join("kmeans-points.bin");
+    let words: Vec<u8> = [n, d, k, iterations, p, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    std::fs::write(&params, words).expect("the parameters");
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let coordinates: Vec<u8> = (0..n * d)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 / (1u64 << 53) as f64).to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&points, coordinates).expect("the points");
+    [
+        format!("{}@0x4000000000", params.display()),
+        format!("{}@0x5000000000", points.display()),
+    ]
+}
