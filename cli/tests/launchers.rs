@@ -259,6 +259,61 @@ fn a_node_killed_mid_kmeans_on_namespace_hosts_changes_nothing_three_times() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The `dvm` process whose environment says it is `var=value` (a launcher's rank variable).
+fn dvm_pid_with(var: &str, value: &str) -> Option<u32> {
+    let wanted = format!("{var}={value}");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            comm.trim() == "dvm" && environ.split(|b| *b == 0).any(|kv| kv == wanted.as_bytes())
+        })
+}
+
+/// Under `mpirun --enable-recovery` (Open MPI 4.1), a rank killed mid-k-means does not end the
+/// job: node 0 prints exactly the one-node output and mpirun exits 0. (Without the option
+/// mpirun aborts the job and kills every rank: docs/CLUSTER.md.)
+#[test]
+fn mpirun_enable_recovery_survives_a_killed_rank() {
+    let test = "mpirun_enable_recovery_survives_a_killed_rank";
+    if !available("mpirun.openmpi") {
+        skip(
+            test,
+            "mpirun.openmpi is not installed (scripts/install-deps installs it)",
+        );
+        return;
+    }
+    let (dir, args, expected) = long_kmeans("mpirun-kmeans");
+    let mut cmd = launch_command(
+        &[
+            "mpirun.openmpi",
+            "--oversubscribe",
+            "--enable-recovery",
+            "-n",
+            "3",
+        ],
+        &dvm(),
+        &args_ref(&args),
+        120,
+    );
+    let child = spawn(&mut cmd, "mpirun");
+    std::thread::sleep(Duration::from_millis(2500));
+    let pid = dvm_pid_with("OMPI_COMM_WORLD_RANK", "2").expect("rank 2's dvm");
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let ran = wait_child(child, Duration::from_secs(120), "mpirun");
+    let all = ran.describe();
+    assert!(ran.status.success(), "{all}");
+    assert_eq!(ran.stdout, expected, "{all}");
+    assert!(ran.stderr.contains("dvm: node 2 ("), "{all}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The k-means runs the fault tests lose a node in: long enough (seconds) to strike in the
 /// middle. The `dvm run` arguments and the one-node output.
 fn long_kmeans(name: &str) -> (PathBuf, Vec<String>, String) {
