@@ -8,6 +8,7 @@ use crate::Failure;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,7 +89,15 @@ pub fn wait_for(children: Vec<(u32, Child)>, run_ok: bool, lost: &[u32]) -> Resu
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => {
-                    if !status.success() && !lost.contains(&rank) {
+                    if status.success() || lost.contains(&rank) {
+                    } else if run_ok && status.signal().is_some() {
+                        // Killed after node 0 had every ending applied (else node 0 would
+                        // have lost it, and gone on or failed): the output is complete.
+                        eprintln!(
+                            "dvm: node {rank} was killed ({status}) as the run ended; the \
+                             output is complete"
+                        );
+                    } else {
                         failed.push(format!("node {rank} exited with {status}"));
                     }
                     break;
