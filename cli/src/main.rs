@@ -571,6 +571,15 @@ fn cmd_run_on(
                 return Ok(0);
             }
             for lost in &run.lost {
+                lost_out.push(lost.rank as u32);
+                if lost.after_end {
+                    eprintln!(
+                        "dvm: node {} ({}) was lost as the run ended ({}); the output is \
+                         complete, its statistics are missing",
+                        lost.rank, lost.addr, lost.reason
+                    );
+                    continue;
+                }
                 eprintln!(
                     "dvm: node {} ({}) was lost during the run ({}); the run went on without \
                      it: its pages were served by their backups and {} runner(s) it was \
@@ -584,7 +593,6 @@ fn cmd_run_on(
                         false => format!(" (ids {:?})", lost.rerun),
                     }
                 );
-                lost_out.push(lost.rank as u32);
             }
             (run.report, run.nodes)
         }

@@ -114,6 +114,9 @@ pub struct LostNode {
     pub reason: String,
     /// Runners it was running or had queued that ran again elsewhere.
     pub rerun: Vec<u64>,
+    /// Lost after every ending took effect, while the nodes were reporting: the output is
+    /// complete, only its statistics are missing.
+    pub after_end: bool,
 }
 
 /// Settings of the cluster layer.
@@ -1705,6 +1708,7 @@ impl Runtime {
             addr,
             reason,
             rerun: Vec::new(),
+            after_end: false,
         });
         self.with_node(|node| node.declare_dead(rank));
     }
@@ -1712,6 +1716,19 @@ impl Runtime {
     /// A peer's connection is gone: the run goes on without it if it can (node 0 decides),
     /// else it ends, naming the peer.
     fn peer_lost(&self, rank: usize, reason: String) {
+        if self.shutting_down.load(Ordering::Acquire) && self.may_lose(rank) {
+            // Every ending took effect and the output is written: only its report is missing.
+            if self.rank == 0 && !self.lost[rank].swap(true, Ordering::AcqRel) {
+                lock(&self.lost_nodes).push(LostNode {
+                    rank,
+                    addr: self.peer_addr(rank),
+                    reason,
+                    rerun: Vec::new(),
+                    after_end: true,
+                });
+            }
+            return;
+        }
         if !self.may_lose(rank) || self.shutting_down.load(Ordering::Acquire) {
             self.fail(ClusterError::NodeLost {
                 rank,
