@@ -153,14 +153,17 @@ struct RunArgs {
     #[arg(long, value_name = "R", requires = "hosts")]
     rank: Option<String>,
     /// A node silent this long (or whose connection breaks) is lost. With --replicas 2 or more
-    /// the run goes on without it, unless it is node 0; otherwise the run ends, naming it.
+    /// the run goes on without it, unless it is node 0 or node 0 would be left with fewer than
+    /// half of the nodes; otherwise the run ends, naming it. Keep it above any stall a node may
+    /// see (a busy or oversubscribed host).
     #[arg(long, value_name = "MS", default_value_t = 5_000)]
     peer_timeout_ms: u64,
     /// Nodes holding each page of the shared memory: its home and N-1 backups, each with every
     /// committed version. A run survives the loss of any node but node 0 as long as each page
-    /// keeps a holder (the default, 2, survives any one such loss); the lost node's runners run
-    /// again elsewhere and the output is the same. 1 keeps one copy: less memory and traffic,
-    /// and a lost node ends the run.
+    /// keeps a holder; after a loss the pages it held are copied to new holders, so with the
+    /// default, 2, a run survives one loss at a time down to half of the nodes. The lost
+    /// node's runners run again elsewhere and the output is the same. 1 keeps one copy: less
+    /// memory and traffic, and a lost node ends the run.
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
     replicas: u32,
     /// Joining the job fails after this long, naming the nodes that did not answer.
@@ -582,11 +585,15 @@ fn cmd_run_on(
                 }
                 eprintln!(
                     "dvm: node {} ({}) was lost during the run ({}); the run went on without \
-                     it: its pages were served by their backups and {} runner(s) it was \
+                     it: its pages were served by their backups{} and {} runner(s) it was \
                      running or had queued ran again on the other nodes{}",
                     lost.rank,
                     lost.addr,
                     lost.reason,
+                    match lost.recopied_ms {
+                        Some(ms) => format!(", copied to new holders within {ms} ms"),
+                        None => String::new(),
+                    },
                     lost.rerun.len(),
                     match lost.rerun.is_empty() {
                         true => String::new(),

@@ -8,7 +8,7 @@
 
 use dvm_engine::page::{Mask, EMPTY_MASK, PAGE_BYTES};
 use dvm_engine::report::{decode_conflict, encode_conflict, ReportDecodeError};
-use dvm_engine::store::{Conflict, TxnId};
+use dvm_engine::store::{Conflict, PageHistory, TxnId};
 
 /// Most page deltas in one `Prepare` (a runner that stored to more pages commits in parts
 /// of the protocol that do not exist yet; the engine's `--max-memory` bounds it long before).
@@ -20,6 +20,11 @@ pub const MAX_BATCH: usize = 1 << 16;
 /// A node's profile samples travel in chunks of at most this (well under `MAX_BLOB_BYTES`).
 pub const MAX_PROFILE_CHUNK_BYTES: usize = 8 << 20;
 pub const MAX_BLOB_BYTES: usize = (64 << 20) + (1 << 20);
+/// Most pages in one `SeedPages` (a home sends its pages' histories in batches of about
+/// `SEED_BATCH_BYTES`, each acknowledged).
+pub const MAX_SEED_PAGES: usize = 4096;
+/// Most versions of one page in a history (a home keeps only those a snapshot may read).
+pub const MAX_HISTORY_VERSIONS: usize = 1 << 16;
 
 /// The bytes one commit stored on one page.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,10 +149,38 @@ pub enum Msg {
     /// declared dead: it then knows it is fenced). `granted`: the transactions of dead
     /// coordinators that node 0 granted and is still installing; a holder releases every
     /// other transaction of a dead coordinator as it adopts the view (none can commit).
+    ///
+    /// `settled`: the dead set whose rings are fully copied (`crate::view`).
     View {
         epoch: u64,
         dead: Vec<u64>,
+        settled: Vec<u64>,
         granted: Vec<TxnId>,
+    },
+    /// From node 0, once every commit granted before view `epoch` is installed and no other
+    /// is granted: copy the pages you are home of to their new holders, then answer `Seeded`.
+    Seed {
+        epoch: u64,
+    },
+    /// From a home to a new holder: these pages' histories, batch `batch` of view `epoch`'s
+    /// copies; answered by `SeedAck`.
+    SeedPages {
+        epoch: u64,
+        batch: u64,
+        pages: Vec<(u64, PageHistory)>,
+    },
+    SeedAck {
+        epoch: u64,
+        batch: u64,
+    },
+    /// To node 0: every new holder of this node's pages acknowledged its copies for `epoch`.
+    Seeded {
+        epoch: u64,
+    },
+    /// From node 0: these transactions were prepared in a view before their pages' rings
+    /// gained members; send their deltas to the new holders, then ask again.
+    Reprepare {
+        txns: Vec<TxnId>,
     },
     /// To node 0 (runtime): this node lost its connection to `node`; node 0 declares it dead
     /// (if the run can go on without it), so that the rest go on without it.
@@ -196,6 +229,8 @@ pub enum Msg {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TsItem {
     pub txn: TxnId,
+    /// The view its prepares were last sent in.
+    pub epoch: u64,
     /// Timestamps it takes: 2 (commit, exit record) or 1 (exit record only).
     pub count: u64,
     /// The pages it prepared (their holders install its deltas).
@@ -340,8 +375,8 @@ impl Reader<'_> {
 
     fn ts_items(&mut self) -> Result<Vec<TsItem>, MsgDecodeError> {
         let count = self.count("timestamp request", MAX_BATCH)?;
-        // An item is at least 40 bytes.
-        if self.bytes.len() - self.offset < count * 40 {
+        // An item is at least 48 bytes.
+        if self.bytes.len() - self.offset < count * 48 {
             return Err(MsgDecodeError::Truncated {
                 offset: self.offset,
             });
@@ -350,6 +385,7 @@ impl Reader<'_> {
             .map(|_| {
                 Ok(TsItem {
                     txn: self.u64()?,
+                    epoch: self.u64()?,
                     count: self.u64()?,
                     pages: self.words("prepared page", MAX_DELTAS)?,
                     forced: self.deltas()?,
@@ -357,6 +393,45 @@ impl Reader<'_> {
                 })
             })
             .collect()
+    }
+
+    /// A page's contents as `put_page` wrote them.
+    fn tagged_page(&mut self) -> Result<Box<[u8; PAGE_BYTES]>, MsgDecodeError> {
+        match self.u8()? {
+            1 => self.page(),
+            2 => self.sparse_page(),
+            tag => Err(MsgDecodeError::UnknownTag { tag }),
+        }
+    }
+
+    fn seed_pages(&mut self) -> Result<Vec<(u64, PageHistory)>, MsgDecodeError> {
+        let count = self.count("seeded page", MAX_SEED_PAGES)?;
+        let mut pages = Vec::with_capacity(count.min(64));
+        for _ in 0..count {
+            let page = self.u64()?;
+            // A version is at least 8 + 512 + 3 bytes, a stripped one 520: refuse counts the
+            // message cannot hold before allocating.
+            let versions = self.count("page version", MAX_HISTORY_VERSIONS)?;
+            if (self.bytes.len() - self.offset) / 523 < versions {
+                return Err(MsgDecodeError::Truncated {
+                    offset: self.offset,
+                });
+            }
+            let versions = (0..versions)
+                .map(|_| Ok((self.u64()?, self.mask()?, self.tagged_page()?)))
+                .collect::<Result<_, MsgDecodeError>>()?;
+            let stripped = self.count("stripped version", MAX_HISTORY_VERSIONS)?;
+            if (self.bytes.len() - self.offset) / 520 < stripped {
+                return Err(MsgDecodeError::Truncated {
+                    offset: self.offset,
+                });
+            }
+            let stripped = (0..stripped)
+                .map(|_| Ok((self.u64()?, self.mask()?)))
+                .collect::<Result<_, MsgDecodeError>>()?;
+            pages.push((page, PageHistory { versions, stripped }));
+        }
+        Ok(pages)
     }
 
     fn blob(&mut self, what: &'static str) -> Result<Vec<u8>, MsgDecodeError> {
@@ -437,6 +512,30 @@ fn put_page(out: &mut Vec<u8>, page: &[u8; PAGE_BYTES]) {
     }
 }
 
+fn put_mask(out: &mut Vec<u8>, mask: &Mask) {
+    for word in mask.iter() {
+        put(out, *word);
+    }
+}
+
+fn put_seed_pages(out: &mut Vec<u8>, pages: &[(u64, PageHistory)]) {
+    put(out, pages.len() as u64);
+    for (page, history) in pages {
+        put(out, *page);
+        put(out, history.versions.len() as u64);
+        for (ts, stored, data) in &history.versions {
+            put(out, *ts);
+            put_mask(out, stored);
+            put_page(out, data);
+        }
+        put(out, history.stripped.len() as u64);
+        for (ts, stored) in &history.stripped {
+            put(out, *ts);
+            put_mask(out, stored);
+        }
+    }
+}
+
 fn put_blob(out: &mut Vec<u8>, blob: &[u8]) {
     put(out, blob.len() as u64);
     out.extend_from_slice(blob);
@@ -446,9 +545,7 @@ fn put_deltas(out: &mut Vec<u8>, deltas: &[PageDelta]) {
     put(out, deltas.len() as u64);
     for delta in deltas {
         put(out, delta.page);
-        for word in delta.mask.iter() {
-            put(out, *word);
-        }
+        put_mask(out, &delta.mask);
         put(out, delta.bytes.len() as u64);
         out.extend_from_slice(&delta.bytes);
     }
@@ -550,6 +647,7 @@ impl Msg {
                 put(&mut out, txns.len() as u64);
                 for item in txns {
                     put(&mut out, item.txn);
+                    put(&mut out, item.epoch);
                     put(&mut out, item.count);
                     put_words(&mut out, &item.pages);
                     put_deltas(&mut out, &item.forced);
@@ -576,12 +674,41 @@ impl Msg {
             Msg::View {
                 epoch,
                 dead,
+                settled,
                 granted,
             } => {
                 out.push(23);
                 put(&mut out, *epoch);
                 put_words(&mut out, dead);
+                put_words(&mut out, settled);
                 put_words(&mut out, granted);
+            }
+            Msg::Seed { epoch } => {
+                out.push(27);
+                put(&mut out, *epoch);
+            }
+            Msg::SeedPages {
+                epoch,
+                batch,
+                pages,
+            } => {
+                out.push(28);
+                put(&mut out, *epoch);
+                put(&mut out, *batch);
+                put_seed_pages(&mut out, pages);
+            }
+            Msg::SeedAck { epoch, batch } => {
+                out.push(29);
+                put(&mut out, *epoch);
+                put(&mut out, *batch);
+            }
+            Msg::Seeded { epoch } => {
+                out.push(30);
+                put(&mut out, *epoch);
+            }
+            Msg::Reprepare { txns } => {
+                out.push(31);
+                put_words(&mut out, txns);
             }
             Msg::Rejoin => out.push(25),
             Msg::Suspect { node } => {
@@ -693,7 +820,22 @@ impl Msg {
             23 => Msg::View {
                 epoch: r.u64()?,
                 dead: r.words("dead node", MAX_BATCH)?,
+                settled: r.words("settled node", MAX_BATCH)?,
                 granted: r.words("granted transaction", MAX_BATCH)?,
+            },
+            27 => Msg::Seed { epoch: r.u64()? },
+            28 => Msg::SeedPages {
+                epoch: r.u64()?,
+                batch: r.u64()?,
+                pages: r.seed_pages()?,
+            },
+            29 => Msg::SeedAck {
+                epoch: r.u64()?,
+                batch: r.u64()?,
+            },
+            30 => Msg::Seeded { epoch: r.u64()? },
+            31 => Msg::Reprepare {
+                txns: r.words("transaction", MAX_BATCH)?,
             },
             25 => Msg::Rejoin,
             26 => Msg::Suspect { node: r.u64()? },
@@ -800,6 +942,7 @@ mod tests {
                 txns: vec![
                     TsItem {
                         txn: 8,
+                        epoch: 3,
                         count: 2,
                         pages: vec![3, 4],
                         forced: vec![delta(5, 4088, 8, 1)],
@@ -807,6 +950,7 @@ mod tests {
                     },
                     TsItem {
                         txn: 9,
+                        epoch: 0,
                         count: 1,
                         pages: vec![],
                         forced: vec![],
@@ -823,7 +967,41 @@ mod tests {
             Msg::View {
                 epoch: 2,
                 dead: vec![1, 3],
+                settled: vec![1],
                 granted: vec![8, 9],
+            },
+            Msg::Seed { epoch: 4 },
+            Msg::SeedPages {
+                epoch: 4,
+                batch: 2,
+                pages: vec![
+                    (
+                        7,
+                        PageHistory {
+                            versions: vec![
+                                (0, Box::new([u64::MAX; 64]), Box::new([3u8; PAGE_BYTES])),
+                                (9, delta(7, 8, 8, 1).mask, {
+                                    let mut page = Box::new([0u8; PAGE_BYTES]);
+                                    page[8] = 1;
+                                    page
+                                }),
+                            ],
+                            stripped: vec![(5, delta(7, 0, 4, 1).mask)],
+                        },
+                    ),
+                    (
+                        8,
+                        PageHistory {
+                            versions: vec![],
+                            stripped: vec![],
+                        },
+                    ),
+                ],
+            },
+            Msg::SeedAck { epoch: 4, batch: 2 },
+            Msg::Seeded { epoch: 4 },
+            Msg::Reprepare {
+                txns: vec![8, 1 << 41],
             },
             Msg::Rejoin,
             Msg::RunTask { task: vec![4; 40] },

@@ -18,7 +18,8 @@
 //!   prefix of installed ranges and hands out their effects in timestamp order
 //!   (`Done::Applied`);
 //! - **membership**, on node 0 only (`sequencer.rs`): heartbeats, declaring a silent node dead
-//!   in a new epoch, and sending the view to everyone.
+//!   in a new epoch, and sending the view to everyone; then, on every node, copying pages to
+//!   the holders their rings gained (`seeding.rs`) until node 0 settles the view.
 //!
 //! Messages may be lost with their connection and so are retried on every `tick`; every
 //! handler is idempotent, which is what makes retries safe:
@@ -43,6 +44,7 @@
 //! with the number of transactions; they need a low-water mark from each coordinator.
 
 mod home;
+mod seeding;
 mod sequencer;
 
 use crate::msg::{Msg, PageDelta, TsItem};
@@ -51,6 +53,7 @@ use dvm_engine::page::{PageSource, PAGE_BYTES};
 use dvm_engine::store::{Conflict, ConflictWith, PageStore, TxnId};
 use dvm_transport::verbs::published::PublishedTable;
 use home::Held;
+use seeding::SeedOut;
 use sequencer::Sequencer;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -70,6 +73,9 @@ pub struct NodeConfig {
     /// Another: node 0 counts a commit as installed once its homes have it, and sends it to
     /// the backups once, never again (a commit acknowledged before its backup has it).
     pub broken_ack_before_backup: bool,
+    /// Another: when a ring gains a member, node 0 counts it as a full holder at once, and no
+    /// page is copied to it.
+    pub broken_skip_copies: bool,
     /// The sequencer sends `Watermark` to every node each time it moves. A runtime that tells
     /// the nodes itself (with each batch of applied endings' changes) turns this off.
     pub broadcast_watermark: bool,
@@ -85,6 +91,7 @@ impl NodeConfig {
             failure_timeout_us: None,
             broken_skip_conflict_check: false,
             broken_ack_before_backup: false,
+            broken_skip_copies: false,
             broadcast_watermark: true,
         }
     }
@@ -126,6 +133,16 @@ pub enum Done {
     /// On node 0: every node of a ring is dead (more nodes lost than `replicas - 1` of one
     /// ring): the pages they held are gone and the run cannot go on.
     DataLost { nodes: Vec<NodeId>, epoch: u64 },
+    /// On node 0: declaring one more node dead would leave node 0 with fewer than half of
+    /// the `world` nodes (`reachable`, itself included): it might be the one cut off, so it
+    /// stops committing (no grant from now on) and the run cannot go on.
+    CutOff {
+        reachable: Vec<NodeId>,
+        world: usize,
+    },
+    /// On node 0: every page's ring has its holders again, the new ones with their copies
+    /// (`seeding.rs`): view `epoch` is settled and commits are granted again.
+    Settled { epoch: u64 },
     /// This node learned that node 0 declared it dead: it has stopped and drops every message.
     Fenced { epoch: u64 },
 }
@@ -139,6 +156,11 @@ enum TxnState {
     Prepared,
     /// Handed to node 0; waiting for its grant.
     AwaitTs,
+    /// Node 0 answered the request with `Reprepare`: sending the deltas to the holders its
+    /// pages' rings gained, then asking again.
+    Restaging {
+        waiting: BTreeSet<NodeId>,
+    },
     /// Granted at `first`; node 0 installs it and acknowledges.
     Committed {
         first: u64,
@@ -215,9 +237,13 @@ pub struct Node {
     attempts: BTreeMap<TxnId, TxnId>,
     /// Prepares made again in a new view (for reports and tests).
     retried: u64,
+    /// Granted-to-be transactions whose deltas went to holders their rings gained.
+    restaged: u64,
     reads: BTreeMap<u64, (u64, u64)>,
     ts_batch: Vec<TsItem>,
     sequencer: Option<Sequencer>,
+    /// This node's copies to new holders, in the round of the newest view that needed them.
+    seeding: Option<SeedOut>,
     watermark: u64,
     local: VecDeque<Msg>,
     outbox: Vec<(NodeId, Msg)>,
@@ -246,9 +272,11 @@ impl Node {
             txns: BTreeMap::new(),
             attempts: BTreeMap::new(),
             retried: 0,
+            restaged: 0,
             reads: BTreeMap::new(),
             ts_batch: Vec::new(),
             sequencer,
+            seeding: None,
             watermark: 0,
             local: VecDeque::new(),
             outbox: Vec::new(),
@@ -322,6 +350,16 @@ impl Node {
     pub fn granted(&self, txn: TxnId) -> Option<u64> {
         let seq = self.sequencer.as_ref()?;
         (0..=MAX_ATTEMPTS).find_map(|attempt| seq.granted(attempt_id(original_txn(txn), attempt)))
+    }
+
+    /// On node 0: whether pages are being copied to new holders (no grants meanwhile).
+    pub fn copying(&self) -> bool {
+        self.sequencer.as_ref().is_some_and(|seq| seq.copying())
+    }
+
+    /// Transactions whose deltas this node sent to new holders before node 0 granted them.
+    pub fn restaged_prepares(&self) -> u64 {
+        self.restaged
     }
 
     /// Prepares this node made again because a holder died before answering.
@@ -490,6 +528,7 @@ impl Node {
             self.send(0, Msg::Heartbeat { epoch });
         }
         self.sequencer_tick();
+        self.seed_tick();
         self.drain_local();
     }
 
@@ -526,7 +565,7 @@ impl Node {
         let Some(t) = self.txns.get(&txn) else { return };
         let mut out = Vec::new();
         match &t.state {
-            TxnState::Preparing { waiting } => {
+            TxnState::Preparing { waiting } | TxnState::Restaging { waiting } => {
                 for holder in waiting {
                     let deltas = t.checked.get(holder).cloned().unwrap_or_default();
                     out.push((
@@ -545,6 +584,7 @@ impl Node {
             // `CompleteAck` once installed, so a lost acknowledgement is asked for again.
             TxnState::AwaitTs | TxnState::Committed { .. } => self.ts_batch.push(TsItem {
                 txn,
+                epoch: t.epoch,
                 count: t.count,
                 pages: t.pages.clone(),
                 forced: t.forced.clone(),
@@ -573,6 +613,7 @@ impl Node {
         ) {
             return false;
         }
+        // Dropped by a fenced or rejoining node, like every other protocol message.
         if self.fenced {
             return true;
         }
@@ -654,18 +695,33 @@ impl Node {
             Msg::View {
                 epoch,
                 dead,
+                settled,
                 granted,
             } => {
                 if from == 0 {
-                    let dead: Vec<NodeId> = dead
-                        .iter()
-                        .filter_map(|node| usize::try_from(*node).ok())
-                        .collect();
-                    if self.view.adopt(epoch, &dead) {
+                    let nodes = |list: &[u64]| -> Vec<NodeId> {
+                        list.iter()
+                            .filter_map(|node| usize::try_from(*node).ok())
+                            .collect()
+                    };
+                    if self.view.adopt(epoch, &nodes(&dead), &nodes(&settled)) {
                         self.on_view(&granted);
                     }
                 }
             }
+            Msg::Seed { epoch } => {
+                if from == 0 {
+                    self.on_seed(epoch);
+                }
+            }
+            Msg::SeedPages {
+                epoch,
+                batch,
+                pages,
+            } => self.on_seed_pages(from, epoch, batch, pages),
+            Msg::SeedAck { epoch, batch } => self.on_seed_ack(epoch, batch),
+            Msg::Seeded { epoch } => self.sequencer_seeded(from, epoch),
+            Msg::Reprepare { txns } => self.on_reprepare(txns),
             Msg::Rejoin => {
                 if self.sequencer.is_some() {
                     self.declare_dead(from);
@@ -688,6 +744,12 @@ impl Node {
         let msg = Msg::View {
             epoch: self.view.epoch(),
             dead: self.view.dead().iter().map(|node| *node as u64).collect(),
+            settled: self
+                .view
+                .settled()
+                .iter()
+                .map(|node| *node as u64)
+                .collect(),
             granted: self.granted_of_dead(),
         };
         self.send(to, msg);
@@ -721,6 +783,10 @@ impl Node {
                     self.resend(txn);
                 }
                 TxnState::Aborting { waiting, .. } => waiting.retain(live),
+                TxnState::Restaging { waiting } => {
+                    waiting.retain(live);
+                    self.restaged(txn);
+                }
                 _ => {}
             }
             self.conclude_abort(txn);
@@ -734,6 +800,11 @@ impl Node {
         let Some(t) = self.txns.get_mut(&txn) else {
             return;
         };
+        if let TxnState::Restaging { waiting } = &mut t.state {
+            waiting.remove(&from);
+            self.restaged(txn);
+            return;
+        }
         if let TxnState::Preparing { waiting } = &mut t.state {
             waiting.remove(&from);
             if waiting.is_empty() {
@@ -746,10 +817,60 @@ impl Node {
         }
     }
 
+    /// Node 0 will not grant these before their deltas reach the holders their pages' rings
+    /// gained (`seeding.rs`): those are sent, as to any backup, in this node's view.
+    fn on_reprepare(&mut self, txns: Vec<TxnId>) {
+        for txn in txns {
+            let epoch = self.view.epoch();
+            let Some(t) = self.txns.get_mut(&txn) else {
+                continue;
+            };
+            if t.state != TxnState::AwaitTs || t.epoch >= epoch {
+                // Already restaged in this view (a repeated answer), or not waiting for a
+                // grant: the next request carries this view.
+                continue;
+            }
+            let mut waiting = BTreeSet::new();
+            for delta in &t.deltas {
+                for holder in self.view.holders(delta.page) {
+                    let deltas = t.checked.entry(holder).or_default();
+                    if !deltas.iter().any(|sent| sent.page == delta.page) {
+                        waiting.insert(holder);
+                        deltas.push(delta.clone());
+                    }
+                }
+            }
+            t.epoch = epoch;
+            self.restaged += u64::from(!waiting.is_empty());
+            t.state = TxnState::Restaging { waiting };
+            self.resend(txn);
+            self.restaged(txn);
+        }
+    }
+
+    /// A restaged transaction every new holder answered asks node 0 again.
+    fn restaged(&mut self, txn: TxnId) {
+        let Some(t) = self.txns.get_mut(&txn) else {
+            return;
+        };
+        if matches!(&t.state, TxnState::Restaging { waiting } if waiting.is_empty()) {
+            t.state = TxnState::AwaitTs;
+            self.resend(txn);
+        }
+    }
+
     fn on_refused(&mut self, txn: TxnId, conflict: Conflict) {
         let Some(t) = self.txns.get_mut(&txn) else {
             return;
         };
+        if let TxnState::Restaging { waiting } = &mut t.state {
+            // Only a home refuses, and a new holder is home only when every holder with a
+            // copy is dead: node 0 has reported the pages lost.
+            tracing::warn!("txn {txn:#x}: a new holder refused its deltas ({conflict})");
+            waiting.clear();
+            self.restaged(txn);
+            return;
+        }
         if matches!(t.state, TxnState::Preparing { .. }) {
             let view = &self.view;
             let waiting = t

@@ -104,6 +104,13 @@ pub enum ClusterError {
     DataLost { nodes: Vec<usize> },
     #[error("node 0 declared this node dead (it was cut off from node 0 for too long)")]
     Fenced,
+    #[error(
+        "node 0 is cut off from a majority of the nodes: it still reaches only nodes \
+         {reachable:?} of {world} and cannot tell whether it is the one cut off, so it stopped \
+         committing and the run ends (a run goes on while node 0 reaches at least half of the \
+         nodes)"
+    )]
+    CutOff { reachable: Vec<usize>, world: usize },
 }
 
 /// A node lost during a run that went on without it (node 0's record).
@@ -117,6 +124,10 @@ pub struct LostNode {
     /// Lost after every ending took effect, while the nodes were reporting: the output is
     /// complete, only its statistics are missing.
     pub after_end: bool,
+    /// When it was lost, and how long after that every page it held had its full number of
+    /// holders again (`None`: not yet, or no live node was left to take the copies).
+    pub lost_at: std::time::Instant,
+    pub recopied_ms: Option<u64>,
 }
 
 /// Settings of the cluster layer.
@@ -495,6 +506,16 @@ impl Runtime {
                 Done::Finished { .. } | Done::Applied { .. } | Done::NodeLost { .. } => {}
                 Done::DataLost { nodes, .. } => self.fail(ClusterError::DataLost { nodes }),
                 Done::Fenced { .. } => self.fail(ClusterError::Fenced),
+                Done::CutOff { reachable, world } => {
+                    self.fail(ClusterError::CutOff { reachable, world })
+                }
+                Done::Settled { epoch } => {
+                    for lost in lock(&self.lost_nodes).iter_mut() {
+                        let elapsed = lost.lost_at.elapsed().as_millis();
+                        lost.recopied_ms.get_or_insert(elapsed as u64);
+                    }
+                    tracing::info!("view {epoch}: the lost nodes' pages have new holders");
+                }
             }
         }
         self.apply_pending();
@@ -1709,6 +1730,8 @@ impl Runtime {
             reason,
             rerun: Vec::new(),
             after_end: false,
+            lost_at: Instant::now(),
+            recopied_ms: None,
         });
         self.with_node(|node| node.declare_dead(rank));
     }
@@ -1725,6 +1748,8 @@ impl Runtime {
                     reason,
                     rerun: Vec::new(),
                     after_end: true,
+                    lost_at: Instant::now(),
+                    recopied_ms: None,
                 });
             }
             return;

@@ -691,6 +691,28 @@ impl std::fmt::Display for Conflict {
     }
 }
 
+/// One page's history as a holder hands it to a node that becomes a holder of it (a cluster's
+/// new backup, after a holder died): every version with contents, oldest first, and the
+/// stripped ones, so the copy answers reads at every snapshot and conflict checks exactly as
+/// the original does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageHistory {
+    /// Timestamp, the bytes that version stored, and the page's contents as of it.
+    pub versions: Vec<(u64, Box<Mask>, Box<[u8; PAGE_BYTES]>)>,
+    /// Timestamp and stored bytes of versions no snapshot reads any more.
+    pub stripped: Vec<(u64, Box<Mask>)>,
+}
+
+impl PageHistory {
+    /// The newest timestamp the history knows of.
+    pub fn newest_ts(&self) -> Option<u64> {
+        let versions = self.versions.iter().map(|(ts, _, _)| *ts);
+        versions
+            .chain(self.stripped.iter().map(|(ts, _)| *ts))
+            .max()
+    }
+}
+
 /// What `read_version` found.
 #[derive(Debug, Default)]
 pub struct VersionRead {
@@ -1207,6 +1229,86 @@ impl PageStore {
         if dropped > 0 {
             self.versions_pruned.fetch_add(dropped, Ordering::Relaxed);
         }
+    }
+
+    /// Every page with an installed version, in key order.
+    pub fn keys(&self) -> Vec<PageKey> {
+        let mut keys: Vec<PageKey> = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = read_lock(shard);
+            let held = shard.iter();
+            keys.extend(
+                held.filter(|(_, c)| !c.versions.is_empty())
+                    .map(|(key, _)| *key),
+            );
+        }
+        keys.sort_unstable();
+        keys
+    }
+
+    /// `key`'s whole history (`None`: nothing installed), for a node that becomes its holder.
+    pub fn history(&self, key: PageKey) -> Option<PageHistory> {
+        let shard = read_lock(&self.shards[shard_of(key)]);
+        let chain = shard.get(&key)?;
+        if chain.versions.is_empty() {
+            return None;
+        }
+        let versions = (0..chain.versions.len())
+            .map(|index| {
+                let mut page = Box::new([0u8; PAGE_BYTES]);
+                materialise_into(&chain.versions, index, &mut page);
+                let version = &chain.versions[index];
+                (version.ts, version.stored.to_mask(), page)
+            })
+            .collect();
+        let all = (Bound::Unbounded, Bound::Unbounded);
+        let stripped = chain.stripped.range(all);
+        let stripped = stripped
+            .map(|(ts, stored)| (*ts, stored.to_mask()))
+            .collect();
+        Some(PageHistory { versions, stripped })
+    }
+
+    /// Installs `history` as `key`'s, unless what is here is as new (a copy sent again):
+    /// `Ok(false)`. Intents held here stay. The caller guarantees no commit of `key` is being
+    /// installed meanwhile.
+    pub fn install_history(
+        &self,
+        key: PageKey,
+        history: &PageHistory,
+        pages: &PageSource,
+    ) -> Result<bool, MemoryLimit> {
+        let Some(newest) = history.newest_ts() else {
+            return Ok(false);
+        };
+        let mut versions = SmallVec::new();
+        for (ts, stored, data) in &history.versions {
+            versions.push(Version {
+                ts: *ts,
+                stored: Stored::of_mask(stored),
+                body: Body::Full(Arc::new(pages.copy_of(data)?)),
+            });
+        }
+        let mut shard = write_lock(&self.shards[shard_of(key)]);
+        let chain = shard.entry(key).or_default();
+        let here = chain.versions.last().map(|version| version.ts);
+        let here = here.max(
+            chain
+                .stripped
+                .range((Bound::Unbounded, Bound::Unbounded))
+                .last()
+                .map(|(ts, _)| *ts),
+        );
+        if here.is_some_and(|here| here >= newest) {
+            return Ok(false);
+        }
+        chain.versions = versions;
+        chain.stripped.clear();
+        for (ts, stored) in &history.stripped {
+            chain.stripped.insert(*ts, Stored::of_mask(stored));
+        }
+        chain.prune_at = u32::try_from(2 * chain.versions.len()).unwrap_or(u32::MAX);
+        Ok(true)
     }
 
     /// Every page whose key is in `range`, newest version's contents, for persistence.
@@ -1920,6 +2022,43 @@ mod tests {
             })
         );
         store.end_snapshot(spinner, 1);
+    }
+
+    #[test]
+    fn a_copied_history_reads_and_conflicts_like_the_original() {
+        let store = PageStore::new();
+        let pages = source();
+        commit(&store, &pages, 0, 1, vec![whole_page(&pages, 7, 1)]).expect("commit");
+        let old = store.begin_snapshot(1, Scope::pages(std::iter::once(7..8)));
+        for ts in 2..=100u64 {
+            let w = write(&pages, 7, None, (ts as usize * 8) % 4000, &[ts as u8]);
+            commit(&store, &pages, store.watermark(), ts, vec![w]).expect("no conflict");
+        }
+        let history = store.history(7).expect("a history");
+        assert!(
+            !history.stripped.is_empty(),
+            "pruned versions travel as conflict records"
+        );
+        let copy = PageStore::new();
+        assert_eq!(copy.history(7), None);
+        assert_eq!(copy.install_history(7, &history, &pages), Ok(true));
+        assert_eq!(copy.history(7).as_ref(), Some(&history));
+        assert_eq!(
+            copy.install_history(7, &history, &pages),
+            Ok(false),
+            "sent again"
+        );
+        for ts in [old, 100] {
+            let original = store.read(7, ts).expect("read").expect("page");
+            let copied = copy.read(7, ts).expect("read").expect("page");
+            assert_eq!(original[..], copied[..], "at {ts}");
+        }
+        let late = |pages: &PageSource| write(pages, 7, None, 16, &[9]);
+        let expected = store.prepare(1 << 40, old, &[late(&pages)]);
+        assert!(expected.is_err());
+        assert_eq!(copy.prepare(1 << 40, old, &[late(&pages)]), expected);
+        assert_eq!(copy.keys(), vec![7]);
+        store.end_snapshot(old, 1);
     }
 
     #[test]

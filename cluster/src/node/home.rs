@@ -97,8 +97,10 @@ impl Node {
         // Not ahead of this node's view: behind the coordinator, this node could take itself
         // for a backup of a page it is now home of, and skip the check. It answers once it
         // has the view (node 0 sends it with heartbeats; the prepare is retried). Behind this
-        // node, the prepare is handled by this node's view: holders only ever drop out, so
-        // this node holds what it was sent, and checks what it is now home of.
+        // node, the prepare is handled by this node's view: a holder's pages only gain
+        // holders at the end of their rings, so this node holds what it was sent and checks
+        // what it is now home of; a holder the coordinator's view lacked gets the deltas
+        // before node 0 grants (`Reprepare`, `seeding.rs`).
         if epoch > self.view.epoch() {
             return;
         }
@@ -109,7 +111,10 @@ impl Node {
             },
             Some(Decided::Aborted) => Msg::Aborted { txn },
             Some(Decided::Committed) => Msg::Prepared { txn },
-            None if self.held.contains_key(&txn) => Msg::Prepared { txn },
+            None if self.held.contains_key(&txn) => match self.stage_more(txn, &deltas) {
+                Ok(()) => Msg::Prepared { txn },
+                Err(conflict) => Msg::Refused { txn, conflict },
+            },
             None => match self.prepare_here(from, txn, snapshot_ts, &deltas) {
                 Ok(held) => {
                     for write in &held.staged {
@@ -173,6 +178,31 @@ impl Node {
             intents,
             staged,
         })
+    }
+
+    /// A prepare of a transaction held here already: a repeated one (nothing new), or one
+    /// restaged after this node joined the ring of more of its pages (`seeding.rs`), whose
+    /// new deltas are kept like a backup's.
+    fn stage_more(&mut self, txn: TxnId, deltas: &[PageDelta]) -> Result<(), Conflict> {
+        let Some(held) = self.held.get(&txn) else {
+            return Ok(());
+        };
+        let holds = |page: u64| {
+            let mut writes = held.intents.iter().chain(held.staged.iter());
+            writes.any(|write| write.key == page)
+        };
+        let new: Vec<PageDelta> = deltas.iter().filter(|d| !holds(d.page)).cloned().collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let writes = self.writes_of(txn, &new)?;
+        for write in &writes {
+            self.staged_pages.entry(write.key).or_default().insert(txn);
+        }
+        if let Some(held) = self.held.get_mut(&txn) {
+            held.staged.extend(writes);
+        }
+        Ok(())
     }
 
     /// A byte `write` stores that an undecided transaction staged here also stores: such a

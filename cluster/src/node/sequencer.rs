@@ -9,6 +9,17 @@
 //! refused for good: the view that names its coordinator dead lists the dead coordinators'
 //! transactions still being installed, and holders release every other one.
 //!
+//! Re-replication (`seeding.rs`): while a view has ring members without their copies,
+//! nothing new is granted; node 0 starts the copies once every earlier grant is installed and
+//! settles the view when every live node reports its copies made. A request for a transaction
+//! prepared before its pages' rings last grew is answered with `Reprepare`.
+//!
+//! Majority: node 0 grants only while it reaches at least half of the nodes, itself included
+//! (`has_majority`). A node cut off from node 0 cannot commit at all (only node 0 grants), so
+//! two sides of a partition never both commit; node 0 on the smaller side stops too
+//! (`Done::CutOff`) rather than declare the larger side dead and go on alone. A tie goes to
+//! node 0's side: the other side has no sequencer.
+//!
 //! Failure detection: every node sends a heartbeat each tick; a node silent for
 //! `failure_timeout_us` is declared dead in a new epoch (`crate::view`). The timeout is
 //! measured on node 0's ticks, so a node busy computing is never declared dead as long as
@@ -51,6 +62,21 @@ pub(super) struct Sequencer {
     /// When each node was last heard from (node 0's clock), for failure detection.
     last_heard_us: Vec<Option<u64>>,
     data_lost_reported: bool,
+    /// The copy round of the newest view, while one is needed.
+    seeding: Option<Round>,
+    /// Node 0 lost its majority: nothing is granted any more.
+    cut_off: bool,
+    /// The last view in which a ring gained a member: transactions prepared in an older one
+    /// must send their deltas to the new members before they are granted.
+    ring_epoch: u64,
+}
+
+/// A copy round: the view, the live nodes that have not reported their copies made, and
+/// whether `Seed` went out (only once every earlier grant was installed).
+struct Round {
+    epoch: u64,
+    waiting: BTreeSet<NodeId>,
+    started: bool,
 }
 
 impl Sequencer {
@@ -66,7 +92,14 @@ impl Sequencer {
             applied: Vec::new(),
             last_heard_us: vec![None; world],
             data_lost_reported: false,
+            seeding: None,
+            ring_epoch: 0,
+            cut_off: false,
         }
+    }
+
+    pub(super) fn copying(&self) -> bool {
+        self.seeding.is_some()
     }
 
     pub(super) fn granted(&self, txn: TxnId) -> Option<u64> {
@@ -112,16 +145,24 @@ impl Sequencer {
 
 impl Node {
     pub(super) fn sequencer_request(&mut self, from: NodeId, items: Vec<TsItem>) {
-        let Some(seq) = self.sequencer.as_mut() else {
+        let Some(seq) = self.sequencer.as_mut().filter(|seq| !seq.cut_off) else {
             return;
         };
         let mut grants = Vec::with_capacity(items.len());
         let mut acks = Vec::new();
         let mut started = Vec::new();
+        let mut reprepare = Vec::new();
         for item in items {
             let txn = item.txn;
             let first = match seq.granted(txn) {
                 Some(first) => first,
+                // Its deltas never reached the holders its rings gained since.
+                None if item.epoch < seq.ring_epoch && !item.pages.is_empty() => {
+                    reprepare.push(txn);
+                    continue;
+                }
+                // Copies are being made: asked again every tick, granted once settled.
+                None if seq.seeding.is_some() => continue,
                 None => {
                     let count = item.count.max(1);
                     let first = seq.grant(txn, count);
@@ -134,7 +175,12 @@ impl Node {
                 acks.push(txn);
             }
         }
-        self.send(from, Msg::TsGrant { grants });
+        if !grants.is_empty() {
+            self.send(from, Msg::TsGrant { grants });
+        }
+        if !reprepare.is_empty() {
+            self.send(from, Msg::Reprepare { txns: reprepare });
+        }
         for txn in acks {
             self.send(from, Msg::CompleteAck { txn });
         }
@@ -321,6 +367,16 @@ impl Node {
             }
         }
         let ts = seq.watermark;
+        let mut seed = Vec::new();
+        if let Some(round) = &mut seq.seeding {
+            round.started |= seq.installing.is_empty();
+            if round.started {
+                seed.extend(round.waiting.iter().map(|node| (*node, round.epoch)));
+            }
+        }
+        for (node, epoch) in seed {
+            self.send(node, Msg::Seed { epoch });
+        }
         for txn in installing {
             self.send_commits(txn);
         }
@@ -339,7 +395,15 @@ impl Node {
     /// Declares `node` dead in a new epoch (node 0 only; never itself): its installs are no
     /// longer waited for, everyone is sent the view, and this node applies it too.
     pub fn declare_dead(&mut self, node: NodeId) {
-        if self.sequencer.is_none() || node == 0 || !self.view.declare_dead(node) {
+        if self.sequencer.is_none() || node == 0 || !self.view.is_live(node) {
+            return;
+        }
+        let reachable: Vec<NodeId> = self.view.live().filter(|n| *n != node).collect();
+        if !has_majority(reachable.len(), self.config.world) {
+            self.stop_cut_off(reachable);
+            return;
+        }
+        if !self.view.declare_dead(node) {
             return;
         }
         let epoch = self.view.epoch();
@@ -368,6 +432,7 @@ impl Node {
             granted,
         });
         self.report_data_lost();
+        self.start_round();
         let mut txns = Vec::new();
         if let Some(seq) = &mut self.sequencer {
             for (txn, installing) in seq.installing.iter_mut() {
@@ -393,19 +458,94 @@ impl Node {
         }
     }
 
-    /// Reports (once) a ring whose every member is dead: its pages are gone.
+    /// Node 0 without a majority: stops granting, for good, and says so once.
+    fn stop_cut_off(&mut self, reachable: Vec<NodeId>) {
+        let world = self.config.world;
+        let Some(seq) = &mut self.sequencer else {
+            return;
+        };
+        if !std::mem::replace(&mut seq.cut_off, true) {
+            tracing::error!(
+                "node 0 reaches only nodes {reachable:?} of {world}: no majority, it stops \
+                 committing"
+            );
+            self.done.push(Done::CutOff { reachable, world });
+        }
+    }
+
+    /// Reports (once) a ring whose every member with a copy is dead: its pages are gone.
     fn report_data_lost(&mut self) {
-        let (world, replicas) = (self.view.world(), self.view.replicas());
-        let lost = (0..world)
-            .find(|start| (0..replicas).all(|step| !self.view.is_live((start + step) % world)));
-        let Some(start) = lost else { return };
+        let Some(nodes) = self.view.lost_ring() else {
+            return;
+        };
         let epoch = self.view.epoch();
         let Some(seq) = &mut self.sequencer else {
             return;
         };
         if !std::mem::replace(&mut seq.data_lost_reported, true) {
-            let nodes = (0..replicas).map(|step| (start + step) % world).collect();
             self.done.push(Done::DataLost { nodes, epoch });
         }
     }
+
+    /// A new view: a copy round for it if a ring gained a member (one of an older view is
+    /// dropped: the new round copies what that one did not get to).
+    fn start_round(&mut self) {
+        let epoch = self.view.epoch();
+        let needs_copies = self.view.needs_copies();
+        let live: BTreeSet<NodeId> = self.view.live().collect();
+        let broken = self.config.broken_skip_copies;
+        let Some(seq) = &mut self.sequencer else {
+            return;
+        };
+        if !needs_copies {
+            // Rings only lost members: nothing to copy; a round under way is not needed.
+            seq.seeding = None;
+            return;
+        }
+        seq.ring_epoch = epoch;
+        if broken {
+            // Broken on purpose: the new members count as full holders at once.
+            self.view.settle();
+            return;
+        }
+        seq.seeding = Some(Round {
+            epoch,
+            waiting: live,
+            started: false,
+        });
+    }
+
+    /// `Seeded{epoch}` from `from`: with every live node's, the view is settled.
+    pub(super) fn sequencer_seeded(&mut self, from: NodeId, epoch: u64) {
+        let Some(seq) = &mut self.sequencer else {
+            return;
+        };
+        let Some(round) = seq.seeding.as_mut().filter(|round| round.epoch == epoch) else {
+            return;
+        };
+        round.waiting.remove(&from);
+        if !round.waiting.is_empty() {
+            return;
+        }
+        seq.seeding = None;
+        self.view.settle();
+        let epoch = self.view.epoch();
+        tracing::info!(
+            "view {epoch}: every page has its {} holders again",
+            self.view.replicas()
+        );
+        self.done.push(Done::Settled { epoch });
+        let everyone: Vec<NodeId> = (1..self.config.world).collect();
+        for to in everyone {
+            self.send_view(to);
+        }
+        let granted = self.granted_of_dead();
+        self.on_view(&granted);
+    }
+}
+
+/// Whether `reachable` nodes of `world`, node 0 among them, may go on committing: at least
+/// half of them (a tie goes to node 0's side, the only side that can commit).
+pub(super) fn has_majority(reachable: usize, world: usize) -> bool {
+    2 * reachable >= world
 }
