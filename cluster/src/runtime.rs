@@ -383,6 +383,12 @@ struct Runtime {
     /// Nodes this node lost (node 0: declared dead), and, not on node 0, when and why, until
     /// node 0's view says so too.
     lost: Vec<AtomicBool>,
+    /// Nodes dead in this node's view, and that view's epoch: kept up to date after every
+    /// protocol step, so an RDMA reader never READs a node declared dead, whose table stops
+    /// at its death, once this node's snapshots can include commits after it (the view comes
+    /// from node 0 before any change feed that covers them).
+    view_dead: Vec<AtomicBool>,
+    view_epoch: AtomicU64,
     lost_waiting: Mutex<Vec<(usize, Instant, String)>>,
     /// Node 0: the nodes lost so far, for the report.
     lost_nodes: Mutex<Vec<LostNode>>,
@@ -482,6 +488,14 @@ impl Runtime {
         let (outbox, done) = {
             let mut node = lock(&self.node);
             f(&mut node);
+            let epoch = node.view().epoch();
+            if self.view_epoch.swap(epoch, Ordering::AcqRel) != epoch {
+                for dead in node.view().dead() {
+                    if let Some(flag) = self.view_dead.get(dead) {
+                        flag.store(true, Ordering::Release);
+                    }
+                }
+            }
             let outbox = node.take_outbox();
             // A lost node is handled in the order of the endings around it: those applied
             // before it are not run again.
@@ -1208,7 +1222,17 @@ impl ClusterReader {
         // Taken before the READ is posted: every commit the feed covers then was published
         // before the READ reads the slot.
         let feed_ts = lock(&rt.cache).feed_ts;
-        let home = home_of(page, rt.world);
+        // The first holder not known lost: after a loss, the backup that became home (every
+        // holder publishes what it installs, before it acknowledges). A holder lost without
+        // this node knowing fails the READ, and the read goes to the home as a message.
+        let start = home_of(page, rt.world);
+        let lost = |node: NodeId| {
+            let flag =
+                |flags: &[AtomicBool]| flags.get(node).is_some_and(|f| f.load(Ordering::Acquire));
+            flag(&rt.view_dead) || flag(&rt.lost)
+        };
+        let ring = crate::view::ring_from(start, rt.world, rt.replicas, lost);
+        let home = *ring.first()?;
         let receiver = verbs.read_published(home as u32, page).ok().flatten()?;
         Some(PendingRead { feed_ts, receiver })
     }
@@ -1927,6 +1951,8 @@ pub fn run(
         placed: Mutex::new((0..world).map(|_| HashMap::new()).collect()),
         replicas: options.replicas.max(1),
         lost: (0..world).map(|_| AtomicBool::new(false)).collect(),
+        view_dead: (0..world).map(|_| AtomicBool::new(false)).collect(),
+        view_epoch: AtomicU64::new(0),
         lost_waiting: Mutex::new(Vec::new()),
         lost_nodes: Mutex::new(Vec::new()),
         placement: Mutex::new(VecDeque::new()),

@@ -36,6 +36,22 @@ pub fn home_of(page: u64, world: usize) -> NodeId {
     (hash % world.max(1) as u64) as NodeId
 }
 
+/// The ring of the pages `home_of` places at `start`: the first `replicas` nodes of the walk
+/// from `start` that `dead` does not name. The one placement rule, for views and for readers
+/// that know only which peers they lost.
+pub fn ring_from(
+    start: NodeId,
+    world: usize,
+    replicas: usize,
+    dead: impl Fn(NodeId) -> bool,
+) -> Vec<NodeId> {
+    (0..world)
+        .map(|step| (start + step) % world)
+        .filter(|node| !dead(*node))
+        .take(replicas)
+        .collect()
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct View {
     epoch: u64,
@@ -89,11 +105,9 @@ impl View {
 
     /// The ring of the pages `home_of` places at `start`, with `dead` excluded.
     fn ring(&self, start: NodeId, dead: &BTreeSet<NodeId>) -> Vec<NodeId> {
-        (0..self.world)
-            .map(|step| (start + step) % self.world)
-            .filter(|node| !dead.contains(node))
-            .take(self.replicas)
-            .collect()
+        ring_from(start, self.world, self.replicas, |node| {
+            dead.contains(&node)
+        })
     }
 
     /// The live holders of `page`, home first (new members last); empty if every node is

@@ -147,13 +147,18 @@ impl Node {
         pages: Vec<(u64, PageHistory)>,
     ) {
         for (page, history) in &pages {
-            if let Err(limit) = self.store.install_history(*page, history, &self.pages) {
-                // Acknowledged all the same: a round that never ended would stop every commit.
-                tracing::error!(
-                    "no page memory for the copy of page {page:#x} from node {from} (limit {} \
-                     bytes): this node holds no copy of it",
-                    limit.limit_bytes
-                );
+            match self.store.install_history(*page, history, &self.pages) {
+                // Readers READ a page from whichever holder is its home (`publish_newest`).
+                Ok(true) => self.publish_newest(*page),
+                Ok(false) => {}
+                Err(limit) => {
+                    // Acknowledged all the same: a round that never ended would stop every commit.
+                    tracing::error!(
+                        "no page memory for the copy of page {page:#x} from node {from} (limit \
+                         {} bytes): this node holds no copy of it",
+                        limit.limit_bytes
+                    );
+                }
             }
         }
         self.send(from, Msg::SeedAck { epoch, batch });
