@@ -1744,10 +1744,9 @@ impl Runtime {
             return;
         }
         let addr = self.peer_addr(rank);
-        tracing::warn!(
-            "node {rank} ({addr}) was lost: {reason}; the run goes on without it: its pages are \
-             served by their backups"
-        );
+        // What follows is the protocol's to say: declared dead (the run goes on, its pages
+        // served by their backups), or node 0 left without a majority (the run ends).
+        tracing::warn!("node {rank} ({addr}) was lost: {reason}");
         lock(&self.lost_nodes).push(LostNode {
             rank,
             addr,

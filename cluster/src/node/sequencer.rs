@@ -407,7 +407,10 @@ impl Node {
             return;
         }
         let epoch = self.view.epoch();
-        tracing::warn!("node {node} declared dead; view {epoch}");
+        tracing::warn!(
+            "node {node} declared dead in view {epoch}: the run goes on without it, its pages \
+             served by their backups"
+        );
         let granted = self.sequencer.as_ref().map_or_else(Vec::new, |seq| {
             // Not applied yet, in the order they will be: installing ones complete after the
             // parked ones (whose timestamps are lower or whose turn comes first).
