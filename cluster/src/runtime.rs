@@ -828,8 +828,27 @@ impl Runtime {
             } else {
                 let encoded = encode_task(&task);
                 if self.may_lose(target) {
+                    let id = task.id;
                     if let Some(placed) = lock(&self.placed).get_mut(target) {
-                        placed.insert(task.id, task);
+                        placed.insert(id, task);
+                    }
+                    // `target` may have been lost since it was chosen, and its placed runners
+                    // queued again (`rerun_lost`) before this one was recorded: `lost` is set
+                    // before that, so seen here. Whichever of the two takes it from `placed`
+                    // queues it again; without this the runner would go to a dead node and
+                    // never run, and the run could end without it.
+                    if self.is_lost(target) {
+                        let orphan = lock(&self.placed)
+                            .get_mut(target)
+                            .and_then(|p| p.remove(&id));
+                        if let Some(task) = orphan {
+                            tracing::warn!(
+                                "runner {id:#x} was placed on lost node {target}: placed again"
+                            );
+                            let preferred = self.preferred_node(&task);
+                            lock(&self.placement).push_front((preferred, task));
+                        }
+                        continue;
                     }
                 }
                 self.send(target, &Msg::RunTask { task: encoded });

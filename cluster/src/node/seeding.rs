@@ -31,6 +31,10 @@ const SEED_BATCH_BYTES: usize = 1 << 20;
 const SEED_WINDOW: usize = 4;
 /// A batch not acknowledged after this long is sent again (its connection may have dropped it).
 const SEED_RESEND_US: u64 = 200_000;
+/// What a version costs in a batch at most (its contents and stored mask), and a stripped one
+/// (its mask), for closing batches.
+const VERSION_BYTES: usize = dvm_engine::page::PAGE_BYTES + STRIPPED_BYTES;
+const STRIPPED_BYTES: usize = 8 + 8 * 64;
 
 /// One round's copies from this node.
 pub(super) struct SeedOut {
@@ -108,7 +112,8 @@ impl Node {
             while bytes < SEED_BATCH_BYTES && pages.len() < crate::msg::MAX_SEED_PAGES {
                 let Some(page) = queue.pop_front() else { break };
                 if let Some(history) = self.store.history(page) {
-                    bytes += history.versions.len() * (PAGE_BYTES_ON_WIRE) + 8;
+                    bytes += 8 + history.versions.len() * VERSION_BYTES;
+                    bytes += history.stripped.len() * STRIPPED_BYTES;
                     pages.push((page, history));
                 }
             }
@@ -190,7 +195,3 @@ impl Node {
         }
     }
 }
-
-/// What a page version costs in a batch, for closing batches (contents at most a page, and
-/// its stored mask).
-const PAGE_BYTES_ON_WIRE: usize = dvm_engine::page::PAGE_BYTES + 8 * 64 + 8;
