@@ -9,6 +9,8 @@
 //!   address of every other rank.
 //! - `msg`: the protocol's messages and their byte encoding.
 //! - `view`: membership (epochs, dead nodes) and which nodes hold each page.
+//! - `handouts`: what node 0 hands runners through `Control` (ids, stacks, heap, input), and
+//!   its record of it, so that a runner run again after its node's loss gets the same.
 //! - `node`: one node's side of the protocol (holder, coordinator, sequencer, membership) as a
 //!   sans-IO state machine, run by the deterministic simulation (`tests/simulation.rs`) and
 //!   the real nodes.
@@ -16,6 +18,7 @@
 //! Safe Rust only: everything here parses input from the environment or the network.
 #![forbid(unsafe_code)]
 
+mod handouts;
 pub mod hostlist;
 pub mod launch;
 pub mod msg;

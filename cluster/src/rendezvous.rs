@@ -37,7 +37,7 @@ use tracing::{info, warn};
 
 const MAGIC: &[u8; 4] = b"DVMR";
 /// Also versions the cluster messages (`msg`): ranks of different versions never mesh.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Sent in the hello so that ranks running different builds are refused by name.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
 

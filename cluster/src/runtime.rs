@@ -20,6 +20,7 @@
 //! on every node that notices, naming the node; blocked workers are released. Retries of the
 //! protocol are for lossy networks (the simulation); over TCP a lost connection is a lost node.
 
+use crate::handouts::{ControlAnswer, ControlOp, Handouts};
 use crate::launch::Launch;
 use crate::msg::{Msg, PageDelta};
 use crate::node::{home_of, Done, Node, NodeConfig, NodeId};
@@ -379,6 +380,9 @@ struct Runtime {
     /// Node 0: the runners placed on each other node, until their endings take effect: those
     /// of a lost node run again.
     placed: Mutex<Vec<HashMap<u64, Task>>>,
+    /// Node 0: what `Control` handed runners on nodes that may be lost, so that their reruns
+    /// get the same (`crate::handouts`).
+    handouts: Handouts,
     replicas: usize,
     /// Nodes this node lost (node 0: declared dead), and, not on node 0, when and why, until
     /// node 0's view says so too.
@@ -626,6 +630,8 @@ impl Runtime {
                     placed.remove(&ended.task.id);
                 }
             }
+            // Wherever it ran (a rerun may run here): it never runs again.
+            self.handouts.forget(ended.task.id);
             // A lost node's count was reset when its runners were queued again.
             if let Some(count) = self.outstanding.get(coordinator) {
                 let _ =
@@ -660,6 +666,9 @@ impl Runtime {
             count.store(0, Ordering::Release);
         }
         let ids: Vec<u64> = tasks.iter().map(|task| task.id).collect();
+        for id in &ids {
+            self.handouts.rewind(*id);
+        }
         tracing::warn!(
             "node {node}: {} runner(s) it was running or had queued run again on the other \
              nodes from their snapshots {ids:?}; {} it had finished are applied",
@@ -949,58 +958,117 @@ impl Runtime {
         }
     }
 
+    /// Node 0: a runner on `from` asks for an id, a stack, heap or input.
     fn serve_control(self: &Arc<Self>, from: usize, req: u64, op: Vec<u8>) {
-        let Some(shared) = self.shared() else { return };
-        let control = shared.local_control();
-        let word = |at: usize| -> u64 {
-            let mut raw = [0u8; 8];
-            if let Some(bytes) = op.get(at..at + 8) {
-                raw.copy_from_slice(bytes);
-            }
-            u64::from_le_bytes(raw)
-        };
-        let range_reply = |range: Option<Range>| match range {
-            Some(range) => [
-                vec![1],
-                range.start.to_le_bytes().to_vec(),
-                range.end.to_le_bytes().to_vec(),
-            ]
-            .concat(),
-            None => vec![0],
-        };
-        let reply = match op.first() {
-            Some(0) => match control.new_runner_id() {
-                Ok(id) => [vec![0], id.to_le_bytes().to_vec()].concat(),
-                Err(reason) => [vec![1], reason.into_bytes()].concat(),
-            },
-            Some(1) => {
-                control.forget_runner();
-                Vec::new()
-            }
-            Some(2) => range_reply(control.allocate_stack(word(1))),
-            Some(3) => range_reply(control.allocate_heap(word(1), word(9))),
-            Some(4) => {
-                // Reading stdin may block: not on the service thread.
-                let control = Arc::clone(control);
-                let runtime = Arc::clone(self);
-                std::thread::spawn(move || {
-                    let reply = match control.console_input() {
-                        Some(byte) => vec![1, byte],
-                        None => vec![0],
-                    };
-                    runtime.send(from, &Msg::ControlReply { req, reply });
-                });
-                return;
-            }
-            _ => {
-                self.fail(ClusterError::Garbage {
+        // A node declared dead gets nothing: its runners run again elsewhere, and what they
+        // are handed there must not be taken by the lost attempt.
+        if self.is_lost(from) {
+            return;
+        }
+        let (runner, op) = match ControlOp::decode(&op) {
+            Ok(request) => request,
+            Err(reason) => {
+                return self.fail(ClusterError::Garbage {
                     rank: from,
-                    reason: "an unknown control request".into(),
-                });
-                return;
+                    reason: format!("a control request: {reason}"),
+                })
             }
         };
-        self.send(from, &Msg::ControlReply { req, reply });
+        if op == ControlOp::ConsoleInput {
+            // Reading stdin may block: not on the service thread.
+            let runtime = Arc::clone(self);
+            std::thread::spawn(move || {
+                let answer = runtime.hand_out(runner, op, Some(from));
+                runtime.send(
+                    from,
+                    &Msg::ControlReply {
+                        req,
+                        reply: answer.encode(),
+                    },
+                );
+            });
+            return;
+        }
+        let answer = self.hand_out(runner, op, Some(from));
+        self.send(
+            from,
+            &Msg::ControlReply {
+                req,
+                reply: answer.encode(),
+            },
+        );
+    }
+
+    /// Node 0: what `runner` is handed for `op`: what a lost attempt of it was handed at this
+    /// point, else afresh, recorded when it runs on node `on` (not this one) and that node may
+    /// be lost.
+    fn hand_out(&self, runner: u64, op: ControlOp, on: Option<usize>) -> ControlAnswer {
+        if let Some(answer) = self.handouts.replay(runner, op) {
+            return answer;
+        }
+        let Some(shared) = self.shared() else {
+            // The run is over: nothing is handed out any more.
+            return match op {
+                ControlOp::NewRunnerId => ControlAnswer::Id(Err("the run is over".into())),
+                ControlOp::ForgetRunner => ControlAnswer::Done,
+                ControlOp::AllocateStack { .. } | ControlOp::AllocateHeap { .. } => {
+                    ControlAnswer::Range(None)
+                }
+                ControlOp::ConsoleInput => ControlAnswer::Byte(None),
+            };
+        };
+        let answer = op.serve(&**shared.local_control(), runner);
+        if on.is_some_and(|node| self.may_lose(node)) {
+            self.handouts.record(runner, op, answer.clone());
+        }
+        answer
+    }
+}
+
+/// Node 0's runners ask node 0's own services, through the record a rerun replays.
+struct NodeZeroControl {
+    runtime: Arc<Runtime>,
+}
+
+impl NodeZeroControl {
+    fn ask(&self, runner: u64, op: ControlOp) -> ControlAnswer {
+        self.runtime.hand_out(runner, op, None)
+    }
+}
+
+impl Control for NodeZeroControl {
+    fn new_runner_id(&self, runner: u64) -> Result<u64, String> {
+        match self.ask(runner, ControlOp::NewRunnerId) {
+            ControlAnswer::Id(id) => id,
+            other => Err(format!(
+                "node 0 answered a runner-id request with {other:?}"
+            )),
+        }
+    }
+
+    fn forget_runner(&self, runner: u64) {
+        self.ask(runner, ControlOp::ForgetRunner);
+    }
+
+    fn allocate_stack(&self, runner: u64, space: u64) -> Option<Range> {
+        match self.ask(runner, ControlOp::AllocateStack { space }) {
+            ControlAnswer::Range(range) => range,
+            _ => None,
+        }
+    }
+
+    fn allocate_heap(&self, runner: u64, space: u64, len_bytes: u64) -> Option<Range> {
+        match self.ask(runner, ControlOp::AllocateHeap { space, len_bytes }) {
+            ControlAnswer::Range(range) => range,
+            _ => None,
+        }
+    }
+
+    fn console_input(&self, runner: u64) -> Option<u8> {
+        match self.ask(runner, ControlOp::ConsoleInput) {
+            ControlAnswer::Byte(byte) => byte,
+            _ => None,
+        }
     }
 }
 
@@ -1385,72 +1453,61 @@ struct RemoteControl {
 }
 
 impl RemoteControl {
-    fn call(&self, op: Vec<u8>) -> Option<Vec<u8>> {
+    /// Node 0's answer, or `None` when the run failed and is ending (or the answer made no
+    /// sense: the run fails, naming node 0).
+    fn ask(&self, runner: u64, op: ControlOp) -> Option<ControlAnswer> {
         let rt = &self.runtime;
         let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
         let receiver = rt.waiter(Wait::Control(req));
-        rt.send(0, &Msg::Control { req, op });
-        match rt.wait(&receiver) {
-            Some(Reply::Control(reply)) => Some(reply),
-            _ => None,
-        }
-    }
-
-    fn range(&self, op: Vec<u8>) -> Option<Range> {
-        let reply = self.call(op)?;
-        let word = |at: usize| {
-            let mut raw = [0u8; 8];
-            raw.copy_from_slice(reply.get(at..at + 8)?);
-            Some(u64::from_le_bytes(raw))
+        rt.send(
+            0,
+            &Msg::Control {
+                req,
+                op: op.encode(runner),
+            },
+        );
+        let Some(Reply::Control(bytes)) = rt.wait(&receiver) else {
+            return None;
         };
-        match reply.first() {
-            Some(1) => Some(Range {
-                start: word(1)?,
-                end: word(9)?,
-            }),
-            _ => None,
+        match ControlAnswer::decode(op, &bytes) {
+            Ok(answer) => Some(answer),
+            Err(reason) => {
+                rt.fail(ClusterError::Garbage { rank: 0, reason });
+                None
+            }
         }
     }
 }
 
 impl Control for RemoteControl {
-    fn new_runner_id(&self) -> Result<u64, String> {
-        let reply = self
-            .call(vec![0])
-            .ok_or_else(|| "node 0 is gone".to_string())?;
-        match reply.split_first() {
-            Some((0, id)) if id.len() == 8 => {
-                let mut raw = [0u8; 8];
-                raw.copy_from_slice(id);
-                Ok(u64::from_le_bytes(raw))
-            }
-            Some((1, reason)) => Err(String::from_utf8_lossy(reason).into_owned()),
-            _ => Err("node 0 answered a runner-id request with nonsense".into()),
+    fn new_runner_id(&self, runner: u64) -> Result<u64, String> {
+        match self.ask(runner, ControlOp::NewRunnerId) {
+            Some(ControlAnswer::Id(id)) => id,
+            _ => Err("node 0 is gone".to_string()),
         }
     }
 
-    fn forget_runner(&self) {
-        let _ = self.call(vec![1]);
+    fn forget_runner(&self, runner: u64) {
+        let _ = self.ask(runner, ControlOp::ForgetRunner);
     }
 
-    fn allocate_stack(&self, space: u64) -> Option<Range> {
-        self.range([vec![2], space.to_le_bytes().to_vec()].concat())
+    fn allocate_stack(&self, runner: u64, space: u64) -> Option<Range> {
+        match self.ask(runner, ControlOp::AllocateStack { space })? {
+            ControlAnswer::Range(range) => range,
+            _ => None,
+        }
     }
 
-    fn allocate_heap(&self, space: u64, len_bytes: u64) -> Option<Range> {
-        self.range(
-            [
-                vec![3],
-                space.to_le_bytes().to_vec(),
-                len_bytes.to_le_bytes().to_vec(),
-            ]
-            .concat(),
-        )
+    fn allocate_heap(&self, runner: u64, space: u64, len_bytes: u64) -> Option<Range> {
+        match self.ask(runner, ControlOp::AllocateHeap { space, len_bytes })? {
+            ControlAnswer::Range(range) => range,
+            _ => None,
+        }
     }
 
-    fn console_input(&self) -> Option<u8> {
-        match self.call(vec![4])?.as_slice() {
-            [1, byte] => Some(*byte),
+    fn console_input(&self, runner: u64) -> Option<u8> {
+        match self.ask(runner, ControlOp::ConsoleInput)? {
+            ControlAnswer::Byte(byte) => byte,
             _ => None,
         }
     }
@@ -1967,6 +2024,7 @@ pub fn run(
         failed: AtomicBool::new(false),
         outstanding: (0..world).map(|_| AtomicU64::new(0)).collect(),
         placed: Mutex::new((0..world).map(|_| HashMap::new()).collect()),
+        handouts: Handouts::default(),
         replicas: options.replicas.max(1),
         lost: (0..world).map(|_| AtomicBool::new(false)).collect(),
         view_dead: (0..world).map(|_| AtomicBool::new(false)).collect(),
@@ -2000,16 +2058,20 @@ pub fn run(
         }),
         runtime: Arc::clone(&runtime),
     });
-    let control: Option<Arc<dyn Control>> = (rank != 0).then(|| {
+    let control: Arc<dyn Control> = if rank == 0 {
+        Arc::new(NodeZeroControl {
+            runtime: Arc::clone(&runtime),
+        })
+    } else {
         Arc::new(RemoteControl {
             runtime: Arc::clone(&runtime),
-        }) as Arc<dyn Control>
-    });
+        })
+    };
     let parts = MachineParts {
         store,
         first_txn: ((rank as u64) << TXN_RANK_SHIFT) + 1,
         backend,
-        control,
+        control: Some(control),
     };
     // Every holder of a page loads it (its home and its backups).
     let view = crate::view::View::new(world, options.replicas);

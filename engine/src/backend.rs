@@ -128,13 +128,18 @@ impl Backend for LocalBackend {
 }
 
 /// The runtime services one node hands out for the whole machine.
+///
+/// `runner` is the id of the runner asking (its task's id): a cluster hands a runner that
+/// runs again after its node's loss what it handed the lost attempt, in the same order, so
+/// that the rerun spawns the same ids and reads the same input (`dvm-cluster`'s
+/// `handouts.rs`). One node ignores it.
 pub trait Control: Send + Sync {
     /// A new runner id, counted against the runner limit; `Err` says which limit.
-    fn new_runner_id(&self) -> Result<u64, String>;
+    fn new_runner_id(&self, runner: u64) -> Result<u64, String>;
     /// Gives back an id whose runner will never exist.
-    fn forget_runner(&self);
-    fn allocate_stack(&self, space: u64) -> Option<Range>;
-    fn allocate_heap(&self, space: u64, len_bytes: u64) -> Option<Range>;
+    fn forget_runner(&self, runner: u64);
+    fn allocate_stack(&self, runner: u64, space: u64) -> Option<Range>;
+    fn allocate_heap(&self, runner: u64, space: u64, len_bytes: u64) -> Option<Range>;
     /// One byte of console input (node 0's stdin), or `None` at its end.
-    fn console_input(&self) -> Option<u8>;
+    fn console_input(&self, runner: u64) -> Option<u8>;
 }

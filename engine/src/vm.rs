@@ -655,7 +655,7 @@ impl LocalControl {
 const SPACE_OFFSET_MASK: u64 = (1 << abi::SPACE_SHIFT) - 1;
 
 impl Control for LocalControl {
-    fn new_runner_id(&self) -> Result<u64, String> {
+    fn new_runner_id(&self, _runner: u64) -> Result<u64, String> {
         let existing = self.existing_runners.fetch_add(1, Ordering::Relaxed) + 1;
         if existing > self.max_runners {
             self.existing_runners.fetch_sub(1, Ordering::Relaxed);
@@ -679,11 +679,11 @@ impl Control for LocalControl {
         Ok(self.first_id + slot * abi::PAGE_BYTES)
     }
 
-    fn forget_runner(&self) {
+    fn forget_runner(&self, _runner: u64) {
         self.release(1);
     }
 
-    fn allocate_stack(&self, space: u64) -> Option<Range> {
+    fn allocate_stack(&self, _runner: u64, space: u64) -> Option<Range> {
         let pool = self.stacks.get(space as usize)?;
         let (slot, _) = lock(pool).take(|| self.store.prune_horizon())?;
         Range::new(
@@ -692,7 +692,7 @@ impl Control for LocalControl {
         )
     }
 
-    fn allocate_heap(&self, space: u64, len_bytes: u64) -> Option<Range> {
+    fn allocate_heap(&self, _runner: u64, space: u64, len_bytes: u64) -> Option<Range> {
         if len_bytes == 0 || len_bytes > MAX_MALLOC_BYTES {
             return None;
         }
@@ -704,7 +704,7 @@ impl Control for LocalControl {
             .then(|| Range::new((space << abi::SPACE_SHIFT) + start, rounded))?
     }
 
-    fn console_input(&self) -> Option<u8> {
+    fn console_input(&self, _runner: u64) -> Option<u8> {
         lock(&self.input).next_byte()
     }
 }
@@ -765,37 +765,46 @@ impl Executor for Shared {
     }
 }
 
-impl Services for Shared {
+/// What one runner's interpreter asks of the VM: the VM's services, with the runner's id for
+/// those a cluster records per runner (`Control`).
+struct RunnerServices<'a> {
+    shared: &'a Shared,
+    runner: u64,
+}
+
+impl Services for RunnerServices<'_> {
     fn new_runner_id(&self) -> Result<u64, String> {
-        self.control.new_runner_id()
+        self.shared.control.new_runner_id(self.runner)
     }
 
     fn forget_runner(&self) {
-        self.control.forget_runner();
+        self.shared.control.forget_runner(self.runner);
     }
 
     fn allocate_stack(&self, space: u64) -> Option<Range> {
-        self.control.allocate_stack(space)
+        self.shared.control.allocate_stack(self.runner, space)
     }
 
     fn allocate_heap(&self, space: u64, len_bytes: u64) -> Option<Range> {
-        self.control.allocate_heap(space, len_bytes)
+        self.shared
+            .control
+            .allocate_heap(self.runner, space, len_bytes)
     }
 
     fn console_input(&self) -> Option<u8> {
-        self.control.console_input()
+        self.shared.control.console_input(self.runner)
     }
 
     fn count_instructions(&self, instructions: u64) {
-        bump(&self.counters.instructions, instructions);
+        bump(&self.shared.counters.instructions, instructions);
     }
 
     fn clock(&self) -> &dyn Clock {
-        &*self.clock
+        &*self.shared.clock
     }
 
     fn stopping(&self) -> bool {
-        self.is_done()
+        self.shared.is_done()
     }
 }
 
@@ -928,7 +937,17 @@ impl Shared {
             }
             None => View::new(reader, snapshot, pages, access, read_only),
         };
-        let mut exec = Exec::new(view, &self.program, self, task.space, self.max_instructions);
+        let services = RunnerServices {
+            shared: self,
+            runner: task.id,
+        };
+        let mut exec = Exec::new(
+            view,
+            &self.program,
+            &services,
+            task.space,
+            self.max_instructions,
+        );
         if let (true, Some(meter)) = (self.profiling, &ctx.meter) {
             exec.profile_with(Arc::clone(meter));
         }
@@ -1819,7 +1838,7 @@ impl Machine {
         let stack = self
             .shared
             .local
-            .allocate_stack(0)
+            .allocate_stack(self.first_id, 0)
             .ok_or(RunError::NoRootStack)?;
         self.shared.count_task();
         Ok(Task {
