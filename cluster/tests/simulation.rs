@@ -1022,16 +1022,27 @@ fn a_seed_reproduces_its_run_exactly() {
     }
 }
 
-#[test]
-fn a_home_that_skips_its_conflict_check_is_caught() {
+/// Asserts that the checks catch a run of the `broken` protocol within `seeds` seeds, for one of
+/// `symptoms`.
+fn caught(broken: Broken, seeds: u64, symptoms: &[&str]) {
     let pages = pages();
     let caught =
-        (0..200u64).find_map(|seed| run_seed(seed, Broken::SkipConflictCheck, &pages).err());
-    let caught = caught.expect("no seed out of 200 caught the broken home");
-    eprintln!("the broken home was caught: {caught}");
+        (0..seeds).find_map(|seed| run_seed(seed, broken, &pages).err().map(|err| (seed, err)));
+    let (seed, caught) =
+        caught.unwrap_or_else(|| panic!("no seed out of {seeds} caught {broken:?}"));
+    eprintln!("{broken:?}: caught by seed {seed}: {caught}");
     assert!(
-        caught.contains("lost update") || caught.contains("counter") || caught.contains("read"),
-        "caught for an unexpected reason: {caught}"
+        symptoms.iter().any(|symptom| caught.contains(symptom)),
+        "{broken:?} caught for an unexpected reason: {caught}"
+    );
+}
+
+#[test]
+fn a_home_that_skips_its_conflict_check_is_caught() {
+    caught(
+        Broken::SkipConflictCheck,
+        200,
+        &["lost update", "counter", "read"],
     );
 }
 
@@ -1040,19 +1051,10 @@ fn a_home_that_skips_its_conflict_check_is_caught() {
 /// and a runner reads or overwrites the page without it.
 #[test]
 fn a_commit_acknowledged_before_its_backup_has_it_is_caught() {
-    let pages = pages();
-    let caught = (0..600u64).find_map(|seed| {
-        run_seed(seed, Broken::AckBeforeBackup, &pages)
-            .err()
-            .map(|err| (seed, err))
-    });
-    let (seed, caught) = caught.expect("no seed out of 600 caught it");
-    eprintln!("acknowledging before the backup has it: caught by seed {seed}: {caught}");
-    assert!(
-        ["lost update", "counter", "read", "exit record"]
-            .iter()
-            .any(|symptom| caught.contains(symptom)),
-        "caught for an unexpected reason: {caught}"
+    caught(
+        Broken::AckBeforeBackup,
+        600,
+        &["lost update", "counter", "read", "exit record"],
     );
 }
 
@@ -1060,18 +1062,9 @@ fn a_commit_acknowledged_before_its_backup_has_it_is_caught() {
 /// commits land on an empty page, and its copy of a counter or an exit record is wrong.
 #[test]
 fn a_new_holder_counted_without_its_copies_is_caught() {
-    let pages = pages();
-    let caught = (0..600u64).find_map(|seed| {
-        run_seed(seed, Broken::SkipCopies, &pages)
-            .err()
-            .map(|err| (seed, err))
-    });
-    let (seed, caught) = caught.expect("no seed out of 600 caught it");
-    eprintln!("new holders without copies: caught by seed {seed}: {caught}");
-    assert!(
-        ["counter", "exit record", "read", "lost update"]
-            .iter()
-            .any(|symptom| caught.contains(symptom)),
-        "caught for an unexpected reason: {caught}"
+    caught(
+        Broken::SkipCopies,
+        600,
+        &["counter", "exit record", "read", "lost update"],
     );
 }
