@@ -14,8 +14,9 @@
 //! - a record grows only at its end, once replayed to its end: a rerun asking past what the
 //!   lost attempt asked is served afresh, and that is recorded too (it may be lost as well);
 //! - a request other than the recorded one at its place (a rerun that went another way, say
-//!   after reading the clock) ends the replay: the rest of the record is dropped, what it held
-//!   stays unused, and the rerun is served afresh from there;
+//!   after reading the clock) ends the replay: the rest of the record is dropped (its ids are
+//!   given back to the runner count; its stacks and heap stay unused) and the rerun is served
+//!   afresh from there;
 //! - nothing from a node declared dead is recorded or answered (`runtime.rs`), so a lost
 //!   attempt cannot append to the record its rerun is reading;
 //! - a record holds at most `MAX_ANSWERS` answers; past that it stops growing and says so once.
@@ -206,15 +207,20 @@ impl Handouts {
     }
 
     /// What a lost attempt of `runner` was handed for `op` at the place its rerun has reached,
-    /// if the rerun asks what the attempt asked there. `None`: serve it afresh.
-    pub(crate) fn replay(&self, runner: u64, op: ControlOp) -> Option<ControlAnswer> {
+    /// if the rerun asks what the attempt asked there. `Err(ids)`: serve it afresh; `ids` runner
+    /// ids the dropped rest of the record held, to be given back (their runners never exist).
+    pub(crate) fn replay(&self, runner: u64, op: ControlOp) -> Result<ControlAnswer, u64> {
         let mut records = self.records();
-        let record = records.get_mut(&runner)?;
-        let (recorded, answer) = record.answers.get(record.replayed)?;
+        let Some(record) = records.get_mut(&runner) else {
+            return Err(0);
+        };
+        let Some((recorded, answer)) = record.answers.get(record.replayed) else {
+            return Err(0);
+        };
         if *recorded == op {
             let answer = answer.clone();
             record.replayed += 1;
-            return Some(answer);
+            return Ok(answer);
         }
         tracing::warn!(
             "runner {runner:#x}, run again after its node's loss, asked for {op:?} where the \
@@ -222,9 +228,12 @@ impl Handouts {
              from here ({} earlier answers left unused)",
             record.answers.len() - record.replayed
         );
-        let replayed = record.replayed;
-        record.answers.truncate(replayed);
-        None
+        let dropped = record.answers.split_off(record.replayed);
+        let ids = dropped
+            .iter()
+            .filter(|(_, answer)| matches!(answer, ControlAnswer::Id(Ok(_))))
+            .count() as u64;
+        Err(ids)
     }
 
     /// Keeps `answer`, just handed to `runner` for `op`, at the end of its record.
@@ -286,28 +295,28 @@ mod tests {
         handouts.record(7, stack, range.clone());
         handouts.record(7, ControlOp::NewRunnerId, id(0x3d0_0001_1000));
         // The first attempt, still running, is not answered from its own record.
-        assert_eq!(handouts.replay(7, stack), None);
+        assert_eq!(handouts.replay(7, stack), Err(0));
         handouts.rewind(7);
-        assert_eq!(handouts.replay(7, stack), Some(range));
+        assert_eq!(handouts.replay(7, stack), Ok(range));
         assert_eq!(
             handouts.replay(7, ControlOp::NewRunnerId),
-            Some(id(0x3d0_0001_1000))
+            Ok(id(0x3d0_0001_1000))
         );
         // Past the record: afresh, and kept for a rerun of the rerun.
-        assert_eq!(handouts.replay(7, ControlOp::NewRunnerId), None);
+        assert_eq!(handouts.replay(7, ControlOp::NewRunnerId), Err(0));
         handouts.record(7, ControlOp::NewRunnerId, id(0x3d0_0001_2000));
         handouts.rewind(7);
-        assert_eq!(handouts.replay(7, stack).map(|_| ()), Some(()));
+        assert!(handouts.replay(7, stack).is_ok());
         assert_eq!(
             handouts.replay(7, ControlOp::NewRunnerId),
-            Some(id(0x3d0_0001_1000))
+            Ok(id(0x3d0_0001_1000))
         );
         assert_eq!(
             handouts.replay(7, ControlOp::NewRunnerId),
-            Some(id(0x3d0_0001_2000))
+            Ok(id(0x3d0_0001_2000))
         );
         // Another runner's record is its own.
-        assert_eq!(handouts.replay(8, ControlOp::NewRunnerId), None);
+        assert_eq!(handouts.replay(8, ControlOp::NewRunnerId), Err(0));
         handouts.forget(7);
         assert_eq!(handouts.len(), 0);
     }
@@ -319,14 +328,15 @@ mod tests {
         handouts.record(7, ControlOp::NewRunnerId, id(2));
         handouts.record(7, ControlOp::ConsoleInput, ControlAnswer::Byte(Some(b'x')));
         handouts.rewind(7);
-        assert_eq!(handouts.replay(7, ControlOp::NewRunnerId), Some(id(1)));
-        assert_eq!(handouts.replay(7, ControlOp::ConsoleInput), None);
+        assert_eq!(handouts.replay(7, ControlOp::NewRunnerId), Ok(id(1)));
+        // The rest held one id, to be given back.
+        assert_eq!(handouts.replay(7, ControlOp::ConsoleInput), Err(1));
         handouts.record(7, ControlOp::ConsoleInput, ControlAnswer::Byte(Some(b'y')));
         handouts.rewind(7);
-        assert_eq!(handouts.replay(7, ControlOp::NewRunnerId), Some(id(1)));
+        assert_eq!(handouts.replay(7, ControlOp::NewRunnerId), Ok(id(1)));
         assert_eq!(
             handouts.replay(7, ControlOp::ConsoleInput),
-            Some(ControlAnswer::Byte(Some(b'y')))
+            Ok(ControlAnswer::Byte(Some(b'y')))
         );
     }
 

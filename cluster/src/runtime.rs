@@ -1003,9 +1003,10 @@ impl Runtime {
     /// point, else afresh, recorded when it runs on node `on` (not this one) and that node may
     /// be lost.
     fn hand_out(&self, runner: u64, op: ControlOp, on: Option<usize>) -> ControlAnswer {
-        if let Some(answer) = self.handouts.replay(runner, op) {
-            return answer;
-        }
+        let dropped_ids = match self.handouts.replay(runner, op) {
+            Ok(answer) => return answer,
+            Err(dropped_ids) => dropped_ids,
+        };
         let Some(shared) = self.shared() else {
             // The run is over: nothing is handed out any more.
             return match op {
@@ -1017,6 +1018,9 @@ impl Runtime {
                 ControlOp::ConsoleInput => ControlAnswer::Byte(None),
             };
         };
+        for _ in 0..dropped_ids {
+            shared.local_control().forget_runner(runner);
+        }
         let answer = op.serve(&**shared.local_control(), runner);
         if on.is_some_and(|node| self.may_lose(node)) {
             self.handouts.record(runner, op, answer.clone());
