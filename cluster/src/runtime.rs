@@ -932,6 +932,17 @@ impl Runtime {
                 {
                     self.lose_node(node, format!("node {from} lost its connection to it"));
                 }
+                // The run cannot go on without `node`, and `from`, which lost it, is ending:
+                // the report names the node lost, not the one that left because of it.
+                Ok(node)
+                    if self.rank == 0 && node != 0 && node < self.world && !self.is_lost(from) =>
+                {
+                    self.fail(ClusterError::NodeLost {
+                        rank: node,
+                        addr: self.peer_addr(node),
+                        reason: format!("node {from} lost its connection to it"),
+                    });
+                }
                 _ => {}
             },
             Msg::ProfileSamples { samples } => match dvm_perf::profile::decode(&samples) {
@@ -1858,6 +1869,11 @@ impl Runtime {
             return;
         }
         if !self.may_lose(rank) || self.shutting_down.load(Ordering::Acquire) {
+            if self.rank != 0 && rank != 0 && !self.shutting_down.load(Ordering::Acquire) {
+                // Before this node leaves: node 0 may not have noticed yet, and would
+                // otherwise report this node's departure as the loss.
+                self.send(0, &Msg::Suspect { node: rank as u64 });
+            }
             self.fail(ClusterError::NodeLost {
                 rank,
                 addr: self.peer_addr(rank),
