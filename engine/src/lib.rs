@@ -10,6 +10,7 @@
 pub mod abi;
 pub mod asm;
 pub mod backend;
+mod chains;
 pub mod clock;
 pub mod codec;
 pub mod disasm;

@@ -78,12 +78,13 @@
 //! `unsafe` dereferences in a `forbid(unsafe_code)` crate for no measurable gain: the lock and
 //! `Arc` stay.
 
+use crate::chains::{ChainMap, BLOCK_PAGES};
 use crate::page::{
     first_overlap, is_empty, mark, merge_masked, Mask, MemoryLimit, Page, PageSource, EMPTY_MASK,
     PAGE_BYTES,
 };
 use smallvec::SmallVec;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
@@ -456,8 +457,8 @@ struct Intent {
 #[derive(Debug, Default)]
 struct Chain {
     /// Versions with contents. Most pages (exit records, a runner's own pages) only ever have
-    /// one: it lives in the map's entry, so a lookup touches one cache line run, not two, and
-    /// the page costs no allocation of its own.
+    /// one: it lives in the chain itself, so a lookup touches one run of cache lines, not
+    /// two, and the page costs no allocation of its own.
     versions: SmallVec<[Version; 1]>,
     /// Versions whose contents no snapshot can read any more, for the conflict checks of the
     /// covering snapshots older than them: timestamp -> stored bytes.
@@ -469,9 +470,9 @@ struct Chain {
 }
 
 /// A chain's stripped versions: timestamp -> stored bytes. Boxed, since few chains ever have
-/// one, and a chain is a shard map's entry: its size is what every lookup (cache lines) and
-/// every growth of the map (bytes moved, pages faulted in) pays. With it and `prune_at` in
-/// 32 bits, an entry is at most 128 bytes, two cache lines, not 144 (three).
+/// one, and chains lie inline in their block's vector (`chains::ChainMap`): a chain's size is
+/// what every lookup (cache lines) and every growth of a block (bytes moved) pays. With it and
+/// `prune_at` in 32 bits, a chain is at most 120 bytes, not 136.
 // The box is the point: 8 bytes in the entry where an empty `BTreeMap` takes 24.
 #[allow(clippy::box_collection)]
 #[derive(Debug, Default)]
@@ -508,47 +509,7 @@ impl Stripped {
     }
 }
 
-type Shard = RwLock<HashMap<PageKey, Chain, ChainHash>>;
-
-/// Pages handled together in the store's maps: one shard, neighbouring buckets.
-const BLOCK_PAGES: u64 = 64;
-
-/// The shard maps' hash. Runner ids, stacks and allocations are handed out in address order,
-/// so a run's pages are mostly touched in address order; with a plain multiplicative hash each
-/// of them is a cache (and often a TLB) miss in a map of a million chains. Here the pages of
-/// one `BLOCK_PAGES` block get neighbouring buckets (the low bits are the page's place in its
-/// block) while blocks are spread by a hash, and the top bits (hashbrown's control byte) come
-/// from the whole key, so the neighbours in a probe group are told apart without a key compare.
-#[derive(Default)]
-struct ChainHasher(u64);
-
-impl std::hash::Hasher for ChainHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.write_u64(self.0.rotate_left(8) ^ u64::from(*byte));
-        }
-    }
-
-    fn write_u64(&mut self, key: u64) {
-        const TAG_BITS: u64 = 0xfe00_0000_0000_0000;
-        let tag = key.wrapping_mul(0xa076_1d64_78bd_642f) & TAG_BITS;
-        // Every bit of the block number reaches the low bits (a product alone would keep a
-        // block number's trailing zeros: regions aligned to large powers of two would share
-        // a handful of places): splitmix64's finaliser.
-        let mut block = key / BLOCK_PAGES;
-        block = (block ^ (block >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        block = (block ^ (block >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        block ^= block >> 31;
-        let spread = block & !TAG_BITS & !(BLOCK_PAGES - 1);
-        self.0 = tag | spread | (key % BLOCK_PAGES);
-    }
-}
-
-type ChainHash = std::hash::BuildHasherDefault<ChainHasher>;
+type Shard = RwLock<ChainMap<Chain>>;
 
 /// A page write presented for commit.
 pub struct PageWrite {
@@ -768,15 +729,15 @@ impl Scope {
     /// The scope of these page-key ranges (in any order, possibly overlapping).
     pub fn pages(ranges: impl IntoIterator<Item = std::ops::Range<PageKey>>) -> Scope {
         let mut ranges: Vec<_> = ranges.into_iter().filter(|r| r.end > r.start).collect();
-        ranges.sort_by_key(|r| r.start);
-        let mut merged: Vec<std::ops::Range<PageKey>> = Vec::with_capacity(ranges.len());
-        for range in ranges {
-            match merged.last_mut() {
-                Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
-                _ => merged.push(range),
+        ranges.sort_unstable_by_key(|r| r.start);
+        ranges.dedup_by(|range, last| {
+            let merges = range.start <= last.end;
+            if merges {
+                last.end = last.end.max(range.end);
             }
-        }
-        Scope::Pages(merged.into_boxed_slice())
+            merges
+        });
+        Scope::Pages(ranges.into_boxed_slice())
     }
 
     pub fn covers(&self, key: PageKey) -> bool {
@@ -807,10 +768,9 @@ pub struct PageStore {
 }
 
 fn shard_of(key: PageKey) -> usize {
-    // A block's pages share a shard (see `ChainHasher`); blocks spread over shards by a
-    // multiplicative hash, so shards do not line up with strided access patterns. Not a
-    // multiplier `ChainHasher` uses: its control bytes would then be alike within a shard,
-    // and each lookup would compare many entries.
+    // A block's pages share a shard (they share an entry of its `ChainMap`); blocks spread
+    // over shards by a multiplicative hash, so shards do not line up with strided access
+    // patterns. Not the map's own hash: its buckets would then be alike within a shard.
     ((key / BLOCK_PAGES).wrapping_mul(0xd6e8_feb8_6659_fd93) >> 58) as usize % SHARDS
 }
 
@@ -834,7 +794,7 @@ impl PageStore {
     pub fn new() -> PageStore {
         PageStore {
             shards: (0..SHARDS)
-                .map(|_| RwLock::new(HashMap::default()))
+                .map(|_| RwLock::new(ChainMap::default()))
                 .collect(),
             watermark: AtomicU64::new(0),
             floor: AtomicU64::new(0),
@@ -848,7 +808,7 @@ impl PageStore {
     /// snapshot must be registered with a scope covering `key` (or at or above the floor).
     pub fn read(&self, key: PageKey, snapshot_ts: u64) -> Result<Option<Arc<Page>>, MemoryLimit> {
         let shard = read_lock(&self.shards[shard_of(key)]);
-        let Some(chain) = shard.get(&key) else {
+        let Some(chain) = shard.get(key) else {
             return Ok(None);
         };
         let Some(index) = chain.visible(snapshot_ts) else {
@@ -886,7 +846,7 @@ impl PageStore {
     ) -> Result<SnapshotPage, MemoryLimit> {
         {
             let shard = read_lock(&self.shards[shard_of(key)]);
-            let Some(chain) = shard.get(&key) else {
+            let Some(chain) = shard.get(key) else {
                 return Ok(SnapshotPage::Zero);
             };
             let Some(index) = chain.visible(snapshot_ts) else {
@@ -914,7 +874,7 @@ impl PageStore {
     /// to (excluding) the second. The contents are a copy (a remote home sends them).
     pub fn read_version(&self, key: PageKey, snapshot_ts: u64) -> VersionRead {
         let shard = read_lock(&self.shards[shard_of(key)]);
-        let Some(chain) = shard.get(&key) else {
+        let Some(chain) = shard.get(key) else {
             return VersionRead::default();
         };
         let index = chain
@@ -963,7 +923,7 @@ impl PageStore {
     /// store), before any runner exists.
     pub fn install_initial(&self, key: PageKey, data: Page) {
         let mut shard = write_lock(&self.shards[shard_of(key)]);
-        let chain = shard.entry(key).or_default();
+        let chain = shard.get_or_default(key);
         chain.versions.clear();
         chain.stripped.clear();
         chain.versions.push(Version {
@@ -1043,7 +1003,7 @@ impl PageStore {
     ) -> Result<(), Conflict> {
         for (done, write) in writes.iter().enumerate() {
             let mut shard = write_lock(&self.shards[shard_of(write.key)]);
-            let chain = shard.entry(write.key).or_default();
+            let chain = shard.get_or_default(write.key);
             if let Some(conflict) = conflict_in(chain, txn, snapshot_ts, write) {
                 drop(shard);
                 self.abort(txn, writes[..done].iter().map(|write| write.key));
@@ -1061,7 +1021,7 @@ impl PageStore {
     pub fn abort(&self, txn: TxnId, keys: impl Iterator<Item = PageKey>) {
         for key in keys {
             let mut shard = write_lock(&self.shards[shard_of(key)]);
-            if let Some(chain) = shard.get_mut(&key) {
+            if let Some(chain) = shard.get_mut(key) {
                 take_intent(chain, txn);
             }
         }
@@ -1082,7 +1042,7 @@ impl PageStore {
         self.pages.get_or_init(|| pages.clone());
         for write in writes {
             let mut shard = write_lock(&self.shards[shard_of(write.key)]);
-            let chain = shard.entry(write.key).or_default();
+            let chain = shard.get_or_default(write.key);
             let intent = take_intent(chain, txn);
             debug_assert!(intent.is_some(), "commit without prepare");
             let incoming = Incoming::Page {
@@ -1120,7 +1080,7 @@ impl PageStore {
             ),
         };
         let mut shard = write_lock(&self.shards[shard_of(key)]);
-        let chain = shard.entry(key).or_default();
+        let chain = shard.get_or_default(key);
         self.install(key, chain, ts, incoming, pages);
     }
 
@@ -1239,7 +1199,7 @@ impl PageStore {
             let held = shard.iter();
             keys.extend(
                 held.filter(|(_, c)| !c.versions.is_empty())
-                    .map(|(key, _)| *key),
+                    .map(|(key, _)| key),
             );
         }
         keys.sort_unstable();
@@ -1249,7 +1209,7 @@ impl PageStore {
     /// `key`'s whole history (`None`: nothing installed), for a node that becomes its holder.
     pub fn history(&self, key: PageKey) -> Option<PageHistory> {
         let shard = read_lock(&self.shards[shard_of(key)]);
-        let chain = shard.get(&key)?;
+        let chain = shard.get(key)?;
         if chain.versions.is_empty() {
             return None;
         }
@@ -1290,7 +1250,7 @@ impl PageStore {
             });
         }
         let mut shard = write_lock(&self.shards[shard_of(key)]);
-        let chain = shard.entry(key).or_default();
+        let chain = shard.get_or_default(key);
         let here = chain.versions.last().map(|version| version.ts);
         let here = here.max(
             chain
@@ -1320,11 +1280,11 @@ impl PageStore {
         for shard in self.shards.iter() {
             let shard = read_lock(shard);
             for (key, chain) in shard.iter() {
-                if range.contains(key) {
+                if range.contains(&key) {
                     if let Some(newest) = chain.versions.len().checked_sub(1) {
                         let mut page = Box::new([0u8; PAGE_BYTES]);
                         materialise_into(&chain.versions, newest, &mut page);
-                        pages.push((*key, page));
+                        pages.push((key, page));
                     }
                 }
             }
@@ -1685,12 +1645,12 @@ mod tests {
         assert_ne!(Changed::of_mask(&one), Changed::of_mask(&few));
     }
 
-    /// A shard map's entry stays within two cache lines (see `Stripped`): 128 bytes, or less
-    /// where another crate of the build turns on smallvec's `union` feature.
+    /// A chain stays within 120 bytes (see `Stripped`), or less where another crate of the
+    /// build turns on smallvec's `union` feature.
     #[test]
-    fn chain_entry_is_two_cache_lines() {
-        let size = std::mem::size_of::<(PageKey, Chain)>();
-        assert!(size <= 128, "a chain entry is {size} bytes");
+    fn a_chain_is_at_most_120_bytes() {
+        let size = std::mem::size_of::<Chain>();
+        assert!(size <= 120, "a chain is {size} bytes");
     }
 
     #[test]
@@ -2117,48 +2077,26 @@ mod tests {
         let all_in = std::mem::size_of::<Version>()
             + std::mem::size_of::<Run>()
             + 8
-            + std::mem::size_of::<(PageKey, Chain)>();
+            + std::mem::size_of::<Chain>();
         assert!(all_in < 256, "{all_in} bytes");
     }
 
     #[test]
-    fn a_blocks_chains_are_neighbours_and_blocks_spread() {
-        use std::hash::{BuildHasher, Hasher};
-        let hash = |key: u64| {
-            let mut hasher = ChainHash::default().build_hasher();
-            hasher.write_u64(key);
-            hasher.finish()
-        };
-        const TAG: u64 = 0xfe00_0000_0000_0000;
+    fn a_blocks_pages_share_a_shard_and_blocks_spread() {
         let base = 0x3d1_ffc4_a000u64 >> 12; // a runner-id page, block-aligned below
         let first = base - base % BLOCK_PAGES;
-        let mut tags = std::collections::HashSet::new();
         for i in 0..BLOCK_PAGES {
-            // Consecutive buckets in any table of at least `BLOCK_PAGES` buckets...
-            assert_eq!(hash(first + i) & !TAG, (hash(first) & !TAG) + i);
             assert_eq!(shard_of(first + i), shard_of(first));
-            tags.insert(hash(first + i) & TAG);
         }
-        // ...told apart by their control bytes, mostly.
-        assert!(tags.len() > 32, "{} distinct tags in a block", tags.len());
-        // Blocks (also regions aligned to large powers of two) spread over shards and buckets.
+        // Blocks (also regions aligned to large powers of two) spread over shards.
         let mut per_shard = [0usize; SHARDS];
-        let mut buckets = std::collections::HashSet::new();
         for block in 0..(SHARDS as u64 * 64) {
             let key = (block << 24) | (first % BLOCK_PAGES);
             per_shard[shard_of(key)] += 1;
-            buckets.insert(hash(key) & ((1 << 20) - 1) & !(BLOCK_PAGES - 1));
         }
         assert!(
             per_shard.iter().all(|n| (16..=160).contains(n)),
             "{per_shard:?}"
-        );
-        // 4,096 blocks in 16,384 places at random fill about 3,625 of them; a hash that kept
-        // the keys' trailing zeros filled 512.
-        assert!(
-            buckets.len() > 3500,
-            "{} places for 4096 blocks",
-            buckets.len()
         );
     }
 

@@ -92,11 +92,25 @@ struct DirtyFrame {
     mask: NonNull<Mask>,
 }
 
+impl DirtyFrame {
+    /// The frame's page and its mask, owned: the frame is gone without its `Drop`. The caller
+    /// invalidated every entry that pointed into it.
+    fn into_parts(self) -> (PageKey, Option<Page>, Box<Mask>) {
+        let mut frame = std::mem::ManuallyDrop::new(self);
+        let page = frame.page.take();
+        // SAFETY: `mask` came from `Box::leak` in `add_dirty` and is turned back into a `Box`
+        // only here or in `drop`; the frame is never dropped (`ManuallyDrop`), so this is its
+        // only owner. Its other fields own nothing (`page` was moved out above).
+        let mask = unsafe { Box::from_raw(frame.mask.as_ptr()) };
+        (frame.key, page, mask)
+    }
+}
+
 impl Drop for DirtyFrame {
     fn drop(&mut self) {
-        // SAFETY: `mask` came from `Box::into_raw` in `Frames::add_dirty` and is turned back
-        // into a `Box` only here or in `take_dirty`, which forgets the frame's pointer by
-        // replacing it with a fresh leaked empty mask first; so this is its only owner.
+        // SAFETY: `mask` came from `Box::leak` in `add_dirty` and is turned back into a `Box`
+        // only here or in `into_parts`, which consumes the frame without dropping it; so this
+        // is its only owner.
         drop(unsafe { Box::from_raw(self.mask.as_ptr()) });
     }
 }
@@ -426,19 +440,10 @@ impl Tlb {
     pub fn take_dirty(&mut self) -> Vec<TakenPage> {
         self.invalidate_all();
         let mut taken = Vec::with_capacity(self.dirty.len());
-        for mut frame in self.dirty.drain(..) {
-            let empty = NonNull::from(Box::leak(Box::new(EMPTY_MASK)));
-            let mask = std::mem::replace(&mut frame.mask, empty);
-            // SAFETY: `mask` came from `Box::into_raw`/`Box::leak` in `add_dirty`; the frame now
-            // holds a different mask, so this is the only owner; no entry points at it any
-            // more (invalidated above).
-            let stored = unsafe { Box::from_raw(mask.as_ptr()) };
-            if let Some(data) = frame.page.take() {
-                taken.push(TakenPage {
-                    key: frame.key,
-                    data,
-                    stored,
-                });
+        for frame in self.dirty.drain(..) {
+            let (key, page, stored) = frame.into_parts();
+            if let Some(data) = page {
+                taken.push(TakenPage { key, data, stored });
             }
         }
         taken

@@ -95,15 +95,16 @@ impl RangeSet {
             }
         }));
         ranges.sort_unstable_by_key(|range| range.start);
-        let mut merged: Vec<Range> = Vec::with_capacity(ranges.len());
-        for range in ranges {
-            match merged.last_mut() {
-                // Adjacent ranges merge too, as `insert` merges them.
-                Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
-                _ => merged.push(range),
+        // Merged in place: one allocation per runner's rule, not two.
+        ranges.dedup_by(|range, last| {
+            // Adjacent ranges merge too, as `insert` merges them.
+            let merges = range.start <= last.end;
+            if merges {
+                last.end = last.end.max(range.end);
             }
-        }
-        RangeSet { ranges: merged }
+            merges
+        });
+        RangeSet { ranges }
     }
 
     pub fn covers(&self, start: u64, len: u64) -> bool {
