@@ -402,6 +402,15 @@ fn next_bit(mask: &Mask, from: usize, set: bool) -> usize {
             return word * 64 + bits.trailing_zeros() as usize;
         }
         word += 1;
+        if set {
+            // Most masks are a few bytes of a page: skip zero words eight at a time.
+            while let Some(chunk) = mask.get(word..word + 8) {
+                if chunk.iter().fold(0, |any, w| any | w) != 0 {
+                    break;
+                }
+                word += 8;
+            }
+        }
         if word == words {
             return PAGE_BYTES;
         }

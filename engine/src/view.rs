@@ -201,6 +201,21 @@ pub enum AccessError {
     },
 }
 
+/// Entries a view's map keeps room for from one runner to the next.
+const KEPT_MAP_CAPACITY: usize = 64;
+
+/// Empties one of a view's maps for the next runner. Clearing costs the map's capacity (its
+/// control bytes are reset), not its length: after a runner that touched a thousand pages (a
+/// spawner writing its children's frames), each of the next thousand runners would reset
+/// kilobytes for their few pages. A map grown past `KEPT_MAP_CAPACITY` is dropped instead.
+fn clear_kept_small<V>(map: &mut HashMap<PageKey, V, PageHash>) {
+    if map.capacity() > KEPT_MAP_CAPACITY {
+        *map = HashMap::default();
+    } else {
+        map.clear();
+    }
+}
+
 /// Which shared memory a runner may use.
 #[derive(Clone, Debug)]
 pub struct Access {
@@ -374,14 +389,14 @@ impl View {
     /// maps' capacity for `reset`.
     pub fn release(&mut self) {
         self.tlb.clear();
-        self.dirty_index.clear();
-        self.clean_index.clear();
-        self.private_index.clear();
+        clear_kept_small(&mut self.dirty_index);
+        clear_kept_small(&mut self.clean_index);
+        clear_kept_small(&mut self.private_index);
         self.zero_private_cached = false;
         self.clean_amr_cached = false;
         self.made_frames = 0;
         self.abi_words = None;
-        self.sparse.clear();
+        clear_kept_small(&mut self.sparse);
     }
 
     /// Sets the ABI words a runner starts with (after `new` or `reset`). No page is made
@@ -767,7 +782,7 @@ impl View {
         &mut self,
         exit_page: Option<PageKey>,
     ) -> (Vec<PageWrite>, Option<PageWrite>) {
-        self.dirty_index.clear();
+        clear_kept_small(&mut self.dirty_index);
         self.zero_private_cached = false;
         self.clean_amr_cached = false;
         let taken = self.tlb.take_dirty();
