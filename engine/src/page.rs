@@ -9,6 +9,7 @@
 //! pages' worth reserved with `reserve_pages` and not released.
 
 use dvm_numa::{PageBox, PagePool};
+use smallvec::SmallVec;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -234,7 +235,7 @@ impl PageSource {
             Ok(bytes) => Ok(Page {
                 bytes,
                 account: Arc::clone(&self.account),
-                zeros_but_stored: false,
+                zeros_but: None,
             }),
             Err(_) => {
                 self.account.live_pages.fetch_sub(1, Ordering::Relaxed);
@@ -250,15 +251,30 @@ impl PageSource {
 pub struct Page {
     bytes: PageBox,
     account: Arc<MemoryAccount>,
-    /// Zeros but for the bytes its owner's mask records (`set_zeros_but_stored`).
-    zeros_but_stored: bool,
+    /// `Some`: zeros but for the bytes its owner's mask records and these byte ranges
+    /// (`set_zeros_but_stored`, `set_zeros_but_stored_and`).
+    zeros_but: Option<SmallVec<[(u16, u16); 2]>>,
 }
 
 impl Page {
     /// Declares that every byte of this page that its owner's mask will not record as stored
     /// is zero: the view's copy of a page nobody wrote, every store to which marks its mask.
     pub fn set_zeros_but_stored(&mut self) {
-        self.zeros_but_stored = true;
+        self.zeros_but = Some(SmallVec::new());
+    }
+
+    /// `set_zeros_but_stored`, for a copy of a page that was `runs` of bytes over zeros (a
+    /// reused stack's frame, a reused id's exit record): the runs are cleared too when it is
+    /// freed. A page with too many runs to list stays a page of unknown bytes.
+    pub fn set_zeros_but_stored_and(&mut self, runs: impl Iterator<Item = std::ops::Range<usize>>) {
+        let mut listed = SmallVec::new();
+        for run in runs {
+            match (u16::try_from(run.start), u16::try_from(run.end)) {
+                (Ok(start), Ok(end)) => listed.push((start, end)),
+                _ => return,
+            }
+        }
+        self.zeros_but = Some(listed);
     }
 
     /// Frees the page, given the bytes its mask recorded: a page declared
@@ -266,14 +282,18 @@ impl Page {
     /// later `zeroed` page costs the cache lines its owner writes, not a 4 KiB `memset` of
     /// cold memory (a spawner's copy of each child's stack page, to write its frame).
     pub fn free_clearing(mut self, stored: impl IntoIterator<Item = std::ops::Range<usize>>) {
-        if self.zeros_but_stored {
-            for bytes in stored {
-                if let Some(bytes) = self.bytes.get_mut(bytes) {
-                    bytes.fill(0);
-                }
+        let Some(listed) = self.zeros_but.take() else {
+            return;
+        };
+        let listed = listed
+            .iter()
+            .map(|&(start, end)| usize::from(start)..usize::from(end));
+        for bytes in stored.into_iter().chain(listed) {
+            if let Some(bytes) = self.bytes.get_mut(bytes) {
+                bytes.fill(0);
             }
-            self.bytes.set_free_as_zeros();
         }
+        self.bytes.set_free_as_zeros();
     }
 }
 

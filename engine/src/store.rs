@@ -162,12 +162,39 @@ impl SparsePage {
         let fits = offset
             .checked_add(bytes.len())
             .is_some_and(|end| end <= PAGE_BYTES);
-        if !fits
-            || bytes.is_empty()
-            || self.runs.len() == SPARSE_MAX_RUNS
-            || self.bytes.len() + bytes.len() > SPARSE_MAX_BYTES
+        if !fits || bytes.is_empty() {
+            return false;
+        }
+        // Runs the new one covers whole are dropped (it overrides them): a frame or a status
+        // word written again by each owner of a reused stack or id stays one run, and the page
+        // stays sparse however often it was written.
+        let new = offset..offset + bytes.len();
+        let covered = |run: &Run| new.start <= run.bytes().start && run.bytes().end <= new.end;
+        let (dropped_runs, dropped_bytes) = self
+            .runs
+            .iter()
+            .filter(|run| covered(run))
+            .fold((0, 0), |(runs, len), run| {
+                (runs + 1, len + run.bytes().len())
+            });
+        if self.runs.len() - dropped_runs == SPARSE_MAX_RUNS
+            || self.bytes.len() - dropped_bytes + bytes.len() > SPARSE_MAX_BYTES
         {
             return false;
+        }
+        if dropped_runs > 0 {
+            let mut kept = SparsePage::default();
+            let mut next = 0;
+            for run in &self.runs {
+                let len = run.bytes().len();
+                if !covered(run) {
+                    kept.runs.push(*run);
+                    kept.bytes
+                        .extend_from_slice(self.bytes.get(next..next + len).unwrap_or(&[]));
+                }
+                next += len;
+            }
+            *self = kept;
         }
         self.runs.push(Run {
             offset: offset as u16,
@@ -196,6 +223,11 @@ impl SparsePage {
             next += bytes.len();
         }
         u64::from_le_bytes(out)
+    }
+
+    /// The byte ranges of the runs (they may overlap).
+    pub fn byte_runs(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        self.runs.iter().map(|run| run.bytes())
     }
 
     /// Writes the runs into `page` (which holds zeros, or the bytes to lay them over).
@@ -1674,6 +1706,39 @@ mod tests {
         }
         assert!(!page.push(0x100, &[3]), "one run too many");
         assert_eq!(page.load(0x100, 1), 0, "a refused push changes nothing");
+    }
+
+    /// A run written again and again (a reused stack's frame) stays one run; runs a push
+    /// covers whole give way to it, runs it only overlaps stay under it.
+    #[test]
+    fn sparse_page_runs_covered_by_a_push_give_way() {
+        let mut page = SparsePage::new(0, &[1; 16]).expect("fits");
+        for round in 2..100u8 {
+            assert!(page.push(0, &[round; 16]), "round {round}");
+        }
+        assert_eq!(page.runs.len(), 1);
+        assert_eq!(page.load(8, 8), u64::from_le_bytes([99; 8]));
+        assert!(page.push(4, &[7; 2]));
+        assert!(
+            page.push(2, &[8; 8]),
+            "covers the run at 4, overlaps the one at 0"
+        );
+        assert_eq!(page.runs.len(), 2);
+        assert_eq!(
+            page.load(0, 8),
+            u64::from_le_bytes([99, 99, 8, 8, 8, 8, 8, 8])
+        );
+        assert_eq!(
+            page.load(8, 8),
+            u64::from_le_bytes([8, 8, 99, 99, 99, 99, 99, 99])
+        );
+        // A push refused for size leaves the runs it would have dropped.
+        assert!(!page.push(0, &[5; SPARSE_MAX_BYTES + 1]));
+        assert_eq!(page.load(2, 1), 8);
+        let mut written = Box::new([0u8; PAGE_BYTES]);
+        page.write_into(&mut written);
+        assert_eq!(&written[..12], &[99, 99, 8, 8, 8, 8, 8, 8, 8, 8, 99, 99]);
+        assert_eq!(page.byte_runs().collect::<Vec<_>>(), vec![0..16, 2..10]);
     }
 
     fn write(
