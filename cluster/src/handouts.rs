@@ -24,6 +24,7 @@
 use dvm_engine::backend::Control;
 use dvm_engine::view::Range;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Answers kept per runner: a runner that spawns or allocates more than this and is then run
@@ -197,6 +198,11 @@ struct Record {
 #[derive(Default)]
 pub(crate) struct Handouts {
     records: Mutex<HashMap<u64, Record>>,
+    /// The map's length, stored under its lock: a run that may lose no node (one node, or
+    /// `--replicas 1` with every runner on node 0) records nothing, and its runners' requests
+    /// and endings then skip the lock. A record is made while its runner asks, so before its
+    /// ending is applied (or it is run again): a reader that sees 0 has nothing to find.
+    recorded: AtomicUsize,
 }
 
 impl Handouts {
@@ -210,6 +216,9 @@ impl Handouts {
     /// if the rerun asks what the attempt asked there. `Err(ids)`: serve it afresh; `ids` runner
     /// ids the dropped rest of the record held, to be given back (their runners never exist).
     pub(crate) fn replay(&self, runner: u64, op: ControlOp) -> Result<ControlAnswer, u64> {
+        if self.recorded.load(Ordering::Acquire) == 0 {
+            return Err(0);
+        }
         let mut records = self.records();
         let Some(record) = records.get_mut(&runner) else {
             return Err(0);
@@ -239,7 +248,11 @@ impl Handouts {
     /// Keeps `answer`, just handed to `runner` for `op`, at the end of its record.
     pub(crate) fn record(&self, runner: u64, op: ControlOp, answer: ControlAnswer) {
         let mut records = self.records();
-        let record = records.entry(runner).or_default();
+        records.entry(runner).or_default();
+        self.recorded.store(records.len(), Ordering::Release);
+        let Some(record) = records.get_mut(&runner) else {
+            return;
+        };
         if record.answers.len() >= MAX_ANSWERS {
             if !std::mem::replace(&mut record.full, true) {
                 tracing::warn!(
@@ -256,14 +269,20 @@ impl Handouts {
 
     /// `runner`'s ending took effect: it never runs again.
     pub(crate) fn forget(&self, runner: u64) {
+        if self.recorded.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let mut records = self.records();
-        if !records.is_empty() {
-            records.remove(&runner);
+        if records.remove(&runner).is_some() {
+            self.recorded.store(records.len(), Ordering::Release);
         }
     }
 
     /// `runner` runs again (its node was lost): it is handed its record from the start.
     pub(crate) fn rewind(&self, runner: u64) {
+        if self.recorded.load(Ordering::Acquire) == 0 {
+            return;
+        }
         if let Some(record) = self.records().get_mut(&runner) {
             record.replayed = 0;
         }

@@ -678,13 +678,7 @@ impl Runtime {
         if let Some(lost) = lock(&self.lost_nodes).iter_mut().find(|l| l.rank == node) {
             lost.rerun = ids;
         }
-        {
-            let mut queue = lock(&self.placement);
-            for task in tasks.into_iter().rev() {
-                let preferred = self.preferred_node(&task);
-                queue.push_front((preferred, task));
-            }
-        }
+        self.requeue_front(tasks);
         self.place_queued();
     }
 
@@ -854,14 +848,26 @@ impl Runtime {
                             tracing::warn!(
                                 "runner {id:#x} was placed on lost node {target}: placed again"
                             );
-                            let preferred = self.preferred_node(&task);
-                            lock(&self.placement).push_front((preferred, task));
+                            self.requeue_front(vec![task]);
                         }
                         continue;
                     }
                 }
                 self.send(target, &Msg::RunTask { task: encoded });
             }
+        }
+    }
+
+    /// Queues runners to be placed again, ahead of new ones and in their order: the runners
+    /// of a lost node, or one placed on a node lost meanwhile.
+    fn requeue_front(&self, tasks: Vec<Task>) {
+        let entries: Vec<_> = tasks
+            .into_iter()
+            .map(|task| (self.preferred_node(&task), task))
+            .collect();
+        let mut queue = lock(&self.placement);
+        for entry in entries.into_iter().rev() {
+            queue.push_front(entry);
         }
     }
 
@@ -1037,53 +1043,6 @@ impl Runtime {
             self.handouts.record(runner, op, answer.clone());
         }
         answer
-    }
-}
-
-/// Node 0's runners ask node 0's own services, through the record a rerun replays.
-struct NodeZeroControl {
-    runtime: Arc<Runtime>,
-}
-
-impl NodeZeroControl {
-    fn ask(&self, runner: u64, op: ControlOp) -> ControlAnswer {
-        self.runtime.hand_out(runner, op, None)
-    }
-}
-
-impl Control for NodeZeroControl {
-    fn new_runner_id(&self, runner: u64) -> Result<u64, String> {
-        match self.ask(runner, ControlOp::NewRunnerId) {
-            ControlAnswer::Id(id) => id,
-            other => Err(format!(
-                "node 0 answered a runner-id request with {other:?}"
-            )),
-        }
-    }
-
-    fn forget_runner(&self, runner: u64) {
-        self.ask(runner, ControlOp::ForgetRunner);
-    }
-
-    fn allocate_stack(&self, runner: u64, space: u64) -> Option<Range> {
-        match self.ask(runner, ControlOp::AllocateStack { space }) {
-            ControlAnswer::Range(range) => range,
-            _ => None,
-        }
-    }
-
-    fn allocate_heap(&self, runner: u64, space: u64, len_bytes: u64) -> Option<Range> {
-        match self.ask(runner, ControlOp::AllocateHeap { space, len_bytes }) {
-            ControlAnswer::Range(range) => range,
-            _ => None,
-        }
-    }
-
-    fn console_input(&self, runner: u64) -> Option<u8> {
-        match self.ask(runner, ControlOp::ConsoleInput) {
-            ControlAnswer::Byte(byte) => byte,
-            _ => None,
-        }
     }
 }
 
@@ -1462,16 +1421,21 @@ impl PageRead for ClusterReader {
     }
 }
 
-/// Runner ids, stacks, heap and console input from node 0.
-struct RemoteControl {
+/// Runner ids, stacks, heap and console input, which node 0 hands out for the whole machine:
+/// node 0's own runners ask its services directly, through the record a rerun replays; other
+/// nodes' runners ask node 0 by message.
+struct ClusterControl {
     runtime: Arc<Runtime>,
 }
 
-impl RemoteControl {
+impl ClusterControl {
     /// Node 0's answer, or `None` when the run failed and is ending (or the answer made no
     /// sense: the run fails, naming node 0).
     fn ask(&self, runner: u64, op: ControlOp) -> Option<ControlAnswer> {
         let rt = &self.runtime;
+        if rt.rank == 0 {
+            return Some(rt.hand_out(runner, op, None));
+        }
         let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
         let receiver = rt.waiter(Wait::Control(req));
         rt.send(
@@ -1494,11 +1458,14 @@ impl RemoteControl {
     }
 }
 
-impl Control for RemoteControl {
+impl Control for ClusterControl {
     fn new_runner_id(&self, runner: u64) -> Result<u64, String> {
         match self.ask(runner, ControlOp::NewRunnerId) {
             Some(ControlAnswer::Id(id)) => id,
-            _ => Err("node 0 is gone".to_string()),
+            Some(other) => Err(format!(
+                "node 0 answered a runner-id request with {other:?}"
+            )),
+            None => Err("node 0 is gone".to_string()),
         }
     }
 
@@ -2078,15 +2045,9 @@ pub fn run(
         }),
         runtime: Arc::clone(&runtime),
     });
-    let control: Arc<dyn Control> = if rank == 0 {
-        Arc::new(NodeZeroControl {
-            runtime: Arc::clone(&runtime),
-        })
-    } else {
-        Arc::new(RemoteControl {
-            runtime: Arc::clone(&runtime),
-        })
-    };
+    let control: Arc<dyn Control> = Arc::new(ClusterControl {
+        runtime: Arc::clone(&runtime),
+    });
     let parts = MachineParts {
         store,
         first_txn: ((rank as u64) << TXN_RANK_SHIFT) + 1,
