@@ -1,6 +1,6 @@
 //! `ChainMap`: the page store's map from page number to a page's chain, in two levels.
 //!
-//! Pages are grouped in blocks of `BLOCK_PAGES` neighbours. A hash map holds one small entry
+//! Pages are grouped in blocks of `BLOCK_PAGES` (see `block_of`). A hash map holds one small entry
 //! per block (a presence bitmap and the block's chains in page order, in one vector); a chain
 //! is found by a lookup in that map, a bit test and a population count. Why two levels: the
 //! store of a run with many runners holds hundreds of thousands of chains (an exit record per
@@ -20,7 +20,39 @@
 use std::collections::HashMap;
 
 /// Pages per block: the bits of the presence word.
-pub const BLOCK_PAGES: u64 = 64;
+const BLOCK_PAGES: u64 = 64;
+
+/// A block is 8 runs of 8 neighbouring pages, the runs 64 pages apart: page number bits 0-2
+/// and 6-8 are the place in the block, the others the block. Why not 64 neighbours: runtime
+/// stacks are 64 pages (256 KiB) each, and most runners only ever touch the first page of
+/// theirs, so with 64 neighbours every stack was a block of one chain (tens of thousands of
+/// them in a run of many runners: a block map too big for the cache). Here 8 stacks share a
+/// block, and a dense region still fills whole blocks, 8 pages side by side.
+const RUN_BITS: u32 = 3;
+const STRIDE_SHIFT: u32 = 6;
+
+/// The block of page `key`.
+pub fn block_of(key: u64) -> u64 {
+    let run = (key >> RUN_BITS) & ((1 << (STRIDE_SHIFT - RUN_BITS)) - 1);
+    let high = key >> (STRIDE_SHIFT + RUN_BITS);
+    (high << (STRIDE_SHIFT - RUN_BITS)) | run
+}
+
+/// The place of page `key` in its block.
+fn slot_of(key: u64) -> u64 {
+    let low = key & ((1 << RUN_BITS) - 1);
+    let stride = (key >> STRIDE_SHIFT) & ((1 << RUN_BITS) - 1);
+    low | (stride << RUN_BITS)
+}
+
+/// The page at `slot` of `block` (the inverse of `block_of` and `slot_of`).
+fn key_of(block: u64, slot: u64) -> u64 {
+    let run = block & ((1 << (STRIDE_SHIFT - RUN_BITS)) - 1);
+    let high = block >> (STRIDE_SHIFT - RUN_BITS);
+    let low = slot & ((1 << RUN_BITS) - 1);
+    let stride = slot >> RUN_BITS;
+    (high << (STRIDE_SHIFT + RUN_BITS)) | (stride << STRIDE_SHIFT) | (run << RUN_BITS) | low
+}
 
 /// A block's chains, in page order.
 #[derive(Debug)]
@@ -46,7 +78,9 @@ impl<C> Default for ChainMap<C> {
 
 /// The bit of `key` in its block's presence word, and the block's number.
 fn place(key: u64) -> (u64, u64) {
-    (key / BLOCK_PAGES, 1u64 << (key % BLOCK_PAGES))
+    let slot = slot_of(key);
+    debug_assert!(slot < BLOCK_PAGES);
+    (block_of(key), 1u64 << slot)
 }
 
 /// Index in a block's `chains` of the page whose bit is `bit`.
@@ -95,7 +129,7 @@ impl<C: Default> ChainMap<C> {
     pub fn iter(&self) -> impl Iterator<Item = (u64, &C)> + '_ {
         self.blocks.iter().flat_map(|(block, chains)| {
             pages_of(chains.present)
-                .map(move |slot| block * BLOCK_PAGES + slot)
+                .map(move |slot| key_of(*block, slot))
                 .zip(chains.chains.iter())
         })
     }
@@ -160,10 +194,10 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let key = match x % 4 {
-                0 => x >> 40,                      // strays
-                1 => 0x3d1_ffc4a + (x >> 50),      // a dense run across blocks
-                2 => (x >> 58) * BLOCK_PAGES + 63, // the last page of a block
-                _ => step % 300,                   // pages in order
+                0 => x >> 40,                          // strays
+                1 => 0x3d1_ffc4a + (x >> 50),          // a dense run across blocks
+                2 => key_of(x >> 58, BLOCK_PAGES - 1), // the last page of a block
+                _ => step % 300,                       // pages in order
             };
             *map.get_or_default(key) += 1;
             *model.entry(key).or_default() += 1;
@@ -189,11 +223,34 @@ mod tests {
     #[test]
     fn absent_pages_of_a_present_block_are_absent() {
         let mut map: ChainMap<u8> = ChainMap::default();
-        *map.get_or_default(BLOCK_PAGES * 5 + 3) = 1;
+        let block = block_of(0x3d1_ffc4a);
+        *map.get_or_default(key_of(block, 3)) = 1;
         for slot in 0..BLOCK_PAGES {
-            let found = map.get(BLOCK_PAGES * 5 + slot).copied();
+            let found = map.get(key_of(block, slot)).copied();
             assert_eq!(found, (slot == 3).then_some(1), "slot {slot}");
         }
-        assert!(map.get_mut(BLOCK_PAGES * 5 + 4).is_none());
+        assert!(map.get_mut(key_of(block, 4)).is_none());
+    }
+
+    /// Every page has one place; 8 neighbours, and the first pages of 8 neighbouring 64-page
+    /// stacks, share a block; a dense region of 512 pages fills 8 blocks.
+    #[test]
+    fn places_are_one_to_one_and_group_neighbours_and_stacks() {
+        let base = 0x1800_0000_0000u64 >> 12;
+        let mut blocks = std::collections::HashSet::new();
+        for key in base..base + 512 {
+            assert_eq!(key_of(block_of(key), slot_of(key)), key);
+            assert!(slot_of(key) < BLOCK_PAGES);
+            blocks.insert(block_of(key));
+        }
+        assert_eq!(blocks.len(), 8);
+        for page in 0..8 {
+            assert_eq!(block_of(base + page), block_of(base));
+            assert_eq!(block_of(base + 64 * page), block_of(base));
+        }
+        assert_ne!(block_of(base + 8), block_of(base));
+        for key in [0, 1, u64::MAX, u64::MAX - 63, 0x3d1_ffc4a] {
+            assert_eq!(key_of(block_of(key), slot_of(key)), key, "{key:#x}");
+        }
     }
 }

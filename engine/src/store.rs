@@ -78,7 +78,7 @@
 //! `unsafe` dereferences in a `forbid(unsafe_code)` crate for no measurable gain: the lock and
 //! `Arc` stay.
 
-use crate::chains::{ChainMap, BLOCK_PAGES};
+use crate::chains::{block_of, ChainMap};
 use crate::page::{
     first_overlap, is_empty, mark, merge_masked, Mask, MemoryLimit, Page, PageSource, EMPTY_MASK,
     PAGE_BYTES,
@@ -812,7 +812,7 @@ fn shard_of(key: PageKey) -> usize {
     // A block's pages share a shard (they share an entry of its `ChainMap`); blocks spread
     // over shards by a multiplicative hash, so shards do not line up with strided access
     // patterns. Not the map's own hash: its buckets would then be alike within a shard.
-    ((key / BLOCK_PAGES).wrapping_mul(0xd6e8_feb8_6659_fd93) >> 58) as usize % SHARDS
+    (block_of(key).wrapping_mul(0xd6e8_feb8_6659_fd93) >> 58) as usize % SHARDS
 }
 
 impl Default for PageStore {
@@ -2157,15 +2157,16 @@ mod tests {
 
     #[test]
     fn a_blocks_pages_share_a_shard_and_blocks_spread() {
-        let base = 0x3d1_ffc4_a000u64 >> 12; // a runner-id page, block-aligned below
-        let first = base - base % BLOCK_PAGES;
-        for i in 0..BLOCK_PAGES {
-            assert_eq!(shard_of(first + i), shard_of(first));
+        let base = 0x3d1_ffc4_a000u64 >> 12; // a runner-id page
+        for key in base..base + 4096 {
+            if block_of(key) == block_of(base) {
+                assert_eq!(shard_of(key), shard_of(base));
+            }
         }
         // Blocks (also regions aligned to large powers of two) spread over shards.
         let mut per_shard = [0usize; SHARDS];
         for block in 0..(SHARDS as u64 * 64) {
-            let key = (block << 24) | (first % BLOCK_PAGES);
+            let key = (block << 24) | (base % 8);
             per_shard[shard_of(key)] += 1;
         }
         assert!(
