@@ -548,7 +548,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                 .engine_abort_batches
                 .unwrap_or(if q { 100 } else { 10_000 }),
             pinned_r: if q { 5_000 } else { 100_000 },
-            pinned_spin: if q { 30_000_000 } else { 500_000_000 },
+            pinned_spin: if q { 30_000_000 } else { 2_000_000_000 },
             parts: args.parts,
             seed: args.seed,
         };
