@@ -291,7 +291,7 @@ enum Stored {
     One(Run),
     /// Sorted, disjoint, not adjacent; never exactly one.
     /// Thin-boxed, so a `Stored` is 16 bytes (it is in every version and intent, inline in
-    /// the shard maps' entries).
+    /// every chain).
     Runs(Box<Box<[Run]>>),
     Mask(Box<Mask>),
 }
