@@ -13,8 +13,8 @@
 //! moves at most 64 chains.
 //!
 //! Invariants: a block's `chains.len()` is the number of bits set in `present`, and its chains
-//! are in page order (bit `i` set means the page `block * BLOCK_PAGES + i` has the chain at the
-//! index of the bits below `i`); a block in the map has at least one chain; chains are never
+//! are in place order (bit `i` set means the page `key_of(block, i)` has the chain at the index
+//! of the bits below `i`); a block in the map has at least one chain; chains are never
 //! removed (a page's chain, once made, lives as long as the store).
 
 use std::collections::HashMap;
@@ -54,7 +54,7 @@ fn key_of(block: u64, slot: u64) -> u64 {
     (high << (STRIDE_SHIFT + RUN_BITS)) | (stride << STRIDE_SHIFT) | (run << RUN_BITS) | low
 }
 
-/// A block's chains, in page order.
+/// A block's chains, in place order.
 #[derive(Debug)]
 struct Block<C> {
     /// Bit `i`: page `i` of the block has a chain.
@@ -112,8 +112,8 @@ impl<C: Default> ChainMap<C> {
         let (block, bit) = place(key);
         let block = self.blocks.entry(block).or_insert_with(|| Block {
             present: 0,
-            // Many blocks only ever hold one chain (a runtime stack is one block, and only
-            // its first page is written in most runs): room for one, grown by doubling.
+            // Many blocks hold only a few chains (8 stacks share a block, and only their
+            // first pages are written in most runs): room for one, grown by doubling.
             chains: Vec::with_capacity(1),
         });
         let index = index_of(block.present, bit);
