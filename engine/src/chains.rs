@@ -1,7 +1,7 @@
 //! `ChainMap`: the page store's map from page number to a page's chain, in two levels.
 //!
 //! Pages are grouped in blocks of `BLOCK_PAGES` (see `block_of`). A hash map holds one small entry
-//! per block (a presence bitmap and the block's chains in page order, in one vector); a chain
+//! per block (a presence bitmap and the block's chains in place order, in one vector); a chain
 //! is found by a lookup in that map, a bit test and a population count. Why two levels: the
 //! store of a run with many runners holds hundreds of thousands of chains (an exit record per
 //! runner, every page it wrote), and runner ids, stacks and allocations are handed out in
