@@ -243,6 +243,9 @@ pub struct VerbsRow {
     pub read_retries: u64,
     /// Page fetches served by a READ, with no message to the home.
     pub read_hits: u64,
+    /// Of those, the READs of a vacant slot at an original holder: the page has no version
+    /// (zeros).
+    pub read_zeros: u64,
     /// Page fetches whose READ could not be used (another page's slot, a version newer than
     /// the snapshot, two torn READs, no answer): they went to the home as a message.
     pub read_fallbacks: u64,
@@ -421,6 +424,8 @@ struct Runtime {
     read_retries: AtomicU64,
     read_hits: AtomicU64,
     read_fallbacks: AtomicU64,
+    /// READs of vacant slots, used as zeros (counted in `read_hits` too).
+    read_zeros: AtomicU64,
     cache_hits: AtomicU64,
     workers_pinned: AtomicU64,
     read_latency: Samples,
@@ -1128,9 +1133,13 @@ struct ClusterReader {
 }
 
 /// Over RDMA, publishes the pages this node loaded (its part of the image and the `--load`
-/// files, at timestamp 0) before it serves anyone, so that peers READ even their first fetch.
-/// Only when they all fit the table (a larger load would mostly evict itself, and listing it
-/// would copy it): otherwise each is published when first asked for (`Node::home_read`).
+/// files, at timestamp 0) before it serves anyone, so that peers READ even their first fetch;
+/// then marks every other slot vacant, which readers take to mean "no page of this slot has a
+/// version" (`ClusterReader::finish_read`). A READ before that finds the slot empty and asks
+/// the home, whose service starts only after this. A load larger than the
+/// table publishes one page per slot (the last of the slot's pages in address order); a
+/// reader of one of the others finds another page's slot and asks the home, which publishes it
+/// then (`Node::home_read`).
 fn publish_loaded(runtime: &Runtime) {
     let NodeTransport::Verbs(verbs) = &runtime.transport else {
         return;
@@ -1139,10 +1148,14 @@ fn publish_loaded(runtime: &Runtime) {
         return;
     };
     let store = &runtime.store;
-    if store.version_count() > table.slots() {
-        return;
+    let slots = table.slots();
+    let mut chosen = vec![None; slots];
+    for page in store.keys() {
+        if let Some(slot) = chosen.get_mut(published::slot_of(page, slots)) {
+            *slot = Some(page);
+        }
     }
-    for (page, _) in store.newest_pages_in(0..u64::MAX) {
+    for page in chosen.into_iter().flatten() {
         table.publish_with(page, || {
             store
                 .read_version(page, u64::MAX)
@@ -1150,6 +1163,7 @@ fn publish_loaded(runtime: &Runtime) {
                 .map(|(ts, data)| (ts, Some(data)))
         });
     }
+    table.fill_vacant();
 }
 
 /// What a READ's slot showed, for logs.
@@ -1157,6 +1171,7 @@ fn judgement_name(j: &Judgement) -> &'static str {
     match j {
         Judgement::Accept { .. } => "accept",
         Judgement::Empty => "empty",
+        Judgement::Vacant => "vacant at a holder that joined after a loss",
         Judgement::Torn => "torn twice",
         Judgement::OtherPage => "another page",
         Judgement::Newer => "newer than the snapshot",
@@ -1188,6 +1203,10 @@ type Contents = Option<Box<[u8; dvm_engine::page::PAGE_BYTES]>>;
 struct PendingRead {
     feed_ts: u64,
     receiver: Receiver<SlotBytes>,
+    /// The READ goes to one of the page's holders from the start (its home or an original
+    /// backup), which installed and published every version of it: an empty slot there means
+    /// the page has none (see `finish_read`).
+    from_original_holder: bool,
 }
 
 /// How long a reader waits for one RDMA READ before asking the home instead (a READ that does
@@ -1295,7 +1314,13 @@ impl ClusterReader {
         let ring = crate::view::ring_from(start, rt.world, rt.replicas, lost);
         let home = *ring.first()?;
         let receiver = verbs.read_published(home as u32, page).ok().flatten()?;
-        Some(PendingRead { feed_ts, receiver })
+        let from_original_holder =
+            crate::view::ring_from(start, rt.world, rt.replicas, |_| false).contains(&home);
+        Some(PendingRead {
+            feed_ts,
+            receiver,
+            from_original_holder,
+        })
     }
 
     /// Judges the READ started by `start_read` for a reader at `snapshot_ts`; a torn slot is
@@ -1325,6 +1350,17 @@ impl ClusterReader {
                 Judgement::Accept { version_ts, data } => {
                     rt.read_hits.fetch_add(1, Ordering::Relaxed);
                     return Some((version_ts, snapshot_ts.max(pending.feed_ts), data));
+                }
+                // The home marked the slot vacant after publishing its loads, and replaces
+                // the mark with the first version of any of the slot's pages, before
+                // acknowledging it. An original holder (its home or an original backup) has
+                // installed every version of the page, so none lies at or below the feed's
+                // horizon, as for an accepted slot: the page reads as zeros up to it. A holder
+                // that joined after a loss may still be waiting for its copies: ask.
+                Judgement::Vacant if pending.from_original_holder => {
+                    rt.read_hits.fetch_add(1, Ordering::Relaxed);
+                    rt.read_zeros.fetch_add(1, Ordering::Relaxed);
+                    return Some((0, snapshot_ts.max(pending.feed_ts), None));
                 }
                 Judgement::Torn if attempt == 0 => {
                     rt.read_retries.fetch_add(1, Ordering::Relaxed);
@@ -1498,7 +1534,7 @@ impl Control for ClusterControl {
 /// The row's words: 31 counters, a flag saying whether a time split follows, its phases, a flag
 /// saying whether verbs counters follow, and `VERBS_WORDS` of them.
 const ROW_WORDS: usize = 32 + Phase::COUNT + 1 + VERBS_WORDS;
-const VERBS_WORDS: usize = 7;
+const VERBS_WORDS: usize = 8;
 
 fn encode_row(row: &NodeRow) -> Vec<u8> {
     let s = &row.stats;
@@ -1545,6 +1581,7 @@ fn encode_row(row: &NodeRow) -> Vec<u8> {
         verbs.read_hits,
         verbs.read_fallbacks,
         verbs.page_read_messages,
+        verbs.read_zeros,
     ];
     words
         .iter()
@@ -1630,6 +1667,7 @@ fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
                     read_hits: w[at + 5],
                     read_fallbacks: w[at + 6],
                     page_read_messages: w[at + 7],
+                    read_zeros: w[at + 8],
                 }),
                 _ => return None,
             }
@@ -1682,6 +1720,7 @@ impl Runtime {
                         rdma_reads: v.rdma_reads,
                         read_retries: self.read_retries.load(Ordering::Relaxed),
                         read_hits: self.read_hits.load(Ordering::Relaxed),
+                        read_zeros: self.read_zeros.load(Ordering::Relaxed),
                         read_fallbacks: self.read_fallbacks.load(Ordering::Relaxed),
                         page_read_messages: self.read_messages.load(Ordering::Relaxed),
                     })
@@ -2033,6 +2072,7 @@ pub fn run(
         read_retries: AtomicU64::new(0),
         read_hits: AtomicU64::new(0),
         read_fallbacks: AtomicU64::new(0),
+        read_zeros: AtomicU64::new(0),
         cache_hits: AtomicU64::new(0),
         workers_pinned: AtomicU64::new(0),
         read_latency: Samples::default(),
@@ -2174,6 +2214,7 @@ mod tests {
                 rdma_reads: 30,
                 read_retries: 2,
                 read_hits: 25,
+                read_zeros: 4,
                 read_fallbacks: 3,
                 page_read_messages: 12,
             }),

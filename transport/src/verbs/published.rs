@@ -11,7 +11,10 @@
 //! ```
 //!
 //! little-endian. The crc32c covers everything but itself. Flag `ABSENT`: the home holds no
-//! version of the page (it reads as zeros, and the 4096 bytes are zeros). The home is the only writer and
+//! version of the page (it reads as zeros, and the 4096 bytes are zeros). Flag `VACANT` (page
+//! `VACANT_PAGE`, which no page number is): written once into every slot still untouched after
+//! the home published its loaded pages, it says that no page of the slot has a version there;
+//! the first publication of a page of the slot replaces it. The home is the only writer and
 //! writes a slot under the table's lock: it marks the slot busy (first `seq` odd), writes the
 //! rest with the final `seq` (even) in the second place and the check word, then sets the first
 //! `seq` to the final value. A READ may sample the bytes in any order while this happens, so a
@@ -40,6 +43,9 @@ const OFF_FLAGS: usize = OFF_CHECK + 4;
 /// Bytes of one slot (a multiple of 8).
 pub const SLOT_BYTES: usize = OFF_FLAGS + 4;
 const ABSENT: u32 = 1;
+const VACANT: u32 = 2;
+/// The page field of a vacant slot: above every page number (addresses have 64 bits, pages 52).
+const VACANT_PAGE: u64 = u64::MAX;
 /// Slots of a table unless configured otherwise (about 66 MiB).
 pub const DEFAULT_SLOTS: usize = 16 * 1024;
 
@@ -73,17 +79,29 @@ pub fn encode_slot(
     ts: u64,
     data: Option<&[u8; PAGE_BYTES]>,
 ) -> Box<[u8; SLOT_BYTES]> {
+    let flags = if data.is_some() { 0 } else { ABSENT };
+    encode_image(seq, page, ts, data, flags)
+}
+
+/// The final image of a vacant slot as write number `seq` (even, not 0).
+pub fn encode_vacant(seq: u64) -> Box<[u8; SLOT_BYTES]> {
+    encode_image(seq, VACANT_PAGE, 0, None, VACANT)
+}
+
+fn encode_image(
+    seq: u64,
+    page: u64,
+    ts: u64,
+    data: Option<&[u8; PAGE_BYTES]>,
+    flags: u32,
+) -> Box<[u8; SLOT_BYTES]> {
     let mut out = Box::new([0u8; SLOT_BYTES]);
     out[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
     out[OFF_PAGE..OFF_PAGE + 8].copy_from_slice(&page.to_le_bytes());
     out[OFF_TS..OFF_TS + 8].copy_from_slice(&ts.to_le_bytes());
-    let flags = match data {
-        Some(data) => {
-            out[OFF_DATA..OFF_SEQ_END].copy_from_slice(data);
-            0
-        }
-        None => ABSENT,
-    };
+    if let Some(data) = data {
+        out[OFF_DATA..OFF_SEQ_END].copy_from_slice(data);
+    }
     out[OFF_SEQ_END..OFF_CHECK].copy_from_slice(&seq.to_le_bytes());
     out[OFF_FLAGS..].copy_from_slice(&flags.to_le_bytes());
     let check = check_word(&out);
@@ -103,6 +121,10 @@ pub enum Judgement {
     /// Nothing was ever published in the slot (both sequence words 0, which no write leaves):
     /// ask the home, no second READ.
     Empty,
+    /// A consistent vacant slot: when the home wrote it, no page of the slot had a version
+    /// there, and every later publication of one replaced it. Whether that makes the page
+    /// zeros at the snapshot is the caller's (it must know the home held every version).
+    Vacant,
     /// The sequence words differ or are odd, or the check word does not match: the READ saw a
     /// write in progress. Read again.
     Torn,
@@ -132,6 +154,9 @@ pub fn judge(bytes: &[u8; SLOT_BYTES], page: u64, snapshot_ts: u64) -> Judgement
     }
     raw.copy_from_slice(&bytes[OFF_FLAGS..]);
     let flags = u32::from_le_bytes(raw);
+    if flags & VACANT != 0 {
+        return Judgement::Vacant;
+    }
     if word(bytes, OFF_PAGE) != page {
         return Judgement::OtherPage;
     }
@@ -226,6 +251,39 @@ impl PublishedTable {
         }
     }
 
+    /// Marks every slot nothing was published in yet as vacant (`Judgement::Vacant`), under
+    /// the table's lock. Called once, after the home published the pages it loaded and
+    /// before it installs anything else: from then on every slot holds a page or the word
+    /// that none of its pages has a version, and only an empty slot is unknown.
+    pub fn fill_vacant(&self) {
+        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let image = encode_vacant(2);
+        for slot in 0..self.slots {
+            // SAFETY: `slot < slots`: inside the buffer, its first word aligned (see
+            // `publish_with`); only writers, serialised by `writer`, change it.
+            let at = unsafe { self.buf.as_ptr().add(slot * SLOT_BYTES) };
+            // SAFETY: as above.
+            if unsafe { std::ptr::read_volatile(at.cast::<u64>()) } != 0 {
+                continue;
+            }
+            // SAFETY: as above. An untouched slot is all zeros (the buffer starts zeroed and
+            // nothing wrote it), as is the vacant image's body: only its header and trailer
+            // are written, busy mark first and final `seq` last, as in `publish_with`.
+            unsafe {
+                std::ptr::write_volatile(at.cast::<u64>(), 1);
+                fence(Ordering::SeqCst);
+                std::ptr::copy_nonoverlapping(image.as_ptr().add(8), at.add(8), OFF_DATA - 8);
+                std::ptr::copy_nonoverlapping(
+                    image.as_ptr().add(OFF_SEQ_END),
+                    at.add(OFF_SEQ_END),
+                    SLOT_BYTES - OFF_SEQ_END,
+                );
+                fence(Ordering::SeqCst);
+                std::ptr::write_volatile(at.cast::<u64>(), 2);
+            }
+        }
+    }
+
     /// A copy of slot `slot` (tests and local checks).
     pub fn copy_slot(&self, slot: usize) -> Option<Box<[u8; SLOT_BYTES]>> {
         if slot >= self.slots {
@@ -300,6 +358,41 @@ mod tests {
         let mut half = Box::new([0u8; SLOT_BYTES]);
         half[OFF_DATA..].copy_from_slice(&first[OFF_DATA..]);
         assert_eq!(judge(&half, 5, 1), Judgement::Torn);
+    }
+
+    #[test]
+    fn vacant_slots_are_filled_once_and_give_way_to_the_first_publication() {
+        let table = PublishedTable::new(64).expect("table");
+        let loaded = 1234;
+        table.publish_with(loaded, || Some((0, Some(page_of(7)))));
+        table.fill_vacant();
+        let loaded_slot = slot_of(loaded, 64);
+        let image = table.copy_slot(loaded_slot).expect("slot");
+        // The loaded page's slot keeps it; every other slot is vacant, for any page.
+        assert!(matches!(judge(&image, loaded, 0), Judgement::Accept { .. }));
+        let other = (0..)
+            .find(|p| slot_of(*p, 64) != loaded_slot)
+            .expect("page");
+        let vacant = table.copy_slot(slot_of(other, 64)).expect("slot");
+        assert_eq!(judge(&vacant, other, 0), Judgement::Vacant);
+        assert_eq!(judge(&vacant, other + 7, 9), Judgement::Vacant);
+        assert_eq!(vacant, encode_vacant(2));
+        // The first version of a page of a vacant slot replaces the mark.
+        table.publish_with(other, || Some((5, Some(page_of(1)))));
+        let now = table.copy_slot(slot_of(other, 64)).expect("slot");
+        assert_eq!(judge(&now, other, 4), Judgement::Newer);
+        assert!(matches!(judge(&now, other, 5), Judgement::Accept { .. }));
+        // A second fill leaves written slots alone.
+        table.fill_vacant();
+        assert_eq!(table.copy_slot(slot_of(other, 64)).expect("slot"), now);
+        // The mark is covered by the check word: a vacant slot never turns into a page, nor
+        // a page's slot into a vacant one.
+        let mut flipped = encode_vacant(2);
+        flipped[OFF_FLAGS] = 0;
+        assert_eq!(judge(&flipped, VACANT_PAGE, 0), Judgement::Torn);
+        let mut flipped = encode_slot(2, 40, 0, Some(&page_of(0)));
+        flipped[OFF_FLAGS] = VACANT as u8;
+        assert_eq!(judge(&flipped, 40, 0), Judgement::Torn);
     }
 
     #[test]
