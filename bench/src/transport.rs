@@ -245,13 +245,14 @@ fn measure_from_node_0(pair: &Pair, sizes: Sizes) -> Result<Vec<String>, String>
             cells.push(per(a.work_requests_posted, b.work_requests_posted));
             cells.push(per(a.signalled_completions, b.signalled_completions));
             cells.push(per(a.inline_sends, b.inline_sends));
+            cells.push(per(a.rdma_writes, b.rdma_writes));
         }
-        _ => cells.extend(["-".to_string(), "-".to_string(), "-".to_string()]),
+        _ => cells.extend(["-", "-", "-", "-"].map(String::from)),
     }
     Ok(cells)
 }
 
-const ROWS: [&str; 10] = [
+const ROWS: [&str; 11] = [
     "small request round trip, median µs",
     "small request round trip, p99 µs",
     "page fetch (request + 4 KiB answer), median µs",
@@ -262,6 +263,7 @@ const ROWS: [&str; 10] = [
     "work requests posted per operation, node 0",
     "signalled completions per operation, node 0",
     "inline SENDs per operation, node 0",
+    "RDMA WRITEs (stream pieces larger than a SEND) per operation, node 0",
 ];
 
 /// Runs every transport this host can build and prints the table.

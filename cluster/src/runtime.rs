@@ -239,6 +239,11 @@ pub struct VerbsRow {
     pub signalled_completions: u64,
     /// RDMA READs posted (published page slots).
     pub rdma_reads: u64,
+    /// RDMA WRITEs with immediate posted: pieces of the message stream larger than a SEND
+    /// (prepares with their page deltas, page answers, histories copied to new holders).
+    pub rdma_writes: u64,
+    /// Stream bytes those WRITEs carried.
+    pub bytes_written: u64,
     /// READs repeated because the first saw the slot being written (torn).
     pub read_retries: u64,
     /// Page fetches served by a READ, with no message to the home.
@@ -1534,7 +1539,7 @@ impl Control for ClusterControl {
 /// The row's words: 31 counters, a flag saying whether a time split follows, its phases, a flag
 /// saying whether verbs counters follow, and `VERBS_WORDS` of them.
 const ROW_WORDS: usize = 32 + Phase::COUNT + 1 + VERBS_WORDS;
-const VERBS_WORDS: usize = 8;
+const VERBS_WORDS: usize = 10;
 
 fn encode_row(row: &NodeRow) -> Vec<u8> {
     let s = &row.stats;
@@ -1582,6 +1587,8 @@ fn encode_row(row: &NodeRow) -> Vec<u8> {
         verbs.read_fallbacks,
         verbs.page_read_messages,
         verbs.read_zeros,
+        verbs.rdma_writes,
+        verbs.bytes_written,
     ];
     words
         .iter()
@@ -1668,6 +1675,8 @@ fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
                     read_fallbacks: w[at + 6],
                     page_read_messages: w[at + 7],
                     read_zeros: w[at + 8],
+                    rdma_writes: w[at + 9],
+                    bytes_written: w[at + 10],
                 }),
                 _ => return None,
             }
@@ -1718,6 +1727,8 @@ impl Runtime {
                         work_requests: v.work_requests_posted,
                         signalled_completions: v.signalled_completions,
                         rdma_reads: v.rdma_reads,
+                        rdma_writes: v.rdma_writes,
+                        bytes_written: v.bytes_written,
                         read_retries: self.read_retries.load(Ordering::Relaxed),
                         read_hits: self.read_hits.load(Ordering::Relaxed),
                         read_zeros: self.read_zeros.load(Ordering::Relaxed),
@@ -2212,6 +2223,8 @@ mod tests {
                 work_requests: 40,
                 signalled_completions: 5,
                 rdma_reads: 30,
+                rdma_writes: 6,
+                bytes_written: 70_000,
                 read_retries: 2,
                 read_hits: 25,
                 read_zeros: 4,

@@ -386,8 +386,41 @@ fn verbs_transport_without_rdma_fails_to_establish_with_the_reason() {
 #[test]
 #[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
 fn verbs_mesh_of_three_keeps_order_through_fragments_and_flow_control() {
+    let sends_only = VerbsConfig {
+        write_ring_bytes: 0,
+        ..tight()
+    };
+    mesh_of_three(sends_only, |v| {
+        // Each node sent > 2 x 4 MiB in 4 KiB SENDs: credits must have come back many times.
+        assert!(v.work_requests_posted > 2 * 1024, "{v:?}");
+        assert!(v.receives > 2 * 1024, "{v:?}");
+        assert_eq!((v.rdma_writes, v.bytes_written), (0, 0), "{v:?}");
+    });
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn verbs_mesh_of_three_keeps_order_through_writes_into_small_rings() {
+    // A 64 KiB ring: pieces of at most 16 KiB, so the 4 MiB frames lap each ring 64 times,
+    // with skips at the lap's end, and wait for returned ring bytes.
+    let rings = VerbsConfig {
+        write_ring_bytes: 64 << 10,
+        ..tight()
+    };
+    mesh_of_three(rings, |v| {
+        // Everything larger than a SEND went in WRITEs of up to 16 KiB: at least 256 per big
+        // frame, far fewer work requests than 4 KiB SENDs would need.
+        assert!(v.rdma_writes >= 2 * 256, "{v:?}");
+        assert!(v.bytes_written >= 2 * (4 << 20), "{v:?}");
+        assert!(v.work_requests_posted < 2 * 1024, "{v:?}");
+    });
+}
+
+/// Three nodes send each other 150 messages of 0 to 20 KiB, a 4 MiB frame, a request and
+/// pages; each must arrive in order and intact. `check` judges each node's verbs counters.
+fn mesh_of_three(config: VerbsConfig, check: impl Fn(&verbs::VerbsCounters)) {
     const N: usize = 150;
-    let nodes = connected(3, tight());
+    let nodes = connected(3, config);
     assert!(nodes.iter().all(|n| n.name() == "rdma-verbs"));
     let big: Vec<u8> = (0..4 << 20).map(|i: u32| (i ^ (i >> 13)) as u8).collect();
     std::thread::scope(|s| {
@@ -487,9 +520,7 @@ fn verbs_mesh_of_three_keeps_order_through_fragments_and_flow_control() {
             assert_eq!(c.queue_depth_bytes, 0, "{c:?}");
         }
         let v = t.verbs_counters();
-        // Each node sent > 2 x 4 MiB in 4 KiB SENDs: credits must have come back many times.
-        assert!(v.work_requests_posted > 2 * 1024, "{v:?}");
-        assert!(v.receives > 2 * 1024, "{v:?}");
+        check(&v);
         // Selective signalling: about one completion per `signal_every` SENDs.
         assert!(
             v.signalled_completions * 3 < v.work_requests_posted,
@@ -627,9 +658,10 @@ fn a_receiver_that_stops_polling_pushes_back_to_the_sender() {
         matches!(err, TransportError::QueueFull { peer: 1, .. }),
         "{err}"
     );
-    // Bounded: the inbox limit, one ring of receives, the queue limit and one frame over each.
+    // Bounded: the inbox limit, one ring of receives, one write ring, the queue limit and one
+    // frame over each.
     assert!(
-        (sent as usize) * LEN < 2 * FRAME_MAX as usize + (1 << 20),
+        (sent as usize) * LEN < 2 * FRAME_MAX as usize + (1 << 20) + tight().write_ring_bytes,
         "{sent} messages accepted"
     );
     let events = collect_until(&n1, |ev| ev.len() == sent as usize);
@@ -698,15 +730,15 @@ fn real_and_fake(peer_timeout_ms: u64) -> (VerbsTransport, TcpStream, Endpoint) 
         &mut stream,
         Frame::Message(endpoint.local_info().encode().to_vec()),
     );
-    // No published table on this side: 32 zero bytes.
-    send(&mut stream, Frame::Message(vec![0; 32]));
+    // No published table and no write ring on this side: 40 zero bytes.
+    send(&mut stream, Frame::Message(vec![0; 40]));
     let Frame::Message(info) = next(&mut stream) else {
         panic!("no queue pair information from rank 0");
     };
     let Frame::Message(table) = next(&mut stream) else {
         panic!("no published-table information from rank 0");
     };
-    assert_eq!(table.len(), 32);
+    assert_eq!(table.len(), 40);
     let info = verbs::PeerInfo::decode(&info.try_into().unwrap()).unwrap();
     endpoint.connect(&info).unwrap();
     send(&mut stream, Frame::Ping);
@@ -746,7 +778,7 @@ fn a_send_without_a_credit_header_or_with_garbage_ends_only_that_peer() {
     real.close();
     // A valid header, then bytes that are not a frame.
     let (real, _stream, mut endpoint) = real_and_fake(10_000);
-    let mut garbage = 0u32.to_le_bytes().to_vec();
+    let mut garbage = 0u64.to_le_bytes().to_vec();
     garbage.extend_from_slice(b"not a DVM frame at all");
     endpoint.send(&garbage).unwrap();
     let events = collect_until(&real, |ev| !ev.is_empty());
@@ -761,6 +793,25 @@ fn a_send_without_a_credit_header_or_with_garbage_ends_only_that_peer() {
         "{events:?}"
     );
     real.close();
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run by scripts/rdma-guest under soft-RoCE"]
+fn a_write_into_the_ring_of_a_bad_size_ends_only_that_peer() {
+    // The fake peer announced no ring, but rank 0 has one: a WRITE with immediate shorter than
+    // the piece header, then one larger than a quarter of the ring, each ends the peer with why.
+    for (len, what) in [(3usize, "of 3 bytes"), (300 << 10, "of 307200 bytes")] {
+        let (real, _stream, mut endpoint) = real_and_fake(10_000);
+        endpoint
+            .post_write_imm(0, verbs::WRITE_RING_OFFSET as u64, len, true, 1)
+            .unwrap();
+        let events = collect_until(&real, |ev| !ev.is_empty());
+        assert!(
+            matches!(&events[..], [Event::PeerLost { peer: 1, reason: LossReason::Rdma(why) }] if why.contains(what) && why.contains("write ring")),
+            "{events:?}"
+        );
+        real.close();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -33,6 +33,16 @@ use super::device::{errno_of, mtu_bytes, DeviceList, Gid, RawContext};
 use super::published::PublishedTable;
 use super::{NoRdma, VerbsError};
 
+/// What a completed receive brought.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// A SEND's bytes.
+    Message(Vec<u8>),
+    /// An RDMA WRITE with immediate of `bytes` bytes into the local data region: where is the
+    /// caller's protocol (the peer and this side agree on it).
+    Written { bytes: u32 },
+}
+
 /// Settings of an [`Endpoint`]. The defaults work under soft-RoCE (rxe) on loopback.
 #[derive(Clone, Debug)]
 pub struct EndpointConfig {
@@ -701,7 +711,9 @@ pub struct Endpoint {
     psn: u32,
     peer: Option<PeerInfo>,
     /// Receive slots completed but not yet taken by `recv`: (slot, bytes).
-    received: VecDeque<(u32, u32)>,
+    /// Completed receives not yet taken: (slot, bytes, whether an RDMA WRITE with immediate
+    /// consumed it rather than a SEND).
+    received: VecDeque<(u32, u32, bool)>,
     next_wr: u64,
     broken: bool,
     /// Inline bytes the queue pair granted.
@@ -970,6 +982,59 @@ impl Endpoint {
         Ok(wr_id)
     }
 
+    /// Posts an RDMA WRITE with immediate of `len` bytes at `local_offset` of the local data
+    /// region to `remote_offset` of the connected peer's, without waiting. It consumes one of
+    /// the peer's posted receives, whose completion tells the peer the bytes are in place
+    /// ([`Incoming::Written`]); on the sender it completes (when `signalled`) as a SEND tagged
+    /// `tag` would, in order with the SENDs. The local bytes must stay unchanged until the
+    /// peer has taken them.
+    pub fn post_write_imm(
+        &mut self,
+        local_offset: usize,
+        remote_offset: u64,
+        len: usize,
+        signalled: bool,
+        tag: u64,
+    ) -> Result<u64, VerbsError> {
+        let remote = self.connected_peer()?;
+        self.data.check("RDMA WRITE source", local_offset, len)?;
+        if remote_offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > remote.len)
+        {
+            return Err(VerbsError::OutOfBounds {
+                what: "the peer's region",
+                offset: remote_offset,
+                len: len as u64,
+                size: remote.len,
+            });
+        }
+        let len32 = u32::try_from(len).map_err(|_| VerbsError::OutOfBounds {
+            what: "RDMA WRITE length",
+            offset: 0,
+            len: len as u64,
+            size: u64::from(u32::MAX),
+        })?;
+        let flags = if signalled {
+            sys::ibv_send_flags::IBV_SEND_SIGNALED.0
+        } else {
+            0
+        };
+        let wr_id = CompletionKind::Send.wr_id(tag);
+        self.post_send_raw(
+            wr_id,
+            flags as c_uint,
+            sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
+            (
+                self.data.addr() + local_offset as u64,
+                len32,
+                self.data.lkey(),
+            ),
+            Some((remote.addr + remote_offset, remote.rkey)),
+        )?;
+        Ok(wr_id)
+    }
+
     /// The connected peer's data region.
     pub fn peer_region(&self) -> Option<RemoteRegion> {
         self.peer.map(|p| p.region)
@@ -1202,8 +1267,9 @@ impl Endpoint {
                 continue;
             }
             if kind == CompletionKind::Recv {
+                let written = wc.opcode == sys::ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM;
                 self.received
-                    .push_back(((wc.wr_id & 0xffff_ffff) as u32, wc.byte_len));
+                    .push_back(((wc.wr_id & 0xffff_ffff) as u32, wc.byte_len, written));
             } else {
                 out.push(Completion {
                     kind,
@@ -1399,12 +1465,16 @@ impl Endpoint {
         if self.received.is_empty() {
             self.wait(CompletionKind::Recv, |this, _| !this.received.is_empty())?;
         }
-        let Some((slot, bytes)) = self.received.pop_front() else {
+        let Some((slot, bytes, written)) = self.received.pop_front() else {
             return Err(VerbsError::Timeout {
                 op: CompletionKind::Recv,
                 after: self.config.timeout,
             });
         };
+        if written {
+            self.post_recv(slot)?;
+            return Err(VerbsError::UnexpectedWrite { bytes });
+        }
         let size = self.config.message_bytes;
         let mut message = vec![0u8; (bytes as usize).min(size)];
         self.messages.copy_out(slot as usize * size, &mut message)?;
@@ -1527,18 +1597,22 @@ impl Endpoint {
 
     /// The next received message if one has completed (see [`Endpoint::poll`]), without
     /// waiting. Its receive is posted again before this returns.
-    pub fn try_recv(&mut self) -> Result<Option<Vec<u8>>, VerbsError> {
+    pub fn try_recv(&mut self) -> Result<Option<Incoming>, VerbsError> {
         if self.broken {
             return Err(VerbsError::QpInError);
         }
-        let Some((slot, bytes)) = self.received.pop_front() else {
+        let Some((slot, bytes, written)) = self.received.pop_front() else {
             return Ok(None);
         };
+        if written {
+            self.post_recv(slot)?;
+            return Ok(Some(Incoming::Written { bytes }));
+        }
         let size = self.config.message_bytes;
         let mut message = vec![0u8; (bytes as usize).min(size)];
         self.messages.copy_out(slot as usize * size, &mut message)?;
         self.post_recv(slot)?;
-        Ok(Some(message))
+        Ok(Some(Incoming::Message(message)))
     }
 
     /// Receives completed and not yet taken.

@@ -13,14 +13,16 @@ use super::VerbsConfig;
 const CAP_IPC_LOCK: u32 = 14;
 
 /// Bytes the verbs transport registers (pins) on one node of a job of `world` nodes: each
-/// peer's endpoint has its region and its send and receive rings, and the published page table
+/// peer's endpoint has its data region (READ targets and both write rings) and its send and
+/// receive slots, and the published page table
 /// is registered once per peer (each peer's endpoint has a protection domain of its own), and
 /// the kernel counts every registration.
 pub fn registered_bytes(config: &VerbsConfig, world: u32) -> u64 {
     let e = &config.endpoint;
     let rings = u64::from(e.receive_slots) + u64::from(e.send_slots);
     let table = (config.published_slots as u64 * SLOT_BYTES as u64).next_multiple_of(4096);
-    let per_peer = e.region_bytes as u64 + rings * e.message_bytes as u64 + table;
+    let region = config.data_region_bytes() as u64;
+    let per_peer = region + rings * e.message_bytes as u64 + table;
     per_peer.saturating_mul(u64::from(world.saturating_sub(1)))
 }
 

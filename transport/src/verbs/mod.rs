@@ -21,9 +21,11 @@ mod transport;
 
 pub use device::{probe, Device, Gid, Port, PortState, Probe};
 pub use endpoint::{
-    Completion, CompletionKind, Endpoint, EndpointConfig, PeerInfo, QpState, RemoteRegion,
+    Completion, CompletionKind, Endpoint, EndpointConfig, Incoming, PeerInfo, QpState, RemoteRegion,
 };
-pub use transport::{SlotBytes, VerbsConfig, VerbsCounters, VerbsTransport};
+pub use transport::{
+    SlotBytes, VerbsConfig, VerbsCounters, VerbsTransport, MAX_WRITE_RING_BYTES, WRITE_RING_OFFSET,
+};
 
 use std::fmt;
 use std::time::Duration;
@@ -168,6 +170,10 @@ pub enum VerbsError {
     },
     #[error("message of {len} bytes is larger than a message slot ({max} bytes)")]
     MessageTooLarge { len: usize, max: usize },
+    /// A blocking receive found an RDMA WRITE with immediate, which only the transport's
+    /// protocol knows where to look for.
+    #[error("an RDMA WRITE of {bytes} bytes arrived where a SEND was expected")]
+    UnexpectedWrite { bytes: u32 },
     /// The TCP exchange of connection information failed.
     #[error("exchanging queue pair information with the peer: {0}")]
     Exchange(#[from] std::io::Error),

@@ -8,10 +8,22 @@
 //! a lost peer.
 //!
 //! Data: frames are encoded exactly as over TCP and form one byte stream per peer, carried in
-//! SENDs of at most one receive slot each. Each SEND is `[credits returned: u32 LE][stream
-//! bytes]`; the receiver feeds the bytes to the same incremental decoder as TCP, so a frame of
-//! any size is fragmented and reassembled, and per-peer FIFO follows from the RC queue pair's
-//! ordering. The Goodbye travels in the stream too, after everything queued before it.
+//! SENDs of at most one receive slot each, or, when more than a SEND's worth is waiting (a
+//! prepare with its page deltas, a page answer, a copy of a page's history), in RDMA WRITEs
+//! with immediate of up to a quarter of the peer's write ring. Each piece is `[credits
+//! returned: u32 LE][ring bytes returned: u32 LE][stream bytes]`; the receiver feeds the bytes
+//! to the same incremental decoder as TCP, so a frame of any size is fragmented and
+//! reassembled, and per-peer FIFO follows from the RC queue pair's ordering (a WRITE with
+//! immediate consumes a posted receive like a SEND, and receives complete in order). The
+//! Goodbye travels in the stream too, after everything queued before it.
+//!
+//! The write ring: each side's data region holds a ring of `write_ring_bytes` that only its
+//! peer writes into (its size travels with the table information at bootstrap). Both sides
+//! walk it the same way: a piece goes at the current position, or at 0 when it would not fit
+//! before the end (the rest of the lap is skipped). The receiver learns a piece's length from
+//! its receive completion, copies it out and returns its bytes (and any skipped ones) in its
+//! next piece's header; the sender writes only into bytes returned to it, from a staging ring
+//! of the same size in its own region, so neither ring is overwritten while in use.
 //!
 //! Flow control: the receiver keeps `receive_slots` receives posted; a sender starts with that
 //! many credits and spends one per SEND. The receiver reposts a slot when it has decoded it and
@@ -55,7 +67,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::published::{self, PublishedTable, SLOT_BYTES};
-use super::{Endpoint, EndpointConfig, PeerInfo, RemoteRegion, VerbsError};
+use super::{Endpoint, EndpointConfig, Incoming, PeerInfo, RemoteRegion, VerbsError};
 use crate::tcp::Bound;
 use crate::uring::EventFd;
 use crate::wire::{self, Decoder, Frame, FrameKind};
@@ -71,7 +83,7 @@ const LIVE: u8 = 0;
 const GONE: u8 = 1;
 
 /// Bytes of the credit header of every SEND.
-const CREDIT_BYTES: usize = 4;
+const CREDIT_BYTES: usize = 8;
 /// How long a closed bootstrap socket waits for the Goodbye still in the verbs stream.
 const EOF_GRACE: Duration = Duration::from_millis(500);
 /// How long a graceful close waits for queued frames and the Goodbye to complete.
@@ -84,7 +96,9 @@ const MAX_BOOTSTRAP_PAYLOAD_BYTES: usize = 1024;
 /// endpoint's data region).
 const READ_TARGETS: usize = 8;
 /// Bytes of the bootstrap frame that says where a node's published table is.
-const TABLE_INFO_BYTES: usize = 32;
+const TABLE_INFO_BYTES: usize = 40;
+/// Where the peer's WRITEs land in a data region: after the READ targets.
+pub const WRITE_RING_OFFSET: usize = READ_TARGETS * SLOT_BYTES;
 
 /// One slot's bytes as an RDMA READ returned them.
 pub type SlotBytes = Box<[u8; SLOT_BYTES]>;
@@ -102,7 +116,7 @@ struct PeerTable {
     slots: usize,
 }
 
-fn encode_table_info(table: Option<(RemoteRegion, usize)>) -> Vec<u8> {
+fn encode_table_info(table: Option<(RemoteRegion, usize)>, ring_bytes: usize) -> Vec<u8> {
     let (region, slots) = table.unwrap_or((
         RemoteRegion {
             addr: 0,
@@ -116,11 +130,13 @@ fn encode_table_info(table: Option<(RemoteRegion, usize)>) -> Vec<u8> {
     out.extend_from_slice(&u64::from(region.rkey).to_le_bytes());
     out.extend_from_slice(&region.len.to_le_bytes());
     out.extend_from_slice(&(slots as u64).to_le_bytes());
+    out.extend_from_slice(&(ring_bytes as u64).to_le_bytes());
     out
 }
 
 /// `None` for a peer without a table; an error for a table that does not hold its slots.
-fn decode_table_info(bytes: &[u8]) -> Result<Option<PeerTable>, String> {
+/// The peer's published table, if any, and the bytes of its write ring (0: none).
+fn decode_table_info(bytes: &[u8]) -> Result<(Option<PeerTable>, usize), String> {
     if bytes.len() != TABLE_INFO_BYTES {
         return Err(format!(
             "published-table information of {} bytes",
@@ -132,9 +148,13 @@ fn decode_table_info(bytes: &[u8]) -> Result<Option<PeerTable>, String> {
         raw.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
         u64::from_le_bytes(raw)
     };
-    let (addr, rkey, len, slots) = (w(0), w(1), w(2), w(3));
+    let (addr, rkey, len, slots, ring) = (w(0), w(1), w(2), w(3), w(4));
+    if ring > MAX_WRITE_RING_BYTES as u64 {
+        return Err(format!("a write ring of {ring} bytes"));
+    }
+    let ring = ring as usize;
     if slots == 0 {
-        return Ok(None);
+        return Ok((None, ring));
     }
     let rkey = u32::try_from(rkey).map_err(|_| format!("table rkey {rkey}"))?;
     if slots
@@ -143,10 +163,11 @@ fn decode_table_info(bytes: &[u8]) -> Result<Option<PeerTable>, String> {
     {
         return Err(format!("a table of {slots} slots in {len} bytes"));
     }
-    Ok(Some(PeerTable {
+    let table = PeerTable {
         region: RemoteRegion { addr, rkey, len },
         slots: usize::try_from(slots).map_err(|_| format!("{slots} slots"))?,
-    }))
+    };
+    Ok((Some(table), ring))
 }
 
 /// Settings of the verbs transport beyond the bootstrap's [`crate::tcp::TcpConfig`].
@@ -161,7 +182,13 @@ pub struct VerbsConfig {
     /// Slots of this node's published-page table (see [`published`]); 0: no table, peers ask
     /// this node's CPU for every page.
     pub published_slots: usize,
+    /// Bytes of the ring each peer WRITEs stream pieces into (and of this side's staging ring
+    /// per peer); 0: SENDs only.
+    pub write_ring_bytes: usize,
 }
+
+/// Largest write ring a peer may announce.
+pub const MAX_WRITE_RING_BYTES: usize = 1 << 28;
 
 impl Default for VerbsConfig {
     fn default() -> Self {
@@ -178,11 +205,20 @@ impl Default for VerbsConfig {
             },
             signal_every: 8,
             published_slots: published::DEFAULT_SLOTS,
+            write_ring_bytes: 1 << 20,
         }
     }
 }
 
 impl VerbsConfig {
+    /// Bytes of each endpoint's data region: the READ targets, the ring the peer WRITEs into,
+    /// this side's staging ring for its WRITEs.
+    pub fn data_region_bytes(&self) -> usize {
+        self.endpoint
+            .region_bytes
+            .max(WRITE_RING_OFFSET + 2 * self.write_ring_bytes)
+    }
+
     fn validate(&self) -> Result<(), TransportError> {
         let e = &self.endpoint;
         let bad = |s: String| Err(TransportError::Config(s));
@@ -199,6 +235,13 @@ impl VerbsConfig {
             return bad(format!(
                 "send_slots {} is not a multiple of signal_every {}",
                 e.send_slots, self.signal_every
+            ));
+        }
+        let ring = self.write_ring_bytes;
+        if ring != 0 && (ring < 4 * e.message_bytes || ring > MAX_WRITE_RING_BYTES) {
+            return bad(format!(
+                "write_ring_bytes {ring}: 0, or 4 message slots ({}) up to {MAX_WRITE_RING_BYTES}",
+                4 * e.message_bytes
             ));
         }
         if !e.completion_channel {
@@ -224,6 +267,10 @@ pub struct VerbsCounters {
     pub signalled_completions: u64,
     /// RDMA READs posted.
     pub rdma_reads: u64,
+    /// RDMA WRITEs with immediate posted (stream pieces larger than a SEND).
+    pub rdma_writes: u64,
+    /// Stream bytes carried by those WRITEs (headers excluded).
+    pub bytes_written: u64,
     /// Receive completions taken (each reposted).
     pub receives: u64,
 }
@@ -264,6 +311,8 @@ struct AtomicCounters {
     credit: AtomicU64,
     signalled: AtomicU64,
     reads: AtomicU64,
+    writes: AtomicU64,
+    written: AtomicU64,
     receives: AtomicU64,
 }
 
@@ -458,7 +507,7 @@ impl VerbsTransport {
         let timeout = Duration::from_millis(tcp.connect_timeout_ms.max(1000));
         let mut endpoint_config = config.endpoint.clone();
         endpoint_config.timeout = timeout;
-        endpoint_config.region_bytes = endpoint_config.region_bytes.max(READ_TARGETS * SLOT_BYTES);
+        endpoint_config.region_bytes = config.data_region_bytes();
         let table = match config.published_slots {
             0 => None,
             slots => Some(Arc::new(PublishedTable::new(slots).ok_or_else(|| {
@@ -472,6 +521,7 @@ impl VerbsTransport {
             decoder: Decoder,
             endpoint: Endpoint,
             peer_table: Option<PeerTable>,
+            peer_ring: usize,
         }
         let mut boots = Vec::new();
         for (rank, c) in connected.into_iter().enumerate() {
@@ -506,7 +556,8 @@ impl VerbsTransport {
                 &Frame::Message(endpoint.local_info().encode().to_vec()),
             )
             .map_err(io_err("sending queue pair information"))?;
-            write_frame(&mut stream, &Frame::Message(encode_table_info(local_table)))
+            let info = encode_table_info(local_table, config.write_ring_bytes);
+            write_frame(&mut stream, &Frame::Message(info))
                 .map_err(io_err("sending published-table information"))?;
             boots.push(Boot {
                 rank,
@@ -514,6 +565,7 @@ impl VerbsTransport {
                 decoder,
                 endpoint,
                 peer_table: None,
+                peer_ring: 0,
             });
         }
         for b in &mut boots {
@@ -538,7 +590,7 @@ impl VerbsTransport {
                     )))
                 }
             };
-            b.peer_table = match read_frame(&mut b.stream, &mut b.decoder)
+            (b.peer_table, b.peer_ring) = match read_frame(&mut b.stream, &mut b.decoder)
                 .map_err(io_err("receiving published-table information"))?
             {
                 Frame::Message(bytes) => decode_table_info(&bytes)
@@ -551,6 +603,12 @@ impl VerbsTransport {
                     )))
                 }
             };
+            if b.peer_ring > 0 && (info.region.len as usize) < WRITE_RING_OFFSET + 2 * b.peer_ring {
+                return Err(TransportError::Config(format!(
+                    "rank {}: a write ring of {} bytes in a region of {}",
+                    b.rank, b.peer_ring, info.region.len
+                )));
+            }
             b.endpoint
                 .connect(&info)
                 .map_err(verbs_err("connecting a queue pair"))?;
@@ -652,6 +710,7 @@ impl VerbsTransport {
                 last_tx: now,
                 goodbye_queued: false,
                 reads_in_flight: Vec::new(),
+                ring: WriteRing::new(b.peer_ring, config.write_ring_bytes),
             });
         }
         let mut io = IoThread {
@@ -733,6 +792,8 @@ impl VerbsTransport {
             credit_messages: v.credit.load(Ordering::Relaxed),
             signalled_completions: v.signalled.load(Ordering::Relaxed),
             rdma_reads: v.reads.load(Ordering::Relaxed),
+            rdma_writes: v.writes.load(Ordering::Relaxed),
+            bytes_written: v.written.load(Ordering::Relaxed),
             receives: v.receives.load(Ordering::Relaxed),
         }
     }
@@ -1028,6 +1089,98 @@ struct Link {
     goodbye_queued: bool,
     /// Posted READs of the peer's table: (sequence number, target in the data region, job).
     reads_in_flight: Vec<(u64, usize, ReadJob)>,
+    ring: WriteRing,
+}
+
+/// Both directions of a link's write rings (see the module comment): where this side's next
+/// WRITE goes in the peer's ring and how much of it is free, and where the peer's next WRITE
+/// is in this side's ring and how much of it is owed back.
+struct WriteRing {
+    /// Bytes of the peer's ring (0: no WRITEs to this peer).
+    out_len: usize,
+    out_at: usize,
+    out_free: usize,
+    /// Bytes of this side's ring (what the peer may WRITE).
+    in_len: usize,
+    in_at: usize,
+    to_return: usize,
+}
+
+/// Where a piece of `len` bytes goes in a ring of `ring` bytes whose next piece is at `at`:
+/// its offset, and the bytes skipped at the end of the lap.
+fn ring_place(ring: usize, at: usize, len: usize) -> (usize, usize) {
+    if at + len <= ring {
+        (at, 0)
+    } else {
+        (0, ring - at)
+    }
+}
+
+impl WriteRing {
+    /// The rings of a link whose peer announced a ring of `peer_len` bytes, this side's being
+    /// `own_len`. Both sides must place pieces alike, and the staging ring is `own_len` bytes:
+    /// WRITEs go only to a peer whose ring is the same size (a job's nodes share one setting).
+    fn new(peer_len: usize, own_len: usize) -> WriteRing {
+        let out_len = if peer_len == own_len { peer_len } else { 0 };
+        if out_len != peer_len {
+            tracing::warn!(
+                peer_ring_bytes = peer_len,
+                own_ring_bytes = own_len,
+                "write rings differ in size: SENDs only to this peer"
+            );
+        }
+        let in_len = own_len;
+        WriteRing {
+            out_len,
+            out_at: 0,
+            out_free: out_len,
+            in_len,
+            in_at: 0,
+            to_return: 0,
+        }
+    }
+
+    /// The largest piece (header included) one WRITE carries.
+    fn max_piece(&self) -> usize {
+        self.out_len / 4
+    }
+
+    /// Reserves `len` bytes of the peer's ring: their offset, or `None` until more returns.
+    fn reserve(&mut self, len: usize) -> Option<usize> {
+        let (at, skipped) = ring_place(self.out_len, self.out_at, len);
+        if len > self.max_piece() || self.out_free < skipped + len {
+            return None;
+        }
+        self.out_free -= skipped + len;
+        self.out_at = at + len;
+        Some(at)
+    }
+
+    /// Takes `returned` bytes back from the peer.
+    fn give_back(&mut self, returned: usize) -> Result<(), String> {
+        if self.out_free + returned > self.out_len {
+            return Err(format!(
+                "{returned} write-ring bytes returned with {} of {} free",
+                self.out_free, self.out_len
+            ));
+        }
+        self.out_free += returned;
+        Ok(())
+    }
+
+    /// Where the peer's WRITE of `len` bytes is in this side's ring; owes its bytes back.
+    fn arrived(&mut self, len: usize) -> Result<usize, String> {
+        if len < CREDIT_BYTES || len > self.in_len / 4 {
+            return Err(format!(
+                "an RDMA WRITE of {len} bytes into a write ring of {}",
+                self.in_len
+            ));
+        }
+        let (at, skipped) = ring_place(self.in_len, self.in_at, len);
+        self.in_at = at + len;
+        self.to_return += skipped + len;
+        Ok(at)
+    }
 }
 
 struct IoThread {
@@ -1107,13 +1260,15 @@ impl IoThread {
         let v = &self.shared.verbs;
         tracing::info!(
             node = self.shared.rank,
-            "rdma-verbs transport closed: work requests posted {}, inline sends {}, credit messages {}, signalled completions {}, receives {}, RDMA READs {}",
+            "rdma-verbs transport closed: work requests posted {}, inline sends {}, credit messages {}, signalled completions {}, receives {}, RDMA READs {}, RDMA WRITEs {} ({} bytes)",
             v.posted.load(Ordering::Relaxed),
             v.inline.load(Ordering::Relaxed),
             v.credit.load(Ordering::Relaxed),
             v.signalled.load(Ordering::Relaxed),
             v.receives.load(Ordering::Relaxed),
             v.reads.load(Ordering::Relaxed),
+            v.writes.load(Ordering::Relaxed),
+            v.written.load(Ordering::Relaxed),
         );
     }
 
@@ -1228,7 +1383,7 @@ impl IoThread {
 
         // Receives.
         if !paused {
-            while let Some(message) = link
+            while let Some(incoming) = link
                 .endpoint
                 .try_recv()
                 .map_err(|e| End::Lost(rdma_loss(&e)))?
@@ -1237,18 +1392,36 @@ impl IoThread {
                 shared.verbs.receives.fetch_add(1, Ordering::Relaxed);
                 link.last_rx = now;
                 link.to_return += 1;
+                let message = match incoming {
+                    Incoming::Message(message) => message,
+                    Incoming::Written { bytes } => {
+                        let at = link
+                            .ring
+                            .arrived(bytes as usize)
+                            .map_err(|why| End::Lost(LossReason::Rdma(why)))?;
+                        let mut piece = vec![0u8; bytes as usize];
+                        link.endpoint
+                            .copy_out(WRITE_RING_OFFSET + at, &mut piece)
+                            .map_err(|e| End::Lost(rdma_loss(&e)))?;
+                        piece
+                    }
+                };
                 let Some((head, bytes)) = message.split_first_chunk::<CREDIT_BYTES>() else {
                     return Err(End::Lost(LossReason::Rdma(format!(
                         "a SEND of {} bytes, shorter than its credit header",
                         message.len()
                     ))));
                 };
-                let returned = u32::from_le_bytes(*head);
+                let returned = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+                let ring_returned = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
                 if returned > receive_slots {
                     return Err(End::Lost(LossReason::Rdma(format!(
                         "{returned} credits returned at once (ring of {receive_slots})"
                     ))));
                 }
+                link.ring
+                    .give_back(ring_returned as usize)
+                    .map_err(|why| End::Lost(LossReason::Rdma(why)))?;
                 link.credits = (link.credits + returned).min(receive_slots);
                 if !bytes.is_empty() {
                     link.stream_decoder.feed(bytes);
@@ -1275,14 +1448,30 @@ impl IoThread {
             if link.credits < 2 || in_flight >= u64::from(send_slots) {
                 break;
             }
-            let chunk = (link.sending.len() - link.send_off).min(message_bytes - CREDIT_BYTES);
+            let waiting = link.sending.len() - link.send_off;
+            // More than a SEND's worth: one WRITE, when the peer's ring has room.
+            let piece = waiting.min(link.ring.max_piece().saturating_sub(CREDIT_BYTES));
+            let ring_at = if waiting > message_bytes - CREDIT_BYTES {
+                link.ring.reserve(CREDIT_BYTES + piece)
+            } else {
+                None
+            };
+            let chunk = match ring_at {
+                Some(_) => piece,
+                None => waiting.min(message_bytes - CREDIT_BYTES),
+            };
             let mut message = Vec::with_capacity(CREDIT_BYTES + chunk);
             message.extend_from_slice(&link.to_return.to_le_bytes());
+            message.extend_from_slice(&(link.ring.to_return as u32).to_le_bytes());
             message.extend_from_slice(&link.sending[link.send_off..link.send_off + chunk]);
             let last = link.send_off + chunk == link.sending.len() && link.goodbye_queued;
             let signalled = (link.next_seq + 1) % signal_every == 0 || last;
-            post(link, &shared, &message, signalled, send_slots)?;
+            match ring_at {
+                Some(at) => post_write(link, &shared, at, &message, signalled)?,
+                None => post(link, &shared, &message, signalled, send_slots)?,
+            }
             link.to_return = 0;
+            link.ring.to_return = 0;
             link.credits -= 1;
             link.send_off += chunk;
             posted_bytes += chunk as u64;
@@ -1296,16 +1485,20 @@ impl IoThread {
         }
         // Credits owed and nothing to carry them: a credit-only SEND once half the ring is owed.
         // Not while closing: the last SEND before a Goodbye must be the signalled one.
-        if link.to_return >= receive_slots / 2
+        if (link.to_return >= receive_slots / 2
+            || (link.ring.in_len > 0 && link.ring.to_return >= link.ring.in_len / 2))
             && !link.goodbye_queued
             && link.credits >= 1
             && link.next_seq - link.done_seq < u64::from(send_slots)
         {
-            let message = link.to_return.to_le_bytes();
+            let mut message = [0u8; CREDIT_BYTES];
+            message[..4].copy_from_slice(&link.to_return.to_le_bytes());
+            message[4..].copy_from_slice(&(link.ring.to_return as u32).to_le_bytes());
             let signalled = (link.next_seq + 1) % signal_every == 0;
             post(link, &shared, &message, signalled, send_slots)?;
             shared.verbs.credit.fetch_add(1, Ordering::Relaxed);
             link.to_return = 0;
+            link.ring.to_return = 0;
             link.credits -= 1;
             progress = true;
         }
@@ -1461,6 +1654,39 @@ fn post(
     Ok(())
 }
 
+/// Posts one stream piece (`message`: header and bytes) as an RDMA WRITE with immediate into
+/// the peer's ring at `at` (reserved), from the same offset of this side's staging ring.
+fn post_write(
+    link: &mut Link,
+    shared: &Shared,
+    at: usize,
+    message: &[u8],
+    signalled: bool,
+) -> Result<(), End> {
+    // The staging ring follows this side's own ring, of the same size (`WriteRing::new`).
+    let staging = WRITE_RING_OFFSET + link.ring.in_len + at;
+    link.endpoint
+        .copy_in(staging, message)
+        .map_err(|e| End::Lost(rdma_loss(&e)))?;
+    link.endpoint
+        .post_write_imm(
+            staging,
+            (WRITE_RING_OFFSET + at) as u64,
+            message.len(),
+            signalled,
+            link.next_seq,
+        )
+        .map_err(|e| End::Lost(rdma_loss(&e)))?;
+    link.next_seq += 1;
+    shared.verbs.posted.fetch_add(1, Ordering::Relaxed);
+    shared.verbs.writes.fetch_add(1, Ordering::Relaxed);
+    shared
+        .verbs
+        .written
+        .fetch_add((message.len() - CREDIT_BYTES) as u64, Ordering::Relaxed);
+    Ok(())
+}
+
 /// Turns the frames the stream decoder holds into events; returns how the link ends, if it does.
 fn decode_stream(
     link: &mut Link,
@@ -1539,27 +1765,76 @@ mod tests {
     use super::*;
 
     #[test]
+    fn both_ends_of_a_write_ring_place_pieces_alike_and_never_over_unreturned_bytes() {
+        // Sender and receiver of one 256-byte ring (pieces up to 64 bytes), with the receiver
+        // returning what it owes only every few pieces.
+        let mut sender = WriteRing::new(256, 256);
+        let mut receiver = WriteRing::new(256, 256);
+        let mut in_use: VecDeque<(usize, usize)> = VecDeque::new();
+        let mut x = 0x9e37_79b9_u64;
+        for step in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = CREDIT_BYTES + (x % 57) as usize;
+            match sender.reserve(len) {
+                Some(at) => {
+                    // Never over a piece the receiver has not returned.
+                    for &(from, n) in &in_use {
+                        assert!(at + len <= from || from + n <= at, "step {step}");
+                    }
+                    assert_eq!(receiver.arrived(len), Ok(at), "step {step}");
+                    in_use.push_back((at, len));
+                }
+                None => {
+                    // Full: the receiver returns everything it took.
+                    assert!(
+                        !in_use.is_empty(),
+                        "a ring with nothing in use refused {len}"
+                    );
+                    sender.give_back(receiver.to_return).expect("returned");
+                    receiver.to_return = 0;
+                    in_use.clear();
+                }
+            }
+        }
+        assert!(sender.give_back(sender.out_len).is_err());
+        assert!(receiver.arrived(CREDIT_BYTES - 1).is_err());
+        assert!(receiver.arrived(65).is_err());
+        // Rings of different sizes: no WRITEs to that peer, and none accepted from it.
+        let mismatched = WriteRing::new(512, 256);
+        assert_eq!((mismatched.max_piece(), mismatched.in_len), (0, 256));
+        let mut none = WriteRing::new(0, 0);
+        assert_eq!(none.reserve(CREDIT_BYTES), None);
+        assert!(none.arrived(CREDIT_BYTES).is_err());
+    }
+
+    #[test]
     fn table_information_round_trips_and_a_table_too_small_for_its_slots_is_refused() {
         let region = RemoteRegion {
             addr: 0x7f00_1234_0000,
             rkey: 0xdead_beef,
             len: (64 * SLOT_BYTES) as u64,
         };
-        let bytes = encode_table_info(Some((region, 64)));
+        let bytes = encode_table_info(Some((region, 64)), 1 << 20);
         assert_eq!(bytes.len(), TABLE_INFO_BYTES);
-        let table = decode_table_info(&bytes)
-            .expect("valid information")
-            .expect("a table");
-        assert_eq!((table.region, table.slots), (region, 64));
-        assert!(decode_table_info(&encode_table_info(None))
-            .expect("valid information")
-            .is_none());
+        let (table, ring) = decode_table_info(&bytes).expect("valid information");
+        let table = table.expect("a table");
+        assert_eq!((table.region, table.slots, ring), (region, 64, 1 << 20));
+        assert_eq!(
+            decode_table_info(&encode_table_info(None, 0))
+                .expect("valid information")
+                .0
+                .map(|t| t.slots),
+            None
+        );
+        assert!(decode_table_info(&encode_table_info(None, MAX_WRITE_RING_BYTES + 1)).is_err());
         let short = RemoteRegion {
             len: (64 * SLOT_BYTES - 1) as u64,
             ..region
         };
-        assert!(decode_table_info(&encode_table_info(Some((short, 64)))).is_err());
-        assert!(decode_table_info(&bytes[..31]).is_err());
+        assert!(decode_table_info(&encode_table_info(Some((short, 64)), 0)).is_err());
+        assert!(decode_table_info(&bytes[..39]).is_err());
         let mut big_rkey = bytes.clone();
         big_rkey[12] = 1;
         assert!(decode_table_info(&big_rkey).is_err());
