@@ -3,8 +3,10 @@
 //!
 //! Ownership is the destruction order: a queue pair holds `Arc`s of its protection domain and
 //! completion queue, a memory region holds its protection domain, and those hold the device
-//! context. Dropping an [`Endpoint`] therefore destroys QP, then MRs, CQ, PD, and closes the
-//! context last, on every path (including a failed `create` or `connect`).
+//! context. Dropping an [`Endpoint`] therefore destroys QP, then MRs, CQ, and, with the last
+//! endpoint or registration of its [`Domain`] (the context and protection domain endpoints may
+//! share), the PD, closing the context last, on every path (including a failed `create` or
+//! `connect`).
 //!
 //! Memory regions are registered once for a whole buffer. The peer's NIC may write into a region
 //! at any time while it is registered, so DVM never hands out Rust references into one: data moves
@@ -699,18 +701,10 @@ pub struct Endpoint {
     /// This node's published-page table, registered in this endpoint's protection domain.
     published: Option<MemoryRegion>,
     cq: Arc<CompletionQueue>,
-    _pd: Arc<ProtectionDomain>,
-    ctx: Arc<RawContext>,
+    domain: Arc<Domain>,
     config: EndpointConfig,
-    port: u8,
-    gid_index: u32,
-    gid: Gid,
-    lid: u16,
-    path_mtu: u32,
-    max_rd_atomic: u8,
     psn: u32,
     peer: Option<PeerInfo>,
-    /// Receive slots completed but not yet taken by `recv`: (slot, bytes).
     /// Completed receives not yet taken: (slot, bytes, whether an RDMA WRITE with immediate
     /// consumed it rather than a SEND).
     received: VecDeque<(u32, u32, bool)>,
@@ -723,9 +717,9 @@ pub struct Endpoint {
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Endpoint")
-            .field("device", &self.ctx.name)
-            .field("port", &self.port)
-            .field("gid_index", &self.gid_index)
+            .field("device", &self.domain.ctx.name)
+            .field("port", &self.domain.port)
+            .field("gid_index", &self.domain.gid_index)
             .field("qpn", &self.qp.qpn())
             .field("peer", &self.peer)
             .field("broken", &self.broken)
@@ -779,16 +773,35 @@ fn open_device(
     }
 }
 
-fn random_psn() -> u32 {
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    (hasher.finish() as u32) & 0xff_ffff
+/// An opened RDMA device with one protection domain, its port and addressing. Endpoints
+/// created in one domain ([`Endpoint::create_in`]) share the protection domain, so a region
+/// registered in it once (the published table) serves every peer: the kernel counts it once
+/// against the locked-memory limit.
+pub struct Domain {
+    pd: Arc<ProtectionDomain>,
+    ctx: Arc<RawContext>,
+    port: u8,
+    gid_index: u32,
+    gid: Gid,
+    lid: u16,
+    path_mtu: u32,
+    max_rd_atomic: u8,
 }
 
-impl Endpoint {
-    /// Opens the device, creates PD, CQ, regions and an RC queue pair in INIT with every
-    /// receive posted. Not connected yet: see [`Endpoint::connect`] and [`Endpoint::connect_over`].
-    pub fn create(config: EndpointConfig) -> Result<Endpoint, VerbsError> {
+impl std::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Domain")
+            .field("device", &self.ctx.name)
+            .field("port", &self.port)
+            .field("gid_index", &self.gid_index)
+            .finish()
+    }
+}
+
+impl Domain {
+    /// Opens the device and port `config` names (or the first with an ACTIVE port), finds the
+    /// GID to address peers with, and allocates the protection domain.
+    pub fn open(config: &EndpointConfig) -> Result<Arc<Domain>, VerbsError> {
         let (ctx, port) = open_device(config.device.as_deref(), config.port)?;
         let port_attr = ctx.query_port(port).map_err(|errno| VerbsError::Call {
             call: "ibv_query_port",
@@ -826,15 +839,79 @@ impl Endpoint {
         let path_mtu = config.max_mtu.min(mtu_bytes(port_attr.active_mtu)).max(256);
         let max_rd_atomic = u8::try_from(device_attr.max_qp_rd_atom.clamp(1, 16)).unwrap_or(1);
         let pd = ProtectionDomain::new(&ctx)?;
+        Ok(Arc::new(Domain {
+            pd,
+            ctx,
+            port,
+            gid_index,
+            gid,
+            lid: port_attr.lid,
+            path_mtu,
+            max_rd_atomic,
+        }))
+    }
+
+    /// Registers `table` once in this protection domain for remote READ: every endpoint of
+    /// the domain's peers can READ it with the returned region's rkey.
+    pub fn register_table(
+        &self,
+        table: &Arc<PublishedTable>,
+    ) -> Result<TableRegistration, VerbsError> {
+        Ok(TableRegistration {
+            region: MemoryRegion::over_table(&self.pd, table)?,
+        })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.ctx.name
+    }
+}
+
+/// A published table registered in a [`Domain`]; deregistered when dropped (the region
+/// holds the domain's protection domain and the table alive until then).
+pub struct TableRegistration {
+    region: MemoryRegion,
+}
+
+impl TableRegistration {
+    /// Where peers READ the table.
+    pub fn remote(&self) -> RemoteRegion {
+        RemoteRegion {
+            addr: self.region.addr(),
+            rkey: self.region.rkey(),
+            len: self.region.len() as u64,
+        }
+    }
+}
+
+fn random_psn() -> u32 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    (hasher.finish() as u32) & 0xff_ffff
+}
+
+impl Endpoint {
+    /// Opens the device, creates PD, CQ, regions and an RC queue pair in INIT with every
+    /// receive posted. Not connected yet: see [`Endpoint::connect`] and [`Endpoint::connect_over`].
+    pub fn create(config: EndpointConfig) -> Result<Endpoint, VerbsError> {
+        let domain = Domain::open(&config)?;
+        Endpoint::create_in(&domain, config)
+    }
+
+    /// [`Endpoint::create`] in an opened device and protection domain, which endpoints share
+    /// (and with it what is registered there once, such as the published table).
+    pub fn create_in(domain: &Arc<Domain>, config: EndpointConfig) -> Result<Endpoint, VerbsError> {
+        let ctx = &domain.ctx;
+        let pd = Arc::clone(&domain.pd);
         // Every send slot may be in flight at once, plus a few RDMA READs/WRITEs.
         let send_slots = config.send_slots.max(1);
         let send_wr = (send_slots + 8).max(16);
         let channel = if config.completion_channel {
-            Some(CompletionChannel::new(&ctx)?)
+            Some(CompletionChannel::new(ctx)?)
         } else {
             None
         };
-        let cq = CompletionQueue::new(&ctx, send_wr + config.receive_slots + 16, channel)?;
+        let cq = CompletionQueue::new(ctx, send_wr + config.receive_slots + 16, channel)?;
         let data = MemoryRegion::new(&pd, config.region_bytes, true)?;
         // Receive slots, then the slots of messages being sent.
         let slots = config.receive_slots as usize + send_slots as usize;
@@ -852,14 +929,7 @@ impl Endpoint {
             messages,
             published: None,
             cq,
-            _pd: pd,
-            ctx,
-            port,
-            gid_index,
-            gid,
-            lid: port_attr.lid,
-            path_mtu,
-            max_rd_atomic,
+            domain: Arc::clone(domain),
             psn: random_psn(),
             peer: None,
             received: VecDeque::new(),
@@ -906,8 +976,8 @@ impl Endpoint {
         PeerInfo {
             qpn: self.qp.qpn(),
             psn: self.psn,
-            lid: self.lid,
-            gid: self.gid,
+            lid: self.domain.lid,
+            gid: self.domain.gid,
             region: self.local_region(),
         }
     }
@@ -927,7 +997,7 @@ impl Endpoint {
         &mut self,
         table: &Arc<PublishedTable>,
     ) -> Result<RemoteRegion, VerbsError> {
-        let region = MemoryRegion::over_table(&self._pd, table)?;
+        let region = MemoryRegion::over_table(&self.domain.pd, table)?;
         let remote = RemoteRegion {
             addr: region.addr(),
             rkey: region.rkey(),
@@ -1041,15 +1111,15 @@ impl Endpoint {
     }
 
     pub fn device_name(&self) -> &str {
-        &self.ctx.name
+        &self.domain.ctx.name
     }
 
     pub fn gid_index(&self) -> u32 {
-        self.gid_index
+        self.domain.gid_index
     }
 
     pub fn path_mtu(&self) -> u32 {
-        self.path_mtu
+        self.domain.path_mtu
     }
 
     /// Bytes of the local data region.
@@ -1068,7 +1138,7 @@ impl Endpoint {
         let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
         attr.qp_state = sys::ibv_qp_state::IBV_QPS_INIT;
         attr.pkey_index = 0;
-        attr.port_num = self.port;
+        attr.port_num = self.domain.port;
         attr.qp_access_flags = (sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
             | sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ
             | sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE)
@@ -1083,7 +1153,7 @@ impl Endpoint {
     /// Brings the queue pair to RTR then RTS towards `peer`.
     pub fn connect(&mut self, peer: &PeerInfo) -> Result<(), VerbsError> {
         use sys::ibv_qp_attr_mask as m;
-        let mtu = match self.path_mtu {
+        let mtu = match self.domain.path_mtu {
             4096.. => sys::ibv_mtu::IBV_MTU_4096,
             2048.. => sys::ibv_mtu::IBV_MTU_2048,
             1024.. => sys::ibv_mtu::IBV_MTU_1024,
@@ -1096,7 +1166,7 @@ impl Endpoint {
         attr.path_mtu = mtu;
         attr.dest_qp_num = peer.qpn;
         attr.rq_psn = peer.psn;
-        attr.max_dest_rd_atomic = self.max_rd_atomic;
+        attr.max_dest_rd_atomic = self.domain.max_rd_atomic;
         attr.min_rnr_timer = 12;
         // RoCE (and rxe) route by GID: a global route header is required (is_global = 0 makes
         // RTR fail with EINVAL), from the IPv4-mapped GID (the link-local one fails with
@@ -1104,15 +1174,15 @@ impl Endpoint {
         attr.ah_attr.is_global = 1;
         attr.ah_attr.grh.dgid = sys::ibv_gid { raw: peer.gid.0 };
         attr.ah_attr.grh.sgid_index =
-            u8::try_from(self.gid_index).map_err(|_| VerbsError::NoUsableGid {
-                device: self.ctx.name.clone(),
-                port: self.port,
+            u8::try_from(self.domain.gid_index).map_err(|_| VerbsError::NoUsableGid {
+                device: self.domain.ctx.name.clone(),
+                port: self.domain.port,
             })?;
         attr.ah_attr.grh.hop_limit = 1;
         attr.ah_attr.dlid = peer.lid;
         attr.ah_attr.sl = 0;
         attr.ah_attr.src_path_bits = 0;
-        attr.ah_attr.port_num = self.port;
+        attr.ah_attr.port_num = self.domain.port;
         self.qp.modify(
             &mut attr,
             m::IBV_QP_STATE
@@ -1132,7 +1202,7 @@ impl Endpoint {
         // 7 = retry forever while the peer has no receive posted; our deadline bounds the wait.
         attr.rnr_retry = 7;
         attr.sq_psn = self.psn;
-        attr.max_rd_atomic = self.max_rd_atomic;
+        attr.max_rd_atomic = self.domain.max_rd_atomic;
         self.qp.modify(
             &mut attr,
             m::IBV_QP_STATE

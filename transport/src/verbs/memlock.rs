@@ -14,16 +14,19 @@ const CAP_IPC_LOCK: u32 = 14;
 
 /// Bytes the verbs transport registers (pins) on one node of a job of `world` nodes: each
 /// peer's endpoint has its data region (READ targets and both write rings) and its send and
-/// receive slots, and the published page table
-/// is registered once per peer (each peer's endpoint has a protection domain of its own), and
-/// the kernel counts every registration.
+/// receive slots, and the published page table is registered once (every endpoint shares one
+/// protection domain). A node alone registers nothing.
 pub fn registered_bytes(config: &VerbsConfig, world: u32) -> u64 {
+    let peers = u64::from(world.saturating_sub(1));
+    if peers == 0 {
+        return 0;
+    }
     let e = &config.endpoint;
     let rings = u64::from(e.receive_slots) + u64::from(e.send_slots);
     let table = (config.published_slots as u64 * SLOT_BYTES as u64).next_multiple_of(4096);
     let region = config.data_region_bytes() as u64;
-    let per_peer = region + rings * e.message_bytes as u64 + table;
-    per_peer.saturating_mul(u64::from(world.saturating_sub(1)))
+    let per_peer = region + rings * e.message_bytes as u64;
+    per_peer.saturating_mul(peers).saturating_add(table)
 }
 
 /// What this process may lock.
@@ -102,8 +105,12 @@ mod tests {
             "a node alone registers nothing"
         );
         let two = registered_bytes(&config, 2);
+        let three = registered_bytes(&config, 3);
         assert!(two > 0);
-        assert_eq!(registered_bytes(&config, 17), 16 * two);
+        // The table once, each peer's endpoint on top.
+        let per_peer = three - two;
+        assert!(per_peer > 0 && per_peer < two);
+        assert_eq!(registered_bytes(&config, 17), two + 15 * per_peer);
     }
 
     #[test]
@@ -117,9 +124,10 @@ mod tests {
             published_slots: 0,
             ..VerbsConfig::default()
         };
-        assert!(
-            registered_bytes(&no_table, 64) < needed / 10,
-            "the table dominates"
+        assert_eq!(
+            needed - registered_bytes(&no_table, 64),
+            registered_bytes(&config, 2) - registered_bytes(&no_table, 2),
+            "the table counts once, whatever the job's size"
         );
         assert!(
             why.contains("ulimit -l") && why.contains("--transport tcp"),

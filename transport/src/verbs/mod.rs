@@ -21,7 +21,8 @@ mod transport;
 
 pub use device::{probe, Device, Gid, Port, PortState, Probe};
 pub use endpoint::{
-    Completion, CompletionKind, Endpoint, EndpointConfig, Incoming, PeerInfo, QpState, RemoteRegion,
+    Completion, CompletionKind, Domain, Endpoint, EndpointConfig, Incoming, PeerInfo, QpState,
+    RemoteRegion, TableRegistration,
 };
 pub use transport::{
     SlotBytes, VerbsConfig, VerbsCounters, VerbsTransport, MAX_WRITE_RING_BYTES, WRITE_RING_OFFSET,

@@ -1,8 +1,8 @@
 //! The published-page table: where a home lays out the newest version of each page it homes so
 //! that a reader can fetch it with one RDMA READ and validate it without the home's CPU.
 //!
-//! The table is one page-aligned buffer, registered once per peer's protection domain (never
-//! per page). It is direct-mapped: `slot_of(page)` picks the one slot a page can be in, so two
+//! The table is one page-aligned buffer, registered once in the transport's protection domain
+//! (never per page, nor per peer). It is direct-mapped: `slot_of(page)` picks the one slot a page can be in, so two
 //! pages that hash alike evict each other (a reader of the evicted one asks the home instead).
 //! A slot is
 //!

@@ -44,7 +44,8 @@
 //! the cluster code is busy elsewhere, as the TCP transport's I/O thread does.
 //!
 //! Page reads: each node may publish a table of page versions ([`published`]), registered
-//! once per peer's protection domain for remote READ; its address, rkey and slot count follow
+//! once, in the protection domain every peer's endpoint shares ([`Domain`]), for remote READ;
+//! its address, rkey and slot count follow
 //! the queue pair information over the bootstrap socket. [`VerbsTransport::read_published`]
 //! queues one RDMA READ of a slot; the I/O thread posts it (signalled, into one of
 //! `READ_TARGETS` parts of the peer endpoint's region, counted against the send queue like a
@@ -67,7 +68,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::published::{self, PublishedTable, SLOT_BYTES};
-use super::{Endpoint, EndpointConfig, Incoming, PeerInfo, RemoteRegion, VerbsError};
+use super::{
+    Domain, Endpoint, EndpointConfig, Incoming, PeerInfo, RemoteRegion, TableRegistration,
+    VerbsError,
+};
 use crate::tcp::Bound;
 use crate::uring::EventFd;
 use crate::wire::{self, Decoder, Frame, FrameKind};
@@ -515,6 +519,18 @@ impl VerbsTransport {
             })?)),
         };
 
+        // One device context and protection domain for every peer: the table is registered
+        // once, not once per peer.
+        let domain = Domain::open(&endpoint_config).map_err(verbs_err("opening the device"))?;
+        let registration = match &table {
+            Some(t) => Some(
+                domain
+                    .register_table(t)
+                    .map_err(verbs_err("registering the published table"))?,
+            ),
+            None => None,
+        };
+
         struct Boot {
             rank: usize,
             stream: TcpStream,
@@ -538,17 +554,12 @@ impl VerbsTransport {
                 .set_write_timeout(Some(timeout))
                 .map_err(io_err("bootstrap socket write timeout"))?;
             decoder.set_max_payload(MAX_BOOTSTRAP_PAYLOAD_BYTES);
-            let mut endpoint = Endpoint::create(endpoint_config.clone())
+            let endpoint = Endpoint::create_in(&domain, endpoint_config.clone())
                 .map_err(verbs_err("creating a queue pair"))?;
-            let local_table = match &table {
-                Some(t) => Some((
-                    endpoint
-                        .register_table(t)
-                        .map_err(verbs_err("registering the published table"))?,
-                    t.slots(),
-                )),
-                None => None,
-            };
+            let local_table = registration
+                .as_ref()
+                .zip(table.as_ref())
+                .map(|(r, t)| (r.remote(), t.slots()));
             // Every side writes before it reads, in each phase: the small frames fit the socket
             // buffers, so the order of peers cannot deadlock.
             write_frame(
@@ -632,9 +643,7 @@ impl VerbsTransport {
                 .set_nonblocking(true)
                 .map_err(io_err("bootstrap socket to non-blocking"))?;
         }
-        let device = boots
-            .first()
-            .map_or_else(|| "-".into(), |b| b.endpoint.device_name().to_string());
+        let device = domain.device_name().to_string();
 
         let mut peer_tables: Vec<Option<PeerTable>> = peers.iter().map(|_| None).collect();
         for b in &boots {
@@ -717,6 +726,7 @@ impl VerbsTransport {
             shared: Arc::clone(&shared),
             epoll,
             links,
+            _registration: registration,
             receive_slots: config.endpoint.receive_slots,
             send_slots: config.endpoint.send_slots,
             signal_every: u64::from(config.signal_every),
@@ -1187,6 +1197,9 @@ struct IoThread {
     shared: Arc<Shared>,
     epoll: Epoll,
     links: Vec<Option<Link>>,
+    /// The published table's registration, shared by every link's queue pair: dropped after
+    /// the links (peers READ it until their queue pairs are gone).
+    _registration: Option<TableRegistration>,
     receive_slots: u32,
     send_slots: u32,
     signal_every: u64,
