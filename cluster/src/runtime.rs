@@ -47,7 +47,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// A transaction id is its coordinator's rank above this shift and a sequence below it (below
@@ -244,6 +244,9 @@ pub struct VerbsRow {
     pub rdma_writes: u64,
     /// Stream bytes those WRITEs carried.
     pub bytes_written: u64,
+    /// Page fetches served by a READ whose slot's newest version lies above the snapshot,
+    /// from the previous version it describes (counted in `read_hits`).
+    pub read_previous: u64,
     /// READs repeated because the first saw the slot being written (torn).
     pub read_retries: u64,
     /// Page fetches served by a READ, with no message to the home.
@@ -395,6 +398,10 @@ struct Runtime {
     /// Nodes this node lost (node 0: declared dead), and, not on node 0, when and why, until
     /// node 0's view says so too.
     lost: Vec<AtomicBool>,
+    /// Node 0: the peers it has heard from (any message), which over RDMA means they have
+    /// published their loaded pages and marked their tables (`publish_loaded`).
+    heard: Mutex<Vec<bool>>,
+    heard_cv: Condvar,
     /// Nodes dead in this node's view, and that view's epoch: kept up to date after every
     /// protocol step, so an RDMA reader never READs a node declared dead, whose table stops
     /// at its death, once this node's snapshots can include commits after it (the view comes
@@ -431,6 +438,8 @@ struct Runtime {
     read_fallbacks: AtomicU64,
     /// READs of vacant slots, used as zeros (counted in `read_hits` too).
     read_zeros: AtomicU64,
+    /// READs whose slot's previous version served an older snapshot (counted in `read_hits`).
+    read_previous: AtomicU64,
     cache_hits: AtomicU64,
     workers_pinned: AtomicU64,
     read_latency: Samples,
@@ -1175,6 +1184,7 @@ fn publish_loaded(runtime: &Runtime) {
 fn judgement_name(j: &Judgement) -> &'static str {
     match j {
         Judgement::Accept { .. } => "accept",
+        Judgement::AcceptPrevious { .. } => "accept the previous version",
         Judgement::Empty => "empty",
         Judgement::Vacant => "vacant at a holder that joined after a loss",
         Judgement::Torn => "torn twice",
@@ -1355,6 +1365,18 @@ impl ClusterReader {
                 Judgement::Accept { version_ts, data } => {
                     rt.read_hits.fetch_add(1, Ordering::Relaxed);
                     return Some((version_ts, snapshot_ts.max(pending.feed_ts), data));
+                }
+                // The version below the slot's newest, which lies above the snapshot: it is
+                // the one visible here by the same argument, and holds only below the newest.
+                Judgement::AcceptPrevious {
+                    version_ts,
+                    data,
+                    newer_ts,
+                } => {
+                    rt.read_hits.fetch_add(1, Ordering::Relaxed);
+                    rt.read_previous.fetch_add(1, Ordering::Relaxed);
+                    let valid_to = snapshot_ts.max(pending.feed_ts).min(newer_ts - 1);
+                    return Some((version_ts, valid_to, data));
                 }
                 // The home marked the slot vacant after publishing its loads, and replaces
                 // the mark with the first version of any of the slot's pages, before
@@ -1539,7 +1561,7 @@ impl Control for ClusterControl {
 /// The row's words: 31 counters, a flag saying whether a time split follows, its phases, a flag
 /// saying whether verbs counters follow, and `VERBS_WORDS` of them.
 const ROW_WORDS: usize = 32 + Phase::COUNT + 1 + VERBS_WORDS;
-const VERBS_WORDS: usize = 10;
+const VERBS_WORDS: usize = 11;
 
 fn encode_row(row: &NodeRow) -> Vec<u8> {
     let s = &row.stats;
@@ -1589,6 +1611,7 @@ fn encode_row(row: &NodeRow) -> Vec<u8> {
         verbs.read_zeros,
         verbs.rdma_writes,
         verbs.bytes_written,
+        verbs.read_previous,
     ];
     words
         .iter()
@@ -1677,6 +1700,7 @@ fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
                     read_zeros: w[at + 8],
                     rdma_writes: w[at + 9],
                     bytes_written: w[at + 10],
+                    read_previous: w[at + 11],
                 }),
                 _ => return None,
             }
@@ -1732,6 +1756,7 @@ impl Runtime {
                         read_retries: self.read_retries.load(Ordering::Relaxed),
                         read_hits: self.read_hits.load(Ordering::Relaxed),
                         read_zeros: self.read_zeros.load(Ordering::Relaxed),
+                        read_previous: self.read_previous.load(Ordering::Relaxed),
                         read_fallbacks: self.read_fallbacks.load(Ordering::Relaxed),
                         page_read_messages: self.read_messages.load(Ordering::Relaxed),
                     })
@@ -1911,10 +1936,50 @@ impl Runtime {
         }
     }
 
+    /// Over RDMA, node 0 waits (at most `limit`) until every node not lost has sent it
+    /// something, which each does once it has published its loaded pages and marked the rest
+    /// of its table vacant: a READ before that finds an empty slot and must ask the home, so
+    /// starting the root first would send the run's first fetches to homes' CPUs.
+    fn await_published(&self, limit: Duration) {
+        if !matches!(self.transport, NodeTransport::Verbs(_)) {
+            return;
+        }
+        let started = Instant::now();
+        let mut heard = lock(&self.heard);
+        loop {
+            let waiting: Vec<usize> = (1..self.world)
+                .filter(|&r| !heard.get(r).copied().unwrap_or(true) && !self.is_lost(r))
+                .collect();
+            if waiting.is_empty() {
+                return;
+            }
+            let left = limit.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                tracing::warn!(
+                    nodes = ?waiting,
+                    "starting without word from these nodes: their first page fetches may go to their CPUs"
+                );
+                return;
+            }
+            heard = self
+                .heard_cv
+                .wait_timeout(heard, left.min(Duration::from_millis(50)))
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+        }
+    }
+
     fn on_event(self: &Arc<Self>, event: Event) {
         match event {
             Event::Message { from, payload } => {
                 let from = from as usize;
+                if self.rank == 0 {
+                    let mut heard = lock(&self.heard);
+                    if heard.get(from).is_some_and(|h| !h) {
+                        heard[from] = true;
+                        self.heard_cv.notify_all();
+                    }
+                }
                 match self.reassemble(from, payload) {
                     Ok(None) => {}
                     Ok(Some(bytes)) => match Msg::decode(&bytes) {
@@ -2064,6 +2129,8 @@ pub fn run(
         handouts: Handouts::default(),
         replicas: options.replicas.max(1),
         lost: (0..world).map(|_| AtomicBool::new(false)).collect(),
+        heard: Mutex::new(vec![false; world]),
+        heard_cv: Condvar::new(),
         view_dead: (0..world).map(|_| AtomicBool::new(false)).collect(),
         view_epoch: AtomicU64::new(0),
         lost_waiting: Mutex::new(Vec::new()),
@@ -2084,6 +2151,7 @@ pub fn run(
         read_hits: AtomicU64::new(0),
         read_fallbacks: AtomicU64::new(0),
         read_zeros: AtomicU64::new(0),
+        read_previous: AtomicU64::new(0),
         cache_hits: AtomicU64::new(0),
         workers_pinned: AtomicU64::new(0),
         read_latency: Samples::default(),
@@ -2112,6 +2180,10 @@ pub fn run(
     })?;
     let _ = runtime.shared.set(Arc::downgrade(machine.shared()));
     publish_loaded(&runtime);
+    if rank != 0 && matches!(runtime.transport, NodeTransport::Verbs(_)) {
+        // Node 0 starts the run once it has heard from every node (`await_published`).
+        runtime.send(0, &Msg::Heartbeat { epoch: 0 });
+    }
     let root = if rank == 0 {
         let root = machine.root_task()?;
         runtime.outstanding[0].fetch_add(1, Ordering::AcqRel);
@@ -2130,6 +2202,9 @@ pub fn run(
                 )))
             })?
     };
+    if rank == 0 {
+        runtime.await_published(Duration::from_millis(options.connect_timeout_ms));
+    }
     let (workers, notes) = machine.run(root);
     runtime.workers_pinned.store(
         workers.iter().filter(|worker| worker.pinned).count() as u64,
@@ -2225,6 +2300,7 @@ mod tests {
                 rdma_reads: 30,
                 rdma_writes: 6,
                 bytes_written: 70_000,
+                read_previous: 7,
                 read_retries: 2,
                 read_hits: 25,
                 read_zeros: 4,

@@ -521,7 +521,10 @@ struct Stripped(Option<Box<BTreeMap<u64, Stored>>>);
 
 impl Stripped {
     /// Those with a timestamp in `range`, oldest first.
-    fn range(&self, range: (Bound<u64>, Bound<u64>)) -> impl Iterator<Item = (&u64, &Stored)> + '_ {
+    fn range(
+        &self,
+        range: (Bound<u64>, Bound<u64>),
+    ) -> impl DoubleEndedIterator<Item = (&u64, &Stored)> + '_ {
         self.0.iter().flat_map(move |map| map.range(range))
     }
 
@@ -937,6 +940,37 @@ impl PageStore {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             },
+        }
+    }
+
+    /// The version just below `ts` (with contents or stripped): `Some(Some((its timestamp,
+    /// contents)))`; `Some(None)` when `key` has no version below `ts`; `None` when the one
+    /// below lost its contents (only snapshots that cannot read the page lie there).
+    #[allow(clippy::type_complexity)]
+    pub fn version_below(
+        &self,
+        key: PageKey,
+        ts: u64,
+    ) -> Option<Option<(u64, Box<[u8; PAGE_BYTES]>)>> {
+        let shard = read_lock(&self.shards[shard_of(key)]);
+        let Some(chain) = shard.get(key) else {
+            return Some(None);
+        };
+        let below = chain.versions.partition_point(|version| version.ts < ts);
+        let kept = below.checked_sub(1);
+        let stripped = chain
+            .stripped
+            .range((Bound::Unbounded, Bound::Excluded(ts)))
+            .next_back()
+            .map(|(stripped_ts, _)| *stripped_ts);
+        match (kept, stripped) {
+            (Some(index), stripped) if stripped.is_none_or(|s| s < chain.versions[index].ts) => {
+                let mut page = Box::new([0u8; PAGE_BYTES]);
+                materialise_into(&chain.versions, index, &mut page);
+                Some(Some((chain.versions[index].ts, page)))
+            }
+            (None, None) => Some(None),
+            _ => None,
         }
     }
 
@@ -1592,6 +1626,29 @@ mod tests {
         let topology = dvm_numa::Topology::detect();
         let pool = dvm_numa::PagePool::new(&topology, 0, 1 << 20).expect("pool");
         PageSource::new(pool, MemoryAccount::new(1 << 30))
+    }
+
+    /// The version just below a timestamp, for a published slot's previous version.
+    #[test]
+    fn version_below_is_the_one_before_or_none() {
+        let store = PageStore::new();
+        let pages = source();
+        let publish = |ts: u64, offset: usize, bytes: &[u8]| {
+            let bytes = PageBytes::new(7, offset, bytes).expect("fits");
+            store.publish(ts, Publication::Bytes(bytes), &pages);
+        };
+        publish(2, 0x10, &[5]);
+        publish(4, 0x20, &[6]);
+        assert!(matches!(store.version_below(7, 2), Some(None)));
+        assert!(matches!(store.version_below(8, 9), Some(None)));
+        let Some(Some((ts, below))) = store.version_below(7, 4) else {
+            panic!("version 2 lies below 4");
+        };
+        assert_eq!((ts, below[0x10], below[0x20]), (2, 5, 0));
+        let Some(Some((ts, below))) = store.version_below(7, 9) else {
+            panic!("version 4 lies below 9");
+        };
+        assert_eq!((ts, below[0x10], below[0x20]), (4, 5, 6));
     }
 
     /// Deltas over zeros come back as their bytes, with no page allocated; a later byte

@@ -11,6 +11,7 @@ use super::{Node, NodeId};
 use crate::msg::{Msg, PageDelta};
 use dvm_engine::page::Mask;
 use dvm_engine::store::{Conflict, ConflictWith, PageBytes, PageWrite, Publication, TxnId};
+use dvm_transport::verbs::published::Previous;
 
 /// What a holder decided about a transaction; kept so that retried messages get the same
 /// answer.
@@ -50,12 +51,23 @@ impl Node {
     /// none: zeros, at timestamp 0). The store is read under the table's lock, so of two
     /// publications of a page the later one read the store later: the slot never goes back to
     /// a version older than one already installed and published.
+    ///
+    /// With it goes the version just below the newest when it differs from the newest in few
+    /// bytes (an exit record, a counter) or there is none, so that a reader whose snapshot lies
+    /// between the two READs it too (`published::Previous`).
     pub(super) fn publish_newest(&self, page: u64) {
         if let Some(table) = &self.published {
-            table.publish_with(page, || {
+            table.publish_with_previous(page, || {
                 Some(match self.store.read_version(page, u64::MAX).version {
-                    Some((ts, data)) => (ts, Some(data)),
-                    None => (0, None),
+                    Some((ts, data)) => {
+                        let previous = match self.store.version_below(page, ts) {
+                            Some(Some((below, older))) => Previous::between(below, &older, &data),
+                            Some(None) => Previous::NoVersion,
+                            None => Previous::Unknown,
+                        };
+                        (ts, Some(data), previous)
+                    }
+                    None => (0, None, Previous::Unknown),
                 })
             });
         }

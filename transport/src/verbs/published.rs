@@ -7,14 +7,19 @@
 //! A slot is
 //!
 //! ```text
-//! [seq: u64][page: u64][version ts: u64][4096 bytes][seq again: u64][crc32c: u32][flags: u32]
+//! [seq: u64][page: u64][version ts: u64][4096 bytes][previous ts: u64][undo: 256 bytes]
+//! [seq again: u64][crc32c: u32][flags: u32]
 //! ```
 //!
 //! little-endian. The crc32c covers everything but itself. Flag `ABSENT`: the home holds no
 //! version of the page (it reads as zeros, and the 4096 bytes are zeros). Flag `VACANT` (page
 //! `VACANT_PAGE`, which no page number is): written once into every slot still untouched after
 //! the home published its loaded pages, it says that no page of the slot has a version there;
-//! the first publication of a page of the slot replaces it. The home is the only writer and
+//! the first publication of a page of the slot replaces it. Flag `PREVIOUS`: the slot also
+//! describes the version before the newest, at `previous ts`: the newest bytes with the undo
+//! runs (`[count: u16]` then `[offset: u16][len: u16][bytes]` each, the older version's bytes
+//! where the two differ) put back, or zeros with flag `PREVIOUS_ABSENT` (the newest is the
+//! page's first version). A reader whose snapshot lies between the two uses it. The home is the only writer and
 //! writes a slot under the table's lock: it marks the slot busy (first `seq` odd), writes the
 //! rest with the final `seq` (even) in the second place and the check word, then sets the first
 //! `seq` to the final value. A READ may sample the bytes in any order while this happens, so a
@@ -37,16 +42,22 @@ const OFF_SEQ: usize = 0;
 const OFF_PAGE: usize = 8;
 const OFF_TS: usize = 16;
 const OFF_DATA: usize = 24;
-const OFF_SEQ_END: usize = OFF_DATA + PAGE_BYTES;
+const OFF_PREV_TS: usize = OFF_DATA + PAGE_BYTES;
+const OFF_UNDO: usize = OFF_PREV_TS + 8;
+/// Bytes of a slot's undo area: the difference to the previous version must fit.
+pub const UNDO_BYTES: usize = 256;
+const OFF_SEQ_END: usize = OFF_UNDO + UNDO_BYTES;
 const OFF_CHECK: usize = OFF_SEQ_END + 8;
 const OFF_FLAGS: usize = OFF_CHECK + 4;
 /// Bytes of one slot (a multiple of 8).
 pub const SLOT_BYTES: usize = OFF_FLAGS + 4;
 const ABSENT: u32 = 1;
 const VACANT: u32 = 2;
+const PREVIOUS: u32 = 4;
+const PREVIOUS_ABSENT: u32 = 8;
 /// The page field of a vacant slot: above every page number (addresses have 64 bits, pages 52).
 const VACANT_PAGE: u64 = u64::MAX;
-/// Slots of a table unless configured otherwise (about 66 MiB).
+/// Slots of a table unless configured otherwise (about 69 MiB).
 pub const DEFAULT_SLOTS: usize = 16 * 1024;
 
 /// The slot `page` is published in, of `slots`.
@@ -79,29 +90,106 @@ pub fn encode_slot(
     ts: u64,
     data: Option<&[u8; PAGE_BYTES]>,
 ) -> Box<[u8; SLOT_BYTES]> {
-    let flags = if data.is_some() { 0 } else { ABSENT };
-    encode_image(seq, page, ts, data, flags)
+    encode_slot_with(seq, page, ts, data, &Previous::Unknown)
+}
+
+/// The version before the newest, as a slot may describe it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Previous {
+    /// Not described (too different, or not asked for): readers below the newest ask.
+    Unknown,
+    /// The newest is the page's first version: below it the page reads as zeros.
+    NoVersion,
+    /// The version at `ts`: the newest bytes with these runs (offset, older bytes) put back.
+    Undo { ts: u64, runs: Vec<(u16, Vec<u8>)> },
+}
+
+impl Previous {
+    /// `older` (version `ts`) as undo runs against `newer`, or `Unknown` when they do not fit
+    /// a slot's undo area.
+    pub fn between(ts: u64, older: &[u8; PAGE_BYTES], newer: &[u8; PAGE_BYTES]) -> Previous {
+        let mut runs: Vec<(u16, Vec<u8>)> = Vec::new();
+        let mut used = 2;
+        let mut at = 0;
+        while at < PAGE_BYTES {
+            if older[at] == newer[at] {
+                at += 1;
+                continue;
+            }
+            let start = at;
+            while at < PAGE_BYTES && older[at] != newer[at] {
+                at += 1;
+            }
+            used += 4 + (at - start);
+            if used > UNDO_BYTES {
+                return Previous::Unknown;
+            }
+            runs.push((start as u16, older[start..at].to_vec()));
+        }
+        Previous::Undo { ts, runs }
+    }
+}
+
+/// [`encode_slot`] that also describes the version before the newest.
+pub fn encode_slot_with(
+    seq: u64,
+    page: u64,
+    ts: u64,
+    data: Option<&[u8; PAGE_BYTES]>,
+    previous: &Previous,
+) -> Box<[u8; SLOT_BYTES]> {
+    let mut flags = if data.is_some() { 0 } else { ABSENT };
+    let mut undo = [0u8; UNDO_BYTES + 8];
+    match previous {
+        Previous::Unknown => {}
+        Previous::NoVersion => flags |= PREVIOUS | PREVIOUS_ABSENT,
+        Previous::Undo { ts: prev_ts, runs } => {
+            let mut at = 10;
+            let fits = runs.iter().all(|(offset, bytes)| {
+                let end = at + 4 + bytes.len();
+                let ok = end <= undo.len() && usize::from(*offset) + bytes.len() <= PAGE_BYTES;
+                if ok {
+                    undo[at..at + 2].copy_from_slice(&offset.to_le_bytes());
+                    undo[at + 2..at + 4].copy_from_slice(&(bytes.len() as u16).to_le_bytes());
+                    undo[at + 4..end].copy_from_slice(bytes);
+                    at = end;
+                }
+                ok
+            });
+            if fits && *prev_ts < ts {
+                flags |= PREVIOUS;
+                undo[..8].copy_from_slice(&prev_ts.to_le_bytes());
+                undo[8..10].copy_from_slice(&(runs.len() as u16).to_le_bytes());
+            } else {
+                undo = [0u8; UNDO_BYTES + 8];
+            }
+        }
+    }
+    encode_image(seq, page, ts, data, flags, &undo)
 }
 
 /// The final image of a vacant slot as write number `seq` (even, not 0).
 pub fn encode_vacant(seq: u64) -> Box<[u8; SLOT_BYTES]> {
-    encode_image(seq, VACANT_PAGE, 0, None, VACANT)
+    encode_image(seq, VACANT_PAGE, 0, None, VACANT, &[0u8; UNDO_BYTES + 8])
 }
 
+/// The image with its check word. `previous` is the previous ts and the undo area.
 fn encode_image(
     seq: u64,
     page: u64,
     ts: u64,
     data: Option<&[u8; PAGE_BYTES]>,
     flags: u32,
+    previous: &[u8; UNDO_BYTES + 8],
 ) -> Box<[u8; SLOT_BYTES]> {
     let mut out = Box::new([0u8; SLOT_BYTES]);
     out[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
     out[OFF_PAGE..OFF_PAGE + 8].copy_from_slice(&page.to_le_bytes());
     out[OFF_TS..OFF_TS + 8].copy_from_slice(&ts.to_le_bytes());
     if let Some(data) = data {
-        out[OFF_DATA..OFF_SEQ_END].copy_from_slice(data);
+        out[OFF_DATA..OFF_PREV_TS].copy_from_slice(data);
     }
+    out[OFF_PREV_TS..OFF_SEQ_END].copy_from_slice(previous);
     out[OFF_SEQ_END..OFF_CHECK].copy_from_slice(&seq.to_le_bytes());
     out[OFF_FLAGS..].copy_from_slice(&flags.to_le_bytes());
     let check = check_word(&out);
@@ -130,7 +218,16 @@ pub enum Judgement {
     Torn,
     /// A consistent slot of another page (a collision): ask the home.
     OtherPage,
-    /// A consistent slot of this page whose version is newer than the snapshot: ask the home.
+    /// A consistent slot of this page whose newest version is newer than the snapshot and
+    /// whose previous version is at or below it: that version (`data` as for `Accept`), which
+    /// holds for snapshots below `newer_ts` only.
+    AcceptPrevious {
+        version_ts: u64,
+        data: Option<Box<[u8; PAGE_BYTES]>>,
+        newer_ts: u64,
+    },
+    /// A consistent slot of this page whose version is newer than the snapshot (and no
+    /// previous version that serves it): ask the home.
     Newer,
 }
 
@@ -162,7 +259,7 @@ pub fn judge(bytes: &[u8; SLOT_BYTES], page: u64, snapshot_ts: u64) -> Judgement
     }
     let version_ts = word(bytes, OFF_TS);
     if version_ts > snapshot_ts {
-        return Judgement::Newer;
+        return previous(bytes, flags, version_ts, snapshot_ts);
     }
     if flags & ABSENT != 0 {
         return Judgement::Accept {
@@ -171,10 +268,53 @@ pub fn judge(bytes: &[u8; SLOT_BYTES], page: u64, snapshot_ts: u64) -> Judgement
         };
     }
     let mut data = Box::new([0u8; PAGE_BYTES]);
-    data.copy_from_slice(&bytes[OFF_DATA..OFF_SEQ_END]);
+    data.copy_from_slice(&bytes[OFF_DATA..OFF_PREV_TS]);
     Judgement::Accept {
         version_ts,
         data: Some(data),
+    }
+}
+
+/// The previous version a validated slot describes, for a snapshot below its newest.
+fn previous(bytes: &[u8; SLOT_BYTES], flags: u32, newer_ts: u64, snapshot_ts: u64) -> Judgement {
+    if flags & PREVIOUS == 0 {
+        return Judgement::Newer;
+    }
+    if flags & PREVIOUS_ABSENT != 0 {
+        return Judgement::AcceptPrevious {
+            version_ts: 0,
+            data: None,
+            newer_ts,
+        };
+    }
+    let version_ts = word(bytes, OFF_PREV_TS);
+    if version_ts > snapshot_ts || version_ts >= newer_ts || flags & ABSENT != 0 {
+        return Judgement::Newer;
+    }
+    let mut data = Box::new([0u8; PAGE_BYTES]);
+    data.copy_from_slice(&bytes[OFF_DATA..OFF_PREV_TS]);
+    let undo = &bytes[OFF_UNDO..OFF_SEQ_END];
+    let count = usize::from(u16::from_le_bytes([undo[0], undo[1]]));
+    let mut at = 2;
+    for _ in 0..count {
+        let Some(head) = undo.get(at..at + 4) else {
+            return Judgement::Newer;
+        };
+        let offset = usize::from(u16::from_le_bytes([head[0], head[1]]));
+        let len = usize::from(u16::from_le_bytes([head[2], head[3]]));
+        let (Some(run), Some(target)) = (
+            undo.get(at + 4..at + 4 + len),
+            data.get_mut(offset..offset + len),
+        ) else {
+            return Judgement::Newer;
+        };
+        target.copy_from_slice(run);
+        at += 4 + len;
+    }
+    Judgement::AcceptPrevious {
+        version_ts,
+        data: Some(data),
+        newer_ts,
     }
 }
 
@@ -232,15 +372,34 @@ impl PublishedTable {
         let Some((ts, data)) = contents() else {
             return;
         };
+        self.write_slot(page, ts, data.as_deref(), &Previous::Unknown);
+    }
+
+    /// [`PublishedTable::publish_with`] whose `contents` also describes the version before
+    /// the newest (read under the same lock, so it is the one below the newest in that store).
+    pub fn publish_with_previous(
+        &self,
+        page: u64,
+        contents: impl FnOnce() -> Option<(u64, Option<Box<[u8; PAGE_BYTES]>>, Previous)>,
+    ) {
+        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((ts, data, previous)) = contents() else {
+            return;
+        };
+        self.write_slot(page, ts, data.as_deref(), &previous);
+    }
+
+    /// Writes one slot's image; the caller holds `writer`.
+    fn write_slot(&self, page: u64, ts: u64, data: Option<&[u8; PAGE_BYTES]>, previous: &Previous) {
         let slot = slot_of(page, self.slots);
         // SAFETY: `slot < slots`, so the slot lies inside the buffer; the buffer's pointer is
         // 4096-aligned and SLOT_BYTES a multiple of 8, so the word is aligned; only writers
-        // (serialised by `writer`) change it.
+        // (serialised by `writer`, which the caller holds) change it.
         let at = unsafe { self.buf.as_ptr().add(slot * SLOT_BYTES) };
         // SAFETY: as above.
         let old = unsafe { std::ptr::read_volatile(at.cast::<u64>()) };
         let seq = (old | 1) + 1;
-        let image = encode_slot(seq, page, ts, data.as_deref());
+        let image = encode_slot_with(seq, page, ts, data, previous);
         // SAFETY: the slot lies in the buffer (above); the image is a distinct allocation.
         unsafe {
             std::ptr::write_volatile(at.cast::<u64>(), old | 1);
@@ -393,6 +552,64 @@ mod tests {
         let mut flipped = encode_slot(2, 40, 0, Some(&page_of(0)));
         flipped[OFF_FLAGS] = VACANT as u8;
         assert_eq!(judge(&flipped, 40, 0), Judgement::Torn);
+    }
+
+    #[test]
+    fn a_slot_describes_the_version_before_its_newest_for_older_snapshots() {
+        let older = page_of(1);
+        let mut newer = page_of(1);
+        newer[100..108].copy_from_slice(&[9; 8]);
+        newer[4095] = 7;
+        let previous = Previous::between(3, &older, &newer);
+        assert!(matches!(&previous, Previous::Undo { ts: 3, runs } if runs.len() == 2));
+        let table = PublishedTable::new(8).expect("table");
+        table.publish_with_previous(77, || Some((8, Some(newer.clone()), previous.clone())));
+        let image = table.copy_slot(slot_of(77, 8)).expect("slot");
+        assert_eq!(
+            judge(&image, 77, 8),
+            Judgement::Accept {
+                version_ts: 8,
+                data: Some(newer.clone())
+            }
+        );
+        for snapshot in [3, 5, 7] {
+            assert_eq!(
+                judge(&image, 77, snapshot),
+                Judgement::AcceptPrevious {
+                    version_ts: 3,
+                    data: Some(older.clone()),
+                    newer_ts: 8
+                }
+            );
+        }
+        assert_eq!(judge(&image, 77, 2), Judgement::Newer);
+        // The newest is the first version: below it, zeros.
+        let first = encode_slot_with(2, 77, 8, Some(&newer), &Previous::NoVersion);
+        assert_eq!(
+            judge(&first, 77, 2),
+            Judgement::AcceptPrevious {
+                version_ts: 0,
+                data: None,
+                newer_ts: 8
+            }
+        );
+        // Too different to fit, not described, or not below the newest: ask the home.
+        assert_eq!(
+            Previous::between(3, &page_of(1), &page_of(2)),
+            Previous::Unknown
+        );
+        let unknown = encode_slot_with(2, 77, 8, Some(&newer), &Previous::Unknown);
+        assert_eq!(judge(&unknown, 77, 5), Judgement::Newer);
+        let not_below = Previous::Undo {
+            ts: 8,
+            runs: Vec::new(),
+        };
+        let odd = encode_slot_with(2, 77, 8, Some(&newer), &not_below);
+        assert_eq!(judge(&odd, 77, 5), Judgement::Newer);
+        // The undo runs are covered by the check word.
+        let mut flipped = encode_slot_with(2, 77, 8, Some(&newer), &previous);
+        flipped[OFF_UNDO + 7] ^= 1;
+        assert_eq!(judge(&flipped, 77, 5), Judgement::Torn);
     }
 
     #[test]
