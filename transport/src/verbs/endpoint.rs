@@ -1019,7 +1019,32 @@ impl Endpoint {
         len: usize,
         tag: u64,
     ) -> Result<u64, VerbsError> {
-        self.data.check("RDMA READ target", local_offset, len)?;
+        let (local, remote) =
+            self.one_sided("RDMA READ into", remote, local_offset, remote_offset, len)?;
+        let wr_id = CompletionKind::Send.wr_id(tag);
+        self.post_send_raw(
+            wr_id,
+            sys::ibv_send_flags::IBV_SEND_SIGNALED.0 as c_uint,
+            sys::ibv_wr_opcode::IBV_WR_RDMA_READ,
+            local,
+            Some(remote),
+        )?;
+        Ok(wr_id)
+    }
+
+    /// The local (address, length, lkey) and remote (address, rkey) ends of a one-sided
+    /// operation of `len` bytes between `local_offset` of the data region and `remote_offset`
+    /// of `remote`, both checked to lie inside their regions.
+    #[allow(clippy::type_complexity)]
+    fn one_sided(
+        &self,
+        what: &'static str,
+        remote: RemoteRegion,
+        local_offset: usize,
+        remote_offset: u64,
+        len: usize,
+    ) -> Result<((u64, u32, u32), (u64, u32)), VerbsError> {
+        self.data.check(what, local_offset, len)?;
         if remote_offset
             .checked_add(len as u64)
             .is_none_or(|end| end > remote.len)
@@ -1032,24 +1057,17 @@ impl Endpoint {
             });
         }
         let len32 = u32::try_from(len).map_err(|_| VerbsError::OutOfBounds {
-            what: "RDMA READ length",
-            offset: 0,
+            what,
+            offset: local_offset as u64,
             len: len as u64,
             size: u64::from(u32::MAX),
         })?;
-        let wr_id = CompletionKind::Send.wr_id(tag);
-        self.post_send_raw(
-            wr_id,
-            sys::ibv_send_flags::IBV_SEND_SIGNALED.0 as c_uint,
-            sys::ibv_wr_opcode::IBV_WR_RDMA_READ,
-            (
-                self.data.addr() + local_offset as u64,
-                len32,
-                self.data.lkey(),
-            ),
-            Some((remote.addr + remote_offset, remote.rkey)),
-        )?;
-        Ok(wr_id)
+        let local = (
+            self.data.addr() + local_offset as u64,
+            len32,
+            self.data.lkey(),
+        );
+        Ok((local, (remote.addr + remote_offset, remote.rkey)))
     }
 
     /// Posts an RDMA WRITE with immediate of `len` bytes at `local_offset` of the local data
@@ -1066,25 +1084,9 @@ impl Endpoint {
         signalled: bool,
         tag: u64,
     ) -> Result<u64, VerbsError> {
-        let remote = self.connected_peer()?;
-        self.data.check("RDMA WRITE source", local_offset, len)?;
-        if remote_offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > remote.len)
-        {
-            return Err(VerbsError::OutOfBounds {
-                what: "the peer's region",
-                offset: remote_offset,
-                len: len as u64,
-                size: remote.len,
-            });
-        }
-        let len32 = u32::try_from(len).map_err(|_| VerbsError::OutOfBounds {
-            what: "RDMA WRITE length",
-            offset: 0,
-            len: len as u64,
-            size: u64::from(u32::MAX),
-        })?;
+        let peer = self.connected_peer()?;
+        let (local, remote) =
+            self.one_sided("RDMA WRITE from", peer, local_offset, remote_offset, len)?;
         let flags = if signalled {
             sys::ibv_send_flags::IBV_SEND_SIGNALED.0
         } else {
@@ -1095,12 +1097,8 @@ impl Endpoint {
             wr_id,
             flags as c_uint,
             sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
-            (
-                self.data.addr() + local_offset as u64,
-                len32,
-                self.data.lkey(),
-            ),
-            Some((remote.addr + remote_offset, remote.rkey)),
+            local,
+            Some(remote),
         )?;
         Ok(wr_id)
     }
@@ -1403,35 +1401,8 @@ impl Endpoint {
         } else {
             "RDMA WRITE from"
         };
-        self.data.check(what, local_offset, len)?;
-        if remote_offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > remote.len)
-        {
-            return Err(VerbsError::OutOfBounds {
-                what: "the peer's region",
-                offset: remote_offset,
-                len: len as u64,
-                size: remote.len,
-            });
-        }
-        let len32 = u32::try_from(len).map_err(|_| VerbsError::OutOfBounds {
-            what,
-            offset: local_offset as u64,
-            len: len as u64,
-            size: u32::MAX as u64,
-        })?;
-        let local = (
-            self.data.addr() + local_offset as u64,
-            len32,
-            self.data.lkey(),
-        );
-        let wr_id = self.post_send(
-            kind,
-            opcode,
-            local,
-            Some((remote.addr + remote_offset, remote.rkey)),
-        )?;
+        let (local, remote) = self.one_sided(what, remote, local_offset, remote_offset, len)?;
+        let wr_id = self.post_send(kind, opcode, local, Some(remote))?;
         self.wait_for(kind, wr_id)
     }
 

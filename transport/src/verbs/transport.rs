@@ -198,7 +198,7 @@ impl Default for VerbsConfig {
     fn default() -> Self {
         VerbsConfig {
             endpoint: EndpointConfig {
-                // One RDMA READ target per peer for now: the page-read path does not use it.
+                // A floor: `data_region_bytes` makes room for the READ targets and both rings.
                 region_bytes: 4096,
                 message_bytes: 16 * 1024,
                 receive_slots: 32,
