@@ -1219,7 +1219,7 @@ struct PendingRead {
     feed_ts: u64,
     receiver: Receiver<SlotBytes>,
     /// The READ goes to one of the page's holders from the start (its home or an original
-    /// backup), which installed and published every version of it: an empty slot there means
+    /// backup), which installed and published every version of it: a vacant slot there means
     /// the page has none (see `finish_read`).
     from_original_holder: bool,
 }

@@ -26,7 +26,8 @@
 //! of the same size in its own region, so neither ring is overwritten while in use.
 //!
 //! Flow control: the receiver keeps `receive_slots` receives posted; a sender starts with that
-//! many credits and spends one per SEND. The receiver reposts a slot when it has decoded it and
+//! many credits and spends one per piece (a SEND, or a WRITE with immediate, which consumes a
+//! receive too). The receiver reposts a slot when it has decoded it and
 //! returns the credit piggybacked on its next SEND, or in a credit-only SEND (no stream bytes)
 //! once half the ring is owed and nothing else flows. A data SEND needs two credits and a
 //! credit-only SEND one, so the last credit is kept for returning credits: the two sides can
@@ -45,9 +46,9 @@
 //!
 //! Page reads: each node may publish a table of page versions ([`published`]), registered
 //! once, in the protection domain every peer's endpoint shares ([`Domain`]), for remote READ;
-//! its address, rkey and slot count follow
-//! the queue pair information over the bootstrap socket. [`VerbsTransport::read_published`]
-//! queues one RDMA READ of a slot; the I/O thread posts it (signalled, into one of
+//! its address, rkey and slot count follow the queue pair information over the bootstrap
+//! socket. [`VerbsTransport::read_published`] queues one RDMA READ of a slot; the I/O
+//! thread posts it (signalled, into one of
 //! `READ_TARGETS` parts of the peer endpoint's region, counted against the send queue like a
 //! SEND) and hands the bytes back when the READ's completion (or a later one) passes it.
 //!
@@ -86,7 +87,7 @@ const STOP_ABORT: u8 = 2;
 const LIVE: u8 = 0;
 const GONE: u8 = 1;
 
-/// Bytes of the credit header of every SEND.
+/// Bytes of the header of every piece (SEND or WRITE): credits and write-ring bytes returned.
 const CREDIT_BYTES: usize = 8;
 /// How long a closed bootstrap socket waits for the Goodbye still in the verbs stream.
 const EOF_GRACE: Duration = Duration::from_millis(500);
