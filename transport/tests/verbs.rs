@@ -528,6 +528,11 @@ fn mesh_of_three(config: VerbsConfig, check: impl Fn(&verbs::VerbsCounters)) {
         }
         let v = t.verbs_counters();
         check(&v);
+        // Pieces go in chains, one `ibv_post_send` for several work requests.
+        assert!(
+            v.send_chains > 0 && v.send_chains < v.work_requests_posted,
+            "{v:?}"
+        );
         // Selective signalling: about one completion per `signal_every` SENDs.
         assert!(
             v.signalled_completions * 3 < v.work_requests_posted,

@@ -35,6 +35,18 @@ use super::device::{errno_of, mtu_bytes, DeviceList, Gid, RawContext};
 use super::published::PublishedTable;
 use super::{NoRdma, VerbsError};
 
+/// A work request for the send queue, before it is posted.
+#[derive(Clone, Copy, Debug)]
+struct SendRequest {
+    wr_id: u64,
+    send_flags: c_uint,
+    opcode: sys::ibv_wr_opcode::Type,
+    /// Address, length and lkey of the one scatter entry.
+    local: (u64, u32, u32),
+    /// Remote address and rkey (one-sided operations).
+    remote: Option<(u64, u32)>,
+}
+
 /// What a completed receive brought.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
@@ -708,6 +720,8 @@ pub struct Endpoint {
     /// Completed receives not yet taken: (slot, bytes, whether an RDMA WRITE with immediate
     /// consumed it rather than a SEND).
     received: VecDeque<(u32, u32, bool)>,
+    /// Work requests queued between `begin_chain` and `flush_chain`.
+    chain: Option<Vec<SendRequest>>,
     next_wr: u64,
     broken: bool,
     /// Inline bytes the queue pair granted.
@@ -933,6 +947,7 @@ impl Endpoint {
             psn: random_psn(),
             peer: None,
             received: VecDeque::new(),
+            chain: None,
             next_wr: 0,
             broken: false,
             max_inline,
@@ -1273,27 +1288,91 @@ impl Endpoint {
         if self.broken {
             return Err(VerbsError::QpInError);
         }
-        let mut sge = sys::ibv_sge {
-            addr: local.0,
-            length: local.1,
-            lkey: local.2,
+        let request = SendRequest {
+            wr_id,
+            send_flags,
+            opcode,
+            local,
+            remote,
         };
-        // SAFETY: ibv_send_wr is a C struct of integers, pointers and unions of those; all
-        // zeros is valid (NULL next, no immediate).
-        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
-        wr.wr_id = wr_id;
-        wr.sg_list = &mut sge;
-        wr.num_sge = 1;
-        wr.opcode = opcode;
-        wr.send_flags = send_flags;
-        if let Some((remote_addr, rkey)) = remote {
-            wr.wr.rdma = sys::rdma_t { remote_addr, rkey };
+        match &mut self.chain {
+            Some(chain) => chain.push(request),
+            None => self.post_requests(&[request])?,
+        }
+        Ok(())
+    }
+
+    /// From here until [`Endpoint::flush_chain`], `post_message`, `post_write_imm` and
+    /// `post_read` queue their work requests instead of posting them, so that the flush hands
+    /// them to the queue pair in one `ibv_post_send` (one doorbell), in the same order. The
+    /// caller keeps their buffers unchanged until then, as it must until completion anyway.
+    /// The blocking operations (`send`, `read`, `write`) must not be used meanwhile: they
+    /// would wait for a request still in the chain.
+    pub fn begin_chain(&mut self) {
+        self.chain.get_or_insert_with(Vec::new);
+    }
+
+    /// Posts the work requests queued since [`Endpoint::begin_chain`] as one linked list and
+    /// ends the chain; how many.
+    pub fn flush_chain(&mut self) -> Result<usize, VerbsError> {
+        let chain = self.chain.take().unwrap_or_default();
+        if chain.is_empty() {
+            return Ok(0);
+        }
+        if self.broken {
+            return Err(VerbsError::QpInError);
+        }
+        self.post_requests(&chain)?;
+        Ok(chain.len())
+    }
+
+    /// One `ibv_post_send` of `requests`, linked in order.
+    fn post_requests(&mut self, requests: &[SendRequest]) -> Result<(), VerbsError> {
+        let mut sges: Vec<sys::ibv_sge> = requests
+            .iter()
+            .map(|r| sys::ibv_sge {
+                addr: r.local.0,
+                length: r.local.1,
+                lkey: r.local.2,
+            })
+            .collect();
+        let mut wrs: Vec<sys::ibv_send_wr> = requests
+            .iter()
+            .map(|r| {
+                // SAFETY: ibv_send_wr is a C struct of integers, pointers and unions of those;
+                // all zeros is valid (NULL next, no immediate).
+                let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+                wr.wr_id = r.wr_id;
+                wr.num_sge = 1;
+                wr.opcode = r.opcode;
+                wr.send_flags = r.send_flags;
+                if let Some((remote_addr, rkey)) = r.remote {
+                    wr.wr.rdma = sys::rdma_t { remote_addr, rkey };
+                }
+                wr
+            })
+            .collect();
+        // Both vectors are complete: their elements do not move any more, so pointers into
+        // them stay valid across the call below.
+        let sge_base = sges.as_mut_ptr();
+        let wr_base = wrs.as_mut_ptr();
+        for (i, wr) in wrs.iter_mut().enumerate() {
+            // SAFETY: `i < sges.len()` (one scatter entry per request), so the pointer stays
+            // inside the vector.
+            wr.sg_list = unsafe { sge_base.add(i) };
+            if i + 1 < requests.len() {
+                // SAFETY: `i + 1 < wrs.len()`: the next request of the same vector.
+                wr.next = unsafe { wr_base.add(i + 1) };
+            }
         }
         let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
-        // SAFETY: the QP is alive; `wr` and `sge` live across the call (the provider copies
-        // them into its queue, and inline data out of the buffer); the local range was checked
-        // to lie in a registered region. ibv_post_send returns the error number directly.
-        let rc = unsafe { sys::ibv_post_send(self.qp.qp.as_ptr(), &mut wr, &mut bad) };
+        // SAFETY: the QP is alive; the linked requests and their scatter entries live in
+        // `wrs` and `sges` across the call (the provider copies them into its queue, and
+        // inline data out of the buffers); every local range was checked to lie in a
+        // registered region. ibv_post_send returns the error number directly; on an error
+        // the requests from `bad` on were not posted, and the endpoint is abandoned (a lost
+        // peer) by every caller.
+        let rc = unsafe { sys::ibv_post_send(self.qp.qp.as_ptr(), wr_base, &mut bad) };
         if rc != 0 {
             return Err(call_error("ibv_post_send", rc));
         }

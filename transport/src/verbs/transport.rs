@@ -274,6 +274,9 @@ pub struct VerbsCounters {
     pub rdma_reads: u64,
     /// RDMA WRITEs with immediate posted (stream pieces larger than a SEND).
     pub rdma_writes: u64,
+    /// `ibv_post_send` calls that posted stream pieces: each a chain of every piece one turn
+    /// of the I/O thread had for a peer.
+    pub send_chains: u64,
     /// Stream bytes carried by those WRITEs (headers excluded).
     pub bytes_written: u64,
     /// Receive completions taken (each reposted).
@@ -316,6 +319,7 @@ struct AtomicCounters {
     credit: AtomicU64,
     signalled: AtomicU64,
     reads: AtomicU64,
+    chains: AtomicU64,
     writes: AtomicU64,
     written: AtomicU64,
     receives: AtomicU64,
@@ -804,6 +808,7 @@ impl VerbsTransport {
             signalled_completions: v.signalled.load(Ordering::Relaxed),
             rdma_reads: v.reads.load(Ordering::Relaxed),
             rdma_writes: v.writes.load(Ordering::Relaxed),
+            send_chains: v.chains.load(Ordering::Relaxed),
             bytes_written: v.written.load(Ordering::Relaxed),
             receives: v.receives.load(Ordering::Relaxed),
         }
@@ -1274,7 +1279,7 @@ impl IoThread {
         let v = &self.shared.verbs;
         tracing::info!(
             node = self.shared.rank,
-            "rdma-verbs transport closed: work requests posted {}, inline sends {}, credit messages {}, signalled completions {}, receives {}, RDMA READs {}, RDMA WRITEs {} ({} bytes)",
+            "rdma-verbs transport closed: work requests posted {}, inline sends {}, credit messages {}, signalled completions {}, receives {}, RDMA READs {}, RDMA WRITEs {} ({} bytes), posts of chained pieces {}",
             v.posted.load(Ordering::Relaxed),
             v.inline.load(Ordering::Relaxed),
             v.credit.load(Ordering::Relaxed),
@@ -1283,6 +1288,7 @@ impl IoThread {
             v.reads.load(Ordering::Relaxed),
             v.writes.load(Ordering::Relaxed),
             v.written.load(Ordering::Relaxed),
+            v.chains.load(Ordering::Relaxed),
         );
     }
 
@@ -1446,7 +1452,9 @@ impl IoThread {
             }
         }
 
-        // Sends.
+        // Sends: every piece of this turn (and a credit-only SEND) goes to the queue pair in
+        // one chain of work requests, one doorbell.
+        link.endpoint.begin_chain();
         let mut posted_bytes = 0u64;
         loop {
             if link.send_off >= link.sending.len() {
@@ -1515,6 +1523,14 @@ impl IoThread {
             link.ring.to_return = 0;
             link.credits -= 1;
             progress = true;
+        }
+        if link
+            .endpoint
+            .flush_chain()
+            .map_err(|e| End::Lost(rdma_loss(&e)))?
+            > 0
+        {
+            shared.verbs.chains.fetch_add(1, Ordering::Relaxed);
         }
 
         // The liveness channel.
