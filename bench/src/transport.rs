@@ -4,14 +4,18 @@
 //! - round trip of a small request and its answer (what a commit message costs);
 //! - page fetch: a request answered with one 4 KiB page (what `Msg::Read` costs), one at a time
 //!   for latency, then `WINDOW` outstanding for throughput;
-//! - one-way message rate of small messages.
+//! - one-way message rate of small messages;
+//! - over RDMA, page fetch by one RDMA READ of the home's published slot, landing in a page of
+//!   the reader's pool (what a remote page fetch costs there, with no CPU of the home), one at
+//!   a time and `WINDOW` outstanding.
 //!
 //! Under emulation (soft-RoCE in a QEMU guest) the RDMA figures mean nothing; the verbs counts
 //! printed with them (work requests, signalled completions and inline sends per operation) do
 //! carry over to hardware.
 
+use dvm_numa::{PageBox, PagePool, Topology};
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
-use dvm_transport::verbs::{self, VerbsConfig, VerbsCounters, VerbsTransport};
+use dvm_transport::verbs::{self, published, SlotRead, VerbsConfig, VerbsCounters, VerbsTransport};
 use dvm_transport::{Event, NodeId, Transport, PAGE_BYTES};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -249,10 +253,75 @@ fn measure_from_node_0(pair: &Pair, sizes: Sizes) -> Result<Vec<String>, String>
         }
         _ => cells.extend(["-", "-", "-", "-"].map(String::from)),
     }
+    match pair {
+        Pair::Verbs(nodes) => cells.extend(read_fetches(nodes, sizes.pages)?),
+        Pair::Tcp(_) => cells.extend(["-", "-", "-", "-"].map(String::from)),
+    }
     Ok(cells)
 }
 
-const ROWS: [&str; 11] = [
+/// Page fetches by RDMA READ: node 1 publishes one page, node 0 READs its slot `n` times one
+/// at a time, then `n` times with `WINDOW` outstanding, each landing in a page of a pool.
+/// Cells: median and p99 µs, pages per second, work requests per fetch.
+fn read_fetches(nodes: &[VerbsTransport], n: usize) -> Result<Vec<String>, String> {
+    const PAGE: u64 = 0x4_0000;
+    let table = nodes[1].table().ok_or("node 1 publishes no page table")?;
+    table.publish_with(PAGE, || Some((1, Some(Box::new([0x5a; PAGE_BYTES])))));
+    let pool = PagePool::new(&Topology::detect(), 0, 2 << 20).map_err(|e| e.to_string())?;
+    let before = nodes[0].verbs_counters();
+    let start = |landing: PageBox| {
+        nodes[0]
+            .read_published(1, PAGE, Some(landing))
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "node 1 publishes no page table".to_string())
+    };
+    let finish = |receiver: std::sync::mpsc::Receiver<SlotRead>| -> Result<(), String> {
+        let read = receiver
+            .recv_timeout(STALL)
+            .map_err(|_| "an RDMA READ did not complete".to_string())?;
+        let mut page = read.page.ok_or("the landing page did not come back")?;
+        match published::judge_in_place(&read.bytes, &mut page, PAGE, u64::MAX) {
+            published::Verdict::Accept { .. } => Ok(()),
+            other => Err(format!("the published slot read as {other:?}")),
+        }
+    };
+    let alloc = || pool.alloc_zeroed().map_err(|e| e.to_string());
+    let mut micros = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        finish(start(alloc()?)?)?;
+        micros.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    micros.sort_by(f64::total_cmp);
+    let started = Instant::now();
+    let mut in_flight = std::collections::VecDeque::with_capacity(WINDOW);
+    for _ in 0..n {
+        if in_flight.len() == WINDOW {
+            if let Some(oldest) = in_flight.pop_front() {
+                finish(oldest)?;
+            }
+        }
+        in_flight.push_back(start(alloc()?)?);
+    }
+    for receiver in in_flight {
+        finish(receiver)?;
+    }
+    let pages_per_s = n as f64 / started.elapsed().as_secs_f64();
+    let after = nodes[0].verbs_counters();
+    let fetches = (2 * n) as f64;
+    Ok(vec![
+        format!("{:.1}", percentile(&micros, 0.5)),
+        format!("{:.1}", percentile(&micros, 0.99)),
+        format!("{pages_per_s:.0}"),
+        format!(
+            "{:.2} ({:.2} landed in the pool page)",
+            (after.rdma_reads - before.rdma_reads) as f64 / fetches,
+            (after.reads_landed - before.reads_landed) as f64 / fetches
+        ),
+    ])
+}
+
+const ROWS: [&str; 15] = [
     "small request round trip, median µs",
     "small request round trip, p99 µs",
     "page fetch (request + 4 KiB answer), median µs",
@@ -264,6 +333,10 @@ const ROWS: [&str; 11] = [
     "signalled completions per operation, node 0",
     "inline SENDs per operation, node 0",
     "RDMA WRITEs (stream pieces larger than a SEND) per operation, node 0",
+    "page fetch by one RDMA READ into a pool page, median µs",
+    "page fetch by RDMA READ, p99 µs",
+    "page fetches by RDMA READ per second, 64 outstanding",
+    "RDMA READs per page fetch",
 ];
 
 /// Runs every transport this host can build and prints the table.

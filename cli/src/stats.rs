@@ -105,10 +105,12 @@ fn worker_detail(out: &mut String, w: &WorkerInfo) {
 fn verbs_json(verbs: Option<VerbsRow>) -> String {
     verbs.map_or_else(String::new, |v| {
         format!(
-            ", \"verbs\": {{\"work_requests\": {}, \"signalled_completions\": {}, \"rdma_reads\": {}, \"rdma_writes\": {}, \"bytes_written\": {}, \"read_retries\": {}, \"read_hits\": {}, \"read_zeros\": {}, \"read_previous\": {}, \"read_fallbacks\": {}, \"page_read_messages\": {}}}",
+            ", \"verbs\": {{\"work_requests\": {}, \"signalled_completions\": {}, \"rdma_reads\": {}, \"reads_landed\": {}, \"chunks_registered\": {}, \"rdma_writes\": {}, \"bytes_written\": {}, \"read_retries\": {}, \"read_hits\": {}, \"read_zeros\": {}, \"read_previous\": {}, \"read_fallbacks\": {}, \"page_read_messages\": {}}}",
             v.work_requests,
             v.signalled_completions,
             v.rdma_reads,
+            v.reads_landed,
+            v.chunks_registered,
             v.rdma_writes,
             v.bytes_written,
             v.read_retries,
@@ -269,10 +271,12 @@ pub fn table(report: &Report, nodes: &[NodeRow]) -> String {
             if let Some(v) = n.verbs {
                 let _ = writeln!(
                     out,
-                    "              rdma verbs: {} work requests, {} signalled completions, {} RDMA READs ({} retries after a torn read), {} RDMA WRITEs ({} bytes); page fetches: {} by READ ({} of never-written pages, {} of a previous version), {} READs not usable, {} by message to the home",
+                    "              rdma verbs: {} work requests, {} signalled completions, {} RDMA READs ({} into pool pages over {} registered chunks, {} retries after a torn read), {} RDMA WRITEs ({} bytes); page fetches: {} by READ ({} of never-written pages, {} of a previous version), {} READs not usable, {} by message to the home",
                     v.work_requests,
                     v.signalled_completions,
                     v.rdma_reads,
+                    v.reads_landed,
+                    v.chunks_registered,
                     v.read_retries,
                     v.rdma_writes,
                     v.bytes_written,
@@ -341,12 +345,14 @@ mod tests {
             rdma_writes: base + 9,
             bytes_written: base + 10,
             read_previous: base + 11,
+            reads_landed: base + 12,
+            chunks_registered: base + 13,
         };
         let nodes = [node(0, Some(verbs(10))), node(1, Some(verbs(20)))];
         let json = json(&report(), &nodes);
         assert!(
             json.contains("\"rank\": 1,") && json.contains(
-                "\"verbs\": {\"work_requests\": 21, \"signalled_completions\": 22, \"rdma_reads\": 23, \"rdma_writes\": 29, \"bytes_written\": 30, \"read_retries\": 24, \"read_hits\": 25, \"read_zeros\": 28, \"read_previous\": 31, \"read_fallbacks\": 26, \"page_read_messages\": 27}"
+                "\"verbs\": {\"work_requests\": 21, \"signalled_completions\": 22, \"rdma_reads\": 23, \"reads_landed\": 32, \"chunks_registered\": 33, \"rdma_writes\": 29, \"bytes_written\": 30, \"read_retries\": 24, \"read_hits\": 25, \"read_zeros\": 28, \"read_previous\": 31, \"read_fallbacks\": 26, \"page_read_messages\": 27}"
             ),
             "{json}"
         );
@@ -354,7 +360,7 @@ mod tests {
         let table = table(&report(), &nodes);
         assert!(
             table.contains(
-                "rdma verbs: 11 work requests, 12 signalled completions, 13 RDMA READs (14 retries after a torn read), 19 RDMA WRITEs (20 bytes); page fetches: 15 by READ (18 of never-written pages, 21 of a previous version), 16 READs not usable, 17 by message to the home"
+                "rdma verbs: 11 work requests, 12 signalled completions, 13 RDMA READs (22 into pool pages over 23 registered chunks, 14 retries after a torn read), 19 RDMA WRITEs (20 bytes); page fetches: 15 by READ (18 of never-written pages, 21 of a previous version), 16 READs not usable, 17 by message to the home"
             ),
             "{table}"
         );

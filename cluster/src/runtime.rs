@@ -27,7 +27,7 @@ use crate::node::{home_of, Done, Node, NodeConfig, NodeId};
 use crate::rendezvous::{local_host_name, rendezvous_on, Preflight, RendezvousError};
 use dvm_engine::backend::{Apply, Backend, Control, Finishing};
 use dvm_engine::image::LoadedImage;
-use dvm_engine::page::{MemoryLimit, Page, PageSource};
+use dvm_engine::page::{MemoryLimit, Page, PageSource, Reserved};
 use dvm_engine::report::{decode_ended, decode_task, encode_ended, encode_task};
 use dvm_engine::runner::{Outcome, Task};
 use dvm_engine::sched::Executor;
@@ -40,8 +40,8 @@ use dvm_engine::vm::{Config, Machine, MachineParts, Report, Resources, RunError,
 use dvm_perf::phase::{Phase, TimeSplit};
 use dvm_transport::tcp::{TcpConfig, TcpTransport};
 use dvm_transport::verbs::memlock::{registered_bytes, LockLimit};
-use dvm_transport::verbs::published::{self, Judgement};
-use dvm_transport::verbs::{Chosen, SlotBytes, VerbsConfig, VerbsTransport};
+use dvm_transport::verbs::published::{self, Verdict};
+use dvm_transport::verbs::{Chosen, SlotRead, VerbsConfig, VerbsTransport};
 use dvm_transport::{Event, PeerCounters, Transport, TransportError};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
@@ -239,6 +239,11 @@ pub struct VerbsRow {
     pub signalled_completions: u64,
     /// RDMA READs posted (published page slots).
     pub rdma_reads: u64,
+    /// Those whose page bytes landed in a page of this node's pool directly (a registered
+    /// chunk), with no copy.
+    pub reads_landed: u64,
+    /// Page pool chunks registered for READs to land in (each once).
+    pub chunks_registered: u64,
     /// RDMA WRITEs with immediate posted: pieces of the message stream larger than a SEND
     /// (prepares with their page deltas, page answers, histories copied to new holders).
     pub rdma_writes: u64,
@@ -1181,15 +1186,15 @@ fn publish_loaded(runtime: &Runtime) {
 }
 
 /// What a READ's slot showed, for logs.
-fn judgement_name(j: &Judgement) -> &'static str {
-    match j {
-        Judgement::Accept { .. } => "accept",
-        Judgement::AcceptPrevious { .. } => "accept the previous version",
-        Judgement::Empty => "empty",
-        Judgement::Vacant => "vacant at a holder that joined after a loss",
-        Judgement::Torn => "torn twice",
-        Judgement::OtherPage => "another page",
-        Judgement::Newer => "newer than the snapshot",
+fn verdict_name(v: &Verdict) -> &'static str {
+    match v {
+        Verdict::Accept { .. } => "accept",
+        Verdict::AcceptPrevious { .. } => "accept the previous version",
+        Verdict::Empty => "empty",
+        Verdict::Vacant => "vacant at a holder that joined after a loss",
+        Verdict::Torn => "torn twice",
+        Verdict::OtherPage => "another page",
+        Verdict::Newer => "newer than the snapshot",
     }
 }
 
@@ -1217,7 +1222,9 @@ type Contents = Option<Box<[u8; dvm_engine::page::PAGE_BYTES]>>;
 /// An RDMA READ of a published slot in flight, and the change feed's horizon when it was posted.
 struct PendingRead {
     feed_ts: u64,
-    receiver: Receiver<SlotBytes>,
+    receiver: Receiver<SlotRead>,
+    /// The count of the page lent to the READ (it lands there), until it is kept.
+    reserved: Reserved,
     /// The READ goes to one of the page's holders from the start (its home or an original
     /// backup), which installed and published every version of it: a vacant slot there means
     /// the page has none (see `finish_read`).
@@ -1269,7 +1276,7 @@ impl ClusterReader {
             match receiver.and_then(|r| self.finish_read(page, snapshot_ts, r)) {
                 Some((version_ts, valid_to, data)) => {
                     rt.remote_reads.fetch_add(1, Ordering::Relaxed);
-                    let _ = self.keep(page, version_ts, valid_to, data);
+                    self.keep(page, version_ts, valid_to, data);
                 }
                 None => wanted.push(page),
             }
@@ -1303,7 +1310,9 @@ impl ClusterReader {
             };
             rt.remote_reads.fetch_add(1, Ordering::Relaxed);
             // Out of page memory: the runner will ask again, and fault if it must.
-            let _ = self.keep(key, version_ts, valid_to, data);
+            if let Ok(data) = self.page_of(data) {
+                self.keep(key, version_ts, valid_to, data);
+            }
         }
     }
 
@@ -1328,12 +1337,18 @@ impl ClusterReader {
         };
         let ring = crate::view::ring_from(start, rt.world, rt.replicas, lost);
         let home = *ring.first()?;
-        let receiver = verbs.read_published(home as u32, page).ok().flatten()?;
+        // The READ lands in a page of this node's memory, which becomes the cached version.
+        let (landing, reserved) = rt.pages.lend().ok()?;
+        let receiver = verbs
+            .read_published(home as u32, page, Some(landing))
+            .ok()
+            .flatten()?;
         let from_original_holder =
             crate::view::ring_from(start, rt.world, rt.replicas, |_| false).contains(&home);
         Some(PendingRead {
             feed_ts,
             receiver,
+            reserved,
             from_original_holder,
         })
     }
@@ -1354,28 +1369,38 @@ impl ClusterReader {
         page: u64,
         snapshot_ts: u64,
         pending: PendingRead,
-    ) -> Option<(u64, u64, Contents)> {
+    ) -> Option<(u64, u64, Option<Page>)> {
         let rt = &self.runtime;
         let mut pending = pending;
         for attempt in 0..2 {
-            let Ok(bytes) = pending.receiver.recv_timeout(READ_WAIT) else {
+            let Ok(read) = pending.receiver.recv_timeout(READ_WAIT) else {
                 break;
             };
-            match published::judge(&bytes, page, snapshot_ts) {
-                Judgement::Accept { version_ts, data } => {
+            // Always given back: `start_read` lends one.
+            let Some(mut landing) = read.page else {
+                break;
+            };
+            let valid_from_feed = snapshot_ts.max(pending.feed_ts);
+            let verdict = published::judge_in_place(&read.bytes, &mut landing, page, snapshot_ts);
+            let contents =
+                |zeros: bool, reserved: Reserved| (!zeros).then(|| reserved.adopt(landing));
+            match verdict {
+                Verdict::Accept { version_ts, zeros } => {
                     rt.read_hits.fetch_add(1, Ordering::Relaxed);
-                    return Some((version_ts, snapshot_ts.max(pending.feed_ts), data));
+                    let data = contents(zeros, pending.reserved);
+                    return Some((version_ts, valid_from_feed, data));
                 }
                 // The version below the slot's newest, which lies above the snapshot: it is
                 // the one visible here by the same argument, and holds only below the newest.
-                Judgement::AcceptPrevious {
+                Verdict::AcceptPrevious {
                     version_ts,
-                    data,
+                    zeros,
                     newer_ts,
                 } => {
                     rt.read_hits.fetch_add(1, Ordering::Relaxed);
                     rt.read_previous.fetch_add(1, Ordering::Relaxed);
-                    let valid_to = snapshot_ts.max(pending.feed_ts).min(newer_ts - 1);
+                    let valid_to = valid_from_feed.min(newer_ts - 1);
+                    let data = contents(zeros, pending.reserved);
                     return Some((version_ts, valid_to, data));
                 }
                 // The home marked the slot vacant after publishing its loads, and replaces
@@ -1384,12 +1409,12 @@ impl ClusterReader {
                 // installed every version of the page, so none lies at or below the feed's
                 // horizon, as for an accepted slot: the page reads as zeros up to it. A holder
                 // that joined after a loss may still be waiting for its copies: ask.
-                Judgement::Vacant if pending.from_original_holder => {
+                Verdict::Vacant if pending.from_original_holder => {
                     rt.read_hits.fetch_add(1, Ordering::Relaxed);
                     rt.read_zeros.fetch_add(1, Ordering::Relaxed);
-                    return Some((0, snapshot_ts.max(pending.feed_ts), None));
+                    return Some((0, valid_from_feed, None));
                 }
-                Judgement::Torn if attempt == 0 => {
+                Verdict::Torn if attempt == 0 => {
                     rt.read_retries.fetch_add(1, Ordering::Relaxed);
                     match self.start_read(page) {
                         Some(again) => pending = again,
@@ -1400,7 +1425,7 @@ impl ClusterReader {
                     tracing::debug!(
                         page = format_args!("{:#x}", page << 12),
                         snapshot_ts,
-                        slot = judgement_name(&other),
+                        slot = verdict_name(&other),
                         "page READ not usable: asking the home"
                     );
                     break;
@@ -1411,24 +1436,26 @@ impl ClusterReader {
         None
     }
 
-    /// A home's answer as a page of this node's memory, cached for the snapshots it holds for.
+    /// A home's answer (`None`: zeros) as a page of this node's memory.
+    fn page_of(&self, data: Contents) -> Result<Option<Page>, MemoryLimit> {
+        let Some(bytes) = data else {
+            return Ok(None);
+        };
+        let mut page = self.runtime.pages.zeroed()?;
+        page.copy_from_slice(&bytes[..]);
+        Ok(Some(page))
+    }
+
+    /// A version of `key` (`None`: zeros), cached for the snapshots it holds for.
     fn keep(
         &self,
         key: PageKey,
         version_ts: u64,
         valid_to: u64,
-        data: Option<Box<[u8; dvm_engine::page::PAGE_BYTES]>>,
-    ) -> Result<Option<Arc<Page>>, MemoryLimit> {
-        let rt = &self.runtime;
-        let page = match data {
-            Some(bytes) => {
-                let mut page = rt.pages.zeroed()?;
-                page.copy_from_slice(&bytes[..]);
-                Some(Arc::new(page))
-            }
-            None => None,
-        };
-        lock(&rt.cache).insert(
+        page: Option<Page>,
+    ) -> Option<Arc<Page>> {
+        let page = page.map(Arc::new);
+        lock(&self.runtime.cache).insert(
             key,
             Cached {
                 version_ts,
@@ -1436,7 +1463,7 @@ impl ClusterReader {
                 page: page.clone(),
             },
         );
-        Ok(page)
+        page
     }
 }
 
@@ -1463,7 +1490,7 @@ impl PageRead for ClusterReader {
             .and_then(|receiver| self.finish_read(key, snapshot_ts, receiver))
         {
             rt.read_latency.record(started);
-            return self.keep(key, version_ts, valid_to, data);
+            return Ok(self.keep(key, version_ts, valid_to, data));
         }
         let req = rt.next_req.fetch_add(1, Ordering::Relaxed);
         let receiver = rt.waiter(Wait::Read(req));
@@ -1480,7 +1507,8 @@ impl PageRead for ClusterReader {
             return Err(MemoryLimit { limit_bytes: 0 });
         };
         rt.read_latency.record(started);
-        self.keep(key, version_ts, valid_to, data)
+        let data = self.page_of(data)?;
+        Ok(self.keep(key, version_ts, valid_to, data))
     }
 }
 
@@ -1561,7 +1589,7 @@ impl Control for ClusterControl {
 /// The row's words: 31 counters, a flag saying whether a time split follows, its phases, a flag
 /// saying whether verbs counters follow, and `VERBS_WORDS` of them.
 const ROW_WORDS: usize = 32 + Phase::COUNT + 1 + VERBS_WORDS;
-const VERBS_WORDS: usize = 11;
+const VERBS_WORDS: usize = 13;
 
 fn encode_row(row: &NodeRow) -> Vec<u8> {
     let s = &row.stats;
@@ -1612,6 +1640,8 @@ fn encode_row(row: &NodeRow) -> Vec<u8> {
         verbs.rdma_writes,
         verbs.bytes_written,
         verbs.read_previous,
+        verbs.reads_landed,
+        verbs.chunks_registered,
     ];
     words
         .iter()
@@ -1701,6 +1731,8 @@ fn decode_row(bytes: &[u8]) -> Option<NodeRow> {
                     rdma_writes: w[at + 9],
                     bytes_written: w[at + 10],
                     read_previous: w[at + 11],
+                    reads_landed: w[at + 12],
+                    chunks_registered: w[at + 13],
                 }),
                 _ => return None,
             }
@@ -1751,6 +1783,8 @@ impl Runtime {
                         work_requests: v.work_requests_posted,
                         signalled_completions: v.signalled_completions,
                         rdma_reads: v.rdma_reads,
+                        reads_landed: v.reads_landed,
+                        chunks_registered: v.chunks_registered,
                         rdma_writes: v.rdma_writes,
                         bytes_written: v.bytes_written,
                         read_retries: self.read_retries.load(Ordering::Relaxed),
@@ -2298,6 +2332,8 @@ mod tests {
                 work_requests: 40,
                 signalled_completions: 5,
                 rdma_reads: 30,
+                reads_landed: 28,
+                chunks_registered: 2,
                 rdma_writes: 6,
                 bytes_written: 70_000,
                 read_previous: 7,

@@ -228,6 +228,24 @@ impl PageSource {
         self.counted(self.pool.alloc_copy(from))
     }
 
+    /// A page lent to a device to fill (an RDMA READ of a remote version lands in it),
+    /// counted from now: [`Reserved::adopt`] makes it a [`Page`] once it holds a version worth
+    /// keeping; dropping the reservation without adopting gives the count back. Its bytes
+    /// are whatever the pool had (the device overwrites them all).
+    pub fn lend(&self) -> Result<(PageBox, Reserved), MemoryLimit> {
+        self.account.reserve()?;
+        let reserved = Reserved {
+            account: Arc::clone(&self.account),
+            adopted: false,
+        };
+        match self.pool.alloc_zeroed_recycled_first() {
+            Ok(bytes) => Ok((bytes, reserved)),
+            Err(_) => Err(MemoryLimit {
+                limit_bytes: self.account.limit_bytes(),
+            }),
+        }
+    }
+
     /// Wraps a page the account has reserved; gives the reservation back if the OS refused
     /// the memory (reported as the memory limit: the run cannot have more).
     fn counted(&self, bytes: Result<PageBox, dvm_numa::NumaError>) -> Result<Page, MemoryLimit> {
@@ -243,6 +261,33 @@ impl PageSource {
                     limit_bytes: self.account.limit_bytes(),
                 })
             }
+        }
+    }
+}
+
+/// One page counted in a run's account before it is a [`Page`] (see [`PageSource::lend`]).
+pub struct Reserved {
+    account: Arc<MemoryAccount>,
+    /// Set by `adopt`: the count then belongs to the page.
+    adopted: bool,
+}
+
+impl Reserved {
+    /// `bytes` (a page of the pool this reservation's source lent) as a counted page.
+    pub fn adopt(mut self, bytes: PageBox) -> Page {
+        self.adopted = true;
+        Page {
+            bytes,
+            account: Arc::clone(&self.account),
+            zeros_but: None,
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if !self.adopted {
+            self.account.live_pages.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

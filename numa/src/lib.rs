@@ -28,5 +28,5 @@ mod topology;
 pub use error::{NumaError, PinError};
 pub use memory::{NodeMemory, Placement};
 pub use pin::{current_thread_pus, pin_current_thread};
-pub use pool::{PageBox, PagePool, PoolStats, PAGE_BYTES};
+pub use pool::{ChunkLease, PageBox, PagePool, PoolStats, PAGE_BYTES};
 pub use topology::{Core, NumaNode, Topology, TopologySource, WorkerSlot};

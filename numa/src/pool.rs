@@ -115,6 +115,52 @@ pub struct PageBox {
     free_as_zeros: bool,
 }
 
+/// One chunk of a pool, kept mapped while this lease lives (it holds the pool's shared
+/// state, as a [`PageBox`] does): its address range, for registering with a device. The
+/// lease gives no access to the bytes; those belong to the pages' owners.
+pub struct ChunkLease {
+    start: NonNull<u8>,
+    len: usize,
+    _pool: Arc<PoolInner>,
+}
+
+// SAFETY: the lease only names an address range and keeps the mapping alive through an
+// `Arc`; it never reads or writes the bytes, so sharing or sending it cannot race with the
+// pages' owners.
+unsafe impl Send for ChunkLease {}
+// SAFETY: as for Send: no method touches the memory.
+unsafe impl Sync for ChunkLease {}
+
+impl ChunkLease {
+    /// First byte of the chunk (the mapping's start, page-aligned).
+    pub fn start(&self) -> *mut u8 {
+        self.start.as_ptr()
+    }
+
+    /// Bytes of the chunk.
+    pub fn len_bytes(&self) -> usize {
+        self.len
+    }
+
+    /// Whether `len` bytes at `addr` lie inside this chunk.
+    pub fn contains(&self, addr: usize, len: usize) -> bool {
+        let start = self.start.as_ptr() as usize;
+        addr >= start
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= start + self.len)
+    }
+}
+
+impl fmt::Debug for ChunkLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChunkLease")
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 /// A snapshot of a pool's use. Exact when no thread is allocating or dropping pages of the
 /// pool; otherwise each number was true at some moment during the call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -587,6 +633,32 @@ impl PageBox {
     /// Address of the page (4096-aligned), for diagnostics such as `/proc/self/numa_maps`.
     pub fn as_ptr(&self) -> *const u8 {
         self.page.as_ptr().cast::<u8>().cast_const()
+    }
+
+    /// Start of the chunk (mapping) this page lies in: a key for what is registered per
+    /// chunk, such as an RDMA memory region.
+    pub fn chunk_start(&self) -> usize {
+        let (chunk, _) = self.pool.slot(self.index);
+        chunk.memory.base().as_ptr() as usize
+    }
+
+    /// The chunk this page lies in, kept mapped while the lease lives: what a device
+    /// registers once (an RDMA memory region) so that any page of the chunk can be the target
+    /// of its DMA while a `PageBox` lends it.
+    pub fn chunk(&self) -> ChunkLease {
+        let (chunk, _) = self.pool.slot(self.index);
+        ChunkLease {
+            start: chunk.memory.base(),
+            len: chunk.memory.len_bytes(),
+            _pool: Arc::clone(&self.pool),
+        }
+    }
+
+    /// Address of the page's first byte, for a device to write into (an RDMA READ landing in
+    /// it). Writing through it is sound only while this `PageBox` is exclusively borrowed or
+    /// owned by the writer and no reference to its bytes is live.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.page.as_ptr().cast::<u8>()
     }
 
     /// Ask hwloc how this page is bound and where it is resident (see

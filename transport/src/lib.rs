@@ -32,8 +32,8 @@ pub use wire::WireError;
 /// A node of the job: its rank, `0..world`.
 pub type NodeId = u32;
 
-/// Bytes in one page.
-pub const PAGE_BYTES: usize = 4096;
+/// Bytes in one page: the page pool's (pages land in pool pages by RDMA READ).
+pub const PAGE_BYTES: usize = dvm_numa::PAGE_BYTES;
 /// Words of a page's store mask: one bit per byte of the page (4096 bits, 512 bytes).
 pub const MASK_WORDS: usize = PAGE_BYTES / 64;
 /// Bytes of a store mask on the wire.

@@ -829,8 +829,9 @@ fn a_write_into_the_ring_of_a_bad_size_ends_only_that_peer() {
 // ---------------------------------------------------------------------------------------------
 // One-sided page reads of the published table.
 
-use dvm_transport::verbs::published::{self, judge, Judgement};
-use dvm_transport::verbs::SlotBytes;
+use dvm_numa::{PageBox, PagePool, Topology};
+use dvm_transport::verbs::published::{self, judge, judge_in_place, Judgement, Verdict};
+use dvm_transport::verbs::{SlotBytes, SlotRead};
 
 fn filled(ts: u64) -> Box<[u8; PAGE_BYTES]> {
     let mut page = Box::new([0u8; PAGE_BYTES]);
@@ -841,11 +842,20 @@ fn filled(ts: u64) -> Box<[u8; PAGE_BYTES]> {
 }
 
 fn read_slot(t: &VerbsTransport, home: u32, page: u64) -> SlotBytes {
-    t.read_published(home, page)
+    read_into(t, home, page, None).bytes
+}
+
+fn read_into(t: &VerbsTransport, home: u32, page: u64, landing: Option<PageBox>) -> SlotRead {
+    t.read_published(home, page, landing)
         .unwrap()
         .expect("the home publishes a table")
         .recv_timeout(WAIT)
         .unwrap()
+}
+
+/// Pages of a pool of 64 KiB chunks (16 pages each), for READs to land in.
+fn small_pool() -> std::sync::Arc<PagePool> {
+    PagePool::new(&Topology::detect(), 0, 64 * 1024).unwrap()
 }
 
 #[test]
@@ -884,10 +894,10 @@ fn a_published_version_is_read_back_and_judged_against_the_snapshot() {
     ));
     // Many READs in flight at once (more than the targets of one peer) all come back right.
     let receivers: Vec<_> = (0..40)
-        .map(|_| nodes[2].read_published(1, other).unwrap().unwrap())
+        .map(|_| nodes[2].read_published(1, other, None).unwrap().unwrap())
         .collect();
     for r in receivers {
-        let bytes = r.recv_timeout(WAIT).unwrap();
+        let bytes = r.recv_timeout(WAIT).unwrap().bytes;
         assert_eq!(
             judge(&bytes, other, 9),
             Judgement::Accept {
@@ -908,6 +918,59 @@ fn a_published_version_is_read_back_and_judged_against_the_snapshot() {
     );
     let counters = nodes[2].verbs_counters();
     assert!(counters.rdma_reads >= 42, "{counters:?}");
+    assert_eq!(counters.reads_landed, 0, "{counters:?}");
+    // READs that land in pool pages: 40 at once over three 16-page chunks, twice. Each chunk
+    // is registered once, on its first landing; the pages hold the version with no copy.
+    let pool = small_pool();
+    for round in 0..2 {
+        let receivers: Vec<_> = (0..40)
+            .map(|_| {
+                let landing = pool.alloc_zeroed().unwrap();
+                nodes[0]
+                    .read_published(1, other, Some(landing))
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        for r in receivers {
+            let read = r.recv_timeout(WAIT).unwrap();
+            assert!(read.landed, "round {round}: the page was copied");
+            let mut page = read.page.expect("the landing page comes back");
+            assert_eq!(
+                judge_in_place(&read.bytes, &mut page, other, 9),
+                Verdict::Accept {
+                    version_ts: 9,
+                    zeros: false
+                }
+            );
+            assert_eq!(&page[..], &filled(9)[..]);
+        }
+    }
+    let counters = nodes[0].verbs_counters();
+    assert_eq!(counters.reads_landed, 80, "{counters:?}");
+    assert_eq!(counters.chunks_registered, 3, "{counters:?}");
+    // Without registered chunks (as when the locked-memory limit refuses them) the page
+    // bytes are copied into the landing page: the same contents, nothing registered.
+    let mut config = tight();
+    config.land_in_pool = false;
+    let copying = connected(2, config);
+    copying[1]
+        .table()
+        .expect("a table")
+        .publish_with(other, || Some((9, Some(filled(9)))));
+    let read = read_into(&copying[0], 1, other, Some(pool.alloc_zeroed().unwrap()));
+    assert!(!read.landed);
+    let mut landed = read.page.expect("the landing page comes back");
+    assert_eq!(
+        judge_in_place(&read.bytes, &mut landed, other, 9),
+        Verdict::Accept {
+            version_ts: 9,
+            zeros: false
+        }
+    );
+    assert_eq!(&landed[..], &filled(9)[..]);
+    let counters = copying[0].verbs_counters();
+    assert_eq!((counters.reads_landed, counters.chunks_registered), (0, 0));
     // Messages still flow on the same queue pairs.
     nodes[0].send(1, b"after reads").unwrap();
     let events = collect_until(&nodes[1], |ev| !ev.is_empty());
@@ -923,7 +986,7 @@ fn a_published_version_is_read_back_and_judged_against_the_snapshot() {
     config.published_slots = 0;
     let plain = connected(2, config);
     assert!(plain[1].table().is_none());
-    assert!(plain[0].read_published(1, page).unwrap().is_none());
+    assert!(plain[0].read_published(1, page, None).unwrap().is_none());
 }
 
 #[test]
@@ -946,9 +1009,28 @@ fn reads_racing_a_home_that_rewrites_the_slot_never_accept_a_mixed_version() {
             ts
         })
     };
-    let (mut accepted, mut torn) = (0u64, 0u64);
+    // Every other READ lands its page bytes in a pool page: the check word must catch a page
+    // torn there as surely as one torn in the slot image.
+    let pool = small_pool();
+    let (mut accepted, mut landed, mut torn) = (0u64, 0u64, 0u64);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while (accepted < 200 || torn == 0) && Instant::now() < deadline {
+    while (accepted < 200 || landed < 100 || torn == 0) && Instant::now() < deadline {
+        if accepted % 2 == 0 {
+            let read = read_into(&nodes[0], 1, page, Some(pool.alloc_zeroed().unwrap()));
+            assert!(read.landed);
+            let mut data = read.page.expect("the landing page comes back");
+            match judge_in_place(&read.bytes, &mut data, page, u64::MAX) {
+                Verdict::Accept { version_ts, zeros } => {
+                    assert!(!zeros);
+                    assert_eq!(&data[..], &filled(version_ts)[..], "a mixed version landed");
+                    accepted += 1;
+                    landed += 1;
+                }
+                Verdict::Torn => torn += 1,
+                other => panic!("{other:?}"),
+            }
+            continue;
+        }
         let bytes = read_slot(&nodes[0], 1, page);
         match judge(&bytes, page, u64::MAX) {
             Judgement::Accept { version_ts, data } => {
@@ -966,7 +1048,10 @@ fn reads_racing_a_home_that_rewrites_the_slot_never_accept_a_mixed_version() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let written = writer.join().unwrap();
-    eprintln!("{accepted} READs accepted, {torn} torn, {written} versions written");
+    eprintln!(
+        "{accepted} READs accepted ({landed} into pool pages), {torn} torn, {written} versions written"
+    );
     assert!(accepted >= 200, "{accepted} accepted");
+    assert!(landed >= 100, "{landed} accepted into pool pages");
     assert!(written > 2);
 }

@@ -29,11 +29,16 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dvm_numa::ChunkLease;
 use rdma_sys as sys;
 
 use super::device::{errno_of, mtu_bytes, DeviceList, Gid, RawContext};
 use super::published::PublishedTable;
 use super::{NoRdma, VerbsError};
+
+/// Scatter entries a work request may have: an RDMA READ of a published slot lands in three
+/// pieces (its head and tail in the data region, its page in a pool page).
+pub const MAX_SCATTER: usize = 3;
 
 /// A work request for the send queue, before it is posted.
 #[derive(Clone, Copy, Debug)]
@@ -41,8 +46,9 @@ struct SendRequest {
     wr_id: u64,
     send_flags: c_uint,
     opcode: sys::ibv_wr_opcode::Type,
-    /// Address, length and lkey of the one scatter entry.
-    local: (u64, u32, u32),
+    /// Address, length and lkey of each scatter entry (the first `pieces`).
+    local: [(u64, u32, u32); MAX_SCATTER],
+    pieces: usize,
     /// Remote address and rkey (one-sided operations).
     remote: Option<(u64, u32)>,
 }
@@ -444,6 +450,9 @@ struct MemoryRegion {
     /// A published-page table registered here: the table owns the buffer (and outlives the
     /// registration through this `Arc`), so drop only deregisters.
     table: Option<Arc<PublishedTable>>,
+    /// A page pool's chunk registered here: the pool owns the memory, the lease keeps it
+    /// mapped until after deregistration, so drop only deregisters.
+    chunk: Option<ChunkLease>,
 }
 
 // SAFETY: the buffer is owned by this value; the pointers are used through verbs calls (thread-
@@ -495,6 +504,7 @@ impl MemoryRegion {
             layout,
             _pd: Arc::clone(pd),
             table: None,
+            chunk: None,
         })
     }
 
@@ -524,6 +534,45 @@ impl MemoryRegion {
             layout,
             _pd: Arc::clone(pd),
             table: Some(Arc::clone(table)),
+            chunk: None,
+        })
+    }
+
+    /// Registers a page pool's chunk for local writes only: RDMA READs land in its pages.
+    fn over_chunk(
+        pd: &Arc<ProtectionDomain>,
+        chunk: ChunkLease,
+    ) -> Result<MemoryRegion, VerbsError> {
+        let buf = NonNull::new(chunk.start()).ok_or(VerbsError::Call {
+            call: "registering a page pool chunk",
+            errno: libc::EINVAL,
+        })?;
+        let layout =
+            Layout::from_size_align(chunk.len_bytes(), 4096).map_err(|_| VerbsError::Call {
+                call: "chunk layout",
+                errno: libc::EINVAL,
+            })?;
+        let access = sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
+        // SAFETY: the PD is alive (Arc); the chunk's `len` bytes stay mapped while this
+        // region holds the lease, i.e. until after deregistration. Registering only pins the
+        // pages and lets this PD's queue pairs write them when a work request names them (the
+        // lkey); no Rust reference is made. NULL with errno on failure.
+        let mr = unsafe {
+            sys::ibv_reg_mr(
+                pd.pd.as_ptr(),
+                buf.as_ptr().cast(),
+                layout.size(),
+                access.0 as c_int,
+            )
+        };
+        let mr = NonNull::new(mr).ok_or_else(|| null_error("ibv_reg_mr"))?;
+        Ok(MemoryRegion {
+            mr,
+            buf,
+            layout,
+            _pd: Arc::clone(pd),
+            table: None,
+            chunk: Some(chunk),
         })
     }
 
@@ -597,10 +646,14 @@ impl Drop for MemoryRegion {
             if let Some(table) = self.table.take() {
                 std::mem::forget(table);
             }
+            if let Some(chunk) = self.chunk.take() {
+                std::mem::forget(chunk);
+            }
             return;
         }
-        if self.table.is_some() {
-            // The table owns its buffer and frees it when its last Arc goes.
+        if self.table.is_some() || self.chunk.is_some() {
+            // The table owns its buffer, the pool its chunk; each frees it when its last
+            // holder goes.
             return;
         }
         // SAFETY: allocated with this layout in `new`; no longer registered, so nothing else
@@ -626,14 +679,15 @@ impl QueuePair {
         send_wr: u32,
         recv_wr: u32,
         max_inline: u32,
-    ) -> Result<(QueuePair, u32), VerbsError> {
+        max_scatter: u32,
+    ) -> Result<(QueuePair, u32, u32), VerbsError> {
         // SAFETY: a plain C struct of pointers and integers; all zeros (NULL, 0) is valid.
         let mut init: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         init.send_cq = cq.cq.as_ptr();
         init.recv_cq = cq.cq.as_ptr();
         init.cap.max_send_wr = send_wr;
         init.cap.max_recv_wr = recv_wr;
-        init.cap.max_send_sge = 1;
+        init.cap.max_send_sge = max_scatter;
         init.cap.max_recv_sge = 1;
         init.cap.max_inline_data = max_inline;
         init.qp_type = sys::ibv_qp_type::IBV_QPT_RC;
@@ -649,6 +703,7 @@ impl QueuePair {
                 _pd: Arc::clone(pd),
             },
             init.cap.max_inline_data,
+            init.cap.max_send_sge,
         ))
     }
 
@@ -726,6 +781,8 @@ pub struct Endpoint {
     broken: bool,
     /// Inline bytes the queue pair granted.
     max_inline: u32,
+    /// Scatter entries per send-queue work request the queue pair granted (1..=MAX_SCATTER).
+    max_scatter: usize,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -876,9 +933,59 @@ impl Domain {
         })
     }
 
+    /// Registers a page pool's chunk once in this protection domain, so that RDMA READs of
+    /// any endpoint of the domain can land in its pages ([`Endpoint::post_read_scattered`]).
+    pub fn register_chunk(&self, chunk: ChunkLease) -> Result<ChunkRegistration, VerbsError> {
+        Ok(ChunkRegistration {
+            region: MemoryRegion::over_chunk(&self.pd, chunk)?,
+        })
+    }
+
     pub fn device_name(&self) -> &str {
         &self.ctx.name
     }
+}
+
+/// A page pool chunk registered in a [`Domain`] for local writes; deregistered when dropped
+/// (the region holds the protection domain and the chunk's mapping alive until then). Drop
+/// it only once no queue pair has a READ into it in flight.
+pub struct ChunkRegistration {
+    region: MemoryRegion,
+}
+
+impl ChunkRegistration {
+    /// The scatter entry of `len` bytes at `addr`, if they lie inside the chunk.
+    fn piece(&self, addr: usize, len: usize) -> Option<(u64, u32, u32)> {
+        let inside = self
+            .region
+            .chunk
+            .as_ref()
+            .is_some_and(|c| c.contains(addr, len));
+        let len = u32::try_from(len).ok()?;
+        inside.then(|| (addr as u64, len, self.region.lkey()))
+    }
+}
+
+impl std::fmt::Debug for ChunkRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkRegistration")
+            .field("start", &self.region.addr())
+            .field("len", &self.region.len())
+            .finish()
+    }
+}
+
+/// One piece of the local end of [`Endpoint::post_read_scattered`].
+#[derive(Clone, Copy, Debug)]
+pub enum ReadPiece<'a> {
+    /// `len` bytes at `offset` of the endpoint's data region.
+    Region { offset: usize, len: usize },
+    /// `len` bytes at `addr`, inside a registered pool chunk (a page lent to the READ).
+    Chunk {
+        registration: &'a ChunkRegistration,
+        addr: usize,
+        len: usize,
+    },
 }
 
 /// A published table registered in a [`Domain`]; deregistered when dropped (the region
@@ -896,6 +1003,22 @@ impl TableRegistration {
             len: self.region.len() as u64,
         }
     }
+}
+
+/// The remote (address, rkey) of `len` bytes at `offset` of `remote`, checked to lie inside.
+fn remote_piece(remote: RemoteRegion, offset: u64, len: usize) -> Result<(u64, u32), VerbsError> {
+    if offset
+        .checked_add(len as u64)
+        .is_none_or(|end| end > remote.len)
+    {
+        return Err(VerbsError::OutOfBounds {
+            what: "the peer's region",
+            offset,
+            len: len as u64,
+            size: remote.len,
+        });
+    }
+    Ok((remote.addr + offset, remote.rkey))
 }
 
 fn random_psn() -> u32 {
@@ -931,12 +1054,15 @@ impl Endpoint {
         let slots = config.receive_slots as usize + send_slots as usize;
         let messages = MemoryRegion::new(&pd, config.message_bytes.max(1) * slots, false)?;
         let recv_wr = config.receive_slots.max(1);
-        let (qp, max_inline) = match QueuePair::new(&pd, &cq, send_wr, recv_wr, config.max_inline) {
-            Ok(granted) => granted,
-            // Inline sends are an optimisation: a device refusing the size still serves.
-            Err(_) if config.max_inline > 0 => QueuePair::new(&pd, &cq, send_wr, recv_wr, 0)?,
-            Err(err) => return Err(err),
-        };
+        // Inline sends and scatter lists are optimisations: a device refusing them still
+        // serves, with plain sends and READs that land in the data region.
+        let scatter = MAX_SCATTER as u32;
+        let (qp, max_inline, max_scatter) =
+            match QueuePair::new(&pd, &cq, send_wr, recv_wr, config.max_inline, scatter) {
+                Ok(granted) => granted,
+                Err(_) => QueuePair::new(&pd, &cq, send_wr, recv_wr, 0, 1)?,
+            };
+        let max_scatter = (max_scatter as usize).clamp(1, MAX_SCATTER);
         let mut endpoint = Endpoint {
             qp,
             data,
@@ -951,6 +1077,7 @@ impl Endpoint {
             next_wr: 0,
             broken: false,
             max_inline,
+            max_scatter,
             config,
         };
         endpoint.move_to_init()?;
@@ -1041,10 +1168,76 @@ impl Endpoint {
             wr_id,
             sys::ibv_send_flags::IBV_SEND_SIGNALED.0 as c_uint,
             sys::ibv_wr_opcode::IBV_WR_RDMA_READ,
-            local,
+            &[local],
             Some(remote),
         )?;
         Ok(wr_id)
+    }
+
+    /// Posts a signalled RDMA READ of the bytes at `remote_offset` of `remote` into `pieces`,
+    /// one after the other (a scatter list: up to [`Endpoint::max_scatter`] pieces), without
+    /// waiting; completes as [`Endpoint::post_read`] does. Every piece is checked to lie in the
+    /// data region or in its registered chunk. A chunk piece is written by the device until
+    /// the completion: its memory must be lent to the READ until then (no reference to it,
+    /// nothing else writing it), and its registration kept.
+    pub fn post_read_scattered(
+        &mut self,
+        remote: RemoteRegion,
+        remote_offset: u64,
+        pieces: &[ReadPiece<'_>],
+        tag: u64,
+    ) -> Result<u64, VerbsError> {
+        if pieces.is_empty() || pieces.len() > self.max_scatter {
+            return Err(VerbsError::TooManyPieces {
+                pieces: pieces.len(),
+                max: self.max_scatter,
+            });
+        }
+        let mut local = [(0u64, 0u32, 0u32); MAX_SCATTER];
+        let mut total = 0usize;
+        for (entry, piece) in local.iter_mut().zip(pieces) {
+            *entry = match *piece {
+                ReadPiece::Region { offset, len } => {
+                    total += len;
+                    self.local_piece("RDMA READ into", offset, len)?
+                }
+                ReadPiece::Chunk {
+                    registration,
+                    addr,
+                    len,
+                } => {
+                    total += len;
+                    registration
+                        .piece(addr, len)
+                        .ok_or(VerbsError::OutOfBounds {
+                            what: "RDMA READ into a pool chunk",
+                            offset: addr as u64,
+                            len: len as u64,
+                            size: registration.region.len() as u64,
+                        })?
+                }
+            };
+        }
+        let remote = remote_piece(remote, remote_offset, total)?;
+        let wr_id = CompletionKind::Send.wr_id(tag);
+        self.post_send_raw(
+            wr_id,
+            sys::ibv_send_flags::IBV_SEND_SIGNALED.0 as c_uint,
+            sys::ibv_wr_opcode::IBV_WR_RDMA_READ,
+            &local[..pieces.len()],
+            Some(remote),
+        )?;
+        Ok(wr_id)
+    }
+
+    /// The device context and protection domain this endpoint lives in.
+    pub fn domain(&self) -> &Arc<Domain> {
+        &self.domain
+    }
+
+    /// Scatter entries a work request of this endpoint may have.
+    pub fn max_scatter(&self) -> usize {
+        self.max_scatter
     }
 
     /// The local (address, length, lkey) and remote (address, rkey) ends of a one-sided
@@ -1059,30 +1252,25 @@ impl Endpoint {
         remote_offset: u64,
         len: usize,
     ) -> Result<((u64, u32, u32), (u64, u32)), VerbsError> {
-        self.data.check(what, local_offset, len)?;
-        if remote_offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > remote.len)
-        {
-            return Err(VerbsError::OutOfBounds {
-                what: "the peer's region",
-                offset: remote_offset,
-                len: len as u64,
-                size: remote.len,
-            });
-        }
+        let local = self.local_piece(what, local_offset, len)?;
+        Ok((local, remote_piece(remote, remote_offset, len)?))
+    }
+
+    /// The scatter entry of `len` bytes at `offset` of the data region, checked to lie inside.
+    fn local_piece(
+        &self,
+        what: &'static str,
+        offset: usize,
+        len: usize,
+    ) -> Result<(u64, u32, u32), VerbsError> {
+        self.data.check(what, offset, len)?;
         let len32 = u32::try_from(len).map_err(|_| VerbsError::OutOfBounds {
             what,
-            offset: local_offset as u64,
+            offset: offset as u64,
             len: len as u64,
             size: u64::from(u32::MAX),
         })?;
-        let local = (
-            self.data.addr() + local_offset as u64,
-            len32,
-            self.data.lkey(),
-        );
-        Ok((local, (remote.addr + remote_offset, remote.rkey)))
+        Ok((self.data.addr() + offset as u64, len32, self.data.lkey()))
     }
 
     /// Posts an RDMA WRITE with immediate of `len` bytes at `local_offset` of the local data
@@ -1112,7 +1300,7 @@ impl Endpoint {
             wr_id,
             flags as c_uint,
             sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
-            local,
+            &[local],
             Some(remote),
         )?;
         Ok(wr_id)
@@ -1273,7 +1461,7 @@ impl Endpoint {
         self.next_wr += 1;
         let wr_id = kind.wr_id(self.next_wr);
         let flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0 as c_uint;
-        self.post_send_raw(wr_id, flags, opcode, local, remote)?;
+        self.post_send_raw(wr_id, flags, opcode, &[local], remote)?;
         Ok(wr_id)
     }
 
@@ -1282,19 +1470,27 @@ impl Endpoint {
         wr_id: u64,
         send_flags: c_uint,
         opcode: sys::ibv_wr_opcode::Type,
-        local: (u64, u32, u32),
+        local: &[(u64, u32, u32)],
         remote: Option<(u64, u32)>,
     ) -> Result<(), VerbsError> {
         if self.broken {
             return Err(VerbsError::QpInError);
         }
-        let request = SendRequest {
+        let mut request = SendRequest {
             wr_id,
             send_flags,
             opcode,
-            local,
+            local: [(0, 0, 0); MAX_SCATTER],
+            pieces: local.len().min(MAX_SCATTER),
             remote,
         };
+        if local.is_empty() || local.len() > self.max_scatter {
+            return Err(VerbsError::TooManyPieces {
+                pieces: local.len(),
+                max: self.max_scatter,
+            });
+        }
+        request.local[..local.len()].copy_from_slice(local);
         match &mut self.chain {
             Some(chain) => chain.push(request),
             None => self.post_requests(&[request])?,
@@ -1330,11 +1526,8 @@ impl Endpoint {
     fn post_requests(&mut self, requests: &[SendRequest]) -> Result<(), VerbsError> {
         let mut sges: Vec<sys::ibv_sge> = requests
             .iter()
-            .map(|r| sys::ibv_sge {
-                addr: r.local.0,
-                length: r.local.1,
-                lkey: r.local.2,
-            })
+            .flat_map(|r| &r.local[..r.pieces])
+            .map(|&(addr, length, lkey)| sys::ibv_sge { addr, length, lkey })
             .collect();
         let mut wrs: Vec<sys::ibv_send_wr> = requests
             .iter()
@@ -1343,7 +1536,7 @@ impl Endpoint {
                 // all zeros is valid (NULL next, no immediate).
                 let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
                 wr.wr_id = r.wr_id;
-                wr.num_sge = 1;
+                wr.num_sge = r.pieces as c_int;
                 wr.opcode = r.opcode;
                 wr.send_flags = r.send_flags;
                 if let Some((remote_addr, rkey)) = r.remote {
@@ -1356,10 +1549,13 @@ impl Endpoint {
         // them stay valid across the call below.
         let sge_base = sges.as_mut_ptr();
         let wr_base = wrs.as_mut_ptr();
+        let mut first_sge = 0;
         for (i, wr) in wrs.iter_mut().enumerate() {
-            // SAFETY: `i < sges.len()` (one scatter entry per request), so the pointer stays
-            // inside the vector.
-            wr.sg_list = unsafe { sge_base.add(i) };
+            // SAFETY: the requests' scatter entries lie in `sges` one request after the other,
+            // `pieces` each, so `first_sge + pieces <= sges.len()`: the pointer stays inside
+            // the vector.
+            wr.sg_list = unsafe { sge_base.add(first_sge) };
+            first_sge += requests[i].pieces;
             if i + 1 < requests.len() {
                 // SAFETY: `i + 1 < wrs.len()`: the next request of the same vector.
                 wr.next = unsafe { wr_base.add(i + 1) };
@@ -1709,7 +1905,7 @@ impl Endpoint {
             wr_id,
             flags as c_uint,
             sys::ibv_wr_opcode::IBV_WR_SEND,
-            local,
+            &[local],
             None,
         )?;
         Ok(wr_id)

@@ -16,6 +16,10 @@ const CAP_IPC_LOCK: u32 = 14;
 /// peer's endpoint has its data region (READ targets and both write rings) and its send and
 /// receive slots, and the published page table is registered once (every endpoint shares one
 /// protection domain). A node alone registers nothing.
+///
+/// Not counted: the page pool chunks that READs land in, registered as READs first use them
+/// (once each). That registration is best effort: a chunk the limit refuses costs a copy per
+/// READ into its pages (said once in the log), not a failed job.
 pub fn registered_bytes(config: &VerbsConfig, world: u32) -> u64 {
     let peers = u64::from(world.saturating_sub(1));
     if peers == 0 {

@@ -21,11 +21,12 @@ mod transport;
 
 pub use device::{probe, Device, Gid, Port, PortState, Probe};
 pub use endpoint::{
-    Completion, CompletionKind, Domain, Endpoint, EndpointConfig, Incoming, PeerInfo, QpState,
-    RemoteRegion, TableRegistration,
+    ChunkRegistration, Completion, CompletionKind, Domain, Endpoint, EndpointConfig, Incoming,
+    PeerInfo, QpState, ReadPiece, RemoteRegion, TableRegistration, MAX_SCATTER,
 };
 pub use transport::{
-    SlotBytes, VerbsConfig, VerbsCounters, VerbsTransport, MAX_WRITE_RING_BYTES, WRITE_RING_OFFSET,
+    SlotBytes, SlotRead, VerbsConfig, VerbsCounters, VerbsTransport, MAX_WRITE_RING_BYTES,
+    WRITE_RING_OFFSET,
 };
 
 use std::fmt;
@@ -169,6 +170,9 @@ pub enum VerbsError {
         len: u64,
         size: u64,
     },
+    /// A work request with more scatter entries than the queue pair accepts.
+    #[error("a work request of {pieces} scatter entries (the queue pair takes 1 to {max})")]
+    TooManyPieces { pieces: usize, max: usize },
     #[error("message of {len} bytes is larger than a message slot ({max} bytes)")]
     MessageTooLarge { len: usize, max: usize },
     /// A blocking receive found an RDMA WRITE with immediate, which only the transport's

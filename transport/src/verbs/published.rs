@@ -49,6 +49,8 @@ pub const UNDO_BYTES: usize = 256;
 const OFF_SEQ_END: usize = OFF_UNDO + UNDO_BYTES;
 const OFF_CHECK: usize = OFF_SEQ_END + 8;
 const OFF_FLAGS: usize = OFF_CHECK + 4;
+/// Where a slot's page bytes lie in it: from the first offset up to the second.
+pub const PAGE_PART: (usize, usize) = (OFF_DATA, OFF_PREV_TS);
 /// Bytes of one slot (a multiple of 8).
 pub const SLOT_BYTES: usize = OFF_FLAGS + 4;
 const ABSENT: u32 = 1;
@@ -231,89 +233,156 @@ pub enum Judgement {
     Newer,
 }
 
-/// Validates `bytes` (one READ of the slot of `page`) for a reader at `snapshot_ts`. The slot
-/// always holds the newest version its home had installed when it was written; accepting it for
-/// `snapshot_ts` needs only `version_ts <= snapshot_ts` because every version at or below a
-/// snapshot was published before the snapshot existed (the caller's argument, in the docs).
+/// Validates `bytes` (one READ of the slot of `page`) for a reader at `snapshot_ts`: as
+/// [`judge_in_place`], with the page bytes in the slot image and the contents given back in a
+/// box.
 pub fn judge(bytes: &[u8; SLOT_BYTES], page: u64, snapshot_ts: u64) -> Judgement {
-    let seq = word(bytes, OFF_SEQ);
-    let seq_end = word(bytes, OFF_SEQ_END);
-    if seq == 0 && seq_end == 0 {
-        return Judgement::Empty;
-    }
-    if seq == 0 || seq % 2 != 0 || seq_end != seq {
-        return Judgement::Torn;
-    }
-    let mut raw = [0u8; 4];
-    raw.copy_from_slice(&bytes[OFF_CHECK..OFF_FLAGS]);
-    if check_word(bytes) != u32::from_le_bytes(raw) {
-        return Judgement::Torn;
-    }
-    raw.copy_from_slice(&bytes[OFF_FLAGS..]);
-    let flags = u32::from_le_bytes(raw);
-    if flags & VACANT != 0 {
-        return Judgement::Vacant;
-    }
-    if word(bytes, OFF_PAGE) != page {
-        return Judgement::OtherPage;
-    }
-    let version_ts = word(bytes, OFF_TS);
-    if version_ts > snapshot_ts {
-        return previous(bytes, flags, version_ts, snapshot_ts);
-    }
-    if flags & ABSENT != 0 {
-        return Judgement::Accept {
-            version_ts,
-            data: None,
-        };
-    }
     let mut data = Box::new([0u8; PAGE_BYTES]);
     data.copy_from_slice(&bytes[OFF_DATA..OFF_PREV_TS]);
-    Judgement::Accept {
-        version_ts,
-        data: Some(data),
+    let contents = |zeros: bool, data: Box<[u8; PAGE_BYTES]>| (!zeros).then_some(data);
+    match judge_in_place(bytes, &mut data, page, snapshot_ts) {
+        Verdict::Accept { version_ts, zeros } => Judgement::Accept {
+            version_ts,
+            data: contents(zeros, data),
+        },
+        Verdict::AcceptPrevious {
+            version_ts,
+            zeros,
+            newer_ts,
+        } => Judgement::AcceptPrevious {
+            version_ts,
+            data: contents(zeros, data),
+            newer_ts,
+        },
+        Verdict::Empty => Judgement::Empty,
+        Verdict::Vacant => Judgement::Vacant,
+        Verdict::Torn => Judgement::Torn,
+        Verdict::OtherPage => Judgement::OtherPage,
+        Verdict::Newer => Judgement::Newer,
     }
 }
 
-/// The previous version a validated slot describes, for a snapshot below its newest.
-fn previous(bytes: &[u8; SLOT_BYTES], flags: u32, newer_ts: u64, snapshot_ts: u64) -> Judgement {
+/// [`Judgement`] for a READ whose page bytes landed apart from the rest of the slot (in a
+/// pool page): the contents are left in that page, rebuilt there for a previous version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// As [`Judgement::Accept`]; `zeros`: the home holds no version (the page's bytes are
+    /// meaningless), else the page holds the version.
+    Accept {
+        version_ts: u64,
+        zeros: bool,
+    },
+    /// As [`Judgement::AcceptPrevious`]; the page holds that version unless `zeros`.
+    AcceptPrevious {
+        version_ts: u64,
+        zeros: bool,
+        newer_ts: u64,
+    },
+    Empty,
+    Vacant,
+    Torn,
+    OtherPage,
+    Newer,
+}
+
+/// Validates one READ of the slot of `page` for a reader at `snapshot_ts`: `edges` holds the
+/// slot as read except its page bytes (that part of it is ignored), which are in `data`. The
+/// check word covers both, so a page that landed torn is caught like a torn head. The slot
+/// always holds the newest version its home had installed when it was written; accepting it
+/// for `snapshot_ts` needs only `version_ts <= snapshot_ts` because every version at or below
+/// a snapshot was published before the snapshot existed (the caller's argument, in the docs).
+/// A previous version is rebuilt in `data` (its undo runs applied), so `data` holds what the
+/// verdict says only when it accepts.
+pub fn judge_in_place(
+    edges: &[u8; SLOT_BYTES],
+    data: &mut [u8; PAGE_BYTES],
+    page: u64,
+    snapshot_ts: u64,
+) -> Verdict {
+    let seq = word(edges, OFF_SEQ);
+    let seq_end = word(edges, OFF_SEQ_END);
+    if seq == 0 && seq_end == 0 {
+        return Verdict::Empty;
+    }
+    if seq == 0 || seq % 2 != 0 || seq_end != seq {
+        return Verdict::Torn;
+    }
+    let mut raw = [0u8; 4];
+    raw.copy_from_slice(&edges[OFF_CHECK..OFF_FLAGS]);
+    let check = crc32c::update(
+        crc32c::update(
+            crc32c::update(crc32c::checksum(&edges[..OFF_DATA]), &data[..]),
+            &edges[OFF_PREV_TS..OFF_CHECK],
+        ),
+        &edges[OFF_FLAGS..],
+    );
+    if check != u32::from_le_bytes(raw) {
+        return Verdict::Torn;
+    }
+    raw.copy_from_slice(&edges[OFF_FLAGS..]);
+    let flags = u32::from_le_bytes(raw);
+    if flags & VACANT != 0 {
+        return Verdict::Vacant;
+    }
+    if word(edges, OFF_PAGE) != page {
+        return Verdict::OtherPage;
+    }
+    let version_ts = word(edges, OFF_TS);
+    if version_ts > snapshot_ts {
+        return previous(edges, data, flags, version_ts, snapshot_ts);
+    }
+    Verdict::Accept {
+        version_ts,
+        zeros: flags & ABSENT != 0,
+    }
+}
+
+/// The previous version a validated slot describes, for a snapshot below its newest, rebuilt
+/// in `data` (which holds the newest).
+fn previous(
+    edges: &[u8; SLOT_BYTES],
+    data: &mut [u8; PAGE_BYTES],
+    flags: u32,
+    newer_ts: u64,
+    snapshot_ts: u64,
+) -> Verdict {
     if flags & PREVIOUS == 0 {
-        return Judgement::Newer;
+        return Verdict::Newer;
     }
     if flags & PREVIOUS_ABSENT != 0 {
-        return Judgement::AcceptPrevious {
+        return Verdict::AcceptPrevious {
             version_ts: 0,
-            data: None,
+            zeros: true,
             newer_ts,
         };
     }
-    let version_ts = word(bytes, OFF_PREV_TS);
+    let version_ts = word(edges, OFF_PREV_TS);
     if version_ts > snapshot_ts || version_ts >= newer_ts || flags & ABSENT != 0 {
-        return Judgement::Newer;
+        return Verdict::Newer;
     }
-    let mut data = Box::new([0u8; PAGE_BYTES]);
-    data.copy_from_slice(&bytes[OFF_DATA..OFF_PREV_TS]);
-    let undo = &bytes[OFF_UNDO..OFF_SEQ_END];
+    let undo = &edges[OFF_UNDO..OFF_SEQ_END];
     let count = usize::from(u16::from_le_bytes([undo[0], undo[1]]));
+    // Every run is checked before any is applied: a refused slot leaves `data` as it came.
+    let mut runs = Vec::with_capacity(count);
     let mut at = 2;
     for _ in 0..count {
         let Some(head) = undo.get(at..at + 4) else {
-            return Judgement::Newer;
+            return Verdict::Newer;
         };
         let offset = usize::from(u16::from_le_bytes([head[0], head[1]]));
         let len = usize::from(u16::from_le_bytes([head[2], head[3]]));
-        let (Some(run), Some(target)) = (
-            undo.get(at + 4..at + 4 + len),
-            data.get_mut(offset..offset + len),
-        ) else {
-            return Judgement::Newer;
-        };
-        target.copy_from_slice(run);
+        match undo.get(at + 4..at + 4 + len) {
+            Some(run) if offset + len <= PAGE_BYTES => runs.push((offset, run)),
+            _ => return Verdict::Newer,
+        }
         at += 4 + len;
     }
-    Judgement::AcceptPrevious {
+    for (offset, run) in runs {
+        data[offset..offset + run.len()].copy_from_slice(run);
+    }
+    Verdict::AcceptPrevious {
         version_ts,
-        data: Some(data),
+        zeros: false,
         newer_ts,
     }
 }
@@ -610,6 +679,53 @@ mod tests {
         let mut flipped = encode_slot_with(2, 77, 8, Some(&newer), &previous);
         flipped[OFF_UNDO + 7] ^= 1;
         assert_eq!(judge(&flipped, 77, 5), Judgement::Torn);
+    }
+
+    #[test]
+    fn a_page_that_landed_apart_from_its_slot_is_judged_and_rebuilt_in_place() {
+        let older = page_of(1);
+        let mut newer = page_of(1);
+        newer[200..204].copy_from_slice(&[5; 4]);
+        let previous = Previous::between(3, &older, &newer);
+        let image = encode_slot_with(2, 77, 8, Some(&newer), &previous);
+        // The edges as a scattered READ leaves them: the page part of the image is whatever
+        // the target held; only the landed page counts.
+        let mut edges = image.clone();
+        edges[OFF_DATA..OFF_PREV_TS].fill(0xee);
+        let landed = |bytes: &[u8]| {
+            let mut page = Box::new([0u8; PAGE_BYTES]);
+            page.copy_from_slice(bytes);
+            page
+        };
+        let mut page = landed(&image[OFF_DATA..OFF_PREV_TS]);
+        assert_eq!(
+            judge_in_place(&edges, &mut page, 77, 9),
+            Verdict::Accept {
+                version_ts: 8,
+                zeros: false
+            }
+        );
+        assert_eq!(page, newer);
+        assert_eq!(
+            judge_in_place(&edges, &mut page, 77, 4),
+            Verdict::AcceptPrevious {
+                version_ts: 3,
+                zeros: false,
+                newer_ts: 8
+            }
+        );
+        assert_eq!(
+            page, older,
+            "the previous version is rebuilt in the landed page"
+        );
+        // A byte of the landed page from another write: torn, as if the image were.
+        let mut page = landed(&image[OFF_DATA..OFF_PREV_TS]);
+        page[4000] ^= 0x10;
+        assert_eq!(judge_in_place(&edges, &mut page, 77, 9), Verdict::Torn);
+        // A refused previous version leaves the page as it landed.
+        let mut page = landed(&image[OFF_DATA..OFF_PREV_TS]);
+        assert_eq!(judge_in_place(&edges, &mut page, 77, 2), Verdict::Newer);
+        assert_eq!(page, newer);
     }
 
     #[test]

@@ -70,15 +70,17 @@ use std::time::{Duration, Instant};
 
 use super::published::{self, PublishedTable, SLOT_BYTES};
 use super::{
-    Domain, Endpoint, EndpointConfig, Incoming, PeerInfo, RemoteRegion, TableRegistration,
-    VerbsError,
+    ChunkRegistration, Domain, Endpoint, EndpointConfig, Incoming, PeerInfo, ReadPiece,
+    RemoteRegion, TableRegistration, VerbsError,
 };
 use crate::tcp::Bound;
 use crate::uring::EventFd;
 use crate::wire::{self, Decoder, Frame, FrameKind};
 use crate::{
     Event, LossReason, NodeId, PageVersionRef, PeerCounters, RequestId, Transport, TransportError,
+    PAGE_BYTES,
 };
+use dvm_numa::PageBox;
 
 const RUN: u8 = 0;
 const STOP_GRACEFUL: u8 = 1;
@@ -108,10 +110,25 @@ pub const WRITE_RING_OFFSET: usize = READ_TARGETS * SLOT_BYTES;
 /// One slot's bytes as an RDMA READ returned them.
 pub type SlotBytes = Box<[u8; SLOT_BYTES]>;
 
+/// What one RDMA READ of a published slot brought (see [`VerbsTransport::read_published`]).
+pub struct SlotRead {
+    /// The slot as read; its page bytes too, unless `page` holds them.
+    pub bytes: SlotBytes,
+    /// The pool page lent to the READ, given back holding the slot's page bytes (judge with
+    /// [`published::judge_in_place`]); `bytes`' page part is then meaningless.
+    pub page: Option<PageBox>,
+    /// Whether the page bytes landed in `page` directly (its chunk is registered), rather
+    /// than in the data region and copied.
+    pub landed: bool,
+}
+
 /// A READ of a peer's published slot, waiting for the I/O thread.
 struct ReadJob {
     slot: usize,
-    reply: SyncSender<SlotBytes>,
+    /// The page the slot's page bytes go to: lent to the device while the READ is in flight
+    /// when its chunk is registered, so it must not be freed before the queue pair is gone.
+    landing: Option<PageBox>,
+    reply: SyncSender<SlotRead>,
 }
 
 /// Where a peer's published table is: its region and its number of slots.
@@ -190,6 +207,10 @@ pub struct VerbsConfig {
     /// Bytes of the ring each peer WRITEs stream pieces into (and of this side's staging ring
     /// per peer); 0: SENDs only.
     pub write_ring_bytes: usize,
+    /// Register page pool chunks (once each) so that READs land in the readers' pool pages;
+    /// false: READs land in the data region and are copied into them, as they are when the
+    /// locked-memory limit refuses a chunk.
+    pub land_in_pool: bool,
 }
 
 /// Largest write ring a peer may announce.
@@ -211,6 +232,7 @@ impl Default for VerbsConfig {
             signal_every: 8,
             published_slots: published::DEFAULT_SLOTS,
             write_ring_bytes: 1 << 20,
+            land_in_pool: true,
         }
     }
 }
@@ -272,6 +294,11 @@ pub struct VerbsCounters {
     pub signalled_completions: u64,
     /// RDMA READs posted.
     pub rdma_reads: u64,
+    /// Those whose page bytes landed in a pool page directly (a scatter list into a
+    /// registered chunk), with no copy.
+    pub reads_landed: u64,
+    /// Page pool chunks registered for READs to land in.
+    pub chunks_registered: u64,
     /// RDMA WRITEs with immediate posted (stream pieces larger than a SEND).
     pub rdma_writes: u64,
     /// `ibv_post_send` calls that posted stream pieces: each a chain of every piece one turn
@@ -319,6 +346,8 @@ struct AtomicCounters {
     credit: AtomicU64,
     signalled: AtomicU64,
     reads: AtomicU64,
+    landed: AtomicU64,
+    chunks: AtomicU64,
     chains: AtomicU64,
     writes: AtomicU64,
     written: AtomicU64,
@@ -732,6 +761,10 @@ impl VerbsTransport {
             epoll,
             links,
             _registration: registration,
+            chunks: LandingChunks {
+                enabled: config.land_in_pool,
+                ..LandingChunks::default()
+            },
             receive_slots: config.endpoint.receive_slots,
             send_slots: config.endpoint.send_slots,
             signal_every: u64::from(config.signal_every),
@@ -768,13 +801,17 @@ impl VerbsTransport {
     }
 
     /// Starts one RDMA READ of the slot of `page` in `home`'s published table; the slot's bytes
-    /// arrive on the returned channel (judge them with [`published::judge`]). `Ok(None)`: the
-    /// home publishes no table. The channel closes without an answer if the peer goes away.
+    /// arrive on the returned channel (judge them with [`published::judge`]). With a
+    /// `landing` page, the slot's page bytes arrive in it, by the READ itself when its pool
+    /// chunk is registered (it is, on first use, once per chunk), else copied (judge with
+    /// [`published::judge_in_place`]). `Ok(None)`: the home publishes no table. The channel
+    /// closes without an answer if the peer goes away.
     pub fn read_published(
         &self,
         home: NodeId,
         page: u64,
-    ) -> Result<Option<Receiver<SlotBytes>>, TransportError> {
+        landing: Option<PageBox>,
+    ) -> Result<Option<Receiver<SlotRead>>, TransportError> {
         self.check_running()?;
         let peer = self.shared.peer(home)?;
         let Some(table) = peer.table else {
@@ -791,6 +828,7 @@ impl VerbsTransport {
             }
             q.jobs.push_back(ReadJob {
                 slot: published::slot_of(page, table.slots),
+                landing,
                 reply,
             });
         }
@@ -807,6 +845,8 @@ impl VerbsTransport {
             credit_messages: v.credit.load(Ordering::Relaxed),
             signalled_completions: v.signalled.load(Ordering::Relaxed),
             rdma_reads: v.reads.load(Ordering::Relaxed),
+            reads_landed: v.landed.load(Ordering::Relaxed),
+            chunks_registered: v.chunks.load(Ordering::Relaxed),
             rdma_writes: v.writes.load(Ordering::Relaxed),
             send_chains: v.chains.load(Ordering::Relaxed),
             bytes_written: v.written.load(Ordering::Relaxed),
@@ -1103,8 +1143,10 @@ struct Link {
     last_rx: Instant,
     last_tx: Instant,
     goodbye_queued: bool,
-    /// Posted READs of the peer's table: (sequence number, target in the data region, job).
-    reads_in_flight: Vec<(u64, usize, ReadJob)>,
+    /// Posted READs of the peer's table: (sequence number, target in the data region,
+    /// whether the page lands in the job's page, job). Declared after `endpoint`: dropping a
+    /// link destroys its queue pair before it frees the pages lent to READs.
+    reads_in_flight: Vec<(u64, usize, bool, ReadJob)>,
     ring: WriteRing,
 }
 
@@ -1206,6 +1248,9 @@ struct IoThread {
     /// The published table's registration, shared by every link's queue pair: dropped after
     /// the links (peers READ it until their queue pairs are gone).
     _registration: Option<TableRegistration>,
+    /// The page pool chunks READs land in, registered once each: dropped after the links
+    /// (whose queue pairs may have READs into them in flight).
+    chunks: LandingChunks,
     receive_slots: u32,
     send_slots: u32,
     signal_every: u64,
@@ -1279,13 +1324,15 @@ impl IoThread {
         let v = &self.shared.verbs;
         tracing::info!(
             node = self.shared.rank,
-            "rdma-verbs transport closed: work requests posted {}, inline sends {}, credit messages {}, signalled completions {}, receives {}, RDMA READs {}, RDMA WRITEs {} ({} bytes), posts of chained pieces {}",
+            "rdma-verbs transport closed: work requests posted {}, inline sends {}, credit messages {}, signalled completions {}, receives {}, RDMA READs {} ({} into pool pages, {} pool chunks registered), RDMA WRITEs {} ({} bytes), posts of chained pieces {}",
             v.posted.load(Ordering::Relaxed),
             v.inline.load(Ordering::Relaxed),
             v.credit.load(Ordering::Relaxed),
             v.signalled.load(Ordering::Relaxed),
             v.receives.load(Ordering::Relaxed),
             v.reads.load(Ordering::Relaxed),
+            v.landed.load(Ordering::Relaxed),
+            v.chunks.load(Ordering::Relaxed),
             v.writes.load(Ordering::Relaxed),
             v.written.load(Ordering::Relaxed),
             v.chains.load(Ordering::Relaxed),
@@ -1363,13 +1410,11 @@ impl IoThread {
                     i += 1;
                     continue;
                 }
-                let (_, target, job) = link.reads_in_flight.swap_remove(i);
-                let mut bytes = Box::new([0u8; SLOT_BYTES]);
-                link.endpoint
-                    .copy_out(target * SLOT_BYTES, &mut bytes[..])
+                let (_, target, landed, job) = link.reads_in_flight.swap_remove(i);
+                let read = finish_read(&link.endpoint, target, landed, job.landing)
                     .map_err(|e| End::Lost(rdma_loss(&e)))?;
                 // A reader that gave up has dropped its receiver; nothing to do then.
-                let _ = job.reply.try_send(bytes);
+                let _ = job.reply.try_send(read);
             }
         }
         // New READs, while a target and a send-queue entry are free.
@@ -1378,22 +1423,33 @@ impl IoThread {
                 && link.next_seq - link.done_seq < u64::from(send_slots)
                 && !link.goodbye_queued
             {
-                let Some(job) = lock(&peer.reads).jobs.pop_front() else {
+                let Some(mut job) = lock(&peer.reads).jobs.pop_front() else {
                     break;
                 };
                 let target = (0..READ_TARGETS)
-                    .find(|t| link.reads_in_flight.iter().all(|(_, used, _)| used != t))
+                    .find(|t| link.reads_in_flight.iter().all(|(_, used, _, _)| used != t))
                     .unwrap_or(0);
-                link.endpoint
-                    .post_read(
-                        table.region,
-                        target * SLOT_BYTES,
-                        published::slot_offset(job.slot),
-                        SLOT_BYTES,
-                        link.next_seq,
-                    )
-                    .map_err(|e| End::Lost(rdma_loss(&e)))?;
-                link.reads_in_flight.push((link.next_seq, target, job));
+                let registration = match job.landing.as_ref() {
+                    Some(page) if link.endpoint.max_scatter() >= 3 => {
+                        self.chunks.registration(&link.endpoint, page, &shared)
+                    }
+                    _ => None,
+                };
+                let landed = registration.is_some();
+                post_slot_read(
+                    &mut link.endpoint,
+                    table,
+                    job.slot,
+                    target,
+                    registration.zip(job.landing.as_mut()),
+                    link.next_seq,
+                )
+                .map_err(|e| End::Lost(rdma_loss(&e)))?;
+                if landed {
+                    shared.verbs.landed.fetch_add(1, Ordering::Relaxed);
+                }
+                link.reads_in_flight
+                    .push((link.next_seq, target, landed, job));
                 link.next_seq += 1;
                 shared.verbs.posted.fetch_add(1, Ordering::Relaxed);
                 shared.verbs.reads.fetch_add(1, Ordering::Relaxed);
@@ -1774,6 +1830,115 @@ fn decode_stream(
                 }))
             }
         }
+    }
+}
+
+/// Posts the READ of `slot` of the peer's `table`: whole into READ target `target` of the data
+/// region, or, with a registered landing page, its head and tail there and its page bytes
+/// into the page (one work request, a scatter list of three).
+fn post_slot_read(
+    endpoint: &mut Endpoint,
+    table: PeerTable,
+    slot: usize,
+    target: usize,
+    landing: Option<(&ChunkRegistration, &mut PageBox)>,
+    tag: u64,
+) -> Result<u64, VerbsError> {
+    let base = target * SLOT_BYTES;
+    let remote = published::slot_offset(slot);
+    let Some((registration, page)) = landing else {
+        return endpoint.post_read(table.region, base, remote, SLOT_BYTES, tag);
+    };
+    let (data, tail) = published::PAGE_PART;
+    endpoint.post_read_scattered(
+        table.region,
+        remote,
+        &[
+            ReadPiece::Region {
+                offset: base,
+                len: data,
+            },
+            ReadPiece::Chunk {
+                registration,
+                addr: page.as_mut_ptr() as usize,
+                len: PAGE_BYTES,
+            },
+            ReadPiece::Region {
+                offset: base + tail,
+                len: SLOT_BYTES - tail,
+            },
+        ],
+        tag,
+    )
+}
+
+/// A completed READ from target `target`, as its reader takes it: the slot's bytes, and its
+/// page bytes in the landing page (copied there unless they `landed` there).
+fn finish_read(
+    endpoint: &Endpoint,
+    target: usize,
+    landed: bool,
+    landing: Option<PageBox>,
+) -> Result<SlotRead, VerbsError> {
+    let mut bytes = Box::new([0u8; SLOT_BYTES]);
+    endpoint.copy_out(target * SLOT_BYTES, &mut bytes[..])?;
+    let mut page = landing;
+    if let (Some(page), false) = (page.as_mut(), landed) {
+        let (data, tail) = published::PAGE_PART;
+        page.copy_from_slice(&bytes[data..tail]);
+    }
+    Ok(SlotRead {
+        bytes,
+        page,
+        landed,
+    })
+}
+
+/// The page pool chunks registered for READs to land in (see [`ChunkRegistration`]), by
+/// chunk start; `None`: registering failed (usually the locked-memory limit), and READs into
+/// that chunk's pages land in the data region and are copied.
+#[derive(Default)]
+struct LandingChunks {
+    by_start: std::collections::HashMap<usize, Option<ChunkRegistration>>,
+    /// Set once a registration failed: said once in the log.
+    refused: bool,
+    /// [`VerbsConfig::land_in_pool`].
+    enabled: bool,
+}
+
+impl LandingChunks {
+    /// The registration of `page`'s chunk, registering it now if it is new.
+    fn registration(
+        &mut self,
+        endpoint: &Endpoint,
+        page: &PageBox,
+        shared: &Shared,
+    ) -> Option<&ChunkRegistration> {
+        if !self.enabled {
+            return None;
+        }
+        let start = page.chunk_start();
+        let entry = self.by_start.entry(start).or_insert_with(|| {
+            match endpoint.domain().register_chunk(page.chunk()) {
+                Ok(registration) => {
+                    shared.verbs.chunks.fetch_add(1, Ordering::Relaxed);
+                    Some(registration)
+                }
+                Err(e) => {
+                    if !self.refused {
+                        tracing::warn!(
+                            node = shared.rank,
+                            "registering a page pool chunk for RDMA READs failed ({e}); \
+                             READs into its pages are copied from the transport's region \
+                             (raise the locked-memory limit, ulimit -l, to avoid the copy)"
+                        );
+                    }
+                    self.refused = true;
+                    None
+                }
+            }
+        });
+        entry.as_ref()
     }
 }
 
