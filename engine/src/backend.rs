@@ -44,6 +44,13 @@ pub trait Backend: Send + Sync {
     /// A runner is about to start at `snapshot_ts` and may use `ranges`: a backend whose
     /// pages are remote fetches them now, in one batch, rather than one at a time later.
     fn prefetch(&self, _ranges: &[Range], _snapshot_ts: u64) {}
+    /// A worker found nothing to run and is about to sleep (for at most `sched::IDLE_WAIT`):
+    /// a backend whose transport has completions to poll does so here, on the idle worker,
+    /// rather than waiting for its I/O thread to wake. `true` if that did anything (the worker
+    /// then looks for tasks again at once).
+    fn idle(&self) -> bool {
+        false
+    }
     /// Checks `writes` against commits after `snapshot_ts` and commits in flight, and holds
     /// intents on their pages; blocks until every home answered.
     fn prepare(&self, txn: TxnId, snapshot_ts: u64, writes: &[PageWrite]) -> Result<(), Conflict>;

@@ -752,12 +752,16 @@ impl Executor for Shared {
     }
 
     fn idle(&self, ctx: &mut WorkerCtx<Task>) -> bool {
-        let mut inbox = lock(&self.inbox);
-        let found = !inbox.is_empty();
-        while let Some(task) = inbox.pop_front() {
-            ctx.push(task);
-        }
-        found
+        let found = {
+            let mut inbox = lock(&self.inbox);
+            let found = !inbox.is_empty();
+            while let Some(task) = inbox.pop_front() {
+                ctx.push(task);
+            }
+            found
+        };
+        // The inbox first: a task found there is worth more than a turn of transport work.
+        found || self.backend.idle()
     }
 
     fn log_progress(&self, elapsed: Duration) {

@@ -1177,10 +1177,14 @@ impl Endpoint {
     /// Posts a signalled RDMA READ of the bytes at `remote_offset` of `remote` into `pieces`,
     /// one after the other (a scatter list: up to [`Endpoint::max_scatter`] pieces), without
     /// waiting; completes as [`Endpoint::post_read`] does. Every piece is checked to lie in the
-    /// data region or in its registered chunk. A chunk piece is written by the device until
-    /// the completion: its memory must be lent to the READ until then (no reference to it,
-    /// nothing else writing it), and its registration kept.
-    pub fn post_read_scattered(
+    /// data region or in its registered chunk.
+    ///
+    /// # Safety
+    /// The device writes every `Chunk` piece until the READ completes: until its completion
+    /// is reaped (or this endpoint's queue pair is destroyed), nothing may read, write or free
+    /// that memory, nor deregister its chunk. (The data region pieces need no promise: the
+    /// region is only ever reached by copies.)
+    pub unsafe fn post_read_scattered(
         &mut self,
         remote: RemoteRegion,
         remote_offset: u64,

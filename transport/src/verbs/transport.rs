@@ -299,6 +299,9 @@ pub struct VerbsCounters {
     pub reads_landed: u64,
     /// Page pool chunks registered for READs to land in.
     pub chunks_registered: u64,
+    /// Turns of the I/O work that did something, taken by callers of
+    /// [`VerbsTransport::progress`] (idle workers, waiting readers) rather than the I/O thread.
+    pub caller_turns: u64,
     /// RDMA WRITEs with immediate posted (stream pieces larger than a SEND).
     pub rdma_writes: u64,
     /// `ibv_post_send` calls that posted stream pieces: each a chain of every piece one turn
@@ -346,6 +349,7 @@ struct AtomicCounters {
     credit: AtomicU64,
     signalled: AtomicU64,
     reads: AtomicU64,
+    caller_turns: AtomicU64,
     landed: AtomicU64,
     chunks: AtomicU64,
     chains: AtomicU64,
@@ -486,6 +490,10 @@ impl Shared {
 /// The RDMA verbs transport. Dropping it closes it gracefully (see [`VerbsTransport::close`]).
 pub struct VerbsTransport {
     shared: Arc<Shared>,
+    /// The I/O thread's state: the thread takes it for each turn and lets go while it
+    /// sleeps, so that a caller with nothing better to do can take a turn itself
+    /// ([`VerbsTransport::progress`]).
+    io: Arc<Mutex<IoThread>>,
     thread: Option<JoinHandle<()>>,
     device: String,
 }
@@ -756,9 +764,10 @@ impl VerbsTransport {
                 ring: WriteRing::new(b.peer_ring, config.write_ring_bytes),
             });
         }
-        let mut io = IoThread {
+        let epoll = Arc::new(epoll);
+        let io = IoThread {
             shared: Arc::clone(&shared),
-            epoll,
+            epoll: Arc::clone(&epoll),
             links,
             _registration: registration,
             chunks: LandingChunks {
@@ -772,13 +781,19 @@ impl VerbsTransport {
             peer_timeout: Duration::from_millis(tcp.peer_timeout_ms.max(1)),
             message_bytes: config.endpoint.message_bytes,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("dvm-verbs-io-{}", tcp.rank))
-            .spawn(move || io.run())
-            .map_err(io_err("spawning the I/O thread"))?;
+        let io = Arc::new(Mutex::new(io));
+        let thread = {
+            let io = Arc::clone(&io);
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("dvm-verbs-io-{}", tcp.rank))
+                .spawn(move || run_io(&io, &epoll, &shared))
+                .map_err(io_err("spawning the I/O thread"))?
+        };
         tracing::info!(node = tcp.rank, %device, "rdma-verbs transport connected");
         Ok(VerbsTransport {
             shared,
+            io,
             thread: Some(thread),
             device,
         })
@@ -847,11 +862,36 @@ impl VerbsTransport {
             rdma_reads: v.reads.load(Ordering::Relaxed),
             reads_landed: v.landed.load(Ordering::Relaxed),
             chunks_registered: v.chunks.load(Ordering::Relaxed),
+            caller_turns: v.caller_turns.load(Ordering::Relaxed),
             rdma_writes: v.writes.load(Ordering::Relaxed),
             send_chains: v.chains.load(Ordering::Relaxed),
             bytes_written: v.written.load(Ordering::Relaxed),
             receives: v.receives.load(Ordering::Relaxed),
         }
+    }
+
+    /// Takes one turn of the I/O thread's work on the caller's thread (completions, READs
+    /// finished and posted, receives, sends) unless the I/O thread is in one: what a worker
+    /// with nothing to run, or a reader waiting for its READ, does instead of waiting for the
+    /// I/O thread to wake on a completion channel. Never blocks; `true` if it did anything.
+    pub fn progress(&self) -> bool {
+        if self.shared.stop.load(Ordering::Acquire) != RUN {
+            return false;
+        }
+        let Ok(mut io) = self.io.try_lock() else {
+            return false;
+        };
+        let mut events = Vec::new();
+        let busy = io.turn(&mut events);
+        drop(io);
+        self.shared.push_events(&mut events);
+        if busy {
+            self.shared
+                .verbs
+                .caller_turns
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        busy
     }
 
     /// Leave gracefully: queue a Goodbye to every live peer, wait (bounded) until everything
@@ -1243,7 +1283,7 @@ impl WriteRing {
 
 struct IoThread {
     shared: Arc<Shared>,
-    epoll: Epoll,
+    epoll: Arc<Epoll>,
     links: Vec<Option<Link>>,
     /// The published table's registration, shared by every link's queue pair: dropped after
     /// the links (peers READ it until their queue pairs are gone).
@@ -1265,57 +1305,51 @@ enum End {
     Lost(LossReason),
 }
 
+/// The I/O thread: a turn of work under the state's lock, then, unless busy, a sleep in
+/// epoll (the lock let go, so callers of `progress` may take turns meanwhile) until a
+/// completion channel, a socket or the wake eventfd fires or the next timer is due.
+fn run_io(io: &Mutex<IoThread>, epoll: &Epoll, shared: &Shared) {
+    let mut events = Vec::new();
+    let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 16];
+    loop {
+        let timeout = {
+            let mut io = lock(io);
+            match shared.stop.load(Ordering::Acquire) {
+                RUN => {}
+                STOP_GRACEFUL => {
+                    io.close_gracefully();
+                    break;
+                }
+                _ => break,
+            }
+            let busy = io.turn(&mut events);
+            shared.push_events(&mut events);
+            if busy {
+                Duration::ZERO
+            } else {
+                io.next_timer()
+            }
+        };
+        let n = match epoll.wait(&mut ready, timeout) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(node = shared.rank, "epoll_wait: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                0
+            }
+        };
+        lock(io).take_channel_events(&ready[..n], &mut events);
+    }
+    lock(io).finish();
+}
+
 fn rdma_loss(e: &VerbsError) -> LossReason {
     LossReason::Rdma(e.to_string())
 }
 
 impl IoThread {
-    fn run(&mut self) {
-        let mut events = Vec::new();
-        let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 16];
-        loop {
-            match self.shared.stop.load(Ordering::Acquire) {
-                RUN => {}
-                STOP_GRACEFUL => {
-                    self.close_gracefully();
-                    break;
-                }
-                _ => break,
-            }
-            let busy = self.turn(&mut events);
-            self.shared.push_events(&mut events);
-            let timeout = if busy {
-                Duration::ZERO
-            } else {
-                self.next_timer()
-            };
-            let n = match self.epoll.wait(&mut ready, timeout) {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::error!(node = self.shared.rank, "epoll_wait: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                    0
-                }
-            };
-            for ev in &ready[..n] {
-                let data = ev.u64;
-                let rank = (data & 0xffff_ffff) as usize;
-                match data >> 32 {
-                    TOKEN_WAKE => drain_eventfd(self.shared.eventfd.raw()),
-                    TOKEN_CHANNEL => {
-                        if let Some(link) = self.links.get_mut(rank).and_then(Option::as_mut) {
-                            if let Err(e) = link.endpoint.take_channel_events() {
-                                let reason = rdma_loss(&e);
-                                self.end_link(rank, End::Lost(reason), &mut events);
-                            }
-                        }
-                    }
-                    // Sockets are read in every turn.
-                    _ => {}
-                }
-            }
-        }
-        // Every link's verbs objects are destroyed here (Endpoint's drop order).
+    /// Destroys every link's verbs objects (Endpoint's drop order) and logs the counters.
+    fn finish(&mut self) {
         for rank in 0..self.links.len() {
             if let Some(link) = self.links.get_mut(rank).and_then(Option::take) {
                 self.forget(link);
@@ -1324,7 +1358,7 @@ impl IoThread {
         let v = &self.shared.verbs;
         tracing::info!(
             node = self.shared.rank,
-            "rdma-verbs transport closed: work requests posted {}, inline sends {}, credit messages {}, signalled completions {}, receives {}, RDMA READs {} ({} into pool pages, {} pool chunks registered), RDMA WRITEs {} ({} bytes), posts of chained pieces {}",
+            "rdma-verbs transport closed: work requests posted {}, inline sends {}, credit messages {}, signalled completions {}, receives {}, RDMA READs {} ({} into pool pages, {} pool chunks registered), RDMA WRITEs {} ({} bytes), posts of chained pieces {}, turns taken by callers {}",
             v.posted.load(Ordering::Relaxed),
             v.inline.load(Ordering::Relaxed),
             v.credit.load(Ordering::Relaxed),
@@ -1336,7 +1370,29 @@ impl IoThread {
             v.writes.load(Ordering::Relaxed),
             v.written.load(Ordering::Relaxed),
             v.chains.load(Ordering::Relaxed),
+            v.caller_turns.load(Ordering::Relaxed),
         );
+    }
+
+    /// After an epoll wait: acknowledges the completion channels that fired.
+    fn take_channel_events(&mut self, ready: &[libc::epoll_event], events: &mut Vec<Event>) {
+        for ev in ready {
+            let data = ev.u64;
+            let rank = (data & 0xffff_ffff) as usize;
+            match data >> 32 {
+                TOKEN_WAKE => drain_eventfd(self.shared.eventfd.raw()),
+                TOKEN_CHANNEL => {
+                    if let Some(link) = self.links.get_mut(rank).and_then(Option::as_mut) {
+                        if let Err(e) = link.endpoint.take_channel_events() {
+                            let reason = rdma_loss(&e);
+                            self.end_link(rank, End::Lost(reason), events);
+                        }
+                    }
+                }
+                // Sockets are read in every turn.
+                _ => {}
+            }
+        }
     }
 
     /// Time until the next heartbeat or timeout check.
@@ -1850,26 +1906,32 @@ fn post_slot_read(
         return endpoint.post_read(table.region, base, remote, SLOT_BYTES, tag);
     };
     let (data, tail) = published::PAGE_PART;
-    endpoint.post_read_scattered(
-        table.region,
-        remote,
-        &[
-            ReadPiece::Region {
-                offset: base,
-                len: data,
-            },
-            ReadPiece::Chunk {
-                registration,
-                addr: page.as_mut_ptr() as usize,
-                len: PAGE_BYTES,
-            },
-            ReadPiece::Region {
-                offset: base + tail,
-                len: SLOT_BYTES - tail,
-            },
-        ],
-        tag,
-    )
+    // SAFETY: the page is the job's, which its link keeps in `reads_in_flight` untouched
+    // until the READ's completion has been reaped, or drops only after the link's queue pair
+    // is destroyed (`Link` declares `endpoint` first); the chunk registration lives in the
+    // I/O state's `chunks`, dropped after every link.
+    unsafe {
+        endpoint.post_read_scattered(
+            table.region,
+            remote,
+            &[
+                ReadPiece::Region {
+                    offset: base,
+                    len: data,
+                },
+                ReadPiece::Chunk {
+                    registration,
+                    addr: page.as_mut_ptr() as usize,
+                    len: PAGE_BYTES,
+                },
+                ReadPiece::Region {
+                    offset: base + tail,
+                    len: SLOT_BYTES - tail,
+                },
+            ],
+            tag,
+        )
+    }
 }
 
 /// A completed READ from target `target`, as its reader takes it: the slot's bytes, and its
