@@ -440,35 +440,48 @@ impl Drop for CompletionQueue {
     }
 }
 
-/// A page-aligned, zeroed buffer registered as one memory region; deregistered, then freed, on
-/// drop.
+/// Who owns the memory of a [`MemoryRegion`].
+enum Owner {
+    /// The region itself: allocated with `layout` when registered, freed after deregistration.
+    Region,
+    /// A published-page table: the table owns the buffer (and outlives the registration
+    /// through this `Arc`), so drop only deregisters.
+    Table { _table: Arc<PublishedTable> },
+    /// A page pool's chunk: the pool owns the memory, the lease keeps it mapped until after
+    /// deregistration, so drop only deregisters.
+    Chunk(ChunkLease),
+}
+
+/// A page-aligned buffer registered as one memory region; deregistered (then freed, if the
+/// region owns it) on drop.
 struct MemoryRegion {
     mr: NonNull<sys::ibv_mr>,
     buf: NonNull<u8>,
     layout: Layout,
     _pd: Arc<ProtectionDomain>,
-    /// A published-page table registered here: the table owns the buffer (and outlives the
-    /// registration through this `Arc`), so drop only deregisters.
-    table: Option<Arc<PublishedTable>>,
-    /// A page pool's chunk registered here: the pool owns the memory, the lease keeps it
-    /// mapped until after deregistration, so drop only deregisters.
-    chunk: Option<ChunkLease>,
+    owner: Owner,
 }
 
-// SAFETY: the buffer is owned by this value; the pointers are used through verbs calls (thread-
-// safe) and copies made under `&mut Endpoint`.
+// SAFETY: the buffer is owned by this value or kept alive by its owner; the pointers are used
+// through verbs calls (thread-safe) and copies made under `&mut Endpoint`.
 unsafe impl Send for MemoryRegion {}
 
+fn region_layout(bytes: usize, call: &'static str) -> Result<Layout, VerbsError> {
+    Layout::from_size_align(bytes.max(1), 4096).map_err(|_| VerbsError::Call {
+        call,
+        errno: libc::EINVAL,
+    })
+}
+
 impl MemoryRegion {
+    /// A zeroed buffer of `bytes` registered for local writes, and for the peer's READs and
+    /// WRITEs when `remote`.
     fn new(
         pd: &Arc<ProtectionDomain>,
         bytes: usize,
         remote: bool,
     ) -> Result<MemoryRegion, VerbsError> {
-        let layout = Layout::from_size_align(bytes.max(1), 4096).map_err(|_| VerbsError::Call {
-            call: "region layout",
-            errno: libc::EINVAL,
-        })?;
+        let layout = region_layout(bytes, "region layout")?;
         // SAFETY: the layout has a non-zero size.
         let buf = unsafe { std::alloc::alloc_zeroed(layout) };
         let buf = NonNull::new(buf).ok_or(VerbsError::Call {
@@ -481,30 +494,9 @@ impl MemoryRegion {
                 | sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ
                 | sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
         }
-        // SAFETY: the PD is alive (Arc); `buf` points to `layout.size()` bytes that stay
-        // allocated until after the MR is deregistered (Drop order below). NULL with errno on
-        // failure.
-        let mr = unsafe {
-            sys::ibv_reg_mr(
-                pd.pd.as_ptr(),
-                buf.as_ptr().cast(),
-                layout.size(),
-                access.0 as c_int,
-            )
-        };
-        let Some(mr) = NonNull::new(mr) else {
-            let err = null_error("ibv_reg_mr");
+        MemoryRegion::register(pd, buf, layout, access, Owner::Region).inspect_err(|_| {
             // SAFETY: allocated above with this layout and not registered.
             unsafe { std::alloc::dealloc(buf.as_ptr(), layout) };
-            return Err(err);
-        };
-        Ok(MemoryRegion {
-            mr,
-            buf,
-            layout,
-            _pd: Arc::clone(pd),
-            table: None,
-            chunk: None,
         })
     }
 
@@ -518,24 +510,17 @@ impl MemoryRegion {
             call: "registering the published table",
             errno: libc::EINVAL,
         })?;
-        let layout = Layout::from_size_align(len, 4096).map_err(|_| VerbsError::Call {
-            call: "table layout",
-            errno: libc::EINVAL,
-        })?;
+        let layout = region_layout(len, "table layout")?;
         let access = sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
-        // SAFETY: the PD is alive (Arc); the table's buffer of `len` bytes stays allocated while
-        // this region holds the table's Arc, i.e. until after deregistration. NULL with errno on
-        // failure.
-        let mr = unsafe { sys::ibv_reg_mr(pd.pd.as_ptr(), ptr.cast(), len, access.0 as c_int) };
-        let mr = NonNull::new(mr).ok_or_else(|| null_error("ibv_reg_mr"))?;
-        Ok(MemoryRegion {
-            mr,
+        MemoryRegion::register(
+            pd,
             buf,
             layout,
-            _pd: Arc::clone(pd),
-            table: Some(Arc::clone(table)),
-            chunk: None,
-        })
+            access,
+            Owner::Table {
+                _table: Arc::clone(table),
+            },
+        )
     }
 
     /// Registers a page pool's chunk for local writes only: RDMA READs land in its pages.
@@ -547,16 +532,26 @@ impl MemoryRegion {
             call: "registering a page pool chunk",
             errno: libc::EINVAL,
         })?;
-        let layout =
-            Layout::from_size_align(chunk.len_bytes(), 4096).map_err(|_| VerbsError::Call {
-                call: "chunk layout",
-                errno: libc::EINVAL,
-            })?;
+        let layout = region_layout(chunk.len_bytes(), "chunk layout")?;
         let access = sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
-        // SAFETY: the PD is alive (Arc); the chunk's `len` bytes stay mapped while this
-        // region holds the lease, i.e. until after deregistration. Registering only pins the
-        // pages and lets this PD's queue pairs write them when a work request names them (the
-        // lkey); no Rust reference is made. NULL with errno on failure.
+        MemoryRegion::register(pd, buf, layout, access, Owner::Chunk(chunk))
+    }
+
+    /// Registers `layout.size()` bytes at `buf`, which `owner` keeps allocated (or mapped)
+    /// until after deregistration.
+    fn register(
+        pd: &Arc<ProtectionDomain>,
+        buf: NonNull<u8>,
+        layout: Layout,
+        access: sys::ibv_access_flags,
+        owner: Owner,
+    ) -> Result<MemoryRegion, VerbsError> {
+        // SAFETY: the PD is alive (Arc); `buf` points to `layout.size()` bytes that stay
+        // allocated until after the MR is deregistered: the region's own allocation is freed
+        // only after deregistration (Drop below), a table's buffer and a pool chunk live as
+        // long as the `owner` this region holds. Registering pins the pages and lets this
+        // PD's queue pairs (and, with remote access, the peers') reach them through work
+        // requests; no Rust reference is made. NULL with errno on failure.
         let mr = unsafe {
             sys::ibv_reg_mr(
                 pd.pd.as_ptr(),
@@ -571,9 +566,16 @@ impl MemoryRegion {
             buf,
             layout,
             _pd: Arc::clone(pd),
-            table: None,
-            chunk: Some(chunk),
+            owner,
         })
+    }
+
+    /// The pool chunk this region registers, if it registers one.
+    fn chunk(&self) -> Option<&ChunkLease> {
+        match &self.owner {
+            Owner::Chunk(chunk) => Some(chunk),
+            _ => None,
+        }
     }
 
     fn len(&self) -> usize {
@@ -641,24 +643,20 @@ impl Drop for MemoryRegion {
         // destroyed first (the Endpoint declares it first).
         let rc = unsafe { sys::ibv_dereg_mr(self.mr.as_ptr()) };
         warn_teardown("ibv_dereg_mr", rc);
+        let owner = std::mem::replace(&mut self.owner, Owner::Region);
         if rc != 0 {
-            // The NIC may still reach the buffer: leaking it is the only safe choice.
-            if let Some(table) = self.table.take() {
-                std::mem::forget(table);
-            }
-            if let Some(chunk) = self.chunk.take() {
-                std::mem::forget(chunk);
-            }
+            // The NIC may still reach the buffer: leaking it (and what keeps it alive) is the
+            // only safe choice.
+            std::mem::forget(owner);
             return;
         }
-        if self.table.is_some() || self.chunk.is_some() {
-            // The table owns its buffer, the pool its chunk; each frees it when its last
-            // holder goes.
-            return;
+        if let Owner::Region = owner {
+            // SAFETY: allocated with this layout in `new`; no longer registered, so nothing
+            // else can reach it.
+            unsafe { std::alloc::dealloc(self.buf.as_ptr(), self.layout) };
         }
-        // SAFETY: allocated with this layout in `new`; no longer registered, so nothing else
-        // can reach it.
-        unsafe { std::alloc::dealloc(self.buf.as_ptr(), self.layout) };
+        // A table's buffer and a pool chunk are freed by their owners when their last holder
+        // (perhaps `owner`, dropped here) goes.
     }
 }
 
@@ -956,11 +954,7 @@ pub struct ChunkRegistration {
 impl ChunkRegistration {
     /// The scatter entry of `len` bytes at `addr`, if they lie inside the chunk.
     fn piece(&self, addr: usize, len: usize) -> Option<(u64, u32, u32)> {
-        let inside = self
-            .region
-            .chunk
-            .as_ref()
-            .is_some_and(|c| c.contains(addr, len));
+        let inside = self.region.chunk().is_some_and(|c| c.contains(addr, len));
         let len = u32::try_from(len).ok()?;
         inside.then(|| (addr as u64, len, self.region.lkey()))
     }

@@ -883,8 +883,10 @@ impl VerbsTransport {
         };
         let mut events = Vec::new();
         let busy = io.turn(&mut events);
-        drop(io);
+        // Delivered before the lock goes: the next turn's events (the I/O thread's, or
+        // another caller's) come after these, so each peer's frames stay in stream order.
         self.shared.push_events(&mut events);
+        drop(io);
         if busy {
             self.shared
                 .verbs
@@ -1305,7 +1307,9 @@ enum End {
     Lost(LossReason),
 }
 
-/// The I/O thread: a turn of work under the state's lock, then, unless busy, a sleep in
+/// The I/O thread: a turn of work under the state's lock (its events delivered before the
+/// lock goes, as `progress` does, so that per-peer order holds whoever takes the turns),
+/// then, unless busy, a sleep in
 /// epoll (the lock let go, so callers of `progress` may take turns meanwhile) until a
 /// completion channel, a socket or the wake eventfd fires or the next timer is due.
 fn run_io(io: &Mutex<IoThread>, epoll: &Epoll, shared: &Shared) {
@@ -1338,7 +1342,9 @@ fn run_io(io: &Mutex<IoThread>, epoll: &Epoll, shared: &Shared) {
                 0
             }
         };
-        lock(io).take_channel_events(&ready[..n], &mut events);
+        let mut io = lock(io);
+        io.take_channel_events(&ready[..n], &mut events);
+        shared.push_events(&mut events);
     }
     lock(io).finish();
 }
