@@ -1948,21 +1948,12 @@ fn finish_read(
     landed: bool,
     landing: Option<PageBox>,
 ) -> Result<SlotRead, VerbsError> {
-    let base = target * SLOT_BYTES;
-    let (data, tail) = published::PAGE_PART;
     let mut bytes = Box::new([0u8; SLOT_BYTES]);
+    endpoint.copy_out(target * SLOT_BYTES, &mut bytes[..])?;
     let mut page = landing;
-    match page.as_mut() {
-        None => endpoint.copy_out(base, &mut bytes[..])?,
-        // The head and tail only: the page bytes are in the page, landed there by the READ
-        // or copied there now, straight from the target.
-        Some(page) => {
-            endpoint.copy_out(base, &mut bytes[..data])?;
-            endpoint.copy_out(base + tail, &mut bytes[tail..])?;
-            if !landed {
-                endpoint.copy_out(base + data, &mut page[..])?;
-            }
-        }
+    if let (Some(page), false) = (page.as_mut(), landed) {
+        let (data, tail) = published::PAGE_PART;
+        page.copy_from_slice(&bytes[data..tail]);
     }
     Ok(SlotRead {
         bytes,
