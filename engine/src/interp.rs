@@ -724,12 +724,34 @@ fn signed_min(ty: Ty) -> i64 {
     }
 }
 
+/// A float operation whose first operand is a NaN gives that NaN, quieted (DVM decision,
+/// `docs/DISA.md`). With one NaN operand IEEE hardware gives that NaN quieted whatever the
+/// order, but with two it picks one by operand position, and a compiler may swap the
+/// operands of `+` and `*`: this rule fixes the result for every build, interpreter and JIT.
+#[cold]
+fn first_nan(op: Op, ty: Ty, a: u64) -> Step<u64> {
+    if !matches!(op, Op::Add | Op::Sub | Op::Mul | Op::Div) {
+        return Err(invalid_type(op, ty));
+    }
+    Ok(match ty {
+        Ty::F32 => (a & 0xffff_ffff) | QUIET_F32,
+        _ => a | QUIET_F64,
+    })
+}
+
+/// The quiet bit of an `f32` and of an `f64` NaN.
+pub const QUIET_F32: u64 = 1 << 22;
+pub const QUIET_F64: u64 = 1 << 51;
+
 /// `a op b` at type `ty` (raw bits in, raw bits out).
 #[inline(always)]
 pub fn arith(op: Op, ty: Ty, a: u64, b: u64) -> Step<u64> {
     match ty {
         Ty::F64 => {
             let (x, y) = (f64::from_bits(a), f64::from_bits(b));
+            if x.is_nan() {
+                return first_nan(op, ty, a);
+            }
             let r = match op {
                 Op::Add => x + y,
                 Op::Sub => x - y,
@@ -741,6 +763,9 @@ pub fn arith(op: Op, ty: Ty, a: u64, b: u64) -> Step<u64> {
         }
         Ty::F32 => {
             let (x, y) = (f32::from_bits(a as u32), f32::from_bits(b as u32));
+            if x.is_nan() {
+                return first_nan(op, ty, a);
+            }
             let r = match op {
                 Op::Add => x + y,
                 Op::Sub => x - y,

@@ -174,15 +174,16 @@ pub struct Translator<'b, 'f> {
     code: &'b [Decoded],
     start: usize,
     end: usize,
-    entries: Value,
-    gen_tag: Value,
+    /// The context (`emit::Ctx`): the TLB's entries and generation tag are loaded from it
+    /// where a probe needs them, rather than held in registers the whole call.
+    ctx: Value,
     blocks: Vec<Block>,
     exit: Block,
     /// Blocks that count the run starting at an index, then go there.
     entered: HashMap<usize, Block>,
-    /// The instruction count, kept in a register and written back on every exit.
-    count: Variable,
-    check_at: Value,
+    /// Instructions left before `check_at` (the context's count is `check_at - left`): one
+    /// register, one compare and one subtraction per run entered.
+    left: Variable,
     pages: HashMap<u64, CachedPage>,
     /// Private scratch words held in variables for the whole call (`register_words`), and
     /// whether the variable is an `f64`.
@@ -197,8 +198,21 @@ pub struct Translator<'b, 'f> {
     /// a cache would only compete for registers with the inner loop's).
     depth: Vec<u32>,
     cache_sites: bool,
-    /// The page variable of every site cache (defined as "none" on entry).
-    site_pages: Vec<Variable>,
+    /// The variables of every site cache (defined as "empty" on entry).
+    sites: Vec<SiteCache>,
+}
+
+/// One access site's cache of the last page it used: an address `addr` is on it, with its
+/// `size` bytes inside the page, exactly when `addr - lo < len` (unsigned), and is then at
+/// `addr + delta` in host memory. Empty: `len` 0, which nothing is below. One compare covers
+/// the page and the crossing check, and the host address is one addressing mode away.
+#[derive(Clone, Copy)]
+struct SiteCache {
+    lo: Variable,
+    delta: Variable,
+    len: Variable,
+    /// Stores: the page's store mask (null for a page without one).
+    mask: Option<Variable>,
 }
 
 /// A page of register-held words: no access of the region may reach its memory except through
@@ -402,6 +416,19 @@ fn probe_constant(
     }
 }
 
+/// The context's instruction count, and the instructions left before its check point (none
+/// when the count is already past it: every run entry then hands back).
+fn instructions_left(b: &mut FunctionBuilder<'_>, ctx: Value) -> (Value, Value) {
+    let instructions = b.ins().load(types::I64, trusted(), ctx, CTX_INSTRUCTIONS);
+    let check_at = b.ins().load(types::I64, trusted(), ctx, CTX_CHECK_AT);
+    let ahead = b.ins().isub(check_at, instructions);
+    let behind = b
+        .ins()
+        .icmp(IntCC::UnsignedGreaterThan, instructions, check_at);
+    let nothing = b.ins().iconst(types::I64, 0);
+    (instructions, b.ins().select(behind, nothing, ahead))
+}
+
 /// Flags for the context and the TLB entries (aligned fields that are always there).
 fn trusted() -> MemFlagsData {
     MemFlagsData::trusted()
@@ -425,10 +452,9 @@ impl<'b, 'f> Translator<'b, 'f> {
         let ctx = b.block_params(entry)[0];
         let entries = b.ins().load(types::I64, trusted(), ctx, CTX_ENTRIES);
         let gen_tag = b.ins().load(types::I64, trusted(), ctx, CTX_GEN_TAG);
-        let count = b.declare_var(types::I64);
-        let instructions = b.ins().load(types::I64, trusted(), ctx, CTX_INSTRUCTIONS);
-        b.def_var(count, instructions);
-        let check_at = b.ins().load(types::I64, trusted(), ctx, CTX_CHECK_AT);
+        let (_, left_on_entry) = instructions_left(b, ctx);
+        let left = b.declare_var(types::I64);
+        b.def_var(left, left_on_entry);
         let mut pages = HashMap::new();
         let code = program.code();
         for page in constant_pages(&code[start..end])
@@ -517,20 +543,18 @@ impl<'b, 'f> Translator<'b, 'f> {
             code: program.code(),
             start,
             end,
-            entries,
-            gen_tag,
+            ctx,
             blocks,
             exit,
             entered: HashMap::new(),
-            count,
-            check_at,
+            left,
             pages,
             regs,
             float_of: HashMap::new(),
             reg_pages,
             depth: loop_depths(&code[start..end], start),
             cache_sites: false,
-            site_pages: Vec::new(),
+            sites: Vec::new(),
         };
         let innermost = t.depth.iter().copied().max().unwrap_or(0);
         for index in start..end {
@@ -540,16 +564,22 @@ impl<'b, 'f> Translator<'b, 'f> {
             t.instruction(index);
         }
         t.b.switch_to_block(prologue);
-        // No page number is all ones (addresses have 64 bits, pages 52).
-        let none = t.b.ins().iconst(types::I64, -1);
-        for var in std::mem::take(&mut t.site_pages) {
-            t.b.def_var(var, none);
+        let zero = t.b.ins().iconst(types::I64, 0);
+        for site in std::mem::take(&mut t.sites) {
+            for var in [site.lo, site.delta, site.len].into_iter().chain(site.mask) {
+                t.b.def_var(var, zero);
+            }
         }
         let first = t.blocks[0];
         t.b.ins().jump(first, &[]);
         t.b.switch_to_block(exit);
         let value = t.b.block_params(exit)[0];
-        let instructions = t.b.block_params(exit)[1];
+        let left = t.b.block_params(exit)[1];
+        // The count on entry and what was left then, loaded again (nothing else stores them)
+        // rather than kept live through the whole call.
+        let (instructions, left_on_entry) = instructions_left(t.b, ctx);
+        let used = t.b.ins().isub(left_on_entry, left);
+        let instructions = t.b.ins().iadd(instructions, used);
         // Every exit stores the written register words back (the entry checked their pages
         // writable and maskless); a word not written since entry gets its own value back.
         for &(addr, written, _) in &words {
@@ -572,13 +602,14 @@ impl<'b, 'f> Translator<'b, 'f> {
             .b
             .ins()
             .iconst(types::I64, encode_exit(index, counted, reason));
-        let count = self.b.use_var(self.count);
-        self.b.ins().jump(self.exit, &[value.into(), count.into()]);
+        let left = self.b.use_var(self.left);
+        self.b.ins().jump(self.exit, &[value.into(), left.into()]);
     }
 
     /// A block that hands back at `index` with its run counted (none of its effects done).
     fn hand_back(&mut self, index: usize) -> Block {
         let block = self.b.create_block();
+        self.b.set_cold_block(block);
         let current = self.b.current_block();
         self.b.switch_to_block(block);
         self.exit_to(index, true, HandBack::Miss);
@@ -605,20 +636,18 @@ impl<'b, 'f> Translator<'b, 'f> {
         self.entered.insert(index, block);
         self.b.ins().jump(block, &[]);
         self.b.switch_to_block(block);
-        let count = self.b.use_var(self.count);
+        let left = self.b.use_var(self.left);
         let len = i64::from(self.code[index].run_len());
-        let next = self.b.ins().iadd_imm_s(count, len);
-        let over = self
-            .b
-            .ins()
-            .icmp(IntCC::UnsignedGreaterThan, next, self.check_at);
+        let over = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, left, len);
         let give_up = self.b.create_block();
+        self.b.set_cold_block(give_up);
         let go = self.b.create_block();
         self.b.ins().brif(over, give_up, &[], go, &[]);
         self.b.switch_to_block(give_up);
         self.exit_to(index, false, HandBack::Check);
         self.b.switch_to_block(go);
-        self.b.def_var(self.count, next);
+        let next = self.b.ins().iadd_imm_s(left, -len);
+        self.b.def_var(self.left, next);
         let target = self.blocks[index - self.start];
         self.b.ins().jump(target, &[]);
     }
@@ -634,14 +663,65 @@ impl<'b, 'f> Translator<'b, 'f> {
         }
     }
 
-    /// The page of a computed address, through a cache of one page per access site: the
-    /// TLB cannot change during a call, so the page a site last used (its number and
-    /// pointers) stays valid and a pointer walking through a page skips the hash and the
-    /// probe. Only in innermost loops (`cache_sites`). Returns the read (load) or write (store) pointer, the mask pointer
-    /// (stores) and the offset in the page; `miss` if the access crosses the page, misses
-    /// the TLB, is a store to a page without a write pointer, or reaches the memory of a page
-    /// whose words are held in variables.
-    fn site(&mut self, addr: Value, size: u32, store: bool, miss: Block) -> (Value, Value, Value) {
+    /// The host address of a computed address's `size` bytes, and the page's mask pointer
+    /// (stores; null on a page without a mask), through a cache of one page per access site:
+    /// the TLB cannot change during a call, so the page a site last used stays valid and a
+    /// pointer walking through a page skips the hash and the probe (`SiteCache`). Only in
+    /// innermost loops (`cache_sites`); elsewhere every access probes. `miss` if the access
+    /// crosses the page, misses the TLB, is a store to a page without a write pointer, or
+    /// reaches the memory of a page whose words are held in variables.
+    fn site(&mut self, addr: Value, size: u32, store: bool, miss: Block) -> (Value, Value) {
+        if !self.cache_sites {
+            let (page, offset) = self.page_inside(addr, size, miss);
+            let entry = self.probe_page(page, miss);
+            let (base, mask) = self.entry_pointers(entry, store, miss);
+            return (self.b.ins().iadd(base, offset), mask);
+        }
+        let b = &mut *self.b;
+        let site = SiteCache {
+            lo: b.declare_var(types::I64),
+            delta: b.declare_var(types::I64),
+            len: b.declare_var(types::I64),
+            mask: store.then(|| b.declare_var(types::I64)),
+        };
+        self.sites.push(site);
+        let lo = b.use_var(site.lo);
+        let len = b.use_var(site.len);
+        let from_lo = b.ins().isub(addr, lo);
+        let hit = b.ins().icmp(IntCC::UnsignedLessThan, from_lo, len);
+        let found = b.create_block();
+        let fill = b.create_block();
+        b.ins().brif(hit, found, &[], fill, &[]);
+        b.switch_to_block(fill);
+        let (page, _) = self.page_inside(addr, size, miss);
+        let entry = self.probe_page(page, miss);
+        let (base, mask) = self.entry_pointers(entry, store, miss);
+        let b = &mut *self.b;
+        let page_start = b.ins().band_imm_s(addr, !(PAGE_BYTES as i64 - 1));
+        let delta = b.ins().isub(base, page_start);
+        let len = b
+            .ins()
+            .iconst(types::I64, PAGE_BYTES as i64 + 1 - i64::from(size));
+        b.def_var(site.lo, page_start);
+        b.def_var(site.delta, delta);
+        b.def_var(site.len, len);
+        if let Some(var) = site.mask {
+            b.def_var(var, mask);
+        }
+        b.ins().jump(found, &[]);
+        b.switch_to_block(found);
+        let delta = b.use_var(site.delta);
+        let host = b.ins().iadd(addr, delta);
+        // A load's mask is never used: a constant, not a variable that would take a register.
+        let mask = match site.mask {
+            Some(var) => b.use_var(var),
+            None => b.ins().iconst(types::I64, 0),
+        };
+        (host, mask)
+    }
+
+    /// The page number and page offset of `addr`; `miss` if its `size` bytes cross the page.
+    fn page_inside(&mut self, addr: Value, size: u32, miss: Block) -> (Value, Value) {
         let b = &mut *self.b;
         let offset = b.ins().band_imm_s(addr, (PAGE_BYTES - 1) as i64);
         let last = b.ins().iadd_imm_s(offset, i64::from(size));
@@ -651,52 +731,8 @@ impl<'b, 'f> Translator<'b, 'f> {
         let inside = b.create_block();
         b.ins().brif(crosses, miss, &[], inside, &[]);
         b.switch_to_block(inside);
-        let page = b.ins().ushr_imm_s(addr, i64::from(PAGE_SHIFT));
-        let key = b.ins().bor(page, self.gen_tag);
-        if !self.cache_sites {
-            let entry = self.probe_page(page, key, miss);
-            let (base, mask) = self.entry_pointers(entry, store, miss);
-            return (base, mask, offset);
-        }
-        let site_page = b.declare_var(types::I64);
-        let site_base = b.declare_var(types::I64);
-        let site_mask = store.then(|| b.declare_var(types::I64));
-        self.site_pages.push(site_page);
-        let cached_page = b.use_var(site_page);
-        let hit = b.ins().icmp(IntCC::Equal, page, cached_page);
-        let found = b.create_block();
-        b.append_block_param(found, types::I64);
-        b.append_block_param(found, types::I64);
-        let fill = b.create_block();
-        let cached_base = b.use_var(site_base);
-        // A load's mask is never used: a constant, not a variable that would take a register.
-        let cached_mask = match site_mask {
-            Some(var) => b.use_var(var),
-            None => b.ins().iconst(types::I64, 0),
-        };
-        b.ins().brif(
-            hit,
-            found,
-            &[cached_base.into(), cached_mask.into()],
-            fill,
-            &[],
-        );
-        b.switch_to_block(fill);
-        let entry = self.probe_page(page, key, miss);
-        let (base, mask) = self.entry_pointers(entry, store, miss);
-        let b = &mut *self.b;
-        b.def_var(site_page, page);
-        b.def_var(site_base, base);
-        if let Some(var) = site_mask {
-            b.def_var(var, mask);
-        }
-        b.ins().jump(found, &[base.into(), mask.into()]);
-        b.switch_to_block(found);
-        let base = b.block_params(found)[0];
-        let mask = b.block_params(found)[1];
-        (base, mask, offset)
+        (b.ins().ushr_imm_s(addr, i64::from(PAGE_SHIFT)), offset)
     }
-
     /// A TLB entry's read pointer (loads) or write and mask pointers (stores); `miss` for a
     /// store to a page without a write pointer, or an access that reaches the memory of a
     /// register page: a store would not be seen by its variables, and a load from one whose
@@ -723,13 +759,16 @@ impl<'b, 'f> Translator<'b, 'f> {
         (base, mask)
     }
 
-    /// The TLB entry of `page` (`key`: its tag in this generation), or `miss`.
-    fn probe_page(&mut self, page: Value, key: Value, miss: Block) -> Value {
+    /// The TLB entry of `page`, or `miss`.
+    fn probe_page(&mut self, page: Value, miss: Block) -> Value {
         let b = &mut *self.b;
+        let entries = b.ins().load(types::I64, trusted(), self.ctx, CTX_ENTRIES);
+        let gen_tag = b.ins().load(types::I64, trusted(), self.ctx, CTX_GEN_TAG);
+        let key = b.ins().bor(page, gen_tag);
         let hash = b.ins().imul_imm_s(page, SET_HASH as i64);
         let set = b.ins().ushr_imm_s(hash, i64::from(SET_SHIFT));
         let set_offset = b.ins().imul_imm_s(set, 2 * ENTRY_BYTES);
-        let way0 = b.ins().iadd(self.entries, set_offset);
+        let way0 = b.ins().iadd(entries, set_offset);
         let tag0 = b.ins().load(types::I64, trusted(), way0, ENTRY_TAG);
         let hit0 = b.ins().icmp(IntCC::Equal, tag0, key);
         let found = b.create_block();
@@ -756,8 +795,16 @@ impl<'b, 'f> Translator<'b, 'f> {
     }
 
     /// Loads `size` bytes at `addr` (`constant`: its value, when known here), zero-extended
-    /// (a TLB hit; else `miss`).
-    fn load(&mut self, addr: Value, constant: Option<u64>, size: u32, miss: Block) -> Value {
+    /// (a TLB hit; else `miss`). `float`: the bits of an `f64`, loaded into a float register
+    /// (`float_of` hands the float on, so arithmetic needs no move from an integer register).
+    fn load(
+        &mut self,
+        addr: Value,
+        constant: Option<u64>,
+        size: u32,
+        float: bool,
+        miss: Block,
+    ) -> Value {
         let at = match (self.cached(constant, size), constant) {
             (Some(page), Some(known)) => {
                 let b = &mut *self.b;
@@ -767,15 +814,16 @@ impl<'b, 'f> Translator<'b, 'f> {
                 b.ins()
                     .iadd_imm_s(page.read, (known & (PAGE_BYTES as u64 - 1)) as i64)
             }
-            _ => {
-                let (base, _, offset) = self.site(addr, size, false, miss);
-                self.b.ins().iadd(base, offset)
-            }
+            _ => self.site(addr, size, false, miss).0,
         };
         let b = &mut *self.b;
         match size {
             1 => b.ins().uload8(types::I64, heap(), at, 0),
             4 => b.ins().uload32(heap(), at, 0),
+            _ if float => {
+                let x = b.ins().load(types::F64, heap(), at, 0);
+                self.f64_bits(x)
+            }
             _ => b.ins().load(types::I64, heap(), at, 0),
         }
     }
@@ -783,42 +831,49 @@ impl<'b, 'f> Translator<'b, 'f> {
     /// Stores the low `size` bytes of `value` at `addr` and marks them in the page's store
     /// mask, as `Tlb::store` does; `miss` (before any effect) for anything else.
     fn store(&mut self, addr: Value, constant: Option<u64>, size: u32, value: Value, miss: Block) {
-        let (base, offset, mask) = match (self.cached(constant, size), constant) {
+        let (at, offset, mask) = match (self.cached(constant, size), constant) {
             (Some(page), Some(known)) => {
                 let b = &mut *self.b;
-                let offset = b
-                    .ins()
-                    .iconst(types::I64, (known & (PAGE_BYTES as u64 - 1)) as i64);
-                (page.write, offset, page.mask)
+                let writable = b.create_block();
+                b.ins().brif(page.write, writable, &[], miss, &[]);
+                b.switch_to_block(writable);
+                let offset = (known & (PAGE_BYTES as u64 - 1)) as i64;
+                let at = b.ins().iadd_imm_s(page.write, offset);
+                (at, b.ins().iconst(types::I64, offset), page.mask)
             }
             _ => {
-                let (base, mask, offset) = self.site(addr, size, true, miss);
-                (base, offset, mask)
+                let (at, mask) = self.site(addr, size, true, miss);
+                let offset = self.b.ins().band_imm_s(addr, (PAGE_BYTES - 1) as i64);
+                (at, offset, mask)
             }
         };
+        // An `f64` result is stored from its float register.
+        let value = match (size, self.float_of.get(&value)) {
+            (8, Some(&x)) => x,
+            _ => value,
+        };
         let b = &mut *self.b;
-        let writable = b.create_block();
-        b.ins().brif(base, writable, &[], miss, &[]);
-        b.switch_to_block(writable);
-        let bit = b.ins().band_imm_s(offset, 63);
-        let bit_end = b.ins().iadd_imm_s(bit, i64::from(size));
-        // A store whose bits cross two mask words is left to the interpreter (rare: unaligned).
-        let crosses = b.ins().icmp_imm_s(IntCC::UnsignedGreaterThan, bit_end, 64);
-        let has_mask = b.ins().icmp_imm_s(IntCC::NotEqual, mask, 0);
-        let split = b.ins().band(crosses, has_mask);
-        let fits = b.create_block();
-        b.ins().brif(split, miss, &[], fits, &[]);
-        b.switch_to_block(fits);
-        let at = b.ins().iadd(base, offset);
-        match size {
+        let put = |b: &mut FunctionBuilder<'_>| match size {
             1 => b.ins().istore8(heap(), value, at, 0),
             4 => b.ins().istore32(heap(), value, at, 0),
             _ => b.ins().store(heap(), value, at, 0),
         };
-        let mark = b.create_block();
+        let masked = b.create_block();
+        let plain = b.create_block();
         let done = b.create_block();
-        b.ins().brif(mask, mark, &[], done, &[]);
-        b.switch_to_block(mark);
+        b.ins().brif(mask, masked, &[], plain, &[]);
+        b.switch_to_block(plain);
+        put(b);
+        b.ins().jump(done, &[]);
+        b.switch_to_block(masked);
+        let bit = b.ins().band_imm_s(offset, 63);
+        let bit_end = b.ins().iadd_imm_s(bit, i64::from(size));
+        // A store whose bits cross two mask words is left to the interpreter (rare: unaligned).
+        let crosses = b.ins().icmp_imm_s(IntCC::UnsignedGreaterThan, bit_end, 64);
+        let fits = b.create_block();
+        b.ins().brif(crosses, miss, &[], fits, &[]);
+        b.switch_to_block(fits);
+        put(b);
         let word = b.ins().ushr_imm_s(offset, 6);
         let word_offset = b.ins().ishl_imm_s(word, 3);
         let word_at = b.ins().iadd(mask, word_offset);
@@ -855,10 +910,16 @@ impl<'b, 'f> Translator<'b, 'f> {
             return if float { self.f64_bits(value) } else { value };
         }
         let at_value = self.b.ins().iconst(types::I64, at as i64);
-        self.load(at_value, Some(at), 8, miss)
+        self.load(at_value, Some(at), 8, false, miss)
     }
 
-    fn read(&mut self, operand: Operand, size: u32, miss: Block) -> Value {
+    fn read(&mut self, operand: Operand, ty: Ty, miss: Block) -> Value {
+        self.read_as(operand, ty, ty == Ty::F64, miss)
+    }
+
+    /// `read`, with an `f64` from memory loaded into a float register only if `float_load`.
+    fn read_as(&mut self, operand: Operand, ty: Ty, float_load: bool, miss: Block) -> Value {
+        let size = ty_size(ty);
         if let Operand::Imm(raw) = operand {
             let value = if size >= 8 {
                 raw
@@ -874,7 +935,7 @@ impl<'b, 'f> Translator<'b, 'f> {
             }
         }
         let (addr, constant) = self.address(operand, miss);
-        self.load(addr, constant, size, miss)
+        self.load(addr, constant, size, float_load, miss)
     }
 
     fn write(&mut self, operand: Operand, size: u32, value: Value, miss: Block) {
@@ -971,6 +1032,14 @@ impl<'b, 'f> Translator<'b, 'f> {
             } else {
                 (self.float_value(a), self.float_value(b))
             };
+            // A first operand that is a NaN gives that NaN, quieted (`interp::arith`). x86
+            // does so as long as the operands keep their order (with one NaN, any order
+            // gives it); elsewhere a signalling second NaN may win, so the interpreter
+            // computes that case.
+            if !cfg!(target_arch = "x86_64") {
+                let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+                self.miss_if(nan, miss);
+            }
             let r = match op {
                 Op::Add => self.b.ins().fadd(x, y),
                 Op::Sub => self.b.ins().fsub(x, y),
@@ -1108,14 +1177,21 @@ impl<'b, 'f> Translator<'b, 'f> {
         self.b.ins().icmp(cc, x, y)
     }
 
-    fn is_zero(&mut self, ty: Ty, a: Value) -> Value {
+    /// Whether `a` is zero (`zero`) or not (a NaN is not zero, as in the interpreter).
+    fn is_zero(&mut self, ty: Ty, a: Value, zero: bool) -> Value {
         if ty.is_float() {
             let x = self.as_f64(a, ty);
-            let zero = self.b.ins().f64const(0.0);
-            self.b.ins().fcmp(FloatCC::Equal, x, zero)
+            let z = self.b.ins().f64const(0.0);
+            let cc = if zero {
+                FloatCC::Equal
+            } else {
+                FloatCC::NotEqual
+            };
+            self.b.ins().fcmp(cc, x, z)
         } else {
             let x = self.mask(a, ty);
-            self.b.ins().icmp_imm_s(IntCC::Equal, x, 0)
+            let cc = if zero { IntCC::Equal } else { IntCC::NotEqual };
+            self.b.ins().icmp_imm_s(cc, x, 0)
         }
     }
 
@@ -1127,28 +1203,22 @@ impl<'b, 'f> Translator<'b, 'f> {
             Op::Nop => self.fall_through(index),
             Op::Conv => {
                 let (from, to) = (instr.tys[0], instr.tys[1]);
-                let value = self.read(instr.operand(0), ty_size(from), miss);
+                let value = self.read(instr.operand(0), from, miss);
                 let converted = self.convert(value, from, to);
                 self.write(instr.operand(1), ty_size(to), converted, miss);
                 self.fall_through(index);
             }
             Op::Br => {
                 let ty = instr.tys[0];
-                let size = ty_size(ty);
                 let taken = match instr.cond {
                     Cond::J => None,
                     Cond::Z | Cond::Nz => {
-                        let a = self.read(instr.operand(0), size, miss);
-                        let zero = self.is_zero(ty, a);
-                        Some(if instr.cond == Cond::Z {
-                            zero
-                        } else {
-                            self.b.ins().bxor_imm_s(zero, 1)
-                        })
+                        let a = self.read(instr.operand(0), ty, miss);
+                        Some(self.is_zero(ty, a, instr.cond == Cond::Z))
                     }
                     cond => {
-                        let a = self.read(instr.operand(0), size, miss);
-                        let b = self.read(instr.operand(1), size, miss);
+                        let a = self.read(instr.operand(0), ty, miss);
+                        let b = self.read(instr.operand(1), ty, miss);
                         Some(self.compare(cond, ty, a, b))
                     }
                 };
@@ -1169,8 +1239,12 @@ impl<'b, 'f> Translator<'b, 'f> {
             op => {
                 let ty = instr.tys[0];
                 let size = ty_size(ty);
-                let a = self.read(instr.operand(0), size, miss);
-                let b = self.read(instr.operand(1), size, miss);
+                // The first operand of a float `+` or `*` is never a float load: Cranelift
+                // would fold that load into the instruction as its second operand, and with
+                // two NaNs x86 gives the first one (`arith`).
+                let commutes = ty == Ty::F64 && matches!(op, Op::Add | Op::Mul);
+                let a = self.read_as(instr.operand(0), ty, !commutes, miss);
+                let b = self.read(instr.operand(1), ty, miss);
                 let c = self.arith(op, ty, a, b, miss);
                 self.write(instr.operand(2), size, c, miss);
                 self.fall_through(index);

@@ -317,3 +317,85 @@ fn a_header_that_always_misses_is_left_to_the_interpreter() {
     );
     assert_eq!(observed.stdout.matches('A').count(), 1000);
 }
+
+/// Two NaN operands: the first one comes out, quieted (`docs/DISA.md`, "NaN results"), however
+/// the operands are reached: through the pointer (the first operand a float load, which the
+/// code generator must not swap into the second place), directly, or as immediates.
+#[test]
+fn two_nans_give_the_first_quieted() {
+    let values: Vec<u64> = vec![
+        0x7ff0_0000_0000_0001, // signalling f64 NaN
+        0x7ff8_0000_0000_0002, // quiet f64 NaN
+        0x7f80_0001,           // signalling f32 NaN
+        0x7fc0_0002,           // quiet f32 NaN
+    ];
+    let dest = |slot: usize| DATA + 8 * (values.len() + slot) as u64;
+    let mut body = String::new();
+    let mut expected = Vec::new();
+    let mut slot = 0;
+    for op in ["add", "sub", "mul", "div"] {
+        for (ty, first, second) in [
+            ("fd", 0usize, 1usize),
+            ("fd", 1, 0),
+            ("fs", 2, 3),
+            ("fs", 3, 2),
+        ] {
+            let quiet = if ty == "fd" { 1u64 << 51 } else { 1 << 22 };
+            let modes = [
+                (
+                    format!("{}({PTR:#x})", 8 * first),
+                    format!("{}({PTR:#x})", 8 * second),
+                ),
+                (
+                    format!("{:#x}", DATA + 8 * first as u64),
+                    format!("{}({PTR:#x})", 8 * second),
+                ),
+                (
+                    format!("${:#x}", values[first]),
+                    format!("${:#x}", values[second]),
+                ),
+                (
+                    format!("{}({PTR:#x})", 8 * first),
+                    format!("${:#x}", values[second]),
+                ),
+            ];
+            for (a, b) in modes {
+                let _ = writeln!(body, "    {op}:{ty} {a}, {b}, {:#x}", dest(slot % 8));
+                let _ = writeln!(
+                    body,
+                    "    mov {:#x}:ue, {:#x}:ue",
+                    dest(slot % 8),
+                    SCRATCH + 8 * slot as u64
+                );
+                // An `f32` result writes the word's low half only.
+                let low = if ty == "fd" { u64::MAX } else { 0xffff_ffff };
+                expected.push((values[first] | quiet, low));
+                slot += 1;
+            }
+        }
+    }
+    let mut source = looped(&values, &body, 3);
+    // Print the kept results too.
+    let tail = "    exit:c\n";
+    let mut prints = String::new();
+    for k in 0..slot as u64 {
+        let _ = writeln!(prints, "    mov {:#x}:ue, 0x100001000:ue", SCRATCH + 8 * k);
+        let _ = writeln!(prints, "    mov $102:ue, 0x100000420:ue\n    int 0x80");
+        let _ = writeln!(prints, "    mov $0x20:ue, 0x100000208:ue");
+    }
+    source = source.replace(tail, &format!("{prints}{tail}"));
+    let (observed, stats) = common::same_with_jit(&source, u64::MAX, 1);
+    assert!(stats.native_instructions > 0, "the loop ran natively");
+    let words: Vec<u64> = observed
+        .stdout
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    let results: Vec<u64> = words[words.len() - slot..]
+        .iter()
+        .zip(&expected)
+        .map(|(word, (_, low))| word & low)
+        .collect();
+    let expected: Vec<u64> = expected.iter().map(|(bits, _)| *bits).collect();
+    assert_eq!(results, expected, "{source}");
+}
