@@ -10,24 +10,35 @@
 //! (division by zero, `MIN / -1`) jumps to the instruction's hand-back, which returns its index
 //! before any of its effects: the interpreter then runs it, faults included.
 //!
-//! Two caches make the hot loops cheaper than one probe per operand, both valid for a whole
-//! call because the TLB cannot change while native code runs:
-//! - A pointer access in an innermost loop of the region keeps the last page it used (tag and
-//!   pointers) in variables: while a pointer walks through one page, an access is a compare
-//!   and a load (`site`).
-//! - Private scratch words that the loop uses whole (8 bytes, direct operands and pointer
-//!   words) are held in variables (`register_words`): loaded when native code is entered,
-//!   written back on every exit, so the interpreter and fault reports see memory exactly as
-//!   if every store had been made. Accesses that could reach their memory any other way hand
-//!   back (a pointer into their page) or refuse entry (a constant page sharing their frame).
+//! What makes the hot loops cheaper than one probe per operand, all valid for a whole call
+//! because the TLB cannot change while native code runs:
+//! - Loops hold words: each private scratch word the region uses whole (8 bytes, direct
+//!   operands and pointer words) is given to one of the region's loops (`placed_words`) and
+//!   lives in a variable while that loop runs: loaded on every way in, stored back on every
+//!   way out, so the interpreter and fault reports see memory exactly as if every store had
+//!   been made. Accesses that could reach their memory any other way hand back (a pointer into
+//!   their page) or refuse entry (a constant page sharing their frame).
+//! - A pointer access in an innermost loop keeps the last page it used (`site`, `SiteCache`):
+//!   while a pointer walks through one page an access is a compare and an addressing mode.
+//! - A counted loop (`counted_sites`: one straight run whose pointers move by constants) works
+//!   out at the top of an iteration how many iterations keep every access on its page, and runs
+//!   those with no check per access (`counted_top`).
+//!
+//! Nothing else is live through a whole call: the context, the TLB's base and tag and the
+//! constant pages' pointers are in a stack frame (`FRAME_*`), the count in the pinned register.
 //!
 //! Counting: the interpreter counts a straight-line run when it enters it. Native code does
-//! the same: a jump inside the region to a run start adds that run's length to the count in the
-//! context, unless that would pass `check_at`, in which case it hands back "uncounted" and the
-//! interpreter enters the run itself (progress report, profile, `--max-instructions`).
+//! the same: a jump inside the region to a run start subtracts that run's length from the
+//! instructions left before `check_at`, unless fewer are left, in which case it hands back
+//! "uncounted" and the interpreter enters the run itself (progress report, profile,
+//! `--max-instructions`). A counted loop's branch back skips the comparison while iterations
+//! are known to fit.
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, AbiParam, Block, InstBuilder, MemFlagsData, Signature, Value};
+use cranelift_codegen::ir::{
+    types, AbiParam, Block, InstBuilder, MemFlagsData, Signature, StackSlot, StackSlotData,
+    StackSlotKind, Value,
+};
 use cranelift_frontend::{FunctionBuilder, Variable};
 use dvm_engine::codec::Operand;
 use dvm_engine::interp::{Decoded, Program};
@@ -52,6 +63,20 @@ struct CachedPage {
     write: Value,
     mask: Value,
 }
+
+/// The call's frame (one stack slot): the context, the TLB's entries and generation tag, the
+/// caller's value of the pinned register, and the fields of each cached page (`FRAME_PAGES + PAGE_FIELDS * k`: read, write, mask).
+/// Code loads what it needs from here where it needs it, so no value lives in a register
+/// through the whole call: the registers go to the loop that runs.
+const FRAME_CTX: i32 = 0;
+const FRAME_ENTRIES: i32 = 8;
+const FRAME_GEN_TAG: i32 = 16;
+const FRAME_PINNED: i32 = 24;
+const FRAME_PAGES: i32 = 32;
+const PAGE_FIELDS: i32 = 24;
+const FIELD_READ: i32 = 0;
+const FIELD_WRITE: i32 = 8;
+const FIELD_MASK: i32 = 16;
 
 /// Field offsets of `emit::Ctx`.
 pub const CTX_ENTRIES: i32 = 0;
@@ -125,6 +150,10 @@ fn signed_min(ty: Ty) -> i64 {
     }
 }
 
+fn through_pointer(operand: Operand) -> bool {
+    matches!(operand, Operand::Indirect(_) | Operand::BaseDisp { .. })
+}
+
 fn is_destination(operand: Operand) -> bool {
     !matches!(operand, Operand::Imm(_))
 }
@@ -174,43 +203,90 @@ pub struct Translator<'b, 'f> {
     code: &'b [Decoded],
     start: usize,
     end: usize,
-    /// The context (`emit::Ctx`): the TLB's entries and generation tag are loaded from it
-    /// where a probe needs them, rather than held in registers the whole call.
-    ctx: Value,
     blocks: Vec<Block>,
     exit: Block,
-    /// Blocks that count the run starting at an index, then go there.
-    entered: HashMap<usize, Block>,
-    /// Instructions left before `check_at` (the context's count is `check_at - left`): one
-    /// register, one compare and one subtraction per run entered.
-    left: Variable,
-    pages: HashMap<u64, CachedPage>,
-    /// Private scratch words held in variables for the whole call (`register_words`), and
-    /// whether the variable is an `f64`.
-    regs: HashMap<u64, (Variable, bool)>,
+    /// Blocks that count the run starting at an index, then go there, by the innermost loop
+    /// the jump comes from (leaving loops, or entering others, is part of the way).
+    entered: HashMap<(Option<usize>, usize), Block>,
+    // Instructions left before `check_at` (the context's count is `check_at - left`): one
+    // compare and one subtraction per run entered, in Cranelift's pinned register (r15 on
+    // x86-64), so that no loop has to compete with the others for the register that holds
+    // it (`emit` enables it; the caller's value is saved in the frame and put back).
+    /// The frame slot, and where each cached page's fields are in it.
+    frame: StackSlot,
+    pages: HashMap<u64, i32>,
+    /// Pages the entry checked (or refused): present, and if `true` writable without a
+    /// store mask. Constant accesses to them need no check of their own.
+    checked: HashMap<u64, bool>,
     /// The `f64` each `i64` made by `f64_bits` holds: the bits of a float result or variable
     /// go straight back into float operations without a move through an integer register.
     float_of: HashMap<Value, Value>,
-    /// The pages holding them, as probed on entry.
-    reg_pages: Vec<RegPage>,
-    /// Loop depth of each instruction of the region, and whether the current instruction is
-    /// in an innermost loop (its pointer accesses get a site cache; elsewhere the variables of
-    /// a cache would only compete for registers with the inner loop's).
-    depth: Vec<u32>,
-    cache_sites: bool,
-    /// The variables of every site cache (defined as "empty" on entry).
+    /// The region's loops (`region_loops`), and the innermost loop of each instruction
+    /// (region index).
+    loops: Vec<Loop>,
+    loop_of: Vec<Option<usize>>,
+    /// The instruction being translated, and the operand whose access is being made.
+    current: usize,
+    operand: Option<(Operand, bool)>,
+}
+
+/// A loop of the region: the private scratch words placed in it (`placed_words`) live in
+/// variables while it runs, and if it is an innermost loop its pointer accesses have site
+/// caches. What a loop holds in variables is live in that loop only, so the host's
+/// registers go to the loops that run.
+struct Loop {
+    /// The loop around it.
+    parent: Option<usize>,
+    innermost: bool,
+    /// `(address, written in the loop, float, variable)`.
+    words: Vec<(u64, bool, bool, Variable)>,
+    /// The pages of its words, as probed on entry.
+    pages: Vec<RegPage>,
+    /// Its site caches; their state is kept in stack slots outside the loop.
     sites: Vec<SiteCache>,
+    /// A counted loop's accesses, each with its page's host offset (and store mask), and the
+    /// iterations left in which all of them stay on their pages (`counted_sites`).
+    counted: Option<Counted>,
+    /// The blocks that enter the loop at an instruction from outside it, by that instruction:
+    /// they load the words and site caches of this loop and of the loops inside it that hold
+    /// the instruction.
+    stubs: Vec<(usize, Block)>,
+}
+
+fn counted_header(l: &Loop) -> usize {
+    l.counted.as_ref().map_or(0, |c| c.header)
+}
+
+/// The variables of a counted loop: per access the host offset of its page and its store
+/// mask, and the iterations left (this one included) in which every access stays on its page.
+struct Counted {
+    header: usize,
+    /// Each access, its variables, and the slot that keeps its last page between entries
+    /// into the loop (`SITE_*` layout).
+    sites: Vec<(CountedSite, Variable, Option<Variable>, StackSlot)>,
+    safe: Variable,
+    /// Where an iteration known safe starts (after the check), once translated: the loop's
+    /// branch back goes there directly while iterations are left.
+    go: Option<Block>,
 }
 
 /// One access site's cache of the last page it used: an address `addr` is on it, with its
 /// `size` bytes inside the page, exactly when `addr - lo < len` (unsigned), and is then at
 /// `addr + delta` in host memory. Empty: `len` 0, which nothing is below. One compare covers
 /// the page and the crossing check, and the host address is one addressing mode away.
+/// The layout of a site cache's stack slot.
+const SITE_LO: i32 = 0;
+const SITE_DELTA: i32 = 8;
+const SITE_LEN: i32 = 16;
+const SITE_MASK: i32 = 24;
+const SITE_BYTES: u32 = 32;
+
 #[derive(Clone, Copy)]
 struct SiteCache {
+    /// Where the cache is kept while the loop does not run: `lo`, `delta`, `len`, `mask`.
+    slot: StackSlot,
     lo: Variable,
     delta: Variable,
-    len: Variable,
     /// Stores: the page's store mask (null for a page without one).
     mask: Option<Variable>,
 }
@@ -220,7 +296,7 @@ struct SiteCache {
 /// access fills its site cache).
 #[derive(Clone, Copy)]
 struct RegPage {
-    read: Value,
+    page: u64,
     /// Some word on it is written in the region (its variable is written back on every exit).
     written: bool,
 }
@@ -243,12 +319,6 @@ fn constant_pages(code: &[Decoded]) -> Vec<u64> {
     pages.sort_by_key(|(page, count)| (std::cmp::Reverse(*count), *page));
     pages.into_iter().map(|(page, _)| page).collect()
 }
-
-/// Most words held in variables in one region, and most pages they may lie on: with more,
-/// the variables of an inner loop no longer fit the host's registers, and spilled ones cost
-/// what memory did (every one is live in the whole region, for the write-back on exit).
-const MAX_REG_WORDS: usize = 6;
-const MAX_REG_PAGES: usize = 2;
 
 /// Every constant address `d` accesses: `(address, bytes, written)`, the pointer words of
 /// indirect operands included (read as 8 bytes).
@@ -278,65 +348,115 @@ fn direct_accesses(d: &Decoded) -> Vec<(u64, u32, bool, bool)> {
     out
 }
 
-/// How many loops of the region (back edges inside it) enclose each of its instructions.
-fn loop_depths(code: &[Decoded], start: usize) -> Vec<u32> {
-    let mut depth = vec![0u32; code.len()];
-    for (at, d) in code.iter().enumerate() {
-        if let Some(target) = d.target() {
-            if (start..=start + at).contains(&target) {
-                for level in &mut depth[target - start..=at] {
-                    *level += 1;
-                }
-            }
-        }
-    }
-    depth
-}
-
-/// The private scratch words a region may keep in variables: 8-byte aligned words in the
-/// private region (not on the page of the ABI and console words, which are device registers
-/// the TLB never caches), that every constant access of the region reads or writes whole, as
-/// 8 bytes, on at most `MAX_REG_PAGES` pages. Returns `(address, written, float)`, `float`:
-/// every access is an `f64` (the variable is one, so it lives in a float register).
-///
-/// Why this is exact: the runner's private pages are its own (no other runner sees them) and
-/// carry no store mask, so a word's value lives in a variable while native code runs and is
-/// stored back on every exit, before the interpreter or anyone else can look. What remains is
-/// aliasing inside the region, which the translation rules out at run time: an access through
-/// a pointer that reaches a register page's memory hands back before its effects (after the
-/// write-back), and entry is refused when a constant page of the region shares memory with a
-/// register page.
-///
-/// Only words the loop itself uses are candidates (the region's instructions up to its last
-/// branch back into it, `start` being region index 0): their pages were all touched by the
-/// interpreted iterations before the region was entered, so entry is not refused for a page
-/// only the code after the loop touches.
-fn register_words(code: &[Decoded], start: usize) -> Vec<(u64, bool, bool)> {
-    let depth = loop_depths(code, start);
-    const SPACE_OFFSET_MASK: u64 = (1 << dvm_engine::abi::SPACE_SHIFT) - 1;
-    let abi_page = (dvm_engine::abi::PR_STACK_BASE & SPACE_OFFSET_MASK) >> PAGE_SHIFT;
-    let back_edge = code.iter().enumerate().rev().find(|(at, d)| {
-        d.target()
-            .is_some_and(|target| (start..=start + at).contains(&target))
-    });
-    let Some((loop_end, _)) = back_edge else {
-        return Vec::new();
-    };
-    let accesses: Vec<(u64, u32, bool, bool)> = code.iter().flat_map(direct_accesses).collect();
-    // Each use weighs 16 per loop level around it: the innermost loop's words come first.
-    let in_loop: Vec<(u64, u32, bool, u64)> = code[..=loop_end]
+/// The loops of a region, a properly nested family: `(first, last)` region indices of the
+/// span from a back edge's target to the back edge (`last` branches back to `first`), and the
+/// index of the smallest loop around it. Outer loops come before the loops they hold. A span
+/// that overlaps another without nesting is left out (with the larger of the two kept), so
+/// every instruction has one innermost loop.
+fn region_loops(code: &[Decoded], start: usize) -> Vec<((usize, usize), Option<usize>)> {
+    let mut spans: Vec<(usize, usize)> = code
         .iter()
-        .zip(&depth)
-        .flat_map(|(d, &level)| {
-            direct_accesses(d)
-                .into_iter()
-                .map(move |(addr, size, written, _)| {
-                    (addr, size, written, 1u64 << (4 * level.min(15)))
-                })
+        .enumerate()
+        .filter_map(|(at, d)| {
+            let target = d.target()?;
+            (start..=start + at)
+                .contains(&target)
+                .then(|| (target - start, at))
         })
         .collect();
-    let mut words: Vec<(u64, bool, bool, u64)> = Vec::new();
-    for &(addr, size, _, _) in &in_loop {
+    // Larger spans first, so that an outer loop is taken before what it holds.
+    spans.sort_by_key(|&(first, last)| (std::cmp::Reverse(last - first), first));
+    spans.dedup();
+    let mut taken: Vec<(usize, usize)> = Vec::new();
+    for (first, last) in spans {
+        let crosses = taken
+            .iter()
+            .any(|&(f, l)| f <= last && first <= l && !(f <= first && last <= l));
+        if !crosses {
+            taken.push((first, last));
+        }
+    }
+    taken
+        .iter()
+        .map(|&(first, last)| {
+            // The smallest taken span holding this one (taken holds no equal spans).
+            let parent = taken
+                .iter()
+                .enumerate()
+                .filter(|&(_, &(f, l))| f <= first && last <= l && (f, l) != (first, last))
+                .min_by_key(|&(_, &(f, l))| l - f)
+                .map(|(k, _)| k);
+            ((first, last), parent)
+        })
+        .collect()
+}
+
+/// Most words held in variables at any point of a region, integer and `f64`, and most pages
+/// they may lie on: with more, the variables of the innermost loops no longer fit the host's
+/// registers with their site caches and the count (x86-64: 14 integer registers to allocate,
+/// 16 float ones), and spilled ones cost what memory did.
+const MAX_INT_WORDS: usize = 8;
+const MAX_FLOAT_WORDS: usize = 8;
+const MAX_REG_PAGES: usize = 2;
+
+/// The private scratch words a region keeps in variables, and the loop that holds each:
+/// 8-byte aligned words in the private region (not on the page of the ABI and console words,
+/// which are device registers the TLB never caches), that every constant access of the
+/// region reads or writes whole, as 8 bytes, on at most `MAX_REG_PAGES` pages. Returns per
+/// loop `(address, written, float)`: `written`, some instruction of the loop writes it;
+/// `float`, every access of the loop is an `f64` (the variable is one, so it lives in a
+/// float register).
+///
+/// A word lives in its variable while its loop runs (the loops inside included): it is
+/// loaded on every way into the loop and stored back on every way out of it (to code outside
+/// it, or out of native code), before anything else can look; outside the loop it is in
+/// memory. Each word goes to the smallest loop that holds all its accesses made inside loops
+/// (so inner loops pass it on in a register), or to a loop inside that one when the
+/// innermost loops below it have no room left (`MAX_INT_WORDS`, `MAX_FLOAT_WORDS`); the
+/// most used words, weighted 16 per loop level, are placed first.
+///
+/// Why this is exact: the runner's private pages are its own (no other runner sees them) and
+/// carry no store mask, so nothing but this runner can read or write such a word while
+/// native code runs. What remains is aliasing in the region, which the translation rules out
+/// at run time: an access through a pointer that reaches a page of words held at that point
+/// hands back before its effects (after the write-back), and entry is refused when a
+/// constant page of the region shares memory with such a page. Their pages were touched by
+/// the interpreted iterations before the region was entered, so entry is not refused for a
+/// page only other code touches.
+fn placed_words(
+    code: &[Decoded],
+    loops: &[((usize, usize), Option<usize>)],
+) -> Vec<Vec<(u64, bool, bool)>> {
+    const SPACE_OFFSET_MASK: u64 = (1 << dvm_engine::abi::SPACE_SHIFT) - 1;
+    let abi_page = (dvm_engine::abi::PR_STACK_BASE & SPACE_OFFSET_MASK) >> PAGE_SHIFT;
+    let innermost_at = |at: usize| -> Option<usize> {
+        loops
+            .iter()
+            .enumerate()
+            .filter(|(_, ((f, l), _))| (*f..=*l).contains(&at))
+            .min_by_key(|(_, ((f, l), _))| l - f)
+            .map(|(k, _)| k)
+    };
+    let depth = |mut l: Option<usize>| -> u32 {
+        let mut d = 0;
+        while let Some(k) = l {
+            d += 1;
+            l = loops[k].1;
+        }
+        d
+    };
+    // Every constant access: (instruction, address, bytes, written, f64).
+    let accesses: Vec<(usize, u64, u32, bool, bool)> = code
+        .iter()
+        .enumerate()
+        .flat_map(|(at, d)| {
+            direct_accesses(d)
+                .into_iter()
+                .map(move |(addr, size, w, f)| (at, addr, size, w, f))
+        })
+        .collect();
+    let mut words: Vec<(u64, u64)> = Vec::new(); // (address, weight)
+    for &(_, addr, size, ..) in &accesses {
         let offset = addr & SPACE_OFFSET_MASK;
         let private =
             (dvm_engine::abi::PRIVATE_BASE..dvm_engine::abi::PRIVATE_END).contains(&offset);
@@ -349,40 +469,228 @@ fn register_words(code: &[Decoded], start: usize) -> Vec<(u64, bool, bool)> {
         if words.iter().any(|w| w.0 == addr) {
             continue;
         }
-        let overlapped = accesses.iter().any(|&(other, other_size, ..)| {
+        let overlapped = accesses.iter().any(|&(_, other, other_size, ..)| {
             let disjoint = other.saturating_add(u64::from(other_size)) <= addr || other >= addr + 8;
             !disjoint && (other, other_size) != (addr, 8)
         });
         if overlapped {
             continue;
         }
-        let written = accesses.iter().any(|&(a, _, w, _)| w && a == addr);
-        let float = accesses.iter().all(|&(a, _, _, f)| f || a != addr);
-        let weight = in_loop
+        let weight = accesses
             .iter()
-            .filter(|&&(a, ..)| a == addr)
-            .map(|&(.., weight)| weight)
+            .filter(|a| a.1 == addr)
+            .map(|a| 1u64 << (4 * depth(innermost_at(a.0)).min(15)))
             .sum();
-        words.push((addr, written, float, weight));
+        words.push((addr, weight));
     }
-    // The most used words first, on the pages most of them share.
-    words.sort_by_key(|&(addr, .., weight)| (std::cmp::Reverse(weight), addr));
-    let mut pages: Vec<u64> = Vec::new();
-    let mut out = Vec::new();
-    for (addr, written, float, _) in words {
-        let page = addr >> PAGE_SHIFT;
-        if !pages.contains(&page) {
-            if pages.len() == MAX_REG_PAGES {
-                continue;
-            }
-            pages.push(page);
+    words.sort_by_key(|&(addr, weight)| (std::cmp::Reverse(weight), addr));
+    let innermost: Vec<usize> = (0..loops.len())
+        .filter(|&k| !loops.iter().any(|(_, parent)| *parent == Some(k)))
+        .collect();
+    let holds = |outer: usize, mut inner: usize| loop {
+        if inner == outer {
+            break true;
         }
-        out.push((addr, written, float));
-        if out.len() == MAX_REG_WORDS {
-            break;
+        match loops[inner].1 {
+            Some(up) => inner = up,
+            None => break false,
+        }
+    };
+    let mut counts = vec![(0usize, 0usize); loops.len()]; // per innermost loop: (int, float)
+    let mut pages: Vec<u64> = Vec::new();
+    let mut out: Vec<Vec<(u64, bool, bool)>> = vec![Vec::new(); loops.len()];
+    for (addr, _) in words {
+        let sites: Vec<usize> = accesses
+            .iter()
+            .filter(|a| a.1 == addr)
+            .filter_map(|a| innermost_at(a.0))
+            .collect();
+        let Some(&first_site) = sites.first() else {
+            continue;
+        };
+        // The smallest loop holding every access made inside a loop; if none does (accesses
+        // in loops side by side), the outermost loop around the deepest access.
+        let mut place = Some(first_site);
+        while let Some(l) = place {
+            if sites.iter().all(|&s| holds(l, s)) {
+                break;
+            }
+            place = loops[l].1;
+        }
+        if place.is_none() {
+            let deepest = sites.iter().copied().max_by_key(|&s| depth(Some(s)));
+            place = deepest.map(|mut l| {
+                while let Some(up) = loops[l].1 {
+                    l = up;
+                }
+                l
+            });
+        }
+        let page = addr >> PAGE_SHIFT;
+        if !pages.contains(&page) && pages.len() == MAX_REG_PAGES {
+            continue;
+        }
+        while let Some(l) = place {
+            let (first, last) = loops[l].0;
+            let float = accesses
+                .iter()
+                .filter(|a| a.1 == addr && (first..=last).contains(&a.0))
+                .all(|a| a.4);
+            let room = innermost.iter().filter(|&&i| holds(l, i)).all(|&i| {
+                let (ints, floats) = counts[i];
+                if float {
+                    floats < MAX_FLOAT_WORDS
+                } else {
+                    ints < MAX_INT_WORDS
+                }
+            });
+            if room {
+                let written = accesses
+                    .iter()
+                    .any(|a| a.1 == addr && a.3 && (first..=last).contains(&a.0));
+                for &i in innermost.iter().filter(|&&i| holds(l, i)) {
+                    if float {
+                        counts[i].1 += 1;
+                    } else {
+                        counts[i].0 += 1;
+                    }
+                }
+                out[l].push((addr, written, float));
+                if !pages.contains(&page) {
+                    pages.push(page);
+                }
+                break;
+            }
+            // No room: the loop inside holding the most of its accesses, if any.
+            place = (0..loops.len())
+                .filter(|&k| loops[k].1 == Some(l))
+                .max_by_key(|&k| sites.iter().filter(|&&s| holds(k, s)).count())
+                .filter(|&k| sites.iter().any(|&s| holds(k, s)));
         }
     }
     out
+}
+
+/// A pointer access of a counted loop (`counted_sites`): instruction `index` reaches
+/// `operand` (a store if `store`, `size` bytes) at the pointer word `word` plus `offset`,
+/// counted from the value the word has when an iteration starts; the word grows by `stride`
+/// per iteration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct CountedSite {
+    index: usize,
+    operand: Operand,
+    store: bool,
+    size: u32,
+    word: u64,
+    offset: i64,
+    stride: i64,
+}
+
+/// The pointer accesses of a counted loop, if loop `first..=last` (absolute indices) is one:
+/// its body is one straight run (no branch but the last instruction, which branches back to
+/// `first`), and every pointer it goes through is a word `held` in a variable whose only
+/// writes in the loop add or subtract constants (`add:ue P, $8, P`). The address of each
+/// access then moves by a constant per iteration, so at the start of an iteration the
+/// number of iterations in which every access stays on its page is a division away: one
+/// check per iteration instead of one per access.
+fn counted_sites(
+    code: &[Decoded],
+    first: usize,
+    last: usize,
+    held: impl Fn(u64) -> bool,
+) -> Option<Vec<CountedSite>> {
+    let body = &code[first..=last];
+    let (last_d, straight) = body.split_last()?;
+    if last_d.instr.op != Op::Br || last_d.target() != Some(first) {
+        return None;
+    }
+    if straight.iter().any(|d| d.instr.op == Op::Br) {
+        return None;
+    }
+    // The constant each instruction adds to a word, if that is all it does to it.
+    let step = |d: &Decoded, word: u64| -> Option<i64> {
+        let instr = &d.instr;
+        let int8 = matches!(instr.tys[0], Ty::U64 | Ty::S64);
+        match (
+            instr.op,
+            instr.operand(0),
+            instr.operand(1),
+            instr.operand(2),
+        ) {
+            (Op::Add, Operand::Direct(a), Operand::Imm(c), Operand::Direct(b))
+                if int8 && a == word && b == word =>
+            {
+                Some(c as i64)
+            }
+            (Op::Sub, Operand::Direct(a), Operand::Imm(c), Operand::Direct(b))
+                if int8 && a == word && b == word =>
+            {
+                Some((c as i64).wrapping_neg())
+            }
+            _ => None,
+        }
+    };
+    let writes = |d: &Decoded, word: u64| {
+        direct_accesses(d)
+            .into_iter()
+            .any(|(addr, _, written, _)| written && addr == word)
+    };
+    // The stride of `word` over the body, and what it has added before instruction `at`.
+    let moves = |word: u64, upto: usize| -> Option<(i64, i64)> {
+        let mut total = 0i64;
+        let mut before = 0i64;
+        for (k, d) in body.iter().enumerate() {
+            if !writes(d, word) {
+                continue;
+            }
+            let c = step(d, word)?;
+            total = total.wrapping_add(c);
+            if k < upto {
+                before = before.wrapping_add(c);
+            }
+        }
+        Some((total, before))
+    };
+    let mut sites = Vec::new();
+    for (k, d) in body.iter().enumerate() {
+        let instr = &d.instr;
+        let ty = instr.tys[0];
+        let operands: Vec<(usize, bool, Ty)> = match instr.op {
+            Op::Nop => Vec::new(),
+            Op::Conv => vec![(0, false, ty), (1, true, instr.tys[1])],
+            Op::Br => match instr.cond {
+                Cond::J => Vec::new(),
+                Cond::Z | Cond::Nz => vec![(0, false, ty)],
+                _ => vec![(0, false, ty), (1, false, ty)],
+            },
+            _ => vec![(0, false, ty), (1, false, ty), (2, true, ty)],
+        };
+        for (n, store, ty) in operands {
+            let operand = instr.operand(n);
+            let (word, disp) = match operand {
+                Operand::Indirect(word) => (word, 0),
+                Operand::BaseDisp { base, disp } => (base, i64::from(disp)),
+                _ => continue,
+            };
+            if !held(word) {
+                return None;
+            }
+            let (stride, before) = moves(word, k)?;
+            let site = CountedSite {
+                index: first + k,
+                operand,
+                store,
+                size: ty_size(ty),
+                word,
+                offset: before.wrapping_add(disp),
+                stride,
+            };
+            if !sites.contains(&site) {
+                sites.push(site);
+            }
+        }
+    }
+    Some(sites)
 }
 
 /// Probes the TLB entry of constant `page` without branching: its read, write and mask
@@ -453,8 +761,6 @@ impl<'b, 'f> Translator<'b, 'f> {
         let entries = b.ins().load(types::I64, trusted(), ctx, CTX_ENTRIES);
         let gen_tag = b.ins().load(types::I64, trusted(), ctx, CTX_GEN_TAG);
         let (_, left_on_entry) = instructions_left(b, ctx);
-        let left = b.declare_var(types::I64);
-        b.def_var(left, left_on_entry);
         let mut pages = HashMap::new();
         let code = program.code();
         for page in constant_pages(&code[start..end])
@@ -463,25 +769,55 @@ impl<'b, 'f> Translator<'b, 'f> {
         {
             pages.insert(page, probe_constant(b, entries, gen_tag, page));
         }
-        let words: Vec<(u64, bool, bool)> = register_words(&code[start..end], start)
-            .into_iter()
-            .filter(|(addr, ..)| pages.contains_key(&(addr >> PAGE_SHIFT)))
-            .collect();
-        let mut reg_page_numbers: Vec<u64> = Vec::new();
-        for (addr, ..) in &words {
-            if !reg_page_numbers.contains(&(addr >> PAGE_SHIFT)) {
-                reg_page_numbers.push(addr >> PAGE_SHIFT);
+        let frame_bytes = FRAME_PAGES + PAGE_FIELDS * pages.len() as i32;
+        let frame = b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            frame_bytes as u32,
+            3,
+        ));
+        let mut page_offsets: HashMap<u64, i32> = HashMap::new();
+        for (k, (&page, cached)) in pages.iter().enumerate() {
+            let at = FRAME_PAGES + PAGE_FIELDS * k as i32;
+            page_offsets.insert(page, at);
+            for (value, field) in [
+                (cached.read, FIELD_READ),
+                (cached.write, FIELD_WRITE),
+                (cached.mask, FIELD_MASK),
+            ] {
+                b.ins().stack_store(types::I64, value, frame, at + field);
             }
         }
-        let mut reg_pages = Vec::new();
+        let callers = b.ins().get_pinned_reg(types::I64);
+        for (value, at) in [
+            (ctx, FRAME_CTX),
+            (entries, FRAME_ENTRIES),
+            (gen_tag, FRAME_GEN_TAG),
+            (callers, FRAME_PINNED),
+        ] {
+            b.ins().stack_store(types::I64, value, frame, at);
+        }
+        // The loops, their words whose pages were probed, and the pages of all of them.
+        let spans = region_loops(&code[start..end], start);
+        let placed: Vec<Vec<(u64, bool, bool)>> = placed_words(&code[start..end], &spans)
+            .into_iter()
+            .map(|words| {
+                words
+                    .into_iter()
+                    .filter(|(addr, ..)| pages.contains_key(&(addr >> PAGE_SHIFT)))
+                    .collect()
+            })
+            .collect();
+        let mut reg_pages: HashMap<u64, bool> = HashMap::new();
+        for &(addr, written, _) in placed.iter().flatten() {
+            *reg_pages.entry(addr >> PAGE_SHIFT).or_default() |= written;
+        }
         let mut refuse = Vec::new();
-        for &page in &reg_page_numbers {
+        let mut reg_page_numbers: Vec<(u64, bool)> = reg_pages.into_iter().collect();
+        reg_page_numbers.sort_unstable();
+        for &(page, written) in &reg_page_numbers {
             let cached = pages[&page];
-            let written = words
-                .iter()
-                .any(|&(addr, w, _)| w && addr >> PAGE_SHIFT == page);
             // Present for reads; writable, without a store mask, if a word on it is written
-            // (the write-back on exit must not fail, and a private page has no mask).
+            // (the write-back must not fail, and a private page has no mask).
             refuse.push(b.ins().icmp_imm_s(IntCC::Equal, cached.read, 0));
             if written {
                 refuse.push(b.ins().icmp_imm_s(IntCC::Equal, cached.write, 0));
@@ -498,20 +834,15 @@ impl<'b, 'f> Translator<'b, 'f> {
                     refuse.push(b.ins().icmp(IntCC::Equal, other_cached.read, cached.read));
                 }
             }
-            reg_pages.push(RegPage {
-                read: cached.read,
-                written,
-            });
         }
-        let mut regs = HashMap::new();
-        if !refuse.is_empty() {
-            let any = refuse
-                .into_iter()
-                .reduce(|acc, flag| b.ins().bor(acc, flag))
-                .unwrap_or_else(|| b.ins().iconst(types::I8, 0));
+        if let Some(any) = refuse
+            .into_iter()
+            .reduce(|acc, flag| b.ins().bor(acc, flag))
+        {
             let refused = b.create_block();
-            let load = b.create_block();
-            b.ins().brif(any, refused, &[], load, &[]);
+            b.set_cold_block(refused);
+            let go = b.create_block();
+            b.ins().brif(any, refused, &[], go, &[]);
             // Handing back at the entry runs it in the interpreter (which fills the TLB);
             // nothing has changed yet, so the count goes back as it came.
             b.switch_to_block(refused);
@@ -519,23 +850,90 @@ impl<'b, 'f> Translator<'b, 'f> {
                 .ins()
                 .iconst(types::I64, encode_exit(start, true, HandBack::Refused));
             b.ins().return_(&[value]);
-            b.switch_to_block(load);
-            for &(addr, _, float) in &words {
-                let page = pages[&(addr >> PAGE_SHIFT)];
-                let offset = (addr & (PAGE_BYTES as u64 - 1)) as i32;
-                let ty = if float { types::F64 } else { types::I64 };
-                let value = b.ins().load(ty, heap(), page.read, offset);
-                let var = b.declare_var(ty);
-                b.def_var(var, value);
-                regs.insert(addr, (var, float));
+            b.switch_to_block(go);
+        }
+        let mut loops = Vec::new();
+        let mut loop_of = vec![None; end - start];
+        // Outer loops come first: an instruction ends up with its innermost loop.
+        for (k, &((first, last), _)) in spans.iter().enumerate() {
+            for at in &mut loop_of[first..=last] {
+                *at = Some(k);
             }
+        }
+        for (k, (&(_, parent), words)) in spans.iter().zip(placed).enumerate() {
+            let mut page_numbers: Vec<(u64, bool)> = Vec::new();
+            for &(addr, written, _) in &words {
+                let page = addr >> PAGE_SHIFT;
+                match page_numbers.iter_mut().find(|(p, _)| *p == page) {
+                    Some((_, w)) => *w |= written,
+                    None => page_numbers.push((page, written)),
+                }
+            }
+            loops.push(Loop {
+                parent,
+                innermost: !spans.iter().any(|(_, up)| *up == Some(k)),
+                words: words
+                    .into_iter()
+                    .map(|(addr, written, float)| {
+                        let ty = if float { types::F64 } else { types::I64 };
+                        (addr, written, float, b.declare_var(ty))
+                    })
+                    .collect(),
+                pages: page_numbers
+                    .into_iter()
+                    .map(|(page, written)| RegPage { page, written })
+                    .collect(),
+                sites: Vec::new(),
+                counted: None,
+                stubs: Vec::new(),
+            });
+        }
+        // Counted innermost loops, entered only at their first instruction.
+        for (k, &((first, last), _)) in spans.iter().enumerate() {
+            if !loops[k].innermost {
+                continue;
+            }
+            let (first, last) = (start + first, start + last);
+            let entered_inside = (first + 1..=last).contains(&start)
+                || code[start..end].iter().any(|d| {
+                    d.target()
+                        .is_some_and(|target| (first + 1..=last).contains(&target))
+                });
+            if entered_inside {
+                continue;
+            }
+            let mut held: Vec<u64> = Vec::new();
+            let mut l = Some(k);
+            while let Some(at) = l {
+                held.extend(loops[at].words.iter().map(|w| w.0));
+                l = loops[at].parent;
+            }
+            let Some(sites) = counted_sites(code, first, last, |w| held.contains(&w)) else {
+                continue;
+            };
+            loops[k].counted = Some(Counted {
+                header: first,
+                sites: sites
+                    .into_iter()
+                    .map(|site| {
+                        let mask = site.store.then(|| b.declare_var(types::I64));
+                        let slot = b.create_sized_stack_slot(StackSlotData::new(
+                            StackSlotKind::ExplicitSlot,
+                            SITE_BYTES,
+                            3,
+                        ));
+                        (site, b.declare_var(types::I64), mask, slot)
+                    })
+                    .collect(),
+                safe: b.declare_var(types::I64),
+                go: None,
+            });
         }
         let blocks: Vec<Block> = (start..end).map(|_| b.create_block()).collect();
         let exit = b.create_block();
         b.append_block_param(exit, types::I64);
-        b.append_block_param(exit, types::I64);
-        // The site caches start empty: their variables are defined here once every site is
-        // known (after the translation below; blocks are sealed only at the end).
+        // The site caches start empty: their slots are cleared here once every site is known
+        // (after the translation below; blocks are sealed only at the end).
         let prologue = b.create_block();
         b.ins().jump(prologue, &[]);
         let mut t = Translator {
@@ -543,67 +941,318 @@ impl<'b, 'f> Translator<'b, 'f> {
             code: program.code(),
             start,
             end,
-            ctx,
             blocks,
             exit,
             entered: HashMap::new(),
-            left,
-            pages,
-            regs,
+            frame,
+            pages: page_offsets,
+            checked: reg_page_numbers.iter().copied().collect(),
             float_of: HashMap::new(),
-            reg_pages,
-            depth: loop_depths(&code[start..end], start),
-            cache_sites: false,
-            sites: Vec::new(),
+            loops,
+            loop_of,
+            current: start,
+            operand: None,
         };
-        let innermost = t.depth.iter().copied().max().unwrap_or(0);
         for index in start..end {
-            t.cache_sites = innermost > 0 && t.depth[index - start] == innermost;
+            t.current = index;
             let block = t.blocks[index - start];
             t.b.switch_to_block(block);
             t.instruction(index);
         }
         t.b.switch_to_block(prologue);
+        t.b.ins().set_pinned_reg(left_on_entry);
         let zero = t.b.ins().iconst(types::I64, 0);
-        for site in std::mem::take(&mut t.sites) {
-            for var in [site.lo, site.delta, site.len].into_iter().chain(site.mask) {
-                t.b.def_var(var, zero);
+        let slots: Vec<StackSlot> = t
+            .loops
+            .iter()
+            .flat_map(|l| {
+                let counted = l.counted.iter().flat_map(|c| c.sites.iter().map(|s| s.3));
+                l.sites.iter().map(|site| site.slot).chain(counted)
+            })
+            .collect();
+        for slot in slots {
+            for offset in [SITE_LO, SITE_DELTA, SITE_LEN, SITE_MASK] {
+                t.b.ins().stack_store(types::I64, zero, slot, offset);
             }
         }
-        let first = t.blocks[0];
-        t.b.ins().jump(first, &[]);
+        t.jump_to(None, start);
+        t.fill_stubs();
         t.b.switch_to_block(exit);
         let value = t.b.block_params(exit)[0];
-        let left = t.b.block_params(exit)[1];
+        let left = t.b.ins().get_pinned_reg(types::I64);
+        let callers =
+            t.b.ins()
+                .stack_load(types::I64, types::I64, frame, FRAME_PINNED);
+        t.b.ins().set_pinned_reg(callers);
         // The count on entry and what was left then, loaded again (nothing else stores them)
         // rather than kept live through the whole call.
+        let ctx =
+            t.b.ins()
+                .stack_load(types::I64, types::I64, frame, FRAME_CTX);
         let (instructions, left_on_entry) = instructions_left(t.b, ctx);
         let used = t.b.ins().isub(left_on_entry, left);
         let instructions = t.b.ins().iadd(instructions, used);
-        // Every exit stores the written register words back (the entry checked their pages
-        // writable and maskless); a word not written since entry gets its own value back.
-        for &(addr, written, _) in &words {
-            if !written {
-                continue;
-            }
-            let page = t.pages[&(addr >> PAGE_SHIFT)];
-            let value = t.b.use_var(t.regs[&addr].0);
-            let offset = (addr & (PAGE_BYTES as u64 - 1)) as i32;
-            t.b.ins().store(heap(), value, page.write, offset);
-        }
         t.b.ins()
             .store(trusted(), instructions, ctx, CTX_INSTRUCTIONS);
         t.b.ins().return_(&[value]);
         t.b.seal_all_blocks();
     }
 
+    /// The innermost loop of instruction `index` (if it is in the region and in one).
+    fn loop_at(&self, index: usize) -> Option<usize> {
+        if (self.start..self.end).contains(&index) {
+            self.loop_of[index - self.start]
+        } else {
+            None
+        }
+    }
+
+    /// Loop `l` and the loops around it, innermost first.
+    fn chain(&self, mut l: Option<usize>) -> Vec<usize> {
+        let mut out = Vec::new();
+        while let Some(k) = l {
+            out.push(k);
+            l = self.loops[k].parent;
+        }
+        out
+    }
+
+    /// The variable of a word held at the current instruction.
+    fn reg(&self, addr: u64) -> Option<(Variable, bool)> {
+        self.chain(self.loop_at(self.current))
+            .into_iter()
+            .find_map(|l| self.loops[l].words.iter().find(|w| w.0 == addr))
+            .map(|&(_, _, float, var)| (var, float))
+    }
+
+    /// Field `field` of cached page `page`, from the frame.
+    fn page_field(&mut self, page: u64, field: i32) -> Value {
+        let at = self.pages[&page] + field;
+        self.b
+            .ins()
+            .stack_load(types::I64, types::I64, self.frame, at)
+    }
+
+    /// Stores the words loop `l` writes back to memory (a way out of the loop).
+    fn write_back(&mut self, l: usize) {
+        for k in 0..self.loops[l].words.len() {
+            let (addr, written, _, var) = self.loops[l].words[k];
+            if !written {
+                continue;
+            }
+            let write = self.page_field(addr >> PAGE_SHIFT, FIELD_WRITE);
+            let value = self.b.use_var(var);
+            let offset = (addr & (PAGE_BYTES as u64 - 1)) as i32;
+            self.b.ins().store(heap(), value, write, offset);
+        }
+    }
+
+    /// Ends the current block with a jump to instruction `to` of the region, from code whose
+    /// innermost loop is `from`: the loops left store their words back, and the loops entered
+    /// are entered through a stub that loads their words and site caches.
+    fn jump_to(&mut self, from: Option<usize>, to: usize) {
+        let left_loops = self.chain(from);
+        let into = self.chain(self.loop_at(to));
+        for &l in left_loops.iter().filter(|l| !into.contains(l)) {
+            self.write_back(l);
+        }
+        // The outermost loop entered, if any: the stubs of a loop are by target.
+        let target = match into.iter().rev().find(|l| !left_loops.contains(l)) {
+            Some(&outer) => {
+                let known = self.loops[outer].stubs.iter().find(|(at, _)| *at == to);
+                match known {
+                    Some(&(_, stub)) => stub,
+                    None => {
+                        let stub = self.b.create_block();
+                        self.loops[outer].stubs.push((to, stub));
+                        stub
+                    }
+                }
+            }
+            None => self.blocks[to - self.start],
+        };
+        self.b.ins().jump(target, &[]);
+    }
+
+    /// The stubs into each loop: the words of the loops entered from memory, their site
+    /// caches from their slots.
+    fn fill_stubs(&mut self) {
+        for outer in 0..self.loops.len() {
+            for k in 0..self.loops[outer].stubs.len() {
+                let (to, stub) = self.loops[outer].stubs[k];
+                self.b.switch_to_block(stub);
+                let chain = self.chain(self.loop_at(to));
+                let upto = chain
+                    .iter()
+                    .position(|&l| l == outer)
+                    .map_or(0, |at| at + 1);
+                for &l in &chain[..upto] {
+                    self.enter_loop(l);
+                }
+                let target = self.blocks[to - self.start];
+                self.b.ins().jump(target, &[]);
+            }
+        }
+    }
+
+    /// Loads loop `l`'s words and site caches into their variables.
+    fn enter_loop(&mut self, l: usize) {
+        if let Some(counted) = &self.loops[l].counted {
+            // No iteration is known safe yet: the first one works the pages out.
+            let vars: Vec<Variable> = counted
+                .sites
+                .iter()
+                .flat_map(|&(_, delta, mask, _)| std::iter::once(delta).chain(mask))
+                .chain(std::iter::once(counted.safe))
+                .collect();
+            let zero = self.b.ins().iconst(types::I64, 0);
+            for var in vars {
+                self.b.def_var(var, zero);
+            }
+        }
+        for w in 0..self.loops[l].words.len() {
+            let (addr, _, float, var) = self.loops[l].words[w];
+            let read = self.page_field(addr >> PAGE_SHIFT, FIELD_READ);
+            let offset = (addr & (PAGE_BYTES as u64 - 1)) as i32;
+            let ty = if float { types::F64 } else { types::I64 };
+            let value = self.b.ins().load(ty, heap(), read, offset);
+            self.b.def_var(var, value);
+        }
+        for site in self.loops[l].sites.clone() {
+            for (offset, var) in [
+                (SITE_LO, Some(site.lo)),
+                (SITE_DELTA, Some(site.delta)),
+                (SITE_MASK, site.mask),
+            ] {
+                if let Some(var) = var {
+                    let value = self
+                        .b
+                        .ins()
+                        .stack_load(types::I64, types::I64, site.slot, offset);
+                    self.b.def_var(var, value);
+                }
+            }
+        }
+    }
+
+    /// The top of an iteration of counted loop `l`: when no iteration is left that is known
+    /// to keep every access on its page, the pages are worked out again for this iteration
+    /// (a miss, a page crossing or a page of held words hands back before the iteration), and
+    /// how many iterations, this one first, stay on all of them.
+    fn counted_top(&mut self, l: usize, miss: Block) {
+        let Some(counted) = &self.loops[l].counted else {
+            return;
+        };
+        let (sites, safe) = (counted.sites.clone(), counted.safe);
+        let left = self.b.use_var(safe);
+        let go = self.b.create_block();
+        let redo = self.b.create_block();
+        self.b.ins().brif(left, go, &[], redo, &[]);
+        self.b.switch_to_block(redo);
+        // The count bounds the iterations too (this one is counted already): while any are
+        // left, the branch back needs no count check.
+        let run = i64::from(self.code[counted_header(&self.loops[l])].run_len());
+        let count = self.b.ins().get_pinned_reg(types::I64);
+        let more = self.b.ins().udiv_imm_s(count, run);
+        let mut fewest = self.b.ins().iadd_imm_s(more, 1);
+        for (site, delta_var, mask_var, slot) in sites {
+            let Some((pointer, _)) = self.reg(site.word) else {
+                // (`counted_sites` took only held words.)
+                self.b.ins().jump(miss, &[]);
+                return;
+            };
+            let pointer = self.b.use_var(pointer);
+            let addr = self.b.ins().iadd_imm_s(pointer, site.offset);
+            // The page it used last time, kept in its slot (`SiteCache`'s test), else a probe.
+            let b = &mut *self.b;
+            let lo = b.ins().stack_load(types::I64, types::I64, slot, SITE_LO);
+            let len = b.ins().stack_load(types::I64, types::I64, slot, SITE_LEN);
+            let from_lo = b.ins().isub(addr, lo);
+            let off_page = b
+                .ins()
+                .icmp(IntCC::UnsignedGreaterThanOrEqual, from_lo, len);
+            let probe = b.create_block();
+            let kept = b.create_block();
+            let join = b.create_block();
+            b.append_block_param(join, types::I64);
+            b.append_block_param(join, types::I64);
+            b.ins().brif(off_page, probe, &[], kept, &[]);
+            b.switch_to_block(kept);
+            let delta = b.ins().stack_load(types::I64, types::I64, slot, SITE_DELTA);
+            let mask = b.ins().stack_load(types::I64, types::I64, slot, SITE_MASK);
+            b.ins().jump(join, &[delta.into(), mask.into()]);
+            b.switch_to_block(probe);
+            let (page, _) = self.page_inside(addr, site.size, miss);
+            let entry = self.probe_page(page, miss);
+            let (base, mask) = self.entry_pointers(entry, site.store, miss);
+            let b = &mut *self.b;
+            let page_start = b.ins().band_imm_s(addr, !(PAGE_BYTES as i64 - 1));
+            let delta = b.ins().isub(base, page_start);
+            let len = b
+                .ins()
+                .iconst(types::I64, PAGE_BYTES as i64 + 1 - i64::from(site.size));
+            for (value, at) in [
+                (page_start, SITE_LO),
+                (delta, SITE_DELTA),
+                (len, SITE_LEN),
+                (mask, SITE_MASK),
+            ] {
+                b.ins().stack_store(types::I64, value, slot, at);
+            }
+            b.ins().jump(join, &[delta.into(), mask.into()]);
+            b.switch_to_block(join);
+            let delta = b.block_params(join)[0];
+            let mask = b.block_params(join)[1];
+            b.def_var(delta_var, delta);
+            if let Some(var) = mask_var {
+                b.def_var(var, mask);
+            }
+            // Iterations from this one on with the access still on the page.
+            let step = site.stride.unsigned_abs();
+            let room = if site.stride == 0 {
+                None
+            } else if step >= PAGE_BYTES as u64 {
+                Some(b.ins().iconst(types::I64, 1))
+            } else {
+                let offset = b.ins().band_imm_s(addr, PAGE_BYTES as i64 - 1);
+                let ahead = if site.stride > 0 {
+                    let end = b
+                        .ins()
+                        .iconst(types::I64, PAGE_BYTES as i64 - i64::from(site.size));
+                    b.ins().isub(end, offset)
+                } else {
+                    offset
+                };
+                let steps = b.ins().udiv_imm_s(ahead, step as i64);
+                Some(b.ins().iadd_imm_s(steps, 1))
+            };
+            if let Some(room) = room {
+                fewest = b.ins().umin(fewest, room);
+            }
+        }
+        let b = &mut *self.b;
+        b.def_var(safe, fewest);
+        b.ins().jump(go, &[]);
+        b.switch_to_block(go);
+        let left = b.use_var(safe);
+        let next = b.ins().iadd_imm_s(left, -1);
+        b.def_var(safe, next);
+        if let Some(counted) = &mut self.loops[l].counted {
+            counted.go = Some(go);
+        }
+    }
+
+    /// Leaves native code at `index` (from the current instruction, whose loops store their
+    /// words back first).
     fn exit_to(&mut self, index: usize, counted: bool, reason: HandBack) {
+        for l in self.chain(self.loop_at(self.current)) {
+            self.write_back(l);
+        }
         let value = self
             .b
             .ins()
             .iconst(types::I64, encode_exit(index, counted, reason));
-        let left = self.b.use_var(self.left);
-        self.b.ins().jump(self.exit, &[value.into(), left.into()]);
+        self.b.ins().jump(self.exit, &[value.into()]);
     }
 
     /// A block that hands back at `index` with its run counted (none of its effects done).
@@ -626,17 +1275,41 @@ impl<'b, 'f> Translator<'b, 'f> {
             self.exit_to(index, false, HandBack::Left);
             return;
         }
-        if let Some(block) = self.entered.get(&index) {
+        let from = self.loop_at(self.current);
+        // A counted loop's branch back: while iterations are known safe (pages and count),
+        // the count goes down without a check and the next iteration starts past its test.
+        if let Some(l) = from {
+            let fast = self.loops[l].counted.as_ref().and_then(|c| {
+                (c.header == index)
+                    .then_some(c.go)
+                    .flatten()
+                    .map(|go| (go, c.safe))
+            });
+            if let Some((go, safe)) = fast {
+                let left = self.b.use_var(safe);
+                let quick = self.b.create_block();
+                let checked = self.b.create_block();
+                self.b.ins().brif(left, quick, &[], checked, &[]);
+                self.b.switch_to_block(quick);
+                let count = self.b.ins().get_pinned_reg(types::I64);
+                let len = i64::from(self.code[index].run_len());
+                let next = self.b.ins().iadd_imm_s(count, -len);
+                self.b.ins().set_pinned_reg(next);
+                self.b.ins().jump(go, &[]);
+                self.b.switch_to_block(checked);
+            }
+        }
+        if let Some(block) = self.entered.get(&(from, index)) {
             let block = *block;
             self.b.ins().jump(block, &[]);
             return;
         }
         // The current block ends with this jump, so the new block can be filled right away.
         let block = self.b.create_block();
-        self.entered.insert(index, block);
+        self.entered.insert((from, index), block);
         self.b.ins().jump(block, &[]);
         self.b.switch_to_block(block);
-        let left = self.b.use_var(self.left);
+        let left = self.b.ins().get_pinned_reg(types::I64);
         let len = i64::from(self.code[index].run_len());
         let over = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, left, len);
         let give_up = self.b.create_block();
@@ -647,17 +1320,15 @@ impl<'b, 'f> Translator<'b, 'f> {
         self.exit_to(index, false, HandBack::Check);
         self.b.switch_to_block(go);
         let next = self.b.ins().iadd_imm_s(left, -len);
-        self.b.def_var(self.left, next);
-        let target = self.blocks[index - self.start];
-        self.b.ins().jump(target, &[]);
+        self.b.ins().set_pinned_reg(next);
+        self.jump_to(from, index);
     }
 
     /// Continues with the next instruction of the same run (already counted).
     fn fall_through(&mut self, index: usize) {
         let next = index + 1;
         if next < self.end {
-            let block = self.blocks[next - self.start];
-            self.b.ins().jump(block, &[]);
+            self.jump_to(self.loop_at(index), next);
         } else {
             self.exit_to(next, true, HandBack::Left);
         }
@@ -667,31 +1338,64 @@ impl<'b, 'f> Translator<'b, 'f> {
     /// (stores; null on a page without a mask), through a cache of one page per access site:
     /// the TLB cannot change during a call, so the page a site last used stays valid and a
     /// pointer walking through a page skips the hash and the probe (`SiteCache`). Only in
-    /// innermost loops (`cache_sites`); elsewhere every access probes. `miss` if the access
+    /// innermost loops; elsewhere every access probes. `miss` if the access
     /// crosses the page, misses the TLB, is a store to a page without a write pointer, or
     /// reaches the memory of a page whose words are held in variables.
     fn site(&mut self, addr: Value, size: u32, store: bool, miss: Block) -> (Value, Value) {
-        if !self.cache_sites {
+        // A counted loop's access: its page is known good for this iteration.
+        if let Some(l) = self.loop_at(self.current) {
+            let key = self.operand;
+            let found = self.loops[l].counted.as_ref().and_then(|counted| {
+                counted.sites.iter().find(|(site, ..)| {
+                    site.index == self.current
+                        && Some((site.operand, site.store)) == key
+                        && site.store == store
+                })
+            });
+            if let Some(&(_, delta, mask, _)) = found {
+                let delta = self.b.use_var(delta);
+                let host = self.b.ins().iadd(addr, delta);
+                let mask = match mask {
+                    Some(var) => self.b.use_var(var),
+                    None => self.b.ins().iconst(types::I64, 0),
+                };
+                return (host, mask);
+            }
+        }
+        let innermost = self
+            .loop_at(self.current)
+            .filter(|&l| self.loops[l].innermost);
+        let Some(l) = innermost else {
             let (page, offset) = self.page_inside(addr, size, miss);
             let entry = self.probe_page(page, miss);
             let (base, mask) = self.entry_pointers(entry, store, miss);
             return (self.b.ins().iadd(base, offset), mask);
-        }
+        };
         let b = &mut *self.b;
         let site = SiteCache {
+            slot: b.create_sized_stack_slot(StackSlotData::new(
+                StackSlotKind::ExplicitSlot,
+                SITE_BYTES,
+                3,
+            )),
             lo: b.declare_var(types::I64),
             delta: b.declare_var(types::I64),
-            len: b.declare_var(types::I64),
             mask: store.then(|| b.declare_var(types::I64)),
         };
-        self.sites.push(site);
+        self.loops[l].sites.push(site);
         let lo = b.use_var(site.lo);
-        let len = b.use_var(site.len);
+        // Loaded at every access, and folded into the compare: a register less per site.
+        let len = b
+            .ins()
+            .stack_load(types::I64, types::I64, site.slot, SITE_LEN);
         let from_lo = b.ins().isub(addr, lo);
-        let hit = b.ins().icmp(IntCC::UnsignedLessThan, from_lo, len);
+        let off_page = b
+            .ins()
+            .icmp(IntCC::UnsignedGreaterThanOrEqual, from_lo, len);
         let found = b.create_block();
         let fill = b.create_block();
-        b.ins().brif(hit, found, &[], fill, &[]);
+        // The hit second: the code lowering lays it out right after the test.
+        b.ins().brif(off_page, fill, &[], found, &[]);
         b.switch_to_block(fill);
         let (page, _) = self.page_inside(addr, size, miss);
         let entry = self.probe_page(page, miss);
@@ -704,9 +1408,15 @@ impl<'b, 'f> Translator<'b, 'f> {
             .iconst(types::I64, PAGE_BYTES as i64 + 1 - i64::from(size));
         b.def_var(site.lo, page_start);
         b.def_var(site.delta, delta);
-        b.def_var(site.len, len);
         if let Some(var) = site.mask {
             b.def_var(var, mask);
+        }
+        // Kept for the next time the loop is entered (in this call).
+        for (value, offset) in [(page_start, SITE_LO), (delta, SITE_DELTA), (len, SITE_LEN)] {
+            b.ins().stack_store(types::I64, value, site.slot, offset);
+        }
+        if store {
+            b.ins().stack_store(types::I64, mask, site.slot, SITE_MASK);
         }
         b.ins().jump(found, &[]);
         b.switch_to_block(found);
@@ -733,6 +1443,7 @@ impl<'b, 'f> Translator<'b, 'f> {
         b.switch_to_block(inside);
         (b.ins().ushr_imm_s(addr, i64::from(PAGE_SHIFT)), offset)
     }
+
     /// A TLB entry's read pointer (loads) or write and mask pointers (stores); `miss` for a
     /// store to a page without a write pointer, or an access that reaches the memory of a
     /// register page: a store would not be seen by its variables, and a load from one whose
@@ -750,9 +1461,21 @@ impl<'b, 'f> Translator<'b, 'f> {
             let base = b.ins().load(types::I64, trusted(), entry, ENTRY_READ);
             (base, b.ins().iconst(types::I64, 0))
         };
-        for reg_page in self.reg_pages.clone() {
+        // Only the loops around the current instruction hold words in variables: memory
+        // is current for every other word.
+        let mut held: Vec<RegPage> = Vec::new();
+        for l in self.chain(self.loop_at(self.current)) {
+            for page in &self.loops[l].pages {
+                match held.iter_mut().find(|p| p.page == page.page) {
+                    Some(known) => known.written |= page.written,
+                    None => held.push(*page),
+                }
+            }
+        }
+        for reg_page in held {
             if store || reg_page.written {
-                let alias = self.b.ins().icmp(IntCC::Equal, base, reg_page.read);
+                let read = self.page_field(reg_page.page, FIELD_READ);
+                let alias = self.b.ins().icmp(IntCC::Equal, base, read);
                 self.miss_if(alias, miss);
             }
         }
@@ -762,8 +1485,12 @@ impl<'b, 'f> Translator<'b, 'f> {
     /// The TLB entry of `page`, or `miss`.
     fn probe_page(&mut self, page: Value, miss: Block) -> Value {
         let b = &mut *self.b;
-        let entries = b.ins().load(types::I64, trusted(), self.ctx, CTX_ENTRIES);
-        let gen_tag = b.ins().load(types::I64, trusted(), self.ctx, CTX_GEN_TAG);
+        let entries = b
+            .ins()
+            .stack_load(types::I64, types::I64, self.frame, FRAME_ENTRIES);
+        let gen_tag = b
+            .ins()
+            .stack_load(types::I64, types::I64, self.frame, FRAME_GEN_TAG);
         let key = b.ins().bor(page, gen_tag);
         let hash = b.ins().imul_imm_s(page, SET_HASH as i64);
         let set = b.ins().ushr_imm_s(hash, i64::from(SET_SHIFT));
@@ -785,13 +1512,14 @@ impl<'b, 'f> Translator<'b, 'f> {
     }
 
     /// The cached entry of a constant address's page, if the access stays inside the page.
-    fn cached(&self, addr: Option<u64>, size: u32) -> Option<CachedPage> {
+    fn cached(&self, addr: Option<u64>, size: u32) -> Option<u64> {
         let addr = addr?;
         let offset = addr & (PAGE_BYTES as u64 - 1);
         if offset + u64::from(size) > PAGE_BYTES as u64 {
             return None;
         }
-        self.pages.get(&(addr >> PAGE_SHIFT)).copied()
+        let page = addr >> PAGE_SHIFT;
+        self.pages.contains_key(&page).then_some(page)
     }
 
     /// Loads `size` bytes at `addr` (`constant`: its value, when known here), zero-extended
@@ -807,12 +1535,15 @@ impl<'b, 'f> Translator<'b, 'f> {
     ) -> Value {
         let at = match (self.cached(constant, size), constant) {
             (Some(page), Some(known)) => {
+                let read = self.page_field(page, FIELD_READ);
                 let b = &mut *self.b;
-                let hit = b.create_block();
-                b.ins().brif(page.read, hit, &[], miss, &[]);
-                b.switch_to_block(hit);
+                if !self.checked.contains_key(&page) {
+                    let hit = b.create_block();
+                    b.ins().brif(read, hit, &[], miss, &[]);
+                    b.switch_to_block(hit);
+                }
                 b.ins()
-                    .iadd_imm_s(page.read, (known & (PAGE_BYTES as u64 - 1)) as i64)
+                    .iadd_imm_s(read, (known & (PAGE_BYTES as u64 - 1)) as i64)
             }
             _ => self.site(addr, size, false, miss).0,
         };
@@ -833,13 +1564,30 @@ impl<'b, 'f> Translator<'b, 'f> {
     fn store(&mut self, addr: Value, constant: Option<u64>, size: u32, value: Value, miss: Block) {
         let (at, offset, mask) = match (self.cached(constant, size), constant) {
             (Some(page), Some(known)) => {
+                let write = self.page_field(page, FIELD_WRITE);
+                let offset = (known & (PAGE_BYTES as u64 - 1)) as i64;
+                if self.checked.get(&page) == Some(&true) {
+                    // Writable and without a mask: a plain store.
+                    let value = match (size, self.float_of.get(&value)) {
+                        (8, Some(&x)) => x,
+                        _ => value,
+                    };
+                    let at = self.b.ins().iadd_imm_s(write, offset);
+                    let b = &mut *self.b;
+                    match size {
+                        1 => b.ins().istore8(heap(), value, at, 0),
+                        4 => b.ins().istore32(heap(), value, at, 0),
+                        _ => b.ins().store(heap(), value, at, 0),
+                    };
+                    return;
+                }
+                let mask = self.page_field(page, FIELD_MASK);
                 let b = &mut *self.b;
                 let writable = b.create_block();
-                b.ins().brif(page.write, writable, &[], miss, &[]);
+                b.ins().brif(write, writable, &[], miss, &[]);
                 b.switch_to_block(writable);
-                let offset = (known & (PAGE_BYTES as u64 - 1)) as i64;
-                let at = b.ins().iadd_imm_s(page.write, offset);
-                (at, b.ins().iconst(types::I64, offset), page.mask)
+                let at = b.ins().iadd_imm_s(write, offset);
+                (at, b.ins().iconst(types::I64, offset), mask)
             }
             _ => {
                 let (at, mask) = self.site(addr, size, true, miss);
@@ -905,11 +1653,12 @@ impl<'b, 'f> Translator<'b, 'f> {
 
     /// The 8-byte word at constant `at` (a pointer): its variable, or memory.
     fn word(&mut self, at: u64, miss: Block) -> Value {
-        if let Some(&(var, float)) = self.regs.get(&at) {
+        if let Some((var, float)) = self.reg(at) {
             let value = self.b.use_var(var);
             return if float { self.f64_bits(value) } else { value };
         }
         let at_value = self.b.ins().iconst(types::I64, at as i64);
+        self.operand = None;
         self.load(at_value, Some(at), 8, false, miss)
     }
 
@@ -929,18 +1678,19 @@ impl<'b, 'f> Translator<'b, 'f> {
             return self.b.ins().iconst(types::I64, value as i64);
         }
         if let (Operand::Direct(at), 8) = (operand, size) {
-            if let Some(&(var, float)) = self.regs.get(&at) {
+            if let Some((var, float)) = self.reg(at) {
                 let value = self.b.use_var(var);
                 return if float { self.f64_bits(value) } else { value };
             }
         }
         let (addr, constant) = self.address(operand, miss);
+        self.operand = through_pointer(operand).then_some((operand, false));
         self.load(addr, constant, size, float_load, miss)
     }
 
     fn write(&mut self, operand: Operand, size: u32, value: Value, miss: Block) {
         if let (Operand::Direct(at), 8) = (operand, size) {
-            if let Some(&(var, float)) = self.regs.get(&at) {
+            if let Some((var, float)) = self.reg(at) {
                 let value = if float {
                     self.float_value(value)
                 } else {
@@ -951,6 +1701,7 @@ impl<'b, 'f> Translator<'b, 'f> {
             }
         }
         let (addr, constant) = self.address(operand, miss);
+        self.operand = through_pointer(operand).then_some((operand, true));
         self.store(addr, constant, size, value, miss);
     }
 
@@ -1199,6 +1950,11 @@ impl<'b, 'f> Translator<'b, 'f> {
         let d = &self.code[index];
         let instr = d.instr;
         let miss = self.hand_back(index);
+        if let Some(l) = self.loop_at(index) {
+            if self.loops[l].counted.as_ref().map(|c| c.header) == Some(index) {
+                self.counted_top(l, miss);
+            }
+        }
         match instr.op {
             Op::Nop => self.fall_through(index),
             Op::Conv => {
@@ -1210,6 +1966,10 @@ impl<'b, 'f> Translator<'b, 'f> {
             }
             Op::Br => {
                 let ty = instr.tys[0];
+                let target = d.target().unwrap_or(self.code.len());
+                // (Laying a loop's back edge out as the fall-through, by testing whether the
+                // branch stays, made k-means 1.36x slower: the register allocator estimates
+                // loop depth from the block order.)
                 let taken = match instr.cond {
                     Cond::J => None,
                     Cond::Z | Cond::Nz => {
@@ -1222,7 +1982,6 @@ impl<'b, 'f> Translator<'b, 'f> {
                         Some(self.compare(cond, ty, a, b))
                     }
                 };
-                let target = d.target().unwrap_or(self.code.len());
                 match taken {
                     None => self.enter_run(target),
                     Some(taken) => {
@@ -1251,4 +2010,41 @@ impl<'b, 'f> Translator<'b, 'f> {
             }
         }
     }
+}
+
+/// What the translation of instructions `start..end` keeps in registers, for
+/// `DVM_JIT_DUMP`: each loop (region indices) with the words placed in it, and whether it is
+/// counted.
+pub fn describe(program: &Program, start: usize, end: usize) -> String {
+    let code = &program.code()[start..end];
+    let loops = region_loops(code, start);
+    let placed = placed_words(code, &loops);
+    let mut out = String::new();
+    for (k, (((first, last), parent), words)) in loops.iter().zip(&placed).enumerate() {
+        let mut held: Vec<u64> = Vec::new();
+        let mut l = Some(k);
+        while let Some(at) = l {
+            held.extend(placed[at].iter().map(|w| w.0));
+            l = loops[at].1;
+        }
+        let counted = counted_sites(program.code(), start + first, start + last, |w| {
+            held.contains(&w)
+        })
+        .map_or(0, |sites| sites.len());
+        let words: Vec<String> = words
+            .iter()
+            .map(|(addr, written, float)| {
+                format!(
+                    "{addr:#x}{}{}",
+                    if *written { "w" } else { "" },
+                    if *float { "f" } else { "" }
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "  loop {k}: {first}..={last} in {parent:?}, counted sites {counted}, words {}\n",
+            words.join(" ")
+        ));
+    }
+    out
 }

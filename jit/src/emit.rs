@@ -94,6 +94,20 @@ impl Arena {
         set(&mut flags, "use_colocated_libcalls", "false")?;
         set(&mut flags, "is_pic", "false")?;
         set(&mut flags, "opt_level", "speed")?;
+        // The instruction count lives in the pinned register (`codegen`); generated code
+        // saves the caller's value and puts it back, as the C ABI wants of r15.
+        set(&mut flags, "enable_pinned_reg", "true")?;
+        // The IR is checked by the tests (a debug build of Cranelift verifies it anyway): in a
+        // release build the verifier took a third of the compile time.
+        set(
+            &mut flags,
+            "enable_verifier",
+            if cfg!(debug_assertions) {
+                "true"
+            } else {
+                "false"
+            },
+        )?;
         let isa = cranelift_native::builder()
             .map_err(|err| JitError::Setup(format!("host not supported: {err}")))?
             .finish(settings::Flags::new(flags))
@@ -138,7 +152,9 @@ impl Arena {
             b.finalize(self.module.target_config());
         }
         // `DVM_JIT_DUMP=part-of-a-name` prints the machine code of the regions so named (the
-        // way to see what the inner loops became; `perf` cannot annotate JIT code).
+        // way to see what the inner loops became; `perf` cannot annotate JIT code), and writes
+        // its bytes to `/tmp/dvm-jit-<pid>-<n>.bin` with the address they run at, for
+        // `objdump -D -b binary -m i386:x86-64 --adjust-vma=ADDRESS` next to `perf script`.
         let dump = std::env::var("DVM_JIT_DUMP")
             .ok()
             .is_some_and(|n| name.contains(&n));
@@ -148,13 +164,19 @@ impl Arena {
             .map_err(|err| JitError::Compile(format!("{err:?}")))?;
         if dump {
             if let Some(code) = self.context.compiled_code() {
-                eprintln!("{name}:\n{}", code.vcode.clone().unwrap_or_default());
+                eprintln!(
+                    "{name}:\n{}{}",
+                    codegen::describe(program, start, end),
+                    code.vcode.clone().unwrap_or_default()
+                );
             }
         }
-        let size = self
+        let bytes = self
             .context
             .compiled_code()
-            .map_or(0, |code| code.code_buffer().len());
+            .map(|code| code.code_buffer().to_vec())
+            .unwrap_or_default();
+        let size = bytes.len();
         self.module.clear_context(&mut self.context);
         self.module
             .finalize_definitions()
@@ -169,6 +191,13 @@ impl Arena {
             start: code as usize,
             size,
         };
+        if dump {
+            let path = format!("/tmp/dvm-jit-{}-{}.bin", std::process::id(), self.functions);
+            match std::fs::write(&path, &bytes) {
+                Ok(()) => eprintln!("{name}: {size} bytes at {:#x} in {path}", entry.start),
+                Err(err) => eprintln!("{name}: cannot write {path}: {err}"),
+            }
+        }
         Ok((entry, name))
     }
 }

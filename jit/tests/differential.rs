@@ -1,5 +1,5 @@
 //! Differential test: random well-formed DISA programs (every type, every addressing mode,
-//! loops and forward branches, faults: division by zero and overflow, unmapped and read-only
+//! loops and forward branches, pointers that walk (counted loops), faults: division by zero and overflow, unmapped and read-only
 //! addresses, console words, page-crossing and unaligned accesses, the instruction limit) run
 //! interpreted and with the JIT, and must show the same output (which ends with a dump of every
 //! data word, i.e. the final memory), fault reports, outcomes and instruction counts.
@@ -131,7 +131,21 @@ const COMPARES: [&str; 4] = ["l", "le", "e", "ne"];
 fn instruction(rng: &mut Rng, out: &mut String, labels: &mut Vec<String>, label_no: &mut u32) {
     let ty = rng.pick(&Ty::ALL);
     let t = ty.suffix();
-    match rng.below(20) {
+    match rng.below(22) {
+        20 | 21 => {
+            // A pointer that walks: a counted loop's accesses move by a constant per
+            // iteration, across pages, through the private words held in registers, or out of
+            // the data altogether.
+            // (The private pointer only walks up: down it would reach the loop counters.)
+            let pointer = if rng.chance(60) { P_DATA } else { P_PRIV };
+            let step = rng.pick(&[8u64, 8, 16, 1, 4096, 4104]);
+            let op = if pointer == P_DATA && rng.chance(30) {
+                "sub"
+            } else {
+                "add"
+            };
+            let _ = writeln!(out, "    {op}:ue {pointer:#x}, ${step}, {pointer:#x}");
+        }
         0..=8 => {
             let mut op = rng.pick(&ARITH);
             if ty.is_float() && !matches!(op, "add" | "sub" | "mul" | "div") {
