@@ -166,7 +166,7 @@ impl Arena {
             if let Some(code) = self.context.compiled_code() {
                 eprintln!(
                     "{name}:\n{}{}",
-                    codegen::describe(program, start, end),
+                    crate::loops::describe(program, start, end),
                     code.vcode.clone().unwrap_or_default()
                 );
             }

@@ -19,6 +19,7 @@
 
 mod codegen;
 mod emit;
+mod loops;
 
 use dvm_engine::interp::Jit;
 use dvm_engine::interp::Program;

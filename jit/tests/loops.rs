@@ -110,14 +110,7 @@ fn a_counted_loop_stops_exactly_at_the_instruction_limit() {
     let setup = format!("    mov ${DATA:#x}:ue, {P:#x}:ue\n");
     let body = format!("    add:ue {SUM:#x}, ({P:#x}), {SUM:#x}\n    add:ue {P:#x}, $8, {P:#x}");
     let source = nest(&setup, &body, 2, 600);
-    for limit in (5_000..5_040).chain([6_001, 6_977, 7_500]) {
-        let (observed, _) = common::same_with_jit(&source, limit, 1);
-        assert!(
-            observed.stderr.contains("instruction limit"),
-            "{}",
-            observed.stderr
-        );
-    }
+    common::stops_at_every_limit(&source, (5_000..5_040).chain([6_001, 6_977, 7_500]));
 }
 
 #[test]
@@ -170,12 +163,5 @@ fn outer_words_pass_through_the_inner_loop() {
     );
     assert!(stats.native_instructions > 40 * 7 * 5, "{stats:?}");
     // A fault at every instruction limit through the nest sees every word written back.
-    for limit in (4_150..4_400).step_by(7) {
-        let (observed, _) = common::same_with_jit(&source, limit, 1);
-        assert!(
-            observed.stderr.contains("instruction limit"),
-            "{}",
-            observed.stderr
-        );
-    }
+    common::stops_at_every_limit(&source, (4_150..4_400).step_by(7));
 }

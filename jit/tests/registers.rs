@@ -115,14 +115,7 @@ fn a_fault_inside_the_region_sees_the_written_back_words() {
     assert_eq!(observed.faulted, 1, "{}", observed.stderr);
     assert!(stats.native_instructions > 0, "ran natively: {stats:?}");
     // And at every instruction limit across the loop: every exit writes back.
-    for limit in 9..29 {
-        let (observed, _) = common::same_with_jit(&source, limit, 1);
-        assert!(
-            observed.stderr.contains("instruction limit"),
-            "{}",
-            observed.stderr
-        );
-    }
+    common::stops_at_every_limit(&source, 9..29);
 }
 
 #[test]

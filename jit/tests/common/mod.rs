@@ -65,3 +65,16 @@ pub fn same_with_jit(source: &str, max_instructions: u64, threshold: u32) -> (Ob
     );
     (interpreted, jit.stats())
 }
+
+/// Runs `source` with and without the JIT at each instruction limit in `limits`; each run must
+/// be identical both ways and end at the limit.
+pub fn stops_at_every_limit(source: &str, limits: impl IntoIterator<Item = u64>) {
+    for limit in limits {
+        let (observed, _) = same_with_jit(source, limit, 1);
+        assert!(
+            observed.stderr.contains("instruction limit"),
+            "limit {limit}: {}",
+            observed.stderr
+        );
+    }
+}
