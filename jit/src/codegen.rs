@@ -46,7 +46,7 @@ use dvm_engine::interp::{Decoded, Program};
 use dvm_engine::isa::{Cond, Op, Ty};
 use dvm_engine::page::{PAGE_BYTES, PAGE_SHIFT};
 use dvm_engine::tlb::{SET_HASH, SET_SHIFT};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Most instructions in one region (bounds compile time; a longer loop body hands back and
 /// re-enters through its own headers).
@@ -389,7 +389,8 @@ impl<'b, 'f> Translator<'b, 'f> {
         let entries = b.ins().load(types::I64, trusted(), ctx, CTX_ENTRIES);
         let gen_tag = b.ins().load(types::I64, trusted(), ctx, CTX_GEN_TAG);
         let (_, left_on_entry) = instructions_left(b, ctx);
-        let mut pages = HashMap::new();
+        // Ordered, so that the same program compiles to the same code every time.
+        let mut pages = BTreeMap::new();
         let code = program.code();
         for page in constant_pages(&code[start..end])
             .into_iter()
