@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// Engine rows: batches of 1,000 aborted children of micro_abort [default: 10000, quick 100].
     #[arg(long)]
     engine_abort_batches: Option<u64>,
+    /// JIT modes of the k-means, primes and sort DVM rows (auto, on, off); repeatable. Every
+    /// mode gets a 1-worker row; the all-workers row uses the last one [default: off and on].
+    #[arg(long, value_parser = ["auto", "on", "off"])]
+    jit: Vec<String>,
     /// The P / C parameter of the DVM programs: parallel parts (runners) per phase.
     #[arg(long, default_value_t = 64)]
     parts: u64,
@@ -306,6 +310,28 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     if cpus > 1 {
         worker_counts.push(cpus);
     }
+    let jit_modes = if args.jit.is_empty() {
+        vec![s("off"), s("on")]
+    } else {
+        args.jit.clone()
+    };
+    // The DVM rows of k-means, primes and sort: every JIT mode on 1 worker (the interpreter and
+    // the JIT side by side), the last mode on all workers.
+    let dvm_rows = |prog: &Result<String, String>, params: &str, input: Option<&str>| {
+        let mut rows = Vec::new();
+        for &w in &worker_counts {
+            let first = if w == 1 { 0 } else { jit_modes.len() - 1 };
+            for mode in &jit_modes[first..] {
+                let argv = dvm_argv(prog, w, params, input).map(|mut v| {
+                    v.extend([s("--jit"), mode.clone()]);
+                    v
+                });
+                let plural = if w == 1 { "" } else { "s" };
+                rows.push((format!("DVM --jit {mode}, {w} worker{plural}"), argv));
+            }
+        }
+        rows
+    };
     let native_argv = |key: &str, rest: &[String]| -> Result<Vec<String>, String> {
         let bin = native
             .get(key)
@@ -364,14 +390,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
             native_argv("kmeans_omp", &nargs),
             Expect::Reference,
         ));
-        for &w in &worker_counts {
-            cases.push(case(
-                "kmeans",
-                format!("DVM, {w} worker{}", if w == 1 { "" } else { "s" }),
-                Kind::Dvm,
-                dvm_argv(&prog, w, &p, Some(&points)),
-                Expect::Reference,
-            ));
+        for (system, argv) in dvm_rows(&prog, &p, Some(&points)) {
+            cases.push(case("kmeans", system, Kind::Dvm, argv, Expect::Reference));
         }
         if let Some(base) = &baseline {
             cases.push(case(
@@ -421,14 +441,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
             native_argv("primes_omp", &nargs),
             Expect::Reference,
         ));
-        for &w in &worker_counts {
-            cases.push(case(
-                "primes",
-                format!("DVM, {w} worker{}", if w == 1 { "" } else { "s" }),
-                Kind::Dvm,
-                dvm_argv(&prog, w, &p, None),
-                Expect::Reference,
-            ));
+        for (system, argv) in dvm_rows(&prog, &p, None) {
+            cases.push(case("primes", system, Kind::Dvm, argv, Expect::Reference));
         }
         if let Some(base) = &baseline {
             cases.push(case(
@@ -470,14 +484,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         );
         reference.reference = true;
         cases.push(reference);
-        for &w in &worker_counts {
-            cases.push(case(
-                "sort",
-                format!("DVM, {w} worker{}", if w == 1 { "" } else { "s" }),
-                Kind::Dvm,
-                dvm_argv(&prog, w, &p, Some(&values)),
-                Expect::Reference,
-            ));
+        for (system, argv) in dvm_rows(&prog, &p, Some(&values)) {
+            cases.push(case("sort", system, Kind::Dvm, argv, Expect::Reference));
         }
         if let Some(base) = &baseline {
             cases.push(case(
@@ -900,6 +908,25 @@ fn render(cases: &[Case]) -> (String, bool) {
     (markdown_table(&header.map(s), &rows), bad)
 }
 
+/// What the JIT did, medians over the runs: regions compiled, compile time, native share.
+fn jit_note(stats: &[serde_json::Value]) -> Option<String> {
+    let field = |key: &str| -> Option<f64> {
+        median(
+            stats
+                .iter()
+                .filter_map(|st| st.get("jit")?.get(key)?.as_f64())
+                .collect(),
+        )
+    };
+    let regions = field("regions")?;
+    let compile_ms = field("compile_ms")?;
+    let share = field("native_share")?;
+    Some(format!(
+        "JIT: {regions:.0} regions compiled in {compile_ms:.1} ms, {:.1}% of instructions native",
+        share * 100.0
+    ))
+}
+
 /// Per-row extras: micro-benchmark rates, k-means time per iteration, Spark's JVM start.
 fn notes(c: &Case, ok: &[&Outcome], stats: &[serde_json::Value]) -> String {
     let mut notes = Vec::new();
@@ -933,6 +960,9 @@ fn notes(c: &Case, ok: &[&Outcome], stats: &[serde_json::Value]) -> String {
         if let Some(r) = per_stats(&|st| stat(st, "runners_started")) {
             notes.push(format!("{r:.0} runners"));
         }
+    }
+    if let Some(jit) = jit_note(stats) {
+        notes.push(jit);
     }
     if c.workload == "kmeans" && c.kind != Kind::Spark {
         // Median over runs of the mean `iteration i: T ms`.

@@ -186,10 +186,11 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
     transport: TransportArg,
     /// Compile hot loops to native code (Cranelift; docs/ENGINE.md, "The JIT"): `auto` compiles
-    /// a loop once it was entered --jit-threshold times and interprets everything if the JIT
-    /// cannot be set up on this host; `on` compiles every loop at its first entry unless
-    /// --jit-threshold says otherwise, and fails when the JIT cannot be set up; `off`
-    /// interprets. Not used with --profile.
+    /// a loop once it was entered --jit-threshold times, on a compiler thread while the
+    /// runners keep interpreting it, and interprets everything if the JIT cannot be set up on
+    /// this host; `on` compiles every loop at its first entry unless --jit-threshold says
+    /// otherwise, before running it (the same code runs from the same entry every run), and
+    /// fails when the JIT cannot be set up; `off` interprets. Not used with --profile.
     #[arg(long, value_enum, default_value_t = JitArg::Auto)]
     jit: JitArg,
     /// Entries of a loop header before its loop is compiled
@@ -217,6 +218,7 @@ fn make_jit(args: &RunArgs) -> Result<Option<Arc<dvm_jit::DvmJit>>, Failure> {
         threshold,
         perf_map: true,
         local_labels: profile::local_labels(&args.program),
+        background: args.jit == JitArg::Auto,
     };
     match dvm_jit::DvmJit::new(options) {
         Ok(jit) => Ok(Some(Arc::new(jit))),

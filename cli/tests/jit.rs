@@ -211,9 +211,11 @@ fn under_perf_every_map_entry_has_the_disa_name() {
 #[test]
 fn stats_table_reports_the_jit() {
     // `sum` (100 iterations) and `digits` (4) reach the threshold; `scale` (3 entries) does not.
+    // (`on` compiles where the threshold is reached; `auto` would compile on its thread, and
+    // this short run could end first.)
     let (output, _) = run_command(
         dvm()
-            .args(["run", "--workers", "1", "--stats", "--jit", "auto"])
+            .args(["run", "--workers", "1", "--stats", "--jit", "on"])
             .args(["--jit-threshold", "3"])
             .arg(repo("examples/loop.dasm")),
     );

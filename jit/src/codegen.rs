@@ -259,7 +259,10 @@ fn counted_header(l: &Loop) -> usize {
 }
 
 /// The variables of a counted loop: per access the host offset of its page and its store
-/// mask, and the iterations left (this one included) in which every access stays on its page.
+/// mask, and the iterations known safe after the current one (every access stays on its
+/// page and the count covers them). Those iterations are charged to the count in advance, at
+/// the check that finds them, so their branch back does no arithmetic on the count; every way
+/// out of the loop gives back what was charged for iterations not run (`write_back`).
 struct Counted {
     header: usize,
     /// Each access, its variables, and the slot that keeps its last page between entries
@@ -662,8 +665,10 @@ impl<'b, 'f> Translator<'b, 'f> {
             .stack_load(types::I64, types::I64, self.frame, at)
     }
 
-    /// Stores the words loop `l` writes back to memory (a way out of the loop).
+    /// Stores the words loop `l` writes back to memory (a way out of the loop), and gives
+    /// the count back the safe iterations a counted loop charged but will not run.
     fn write_back(&mut self, l: usize) {
+        self.refund(l);
         for k in 0..self.loops[l].words.len() {
             let (addr, written, _, var) = self.loops[l].words[k];
             if !written {
@@ -674,6 +679,23 @@ impl<'b, 'f> Translator<'b, 'f> {
             let offset = (addr & (PAGE_BYTES as u64 - 1)) as i32;
             self.b.ins().store(heap(), value, write, offset);
         }
+    }
+
+    /// Gives the count back what counted loop `l` charged for iterations it will not run
+    /// (leaving it); none are left charged after this.
+    fn refund(&mut self, l: usize) {
+        let Some(counted) = &self.loops[l].counted else {
+            return;
+        };
+        let run = i64::from(self.code[counted.header].run_len());
+        let safe_var = counted.safe;
+        let safe = self.b.use_var(safe_var);
+        let unused = self.b.ins().imul_imm_s(safe, run);
+        let count = self.b.ins().get_pinned_reg(types::I64);
+        let count = self.b.ins().iadd(count, unused);
+        self.b.ins().set_pinned_reg(count);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b.def_var(safe_var, zero);
     }
 
     /// Ends the current block with a jump to instruction `to` of the region, from code whose
@@ -775,15 +797,36 @@ impl<'b, 'f> Translator<'b, 'f> {
         let (sites, safe) = (counted.sites.clone(), counted.safe);
         let left = self.b.use_var(safe);
         let go = self.b.create_block();
+        let next = self.b.create_block();
         let redo = self.b.create_block();
-        self.b.ins().brif(left, go, &[], redo, &[]);
+        self.b.ins().brif(left, next, &[], redo, &[]);
+        // (Only the branch back arrives with iterations left, and it goes to `go` itself.)
+        self.b.switch_to_block(next);
+        let fewer = self.b.ins().iadd_imm_s(left, -1);
+        self.b.def_var(safe, fewer);
+        self.b.ins().jump(go, &[]);
         self.b.switch_to_block(redo);
         // The count bounds the iterations too (this one is counted already): while any are
         // left, the branch back needs no count check.
         let run = i64::from(self.code[counted_header(&self.loops[l])].run_len());
-        let count = self.b.ins().get_pinned_reg(types::I64);
-        let more = self.b.ins().udiv_imm_s(count, run);
-        let mut fewest = self.b.ins().iadd_imm_s(more, 1);
+        // No page holds more iterations of a striding access than this, so a count that
+        // covers this many needs no division (the usual case: one compare).
+        let most = sites
+            .iter()
+            .filter(|s| s.0.stride != 0)
+            .map(|s| {
+                let step = s.0.stride.unsigned_abs().min(PAGE_BYTES as u64);
+                (PAGE_BYTES as u64 / step) as i64 + 1
+            })
+            .min();
+        let mut fewest = match most {
+            Some(most) => self.b.ins().iconst(types::I64, most),
+            None => {
+                let count = self.b.ins().get_pinned_reg(types::I64);
+                let more = self.b.ins().udiv_imm_s(count, run);
+                self.b.ins().iadd_imm_s(more, 1)
+            }
+        };
         for (site, delta_var, mask_var, slot) in sites {
             let Some((pointer, _)) = self.reg(site.word) else {
                 // (`counted_sites` took only held words.)
@@ -859,16 +902,45 @@ impl<'b, 'f> Translator<'b, 'f> {
                 fewest = b.ins().umin(fewest, room);
             }
         }
+        if let Some(most) = most {
+            fewest = self.count_bound(fewest, most, run);
+        }
+        // This iteration is charged already; the ones after it are charged now.
         let b = &mut *self.b;
-        b.def_var(safe, fewest);
+        let after = b.ins().iadd_imm_s(fewest, -1);
+        let charge = b.ins().imul_imm_s(after, run);
+        let count = b.ins().get_pinned_reg(types::I64);
+        let count = b.ins().isub(count, charge);
+        b.ins().set_pinned_reg(count);
+        b.def_var(safe, after);
         b.ins().jump(go, &[]);
         b.switch_to_block(go);
-        let left = b.use_var(safe);
-        let next = b.ins().iadd_imm_s(left, -1);
-        b.def_var(safe, next);
         if let Some(counted) = &mut self.loops[l].counted {
             counted.go = Some(go);
         }
+    }
+
+    /// `fewest` (at most `most`) bounded by the iterations of `run` instructions the count
+    /// covers (this one, charged already, and `count / run` more). The division only when
+    /// the count is below `most` iterations, which is rare (cold).
+    fn count_bound(&mut self, fewest: Value, most: i64, run: i64) -> Value {
+        let b = &mut *self.b;
+        let count = b.ins().get_pinned_reg(types::I64);
+        let plenty = b
+            .ins()
+            .icmp_imm_s(IntCC::UnsignedGreaterThanOrEqual, count, (most - 1) * run);
+        let short = b.create_block();
+        b.set_cold_block(short);
+        let join = b.create_block();
+        b.append_block_param(join, types::I64);
+        b.ins().brif(plenty, join, &[fewest.into()], short, &[]);
+        b.switch_to_block(short);
+        let more = b.ins().udiv_imm_s(count, run);
+        let covered = b.ins().iadd_imm_s(more, 1);
+        let bounded = b.ins().umin(fewest, covered);
+        b.ins().jump(join, &[bounded.into()]);
+        b.switch_to_block(join);
+        b.block_params(join)[0]
     }
 
     /// Leaves native code at `index` (from the current instruction, whose loops store their
@@ -905,8 +977,8 @@ impl<'b, 'f> Translator<'b, 'f> {
             return;
         }
         let from = self.loop_at(self.current);
-        // A counted loop's branch back: while iterations are known safe (pages and count),
-        // the count goes down without a check and the next iteration starts past its test.
+        // A counted loop's branch back: while iterations are known safe (pages and count,
+        // charged already), the next iteration starts past its test.
         if let Some(l) = from {
             let fast = self.loops[l].counted.as_ref().and_then(|c| {
                 (c.header == index)
@@ -920,10 +992,8 @@ impl<'b, 'f> Translator<'b, 'f> {
                 let checked = self.b.create_block();
                 self.b.ins().brif(left, quick, &[], checked, &[]);
                 self.b.switch_to_block(quick);
-                let count = self.b.ins().get_pinned_reg(types::I64);
-                let len = i64::from(self.code[index].run_len());
-                let next = self.b.ins().iadd_imm_s(count, -len);
-                self.b.ins().set_pinned_reg(next);
+                let fewer = self.b.ins().iadd_imm_s(left, -1);
+                self.b.def_var(safe, fewer);
                 self.b.ins().jump(go, &[]);
                 self.b.switch_to_block(checked);
             }
@@ -938,6 +1008,13 @@ impl<'b, 'f> Translator<'b, 'f> {
         self.entered.insert((from, index), block);
         self.b.ins().jump(block, &[]);
         self.b.switch_to_block(block);
+        // Counted loops left give back their charged iterations before the check.
+        let into = self.chain(self.loop_at(index));
+        for l in self.chain(from) {
+            if !into.contains(&l) {
+                self.refund(l);
+            }
+        }
         let left = self.b.ins().get_pinned_reg(types::I64);
         let len = i64::from(self.code[index].run_len());
         let over = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, left, len);

@@ -7,7 +7,8 @@
 //! lends it the runner's TLB and instruction count. This crate implements the hook: it counts
 //! the entries of each loop header (shared by every runner and worker of the run), compiles a
 //! header's region once when the count reaches the threshold (`codegen`), keeps the code for
-//! the whole run (immutable, never invalidated: `emit::Arena` owns it), and calls it.
+//! the whole run (immutable, never invalidated: `emit::Arena` owns it), and calls it. With
+//! `background`, a compiler thread of the run compiles while the runners keep interpreting.
 //!
 //! Exactness: compiled code does only what the interpreter's fast path does, through the same
 //! TLB; everything else (a miss, a fault, an instruction it does not compile, the count
@@ -27,8 +28,8 @@ use dvm_engine::native::{NativeExit, NativeState};
 use dvm_perf::profile::Symbols;
 use std::fmt;
 use std::io::Write;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 pub use codegen::{region_end, supported, HandBack, HAND_BACK_REASONS, MAX_REGION};
@@ -51,6 +52,11 @@ pub struct JitOptions {
     /// The program's local labels (`(name, address)`; an image has none, its source does), so
     /// perf map entries name loops as profiles do (`partition/.Lcoord`).
     pub local_labels: Vec<(String, u64)>,
+    /// Compile on a thread of the JIT's own while the runner that found the loop hot keeps
+    /// interpreting it (off the critical path: a second core compiles); else that runner
+    /// compiles before going on, so the code runs from exactly the threshold's entry on (what
+    /// tests that count native instructions need).
+    pub background: bool,
 }
 
 impl Default for JitOptions {
@@ -59,6 +65,7 @@ impl Default for JitOptions {
             threshold: DEFAULT_THRESHOLD,
             perf_map: true,
             local_labels: Vec::new(),
+            background: false,
         }
     }
 }
@@ -94,6 +101,8 @@ struct Slot {
     /// after `BACK_OFF_AFTER` of them. Plain loads and stores: a race only moves a heuristic.
     misses: AtomicU32,
     skip: AtomicU32,
+    /// Handed to the compiler thread (`background`); its code is set when compiled.
+    queued: AtomicBool,
 }
 
 /// Calls that make no progress in a row before a header is left to the interpreter for
@@ -105,6 +114,15 @@ const BACK_OFF: u32 = 64;
 
 /// The JIT of one run: create one per program run and hand it to `vm::Config::jit`.
 pub struct DvmJit {
+    shared: Arc<Shared>,
+    /// The compiler thread's queue of loop headers (`background`), started at the first
+    /// header that gets hot; the thread ends when this is dropped. `None` inside: the thread
+    /// could not be started, so headers compile where they get hot.
+    queue: OnceLock<Option<Mutex<mpsc::Sender<usize>>>>,
+}
+
+/// What the runners and the compiler thread share.
+struct Shared {
     options: JitOptions,
     /// One slot per instruction, made at the first call (when the program is known).
     slots: OnceLock<Vec<Slot>>,
@@ -123,7 +141,7 @@ pub struct DvmJit {
 impl fmt::Debug for DvmJit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DvmJit")
-            .field("options", &self.options)
+            .field("options", &self.shared.options)
             .field("stats", &self.stats())
             .finish()
     }
@@ -131,7 +149,7 @@ impl fmt::Debug for DvmJit {
 
 impl DvmJit {
     pub fn new(options: JitOptions) -> Result<DvmJit, JitError> {
-        Ok(DvmJit {
+        let shared = Shared {
             options,
             slots: OnceLock::new(),
             arena: Mutex::new(Some(emit::Arena::new()?)),
@@ -142,10 +160,59 @@ impl DvmJit {
             failures: AtomicU64::new(0),
             hand_backs: Default::default(),
             last_error: Mutex::new(None),
+        };
+        Ok(DvmJit {
+            shared: Arc::new(shared),
+            queue: OnceLock::new(),
         })
     }
 
     pub fn stats(&self) -> JitStats {
+        self.shared.stats()
+    }
+
+    /// Why the last region that failed to compile failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.last_error()
+    }
+
+    /// Asks the compiler thread for header `index`'s code, starting the thread first if this
+    /// is the run's first; false if there is no thread (the caller compiles).
+    fn enqueue(&self, program: &Program, index: usize) -> bool {
+        let queue = self.queue.get_or_init(|| {
+            let (send, receive) = mpsc::channel::<usize>();
+            let shared = Arc::clone(&self.shared);
+            // The thread decodes its own copy of the image: `Program` is the engine's and
+            // lives only as long as the run, while the thread may still finish a compilation.
+            let image = program.image.clone();
+            std::thread::Builder::new()
+                .name("dvm-jit".to_string())
+                .spawn(move || {
+                    let program = Program::new(image);
+                    for index in receive {
+                        let Some(slot) = shared.slots.get().and_then(|slots| slots.get(index))
+                        else {
+                            continue;
+                        };
+                        slot.code.get_or_init(|| shared.compile(&program, index));
+                    }
+                })
+                .ok()
+                .map(|_| Mutex::new(send))
+        });
+        let Some(queue) = queue else {
+            return false;
+        };
+        // A poisoned lock or a thread that is gone: the caller compiles.
+        queue
+            .lock()
+            .ok()
+            .is_some_and(|send| send.send(index).is_ok())
+    }
+}
+
+impl Shared {
+    fn stats(&self) -> JitStats {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         JitStats {
             regions: get(&self.regions),
@@ -158,8 +225,7 @@ impl DvmJit {
         }
     }
 
-    /// Why the last region that failed to compile failed.
-    pub fn last_error(&self) -> Option<String> {
+    fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|error| error.clone())
     }
 
@@ -261,7 +327,8 @@ impl Jit for DvmJit {
         state: &mut NativeState<'_>,
     ) -> Option<NativeExit> {
         let code = program.code();
-        let slots = self
+        let jit = &*self.shared;
+        let slots = jit
             .slots
             .get_or_init(|| (0..code.len()).map(|_| Slot::default()).collect());
         let slot = slots.get(index)?;
@@ -272,10 +339,16 @@ impl Jit for DvmJit {
                     .entries
                     .fetch_add(1, Ordering::Relaxed)
                     .saturating_add(1);
-                if seen < self.options.threshold {
+                if seen < jit.options.threshold {
                     return None;
                 }
-                (*slot.code.get_or_init(|| self.compile(program, index)))?
+                if jit.options.background {
+                    // Once: the thread sets the code; until then this header interprets.
+                    if slot.queued.swap(true, Ordering::Relaxed) || self.enqueue(program, index) {
+                        return None;
+                    }
+                }
+                (*slot.code.get_or_init(|| jit.compile(program, index)))?
             }
         };
         let skip = slot.skip.load(Ordering::Relaxed);
@@ -285,7 +358,7 @@ impl Jit for DvmJit {
         }
         let before = state.instructions;
         let (next, counted, reason) = entry.call(state);
-        if let Some(counter) = self.hand_backs.get(reason as usize) {
+        if let Some(counter) = jit.hand_backs.get(reason as usize) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
         let misses = slot.misses.load(Ordering::Relaxed);
@@ -307,8 +380,7 @@ impl Jit for DvmJit {
             let handed_back = if counted { run_len(next) } else { 0 };
             let native =
                 (run_len(index) + (state.instructions - before)).saturating_sub(handed_back);
-            self.native_instructions
-                .fetch_add(native, Ordering::Relaxed);
+            jit.native_instructions.fetch_add(native, Ordering::Relaxed);
         }
         Some(NativeExit {
             index: next.min(code.len()),

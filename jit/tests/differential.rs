@@ -314,6 +314,22 @@ fn random_programs_match_the_interpreter() {
     assert!(limited > count / 50, "too few runs at the limit: {limited}");
 }
 
+/// With the compiler thread (`--jit auto`): a runner interprets a hot loop until its code is
+/// ready, then runs it; which iterations run natively depends on timing, the results never do.
+#[test]
+fn random_programs_match_the_interpreter_with_background_compilation() {
+    for seed in 1..=200u64 {
+        let (source, max_instructions) = program(seed);
+        let threshold = if seed % 3 == 0 { 2 } else { 1 };
+        let jit = common::jit_with(threshold, true);
+        let (_, stats) = common::same_with(&source, max_instructions, jit);
+        assert_eq!(
+            stats.failures, 0,
+            "a region failed to compile (seed {seed})"
+        );
+    }
+}
+
 #[test]
 #[ignore = "prints a generated program: DVM_JIT_SEED=S cargo test -- --ignored print_program"]
 fn print_program() {

@@ -165,3 +165,22 @@ fn outer_words_pass_through_the_inner_loop() {
     // A fault at every instruction limit through the nest sees every word written back.
     common::stops_at_every_limit(&source, (4_150..4_400).step_by(7));
 }
+
+/// The compiler thread's code takes over a loop that is still running: the runner interprets
+/// until the code is ready, then the rest runs natively, with the interpreter's results.
+#[test]
+fn code_compiled_in_the_background_takes_over_a_running_loop() {
+    // 5 million iterations: far longer interpreted than compiling the loop takes.
+    let source = nest("", "    add:ue {SUM}, $3, {SUM}\n", 1, 5_000_000)
+        .replace("{SUM}", &format!("{SUM:#x}"));
+    let jit = common::jit_with(1, true);
+    let (observed, stats) = common::same_with(&source, u64::MAX, jit);
+    assert_eq!(
+        words(&observed.stdout)[2],
+        15_000_000,
+        "{}",
+        observed.stdout
+    );
+    assert!(stats.regions >= 1, "{stats:?}");
+    assert!(stats.native_instructions > 0, "{stats:?}");
+}

@@ -16,6 +16,7 @@ fn a_stale_perf_map_under_this_pid_is_replaced() {
             threshold: 1,
             perf_map: true,
             local_labels: Vec::new(),
+            background: false,
         })
         .expect("the JIT sets up on this host"),
     );

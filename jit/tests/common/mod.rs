@@ -43,11 +43,17 @@ pub fn run(source: &str, max_instructions: u64, jit: Option<Arc<DvmJit>>) -> Obs
 }
 
 pub fn jit(threshold: u32) -> Arc<DvmJit> {
+    jit_with(threshold, false)
+}
+
+/// A JIT compiling at `threshold`, on its compiler thread if `background`.
+pub fn jit_with(threshold: u32, background: bool) -> Arc<DvmJit> {
     Arc::new(
         DvmJit::new(JitOptions {
             threshold,
             perf_map: false,
             local_labels: Vec::new(),
+            background,
         })
         .expect("the JIT sets up on this host"),
     )
@@ -56,8 +62,12 @@ pub fn jit(threshold: u32) -> Arc<DvmJit> {
 /// Runs `source` interpreted and with the JIT (compiling at `threshold`); panics on any
 /// difference. Returns what the JIT did.
 pub fn same_with_jit(source: &str, max_instructions: u64, threshold: u32) -> (Observed, JitStats) {
+    same_with(source, max_instructions, jit(threshold))
+}
+
+/// `same_with_jit` with the JIT given.
+pub fn same_with(source: &str, max_instructions: u64, jit: Arc<DvmJit>) -> (Observed, JitStats) {
     let interpreted = run(source, max_instructions, None);
-    let jit = jit(threshold);
     let compiled = run(source, max_instructions, Some(Arc::clone(&jit)));
     assert_eq!(
         interpreted, compiled,
