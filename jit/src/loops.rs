@@ -487,41 +487,6 @@ mod tests {
     }
 
     #[test]
-    fn a_region_ends_at_the_next_loop_after_its_own_and_the_one_around_it() {
-        // Loops a (1..=3) and b (5..=6) inside the outer loop (0..=8), then loop c (10..=11).
-        let program = program(
-            "main:
-.Louter:
-    mov $4:ue, 0x200000110:ue
-.La:
-    add:ue 0x200000118, $1, 0x200000118
-    sub:ue 0x200000110, $1, 0x200000110
-    br:nz,ue,a 0x200000110, $.La
-    mov $4:ue, 0x200000110:ue
-.Lb:
-    sub:ue 0x200000110, $1, 0x200000110
-    br:nz,ue,a 0x200000110, $.Lb
-    add:ue 0x200000100, $1, 0x200000100
-    br:l,ue,a 0x200000100, $3, $.Louter
-    mov $4:ue, 0x200000110:ue
-.Lc:
-    sub:ue 0x200000110, $1, 0x200000110
-    br:nz,ue,a 0x200000110, $.Lc
-    exit:c
-",
-        );
-        let region_end = crate::codegen::region_end;
-        // From the outer loop's header: its whole nest, up to loop c.
-        assert_eq!(region_end(&program, 0), 10);
-        // From loop a's or b's header: on to the outer loop's branch back (the way back to
-        // its header), loop b included, up to loop c.
-        assert_eq!(region_end(&program, 1), 10);
-        assert_eq!(region_end(&program, 5), 10);
-        // From loop c's header: to the end (`exit` is not compiled).
-        assert_eq!(region_end(&program, 10), 12);
-    }
-
-    #[test]
     fn the_inner_loops_words_are_placed_and_outer_counters_pass_through() {
         let program = program(NEST);
         let code = &program.code()[1..14];
