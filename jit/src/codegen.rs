@@ -830,17 +830,9 @@ impl<'b, 'f> Translator<'b, 'f> {
             return;
         };
         let (sites, safe) = (counted.sites.clone(), counted.safe);
-        let left = self.b.use_var(safe);
         let go = self.b.create_block();
-        let next = self.b.create_block();
-        let redo = self.b.create_block();
-        self.b.ins().brif(left, next, &[], redo, &[]);
         // (Only the branch back arrives with iterations left, and it goes to `go` itself.)
-        self.b.switch_to_block(next);
-        let fewer = self.b.ins().iadd_imm_s(left, -1);
-        self.b.def_var(safe, fewer);
-        self.b.ins().jump(go, &[]);
-        self.b.switch_to_block(redo);
+        self.next_safe(safe, go);
         // The count bounds the iterations too (this one is counted already): while any are
         // left, the branch back needs no count check.
         let run = i64::from(self.code[counted_header(&self.loops[l])].run_len());
@@ -955,6 +947,20 @@ impl<'b, 'f> Translator<'b, 'f> {
         }
     }
 
+    /// While a counted loop has safe iterations left (`safe`), takes one and goes to its `go`;
+    /// otherwise goes on in a new current block.
+    fn next_safe(&mut self, safe: Variable, go: Block) {
+        let left = self.b.use_var(safe);
+        let take = self.b.create_block();
+        let none = self.b.create_block();
+        self.b.ins().brif(left, take, &[], none, &[]);
+        self.b.switch_to_block(take);
+        let fewer = self.b.ins().iadd_imm_s(left, -1);
+        self.b.def_var(safe, fewer);
+        self.b.ins().jump(go, &[]);
+        self.b.switch_to_block(none);
+    }
+
     /// `fewest` (at most `most`) bounded by the iterations of `run` instructions the count
     /// covers (this one, charged already, and `count / run` more). The division only when
     /// the count is below `most` iterations, which is rare (cold).
@@ -1022,15 +1028,7 @@ impl<'b, 'f> Translator<'b, 'f> {
                     .map(|go| (go, c.safe))
             });
             if let Some((go, safe)) = fast {
-                let left = self.b.use_var(safe);
-                let quick = self.b.create_block();
-                let checked = self.b.create_block();
-                self.b.ins().brif(left, quick, &[], checked, &[]);
-                self.b.switch_to_block(quick);
-                let fewer = self.b.ins().iadd_imm_s(left, -1);
-                self.b.def_var(safe, fewer);
-                self.b.ins().jump(go, &[]);
-                self.b.switch_to_block(checked);
+                self.next_safe(safe, go);
             }
         }
         if let Some(block) = self.entered.get(&(from, index)) {
@@ -1758,13 +1756,7 @@ impl<'b, 'f> Translator<'b, 'f> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn program(source: &str) -> Program {
-        let image = dvm_engine::asm::assemble("t.dasm", source).expect("assembles");
-        let image =
-            dvm_engine::image::validate(dvm_engine::image::Format::Elf, image).expect("valid");
-        Program::new(image)
-    }
+    use crate::loops::tests::program;
 
     #[test]
     fn a_region_ends_at_the_next_loop_after_its_own_and_the_one_around_it() {

@@ -422,10 +422,11 @@ pub fn describe(program: &Program, start: usize, end: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn program(source: &str) -> Program {
+    /// `source` assembled and decoded (for the JIT's unit tests).
+    pub(crate) fn program(source: &str) -> Program {
         let image = dvm_engine::asm::assemble("t.dasm", source).expect("assembles");
         let image =
             dvm_engine::image::validate(dvm_engine::image::Format::Elf, image).expect("valid");
