@@ -189,19 +189,23 @@ pub fn disassemble(loaded: &LoadedImage) -> String {
         uses_at.entry(used.at).or_default().push(&used.name);
     }
     // `nth`: the operands of this instruction naming `addr` before this one (the assembler
-    // recorded the uses in operand order).
+    // recorded the uses in operand order). Uses are kept only for addresses several labels
+    // share; an operand there beyond the uses recorded (the source wrote a number, or a `.L`
+    // label the image drops) stays a number: any of the names would add a use the image does
+    // not have, and the listing would not assemble to the same image.
     let name_in = |at: Option<u64>, addr: u64, nth: usize| -> Option<String> {
         let list = defined.get(&addr)?;
-        at.and_then(|at| uses_at.get(&at))
-            .and_then(|names| {
-                let mut here = names
-                    .iter()
-                    .filter(|name| list.iter().any(|label| label == **name));
-                let first = here.clone().next();
-                here.nth(nth).or(first)
-            })
-            .map(|name| name.to_string())
-            .or_else(|| list.last().cloned())
+        let used = at.and_then(|at| uses_at.get(&at)).and_then(|names| {
+            names
+                .iter()
+                .filter(|name| list.iter().any(|label| label == **name))
+                .nth(nth)
+        });
+        match used {
+            Some(name) => Some(name.to_string()),
+            None if at.is_some() && list.len() > 1 => None,
+            None => list.last().cloned(),
+        }
     };
     let mut printed = std::collections::HashSet::new();
     let mut emit_labels = |out: &mut String, addr: u64| {
@@ -314,6 +318,23 @@ mod tests {
             "main: mov table:se, 0x10:se\n br:j,a $done\n mov $msg:ue, 8(buf):ue\ndone: exit:a\nafter_code:\n.data\ntable: .quad 7, -1\nmsg: .ascii \"hello\"\ndata_end:\n.rodata\npi: .double 3.25\n.bss\nbuf: .zero 100\nend: .zero 4\nbss_end:\n",
             Format::Elf,
         );
+    }
+
+    #[test]
+    fn an_address_two_labels_share_keeps_the_name_each_operand_was_written_with() {
+        // `stop` and `spinner` share an address. The branch names it through the `.L` label
+        // (which the image drops), the others through `spinner` or an expression (no name):
+        // only the operands that wrote `spinner` may name it in the listing, or the listing
+        // assembles to an image with more uses (found by the `assemble` fuzz target).
+        let source = concat!(
+            "main:\n",
+            " br:z,ue,a 0x4000000000, $.Lhere\n",
+            " mov $spinner:ue, 0x200000000:ue\n",
+            " mov $spinner+0:ue, 0x200000008:ue\n",
+            " add:ue $spinner+0, $spinner, 0x200000010\n",
+            ".Lhere:\nstop:\nspinner:\n exit:c\n",
+        );
+        round_trip(source, Format::Elf);
     }
 
     #[test]
