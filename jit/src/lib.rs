@@ -118,7 +118,7 @@ pub struct DvmJit {
     /// The compiler thread's queue of loop headers (`background`), started at the first
     /// header that gets hot; the thread ends when this is dropped. `None` inside: the thread
     /// could not be started, so headers compile where they get hot.
-    queue: OnceLock<Option<Mutex<mpsc::Sender<usize>>>>,
+    queue: OnceLock<Option<mpsc::Sender<usize>>>,
 }
 
 /// What the runners and the compiler thread share.
@@ -198,16 +198,10 @@ impl DvmJit {
                     }
                 })
                 .ok()
-                .map(|_| Mutex::new(send))
+                .map(|_| send)
         });
-        let Some(queue) = queue else {
-            return false;
-        };
-        // A poisoned lock or a thread that is gone: the caller compiles.
-        queue
-            .lock()
-            .ok()
-            .is_some_and(|send| send.send(index).is_ok())
+        // No thread, or one that is gone: the caller compiles.
+        queue.as_ref().is_some_and(|send| send.send(index).is_ok())
     }
 }
 
@@ -343,8 +337,11 @@ impl Jit for DvmJit {
                     return None;
                 }
                 if jit.options.background {
-                    // Once: the thread sets the code; until then this header interprets.
-                    if slot.queued.swap(true, Ordering::Relaxed) || self.enqueue(program, index) {
+                    // Once: the thread sets the code; until then this header interprets. (A
+                    // load first: every entry until then would otherwise write the line.)
+                    let queued = slot.queued.load(Ordering::Relaxed)
+                        || slot.queued.swap(true, Ordering::Relaxed);
+                    if queued || self.enqueue(program, index) {
                         return None;
                     }
                 }
