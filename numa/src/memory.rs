@@ -1,7 +1,8 @@
 //! Memory bound to one NUMA node, for page pools that workers on that node use.
 //!
 //! A [`NodeMemory`] is an anonymous private mapping (page-aligned, zero-filled) that it owns
-//! alone and unmaps on drop. Binding happens right after `mmap` and before any page is touched,
+//! alone and unmaps on drop; one of whole 2 MiB huge pages is aligned to them and asks the
+//! kernel for transparent huge pages (`map_anonymous` says why). Binding happens right after `mmap` and before any page is touched,
 //! so that every page is first faulted in on the chosen node (the kernel places a page at its
 //! first touch, following the area's policy). hwloc's BIND policy is used with its STRICT flag:
 //! on Linux hwloc maps non-strict BIND to MPOL_PREFERRED, which would silently spill to other
@@ -222,15 +223,34 @@ impl std::fmt::Debug for NodeMemory {
     }
 }
 
+/// The size of a transparent huge page on x86-64 and arm64 (4 KiB base pages).
+const HUGE_PAGE_BYTES: usize = 2 << 20;
+
 /// A fresh private anonymous read-write mapping of `len_bytes` (> 0) bytes.
+///
+/// A mapping of whole huge pages starts on a huge-page boundary and asks for transparent huge
+/// pages (`MADV_HUGEPAGE`; hosts whose THP setting is `madvise`, Debian's default, give them
+/// only when asked): page pools carve their chunks page after page, so a 2 MiB chunk is used
+/// whole, and one fault that zeroes 2 MiB replaces 512 faults of 4 KiB each (sort of 10^6
+/// values: its 30 MB of pages took 7,500 faults, a fifth of the run). Best effort: where the
+/// kernel says no, the mapping has 4 KiB pages as before.
 fn map_anonymous(len_bytes: usize) -> io::Result<NonNull<u8>> {
+    let huge = len_bytes % HUGE_PAGE_BYTES == 0;
+    // Room to move the start to a huge-page boundary; the excess is unmapped below.
+    let map_len = if huge {
+        len_bytes
+            .checked_add(HUGE_PAGE_BYTES)
+            .ok_or_else(|| io::Error::other("mapping size overflows"))?
+    } else {
+        len_bytes
+    };
     // SAFETY: a new anonymous mapping at an address of the kernel's choosing (null hint, no
     // MAP_FIXED) cannot alias any existing Rust object; all arguments are valid constants and
-    // `len_bytes` is non-zero (checked by the caller). The result is checked for MAP_FAILED.
+    // `map_len` is non-zero (checked by the caller). The result is checked for MAP_FAILED.
     let address = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len_bytes,
+            map_len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
@@ -240,8 +260,34 @@ fn map_anonymous(len_bytes: usize) -> io::Result<NonNull<u8>> {
     if address == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
-    NonNull::new(address.cast::<u8>())
-        .ok_or_else(|| io::Error::other("mmap returned a null mapping"))
+    let start = address as usize;
+    if !huge {
+        return NonNull::new(address.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"));
+    }
+    let aligned = start.next_multiple_of(HUGE_PAGE_BYTES);
+    let head = aligned - start;
+    let tail = map_len - head - len_bytes;
+    // SAFETY: both ranges lie inside the mapping just made (`head + len_bytes + tail ==
+    // map_len`), are page-aligned (mmap returns page-aligned addresses and `HUGE_PAGE_BYTES`
+    // is a multiple of the page size), and nothing refers to them: unmapping them leaves
+    // exactly `aligned .. aligned + len_bytes` mapped. A failed munmap only leaves memory
+    // mapped that nothing uses.
+    unsafe {
+        if head > 0 {
+            libc::munmap(address, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len_bytes) as *mut libc::c_void, tail);
+        }
+    }
+    // SAFETY: `aligned .. aligned + len_bytes` is the private anonymous mapping kept above;
+    // MADV_HUGEPAGE changes only how the kernel backs it, never its contents (zero-filled).
+    // Refused (THP disabled, an old kernel): 4 KiB pages, as without it.
+    unsafe {
+        libc::madvise(aligned as *mut libc::c_void, len_bytes, libc::MADV_HUGEPAGE);
+    }
+    NonNull::new(aligned as *mut u8).ok_or_else(|| io::Error::other("mmap returned a null mapping"))
 }
 
 /// Bind `area` to the node the kernel numbers `os_index`, with BIND + STRICT (see module doc).

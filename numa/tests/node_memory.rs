@@ -181,3 +181,51 @@ fn node_memory_moves_and_is_shared_across_threads() {
         assert_eq!(reader.join().unwrap(), 42);
     }
 }
+
+#[test]
+fn whole_huge_pages_start_on_a_huge_page_boundary_and_ask_for_huge_pages() {
+    const HUGE: usize = 2 * MIB;
+    let topology = Topology::detect();
+    let mut memory = NodeMemory::allocate(&topology, 0, 2 * HUGE).unwrap();
+    assert_eq!(memory.as_ptr() as usize % HUGE, 0, "2 MiB-aligned");
+    assert!(memory.as_slice().iter().all(|&byte| byte == 0));
+    memory.as_mut_slice()[2 * HUGE - 1] = 7;
+    assert_eq!(memory.as_slice()[2 * HUGE - 1], 7);
+    // The kernel's record of the mapping: MADV_HUGEPAGE shows as `hg` in its VmFlags (on a
+    // kernel built with transparent huge pages at all).
+    if std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+        let flags = vm_flags(memory.as_ptr() as usize).expect("mapping listed in smaps");
+        assert!(flags.split(' ').any(|flag| flag == "hg"), "{flags}");
+    }
+    // A length that is not whole huge pages keeps plain pages (and its own alignment).
+    let small = NodeMemory::allocate(&topology, 0, MIB).unwrap();
+    if std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+        let flags = vm_flags(small.as_ptr() as usize).expect("mapping listed in smaps");
+        assert!(!flags.split(' ').any(|flag| flag == "hg"), "{flags}");
+    }
+}
+
+/// The `VmFlags:` line of the mapping holding `address`, from `/proc/self/smaps`.
+fn vm_flags(address: usize) -> Option<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, end)) = range.split_once('-') {
+                if let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                ) {
+                    inside = (start..end).contains(&address);
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                return Some(flags.trim().to_string());
+            }
+        }
+    }
+    None
+}
