@@ -188,13 +188,13 @@ struct RunArgs {
     /// Compile hot loops to native code (Cranelift; docs/ENGINE.md, "The JIT"): `auto` compiles
     /// a loop once it was entered --jit-threshold times, on a compiler thread while the
     /// runners keep interpreting it, and interprets everything if the JIT cannot be set up on
-    /// this host; `on` compiles every loop at its first entry unless --jit-threshold says
-    /// otherwise, before running it (the same code runs from the same entry every run), and
-    /// fails when the JIT cannot be set up; `off` interprets. Not used with --profile.
+    /// this host; `on` compiles it there, before running it (the same code runs from the same
+    /// entry every run), and fails when the JIT cannot be set up; `off` interprets. Not used
+    /// with --profile.
     #[arg(long, value_enum, default_value_t = JitArg::Auto)]
     jit: JitArg,
-    /// Entries of a loop header before its loop is compiled
-    /// [default: 50 with --jit auto, 1 with --jit on].
+    /// Entries of a loop header before its loop is compiled (1: every loop, at its first
+    /// entry) [default: 1000].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     jit_threshold: Option<u32>,
 }
@@ -211,8 +211,7 @@ fn make_jit(args: &RunArgs) -> Result<Option<Arc<dvm_jit::DvmJit>>, Failure> {
     let threshold = match (args.jit, args.jit_threshold) {
         (JitArg::Off, _) => return Ok(None),
         (_, Some(threshold)) => threshold,
-        (JitArg::Auto, None) => dvm_jit::DEFAULT_THRESHOLD,
-        (JitArg::On, None) => 1,
+        (_, None) => dvm_jit::DEFAULT_THRESHOLD,
     };
     let options = dvm_jit::JitOptions {
         threshold,

@@ -270,7 +270,8 @@ fn run(program: &Program, shape: Shape) -> Result<Outcome, String> {
         command.arg("--nodes").arg(shape.nodes.to_string());
     }
     if shape.jit {
-        command.arg("--jit").arg("on");
+        // Every loop compiled at its first entry, so short programs run natively too.
+        command.args(["--jit", "on", "--jit-threshold", "1"]);
     }
     command.args(
         program

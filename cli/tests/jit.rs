@@ -102,6 +102,8 @@ fn run(example: &str, loads: &[String], jit: &str) -> (Output, String) {
     run_command(
         dvm()
             .args(["run", "--workers", "1", "--stats=json", "--jit", jit])
+            // Every loop compiled at its first entry: the comparison covers all of them.
+            .args(["--jit-threshold", "1"])
             .arg(repo(&format!("examples/{example}.dasm")))
             .args(loads),
     )
@@ -193,7 +195,15 @@ fn under_perf_every_map_entry_has_the_disa_name() {
     let loads = inputs(&dir, "primes");
     let (output, map) = run_command(
         dvm()
-            .args(["run", "--workers", "1", "--jit", "on"])
+            .args([
+                "run",
+                "--workers",
+                "1",
+                "--jit",
+                "on",
+                "--jit-threshold",
+                "1",
+            ])
             .arg(repo("examples/primes.dasm"))
             .args(&loads)
             .env("PERF_BUILDID_DIR", &dir),

@@ -70,9 +70,12 @@ impl Default for JitOptions {
     }
 }
 
-/// Loop entries before compiling, by default: enough that code run a few times (set-up loops)
-/// is not worth a compilation, little enough that any real loop nest gets compiled early.
-pub const DEFAULT_THRESHOLD: u32 = 50;
+/// Loop entries before compiling, by default. A region takes 0.3-2 ms to compile; a thousand
+/// entries of a loop take some 10-100 us to interpret: so a loop run a few hundred times (a
+/// spawn loop, a planner's sums) is not worth its compilation, while every loop that does real
+/// work is compiled within its first per mille (sort: 14 regions instead of 23, 17 ms of
+/// compilation instead of 27, the same share of native instructions).
+pub const DEFAULT_THRESHOLD: u32 = 1000;
 
 /// What the JIT did during a run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -239,6 +242,15 @@ impl Shared {
         };
         self.compile_ns
             .fetch_add(began.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Ok((entry, name)) = &compiled {
+            tracing::debug!(
+                region = %name,
+                instructions = end - start,
+                bytes = entry.size,
+                compile_us = began.elapsed().as_micros() as u64,
+                "compiled"
+            );
+        }
         match compiled {
             Ok((entry, name)) => {
                 self.regions.fetch_add(1, Ordering::Relaxed);
