@@ -168,28 +168,7 @@ fn dvm_pid_under(launcher_pid: u32) -> Option<u32> {
 #[test]
 fn a_node_killed_mid_kmeans_on_namespace_hosts_changes_nothing_three_times() {
     let test = "a_node_killed_mid_kmeans_on_namespace_hosts_changes_nothing_three_times";
-    let dir = repo().join(format!("target/tmp/kill-kmeans-{}", std::process::id()));
-    let loads = common::kmeans_loads(&dir, 20_000, 8, 16, 100, 12);
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        repo().join("examples/kmeans.dasm").display().to_string(),
-        "--workers".into(),
-        "1".into(),
-        "--no-pin".into(),
-    ];
-    for load in &loads {
-        args.extend(["--load".to_string(), load.clone()]);
-    }
-    let one = Command::new(dvm())
-        .args(&args)
-        .output()
-        .expect("a one-node run");
-    assert!(
-        one.status.success(),
-        "{}",
-        String::from_utf8_lossy(&one.stderr)
-    );
-    let expected = String::from_utf8_lossy(&one.stdout).into_owned();
+    let (dir, args, expected) = long_kmeans("kill-kmeans");
     let Some(hosts) = Hosts::up(test) else { return };
     for round in 0..3u32 {
         let list = format!("h1:{p},h2:{p},h3:{p}", p = 7781 + round);
@@ -318,7 +297,10 @@ fn mpirun_enable_recovery_survives_a_killed_rank() {
 /// middle. The `dvm run` arguments and the one-node output.
 fn long_kmeans(name: &str) -> (PathBuf, Vec<String>, String) {
     let dir = repo().join(format!("target/tmp/{name}-{}", std::process::id()));
-    let loads = common::kmeans_loads(&dir, 20_000, 8, 16, 100, 12);
+    // 300 iterations: about 3 s on one node of a 2-vCPU host and 5 s on three, so a node
+    // killed 2-3 s in is killed mid-run even when the host is idle (100 iterations ended
+    // before the kill there).
+    let loads = common::kmeans_loads(&dir, 20_000, 8, 16, 300, 12);
     let mut args: Vec<String> = vec![
         "run".into(),
         repo().join("examples/kmeans.dasm").display().to_string(),
@@ -404,28 +386,7 @@ fn packet_loss_on_one_host_mid_kmeans_gives_the_right_output() {
 #[test]
 fn a_link_down_mid_kmeans_leaves_the_right_output_or_a_clear_report() {
     let test = "a_link_down_mid_kmeans_leaves_the_right_output_or_a_clear_report";
-    let dir = repo().join(format!("target/tmp/link-kmeans-{}", std::process::id()));
-    let loads = common::kmeans_loads(&dir, 20_000, 8, 16, 100, 12);
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        repo().join("examples/kmeans.dasm").display().to_string(),
-        "--workers".into(),
-        "1".into(),
-        "--no-pin".into(),
-    ];
-    for load in &loads {
-        args.extend(["--load".to_string(), load.clone()]);
-    }
-    let one = Command::new(dvm())
-        .args(&args)
-        .output()
-        .expect("a one-node run");
-    assert!(
-        one.status.success(),
-        "{}",
-        String::from_utf8_lossy(&one.stderr)
-    );
-    let expected = String::from_utf8_lossy(&one.stdout).into_owned();
+    let (dir, args, expected) = long_kmeans("link-kmeans");
     let Some(hosts) = Hosts::up(test) else { return };
     let list = "h1:7791,h2:7791,h3:7791";
     let children: Vec<_> = (0..3u32)
