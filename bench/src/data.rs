@@ -169,18 +169,142 @@ pub fn write_params(path: &Path, values: &[u64]) -> std::io::Result<()> {
 
 /// The sort workload's reference: sort the file's u64 and print what examples/sort.dasm prints.
 pub fn sort_reference(path: &Path) -> std::io::Result<String> {
+    let mut values = read_u64s(path)?;
+    values.sort_unstable();
+    Ok(sort_answer(&values))
+}
+
+/// examples/sort.dasm's algorithm in Rust, one thread, printing what it prints: the engine's
+/// own cost next to `sort_reference` (the workload's bar is `sort_unstable`, a different
+/// algorithm).
+pub fn sort_same_algorithm(path: &Path) -> std::io::Result<String> {
+    let values = read_u64s(path)?;
+    let mut out = vec![0u64; values.len()];
+    let mut scratch = vec![0u64; values.len()];
+    // By the top byte into `scratch` (what the chunks and the bucket runners' gathers do).
+    let tops = counting_pass(&values, &mut scratch, 56);
+    let mut start = 0;
+    for count in tops {
+        let end = start + count;
+        sort_top_byte(&scratch[start..end], &mut out[start..end]);
+        start = end;
+    }
+    Ok(sort_answer(&out))
+}
+
+/// Runs of up to this many elements are insertion-sorted (examples/sort.dasm's SMALL).
+const SMALL: usize = 64;
+
+/// One top byte's elements (`from`) sorted into `out`, as a bucket runner does: split by byte
+/// 6 into runs, each insertion-sorted or, if long, sorted by six counting passes.
+fn sort_top_byte(from: &[u64], out: &mut [u64]) {
+    if from.len() <= SMALL {
+        insert_into(from, out);
+        return;
+    }
+    let mut split = vec![0u64; from.len()];
+    let runs = counting_pass(from, &mut split, 48);
+    let mut start = 0;
+    for count in runs {
+        let end = start + count;
+        if count <= SMALL {
+            insert_into(&split[start..end], &mut out[start..end]);
+        } else {
+            let (mut a, mut b) = (split[start..end].to_vec(), vec![0u64; count]);
+            for shift in (0..48).step_by(8) {
+                counting_pass(&a, &mut b, shift);
+                std::mem::swap(&mut a, &mut b);
+            }
+            out[start..end].copy_from_slice(&a);
+        }
+        start = end;
+    }
+}
+
+/// A stable counting pass by the byte at `shift`; returns the 256 counts.
+fn counting_pass(from: &[u64], to: &mut [u64], shift: u32) -> [usize; 256] {
+    let mut counts = [0usize; 256];
+    for value in from {
+        counts[(value >> shift) as usize & 255] += 1;
+    }
+    let mut cursors = [0usize; 256];
+    let mut at = 0;
+    for (cursor, count) in cursors.iter_mut().zip(counts) {
+        *cursor = at;
+        at += count;
+    }
+    for &value in from {
+        let byte = (value >> shift) as usize & 255;
+        to[cursors[byte]] = value;
+        cursors[byte] += 1;
+    }
+    counts
+}
+
+/// Insertion sort while copying `from` into `out` (the same length).
+fn insert_into(from: &[u64], out: &mut [u64]) {
+    for (filled, &value) in from.iter().enumerate() {
+        let mut at = filled;
+        while at > 0 && out[at - 1] > value {
+            out[at] = out[at - 1];
+            at -= 1;
+        }
+        out[at] = value;
+    }
+}
+
+fn read_u64s(path: &Path) -> std::io::Result<Vec<u64>> {
     let bytes = fs::read(path)?;
-    let mut values: Vec<u64> = bytes
+    Ok(bytes
         .chunks_exact(8)
         .map(|c| {
             let mut word = [0u8; 8];
             word.copy_from_slice(c);
             u64::from_le_bytes(word)
         })
-        .collect();
-    values.sort_unstable();
+        .collect())
+}
+
+/// What examples/sort.dasm prints for a sorted `values`.
+fn sort_answer(values: &[u64]) -> String {
     let checksum = values.iter().enumerate().fold(0u64, |acc, (i, v)| {
         acc.wrapping_add(v.wrapping_mul(i as u64 + 1))
     });
-    Ok(format!("checksum {checksum}\nsorted yes\n"))
+    let sorted = values.windows(2).all(|pair| pair[0] <= pair[1]);
+    format!(
+        "checksum {checksum}\nsorted {}\n",
+        if sorted { "yes" } else { "no" }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same answer as `sort_unstable` for random values, for values that share their top
+    /// two bytes (one long run: the counting passes), and for descending and equal ones.
+    #[test]
+    fn sort_dasm_s_algorithm_sorts() {
+        let dir = std::env::temp_dir().join(format!("dvm-bench-sort-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("a scratch directory");
+        let mut rng = SplitMix64::new(3);
+        let random: Vec<u64> = (0..20_000).map(|_| rng.next_u64()).collect();
+        let one_run: Vec<u64> = random.iter().map(|v| (0xabcd << 48) | (v >> 16)).collect();
+        let descending: Vec<u64> = (0..5_000u64).rev().map(|v| v << 40).collect();
+        let equal = vec![7u64; 3_000];
+        for (name, values) in [
+            ("random", random),
+            ("one_run", one_run),
+            ("descending", descending),
+            ("equal", equal),
+            ("empty", Vec::new()),
+        ] {
+            let path = dir.join(name);
+            write_params(&path, &values).expect("written");
+            let same = sort_same_algorithm(&path).expect("sorted");
+            assert_eq!(same, sort_reference(&path).expect("sorted"), "{name}");
+            assert!(same.ends_with("sorted yes\n"), "{name}: {same}");
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

@@ -484,6 +484,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         );
         reference.reference = true;
         cases.push(reference);
+        cases.push(case(
+            "sort",
+            s("native Rust, sort.dasm's algorithm, 1 thread"),
+            Kind::NativeOne,
+            Ok(vec![path_str(&me), s("sort-same"), values.clone()]),
+            Expect::Reference,
+        ));
         for (system, argv) in dvm_rows(&prog, &p, Some(&values)) {
             cases.push(case("sort", system, Kind::Dvm, argv, Expect::Reference));
         }

@@ -58,6 +58,8 @@ enum Command {
     },
     /// The sort workload's native reference: sort a u64 file, print `checksum X` and `sorted yes`.
     SortRef { path: PathBuf },
+    /// examples/sort.dasm's own algorithm in Rust, one thread (the same output as sort-ref).
+    SortSame { path: PathBuf },
     /// Run one command; print one JSON line: wall_ms, exit, max_rss_kib, stdout, stderr.
     Measure {
         /// Kill the command after this many seconds.
@@ -112,6 +114,11 @@ fn real_main() -> Result<ExitCode, String> {
         Command::SortRef { path } => {
             let text =
                 data::sort_reference(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            print!("{text}");
+        }
+        Command::SortSame { path } => {
+            let text =
+                data::sort_same_algorithm(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             print!("{text}");
         }
         Command::Measure { timeout, command } => {
