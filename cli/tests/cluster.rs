@@ -191,7 +191,9 @@ fn a_node_killed_mid_run_ends_the_run_with_a_report_naming_it() {
 /// k-means over generated points (in `dir`): the arguments of a run with `extra` options, and
 /// what one node prints for it.
 fn kmeans_run(dir: &Path) -> (impl Fn(&[&str]) -> Vec<String>, String) {
-    let loads = common::kmeans_loads(dir, 20_000, 8, 16, 100, 12);
+    // 300 iterations: several seconds on three nodes, so the kills (1-3 s in) land mid-run
+    // however fast the engine gets (100 iterations ended before the second kill).
+    let loads = common::kmeans_loads(dir, 20_000, 8, 16, 300, 12);
     let args = move |extra: &[&str]| -> Vec<String> {
         let mut args: Vec<String> = ["run", "--workers", "1"].map(String::from).to_vec();
         args.extend(extra.iter().map(|a| a.to_string()));
