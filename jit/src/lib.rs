@@ -240,14 +240,15 @@ impl Shared {
             let mut arena = self.arena.lock().ok()?;
             arena.as_mut()?.compile(program, start, end, &name)
         };
+        let took = began.elapsed();
         self.compile_ns
-            .fetch_add(began.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         if let Ok((entry, name)) = &compiled {
             tracing::debug!(
                 region = %name,
                 instructions = end - start,
                 bytes = entry.size,
-                compile_us = began.elapsed().as_micros() as u64,
+                compile_us = took.as_micros() as u64,
                 "compiled"
             );
         }

@@ -1,12 +1,14 @@
 //! Memory bound to one NUMA node, for page pools that workers on that node use.
 //!
 //! A [`NodeMemory`] is an anonymous private mapping (page-aligned, zero-filled) that it owns
-//! alone and unmaps on drop; one of whole 2 MiB huge pages is aligned to them and asks the
-//! kernel for transparent huge pages (`map_anonymous` says why). Binding happens right after `mmap` and before any page is touched,
-//! so that every page is first faulted in on the chosen node (the kernel places a page at its
-//! first touch, following the area's policy). hwloc's BIND policy is used with its STRICT flag:
-//! on Linux hwloc maps non-strict BIND to MPOL_PREFERRED, which would silently spill to other
-//! nodes; strict gives MPOL_BIND.
+//! alone and unmaps on drop. One whose length is whole 2 MiB huge pages starts on a huge-page
+//! boundary and asks the kernel for transparent huge pages (`map_anonymous` says why).
+//!
+//! Binding happens right after `mmap` and before any page is touched, so that every page is
+//! first faulted in on the chosen node (the kernel places a page at its first touch, following
+//! the area's policy). hwloc's BIND policy is used with its STRICT flag: on Linux hwloc maps
+//! non-strict BIND to MPOL_PREFERRED, which would silently spill to other nodes; strict gives
+//! MPOL_BIND.
 //!
 //! Binding is best effort by design: if it fails the memory is still handed out, marked
 //! unbound with the reason, because a slower page pool is better than no DVM.
