@@ -181,12 +181,21 @@ pub fn sort_same_algorithm(path: &Path) -> std::io::Result<String> {
     let values = read_u64s(path)?;
     let mut out = vec![0u64; values.len()];
     let mut scratch = vec![0u64; values.len()];
+    // One top byte's split at a time, reused: it stays in cache, as a bucket runner's does.
+    let mut split = Vec::new();
     // By the top byte into `scratch` (what the chunks and the bucket runners' gathers do).
     let tops = counting_pass(&values, &mut scratch, 56);
     let mut start = 0;
     for count in tops {
         let end = start + count;
-        sort_top_byte(&scratch[start..end], &mut out[start..end]);
+        if split.len() < count {
+            split.resize(count, 0);
+        }
+        sort_top_byte(
+            &scratch[start..end],
+            &mut split[..count],
+            &mut out[start..end],
+        );
         start = end;
     }
     Ok(sort_answer(&out))
@@ -196,26 +205,26 @@ pub fn sort_same_algorithm(path: &Path) -> std::io::Result<String> {
 const SMALL: usize = 64;
 
 /// One top byte's elements (`from`) sorted into `out`, as a bucket runner does: split by byte
-/// 6 into runs, each insertion-sorted or, if long, sorted by six counting passes.
-fn sort_top_byte(from: &[u64], out: &mut [u64]) {
+/// 6 into runs (in `split`, as long as `from`), each insertion-sorted or, if long, sorted by
+/// six counting passes (between `split` and `out`: an even number, so they end in `split`).
+fn sort_top_byte(from: &[u64], split: &mut [u64], out: &mut [u64]) {
     if from.len() <= SMALL {
         insert_into(from, out);
         return;
     }
-    let mut split = vec![0u64; from.len()];
-    let runs = counting_pass(from, &mut split, 48);
+    let runs = counting_pass(from, split, 48);
     let mut start = 0;
     for count in runs {
         let end = start + count;
+        let (run, place) = (&mut split[start..end], &mut out[start..end]);
         if count <= SMALL {
-            insert_into(&split[start..end], &mut out[start..end]);
+            insert_into(run, place);
         } else {
-            let (mut a, mut b) = (split[start..end].to_vec(), vec![0u64; count]);
-            for shift in (0..48).step_by(8) {
-                counting_pass(&a, &mut b, shift);
-                std::mem::swap(&mut a, &mut b);
+            for shift in (0..48).step_by(16) {
+                counting_pass(run, place, shift);
+                counting_pass(place, run, shift + 8);
             }
-            out[start..end].copy_from_slice(&a);
+            place.copy_from_slice(run);
         }
         start = end;
     }
