@@ -3,7 +3,7 @@
 //! building blocks (data generators, parameter files, a measuring wrapper). See BENCHMARKS.md.
 
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -97,6 +97,13 @@ fn report_generated(what: &str, (path, fresh): (PathBuf, bool)) {
     eprintln!("{what}: {verb} {}", path.display());
 }
 
+/// Prints what `sort` makes of the u64 file at `path` (examples/sort.dasm's output).
+fn print_sorted(path: &Path, sort: fn(&Path) -> std::io::Result<String>) -> Result<(), String> {
+    let text = sort(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    print!("{text}");
+    Ok(())
+}
+
 fn real_main() -> Result<ExitCode, String> {
     let cli = Cli::parse();
     match cli.command {
@@ -111,16 +118,8 @@ fn real_main() -> Result<ExitCode, String> {
         Command::Params { out, values } => {
             data::write_params(&out, &values).map_err(|e| e.to_string())?;
         }
-        Command::SortRef { path } => {
-            let text =
-                data::sort_reference(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            print!("{text}");
-        }
-        Command::SortSame { path } => {
-            let text =
-                data::sort_same_algorithm(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            print!("{text}");
-        }
+        Command::SortRef { path } => print_sorted(&path, data::sort_reference)?,
+        Command::SortSame { path } => print_sorted(&path, data::sort_same_algorithm)?,
         Command::Measure { timeout, command } => {
             let limit = timeout.map(Duration::from_secs_f64);
             let outcome = measure::measure(&command, limit)?;

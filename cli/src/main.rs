@@ -208,13 +208,11 @@ enum JitArg {
 
 /// The JIT a run asks for, or `None` to interpret.
 fn make_jit(args: &RunArgs) -> Result<Option<Arc<dvm_jit::DvmJit>>, Failure> {
-    let threshold = match (args.jit, args.jit_threshold) {
-        (JitArg::Off, _) => return Ok(None),
-        (_, Some(threshold)) => threshold,
-        (_, None) => dvm_jit::DEFAULT_THRESHOLD,
-    };
+    if args.jit == JitArg::Off {
+        return Ok(None);
+    }
     let options = dvm_jit::JitOptions {
-        threshold,
+        threshold: args.jit_threshold.unwrap_or(dvm_jit::DEFAULT_THRESHOLD),
         perf_map: true,
         local_labels: profile::local_labels(&args.program),
         background: args.jit == JitArg::Auto,

@@ -243,17 +243,15 @@ impl Shared {
         let took = began.elapsed();
         self.compile_ns
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
-        if let Ok((entry, name)) = &compiled {
-            tracing::debug!(
-                region = %name,
-                instructions = end - start,
-                bytes = entry.size,
-                compile_us = took.as_micros() as u64,
-                "compiled"
-            );
-        }
         match compiled {
             Ok((entry, name)) => {
+                tracing::debug!(
+                    region = %name,
+                    instructions = end - start,
+                    bytes = entry.size,
+                    compile_us = took.as_micros() as u64,
+                    "compiled"
+                );
                 self.regions.fetch_add(1, Ordering::Relaxed);
                 self.region_instructions
                     .fetch_add((end - start) as u64, Ordering::Relaxed);
