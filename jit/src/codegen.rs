@@ -34,7 +34,7 @@
 //! `--max-instructions`). A counted loop's branch back skips the comparison while iterations
 //! are known to fit.
 
-use crate::loops::{counted_sites, placed_words, region_loops, CountedSite};
+use crate::loops::{counted_sites, placed_words, region_loops, trip_word, CountedSite};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
     types, AbiParam, Block, InstBuilder, MemFlagsData, Signature, StackSlot, StackSlotData,
@@ -306,6 +306,22 @@ struct Counted {
     /// Where an iteration known safe starts (after the check), once translated: the loop's
     /// branch back goes there directly while iterations are left.
     go: Option<Block>,
+    /// A loop that counts a word down to zero (`trip_word`) keeps its safe iterations as a
+    /// limit on that word instead of in `safe`.
+    trip: Option<Trip>,
+}
+
+/// The safe iterations of a counted loop with a trip word `word`, decremented by
+/// instruction `decrement`: those after the current one are the ones that end with the word
+/// still above `limit` (unsigned, wrapping; `safe` is unused). The branch back then needs
+/// one compare, `word > limit`, which also implies the branch is taken; a loop that runs to
+/// its end was charged exactly its iterations (the limit is at most the word's value after
+/// the last one, zero), so its exit gives nothing back.
+#[derive(Clone, Copy)]
+struct Trip {
+    word: u64,
+    decrement: usize,
+    limit: Variable,
 }
 
 /// One access site's cache of the last page it used: an address `addr` is on it, with its
@@ -569,14 +585,23 @@ impl<'b, 'f> Translator<'b, 'f> {
                 continue;
             }
             let mut held: Vec<u64> = Vec::new();
+            let mut held_ints: Vec<u64> = Vec::new();
             let mut l = Some(k);
             while let Some(at) = l {
                 held.extend(loops[at].words.iter().map(|w| w.0));
+                held_ints.extend(loops[at].words.iter().filter(|w| !w.2).map(|w| w.0));
                 l = loops[at].parent;
             }
             let Some(sites) = counted_sites(code, first, last, |w| held.contains(&w)) else {
                 continue;
             };
+            let trip = trip_word(code, first, last, |w| held_ints.contains(&w)).map(
+                |(word, decrement)| Trip {
+                    word,
+                    decrement,
+                    limit: b.declare_var(types::I64),
+                },
+            );
             loops[k].counted = Some(Counted {
                 header: first,
                 sites: sites
@@ -593,6 +618,7 @@ impl<'b, 'f> Translator<'b, 'f> {
                     .collect(),
                 safe: b.declare_var(types::I64),
                 go: None,
+                trip,
             });
         }
         let blocks: Vec<Block> = (start..end).map(|_| b.create_block()).collect();
@@ -723,8 +749,17 @@ impl<'b, 'f> Translator<'b, 'f> {
             return;
         };
         let run = i64::from(self.code[counted.header].run_len());
-        let safe_var = counted.safe;
-        let safe = self.b.use_var(safe_var);
+        let (safe_var, trip) = (counted.safe, counted.trip);
+        let safe = match trip {
+            // The iterations that would end with the word still above the limit.
+            Some(trip) => {
+                let after = self.word_after(l, trip);
+                let limit = self.b.use_var(trip.limit);
+                self.b.def_var(trip.limit, after);
+                self.b.ins().isub(after, limit)
+            }
+            None => self.b.use_var(safe_var),
+        };
         let unused = self.b.ins().imul_imm_s(safe, run);
         let count = self.b.ins().get_pinned_reg(types::I64);
         let count = self.b.ins().iadd(count, unused);
@@ -772,7 +807,8 @@ impl<'b, 'f> Translator<'b, 'f> {
                     .iter()
                     .position(|&l| l == outer)
                     .map_or(0, |at| at + 1);
-                for &l in &chain[..upto] {
+                // Outermost first: a counted loop's trip word may be an outer loop's.
+                for &l in chain[..upto].iter().rev() {
                     self.enter_loop(l);
                 }
                 let target = self.blocks[to - self.start];
@@ -819,6 +855,40 @@ impl<'b, 'f> Translator<'b, 'f> {
                 }
             }
         }
+        // No iteration charged ahead: the limit is what the word will be after this one.
+        if let Some(trip) = self.trip_of(l) {
+            let word = self.word_var(l, trip.word);
+            let word = self.b.use_var(word);
+            let after = self.b.ins().iadd_imm_s(word, -1);
+            self.b.def_var(trip.limit, after);
+        }
+    }
+
+    /// Counted loop `l`'s trip word, if it has one.
+    fn trip_of(&self, l: usize) -> Option<Trip> {
+        self.loops[l].counted.as_ref().and_then(|c| c.trip)
+    }
+
+    /// The variable of word `addr`, held by loop `l` or a loop around it (`trip_word` took
+    /// only held words).
+    fn word_var(&self, l: usize, addr: u64) -> Variable {
+        self.chain(Some(l))
+            .into_iter()
+            .find_map(|k| self.loops[k].words.iter().find(|w| w.0 == addr))
+            .map(|w| w.3)
+            .expect("a trip word is held")
+    }
+
+    /// The trip word's value after the current iteration's decrement, at instruction
+    /// `self.current` of counted loop `l` (before or after the decrement).
+    fn word_after(&mut self, l: usize, trip: Trip) -> Value {
+        let word = self.word_var(l, trip.word);
+        let word = self.b.use_var(word);
+        if self.current <= trip.decrement {
+            self.b.ins().iadd_imm_s(word, -1)
+        } else {
+            word
+        }
     }
 
     /// The top of an iteration of counted loop `l`: when no iteration is left that is known
@@ -829,10 +899,15 @@ impl<'b, 'f> Translator<'b, 'f> {
         let Some(counted) = &self.loops[l].counted else {
             return;
         };
-        let (sites, safe) = (counted.sites.clone(), counted.safe);
+        let (sites, safe, trip) = (counted.sites.clone(), counted.safe, counted.trip);
         let go = self.b.create_block();
-        // (Only the branch back arrives with iterations left, and it goes to `go` itself.)
-        self.next_safe(safe, go);
+        // No iteration is left charged here: the branch back takes those itself, to `go`.
+        // With a trip word, the limit says so too, before anything here can hand back.
+        let last = trip.map(|trip| {
+            let last = self.word_after(l, trip);
+            self.b.def_var(trip.limit, last);
+            (trip, last)
+        });
         // The count bounds the iterations too (this one is counted already): while any are
         // left, the branch back needs no count check.
         let run = i64::from(self.code[counted_header(&self.loops[l])].run_len());
@@ -932,9 +1007,15 @@ impl<'b, 'f> Translator<'b, 'f> {
         if let Some(most) = most {
             fewest = self.count_bound(fewest, most, run);
         }
-        // This iteration is charged already; the ones after it are charged now.
+        // This iteration is charged already; the ones after it are charged now (with a trip
+        // word, no more than the loop has left).
+        let mut after = self.b.ins().iadd_imm_s(fewest, -1);
+        if let Some((trip, last)) = last {
+            after = self.b.ins().umin(after, last);
+            let limit = self.b.ins().isub(last, after);
+            self.b.def_var(trip.limit, limit);
+        }
         let b = &mut *self.b;
-        let after = b.ins().iadd_imm_s(fewest, -1);
         let charge = b.ins().imul_imm_s(after, run);
         let count = b.ins().get_pinned_reg(types::I64);
         let count = b.ins().isub(count, charge);
@@ -945,6 +1026,34 @@ impl<'b, 'f> Translator<'b, 'f> {
         if let Some(counted) = &mut self.loops[l].counted {
             counted.go = Some(go);
         }
+    }
+
+    /// At the branch back of a counted loop with a trip word: while the word (decremented
+    /// already) is above the limit, the next iteration is charged and safe, and the branch
+    /// is taken; goes there, else on in a new current block. Whether it was one.
+    fn trip_back_edge(&mut self, index: usize) -> bool {
+        let Some(l) = self.loop_at(index) else {
+            return false;
+        };
+        let Some(counted) = self.loops[l].counted.as_ref() else {
+            return false;
+        };
+        let (Some(trip), Some(go)) = (counted.trip, counted.go) else {
+            return false;
+        };
+        if self.code[index].target() != Some(counted.header) {
+            return false;
+        }
+        let word = self.word_var(l, trip.word);
+        let word = self.b.use_var(word);
+        let limit = self.b.use_var(trip.limit);
+        let more = self.b.ins().icmp(IntCC::UnsignedGreaterThan, word, limit);
+        let general = self.b.create_block();
+        self.b.ins().brif(more, go, &[], general, &[]);
+        // (The word is at the limit: none is charged ahead. The next iteration's top sets
+        // the limit for itself before anything can hand back.)
+        self.b.switch_to_block(general);
+        true
     }
 
     /// While a counted loop has safe iterations left (`safe`), takes one and goes to its `go`;
@@ -1022,7 +1131,8 @@ impl<'b, 'f> Translator<'b, 'f> {
         // charged already), the next iteration starts past its test.
         if let Some(l) = from {
             let fast = self.loops[l].counted.as_ref().and_then(|c| {
-                (c.header == index)
+                // (A trip word's loop took its safe iterations before the branch's test.)
+                (c.header == index && c.trip.is_none())
                     .then_some(c.go)
                     .flatten()
                     .map(|go| (go, c.safe))
@@ -1711,6 +1821,7 @@ impl<'b, 'f> Translator<'b, 'f> {
                 // (Laying a loop's back edge out as the fall-through, by testing whether the
                 // branch stays, made k-means 1.36x slower: the register allocator estimates
                 // loop depth from the block order.)
+                let trip_back = self.trip_back_edge(index);
                 let taken = match instr.cond {
                     Cond::J => None,
                     Cond::Z | Cond::Nz => {
@@ -1732,7 +1843,10 @@ impl<'b, 'f> Translator<'b, 'f> {
                         self.b.switch_to_block(yes);
                         self.enter_run(target);
                         self.b.switch_to_block(no);
+                        // A trip word's loop that ends was charged exactly its iterations.
+                        self.refunded |= trip_back;
                         self.enter_run(index + 1);
+                        self.refunded = false;
                     }
                 }
             }

@@ -384,6 +384,50 @@ pub(crate) fn counted_sites(
     Some(sites)
 }
 
+/// The trip word of a counted loop `first..=last` (absolute indices), if the loop counts one
+/// down: its branch back is `br:nz,ue W`, `W` is a word `held` in a variable, and the body's
+/// only write to it is one `sub:ue W, $1, W` (a 64-bit type), at the returned index. An
+/// iteration that starts with `W = n >= 1` is then followed by exactly `n - 1` more, so the
+/// translation can charge a loop's remaining iterations up front and let the branch back
+/// compare `W` with a limit instead of counting safe iterations down beside it.
+pub(crate) fn trip_word(
+    code: &[Decoded],
+    first: usize,
+    last: usize,
+    held: impl Fn(u64) -> bool,
+) -> Option<(u64, usize)> {
+    let branch = &code.get(last)?.instr;
+    if branch.op != Op::Br || branch.cond != Cond::Nz || branch.tys[0] != Ty::U64 {
+        return None;
+    }
+    let Operand::Direct(word) = branch.operand(0) else {
+        return None;
+    };
+    if !held(word) {
+        return None;
+    }
+    let mut decrement = None;
+    for (k, d) in code[first..last].iter().enumerate() {
+        let writes = direct_accesses(d)
+            .into_iter()
+            .any(|(addr, _, written, _)| written && addr == word);
+        if !writes {
+            continue;
+        }
+        let instr = &d.instr;
+        let is_decrement = instr.op == Op::Sub
+            && matches!(instr.tys[0], Ty::U64 | Ty::S64)
+            && instr.operand(0) == Operand::Direct(word)
+            && instr.operand(1) == Operand::Imm(1)
+            && instr.operand(2) == Operand::Direct(word);
+        if !is_decrement || decrement.is_some() {
+            return None;
+        }
+        decrement = Some(first + k);
+    }
+    decrement.map(|at| (word, at))
+}
+
 /// What the translation of instructions `start..end` keeps in registers, for
 /// `DVM_JIT_DUMP`: each loop (region indices) with the words placed in it, and whether it is
 /// counted.
@@ -485,6 +529,32 @@ pub(crate) mod tests {
         // Loop b has a branch inside; loop a is not counted if its pointer is not held.
         assert!(counted_sites(code, 8, 11, held).is_none());
         assert!(counted_sites(code, 3, 6, |_| false).is_none());
+    }
+
+    #[test]
+    fn a_loop_counted_down_by_one_to_zero_has_a_trip_word() {
+        let program = program(NEST);
+        let code = program.code();
+        let held = |word: u64| word == 0x2_0000_0108 || word == 0x2_0000_0110;
+        // Loop a (3..=6): `sub:ue W, $1, W` at 5, then `br:nz,ue W`.
+        assert_eq!(trip_word(code, 3, 6, held), Some((0x2_0000_0110, 5)));
+        // Not when the word is in memory, and not for the outer loop's `br:l`.
+        assert_eq!(trip_word(code, 3, 6, |w| w == 0x2_0000_0108), None);
+        assert_eq!(trip_word(code, 1, 13, |_| true), None);
+        // Not when the word is written any other way (a second decrement, a step of 2).
+        for body in [
+            "sub:ue 0x200000110, $1, 0x200000110\n    sub:ue 0x200000110, $1, 0x200000110",
+            "sub:ue 0x200000110, $2, 0x200000110",
+            "add:ue 0x200000110, $1, 0x200000110",
+        ] {
+            let source = format!(
+                "main:\n    mov $9:ue, 0x200000110:ue\n.L:\n    {body}\n    br:nz,ue,a 0x200000110, $.L\n    exit:c\n"
+            );
+            let program = self::program(&source);
+            let code = program.code();
+            let last = code.len() - 2;
+            assert_eq!(trip_word(code, 1, last, |_| true), None, "{body}");
+        }
     }
 
     #[test]
