@@ -114,6 +114,38 @@ fn a_counted_loop_stops_exactly_at_the_instruction_limit() {
 }
 
 #[test]
+fn a_loop_counted_down_from_zero_runs_until_the_limit_like_the_interpreter() {
+    // `sub $1` then `br:nz` from 0 wraps: 2^64 iterations, so the charge up front is bounded
+    // by the pages and the count, not by the trip word, and the limit ends the run.
+    let setup = format!("    mov ${DATA:#x}:ue, {P:#x}:ue\n");
+    for body in [
+        format!("    add:ue {SUM:#x}, $3, {SUM:#x}"),
+        format!("    add:ue {SUM:#x}, ({P:#x}), {SUM:#x}"),
+        format!("    add:ue {SUM:#x}, ({P:#x}), {SUM:#x}\n    add:ue {P:#x}, $8, {P:#x}"),
+    ] {
+        let source = nest(&setup, &body, 1, 0);
+        common::stops_at_every_limit(&source, (5_000..5_012).chain([6_001, 20_003]));
+    }
+}
+
+#[test]
+fn a_loop_counted_down_stops_at_every_limit_across_its_batches() {
+    // P starts 8 words before a page end: the first batch of charged iterations ends there,
+    // then one per page. The fill loop takes 4101 instructions, and each inner loop 2800 more
+    // (700 iterations of 4): the limits land in the first batch, on its end (4135), inside
+    // the next, and around the first inner loop's exit (6903).
+    let setup = format!("    mov ${DATA:#x}:ue, {P:#x}:ue\n");
+    let body = format!("    add:ue {SUM:#x}, ({P:#x}), {SUM:#x}\n    add:ue {P:#x}, $8, {P:#x}");
+    let source = nest(&setup, &body, 2, 700);
+    let (observed, _) = common::same_with_jit(&source, u64::MAX, 1);
+    assert_eq!(observed.faulted, 0, "{}", observed.stderr);
+    common::stops_at_every_limit(
+        &source,
+        (4_100..4_140).chain(5_600..5_610).chain(6_895..6_912),
+    );
+}
+
+#[test]
 fn a_counted_loop_that_walks_into_its_own_words_hands_back() {
     // Q starts below the scratch words and walks up through them (they live in registers):
     // reaching their page hands back, and the values read are the current ones.
