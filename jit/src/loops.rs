@@ -102,7 +102,8 @@ const MAX_REG_PAGES: usize = 2;
 /// loaded on every way into the loop and stored back on every way out of it (to code outside
 /// it, or out of native code), before anything else can look; outside the loop it is in
 /// memory. Each word goes to the smallest loop that holds all its accesses made inside loops
-/// (so inner loops pass it on in a register), or to a loop inside that one when the
+/// (so inner loops pass it on in a register), a float word on out to the outermost loop
+/// around that with a float register left, or to a loop inside that one when the
 /// innermost loops below it have no room left (`MAX_INT_WORDS`, `MAX_FLOAT_WORDS`); the
 /// most used words, weighted 16 per loop level, are placed first.
 ///
@@ -220,6 +221,29 @@ pub(crate) fn placed_words(
         let page = addr >> PAGE_SHIFT;
         if !pages.contains(&page) && pages.len() == MAX_REG_PAGES {
             continue;
+        }
+        // A float word goes on out to the outermost loop around that still has a float
+        // register for it: then it is loaded and stored once per entry of that loop rather
+        // than of each inner one (k-means' distance terms), and float registers are rarely
+        // short.
+        let float_in = |l: usize| {
+            let (first, last) = loops[l].0;
+            accesses
+                .iter()
+                .filter(|a| a.1 == addr && (first..=last).contains(&a.0))
+                .all(|a| a.4)
+        };
+        let float_room = |l: usize| {
+            innermost
+                .iter()
+                .filter(|&&i| holds(l, i))
+                .all(|&i| counts[i].1 < MAX_FLOAT_WORDS)
+        };
+        if let Some(mut l) = place.filter(|&l| float_in(l) && float_room(l)) {
+            while let Some(up) = loops[l].1.filter(|&up| float_in(up) && float_room(up)) {
+                l = up;
+            }
+            place = Some(l);
         }
         while let Some(l) = place {
             let (first, last) = loops[l].0;
@@ -529,6 +553,34 @@ pub(crate) mod tests {
         // Loop b has a branch inside; loop a is not counted if its pointer is not held.
         assert!(counted_sites(code, 8, 11, held).is_none());
         assert!(counted_sites(code, 3, 6, |_| false).is_none());
+    }
+
+    #[test]
+    fn float_words_of_an_inner_loop_are_held_by_the_outermost_loop_around_it() {
+        // 0x140 and 0x148 are used only as f64, inside the inner loop: the outer loop holds
+        // them, so they are loaded and stored once per entry of the outer loop.
+        let source = "main:
+    mov $0:ue, 0x200000100:ue
+.Louter:
+    mov $4:ue, 0x200000110:ue
+.La:
+    sub:fd 0x200000130, 0x200000138, 0x200000140
+    add:fd 0x200000148, 0x200000140, 0x200000148
+    sub:ue 0x200000110, $1, 0x200000110
+    br:nz,ue,a 0x200000110, $.La
+    add:ue 0x200000100, $1, 0x200000100
+    br:l,ue,a 0x200000100, $3, $.Louter
+    exit:c
+";
+        let program = program(source);
+        let code = &program.code()[1..9];
+        let loops = region_loops(code, 1);
+        assert_eq!(loops.len(), 2, "{loops:?}");
+        let placed = placed_words(code, &loops);
+        for word in [0x2_0000_0140, 0x2_0000_0148] {
+            assert!(placed[0].contains(&(word, true, true)), "{placed:x?}");
+        }
+        assert!(placed[1].iter().all(|w| !w.2), "{placed:x?}");
     }
 
     #[test]
