@@ -950,15 +950,23 @@ impl<'b, 'f> Translator<'b, 'f> {
                 .ins()
                 .icmp(IntCC::UnsignedGreaterThanOrEqual, from_lo, len);
             let probe = b.create_block();
+            // (A pointer that moves on to the next page probes once per page.)
+            b.set_cold_block(probe);
             let kept = b.create_block();
             let join = b.create_block();
             b.append_block_param(join, types::I64);
-            b.append_block_param(join, types::I64);
+            if site.store {
+                b.append_block_param(join, types::I64);
+            }
             b.ins().brif(off_page, probe, &[], kept, &[]);
             b.switch_to_block(kept);
             let delta = b.ins().stack_load(types::I64, types::I64, slot, SITE_DELTA);
-            let mask = b.ins().stack_load(types::I64, types::I64, slot, SITE_MASK);
-            b.ins().jump(join, &[delta.into(), mask.into()]);
+            if site.store {
+                let mask = b.ins().stack_load(types::I64, types::I64, slot, SITE_MASK);
+                b.ins().jump(join, &[delta.into(), mask.into()]);
+            } else {
+                b.ins().jump(join, &[delta.into()]);
+            }
             b.switch_to_block(probe);
             let (page, _) = self.page_inside(addr, site.size, miss);
             let entry = self.probe_page(page, miss);
@@ -977,12 +985,16 @@ impl<'b, 'f> Translator<'b, 'f> {
             ] {
                 b.ins().stack_store(types::I64, value, slot, at);
             }
-            b.ins().jump(join, &[delta.into(), mask.into()]);
+            if site.store {
+                b.ins().jump(join, &[delta.into(), mask.into()]);
+            } else {
+                b.ins().jump(join, &[delta.into()]);
+            }
             b.switch_to_block(join);
             let delta = b.block_params(join)[0];
-            let mask = b.block_params(join)[1];
             b.def_var(delta_var, delta);
             if let Some(var) = mask_var {
+                let mask = b.block_params(join)[1];
                 b.def_var(var, mask);
             }
             // Iterations from this one on with the access still on the page.
