@@ -1128,8 +1128,8 @@ impl<'b, 'f> Translator<'b, 'f> {
 
     /// Branch `index` over the moves up to `join` (`branch_over_moves`) as selects: when the
     /// count covers the longer way, every move writes `taken ? its source : the old value`
-    /// and both ways are charged alike, as the interpreter would count the way taken; else
-    /// the branch, to `yes` (taken) and `no`.
+    /// and the count is charged the runs of the way taken, as the interpreter counts them;
+    /// else the branch, to `yes` (taken) and `no`.
     fn select_moves(&mut self, index: usize, taken: Value, join: usize, yes: Block, no: Block) {
         let take = index + 2;
         let taken_run = i64::from(self.code[take].run_len());
