@@ -55,12 +55,7 @@ fn looped(values: &[u64], body: &str, iterations: u64) -> String {
     let _ = writeln!(out, ".Lloop:\n{body}");
     let _ = writeln!(out, "    sub:ue {COUNT:#x}, $1, {COUNT:#x}");
     let _ = writeln!(out, "    br:nz,ue,a {COUNT:#x}, $.Lloop");
-    for k in 0..values.len() as u64 + 8 {
-        let _ = writeln!(out, "    mov {:#x}:ue, 0x100001000:ue", DATA + 8 * k);
-        let _ = writeln!(out, "    mov $102:ue, 0x100000420:ue\n    int 0x80");
-        let _ = writeln!(out, "    mov $0x20:ue, 0x100000208:ue");
-    }
-    out.push_str("    exit:c\n");
+    common::print_words_and_exit(&mut out, (0..values.len() as u64 + 8).map(|k| DATA + 8 * k));
     out
 }
 

@@ -44,21 +44,13 @@ fn nest(setup: &str, body: &str, outer: u64, inner: u64) -> String {
     let _ = writeln!(out, "    br:nz,ue,a {INNER:#x}, $.Linner");
     let _ = writeln!(out, "    add:ue {OUTER:#x}, $1, {OUTER:#x}");
     let _ = writeln!(out, "    br:l,ue,a {OUTER:#x}, ${outer}, $.Louter");
-    for word in [OUTER, INNER, SUM, FSUM, P, Q] {
-        let _ = writeln!(out, "    mov {word:#x}:ue, 0x100001000:ue");
-        let _ = writeln!(out, "    mov $102:ue, 0x100000420:ue\n    int 0x80");
-        let _ = writeln!(out, "    mov $0x20:ue, 0x100000208:ue");
-    }
-    out.push_str("    exit:c\n");
+    common::print_words_and_exit(&mut out, [OUTER, INNER, SUM, FSUM, P, Q]);
     out
 }
 
 /// The printed words, in `nest`'s order.
 fn words(stdout: &str) -> Vec<u64> {
-    stdout
-        .split_whitespace()
-        .filter_map(|word| word.parse().ok())
-        .collect()
+    common::printed_numbers(stdout)
 }
 
 fn misses(stats: &dvm_jit::JitStats) -> u64 {

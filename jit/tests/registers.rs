@@ -35,12 +35,7 @@ fn program(setup: &str, body: &str, iterations: u64) -> String {
     let _ = writeln!(out, ".Lloop:\n{body}");
     let _ = writeln!(out, "    sub:ue {COUNT:#x}, $1, {COUNT:#x}");
     let _ = writeln!(out, "    br:nz,ue,a {COUNT:#x}, $.Lloop");
-    for word in [S, T, F, COUNT, OTHER] {
-        let _ = writeln!(out, "    mov {word:#x}:ue, 0x100001000:ue");
-        let _ = writeln!(out, "    mov $102:ue, 0x100000420:ue\n    int 0x80");
-        let _ = writeln!(out, "    mov $0x20:ue, 0x100000208:ue");
-    }
-    out.push_str("    exit:c\n");
+    common::print_words_and_exit(&mut out, [S, T, F, COUNT, OTHER]);
     out
 }
 

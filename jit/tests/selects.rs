@@ -71,20 +71,8 @@ fn scan(compare: &str, moves: &str, count: usize) -> String {
     let _ = writeln!(out, ".Ljoin:\n    add:ue {P:#x}, $8, {P:#x}");
     let _ = writeln!(out, "    add:ue {I:#x}, $1, {I:#x}");
     let _ = writeln!(out, "    br:l,ue,a {I:#x}, {N:#x}, $.Lscan");
-    for word in [BEST, BESTI, FAR] {
-        let _ = writeln!(out, "    mov {word:#x}:ue, 0x100001000:ue");
-        let _ = writeln!(out, "    mov $102:ue, 0x100000420:ue\n    int 0x80");
-        let _ = writeln!(out, "    mov $0x20:ue, 0x100000208:ue");
-    }
-    out.push_str("    exit:c\n");
+    common::print_words_and_exit(&mut out, [BEST, BESTI, FAR]);
     out
-}
-
-fn printed(stdout: &str) -> Vec<u64> {
-    stdout
-        .split_whitespace()
-        .filter_map(|word| word.parse().ok())
-        .collect()
 }
 
 /// The best index and value by `better`, as the program computes them.
@@ -107,7 +95,7 @@ fn the_nearest_by_a_float_compare_is_found_as_the_interpreter_finds_it() {
     assert!(stats.native_instructions > 1_500, "ran natively: {stats:?}");
     let (best, index) = expected(300, |a, b| f64::from_bits(a) < f64::from_bits(b));
     assert_eq!(
-        printed(&observed.stdout)[..2],
+        common::printed_numbers(&observed.stdout)[..2],
         [best, index],
         "{}",
         observed.stdout
@@ -135,7 +123,7 @@ fn integer_compares_constants_and_a_word_in_memory_are_selected_too() {
         assert_eq!(observed.faulted, 0, "{}", observed.stderr);
         let (best, index) = expected(200, better);
         assert_eq!(
-            printed(&observed.stdout)[..2],
+            common::printed_numbers(&observed.stdout)[..2],
             [best, index],
             "{compare}: {}",
             observed.stdout

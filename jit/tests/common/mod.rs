@@ -4,6 +4,7 @@
 use dvm_engine::image::{self, Format};
 use dvm_engine::vm::{self, Config, OutputMode};
 use dvm_jit::{DvmJit, JitOptions, JitStats};
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 /// What a run shows: output, fault reports, outcome counters and the instruction count.
@@ -87,4 +88,23 @@ pub fn stops_at_every_limit(source: &str, limits: impl IntoIterator<Item = u64>)
             observed.stderr
         );
     }
+}
+
+/// DISA that prints each of `words` (8 bytes, as a decimal `u64`) followed by a space, then
+/// commits: the end of a generated test program.
+pub fn print_words_and_exit(out: &mut String, words: impl IntoIterator<Item = u64>) {
+    for word in words {
+        let _ = writeln!(out, "    mov {word:#x}:ue, 0x100001000:ue");
+        let _ = writeln!(out, "    mov $102:ue, 0x100000420:ue\n    int 0x80");
+        let _ = writeln!(out, "    mov $0x20:ue, 0x100000208:ue");
+    }
+    out.push_str("    exit:c\n");
+}
+
+/// The decimal numbers a program printed, in order (what `print_words_and_exit` printed).
+pub fn printed_numbers(stdout: &str) -> Vec<u64> {
+    stdout
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect()
 }
