@@ -118,7 +118,9 @@ struct RunArgs {
     /// Print run statistics to stderr: a table, or one JSON line with --stats=json.
     #[arg(long, num_args = 0..=1, default_missing_value = "table", value_name = "FORMAT", value_parser = ["table", "json"])]
     stats: Option<String>,
-    /// Map a data file into shared memory before the root runner starts (repeatable).
+    /// Map a data file into shared memory before the root runner starts (repeatable). The
+    /// file is checked when the run starts and read straight into the pages: it is not held
+    /// in memory twice.
     #[arg(long = "load", value_name = "FILE@ADDR")]
     loads: Vec<String>,
     /// Keep the persistent range (0x400_0000_0000..0x1000_0000_0000) in DIR between runs.
@@ -309,7 +311,9 @@ fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{text}` is too large"))
 }
 
-fn parse_load(spec: &str) -> Result<(u64, Vec<u8>, String), Failure> {
+/// A `--load FILE@ADDR`: the file is opened and measured now (so a missing or unreadable one is
+/// refused before anything starts) and read straight into the pages when the run lays them out.
+fn parse_load(spec: &str) -> Result<(u64, vm::LoadBytes, String), Failure> {
     let (path, addr) = spec.rsplit_once('@').ok_or_else(|| {
         user(format!(
             "--load `{spec}`: expected FILE@ADDR, like data.bin@0x4000000000"
@@ -317,7 +321,16 @@ fn parse_load(spec: &str) -> Result<(u64, Vec<u8>, String), Failure> {
     })?;
     let addr = parse_address(addr)
         .ok_or_else(|| user(format!("--load `{spec}`: `{addr}` is not an address")))?;
-    let bytes = read_file(Path::new(path), "--load file")?;
+    let cannot = |err: std::io::Error| user(format!("cannot read --load file `{path}`: {err}"));
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(user(format!("--load `{path}` is not a regular file")));
+    }
+    let bytes = vm::LoadBytes::File {
+        path: Path::new(path).to_path_buf(),
+        len_bytes: meta.len(),
+    };
     Ok((addr, bytes, path.to_string()))
 }
 
@@ -488,7 +501,7 @@ fn cmd_run_on(
     launch: Option<&dvm_cluster::launch::Launch>,
     coordinator_socket: Option<std::sync::Arc<std::net::TcpListener>>,
     program: image::LoadedImage,
-    loads: Vec<(u64, Vec<u8>, String)>,
+    loads: Vec<(u64, vm::LoadBytes, String)>,
     lost_out: &mut Vec<u32>,
 ) -> Result<u8, Failure> {
     // Before any work: a profile that cannot be written is an error now, not after the run.

@@ -123,6 +123,19 @@ fn load_into_the_persistent_range_is_refused_under_persist() {
 }
 
 #[test]
+fn a_load_that_is_missing_or_not_a_file_is_refused_before_anything_runs() {
+    let dir = scratch("load-not-a-file");
+    let program = program(&dir, "prints.dasm", "");
+    let missing = dir.join("missing.bin");
+    let spec = format!("{}@0x5000000000", text(&missing));
+    let out = dvm(&["run", text(&program), "--load", &spec]);
+    assert_refused(&out, &["cannot read --load file", "missing.bin"]);
+    let spec = format!("{}@0x5000000000", text(&dir));
+    let out = dvm(&["run", text(&program), "--load", &spec]);
+    assert_refused(&out, &["is not a regular file", "load-not-a-file"]);
+}
+
+#[test]
 fn a_load_next_to_the_reserved_areas_runs() {
     let dir = scratch("load-free");
     let program = program(&dir, "prints.dasm", "");

@@ -143,7 +143,7 @@ struct State {
     options: dvm_options,
     program: Option<image::LoadedImage>,
     /// `(address, bytes, name)`, as the engine's `Config::loads`.
-    inputs: Vec<(u64, Vec<u8>, String)>,
+    inputs: Vec<(u64, vm::LoadBytes, String)>,
     console_input: Vec<u8>,
     last_run: Option<Finished>,
 }
@@ -505,7 +505,7 @@ pub extern "C" fn dvm_map_input(
                 "input {} ({len} bytes at {addr:#x})",
                 state.inputs.len() + 1
             );
-            state.inputs.push((addr, bytes.to_vec(), name));
+            state.inputs.push((addr, bytes.to_vec().into(), name));
             Ok(())
         })
     })
