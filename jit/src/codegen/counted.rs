@@ -37,7 +37,7 @@ pub(super) struct Counted {
     pub(super) trip: Option<Trip>,
 }
 
-/// The safe iterations of a counted loop with a trip word `word`, decremented by
+/// The safe iterations of a counted loop with a trip word (its variable `word`), decremented by
 /// instruction `decrement`: those after the current one are the ones that end with the word
 /// still above `limit` (unsigned, wrapping; `safe` is unused). The branch back then needs
 /// one compare, `word > limit`, which also implies the branch is taken; a loop that runs to
@@ -45,7 +45,7 @@ pub(super) struct Counted {
 /// the last one, zero), so its exit gives nothing back.
 #[derive(Clone, Copy)]
 pub(super) struct Trip {
-    pub(super) word: u64,
+    pub(super) word: Variable,
     pub(super) decrement: usize,
     pub(super) limit: Variable,
 }
@@ -62,7 +62,7 @@ impl<'b, 'f> Translator<'b, 'f> {
         let safe = match trip {
             // The iterations that would end with the word still above the limit.
             Some(trip) => {
-                let after = self.word_after(l, trip);
+                let after = self.word_after(trip);
                 let limit = self.b.use_var(trip.limit);
                 self.b.def_var(trip.limit, after);
                 self.b.ins().isub(after, limit)
@@ -82,21 +82,10 @@ impl<'b, 'f> Translator<'b, 'f> {
         self.loops[l].counted.as_ref().and_then(|c| c.trip)
     }
 
-    /// The variable of word `addr`, held by loop `l` or a loop around it (`trip_word` took
-    /// only held words).
-    pub(super) fn word_var(&self, l: usize, addr: u64) -> Variable {
-        self.chain(Some(l))
-            .into_iter()
-            .find_map(|k| self.loops[k].words.iter().find(|w| w.0 == addr))
-            .map(|w| w.3)
-            .expect("a trip word is held")
-    }
-
     /// The trip word's value after the current iteration's decrement, at instruction
-    /// `self.current` of counted loop `l` (before or after the decrement).
-    fn word_after(&mut self, l: usize, trip: Trip) -> Value {
-        let word = self.word_var(l, trip.word);
-        let word = self.b.use_var(word);
+    /// `self.current` of its counted loop (before or after the decrement).
+    fn word_after(&mut self, trip: Trip) -> Value {
+        let word = self.b.use_var(trip.word);
         if self.current <= trip.decrement {
             self.b.ins().iadd_imm_s(word, -1)
         } else {
@@ -117,7 +106,7 @@ impl<'b, 'f> Translator<'b, 'f> {
         // No iteration is left charged here: the branch back takes those itself, to `go`.
         // With a trip word, the limit says so too, before anything here can hand back.
         let last = trip.map(|trip| {
-            let last = self.word_after(l, trip);
+            let last = self.word_after(trip);
             self.b.def_var(trip.limit, last);
             (trip, last)
         });
@@ -269,8 +258,7 @@ impl<'b, 'f> Translator<'b, 'f> {
         if self.code[index].target() != Some(counted.header) {
             return false;
         }
-        let word = self.word_var(l, trip.word);
-        let word = self.b.use_var(word);
+        let word = self.b.use_var(trip.word);
         let limit = self.b.use_var(trip.limit);
         let more = self.b.ins().icmp(IntCC::UnsignedGreaterThan, word, limit);
         let general = self.b.create_block();

@@ -557,21 +557,25 @@ impl<'b, 'f> Translator<'b, 'f> {
                 continue;
             }
             let mut held: Vec<u64> = Vec::new();
-            let mut held_ints: Vec<u64> = Vec::new();
+            // Integer words held here, with their variables (a trip word is one of them).
+            let mut held_ints: Vec<(u64, Variable)> = Vec::new();
             let mut l = Some(k);
             while let Some(at) = l {
                 held.extend(loops[at].words.iter().map(|w| w.0));
-                held_ints.extend(loops[at].words.iter().filter(|w| !w.2).map(|w| w.0));
+                held_ints.extend(loops[at].words.iter().filter(|w| !w.2).map(|w| (w.0, w.3)));
                 l = loops[at].parent;
             }
             let Some(sites) = counted_sites(code, first, last, |w| held.contains(&w)) else {
                 continue;
             };
-            let trip = trip_word(code, first, last, |w| held_ints.contains(&w)).map(
-                |(word, decrement)| Trip {
-                    word,
-                    decrement,
-                    limit: b.declare_var(types::I64),
+            let held_int = |w: u64| held_ints.iter().find(|h| h.0 == w).map(|h| h.1);
+            let trip = trip_word(code, first, last, |w| held_int(w).is_some()).and_then(
+                |(word, decrement)| {
+                    Some(Trip {
+                        word: held_int(word)?,
+                        decrement,
+                        limit: b.declare_var(types::I64),
+                    })
                 },
             );
             loops[k].counted = Some(Counted {
@@ -803,8 +807,7 @@ impl<'b, 'f> Translator<'b, 'f> {
         }
         // No iteration charged ahead: the limit is what the word will be after this one.
         if let Some(trip) = self.trip_of(l) {
-            let word = self.word_var(l, trip.word);
-            let word = self.b.use_var(word);
+            let word = self.b.use_var(trip.word);
             let after = self.b.ins().iadd_imm_s(word, -1);
             self.b.def_var(trip.limit, after);
         }
